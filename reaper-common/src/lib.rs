@@ -1,0 +1,220 @@
+//! The wire format between reaper's eBPF programs and its daemon.
+//!
+//! Every record in the ring buffer starts with a [`Header`] whose `kind` is one of the pinned
+//! [`EventKind`] ids; the rest of the record is the kind's struct. All types are `#[repr(C)]`,
+//! `Copy`, use `u32` flags instead of `bool` and carry explicit padding, so they have no implicit
+//! padding and the same layout on both sides. The user side decodes them with a length check and
+//! `read_unaligned`, never by transmuting kernel bytes.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Length of `task_struct::comm` (`TASK_COMM_LEN`, include/linux/sched.h).
+pub const COMM_LEN: usize = 16;
+/// Bytes of the exec'd path (`linux_binprm::filename`) kept; longer paths are cut and flagged.
+pub const FILENAME_LEN: usize = 256;
+/// Bytes of argv (NUL-separated, as in `/proc/PID/cmdline`) kept per exec; longer argv is cut
+/// and flagged with [`EXEC_ARGV_TRUNCATED`]. A power of two, so the eBPF side can bound reads
+/// with a mask the verifier understands.
+pub const ARGV_LEN: usize = 4096;
+
+/// `ExecEvent::flags`: argv was longer than [`ARGV_LEN`] and was cut.
+pub const EXEC_ARGV_TRUNCATED: u32 = 1 << 0;
+/// `ExecEvent::flags`: the filename was longer than [`FILENAME_LEN`] and was cut.
+pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 1;
+/// `ExecEvent::flags`: argv could not be read from the new process's memory.
+pub const EXEC_ARGV_UNREADABLE: u32 = 1 << 2;
+
+/// Pinned numeric ids of the event kinds. Never renumber: they are the wire format and the
+/// index of the per-kind loss counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    /// A new process (not a thread) was created.
+    Fork = 1,
+    /// A process replaced its program image.
+    Exec = 2,
+    /// The last thread of a process exited.
+    Exit = 3,
+    /// A process changed its `comm`.
+    Rename = 4,
+}
+
+impl EventKind {
+    /// Every kind, in id order.
+    pub const ALL: [EventKind; 4] = [Self::Fork, Self::Exec, Self::Exit, Self::Rename];
+
+    /// Lower-case name, used in logs and metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Fork => "fork",
+            Self::Exec => "exec",
+            Self::Exit => "exit",
+            Self::Rename => "rename",
+        }
+    }
+}
+
+/// Size of the per-kind counter arrays, indexed by the kind id (slot 0 is unused).
+pub const KIND_SLOTS: u32 = 5;
+
+/// The id is not one of the [`EventKind`]s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownKind(pub u32);
+
+impl TryFrom<u32> for EventKind {
+    type Error = UnknownKind;
+
+    fn try_from(id: u32) -> Result<Self, UnknownKind> {
+        match id {
+            1 => Ok(Self::Fork),
+            2 => Ok(Self::Exec),
+            3 => Ok(Self::Exit),
+            4 => Ok(Self::Rename),
+            other => Err(UnknownKind(other)),
+        }
+    }
+}
+
+/// First in every record.
+///
+/// `(tgid, start_time_ns)` is a process's identity everywhere in reaper: PIDs are reused, the
+/// pair is not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    /// An [`EventKind`] id.
+    pub kind: u32,
+    /// The process id (thread-group id) the event is about.
+    pub tgid: u32,
+    /// When the event happened, `CLOCK_BOOTTIME` ns (`bpf_ktime_get_boot_ns`).
+    pub timestamp_ns: u64,
+    /// The process's start time: its group leader's `task_struct::start_boottime`, ns since
+    /// boot. `/proc/PID/stat` field 22 is this value in clock ticks.
+    pub start_time_ns: u64,
+}
+
+/// A new process: `sched_process_fork` where the child is a thread-group leader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForkEvent {
+    pub header: Header,
+    /// The child's parent process (`real_parent->tgid`).
+    pub parent_tgid: u32,
+    /// Real uid of the creator, which the child inherits.
+    pub uid: u32,
+    /// The parent process's start time (ns since boot), completing its identity.
+    pub parent_start_time_ns: u64,
+    /// The child's `comm`, inherited from the parent.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// A process replaced its image: `sched_process_exec`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub header: Header,
+    /// The parent process (`real_parent->tgid`).
+    pub parent_tgid: u32,
+    /// Real uid after the exec (setuid binaries change it).
+    pub uid: u32,
+    /// `EXEC_*` flags.
+    pub flags: u32,
+    /// Valid bytes in `filename`.
+    pub filename_len: u32,
+    /// Valid bytes in `argv`.
+    pub argv_len: u32,
+    pub _pad: u32,
+    /// `comm` after the exec (the basename of the exec'd path).
+    pub comm: [u8; COMM_LEN],
+    /// The path given to execve (`linux_binprm::filename`), not NUL-terminated.
+    pub filename: [u8; FILENAME_LEN],
+    /// argv as NUL-separated strings, as in `/proc/PID/cmdline`.
+    pub argv: [u8; ARGV_LEN],
+}
+
+/// The last thread of a process exited (`sched_process_exit` with `signal->live == 0`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitEvent {
+    pub header: Header,
+    /// The status `wait(2)` reports: exit code in bits 8..16, terminating signal in bits 0..7,
+    /// core-dump flag 0x80.
+    pub exit_status: u32,
+    /// The process that inherits this one's children (`find_new_reaper` in kernel/exit.c):
+    /// the nearest live child subreaper among the ancestors, or the pid namespace's init.
+    pub reaper_tgid: u32,
+}
+
+/// A process changed its `comm` (`task_rename`, e.g. prctl(PR_SET_NAME) on its main thread).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RenameEvent {
+    pub header: Header,
+    pub comm: [u8; COMM_LEN],
+}
+
+const _: () = assert!(size_of::<Header>() == 24);
+const _: () = assert!(size_of::<ForkEvent>() == 56);
+const _: () = assert!(size_of::<ExecEvent>() == 48 + COMM_LEN + FILENAME_LEN + ARGV_LEN);
+const _: () = assert!(size_of::<ExitEvent>() == 32);
+const _: () = assert!(size_of::<RenameEvent>() == 40);
+const _: () = assert!(ARGV_LEN.is_power_of_two() && FILENAME_LEN.is_power_of_two());
+
+/// `SIGNAL_GROUP_EXIT` in `signal_struct::flags`: the whole group is exiting, and
+/// `group_exit_code` holds its status. A flag value, not a layout; unchanged since 2.6.
+/// <https://github.com/torvalds/linux/blob/v6.18/include/linux/sched/signal.h>
+pub const SIGNAL_GROUP_EXIT: u32 = 0x0000_0004;
+
+/// Byte offsets of the kernel struct fields the eBPF programs read, resolved from BTF
+/// (`/sys/kernel/btf/vmlinux`) at load time and handed to the programs as a read-only global.
+/// Nothing here is hard-coded: layouts differ across kernels and configurations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// Non-zero once user space filled this in; the programs emit nothing before that.
+    pub ready: u32,
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_real_parent: u32,
+    pub task_group_leader: u32,
+    pub task_start_boottime: u32,
+    pub task_signal: u32,
+    pub task_exit_code: u32,
+    pub task_mm: u32,
+    pub task_thread_pid: u32,
+    pub signal_live: u32,
+    pub signal_flags: u32,
+    pub signal_group_exit_code: u32,
+    /// Byte offset of the 32-bit word holding the `is_child_subreaper` bit field.
+    pub signal_is_subreaper_word: u32,
+    /// Bit index of `is_child_subreaper` within that word.
+    pub signal_is_subreaper_bit: u32,
+    /// Byte offset of the 32-bit word holding the `has_child_subreaper` bit field.
+    pub signal_has_subreaper_word: u32,
+    /// Bit index of `has_child_subreaper` within that word.
+    pub signal_has_subreaper_bit: u32,
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
+    pub binprm_filename: u32,
+    pub pid_level: u32,
+    pub pid_numbers: u32,
+    /// `sizeof(struct upid)`.
+    pub upid_size: u32,
+    pub upid_ns: u32,
+    pub pid_ns_child_reaper: u32,
+    /// Non-zero where `sched_process_exit` passes `bool group_dead` as its second argument
+    /// (6.16+); older kernels pass only the task.
+    pub exit_has_group_dead: u32,
+}
+
+const _: () = assert!(size_of::<KernelOffsets>() == 26 * 4);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers and byte arrays, with
+    // no implicit padding (sizes asserted above), so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Header {}
+}

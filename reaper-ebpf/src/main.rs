@@ -1,0 +1,408 @@
+//! reaper's eBPF programs: process lifecycle events into one ring buffer.
+//!
+//! BTF tracepoints (`tp_btf`) give typed `task_struct *` arguments without tracefs; they work
+//! where kprobes and fentry do not. Struct field offsets are never hard-coded: user space
+//! resolves them from the running kernel's BTF and hands them over in [`OFFSETS`] before the
+//! programs are loaded. Each program is a thin wrapper over a `try_*` function.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated,
+    },
+    macros::{btf_tracepoint, map},
+    maps::{PerCpuArray, RingBuf},
+    programs::BtfTracePointContext,
+};
+use reaper_common::{
+    ARGV_LEN, COMM_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
+    EventKind, ExecEvent, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelOffsets,
+    RenameEvent, SIGNAL_GROUP_EXIT,
+};
+
+/// Field offsets of the running kernel, written by user space at load time (read-only global).
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    ready: 0,
+    task_pid: 0,
+    task_tgid: 0,
+    task_real_parent: 0,
+    task_group_leader: 0,
+    task_start_boottime: 0,
+    task_signal: 0,
+    task_exit_code: 0,
+    task_mm: 0,
+    task_thread_pid: 0,
+    signal_live: 0,
+    signal_flags: 0,
+    signal_group_exit_code: 0,
+    signal_is_subreaper_word: 0,
+    signal_is_subreaper_bit: 0,
+    signal_has_subreaper_word: 0,
+    signal_has_subreaper_bit: 0,
+    mm_arg_start: 0,
+    mm_arg_end: 0,
+    binprm_filename: 0,
+    pid_level: 0,
+    pid_numbers: 0,
+    upid_size: 0,
+    upid_ns: 0,
+    pid_ns_child_reaper: 0,
+    exit_has_group_dead: 0,
+};
+
+/// The one ring buffer all events go through. Its size is set by user space at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Ring buffer reserve failures, per CPU, indexed by event kind id.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(KIND_SLOTS, 0);
+
+/// How far up the parent chain the subreaper search goes; the kernel walks without a bound,
+/// but a subreaper deeper than this above an exiting process is not seen (it falls back to
+/// the namespace's init).
+const MAX_ANCESTORS: usize = 24;
+
+#[inline(always)]
+fn offsets() -> KernelOffsets {
+    // SAFETY: OFFSETS is a plain global; the volatile read stops the compiler from folding
+    // the all-zero initializer into the code, since user space rewrites it before loading.
+    unsafe { core::ptr::read_volatile(&raw const OFFSETS) }
+}
+
+/// Reads a `T` at `base + off` in kernel memory.
+#[inline(always)]
+fn read<T>(base: *const u8, off: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments (kernel 5.8+).
+    unsafe { generated::bpf_ktime_get_boot_ns() }
+}
+
+#[inline(always)]
+fn count_lost(kind: EventKind) {
+    if let Some(slot) = LOST.get_ptr_mut(kind as u32) {
+        // SAFETY: a per-CPU slot: no other program touches it concurrently on this CPU.
+        unsafe { *slot += 1 }
+    }
+}
+
+/// The process's start time: its group leader's `start_boottime`, which `/proc/PID/stat`
+/// reports in clock ticks (fs/proc/array.c, do_task_stat).
+#[inline(always)]
+fn process_start(o: &KernelOffsets, task: *const u8) -> Result<u64, i32> {
+    let leader: *const u8 = read(task, o.task_group_leader)?;
+    read(leader, o.task_start_boottime)
+}
+
+#[inline(always)]
+fn bit(o_word: u32, o_bit: u32, base: *const u8) -> Result<bool, i32> {
+    let word: u32 = read(base, o_word)?;
+    Ok((word >> (o_bit & 31)) & 1 == 1)
+}
+
+// --- fork -------------------------------------------------------------------------------
+
+/// `trace_sched_process_fork(current, p)` in kernel_clone(), before the child first runs:
+/// <https://github.com/torvalds/linux/blob/v6.18/kernel/fork.c>
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_fork(&ctx);
+    0
+}
+
+fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let o = offsets();
+    if o.ready == 0 {
+        return Ok(());
+    }
+    let child: *const u8 = ctx.arg(1);
+    let pid: i32 = read(child, o.task_pid)?;
+    let tgid: i32 = read(child, o.task_tgid)?;
+    if pid != tgid {
+        // CLONE_THREAD: a new thread of an existing process, not a process.
+        return Ok(());
+    }
+    let start: u64 = read(child, o.task_start_boottime)?;
+    let parent: *const u8 = read(child, o.task_real_parent)?;
+    let parent_tgid: i32 = read(parent, o.task_tgid)?;
+    let parent_start = process_start(&o, parent)?;
+    // The child copies the forking thread's comm and credentials.
+    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    let uid = bpf_get_current_uid_gid() as u32;
+
+    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
+        count_lost(EventKind::Fork);
+        return Ok(());
+    };
+    entry.write(ForkEvent {
+        header: Header {
+            kind: EventKind::Fork as u32,
+            tgid: tgid as u32,
+            timestamp_ns: now_ns(),
+            start_time_ns: start,
+        },
+        parent_tgid: parent_tgid as u32,
+        uid,
+        parent_start_time_ns: parent_start,
+        comm,
+    });
+    entry.submit(0);
+    Ok(())
+}
+
+// --- exec -------------------------------------------------------------------------------
+
+/// `trace_sched_process_exec(current, old_pid, bprm)` in exec_binprm(), after the new image is
+/// in place, so `current->mm` holds the new argv:
+/// <https://github.com/torvalds/linux/blob/v6.18/fs/exec.c>
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_exec(&ctx);
+    0
+}
+
+fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let o = offsets();
+    if o.ready == 0 {
+        return Ok(());
+    }
+    let task: *const u8 = ctx.arg(0);
+    let bprm: *const u8 = ctx.arg(2);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let start = process_start(&o, task)?;
+    let parent: *const u8 = read(task, o.task_real_parent)?;
+    let parent_tgid: i32 = read(parent, o.task_tgid)?;
+    let filename: *const u8 = read(bprm, o.binprm_filename)?;
+    let mm: *const u8 = read(task, o.task_mm)?;
+    let arg_start: u64 = read(mm, o.mm_arg_start)?;
+    let arg_end: u64 = read(mm, o.mm_arg_end)?;
+    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    let uid = bpf_get_current_uid_gid() as u32;
+
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        count_lost(EventKind::Exec);
+        return Ok(());
+    };
+    // The event is 4 KiB: fill it in place, never on the 512-byte BPF stack. From here on
+    // every path submits the entry.
+    let ev = entry.as_mut_ptr();
+    let mut flags = 0u32;
+
+    // SAFETY: `ev` points at a reserved ring buffer record of size_of::<ExecEvent>().
+    let filename_len = unsafe {
+        match bpf_probe_read_kernel_str_bytes(filename, &mut (*ev).filename) {
+            Ok(bytes) => bytes.len() as u32,
+            Err(_) => 0,
+        }
+    };
+    // The helper keeps room for the NUL: a full buffer means the path may have been longer.
+    if filename_len as usize >= FILENAME_LEN - 1 {
+        flags |= EXEC_FILENAME_TRUNCATED;
+    }
+
+    let total = arg_end.saturating_sub(arg_start);
+    let argv_len = if total >= ARGV_LEN as u64 {
+        if total > ARGV_LEN as u64 {
+            flags |= EXEC_ARGV_TRUNCATED;
+        }
+        ARGV_LEN as u32
+    } else {
+        // The mask keeps the length provably below ARGV_LEN for the verifier.
+        (total as u32) & (ARGV_LEN as u32 - 1)
+    };
+    // SAFETY: reads at most ARGV_LEN bytes of user memory into the record's argv array.
+    let rc = unsafe {
+        generated::bpf_probe_read_user(
+            (&raw mut (*ev).argv).cast(),
+            argv_len,
+            arg_start as *const core::ffi::c_void,
+        )
+    };
+    let argv_len = if rc == 0 {
+        argv_len
+    } else {
+        flags |= EXEC_ARGV_UNREADABLE;
+        0
+    };
+
+    // SAFETY: as above; plain stores into the reserved record.
+    unsafe {
+        (*ev).header = Header {
+            kind: EventKind::Exec as u32,
+            tgid,
+            timestamp_ns: now_ns(),
+            start_time_ns: start,
+        };
+        (*ev).parent_tgid = parent_tgid as u32;
+        (*ev).uid = uid;
+        (*ev).flags = flags;
+        (*ev).filename_len = filename_len;
+        (*ev).argv_len = argv_len;
+        (*ev)._pad = 0;
+        (*ev).comm = comm;
+    }
+    entry.submit(0);
+    Ok(())
+}
+
+// --- exit -------------------------------------------------------------------------------
+
+/// `trace_sched_process_exit(tsk, group_dead)` in do_exit(), after `signal->live` was
+/// decremented and `exit_code` set, before exit_notify() hands the children to a new parent:
+/// <https://github.com/torvalds/linux/blob/v6.18/kernel/exit.c>
+/// Kernels before 6.16 pass only `tsk`; there the group is dead when `signal->live` is 0.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_exit(&ctx);
+    0
+}
+
+fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let o = offsets();
+    if o.ready == 0 {
+        return Ok(());
+    }
+    let task: *const u8 = ctx.arg(0);
+    let signal: *const u8 = read(task, o.task_signal)?;
+    let group_dead = if o.exit_has_group_dead != 0 {
+        let arg: u64 = ctx.arg(1);
+        arg & 0xff != 0
+    } else {
+        let live: i32 = read(signal, o.signal_live)?;
+        live == 0
+    };
+    if !group_dead {
+        return Ok(());
+    }
+    let tgid: i32 = read(task, o.task_tgid)?;
+    let start = process_start(&o, task)?;
+    // What wait(2) reports: wait_task_zombie() in kernel/exit.c.
+    let signal_flags: u32 = read(signal, o.signal_flags)?;
+    let exit_status: i32 = if signal_flags & SIGNAL_GROUP_EXIT != 0 {
+        read(signal, o.signal_group_exit_code)?
+    } else {
+        read(task, o.task_exit_code)?
+    };
+    let reaper_tgid = find_new_reaper(&o, task, signal).unwrap_or(0);
+
+    let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
+        count_lost(EventKind::Exit);
+        return Ok(());
+    };
+    entry.write(ExitEvent {
+        header: Header {
+            kind: EventKind::Exit as u32,
+            tgid: tgid as u32,
+            timestamp_ns: now_ns(),
+            start_time_ns: start,
+        },
+        exit_status: exit_status as u32,
+        reaper_tgid,
+    });
+    entry.submit(0);
+    Ok(())
+}
+
+/// Who inherits the children, as find_new_reaper() decides it:
+/// <https://github.com/torvalds/linux/blob/v6.18/kernel/exit.c>
+/// the nearest ancestor in the same pid namespace that is a live child subreaper, else the
+/// namespace's init (`pid_namespace::child_reaper`).
+#[inline(always)]
+fn find_new_reaper(o: &KernelOffsets, task: *const u8, signal: *const u8) -> Result<u32, i32> {
+    let thread_pid: *const u8 = read(task, o.task_thread_pid)?;
+    let level: u32 = read(thread_pid, o.pid_level)?;
+    if bit(o.signal_has_subreaper_word, o.signal_has_subreaper_bit, signal)? {
+        let mut reaper: *const u8 = read(task, o.task_real_parent)?;
+        for _ in 0..MAX_ANCESTORS {
+            let reaper_pid: *const u8 = read(reaper, o.task_thread_pid)?;
+            let reaper_level: u32 = read(reaper_pid, o.pid_level)?;
+            let pid: i32 = read(reaper, o.task_pid)?;
+            if reaper_level != level || pid == 0 {
+                // Left the namespace, or reached init_task (pid 0).
+                break;
+            }
+            let reaper_signal: *const u8 = read(reaper, o.task_signal)?;
+            if bit(o.signal_is_subreaper_word, o.signal_is_subreaper_bit, reaper_signal)? {
+                let live: i32 = read(reaper_signal, o.signal_live)?;
+                if live > 0 {
+                    let tgid: i32 = read(reaper, o.task_tgid)?;
+                    return Ok(tgid as u32);
+                }
+            }
+            reaper = read(reaper, o.task_real_parent)?;
+        }
+    }
+    // task_active_pid_ns(): pid->numbers[pid->level].ns
+    let upid = thread_pid
+        .wrapping_add(o.pid_numbers as usize)
+        .wrapping_add((level as usize) * (o.upid_size as usize));
+    let ns: *const u8 = read(upid, o.upid_ns)?;
+    let child_reaper: *const u8 = read(ns, o.pid_ns_child_reaper)?;
+    let tgid: i32 = read(child_reaper, o.task_tgid)?;
+    Ok(tgid as u32)
+}
+
+// --- rename -----------------------------------------------------------------------------
+
+/// `trace_task_rename(tsk, buf)` in __set_task_comm(), before the new name is copied in:
+/// <https://github.com/torvalds/linux/blob/v6.18/fs/exec.c>
+/// Only the main thread's comm is the process's (it is what `/proc/PID/comm` shows).
+#[btf_tracepoint(function = "task_rename")]
+pub fn task_rename(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_rename(&ctx);
+    0
+}
+
+fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let o = offsets();
+    if o.ready == 0 {
+        return Ok(());
+    }
+    let task: *const u8 = ctx.arg(0);
+    let new_comm: *const u8 = ctx.arg(1);
+    let pid: i32 = read(task, o.task_pid)?;
+    let tgid: i32 = read(task, o.task_tgid)?;
+    if pid != tgid {
+        return Ok(());
+    }
+    let start: u64 = read(task, o.task_start_boottime)?;
+    let mut comm = [0u8; COMM_LEN];
+    // SAFETY: reads a kernel string into a stack buffer of COMM_LEN bytes.
+    unsafe {
+        let _ = bpf_probe_read_kernel_str_bytes(new_comm, &mut comm);
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<RenameEvent>(0) else {
+        count_lost(EventKind::Rename);
+        return Ok(());
+    };
+    entry.write(RenameEvent {
+        header: Header {
+            kind: EventKind::Rename as u32,
+            tgid: tgid as u32,
+            timestamp_ns: now_ns(),
+            start_time_ns: start,
+        },
+        comm,
+    });
+    entry.submit(0);
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

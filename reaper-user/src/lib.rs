@@ -1,0 +1,3 @@
+//! reaper: watches every process's life through eBPF and reaps leaked AI-agent children.
+pub mod events;
+pub mod probes;

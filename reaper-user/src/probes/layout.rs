@@ -1,0 +1,255 @@
+//! Kernel struct layouts from BTF, resolved at load time.
+//!
+//! The eBPF programs read `task_struct`, `signal_struct`, `mm_struct`, `linux_binprm`, `pid`
+//! and `pid_namespace` fields at offsets this module finds in the running kernel's BTF
+//! (`/sys/kernel/btf/vmlinux`). Nothing is hard-coded: these structs change between kernel
+//! versions and configurations (and under `CONFIG_RANDSTRUCT`). Members nested in anonymous
+//! structs and unions (as `mm_struct`'s are) are found by walking into them.
+use btf_rs::{Btf, Struct, Type};
+use reaper_common::KernelOffsets;
+
+/// Where the running kernel's BTF lives.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("cannot read kernel BTF from {path} (is CONFIG_DEBUG_INFO_BTF enabled?)")]
+    Read {
+        path: String,
+        #[source]
+        source: btf_rs::Error,
+    },
+    #[error("kernel BTF has no struct {name}")]
+    NoStruct { name: String },
+    #[error("kernel BTF: struct {strukt} has no member {field}")]
+    NoField { strukt: String, field: String },
+    #[error("kernel BTF: {what} is not byte-aligned (bit offset {bits})")]
+    Unaligned { what: String, bits: u32 },
+    #[error("kernel BTF has no tracepoint prototype {name}")]
+    NoTracepoint { name: String },
+    #[error("kernel BTF is malformed")]
+    Btf(#[from] btf_rs::Error),
+}
+
+/// A member's position: byte offset, and for bit fields the bit index in their 32-bit word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Position {
+    bits: u32,
+    bitfield: bool,
+}
+
+/// Parses the running kernel's BTF.
+pub fn vmlinux() -> Result<Btf, LayoutError> {
+    Btf::from_file(VMLINUX_BTF).map_err(|source| LayoutError::Read {
+        path: VMLINUX_BTF.to_owned(),
+        source,
+    })
+}
+
+/// Resolves every offset the eBPF programs need.
+pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, LayoutError> {
+    let task = find_struct(btf, "task_struct")?;
+    let signal = find_struct(btf, "signal_struct")?;
+    let mm = find_struct(btf, "mm_struct")?;
+    let binprm = find_struct(btf, "linux_binprm")?;
+    let pid = find_struct(btf, "pid")?;
+    let upid = find_struct(btf, "upid")?;
+    let pid_ns = find_struct(btf, "pid_namespace")?;
+
+    let byte = |s: &Struct, name: &str, field: &str| -> Result<u32, LayoutError> {
+        let pos = member(btf, s, name, field)?;
+        if pos.bits % 8 != 0 {
+            return Err(LayoutError::Unaligned {
+                what: format!("{name}.{field}"),
+                bits: pos.bits,
+            });
+        }
+        Ok(pos.bits / 8)
+    };
+    // A bit field is read as the aligned little-endian u32 that holds it.
+    let bitfield = |s: &Struct, name: &str, field: &str| -> Result<(u32, u32), LayoutError> {
+        let pos = member(btf, s, name, field)?;
+        debug_assert!(pos.bitfield || pos.bits % 8 == 0);
+        Ok(((pos.bits / 32) * 4, pos.bits % 32))
+    };
+    let (is_word, is_bit) = bitfield(&signal, "signal_struct", "is_child_subreaper")?;
+    let (has_word, has_bit) = bitfield(&signal, "signal_struct", "has_child_subreaper")?;
+
+    Ok(KernelOffsets {
+        ready: 1,
+        task_pid: byte(&task, "task_struct", "pid")?,
+        task_tgid: byte(&task, "task_struct", "tgid")?,
+        task_real_parent: byte(&task, "task_struct", "real_parent")?,
+        task_group_leader: byte(&task, "task_struct", "group_leader")?,
+        task_start_boottime: byte(&task, "task_struct", "start_boottime")?,
+        task_signal: byte(&task, "task_struct", "signal")?,
+        task_exit_code: byte(&task, "task_struct", "exit_code")?,
+        task_mm: byte(&task, "task_struct", "mm")?,
+        task_thread_pid: byte(&task, "task_struct", "thread_pid")?,
+        signal_live: byte(&signal, "signal_struct", "live")?,
+        signal_flags: byte(&signal, "signal_struct", "flags")?,
+        signal_group_exit_code: byte(&signal, "signal_struct", "group_exit_code")?,
+        signal_is_subreaper_word: is_word,
+        signal_is_subreaper_bit: is_bit,
+        signal_has_subreaper_word: has_word,
+        signal_has_subreaper_bit: has_bit,
+        mm_arg_start: byte(&mm, "mm_struct", "arg_start")?,
+        mm_arg_end: byte(&mm, "mm_struct", "arg_end")?,
+        binprm_filename: byte(&binprm, "linux_binprm", "filename")?,
+        pid_level: byte(&pid, "pid", "level")?,
+        pid_numbers: byte(&pid, "pid", "numbers")?,
+        upid_size: u32::try_from(upid.size()).unwrap_or(u32::MAX),
+        upid_ns: byte(&upid, "upid", "ns")?,
+        pid_ns_child_reaper: byte(&pid_ns, "pid_namespace", "child_reaper")?,
+        exit_has_group_dead: u32::from(tracepoint_arity(btf, "sched_process_exit")? >= 2),
+    })
+}
+
+/// Number of arguments a BTF tracepoint passes (not counting the leading `void *` context):
+/// `typedef void (*btf_trace_NAME)(void *, ARGS...)`.
+pub fn tracepoint_arity(btf: &Btf, tracepoint: &str) -> Result<usize, LayoutError> {
+    let name = format!("btf_trace_{tracepoint}");
+    for ty in btf.resolve_types_by_name(&name).unwrap_or_default() {
+        let Type::Typedef(td) = ty else { continue };
+        let mut ty = btf.resolve_chained_type(&td)?;
+        if let Type::Ptr(ptr) = &ty {
+            ty = btf.resolve_chained_type(ptr)?;
+        }
+        if let Type::FuncProto(proto) = ty {
+            return Ok(proto.parameters.len().saturating_sub(1));
+        }
+    }
+    Err(LayoutError::NoTracepoint { name })
+}
+
+fn find_struct(btf: &Btf, name: &str) -> Result<Struct, LayoutError> {
+    btf.resolve_types_by_name(name)
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|ty| match ty {
+            // Skip forward declarations' empty shells; the definition has members.
+            Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+        .ok_or_else(|| LayoutError::NoStruct {
+            name: name.to_owned(),
+        })
+}
+
+fn member(btf: &Btf, s: &Struct, strukt: &str, field: &str) -> Result<Position, LayoutError> {
+    find_member(btf, s, field, 0)?.ok_or_else(|| LayoutError::NoField {
+        strukt: strukt.to_owned(),
+        field: field.to_owned(),
+    })
+}
+
+/// Depth-first search for `field`, descending into anonymous struct and union members.
+fn find_member(
+    btf: &Btf,
+    s: &Struct,
+    field: &str,
+    base_bits: u32,
+) -> Result<Option<Position>, LayoutError> {
+    for m in &s.members {
+        let name = btf.resolve_name(m).unwrap_or_default();
+        let bits = base_bits + m.bit_offset();
+        if name == field {
+            return Ok(Some(Position {
+                bits,
+                bitfield: m.bitfield_size().is_some_and(|size| size != 0),
+            }));
+        }
+        if name.is_empty() {
+            if let Some(inner) = aggregate(btf, btf.resolve_chained_type(m)?)? {
+                if let Some(found) = find_member(btf, &inner, field, bits)? {
+                    return Ok(Some(found));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The struct or union behind typedefs and qualifiers, if `ty` is one.
+fn aggregate(btf: &Btf, mut ty: Type) -> Result<Option<Struct>, LayoutError> {
+    loop {
+        ty = match ty {
+            Type::Struct(s) | Type::Union(s) => return Ok(Some(s)),
+            Type::Typedef(t) => btf.resolve_chained_type(&t)?,
+            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => btf.resolve_chained_type(&t)?,
+            Type::TypeTag(t) => btf.resolve_chained_type(&t)?,
+            _ => return Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only where the kernel exposes BTF; `cargo xtask test` runs on such a kernel.
+    fn host_btf() -> Option<Btf> {
+        if !std::path::Path::new(VMLINUX_BTF).exists() {
+            eprintln!("skipped: no {VMLINUX_BTF}");
+            return None;
+        }
+        Some(vmlinux().expect("parse vmlinux BTF"))
+    }
+
+    #[test]
+    fn resolves_every_offset_on_this_kernel() {
+        let Some(btf) = host_btf() else { return };
+        let o = kernel_offsets(&btf).expect("offsets");
+        assert_eq!(o.ready, 1);
+        // pid and tgid are adjacent pid_t fields in every kernel since 2.6.
+        assert_eq!(o.task_tgid, o.task_pid + 4);
+        assert!(o.mm_arg_end > o.mm_arg_start, "arg_end follows arg_start");
+        assert!(o.upid_size >= 12, "struct upid holds an int and a pointer");
+        assert!(o.signal_is_subreaper_bit < 32 && o.signal_has_subreaper_bit < 32);
+        assert_ne!(
+            (o.signal_is_subreaper_word, o.signal_is_subreaper_bit),
+            (o.signal_has_subreaper_word, o.signal_has_subreaper_bit)
+        );
+    }
+
+    #[test]
+    fn finds_members_nested_in_anonymous_aggregates() {
+        let Some(btf) = host_btf() else { return };
+        // mm_struct wraps nearly all of its fields in an anonymous struct (5.x and later).
+        let mm = find_struct(&btf, "mm_struct").unwrap();
+        let direct = mm
+            .members
+            .iter()
+            .any(|m| btf.resolve_name(m).unwrap_or_default() == "arg_start");
+        let found = member(&btf, &mm, "mm_struct", "arg_start").unwrap();
+        assert!(found.bits > 0);
+        if !direct {
+            assert_eq!(found.bits % 64, 0, "an unsigned long is 8-byte aligned");
+        }
+    }
+
+    #[test]
+    fn reports_missing_members_by_name() {
+        let Some(btf) = host_btf() else { return };
+        let task = find_struct(&btf, "task_struct").unwrap();
+        let err = member(&btf, &task, "task_struct", "no_such_field").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kernel BTF: struct task_struct has no member no_such_field"
+        );
+        assert!(matches!(
+            find_struct(&btf, "no_such_struct_xyz"),
+            Err(LayoutError::NoStruct { .. })
+        ));
+    }
+
+    #[test]
+    fn reads_tracepoint_arity() {
+        let Some(btf) = host_btf() else { return };
+        assert_eq!(tracepoint_arity(&btf, "sched_process_fork").unwrap(), 2);
+        assert_eq!(tracepoint_arity(&btf, "sched_process_exec").unwrap(), 3);
+        let exit = tracepoint_arity(&btf, "sched_process_exit").unwrap();
+        assert!(exit == 1 || exit == 2, "task, and group_dead from 6.16");
+        assert!(tracepoint_arity(&btf, "no_such_tracepoint").is_err());
+    }
+}

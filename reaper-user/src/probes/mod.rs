@@ -1,0 +1,206 @@
+//! The only aya-facing module: loads reaper's eBPF object, hands it the kernel layout, attaches
+//! the BTF tracepoints and gives out the ring buffer and the loss counters.
+//!
+//! Attach types: BTF tracepoints (`tp_btf`) only. They need no tracefs, take typed
+//! `task_struct *` arguments, and exist wherever kernel BTF does (5.5+); kprobes and fentry are
+//! not assumed (many hosts, this one included, lack them).
+pub mod layout;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::BtfTracePoint,
+};
+use reaper_common::{EventKind, KernelOffsets};
+
+/// The compiled eBPF object, built by build.rs from the `reaper-ebpf` crate.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reaper"));
+
+/// Program name (the function in reaper-ebpf) and the tracepoint it attaches to.
+const PROGRAMS: [(&str, &str); 4] = [
+    ("sched_process_fork", "sched_process_fork"),
+    ("sched_process_exec", "sched_process_exec"),
+    ("sched_process_exit", "sched_process_exit"),
+    ("task_rename", "task_rename"),
+];
+
+/// Default ring buffer size: 16 MiB holds ~3,700 exec records (the largest, 4.4 KiB), enough
+/// that a 10,000-process spawn storm loses nothing while the reader keeps up.
+pub const DEFAULT_RING_BYTES: u32 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
+    #[error("ring buffer size {bytes} must be a power of two and a multiple of the page size")]
+    RingSize { bytes: u32 },
+    #[error("loading reaper's eBPF object failed (needs root or CAP_BPF + CAP_PERFMON)")]
+    Load(#[source] aya::EbpfError),
+    #[error("reading kernel BTF for attaching failed")]
+    Btf(#[source] aya::BtfError),
+    #[error("eBPF object has no {what} named {name}")]
+    Missing { what: &'static str, name: &'static str },
+    #[error("loading or attaching program {program} to tracepoint {tracepoint} failed")]
+    Attach {
+        program: &'static str,
+        tracepoint: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name} is not of the expected type")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Load-time choices.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeOptions {
+    /// Ring buffer size in bytes.
+    pub ring_bytes: u32,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            ring_bytes: DEFAULT_RING_BYTES,
+        }
+    }
+}
+
+/// Loaded and attached programs. Dropping this detaches them.
+pub struct Probes {
+    ebpf: Ebpf,
+    lost: PerCpuArray<MapData, u64>,
+    offsets: KernelOffsets,
+}
+
+impl Probes {
+    /// Resolves the layout, loads the object and attaches every program. Events flow into the
+    /// ring buffer from the moment this returns; take it with [`Probes::take_ring`].
+    pub fn attach(options: ProbeOptions) -> Result<Self, ProbeError> {
+        let page = page_size();
+        let bytes = options.ring_bytes;
+        if !bytes.is_power_of_two() || bytes < page {
+            return Err(ProbeError::RingSize { bytes });
+        }
+        raise_memlock_limit();
+
+        let btf = layout::vmlinux()?;
+        let offsets = layout::kernel_offsets(&btf)?;
+        drop(btf);
+        tracing::debug!(?offsets, "kernel layout from BTF");
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("EVENTS", bytes)
+            .load(EBPF_OBJECT)
+            .map_err(ProbeError::Load)?;
+
+        let btf = aya::Btf::from_sys_fs().map_err(ProbeError::Btf)?;
+        for (program, tracepoint) in PROGRAMS {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(program)
+                .ok_or(ProbeError::Missing {
+                    what: "program",
+                    name: program,
+                })?
+                .try_into()
+                .map_err(|source| ProbeError::Attach {
+                    program,
+                    tracepoint,
+                    source,
+                })?;
+            prog.load(tracepoint, &btf)
+                .and_then(|()| prog.attach().map(drop))
+                .map_err(|source| ProbeError::Attach {
+                    program,
+                    tracepoint,
+                    source,
+                })?;
+        }
+
+        let lost = ebpf.take_map("LOST").ok_or(ProbeError::Missing {
+            what: "map",
+            name: "LOST",
+        })?;
+        let lost = PerCpuArray::try_from(lost).map_err(|source| ProbeError::Map {
+            name: "LOST",
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            lost,
+            offsets,
+        })
+    }
+
+    /// The ring buffer every event goes through. `None` once taken.
+    pub fn take_ring(&mut self) -> Option<Result<RingBuf<MapData>, ProbeError>> {
+        let map = self.ebpf.take_map("EVENTS")?;
+        Some(RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            name: "EVENTS",
+            source,
+        }))
+    }
+
+    /// Reserve failures so far, summed over CPUs, per event kind.
+    pub fn lost(&self) -> LostCounts {
+        let mut counts = LostCounts::default();
+        for kind in EventKind::ALL {
+            let total = self
+                .lost
+                .get(&(kind as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+            counts.set(kind, total);
+        }
+        counts
+    }
+
+    /// The offsets handed to the programs.
+    pub fn offsets(&self) -> &KernelOffsets {
+        &self.offsets
+    }
+}
+
+/// Ring buffer reserve failures per event kind: events the kernel could not hand over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LostCounts([u64; EventKind::ALL.len()]);
+
+impl LostCounts {
+    pub fn get(&self, kind: EventKind) -> u64 {
+        self.0[kind as usize - 1]
+    }
+
+    fn set(&mut self, kind: EventKind, value: u64) {
+        self.0[kind as usize - 1] = value;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+fn page_size() -> u32 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|size| u32::try_from(size).ok())
+        .unwrap_or(4096)
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the memory cgroup.
+/// Raising it needs CAP_SYS_RESOURCE, which a hardened service may not have: log, go on.
+fn raise_memlock_limit() {
+    use nix::sys::resource::{Resource, setrlimit};
+    if let Err(err) = setrlimit(
+        Resource::RLIMIT_MEMLOCK,
+        libc::RLIM_INFINITY,
+        libc::RLIM_INFINITY,
+    ) {
+        tracing::debug!(%err, "could not raise RLIMIT_MEMLOCK (not needed on 5.11+)");
+    }
+}
