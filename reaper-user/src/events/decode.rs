@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn decodes_exec_with_argv_and_flags() {
-        let decoded = decode(&exec_record(b"/bin/true\0-x\0\xff\0", 16, EXEC_ARGV_TRUNCATED)).unwrap();
+        let decoded = decode(&exec_record(b"/bin/true\0-x\0\xff\0", 15, EXEC_ARGV_TRUNCATED)).unwrap();
         let Event::Exec { id, parent_pid, filename, argv, argv_truncated, filename_truncated, comm, .. } = decoded
         else {
             panic!("not exec")

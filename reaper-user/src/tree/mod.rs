@@ -1,0 +1,464 @@
+//! The live process tree: every process on the host, keyed by pid and checked by identity
+//! (pid + start time), kept exact by lifecycle events ([`ProcessTree::apply`]) and repaired
+//! against `/proc` ([`ProcessTree::reconcile`]). Pure: no kernel, no I/O, no clock.
+//!
+//! Out-of-order or missing events are expected (start-up overlap, ring buffer losses):
+//! an event for an unknown process creates it, an unknown parent becomes a placeholder, and
+//! a pid held by a different identity than the event's was reused, so the old entry is
+//! dropped. Nothing here is an error.
+pub mod scan;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use serde::Serialize;
+
+use crate::events::{Argv, Event, ExitStatus, Identity};
+
+/// Exited processes remembered (with their exit status) after they leave the live tree.
+pub const EXITED_KEPT: usize = 4096;
+
+/// One process as the tree knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Process {
+    pub id: Identity,
+    /// Parent process id. The parent itself is `tree.get(ppid)` while it lives.
+    pub ppid: u32,
+    pub uid: u32,
+    pub comm: String,
+    /// The program: the path given to execve, or `/proc/PID/exe` for processes found by a scan.
+    pub exe: String,
+    pub argv: Argv,
+    pub argv_truncated: bool,
+    /// Live children's pids.
+    pub children: BTreeSet<u32>,
+    /// Set once the process has exited.
+    pub exit: Option<ExitStatus>,
+    /// Known only as someone's parent: its details wait for a `/proc` reconcile.
+    pub placeholder: bool,
+}
+
+impl Process {
+    fn placeholder(id: Identity) -> Self {
+        Self {
+            id,
+            ppid: 0,
+            uid: 0,
+            comm: String::new(),
+            exe: String::new(),
+            argv: Argv::default(),
+            argv_truncated: false,
+            children: BTreeSet::new(),
+            exit: None,
+            placeholder: true,
+        }
+    }
+}
+
+/// A process as a `/proc` scan saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: Identity,
+    pub ppid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub exe: String,
+    pub argv: Argv,
+}
+
+impl From<Snapshot> for Process {
+    fn from(s: Snapshot) -> Self {
+        Self {
+            id: s.id,
+            ppid: s.ppid,
+            uid: s.uid,
+            comm: s.comm,
+            exe: s.exe,
+            argv: s.argv,
+            argv_truncated: false,
+            children: BTreeSet::new(),
+            exit: None,
+            placeholder: false,
+        }
+    }
+}
+
+/// Kinds of repair, counted: each is the tree disagreeing with the kernel's truth.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Corrections {
+    /// In `/proc`, missing from the tree (a fork event was lost).
+    pub added: u64,
+    /// In the tree, gone from `/proc` (an exit event was lost).
+    pub removed: u64,
+    /// The pid now belongs to another process (exit and fork lost, or reuse).
+    pub replaced: u64,
+    /// The parent differed.
+    pub reparented: u64,
+    /// A placeholder filled in from `/proc`.
+    pub filled: u64,
+}
+
+impl Corrections {
+    pub fn total(&self) -> u64 {
+        self.added + self.removed + self.replaced + self.reparented + self.filled
+    }
+
+    /// `(label, count)` pairs, for metrics and logs.
+    pub fn by_kind(&self) -> [(&'static str, u64); 5] {
+        [
+            ("added", self.added),
+            ("removed", self.removed),
+            ("replaced", self.replaced),
+            ("reparented", self.reparented),
+            ("filled", self.filled),
+        ]
+    }
+
+    fn add(&mut self, other: &Corrections) {
+        self.added += other.added;
+        self.removed += other.removed;
+        self.replaced += other.replaced;
+        self.reparented += other.reparented;
+        self.filled += other.filled;
+    }
+}
+
+/// What applying one event did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The tree changed as the event says.
+    Changed,
+    /// The tree already held this (a fork seen by the start-up scan, a duplicate exit).
+    AlreadyKnown,
+    /// About a process the tree does not hold, and nothing to learn from it (a rename of an
+    /// unknown pid, an exit of a process never seen).
+    Unknown,
+}
+
+#[derive(Debug, Default)]
+pub struct ProcessTree {
+    live: HashMap<u32, Process>,
+    exited: VecDeque<Process>,
+    corrections: Corrections,
+    /// Entries a pid reuse or a late event pushed out before their exit was seen.
+    evicted_stale: u64,
+}
+
+impl ProcessTree {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds the tree from a `/proc` scan (start-up).
+    pub fn from_scan(snapshot: Vec<Snapshot>) -> Self {
+        let mut tree = Self::new();
+        for s in snapshot {
+            tree.live.insert(s.id.pid, s.into());
+        }
+        tree.rebuild_children();
+        tree
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// The live process at `pid`.
+    pub fn get(&self, pid: u32) -> Option<&Process> {
+        self.live.get(&pid)
+    }
+
+    /// The live process with exactly this identity.
+    pub fn get_id(&self, id: Identity) -> Option<&Process> {
+        self.live.get(&id.pid).filter(|p| p.id == id)
+    }
+
+    /// A recently exited process with this identity, with its exit status.
+    pub fn exited(&self, id: Identity) -> Option<&Process> {
+        self.exited.iter().rev().find(|p| p.id == id)
+    }
+
+    pub fn processes(&self) -> impl Iterator<Item = &Process> {
+        self.live.values()
+    }
+
+    /// Corrections made by reconciles so far.
+    pub fn corrections(&self) -> Corrections {
+        self.corrections
+    }
+
+    /// Applies one lifecycle event.
+    pub fn apply(&mut self, event: &Event) -> Applied {
+        match event {
+            Event::Fork {
+                id,
+                parent,
+                uid,
+                comm,
+                ..
+            } => self.fork(*id, *parent, *uid, comm),
+            Event::Exec {
+                id,
+                parent_pid,
+                uid,
+                comm,
+                filename,
+                argv,
+                argv_truncated,
+                ..
+            } => {
+                let p = self.entry_for(*id, *parent_pid);
+                p.uid = *uid;
+                p.comm.clone_from(comm);
+                p.exe.clone_from(filename);
+                p.argv = argv.clone();
+                p.argv_truncated = *argv_truncated;
+                p.placeholder = false;
+                let ppid = p.ppid;
+                if ppid != *parent_pid {
+                    self.set_parent(id.pid, *parent_pid);
+                }
+                Applied::Changed
+            }
+            Event::Exit {
+                id,
+                status,
+                reaper_pid,
+                ..
+            } => self.exit(*id, *status, *reaper_pid),
+            Event::Rename { id, comm, .. } => match self.live.get_mut(&id.pid) {
+                Some(p) if p.id == *id => {
+                    p.comm.clone_from(comm);
+                    Applied::Changed
+                }
+                _ => Applied::Unknown,
+            },
+        }
+    }
+
+    fn fork(&mut self, id: Identity, parent: Identity, uid: u32, comm: &str) -> Applied {
+        if self.get_id(id).is_some() {
+            return Applied::AlreadyKnown;
+        }
+        if self.exited(id).is_some() {
+            // Its exit was applied already (events raced a scan): do not resurrect it.
+            return Applied::AlreadyKnown;
+        }
+        self.evict_if_other(id);
+        self.ensure_parent(parent);
+        // A forked child shares its parent's image until it execs.
+        let parent_entry = &self.live[&parent.pid];
+        let child = Process {
+            id,
+            ppid: parent.pid,
+            uid,
+            comm: comm.to_owned(),
+            exe: parent_entry.exe.clone(),
+            argv: parent_entry.argv.clone(),
+            argv_truncated: parent_entry.argv_truncated,
+            children: BTreeSet::new(),
+            exit: None,
+            placeholder: false,
+        };
+        self.live.insert(id.pid, child);
+        self.link(parent.pid, id.pid);
+        Applied::Changed
+    }
+
+    fn exit(&mut self, id: Identity, status: ExitStatus, reaper_pid: u32) -> Applied {
+        if self.get_id(id).is_none() {
+            if self.exited(id).is_some() {
+                return Applied::AlreadyKnown;
+            }
+            // Never seen alive: remember how it ended all the same.
+            let mut gone = Process::placeholder(id);
+            gone.exit = Some(status);
+            self.remember_exited(gone);
+            return Applied::Unknown;
+        }
+        let mut gone = self.remove(id.pid).expect("checked above");
+        // exit_notify(): the children go to the reaper the kernel chose.
+        for child in std::mem::take(&mut gone.children) {
+            if let Some(c) = self.live.get_mut(&child) {
+                c.ppid = reaper_pid;
+                self.link(reaper_pid, child);
+            }
+        }
+        gone.exit = Some(status);
+        self.remember_exited(gone);
+        Applied::Changed
+    }
+
+    /// The live entry for `id`, created (with a placeholder parent if need be) if missing.
+    fn entry_for(&mut self, id: Identity, ppid: u32) -> &mut Process {
+        if self.get_id(id).is_none() {
+            self.evict_if_other(id);
+            let mut p = Process::placeholder(id);
+            p.ppid = ppid;
+            self.live.insert(id.pid, p);
+            self.link(ppid, id.pid);
+        }
+        self.live.get_mut(&id.pid).expect("inserted above")
+    }
+
+    /// Makes sure the live entry at `parent.pid` is `parent`, inserting a placeholder.
+    fn ensure_parent(&mut self, parent: Identity) {
+        if self.get_id(parent).is_some() {
+            return;
+        }
+        self.evict_if_other(parent);
+        self.live.insert(parent.pid, Process::placeholder(parent));
+        self.adopt_orphans(parent.pid);
+    }
+
+    /// A different process at `id.pid` is stale: its exit was never seen.
+    fn evict_if_other(&mut self, id: Identity) {
+        if self.live.get(&id.pid).is_some_and(|p| p.id != id) {
+            self.evicted_stale += 1;
+            if let Some(old) = self.remove(id.pid) {
+                // Its children's parent pid stays as the kernel last said; the new holder of
+                // the pid is not their parent, so they are not linked to it.
+                for child in old.children {
+                    if let Some(c) = self.live.get_mut(&child) {
+                        c.ppid = 0;
+                    }
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, pid: u32) -> Option<Process> {
+        let p = self.live.remove(&pid)?;
+        if let Some(parent) = self.live.get_mut(&p.ppid) {
+            parent.children.remove(&pid);
+        }
+        Some(p)
+    }
+
+    fn remember_exited(&mut self, p: Process) {
+        if self.exited.len() == EXITED_KEPT {
+            self.exited.pop_front();
+        }
+        self.exited.push_back(p);
+    }
+
+    fn link(&mut self, ppid: u32, pid: u32) {
+        if let Some(parent) = self.live.get_mut(&ppid) {
+            parent.children.insert(pid);
+        }
+    }
+
+    fn set_parent(&mut self, pid: u32, ppid: u32) {
+        let Some(p) = self.live.get_mut(&pid) else { return };
+        let old = std::mem::replace(&mut p.ppid, ppid);
+        if let Some(old_parent) = self.live.get_mut(&old) {
+            old_parent.children.remove(&pid);
+        }
+        self.link(ppid, pid);
+    }
+
+    /// Links live processes whose ppid is `pid` to it (after `pid` was inserted late).
+    fn adopt_orphans(&mut self, pid: u32) {
+        let orphans: Vec<u32> = self
+            .live
+            .values()
+            .filter(|p| p.ppid == pid && p.id.pid != pid)
+            .map(|p| p.id.pid)
+            .collect();
+        if let Some(parent) = self.live.get_mut(&pid) {
+            parent.children.extend(orphans);
+        }
+    }
+
+    fn rebuild_children(&mut self) {
+        let links: Vec<(u32, u32)> = self.live.values().map(|p| (p.ppid, p.id.pid)).collect();
+        for p in self.live.values_mut() {
+            p.children.clear();
+        }
+        for (ppid, pid) in links {
+            if ppid != pid {
+                self.link(ppid, pid);
+            }
+        }
+    }
+
+    /// Repairs the tree against a `/proc` scan taken after every event up to `scan_start_ticks`
+    /// was applied. `alive(id)` re-checks one process in `/proc` now: a process the scan saw
+    /// may have exited since (and its exit been applied), and must not come back.
+    pub fn reconcile(
+        &mut self,
+        snapshot: Vec<Snapshot>,
+        scan_start_ticks: u64,
+        mut alive: impl FnMut(Identity) -> bool,
+    ) -> Corrections {
+        let mut fixed = Corrections::default();
+        let mut seen = std::collections::HashSet::with_capacity(snapshot.len());
+        for s in snapshot {
+            seen.insert(s.id.pid);
+            let held_by = self.live.get(&s.id.pid).map(|p| p.id);
+            if held_by == Some(s.id) {
+                let p = self.live.get_mut(&s.id.pid).expect("just looked up");
+                let ppid = p.ppid;
+                if p.placeholder {
+                    let children = std::mem::take(&mut p.children);
+                    *p = Process::from(s.clone());
+                    p.children = children;
+                    p.ppid = ppid;
+                    fixed.filled += 1;
+                } else if ppid != s.ppid {
+                    fixed.reparented += 1;
+                }
+                if ppid != s.ppid {
+                    self.set_parent(s.id.pid, s.ppid);
+                }
+            } else {
+                {
+                    if self.exited(s.id).is_some() || !alive(s.id) {
+                        continue;
+                    }
+                    if held_by.is_some() {
+                        fixed.replaced += 1;
+                        self.evict_if_other(s.id);
+                    } else {
+                        fixed.added += 1;
+                    }
+                    let ppid = s.ppid;
+                    let pid = s.id.pid;
+                    self.live.insert(pid, s.into());
+                    self.link(ppid, pid);
+                    self.adopt_orphans(pid);
+                }
+            }
+        }
+        // Gone from /proc: only what started before the scan did (later ones it cannot know).
+        let gone: Vec<u32> = self
+            .live
+            .values()
+            .filter(|p| !seen.contains(&p.id.pid) && p.id.start_ticks < scan_start_ticks)
+            .map(|p| p.id.pid)
+            .collect();
+        for pid in gone {
+            if let Some(p) = self.live.get(&pid) {
+                if alive(p.id) {
+                    continue;
+                }
+            }
+            fixed.removed += 1;
+            if let Some(old) = self.remove(pid) {
+                for child in old.children {
+                    if let Some(c) = self.live.get_mut(&child) {
+                        c.ppid = 0;
+                    }
+                }
+            }
+        }
+        self.corrections.add(&fixed);
+        fixed
+    }
+}
+
+#[cfg(test)]
+mod tests;

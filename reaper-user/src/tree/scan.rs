@@ -1,0 +1,62 @@
+//! `/proc` → [`Snapshot`]s, through the `procfs` crate.
+//!
+//! Processes come and go while a scan runs: one that vanishes mid-read is skipped, never an
+//! error. Zombies are left out: their exit has happened (and was reported by the kernel), only
+//! their parent has not collected them yet.
+use procfs::process::{Process as ProcProcess, ProcState};
+
+use super::Snapshot;
+use crate::events::{Argv, Identity};
+
+/// Every live process in `/proc`.
+pub fn scan() -> std::io::Result<Vec<Snapshot>> {
+    let all = procfs::process::all_processes().map_err(std::io::Error::other)?;
+    Ok(all.filter_map(Result::ok).filter_map(|p| read(&p)).collect())
+}
+
+/// One process by pid, if it is alive (not a zombie).
+pub fn read_pid(pid: u32) -> Option<Snapshot> {
+    ProcProcess::new(i32::try_from(pid).ok()?).ok().and_then(|p| read(&p))
+}
+
+/// Whether the process with this identity is alive now.
+pub fn alive(id: Identity) -> bool {
+    let Ok(pid) = i32::try_from(id.pid) else { return false };
+    let Ok(stat) = ProcProcess::new(pid).and_then(|p| p.stat()) else {
+        return false;
+    };
+    stat.starttime == id.start_ticks && !matches!(stat.state(), Ok(ProcState::Zombie | ProcState::Dead))
+}
+
+fn read(p: &ProcProcess) -> Option<Snapshot> {
+    let stat = p.stat().ok()?;
+    if matches!(stat.state(), Ok(ProcState::Zombie | ProcState::Dead)) {
+        return None;
+    }
+    let uid = p.uid().ok()?;
+    // Kernel threads have neither cmdline nor exe; both can also vanish mid-read.
+    let argv = std::fs::read(format!("/proc/{}/cmdline", p.pid)).unwrap_or_default();
+    let exe = p
+        .exe()
+        .map(|path| path.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Some(Snapshot {
+        id: Identity {
+            pid: u32::try_from(stat.pid).ok()?,
+            start_ticks: stat.starttime,
+        },
+        ppid: u32::try_from(stat.ppid).unwrap_or(0),
+        uid,
+        comm: stat.comm,
+        exe,
+        argv: Argv::new(argv),
+    })
+}
+
+/// Clock ticks since boot now (`CLOCK_BOOTTIME`, the clock of process start times).
+pub fn now_ticks() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+        .unwrap_or(0);
+    now / (1_000_000_000 / crate::events::ticks_per_second())
+}

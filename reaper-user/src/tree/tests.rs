@@ -1,0 +1,255 @@
+use super::*;
+
+fn id(pid: u32, start: u64) -> Identity {
+    Identity {
+        pid,
+        start_ticks: start,
+    }
+}
+
+fn fork(child: Identity, parent: Identity) -> Event {
+    Event::Fork {
+        id: child,
+        time_ns: 0,
+        parent,
+        uid: 0,
+        comm: "sh".into(),
+    }
+}
+
+fn exec(who: Identity, ppid: u32, args: &[&str]) -> Event {
+    Event::Exec {
+        id: who,
+        time_ns: 0,
+        parent_pid: ppid,
+        uid: 1000,
+        comm: args[0].rsplit('/').next().unwrap().chars().take(15).collect(),
+        filename: args[0].into(),
+        argv: Argv::from_args(args),
+        argv_truncated: false,
+        filename_truncated: false,
+    }
+}
+
+fn exit(who: Identity, status: u32, reaper: u32) -> Event {
+    Event::Exit {
+        id: who,
+        time_ns: 0,
+        status: ExitStatus(status),
+        reaper_pid: reaper,
+    }
+}
+
+fn snap(who: Identity, ppid: u32, comm: &str) -> Snapshot {
+    Snapshot {
+        id: who,
+        ppid,
+        uid: 0,
+        comm: comm.into(),
+        exe: format!("/bin/{comm}"),
+        argv: Argv::from_args(&[comm]),
+    }
+}
+
+/// init(1) → shell(100)
+fn base() -> ProcessTree {
+    ProcessTree::from_scan(vec![snap(id(1, 1), 0, "init"), snap(id(100, 50), 1, "bash")])
+}
+
+/// Every child link matches a ppid and vice versa.
+fn assert_consistent(tree: &ProcessTree) {
+    for p in tree.processes() {
+        for child in &p.children {
+            assert_eq!(tree.get(*child).map(|c| c.ppid), Some(p.id.pid), "{child} under {}", p.id);
+        }
+        if let Some(parent) = tree.get(p.ppid) {
+            if p.ppid != p.id.pid {
+                assert!(parent.children.contains(&p.id.pid), "{} missing under {}", p.id, p.ppid);
+            }
+        }
+    }
+}
+
+#[test]
+fn fork_exec_exit_follow_the_process() {
+    let mut tree = base();
+    let child = id(200, 90);
+    assert_eq!(tree.apply(&fork(child, id(100, 50))), Applied::Changed);
+    assert_eq!(tree.get(200).unwrap().argv.to_strings(), ["bash"], "inherits argv");
+    assert!(tree.get(100).unwrap().children.contains(&200));
+
+    tree.apply(&exec(child, 100, &["/bin/sleep", "5"]));
+    let p = tree.get(200).unwrap();
+    assert_eq!((p.comm.as_str(), p.exe.as_str(), p.uid), ("sleep", "/bin/sleep", 1000));
+    assert_eq!(p.argv.to_strings(), ["/bin/sleep", "5"]);
+
+    tree.apply(&Event::Rename { id: child, time_ns: 0, comm: "napper".into() });
+    assert_eq!(tree.get(200).unwrap().comm, "napper");
+
+    assert_eq!(tree.apply(&exit(child, 3 << 8, 1)), Applied::Changed);
+    assert!(tree.get(200).is_none());
+    assert!(!tree.get(100).unwrap().children.contains(&200));
+    assert_eq!(tree.exited(child).unwrap().exit.unwrap().code(), Some(3));
+    assert_consistent(&tree);
+}
+
+#[test]
+fn children_go_to_the_reaper_the_kernel_named() {
+    let mut tree = base();
+    let sub = id(150, 60);
+    let mid = id(160, 61);
+    let (a, b) = (id(170, 62), id(171, 63));
+    tree.apply(&fork(sub, id(100, 50)));
+    tree.apply(&fork(mid, sub));
+    tree.apply(&fork(a, mid));
+    tree.apply(&fork(b, mid));
+    tree.apply(&exit(mid, 9, 150));
+    assert_eq!(tree.get(170).unwrap().ppid, 150);
+    assert_eq!(tree.get(171).unwrap().ppid, 150);
+    assert_eq!(tree.get(150).unwrap().children, BTreeSet::from([170, 171]));
+    tree.apply(&exit(sub, 0, 1));
+    assert_eq!(tree.get(170).unwrap().ppid, 1);
+    assert!(tree.get(1).unwrap().children.contains(&171));
+    assert_consistent(&tree);
+}
+
+#[test]
+fn out_of_order_events_never_fail() {
+    // Exit, Exec and Fork of processes the tree has never seen.
+    let mut tree = ProcessTree::new();
+    assert_eq!(tree.apply(&exit(id(10, 5), 0, 1)), Applied::Unknown);
+    assert!(tree.exited(id(10, 5)).is_some(), "remembers how it ended");
+    tree.apply(&exec(id(11, 6), 7, &["/bin/cat"]));
+    assert_eq!(tree.get(11).unwrap().ppid, 7);
+    tree.apply(&fork(id(12, 8), id(11, 6)));
+    assert_eq!(tree.get(12).unwrap().comm, "sh");
+    assert_eq!(tree.apply(&Event::Rename { id: id(99, 1), time_ns: 0, comm: "x".into() }), Applied::Unknown);
+    assert_consistent(&tree);
+}
+
+#[test]
+fn unknown_parent_becomes_a_placeholder() {
+    let mut tree = ProcessTree::new();
+    tree.apply(&fork(id(20, 9), id(19, 3)));
+    let parent = tree.get(19).unwrap();
+    assert!(parent.placeholder);
+    assert!(parent.children.contains(&20));
+}
+
+#[test]
+fn a_reused_pid_replaces_the_stale_entry() {
+    let mut tree = base();
+    tree.apply(&fork(id(300, 70), id(100, 50)));
+    // The exit of 300@70 was lost; a new process now holds pid 300.
+    tree.apply(&fork(id(300, 95), id(1, 1)));
+    let p = tree.get(300).unwrap();
+    assert_eq!((p.id.start_ticks, p.ppid), (95, 1));
+    assert!(!tree.get(100).unwrap().children.contains(&300));
+    // A late event for the old identity does not touch the new process.
+    tree.apply(&Event::Rename { id: id(300, 70), time_ns: 0, comm: "old".into() });
+    assert_eq!(tree.get(300).unwrap().comm, "sh");
+    assert_consistent(&tree);
+}
+
+#[test]
+fn events_overlapping_the_startup_scan_are_deduplicated() {
+    // The scan already saw 400 (after its exec); its buffered fork and exec arrive after.
+    let mut tree = ProcessTree::from_scan(vec![
+        snap(id(1, 1), 0, "init"),
+        snap(id(400, 80), 1, "worker"),
+    ]);
+    assert_eq!(tree.apply(&fork(id(400, 80), id(1, 1))), Applied::AlreadyKnown);
+    tree.apply(&exec(id(400, 80), 1, &["/usr/bin/worker", "-v"]));
+    assert_eq!(tree.len(), 2);
+    assert_eq!(tree.get(400).unwrap().argv.to_strings(), ["/usr/bin/worker", "-v"]);
+    // An exit applied twice counts once.
+    assert_eq!(tree.apply(&exit(id(400, 80), 0, 1)), Applied::Changed);
+    assert_eq!(tree.apply(&exit(id(400, 80), 0, 1)), Applied::AlreadyKnown);
+    // ...and a stale fork does not bring it back.
+    assert_eq!(tree.apply(&fork(id(400, 80), id(1, 1))), Applied::AlreadyKnown);
+    assert!(tree.get(400).is_none());
+}
+
+#[test]
+fn reconcile_repairs_every_kind_of_drift() {
+    let mut tree = base();
+    tree.apply(&fork(id(500, 10), id(100, 50))); // will be gone from /proc
+    tree.apply(&fork(id(501, 11), id(100, 50))); // will be reused by 501@40
+    tree.apply(&fork(id(502, 12), id(100, 50))); // parent changed to 1
+    tree.apply(&fork(id(503, 13), id(600, 5))); // parent 600 is a placeholder
+    tree.apply(&fork(id(504, 99), id(100, 50))); // started after the scan began
+    let snapshot = vec![
+        snap(id(1, 1), 0, "init"),
+        snap(id(100, 50), 1, "bash"),
+        snap(id(501, 40), 1, "new"),
+        snap(id(502, 12), 1, "sh"),
+        snap(id(503, 13), 600, "sh"),
+        snap(id(600, 5), 1, "daemon"),
+        snap(id(700, 30), 1, "missed"),
+    ];
+    let fixed = tree.reconcile(snapshot, 90, |_| true);
+    assert_eq!(
+        fixed,
+        Corrections { added: 1, removed: 0, replaced: 1, reparented: 1, filled: 1 },
+        "500 is alive per the closure, so it stays"
+    );
+    let fixed = tree.reconcile(
+        vec![
+            snap(id(1, 1), 0, "init"),
+            snap(id(100, 50), 1, "bash"),
+            snap(id(501, 40), 1, "new"),
+            snap(id(502, 12), 1, "sh"),
+            snap(id(503, 13), 600, "sh"),
+            snap(id(600, 5), 1, "daemon"),
+            snap(id(700, 30), 1, "missed"),
+        ],
+        90,
+        |_| false,
+    );
+    assert_eq!(fixed.removed, 1, "500 is gone");
+    assert!(tree.get(500).is_none());
+    assert!(tree.get(504).is_some(), "started after the scan: kept");
+    assert_eq!(tree.get(501).unwrap().id.start_ticks, 40);
+    assert_eq!(tree.get(600).unwrap().comm, "daemon");
+    assert!(!tree.get(600).unwrap().placeholder);
+    assert!(tree.get(600).unwrap().children.contains(&503));
+    assert_eq!(tree.get(700).unwrap().ppid, 1);
+    assert_eq!(tree.corrections().total(), 5);
+    assert_consistent(&tree);
+}
+
+#[test]
+fn reconcile_does_not_resurrect_what_exited_meanwhile() {
+    let mut tree = base();
+    tree.apply(&fork(id(800, 20), id(100, 50)));
+    tree.apply(&exit(id(800, 20), 0, 1));
+    // The scan ran before the exit: it still lists 800.
+    let fixed = tree.reconcile(
+        vec![snap(id(1, 1), 0, "init"), snap(id(100, 50), 1, "bash"), snap(id(800, 20), 100, "sh")],
+        90,
+        |_| true,
+    );
+    assert_eq!(fixed.total(), 0);
+    assert!(tree.get(800).is_none());
+    // Nor one the scan saw that has died since, with the exit lost.
+    let fixed = tree.reconcile(
+        vec![snap(id(1, 1), 0, "init"), snap(id(100, 50), 1, "bash"), snap(id(801, 21), 100, "sh")],
+        90,
+        |_| false,
+    );
+    assert_eq!(fixed.added, 0);
+    assert!(tree.get(801).is_none());
+}
+
+#[test]
+fn exited_memory_is_bounded() {
+    let mut tree = base();
+    for i in 0..(EXITED_KEPT as u32 + 10) {
+        let who = id(1000 + i, 100 + u64::from(i));
+        tree.apply(&fork(who, id(100, 50)));
+        tree.apply(&exit(who, 0, 1));
+    }
+    assert_eq!(tree.exited.len(), EXITED_KEPT);
+    assert_eq!(tree.len(), 2);
+    assert!(tree.get(100).unwrap().children.is_empty());
+}
