@@ -1,16 +1,180 @@
-use reaper::{events, probes};
+//! `reaper`: the command line. Parses arguments and hands over to [`reaper::app`].
+use std::{path::PathBuf, time::Duration};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter("debug").init();
-    let mut p = probes::Probes::attach(Default::default())?;
-    let ring = p.take_ring().unwrap()?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let (_ftx, frx) = tokio::sync::mpsc::channel(1);
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use reaper::{
+    app::{Pipeline, PipelineConfig},
+    cli,
+    events::{self, source::SourceMsg},
+    ipc,
+    probes::{DEFAULT_RING_BYTES, ProbeOptions, Probes},
+    tree::Process,
+};
+
+/// reaper watches every process's life through eBPF and reaps leaked AI-agent children.
+#[derive(Parser)]
+#[command(name = "reaper", version, about, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: follow every process, keep the live tree, serve the local interface.
+    Run(RunArgs),
+    /// Stream process lifecycle events (fork, exec, exit, rename) as they happen.
+    Events {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the running daemon's live process tree.
+    Tree {
+        /// The daemon's socket.
+        #[arg(long, default_value = ipc::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The tree as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the running daemon's counters (events, losses, corrections) as JSON.
+    Stats {
+        #[arg(long, default_value = ipc::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The local interface's socket (root only).
+    #[arg(long, default_value = ipc::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Ring buffer size in bytes (a power of two, at least a page).
+    #[arg(long, default_value_t = DEFAULT_RING_BYTES)]
+    ring_bytes: u32,
+    /// How often to check the tree against /proc, e.g. "60s", "5m".
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    reconcile_interval: Duration,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Events { json } => stream_events(json).await,
+            Command::Tree { socket, json } => {
+                let value = ipc::request(&socket, ipc::Request::Tree).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&value)?);
+                } else {
+                    let processes: Vec<Process> = serde_json::from_value(value)
+                        .context("unexpected tree from the daemon")?;
+                    print!("{}", cli::render_tree(&processes));
+                }
+                Ok(())
+            }
+            Command::Stats { socket } => {
+                let value = ipc::request(&socket, ipc::Request::Stats).await?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
+                Ok(())
+            }
+        }
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = PipelineConfig {
+        probes: ProbeOptions {
+            ring_bytes: args.ring_bytes,
+        },
+        reconcile_interval: args.reconcile_interval,
+        ..PipelineConfig::default()
+    };
+    let pipeline = Pipeline::start(config).await?;
+    let server = ipc::Server::bind(&args.socket)?;
+    tracing::info!(socket = %server.path().display(), "serving the local interface (root only); `reaper tree` shows the live tree");
+    let serving = tokio::spawn(server.serve(pipeline.handle()));
+    shutdown_signal().await?;
+    tracing::info!("shutting down: detaching probes");
+    serving.abort();
+    let _ = serving.await;
+    pipeline.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn stream_events(json: bool) -> anyhow::Result<()> {
+    let mut probes = Probes::attach(ProbeOptions::default())?;
+    let ring = probes.take_ring().expect("ring buffer taken once")?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let (_flush_tx, flush_rx) = tokio::sync::mpsc::channel(1);
     let stats = std::sync::Arc::new(events::source::SourceStats::default());
-    tokio::spawn(events::source::run(ring, tx, frx, stats));
-    while let Some(m) = rx.recv().await {
-        if let events::source::SourceMsg::Events(v) = m { for e in v { println!("{e}"); } }
+    let reader = tokio::spawn(events::source::run(ring, tx, flush_rx, stats));
+    eprintln!("following fork/exec/exit/rename; Ctrl-C to stop");
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(SourceMsg::Events(batch)) = msg else { break };
+                for event in batch {
+                    use std::io::Write as _;
+                    let written = if json {
+                        writeln!(stdout, "{}", serde_json::to_string(&event)?)
+                    } else {
+                        writeln!(stdout, "{event}")
+                    };
+                    if written.is_err() {
+                        return Ok(()); // stdout closed (e.g. piped into head)
+                    }
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    reader.abort();
+    let lost = probes.lost();
+    if lost.total() > 0 {
+        eprintln!("kernel dropped {} events (ring buffer full)", lost.total());
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::fmt;
 
 use bytes::Bytes;
 use reaper_common::EventKind;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use decode::{DecodeError, decode};
 
@@ -22,7 +22,7 @@ pub fn ticks_per_second() -> u64 {
 /// The start time is kept in clock ticks since boot, the unit `/proc/PID/stat` uses, so kernel
 /// events (ns) and `/proc` scans (ticks) name the same process the same way. Two processes
 /// would need the same pid within one tick (10 ms) to collide.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Identity {
     pub pid: u32,
     pub start_ticks: u64,
@@ -103,9 +103,15 @@ impl Serialize for Argv {
     }
 }
 
+impl<'de> Deserialize<'de> for Argv {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self::from_args(&Vec::<String>::deserialize(d)?))
+    }
+}
+
 /// What `wait(2)` reports about how a process ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(into = "ExitSummary")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "ExitSummary", from = "ExitSummary")]
 pub struct ExitStatus(pub u32);
 
 impl ExitStatus {
@@ -135,10 +141,12 @@ impl fmt::Display for ExitStatus {
     }
 }
 
-#[derive(Serialize)]
+/// How an exit status reads in JSON: the decoded parts and the raw wait status.
+#[derive(Serialize, Deserialize)]
 struct ExitSummary {
     code: Option<u8>,
     signal: Option<u8>,
+    raw: u32,
 }
 
 impl From<ExitStatus> for ExitSummary {
@@ -146,7 +154,14 @@ impl From<ExitStatus> for ExitSummary {
         Self {
             code: s.code(),
             signal: s.signal(),
+            raw: s.0,
         }
+    }
+}
+
+impl From<ExitSummary> for ExitStatus {
+    fn from(s: ExitSummary) -> Self {
+        Self(s.raw)
     }
 }
 

@@ -10,7 +10,7 @@ pub mod scan;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::events::{Argv, Event, ExitStatus, Identity};
 
@@ -18,7 +18,7 @@ use crate::events::{Argv, Event, ExitStatus, Identity};
 pub const EXITED_KEPT: usize = 4096;
 
 /// One process as the tree knows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Process {
     pub id: Identity,
     /// Parent process id. The parent itself is `tree.get(ppid)` while it lives.
