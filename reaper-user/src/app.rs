@@ -16,12 +16,15 @@ use std::{sync::Arc, time::Duration};
 use reaper_common::EventKind;
 use serde::Serialize;
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::{broadcast, mpsc, oneshot},
     task::JoinHandle,
 };
 
 use crate::{
-    events::source::{self, SourceMsg, SourceStats},
+    events::{
+        Event, Identity,
+        source::{self, SourceMsg, SourceStats},
+    },
     probes::{LostCounts, ProbeOptions, Probes},
     tree::{Corrections, Process, ProcessTree, Snapshot, scan},
 };
@@ -63,6 +66,8 @@ pub struct PipelineStats {
 
 enum Query {
     Snapshot(oneshot::Sender<Vec<Process>>),
+    Process(u32, oneshot::Sender<Option<Process>>),
+    Exited(Identity, oneshot::Sender<Option<Process>>),
     Stats(oneshot::Sender<PipelineStats>),
     Reconcile(oneshot::Sender<Corrections>),
 }
@@ -71,6 +76,7 @@ enum Query {
 #[derive(Clone)]
 pub struct PipelineHandle {
     queries: mpsc::Sender<Query>,
+    applied: broadcast::Sender<Event>,
 }
 
 impl PipelineHandle {
@@ -83,6 +89,22 @@ impl PipelineHandle {
     /// Every live process. `None` once the pipeline has stopped.
     pub async fn snapshot(&self) -> Option<Vec<Process>> {
         self.ask(Query::Snapshot).await
+    }
+
+    /// The live process at `pid`.
+    pub async fn process(&self, pid: u32) -> Option<Process> {
+        self.ask(|tx| Query::Process(pid, tx)).await.flatten()
+    }
+
+    /// A recently exited process, with its exit status.
+    pub async fn exited(&self, id: Identity) -> Option<Process> {
+        self.ask(|tx| Query::Exited(id, tx)).await.flatten()
+    }
+
+    /// Every event from now on, after the tree applied it. A receiver that falls behind
+    /// loses the oldest events (and is told so), never slows the pipeline.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.applied.subscribe()
     }
 
     pub async fn stats(&self) -> Option<PipelineStats> {
@@ -149,7 +171,9 @@ impl Pipeline {
         );
 
         let (queries_tx, queries_rx) = mpsc::channel(64);
+        let (applied, _) = broadcast::channel(16 * 1024);
         let owner = TreeOwner {
+            applied: applied.clone(),
             tree,
             probes,
             stats,
@@ -165,6 +189,7 @@ impl Pipeline {
         Ok(Self {
             handle: PipelineHandle {
                 queries: queries_tx,
+                applied,
             },
             tasks: vec![source, tree_task],
         })
@@ -205,6 +230,7 @@ struct PendingReconcile {
 /// The one owner of the tree.
 struct TreeOwner {
     tree: ProcessTree,
+    applied: broadcast::Sender<Event>,
     probes: Probes,
     stats: Arc<SourceStats>,
     flush: mpsc::Sender<u64>,
@@ -228,8 +254,12 @@ impl TreeOwner {
             tokio::select! {
                 msg = events.recv() => match msg {
                     Some(SourceMsg::Events(batch)) => {
-                        for event in &batch {
-                            self.tree.apply(event);
+                        let tapped = self.applied.receiver_count() > 0;
+                        for event in batch {
+                            self.tree.apply(&event);
+                            if tapped {
+                                let _ = self.applied.send(event);
+                            }
                         }
                     }
                     Some(SourceMsg::Flushed(token)) => self.finish_reconcile(token),
@@ -241,6 +271,12 @@ impl TreeOwner {
                 query = queries.recv() => match query {
                     Some(Query::Snapshot(reply)) => {
                         let _ = reply.send(self.tree.processes().cloned().collect());
+                    }
+                    Some(Query::Process(pid, reply)) => {
+                        let _ = reply.send(self.tree.get(pid).cloned());
+                    }
+                    Some(Query::Exited(id, reply)) => {
+                        let _ = reply.send(self.tree.exited(id).cloned());
                     }
                     Some(Query::Stats(reply)) => {
                         let _ = reply.send(self.stats());

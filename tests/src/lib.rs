@@ -1,1 +1,271 @@
-//! Integration tests against the real kernel.
+//! Shared harness for reaper's integration tests: start the real pipeline (real eBPF, real
+//! kernel), drive real processes through `lifecycle-helper`, and compare with `/proc`.
+//!
+//! Tests wait for conditions with deadlines, never for fixed times, and only ever signal
+//! processes they started.
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader},
+    process::{Child, ChildStdin, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use reaper::{
+    app::{Pipeline, PipelineConfig, PipelineHandle},
+    events::Event,
+    tree::Process,
+};
+use tokio::sync::broadcast;
+
+/// Generous: CI machines are shared and slow.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running pipeline plus a tap on its events.
+pub struct Harness {
+    pub pipeline: Pipeline,
+    pub handle: PipelineHandle,
+    pub events: broadcast::Receiver<Event>,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::start_with(PipelineConfig {
+            // Tests call reconcile explicitly; keep the timer out of their way.
+            reconcile_interval: Duration::from_secs(3600),
+            ..PipelineConfig::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(config: PipelineConfig) -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the integration tests load eBPF programs: run them as root (cargo xtask test)"
+        );
+        let pipeline = Pipeline::start(config).await.expect("start the pipeline");
+        let handle = pipeline.handle();
+        let events = handle.subscribe();
+        Self {
+            pipeline,
+            handle,
+            events,
+        }
+    }
+
+    /// Polls `check` against the live process at `pid` until it returns `Some`.
+    pub async fn wait_process<T>(
+        &self,
+        pid: u32,
+        what: &str,
+        mut check: impl FnMut(Option<&Process>) -> Option<T>,
+    ) -> T {
+        let started = Instant::now();
+        loop {
+            let p = self.handle.process(pid).await;
+            if let Some(found) = check(p.as_ref()) {
+                return found;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "timed out after {DEADLINE:?} waiting for {what}; last seen: {p:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits for an event matching `check` on the tap.
+    pub async fn wait_event<T>(&mut self, what: &str, mut check: impl FnMut(&Event) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Ok(event)) => {
+                    if let Some(found) = check(&event) {
+                        return found;
+                    }
+                }
+                Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                    panic!("the test's event tap lagged by {n} events while waiting for {what}")
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => panic!("pipeline stopped"),
+                Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+            }
+        }
+    }
+
+    /// Everything up to now was applied: a reconcile flushes the ring buffer before it returns.
+    pub async fn settle(&self) -> reaper::tree::Corrections {
+        self.handle.reconcile().await.expect("pipeline alive")
+    }
+}
+
+/// The lifecycle helper binary. Cargo builds it for this package's integration tests and puts
+/// it in the profile directory, one level above the test executables (`deps/`).
+pub fn helper_path() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("lifecycle-helper");
+    assert!(path.exists(), "{} is missing: run through cargo test", path.display());
+    path
+}
+
+/// A running `lifecycle-helper`: its stdin keeps it (and its waiting children) alive.
+pub struct Helper {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    /// Lines from the helper's stdout, read by a thread so every read has a deadline.
+    lines: std::sync::mpsc::Receiver<String>,
+    pub values: HashMap<String, Vec<String>>,
+}
+
+impl Helper {
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(helper_path())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn lifecycle-helper");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            stdin,
+            lines,
+            values: HashMap::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads lines until `key` was printed; returns its (last) value.
+    pub fn read(&mut self, key: &str) -> String {
+        loop {
+            if let Some(v) = self.values.get(key).and_then(|v| v.last()) {
+                return v.clone();
+            }
+            let line = match self.lines.recv_timeout(DEADLINE) {
+                Ok(line) => line,
+                Err(err) => panic!("no {key} from the helper ({err}); got {:?}", self.values),
+            };
+            let (k, v) = line.split_once('=').expect("key=value line");
+            self.values.entry(k.to_owned()).or_default().push(v.to_owned());
+        }
+    }
+
+    pub fn read_pid(&mut self, key: &str) -> u32 {
+        self.read(key).parse().expect("a pid")
+    }
+
+    /// Every value printed for `key` once the helper has closed its stdout.
+    pub fn all(&mut self, key: &str) -> Vec<String> {
+        loop {
+            match self.lines.recv_timeout(DEADLINE) {
+                Ok(line) => {
+                    let (k, v) = line.split_once('=').expect("key=value line");
+                    self.values.entry(k.to_owned()).or_default().push(v.to_owned());
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(err) => panic!("helper output never ended ({err}); got {:?}", self.values),
+            }
+        }
+        self.values.get(key).cloned().unwrap_or_default()
+    }
+
+    /// Closes stdin: the helper and every child that inherited it finish.
+    pub fn finish(&mut self) {
+        self.stdin.take();
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        self.stdin.take();
+        // Our own child: make sure it does not outlive the test.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `/proc/PID/stat` read directly (an oracle independent of the daemon's procfs parsing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: u32,
+    pub comm: String,
+    pub state: char,
+    pub ppid: u32,
+    pub start_ticks: u64,
+}
+
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text[open + 1..close].to_owned();
+    let fields: Vec<&str> = text[close + 2..].split(' ').collect();
+    Some(ProcStat {
+        pid,
+        comm,
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        // Field 22 overall; the 20th after "pid (comm) ".
+        start_ticks: fields.get(19)?.parse().ok()?,
+    })
+}
+
+pub fn proc_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+pub fn proc_cmdline(pid: u32) -> Option<Vec<u8>> {
+    std::fs::read(format!("/proc/{pid}/cmdline")).ok()
+}
+
+/// Every live (non-zombie) process's (pid, start ticks), straight from `/proc`.
+pub fn proc_identities() -> Vec<(u32, u64)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(stat) = proc_stat(pid) {
+            if stat.state != 'Z' && stat.state != 'X' {
+                out.push((pid, stat.start_ticks));
+            }
+        }
+    }
+    out
+}
+
+/// The tree's view of `pid` agrees with `/proc` on identity, parent, uid, comm and argv.
+pub fn assert_matches_proc(p: &Process) {
+    let pid = p.id.pid;
+    let stat = proc_stat(pid).unwrap_or_else(|| panic!("{pid} is not in /proc"));
+    assert_eq!(p.id.start_ticks, stat.start_ticks, "start time of {pid}");
+    assert_eq!(p.ppid, stat.ppid, "parent of {pid}");
+    assert_eq!(p.comm, stat.comm, "comm of {pid}");
+    assert_eq!(Some(p.uid), proc_uid(pid), "uid of {pid}");
+    if !p.argv_truncated {
+        assert_eq!(Some(p.argv.raw().to_vec()), proc_cmdline(pid), "argv of {pid}");
+    }
+}

@@ -2,7 +2,9 @@
 //!
 //! Processes come and go while a scan runs: one that vanishes mid-read is skipped, never an
 //! error. Zombies are left out: their exit has happened (and was reported by the kernel), only
-//! their parent has not collected them yet.
+//! their parent has not collected them yet. A zombie *leader* whose other threads still run is
+//! a live process (its main thread called pthread_exit): `/proc/PID/stat` shows the leader's
+//! state, so the threads in `/proc/PID/task` decide.
 use procfs::process::{Process as ProcProcess, ProcState};
 
 use super::Snapshot;
@@ -25,12 +27,31 @@ pub fn alive(id: Identity) -> bool {
     let Ok(stat) = ProcProcess::new(pid).and_then(|p| p.stat()) else {
         return false;
     };
-    stat.starttime == id.start_ticks && !matches!(stat.state(), Ok(ProcState::Zombie | ProcState::Dead))
+    stat.starttime == id.start_ticks && !exited(pid, &stat)
+}
+
+/// Whether every thread of the process is gone (only the zombie leader is left).
+fn exited(pid: i32, stat: &procfs::process::Stat) -> bool {
+    if !matches!(stat.state(), Ok(ProcState::Zombie | ProcState::Dead)) {
+        return false;
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    !tasks.filter_map(Result::ok).any(|task| {
+        let tid = task.file_name();
+        tid.to_str() != Some(&pid.to_string())
+            && std::fs::read_to_string(task.path().join("stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.chars().next()))
+                .flatten()
+                .is_some_and(|state| state != 'Z' && state != 'X')
+    })
 }
 
 fn read(p: &ProcProcess) -> Option<Snapshot> {
     let stat = p.stat().ok()?;
-    if matches!(stat.state(), Ok(ProcState::Zombie | ProcState::Dead)) {
+    if exited(p.pid, &stat) {
         return None;
     }
     let uid = p.uid().ok()?;

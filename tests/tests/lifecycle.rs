@@ -1,0 +1,287 @@
+//! The kernel-to-tree pipeline against real processes, with `/proc` as the oracle.
+use std::time::Duration;
+
+use reaper::events::Event;
+use reaper_common::ARGV_LEN;
+use reaper_tests::{
+    DEADLINE, Harness, Helper, assert_matches_proc, helper_path, proc_identities, proc_stat,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_exec_exit_report_exit_codes() {
+    let mut h = Harness::start().await;
+    let mut child = std::process::Command::new(helper_path())
+        .args(["exit", "3"])
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let exec = h
+        .wait_event("exec of the helper", |e| match e {
+            Event::Exec { id, argv, .. } if id.pid == pid => Some(argv.to_strings()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(exec[1..], ["exit", "3"]);
+    let (id, status) = h
+        .wait_event("exit of the helper", |e| match e {
+            Event::Exit { id, status, .. } if id.pid == pid => Some((*id, *status)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(status.code(), Some(3));
+    assert_eq!(status.signal(), None);
+    assert_eq!(child.wait().unwrap().code(), Some(3));
+    let gone = h.handle.exited(id).await.expect("kept with its exit status");
+    assert_eq!(gone.exit.unwrap().code(), Some(3));
+    assert!(h.handle.process(pid).await.is_none_or(|p| p.id != id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn death_by_signal_is_reported() {
+    let mut h = Harness::start().await;
+    let mut helper = Helper::spawn(&["wait"]);
+    let pid = helper.read_pid("pid");
+    let p = h.wait_process(pid, "the helper in the tree", |p| p.filter(|p| p.comm == "lifecycle-helpe").cloned()).await;
+    assert_matches_proc(&p);
+    helper.child.kill().unwrap(); // SIGKILL to our own child
+    let status = h
+        .wait_event("exit by SIGKILL", |e| match e {
+            Event::Exit { id, status, .. } if *id == p.id => Some(*status),
+            _ => None,
+        })
+        .await;
+    assert_eq!(status.signal(), Some(libc::SIGKILL as u8));
+    assert_eq!(status.code(), None);
+    let id = p.id;
+    h.wait_process(pid, "removal from the tree", |p| p.is_none_or(|q| q.id != id).then_some(()))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_exiting_before_its_threads_is_one_exit_when_the_last_goes() {
+    let mut h = Harness::start().await;
+    let mut helper = Helper::spawn(&["leader-exits-first"]);
+    let pid = helper.read_pid("pid");
+    helper.read("leader");
+    // Wait until the kernel shows the main thread as exited…
+    let started = std::time::Instant::now();
+    while proc_stat(pid).is_none_or(|s| s.state != 'Z') {
+        assert!(started.elapsed() < DEADLINE, "leader thread never exited");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // …then flush everything the kernel emitted: the process must still be alive.
+    let fixed = h.settle().await;
+    let p = h.handle.process(pid).await.expect("still alive with its threads");
+    assert!(p.exit.is_none());
+    assert_eq!(fixed.removed, 0, "the reconcile must not take a zombie leader for a dead process");
+    let mut exits = 0;
+    helper.finish();
+    let status = h
+        .wait_event("the process's exit", |e| match e {
+            Event::Exit { id, status, .. } if *id == p.id => Some(*status),
+            _ => None,
+        })
+        .await;
+    exits += 1;
+    assert_eq!(status.code(), Some(7), "the group's exit code");
+    h.settle().await;
+    while let Ok(e) = h.events.try_recv() {
+        if matches!(e, Event::Exit { id, .. } if id == p.id) {
+            exits += 1;
+        }
+    }
+    assert_eq!(exits, 1, "one exit event per process");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_are_not_processes() {
+    let mut h = Harness::start().await;
+    let mut helper = Helper::spawn(&["threads", "8"]);
+    let pid = helper.read_pid("pid");
+    let tids: Vec<u32> = helper.read("tids").split(',').map(|t| t.parse().unwrap()).collect();
+    assert_eq!(tids.len(), 8);
+    h.settle().await;
+    let p = h.handle.process(pid).await.expect("helper in the tree");
+    assert_matches_proc(&p);
+    assert!(p.children.is_empty(), "threads are not children: {:?}", p.children);
+    for tid in &tids {
+        assert!(h.handle.process(*tid).await.is_none_or(|t| t.id.pid != *tid || t.ppid != pid), "thread {tid} became a process");
+    }
+    while let Ok(e) = h.events.try_recv() {
+        if let Event::Fork { id, .. } = e {
+            assert!(!tids.contains(&id.pid), "fork event for thread {}", id.pid);
+        }
+    }
+}
+
+/// Waits until `pid`'s parent in the tree is what `/proc` says, and returns it.
+async fn settled_parent(h: &Harness, pid: u32, not: u32) -> u32 {
+    h.wait_process(pid, "re-parenting", |p| {
+        let p = p?;
+        let stat = proc_stat(pid)?;
+        (p.ppid == stat.ppid && p.ppid != not).then_some(p.ppid)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_reparented_like_the_kernel_does() {
+    let h = Harness::start().await;
+    let mut helper = Helper::spawn(&["orphan", "2"]);
+    let parent = helper.read_pid("pid");
+    helper.child.wait().unwrap(); // the parent exits by itself, after printing its children
+    let children: Vec<u32> = helper.all("child").iter().map(|c| c.parse().unwrap()).collect();
+    assert!(!children.is_empty());
+    for child in &children {
+        let new_parent = settled_parent(&h, *child, parent).await;
+        // Where there is no subreaper above the test, the kernel picks init.
+        let expected = proc_stat(*child).unwrap().ppid;
+        assert_eq!(new_parent, expected);
+        let p = h.handle.process(*child).await.unwrap();
+        assert_matches_proc(&p);
+        let adoptive = h.handle.process(new_parent).await.expect("the new parent is in the tree");
+        assert!(adoptive.children.contains(child));
+    }
+    helper.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_go_to_the_nearest_child_subreaper() {
+    let h = Harness::start().await;
+    let mut helper = Helper::spawn(&["subreaper", "2"]);
+    let subreaper = helper.read_pid("pid");
+    helper.read("done");
+    let middle = helper.read_pid("middle");
+    let children: Vec<u32> = helper.values["child"].iter().map(|c| c.parse().unwrap()).collect();
+    assert_eq!(children.len(), 2);
+    for child in &children {
+        let new_parent = settled_parent(&h, *child, middle).await;
+        assert_eq!(new_parent, subreaper, "the subreaper adopts, not init");
+        assert_matches_proc(&h.handle.process(*child).await.unwrap());
+    }
+    let sub = h.handle.process(subreaper).await.unwrap();
+    assert!(children.iter().all(|c| sub.children.contains(c)), "{:?}", sub.children);
+    helper.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_double_forked_daemon_is_followed() {
+    let h = Harness::start().await;
+    let mut helper = Helper::spawn(&["double-fork"]);
+    let first = helper.read_pid("first");
+    let daemon = helper.read_pid("daemon");
+    let new_parent = settled_parent(&h, daemon, first).await;
+    assert_eq!(new_parent, proc_stat(daemon).unwrap().ppid);
+    assert_matches_proc(&h.handle.process(daemon).await.unwrap());
+    h.wait_process(first, "the first child gone", |p| p.is_none().then_some(())).await;
+    helper.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comm_rename_is_seen() {
+    let h = Harness::start().await;
+    let mut helper = Helper::spawn(&["rename", "renamed-by-test"]);
+    let pid = helper.read_pid("pid");
+    let p = h
+        .wait_process(pid, "the new comm", |p| p.filter(|p| p.comm == "renamed-by-test").cloned())
+        .await;
+    assert_matches_proc(&p);
+    helper.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_alive_before_start_are_bootstrapped() {
+    let mut helper = Helper::spawn(&["wait"]);
+    let pid = helper.read_pid("pid");
+    let h = Harness::start().await;
+    let p = h.handle.process(pid).await.expect("found by the start-up scan");
+    assert_matches_proc(&p);
+    assert!(!p.placeholder);
+    let parent = h.handle.process(p.ppid).await.expect("the test process is there too");
+    assert!(parent.children.contains(&pid));
+    helper.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argv_past_the_bound_is_truncated_and_flagged() {
+    let h = Harness::start().await;
+    let long = "x".repeat(ARGV_LEN + 1000);
+    let mut helper = Helper::spawn(&["wait", "--", &long]);
+    let pid = helper.read_pid("pid");
+    let p = h.wait_process(pid, "the long argv", |p| p.filter(|p| p.argv_truncated).cloned()).await;
+    let real = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert_eq!(p.argv.raw().len(), ARGV_LEN);
+    assert_eq!(p.argv.raw()[..], real[..ARGV_LEN], "a prefix of the real argv");
+    // A short argv is not flagged.
+    let mut short = Helper::spawn(&["wait", "short"]);
+    let short_pid = short.read_pid("pid");
+    let s = h.wait_process(short_pid, "short argv", |p| p.filter(|p| p.argv.to_strings().last().map(String::as_str) == Some("short")).cloned()).await;
+    assert!(!s.argv_truncated);
+    assert_matches_proc(&s);
+    helper.finish();
+    short.finish();
+}
+
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spawn_storm_loses_nothing_and_the_tree_equals_proc() {
+    const N: usize = 10_000;
+    let h = Harness::start().await;
+    let before = h.handle.stats().await.unwrap();
+    let out = tokio::task::spawn_blocking(|| {
+        std::process::Command::new(helper_path())
+            .args(["storm", &N.to_string(), "2"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "storm failed: {out:?}");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let fixed = h.settle().await;
+    let after = h.handle.stats().await.unwrap();
+    let events = after.events_total - before.events_total;
+    let lost = after.lost_total - before.lost_total;
+    let seconds: f64 = report
+        .lines()
+        .find_map(|l| l.strip_prefix("seconds="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    eprintln!(
+        "storm: {N} processes in {seconds:.2} s; {events} events ({:.0}/s), {lost} lost, \
+         decode errors {}, reconcile corrections after: {fixed:?}",
+        events as f64 / seconds,
+        after.decode_errors - before.decode_errors,
+    );
+    assert_eq!(lost, 0, "reserve failures with the default ring size");
+    assert!(events as usize >= 3 * N, "fork+exec+exit for each of {N}: got {events}");
+    assert_eq!(after.decode_errors, before.decode_errors);
+    assert_eq!(fixed.total(), 0, "tree and /proc disagreed after the storm: {fixed:?}");
+
+    // And an independent comparison with /proc, read directly, until they agree.
+    let started = std::time::Instant::now();
+    loop {
+        let tree: std::collections::BTreeSet<(u32, u64)> = h
+            .handle
+            .snapshot()
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| (p.id.pid, p.id.start_ticks))
+            .collect();
+        let proc: std::collections::BTreeSet<(u32, u64)> = proc_identities().into_iter().collect();
+        let only_tree: Vec<_> = tree.difference(&proc).collect();
+        let only_proc: Vec<_> = proc.difference(&tree).collect();
+        if only_tree.is_empty() && only_proc.is_empty() {
+            eprintln!("tree equals /proc: {} processes", tree.len());
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "tree and /proc still differ: only in tree {only_tree:?}, only in /proc {only_proc:?}"
+        );
+        // Processes may start or end between the two reads; read both again.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

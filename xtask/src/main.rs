@@ -1,0 +1,316 @@
+//! `cargo xtask`: developer tasks for reaper (modelled on aya's xtask).
+//!
+//! `cargo xtask setup` installs what building the eBPF crate needs (nightly's `rust-src`, and a
+//! `bpf-linker` built against nightly's own libLLVM in `<workspace>/.tools`); every other verb runs
+//! it first, so a fresh checkout only needs `cargo xtask build` / `run` / `test`.
+mod cmd;
+mod setup;
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+use crate::cmd::{describe, status};
+
+/// Developer tasks for reaper: set up the eBPF toolchain, build, run and test the daemon.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    /// Directory that holds bpf-linker and its LLVM symlinks (default: <workspace>/.tools).
+    #[arg(
+        long,
+        env = "REAPER_TOOLS_DIR",
+        global = true,
+        hide = true,
+        value_name = "DIR"
+    )]
+    tools_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Debug, Subcommand)]
+enum Verb {
+    /// Check the prerequisites for building the eBPF programs and install what is missing
+    /// (idempotent): the nightly toolchain (checked only), its rust-src component, and
+    /// bpf-linker built against nightly's libLLVM in .tools/.
+    Setup,
+
+    /// Set up, then build the daemon (`cargo build --release -p reaper-user`).
+    Build {
+        /// Build the debug profile (target/debug/reaper) instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+
+    /// Set up, build the daemon, then replace this process with `reaper run ARGS…` (needs root).
+    ///
+    /// Example: sudo -E cargo xtask run -- --help
+    Run {
+        /// Build and run the debug profile instead of release.
+        #[arg(long)]
+        debug: bool,
+
+        /// Arguments for `reaper run` (put them after `--`).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
+
+    /// Set up, then run every host test (unit tests and the kernel integration tests in `tests/`)
+    /// one at a time, since they share kernel state (needs root).
+    ///
+    /// Runs `cargo test --workspace --exclude reaper-ebpf --no-fail-fast -- --test-threads=1 ARGS…`.
+    /// ARGS go to the test harness: a name filter, `--list`, `--nocapture`, `--exact`, …
+    ///
+    /// Example: sudo -E cargo xtask test -- tree_
+    Test {
+        /// Test only this package (repeatable) instead of the whole workspace.
+        #[arg(short, long, value_name = "SPEC")]
+        package: Vec<String>,
+
+        /// Build the tests with the release profile.
+        #[arg(long)]
+        release: bool,
+
+        /// Arguments for the test harness (put them after `--`).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
+
+    /// Set up, then run clippy on the host crates with warnings denied
+    /// (`cargo clippy --workspace --exclude reaper-ebpf --all-targets -- -D warnings`).
+    Clippy,
+}
+
+/// Paths shared by the verbs.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    /// Workspace root (the directory holding the root Cargo.toml).
+    pub(crate) workspace: PathBuf,
+    /// Where bpf-linker is installed (`<tools>/bin`) and its LLVM symlinks live (`<tools>/llvm/lib`).
+    pub(crate) tools: PathBuf,
+    /// `PATH` for child processes: `<tools>/bin` first.
+    pub(crate) path: OsString,
+    /// Cargo's target directory, as children will see it.
+    target_dir: PathBuf,
+}
+
+impl Ctx {
+    fn new(tools_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask's manifest directory has no parent")?
+            .to_path_buf();
+        let tools = match tools_dir {
+            Some(dir) => std::path::absolute(&dir)
+                .with_context(|| format!("cannot make {} absolute", dir.display()))?,
+            None => workspace.join(".tools"),
+        };
+        let mut dirs = vec![tools.join("bin")];
+        if let Some(old) = std::env::var_os("PATH") {
+            dirs.extend(std::env::split_paths(&old));
+        }
+        let path = std::env::join_paths(dirs).context("cannot build PATH for child processes")?;
+        let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => std::path::absolute(PathBuf::from(dir))
+                .context("cannot make CARGO_TARGET_DIR absolute")?,
+            None => workspace.join("target"),
+        };
+        Ok(Self {
+            workspace,
+            tools,
+            path,
+            target_dir,
+        })
+    }
+
+    /// A `cargo` command run from the workspace root with `<tools>/bin` on `PATH`.
+    fn cargo(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new("cargo");
+        cmd.current_dir(&self.workspace)
+            .env("PATH", &self.path)
+            .env("CARGO_TARGET_DIR", &self.target_dir);
+        cmd
+    }
+
+    fn daemon_path(&self, debug: bool) -> PathBuf {
+        self.target_dir
+            .join(if debug { "debug" } else { "release" })
+            .join("reaper")
+    }
+
+    /// `cargo build [--release] -p reaper-user`; returns the path of the daemon binary.
+    fn build_daemon(&self, debug: bool) -> anyhow::Result<PathBuf> {
+        let mut cmd = self.cargo();
+        cmd.args(["build", "--package", "reaper-user"]);
+        if !debug {
+            cmd.arg("--release");
+        }
+        println!("xtask: {}", describe(&cmd));
+        let st = status(&mut cmd)?;
+        if !st.success() {
+            bail!("`{}` failed ({st})", describe(&cmd));
+        }
+        let bin = self.daemon_path(debug);
+        if !bin.is_file() {
+            bail!("cargo build succeeded but {} does not exist", bin.display());
+        }
+        Ok(bin)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let ctx = Ctx::new(cli.tools_dir)?;
+    match cli.command {
+        Verb::Setup => {
+            setup::setup(&ctx)?;
+        }
+        Verb::Build { debug } => {
+            setup::setup(&ctx)?;
+            let bin = ctx.build_daemon(debug)?;
+            println!("xtask: daemon built: {}", bin.display());
+        }
+        Verb::Run { debug, args } => {
+            setup::require_root("run")?;
+            setup::setup(&ctx)?;
+            let bin = ctx.build_daemon(debug)?;
+            let mut cmd = std::process::Command::new(&bin);
+            cmd.arg("run").args(&args);
+            eprintln!("xtask: exec {}", describe(&cmd));
+            // Only returns on failure; on success the daemon replaces this process, so signals
+            // (Ctrl-C, SIGTERM) reach it directly.
+            let err = cmd.exec();
+            return Err(err).with_context(|| format!("cannot exec {}", bin.display()));
+        }
+        Verb::Test {
+            package,
+            release,
+            args,
+        } => {
+            setup::require_root("test")?;
+            setup::setup(&ctx)?;
+            let mut cmd = ctx.cargo();
+            cmd.arg("test");
+            if package.is_empty() {
+                cmd.args(["--workspace", "--exclude", "reaper-ebpf"]);
+            } else {
+                for p in &package {
+                    cmd.args(["--package", p]);
+                }
+            }
+            if release {
+                cmd.arg("--release");
+            }
+            // Run every test binary even after one fails; the exit status still reports failure.
+            cmd.args(["--no-fail-fast", "--"]);
+            // The integration tests share kernel state: one test at a time, unless the caller
+            // chose a thread count (libtest rejects the option given twice).
+            let threads_given = args
+                .iter()
+                .any(|a| a.to_str().is_some_and(|a| a.starts_with("--test-threads")));
+            if !threads_given {
+                cmd.arg("--test-threads=1");
+            }
+            cmd.args(&args);
+            println!("xtask: {}", describe(&cmd));
+            let st = status(&mut cmd)?;
+            if !st.success() {
+                eprintln!("xtask: tests failed ({st})");
+                return Ok(exit_code(st));
+            }
+        }
+        Verb::Clippy => {
+            setup::setup(&ctx)?;
+            let mut cmd = ctx.cargo();
+            cmd.args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "reaper-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]);
+            println!("xtask: {}", describe(&cmd));
+            let st = status(&mut cmd)?;
+            if !st.success() {
+                eprintln!("xtask: clippy failed ({st})");
+                return Ok(exit_code(st));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The child's exit code if it is a non-zero byte, else plain failure.
+fn exit_code(st: std::process::ExitStatus) -> ExitCode {
+    st.code()
+        .and_then(|c| u8::try_from(c).ok())
+        .filter(|&c| c != 0)
+        .map_or(ExitCode::FAILURE, ExitCode::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::{Cli, Verb};
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_args_pass_through() {
+        for argv in [
+            &["cargo xtask", "test", "--", "tree_", "--nocapture"][..],
+            &["cargo xtask", "test", "tree_", "--nocapture"][..],
+        ] {
+            let Verb::Test {
+                args,
+                package,
+                release,
+            } = Cli::try_parse_from(argv).unwrap().command
+            else {
+                panic!("not the test verb");
+            };
+            assert_eq!(args, ["tree_", "--nocapture"]);
+            assert!(package.is_empty() && !release);
+        }
+        let Verb::Run { args, debug } =
+            Cli::try_parse_from(["cargo xtask", "run", "--", "--debug", "-v"])
+                .unwrap()
+                .command
+        else {
+            panic!("not the run verb");
+        };
+        assert_eq!(args, ["--debug", "-v"]);
+        assert!(!debug);
+    }
+}
