@@ -210,8 +210,26 @@ pub struct KernelOffsets {
 
 const _: () = assert!(size_of::<KernelOffsets>() == 26 * 4);
 
+/// Most processes watched for activity at once (targets and their descendants).
+pub const WATCH_MAX: u32 = 16384;
+
+/// Socket activity of one target (and its descendants), kept by the kernel in `ACTIVITY`
+/// keyed by the target's tgid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockActivity {
+    /// The last byte sent or received, `CLOCK_BOOTTIME` ns.
+    pub last_ns: u64,
+    /// Bytes sent and received so far.
+    pub bytes: u64,
+}
+
+const _: () = assert!(size_of::<SockActivity>() == 16);
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: #[repr(C)], two u64, no padding.
+    unsafe impl aya::Pod for super::SockActivity {}
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers and byte arrays, with
     // no implicit padding (sizes asserted above), so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::KernelOffsets {}

@@ -13,13 +13,13 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated,
     },
     macros::{btf_tracepoint, map},
-    maps::{PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use reaper_common::{
     ARGV_LEN, COMM_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
     EventKind, ExecEvent, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelOffsets,
-    RenameEvent, SIGNAL_GROUP_EXIT,
+    RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX,
 };
 
 /// Field offsets of the running kernel, written by user space at load time (read-only global).
@@ -60,6 +60,16 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 /// Ring buffer reserve failures, per CPU, indexed by event kind id.
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(KIND_SLOTS, 0);
+
+/// Processes whose activity is tracked: tgid → the target (tgid) it counts for. User space
+/// inserts targets; the fork program adds their descendants as they are born, the exit program
+/// removes the dead.
+#[map]
+static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(WATCH_MAX, 0);
+
+/// Socket activity per target tgid.
+#[map]
+static ACTIVITY: HashMap<u32, SockActivity> = HashMap::with_max_entries(WATCH_MAX, 0);
 
 /// How far up the parent chain the subreaper search goes; the kernel walks without a bound,
 /// but a subreaper deeper than this above an exiting process is not seen (it falls back to
@@ -137,6 +147,12 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // The child copies the forking thread's comm and credentials.
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     let uid = bpf_get_current_uid_gid() as u32;
+
+    // A descendant of a watched process is watched for the same target, from birth.
+    // SAFETY: a map lookup; the value is copied out at once.
+    if let Some(target) = unsafe { WATCHED.get(&(parent_tgid as u32)) }.copied() {
+        let _ = WATCHED.insert(&(tgid as u32), &target, 0);
+    }
 
     let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
         count_lost(EventKind::Fork);
@@ -283,6 +299,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let tgid: i32 = read(task, o.task_tgid)?;
+    let _ = WATCHED.remove(&(tgid as u32));
     let start = process_start(&o, task)?;
     // What wait(2) reports: wait_task_zombie() in kernel/exit.c.
     let signal_flags: u32 = read(signal, o.signal_flags)?;
@@ -395,6 +412,57 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
     });
     entry.submit(0);
     Ok(())
+}
+
+// --- socket activity of watched processes ------------------------------------------------
+
+/// `trace_sock_send_length(sk, ret, flags)` in sock_sendmsg_nosec() (kernel 6.3+), called in
+/// the sending task's context: <https://github.com/torvalds/linux/blob/v6.18/net/socket.c>
+/// Attached only where the kernel has it; user space falls back to `/proc/PID/io` elsewhere.
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
+    sock_io(&ctx);
+    0
+}
+
+/// `trace_sock_recv_length(sk, ret, flags)` in sock_recvmsg_nosec() (kernel 6.3+).
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
+    sock_io(&ctx);
+    0
+}
+
+/// One hash lookup for every process; only watched ones do more.
+#[inline(always)]
+fn sock_io(ctx: &BtfTracePointContext) {
+    let ret: i32 = ctx.arg(1);
+    if ret <= 0 {
+        return;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a map lookup; the value is copied out at once.
+    let Some(target) = (unsafe { WATCHED.get(&tgid) }).copied() else {
+        return;
+    };
+    let now = now_ns();
+    match ACTIVITY.get_ptr_mut(&target) {
+        // SAFETY: a pointer into the map value; concurrent updates from other CPUs can only
+        // lose a few bytes of the count, never corrupt the entry.
+        Some(a) => unsafe {
+            (*a).last_ns = now;
+            (*a).bytes += ret as u64;
+        },
+        None => {
+            let _ = ACTIVITY.insert(
+                &target,
+                &SockActivity {
+                    last_ns: now,
+                    bytes: ret as u64,
+                },
+                0,
+            );
+        }
+    }
 }
 
 #[cfg(not(test))]

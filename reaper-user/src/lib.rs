@@ -1,7 +1,10 @@
 //! reaper: watches every process's life through eBPF and reaps leaked AI-agent children.
 pub mod app;
 pub mod cli;
+pub mod config;
+pub mod detect;
 pub mod events;
 pub mod ipc;
 pub mod probes;
+pub mod reap;
 pub mod tree;

@@ -5,13 +5,14 @@
 //! `task_struct *` arguments, and exist wherever kernel BTF does (5.5+); kprobes and fentry are
 //! not assumed (many hosts, this one included, lack them).
 pub mod layout;
+pub mod tracefs;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
-use reaper_common::{EventKind, KernelOffsets};
+use reaper_common::{EventKind, KernelOffsets, SockActivity};
 
 /// The compiled eBPF object, built by build.rs from the `reaper-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reaper"));
@@ -22,6 +23,12 @@ const PROGRAMS: [(&str, &str); 4] = [
     ("sched_process_exec", "sched_process_exec"),
     ("sched_process_exit", "sched_process_exit"),
     ("task_rename", "task_rename"),
+];
+
+/// Socket activity programs (kernel 6.3+), attached where the kernel has the tracepoints.
+const SOCKET_PROGRAMS: [(&str, &str); 2] = [
+    ("sock_send_length", "sock_send_length"),
+    ("sock_recv_length", "sock_recv_length"),
 ];
 
 /// Default ring buffer size: 16 MiB holds ~3,700 exec records (the largest, 4.4 KiB), enough
@@ -60,12 +67,15 @@ pub enum ProbeError {
 pub struct ProbeOptions {
     /// Ring buffer size in bytes.
     pub ring_bytes: u32,
+    /// Attach the socket activity programs if the kernel has their tracepoints.
+    pub socket_activity: bool,
 }
 
 impl Default for ProbeOptions {
     fn default() -> Self {
         Self {
             ring_bytes: DEFAULT_RING_BYTES,
+            socket_activity: true,
         }
     }
 }
@@ -74,7 +84,10 @@ impl Default for ProbeOptions {
 pub struct Probes {
     ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
+    watched: HashMap<MapData, u32, u32>,
+    activity: HashMap<MapData, u32, SockActivity>,
     offsets: KernelOffsets,
+    socket_activity: bool,
 }
 
 impl Probes {
@@ -90,6 +103,8 @@ impl Probes {
 
         let btf = layout::vmlinux()?;
         let offsets = layout::kernel_offsets(&btf)?;
+        let socket_activity =
+            options.socket_activity && layout::tracepoint_arity(&btf, "sock_send_length").is_ok();
         drop(btf);
         tracing::debug!(?offsets, "kernel layout from BTF");
 
@@ -100,7 +115,8 @@ impl Probes {
             .map_err(ProbeError::Load)?;
 
         let btf = aya::Btf::from_sys_fs().map_err(ProbeError::Btf)?;
-        for (program, tracepoint) in PROGRAMS {
+        let socket_programs: &[_] = if socket_activity { &SOCKET_PROGRAMS } else { &[] };
+        for &(program, tracepoint) in PROGRAMS.iter().chain(socket_programs) {
             let prog: &mut BtfTracePoint = ebpf
                 .program_mut(program)
                 .ok_or(ProbeError::Missing {
@@ -130,11 +146,42 @@ impl Probes {
             name: "LOST",
             source,
         })?;
+        let watched = take_map(&mut ebpf, "WATCHED")?;
+        let activity = take_map(&mut ebpf, "ACTIVITY")?;
         Ok(Self {
             ebpf,
             lost,
+            watched,
+            activity,
             offsets,
+            socket_activity,
         })
+    }
+
+    /// Whether socket activity is counted in the kernel (`sock:sock_{send,recv}_length`).
+    pub fn socket_activity(&self) -> bool {
+        self.socket_activity
+    }
+
+    /// Tracks `pid`'s activity (and, from now on, its new descendants') for `target`.
+    pub fn watch(&mut self, pid: u32, target: u32) {
+        if let Err(err) = self.watched.insert(pid, target, 0) {
+            tracing::warn!(pid, target, %err, "could not watch a process for activity");
+        }
+    }
+
+    /// Stops tracking a target: forgets its activity and unwatches `pids` (it and descendants).
+    pub fn unwatch(&mut self, target: u32, pids: impl IntoIterator<Item = u32>) {
+        let _ = self.activity.remove(&target);
+        let _ = self.watched.remove(&target);
+        for pid in pids {
+            let _ = self.watched.remove(&pid);
+        }
+    }
+
+    /// Socket bytes of `target` and its descendants so far, and when the last one moved.
+    pub fn sock_activity(&self, target: u32) -> Option<SockActivity> {
+        self.activity.get(&target, 0).ok()
     }
 
     /// The ring buffer every event goes through. `None` once taken.
@@ -182,6 +229,11 @@ impl LostCounts {
     pub fn total(&self) -> u64 {
         self.0.iter().sum()
     }
+}
+
+fn take_map<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, u32, V>, ProbeError> {
+    let map = ebpf.take_map(name).ok_or(ProbeError::Missing { what: "map", name })?;
+    HashMap::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
 fn page_size() -> u32 {

@@ -1,0 +1,452 @@
+//! Configuration: a TOML file (optional), command-line overrides, and the built-in default.
+//!
+//! Loading is all-or-nothing: unknown keys, bad durations, empty or unmatchable rules, and a file
+//! anyone but root could have written are refused with one message naming the key and the
+//! problem. Nothing starts half-configured.
+use std::{
+    net::SocketAddr,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::probes::DEFAULT_RING_BYTES;
+
+/// The built-in default, also shipped as an example file (`deploy/reaper.toml`).
+pub const DEFAULT_TOML: &str = r#"
+# What reaper does with the processes its rules match.
+mode = "enforce"                 # or "dry-run": decide, log and count, signal nothing
+idle_timeout = "15m"             # no socket bytes and low CPU for this long = idle
+cpu_threshold_percent = 2.0      # "low CPU": below this share of one core
+orphan_grace = "60s"             # a target whose parent died is reaped after this
+grace = "5s"                     # SIGTERM, then SIGKILL after this
+max_kills_per_minute = 10        # so a wrong rule cannot wipe a host
+metrics_addr = "127.0.0.1:9847"
+
+# The CLI child an Agent SDK daemon spawns per query (streaming JSON on its stdio, no terminal).
+[[rule]]
+name = "claude-sdk"
+comm = ["claude", "claude.exe"]
+argv_any = ["--input-format=stream-json", "--output-format=stream-json"]
+require_no_tty = true
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path} is a directory, not a file")]
+    IsDirectory { path: PathBuf },
+    #[error("config {path} is {size} bytes; refusing anything over 1 MiB")]
+    TooLarge { path: PathBuf, size: u64 },
+    #[error(
+        "config {path} is writable by someone other than root (owner uid {uid}, mode {mode:o}): \
+         chown root and chmod go-w it"
+    )]
+    Insecure { path: PathBuf, uid: u32, mode: u32 },
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config {path}: `{key}`: {problem}")]
+    Invalid {
+        path: String,
+        key: String,
+        problem: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    DryRun,
+}
+
+/// Where per-target activity comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActivitySource {
+    /// Socket tracepoints where the kernel has them (6.3+), else `/proc/PID/io`.
+    #[default]
+    Auto,
+    /// `sock:sock_send_length` / `sock:sock_recv_length`, counted in the kernel for targets.
+    Socket,
+    /// Bytes read and written (`/proc/PID/io` rchar + wchar), sampled for targets only.
+    ProcIo,
+}
+
+/// The file as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    mode: Option<Mode>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    cpu_threshold_percent: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    orphan_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    grace: Option<Duration>,
+    max_kills_per_minute: Option<u32>,
+    metrics_addr: Option<SocketAddr>,
+    #[serde(default, with = "humantime_serde")]
+    reconcile_interval: Option<Duration>,
+    ring_bytes: Option<u32>,
+    activity_source: Option<ActivitySource>,
+    /// Bytes per second of read/write that count as activity with `activity_source = "proc-io"`.
+    io_bytes_per_second: Option<u64>,
+    #[serde(default, rename = "rule")]
+    rules: Option<Vec<RuleFile>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    name: String,
+    /// `comm` or executable basename, exactly.
+    comm: Vec<String>,
+    /// At least one of these flags must be in argv; `--flag=value` also matches `--flag value`.
+    #[serde(default)]
+    argv_any: Vec<String>,
+    #[serde(default = "yes")]
+    require_no_tty: bool,
+    /// If set, the parent's comm must be one of these.
+    #[serde(default)]
+    parent_comm: Vec<String>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    orphan_grace: Option<Duration>,
+    cpu_threshold_percent: Option<f64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A validated rule.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rule {
+    pub name: String,
+    pub comm: Vec<String>,
+    pub argv_any: Vec<String>,
+    pub require_no_tty: bool,
+    pub parent_comm: Vec<String>,
+    pub idle_timeout: Duration,
+    pub orphan_grace: Duration,
+    /// Fraction of one core (0.02 = 2 %).
+    pub cpu_threshold: f64,
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    pub mode: Mode,
+    pub grace: Duration,
+    pub max_kills_per_minute: u32,
+    pub metrics_addr: SocketAddr,
+    pub reconcile_interval: Duration,
+    pub ring_bytes: u32,
+    pub activity_source: ActivitySource,
+    pub io_bytes_per_second: u64,
+    pub rules: Vec<Rule>,
+    /// Where it came from ("built-in default" or a path).
+    pub source: String,
+}
+
+/// Command-line flags that override the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub idle_timeout: Option<Duration>,
+    pub grace: Option<Duration>,
+    pub dry_run: bool,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Config {
+    /// The built-in default.
+    pub fn builtin() -> Self {
+        parse(DEFAULT_TOML, "built-in default", &Overrides::default())
+            .expect("the built-in default config is valid")
+    }
+
+    /// Loads `path` (checking who can write it), applying `overrides`.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let text = read_secure(path)?;
+        parse(&text, &path.display().to_string(), overrides)
+    }
+
+    /// The configuration for `reaper run`: the file if given, else the built-in default.
+    pub fn resolve(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        match path {
+            Some(path) => Self::load(path, overrides),
+            None => parse(DEFAULT_TOML, "built-in default", overrides),
+        }
+    }
+}
+
+/// Reads a config file that only root (or the user running reaper) can have written.
+fn read_secure(path: &Path) -> Result<String, ConfigError> {
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if meta.is_dir() {
+        return Err(ConfigError::IsDirectory {
+            path: path.to_owned(),
+        });
+    }
+    if meta.len() > 1 << 20 {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+            size: meta.len(),
+        });
+    }
+    let me = rustix::process::geteuid().as_raw();
+    let mode = meta.permissions().mode() & 0o7777;
+    if (meta.uid() != 0 && meta.uid() != me) || mode & 0o022 != 0 {
+        return Err(ConfigError::Insecure {
+            path: path.to_owned(),
+            uid: meta.uid(),
+            mode,
+        });
+    }
+    std::fs::read_to_string(path).map_err(read_err)
+}
+
+/// Parses and validates TOML text.
+pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let file: File = toml::from_str(text).map_err(|err| ConfigError::Parse {
+        path: origin.to_owned(),
+        message: err.to_string().trim_end().replace('\n', " "),
+    })?;
+    let invalid = |key: &str, problem: String| ConfigError::Invalid {
+        path: origin.to_owned(),
+        key: key.to_owned(),
+        problem,
+    };
+    let positive = |key: &str, d: Duration| {
+        if d.is_zero() {
+            Err(invalid(key, "must be longer than 0s".into()))
+        } else {
+            Ok(d)
+        }
+    };
+    let percent = |key: &str, p: f64| {
+        if p.is_finite() && p > 0.0 && p <= 100.0 * 1024.0 {
+            Ok(p / 100.0)
+        } else {
+            Err(invalid(key, format!("{p} is not a percentage of a core above 0")))
+        }
+    };
+
+    let idle_timeout = positive(
+        "idle_timeout",
+        overrides
+            .idle_timeout
+            .or(file.idle_timeout)
+            .unwrap_or(Duration::from_secs(15 * 60)),
+    )?;
+    let orphan_grace = file.orphan_grace.unwrap_or(Duration::from_secs(60));
+    let cpu_threshold = percent(
+        "cpu_threshold_percent",
+        file.cpu_threshold_percent.unwrap_or(2.0),
+    )?;
+    let grace = positive(
+        "grace",
+        overrides.grace.or(file.grace).unwrap_or(Duration::from_secs(5)),
+    )?;
+    let max_kills_per_minute = file.max_kills_per_minute.unwrap_or(10);
+    if max_kills_per_minute == 0 {
+        return Err(invalid(
+            "max_kills_per_minute",
+            "must be at least 1 (use mode = \"dry-run\" to kill nothing)".into(),
+        ));
+    }
+    let ring_bytes = file.ring_bytes.unwrap_or(DEFAULT_RING_BYTES);
+    if !ring_bytes.is_power_of_two() || ring_bytes < 4096 {
+        return Err(invalid(
+            "ring_bytes",
+            format!("{ring_bytes} is not a power of two of at least 4096"),
+        ));
+    }
+    let reconcile_interval = positive(
+        "reconcile_interval",
+        file.reconcile_interval.unwrap_or(Duration::from_secs(60)),
+    )?;
+
+    let Some(rule_files) = file.rules else {
+        return Err(invalid(
+            "rule",
+            "no [[rule]] given: reaper would have nothing to watch".into(),
+        ));
+    };
+    if rule_files.is_empty() {
+        return Err(invalid("rule", "the rule list is empty".into()));
+    }
+    let mut rules: Vec<Rule> = Vec::with_capacity(rule_files.len());
+    for (i, r) in rule_files.into_iter().enumerate() {
+        let key = |field: &str| format!("rule[{i}].{field}");
+        if r.name.trim().is_empty() {
+            return Err(invalid(&key("name"), "must not be empty".into()));
+        }
+        if rules.iter().any(|other| other.name == r.name) {
+            return Err(invalid(&key("name"), format!("{:?} is used twice", r.name)));
+        }
+        if r.comm.is_empty() {
+            return Err(invalid(
+                &key("comm"),
+                "is empty: the rule could never match".into(),
+            ));
+        }
+        if let Some(bad) = r.comm.iter().find(|c| c.is_empty() || c.contains('/')) {
+            return Err(invalid(
+                &key("comm"),
+                format!("{bad:?} can never be a process name or executable basename"),
+            ));
+        }
+        if let Some(bad) = r.argv_any.iter().find(|a| a.trim().is_empty()) {
+            return Err(invalid(&key("argv_any"), format!("{bad:?} matches nothing")));
+        }
+        if let Some(bad) = r.parent_comm.iter().find(|c| c.is_empty()) {
+            return Err(invalid(&key("parent_comm"), format!("{bad:?} matches nothing")));
+        }
+        let rule_idle = match overrides.idle_timeout {
+            Some(d) => d,
+            None => r.idle_timeout.unwrap_or(idle_timeout),
+        };
+        rules.push(Rule {
+            name: r.name,
+            comm: r.comm,
+            argv_any: r.argv_any,
+            require_no_tty: r.require_no_tty,
+            parent_comm: r.parent_comm,
+            idle_timeout: positive(&key("idle_timeout"), rule_idle)?,
+            orphan_grace: r.orphan_grace.unwrap_or(orphan_grace),
+            cpu_threshold: match r.cpu_threshold_percent {
+                Some(p) => percent(&key("cpu_threshold_percent"), p)?,
+                None => cpu_threshold,
+            },
+        });
+    }
+
+    Ok(Config {
+        mode: if overrides.dry_run {
+            Mode::DryRun
+        } else {
+            file.mode.unwrap_or_default()
+        },
+        grace,
+        max_kills_per_minute,
+        metrics_addr: overrides
+            .metrics_addr
+            .or(file.metrics_addr)
+            .unwrap_or_else(|| ([127, 0, 0, 1], 9847).into()),
+        reconcile_interval,
+        ring_bytes,
+        activity_source: file.activity_source.unwrap_or_default(),
+        io_bytes_per_second: file.io_bytes_per_second.unwrap_or(512),
+        rules,
+        source: origin.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse(text, "test.toml", &Overrides::default())
+            .unwrap_err()
+            .to_string()
+    }
+
+    const RULE: &str = "[[rule]]\nname = \"r\"\ncomm = [\"claude\"]\n";
+
+    #[test]
+    fn the_builtin_default_describes_the_sdk_cli() {
+        let c = Config::builtin();
+        assert_eq!(c.mode, Mode::Enforce);
+        assert_eq!(c.rules.len(), 1);
+        let r = &c.rules[0];
+        assert_eq!(r.comm, ["claude", "claude.exe"]);
+        assert!(r.require_no_tty);
+        assert_eq!(r.idle_timeout, Duration::from_secs(900));
+        assert_eq!(r.orphan_grace, Duration::from_secs(60));
+        assert!((r.cpu_threshold - 0.02).abs() < 1e-9);
+        assert_eq!(c.grace, Duration::from_secs(5));
+        assert_eq!(c.max_kills_per_minute, 10);
+        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9847");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let o = Overrides {
+            idle_timeout: Some(Duration::from_secs(90)),
+            grace: Some(Duration::from_secs(1)),
+            dry_run: true,
+            metrics_addr: Some("127.0.0.1:1".parse().unwrap()),
+        };
+        let c = parse(&format!("idle_timeout = \"1h\"\n{RULE}idle_timeout = \"2h\"\n"), "t", &o).unwrap();
+        assert_eq!(c.mode, Mode::DryRun);
+        assert_eq!(c.rules[0].idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.grace, Duration::from_secs(1));
+        assert_eq!(c.metrics_addr.port(), 1);
+    }
+
+    #[test]
+    fn human_durations_and_rule_level_settings() {
+        let c = parse(
+            &format!("idle_timeout = \"90s\"\norphan_grace = \"2m\"\n{RULE}cpu_threshold_percent = 5\n"),
+            "t",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.rules[0].idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.rules[0].orphan_grace, Duration::from_secs(120));
+        assert!((c.rules[0].cpu_threshold - 0.05).abs() < 1e-9);
+    }
+
+    #[test]
+    fn bad_input_is_refused_naming_the_key() {
+        assert!(err(&format!("idle_timout = \"5m\"\n{RULE}")).contains("idle_timout"), "unknown key");
+        assert!(err(&format!("idle_timeout = \"5 parsecs\"\n{RULE}")).contains("idle_timeout"));
+        assert!(err(&format!("idle_timeout = \"0s\"\n{RULE}")).contains("`idle_timeout`"));
+        assert!(err("mode = \"enforce\"\n").contains("`rule`"), "no rules");
+        assert!(err("rule = []\n").contains("`rule`"));
+        assert!(err("[[rule]]\nname = \"r\"\ncomm = []\n").contains("`rule[0].comm`"));
+        assert!(err("[[rule]]\nname = \"r\"\ncomm = [\"/bin/claude\"]\n").contains("rule[0].comm"));
+        assert!(err(&format!("{RULE}{RULE}")).contains("`rule[1].name`"), "duplicate name");
+        assert!(err(&format!("{RULE}bogus = 1\n")).contains("bogus"));
+        assert!(err(&format!("mode = \"kill-all\"\n{RULE}")).contains("mode"));
+        assert!(err(&format!("cpu_threshold_percent = -1\n{RULE}")).contains("cpu_threshold_percent"));
+        assert!(err(&format!("max_kills_per_minute = 0\n{RULE}")).contains("max_kills_per_minute"));
+        assert!(err(&format!("ring_bytes = 1000\n{RULE}")).contains("ring_bytes"));
+        assert!(err("").contains("`rule`"), "empty file");
+    }
+
+    #[test]
+    fn files_anyone_could_write_are_refused() {
+        let dir = std::env::temp_dir().join(format!("reaper-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("reaper.toml");
+        std::fs::write(&path, RULE).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Config::load(&path, &Overrides::default()).is_ok());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = Config::load(&path, &Overrides::default()).unwrap_err();
+        assert!(matches!(e, ConfigError::Insecure { .. }), "{e}");
+        let e = Config::load(&dir, &Overrides::default()).unwrap_err();
+        assert!(matches!(e, ConfigError::IsDirectory { .. }), "{e}");
+        let e = Config::load(&dir.join("missing.toml"), &Overrides::default()).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
