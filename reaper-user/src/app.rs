@@ -2,9 +2,14 @@
 //!
 //! ```text
 //! probes (BTF tracepoints) ─► ring buffer ─► events::source ─► tree task ─► queries
-//!                                                  ▲                │
-//!                                   flush marker ──┘                └─ /proc reconcile
+//!                                                  ▲            │  tree + detector
+//!                                   flush marker ──┘            ├─ /proc reconcile
+//!                                                               └─ reap orders ─► reap tasks
 //! ```
+//!
+//! The tree task owns the process tree and the detector: every event updates both, in order.
+//! It sleeps until the detector's next deadline; due targets become orders, executed by one
+//! task each (SIGTERM, grace, SIGKILL), whose reports come back to the detector.
 //!
 //! Start-up has no gap: the probes attach first, then `/proc` is scanned, then the events
 //! buffered meanwhile are applied on top of the scan (deduplicated by identity).
@@ -21,31 +26,95 @@ use tokio::{
 };
 
 use crate::{
+    config::{ActivitySource, Config},
+    detect::{Detector, Explanation, LiveHost, Source, TargetView},
     events::{
         Event, Identity,
         source::{self, SourceMsg, SourceStats},
     },
     probes::{LostCounts, ProbeOptions, Probes},
+    reap::{self, Outcome, Pidfds, ReapOrder, ReapReport},
     tree::{Corrections, Process, ProcessTree, Snapshot, scan},
 };
 
 /// Pipeline settings.
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
-    pub probes: ProbeOptions,
-    /// How often the tree is checked against `/proc` (and at once after any loss).
-    pub reconcile_interval: Duration,
+    /// Rules, timeouts, mode.
+    pub config: Config,
     /// How often the kernel's loss counters are read.
     pub loss_check_interval: Duration,
 }
 
-impl Default for PipelineConfig {
-    fn default() -> Self {
+impl PipelineConfig {
+    pub fn new(config: Config) -> Self {
         Self {
-            probes: ProbeOptions::default(),
-            reconcile_interval: Duration::from_secs(60),
+            config,
             loss_check_interval: Duration::from_secs(1),
         }
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self::new(Config::builtin())
+    }
+}
+
+/// What the reaper did, counted.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReapStats {
+    /// (rule, reason, last signal) → processes killed (targets; descendants are not counted).
+    pub kills: Vec<((String, String, String), u64)>,
+    /// (rule, reason) → kills that failed.
+    pub failures: Vec<((String, String), u64)>,
+    /// (rule, reason) → would-kills in dry-run mode.
+    pub would_kill: Vec<((String, String), u64)>,
+    /// RSS of reaped targets and descendants.
+    pub reclaimed_bytes: u64,
+    /// Seconds from each target's deadline to its being gone (the most recent 4,096).
+    pub kill_delays: Vec<f64>,
+    /// Orders not carried out because the pid named another process by then.
+    pub identity_mismatches: u64,
+}
+
+fn bump<K: PartialEq>(counts: &mut Vec<(K, u64)>, key: K) {
+    match counts.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((key, 1)),
+    }
+}
+
+impl ReapStats {
+    fn record(&mut self, report: &ReapReport) {
+        let rule = report.rule.clone();
+        let reason = report.reason.as_str().to_owned();
+        match report.outcome {
+            Outcome::WouldKill => bump(&mut self.would_kill, (rule, reason)),
+            Outcome::Terminated | Outcome::Killed => {
+                let signal = report.signals.last().copied().unwrap_or("SIGTERM").to_owned();
+                bump(&mut self.kills, (rule, reason, signal));
+                self.reclaimed_bytes += report.rss_bytes;
+                if let Some(gone) = report.gone_ns {
+                    if self.kill_delays.len() == 4096 {
+                        self.kill_delays.remove(0);
+                    }
+                    self.kill_delays.push(gone.saturating_sub(report.deadline_ns) as f64 / 1e9);
+                }
+            }
+            Outcome::Failed | Outcome::Refused => bump(&mut self.failures, (rule, reason)),
+            Outcome::IdentityMismatch => self.identity_mismatches += 1,
+            Outcome::AlreadyGone => {}
+        }
+    }
+
+    /// Targets killed, all rules and reasons.
+    pub fn kills_total(&self) -> u64 {
+        self.kills.iter().map(|(_, n)| n).sum()
+    }
+
+    pub fn would_kill_total(&self) -> u64 {
+        self.would_kill.iter().map(|(_, n)| n).sum()
     }
 }
 
@@ -62,6 +131,10 @@ pub struct PipelineStats {
     pub reconciles: u64,
     /// Events from the start-up overlap that the scan already reflected.
     pub bootstrap_duplicates: u64,
+    /// Where target activity comes from.
+    pub activity_source: Option<Source>,
+    pub targets: usize,
+    pub reaps: ReapStats,
 }
 
 enum Query {
@@ -70,6 +143,8 @@ enum Query {
     Exited(Identity, oneshot::Sender<Option<Process>>),
     Stats(oneshot::Sender<PipelineStats>),
     Reconcile(oneshot::Sender<Corrections>),
+    Targets(oneshot::Sender<Vec<TargetView>>),
+    Explain(u32, oneshot::Sender<Explanation>),
 }
 
 /// A cheap handle to the running pipeline.
@@ -111,6 +186,16 @@ impl PipelineHandle {
         self.ask(Query::Stats).await
     }
 
+    /// Every target with its verdict.
+    pub async fn targets(&self) -> Option<Vec<TargetView>> {
+        self.ask(Query::Targets).await
+    }
+
+    /// Why `pid` is or is not a target.
+    pub async fn explain(&self, pid: u32) -> Option<Explanation> {
+        self.ask(|tx| Query::Explain(pid, tx)).await
+    }
+
     /// Reconciles with `/proc` now; returns what it corrected.
     pub async fn reconcile(&self) -> Option<Corrections> {
         self.ask(Query::Reconcile).await
@@ -127,10 +212,26 @@ impl Pipeline {
     /// Attaches, bootstraps from `/proc` and starts following events.
     pub async fn start(config: PipelineConfig) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
-        let mut probes = Probes::attach(config.probes)?;
+        let settings = &config.config;
+        let mut probes = Probes::attach(ProbeOptions {
+            ring_bytes: settings.ring_bytes,
+            socket_activity: settings.activity_source != ActivitySource::ProcIo,
+        })?;
         let ring = probes.take_ring().expect("ring buffer taken once")?;
+        let activity = match (settings.activity_source, probes.socket_activity()) {
+            (ActivitySource::ProcIo, _) | (ActivitySource::Auto, false) => Source::ProcIo,
+            (_, true) => Source::Socket,
+            (ActivitySource::Socket, false) => anyhow::bail!(
+                "activity_source = \"socket\" needs the sock:sock_send_length tracepoint \
+                 (kernel 6.3+), which this kernel lacks; use \"auto\" or \"proc-io\""
+            ),
+        };
         tracing::info!(
-            ring_bytes = config.probes.ring_bytes,
+            ring_bytes = settings.ring_bytes,
+            activity = match activity {
+                Source::Socket => "socket bytes (sock:sock_send_length/sock_recv_length, in kernel)",
+                Source::ProcIo => "read/write bytes from /proc/PID/io (fallback: no socket tracepoints, or configured)",
+            },
             "attached to sched_process_fork, sched_process_exec, sched_process_exit, task_rename"
         );
 
@@ -162,10 +263,15 @@ impl Pipeline {
                 }
             }
         }
+        let mut detector = Detector::new(settings, activity);
+        detector.adopt_all(&tree, scan::now_ns(), &mut LiveHost { probes: &mut probes });
         tracing::info!(
             processes = tree.len(),
             scanned,
             overlap_duplicates = duplicates,
+            targets = detector.target_count(),
+            mode = ?settings.mode,
+            rules = settings.rules.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "process tree ready"
         );
@@ -174,6 +280,8 @@ impl Pipeline {
         let (applied, _) = broadcast::channel(16 * 1024);
         let owner = TreeOwner {
             applied: applied.clone(),
+            detector,
+            reap_stats: ReapStats::default(),
             tree,
             probes,
             stats,
@@ -230,6 +338,8 @@ struct PendingReconcile {
 /// The one owner of the tree.
 struct TreeOwner {
     tree: ProcessTree,
+    detector: Detector,
+    reap_stats: ReapStats,
     applied: broadcast::Sender<Event>,
     probes: Probes,
     stats: Arc<SourceStats>,
@@ -246,17 +356,42 @@ type ScanResult = (u64, std::io::Result<Vec<Snapshot>>, Option<oneshot::Sender<C
 
 impl TreeOwner {
     async fn run(mut self, mut events: mpsc::Receiver<SourceMsg>, mut queries: mpsc::Receiver<Query>) {
-        let mut reconcile_timer = tokio::time::interval(self.config.reconcile_interval);
+        let mut reconcile_timer = tokio::time::interval(self.config.config.reconcile_interval);
         reconcile_timer.tick().await; // the first tick is immediate; start-up just scanned
         let mut loss_timer = tokio::time::interval(self.config.loss_check_interval);
         let (scans_tx, mut scans) = mpsc::channel::<ScanResult>(4);
+        let (reports_tx, mut reports) = mpsc::channel::<ReapReport>(64);
         loop {
+            let wake = self.detector.next_wakeup();
+            let until_due = async move {
+                match wake {
+                    Some(at) => tokio::time::sleep(Duration::from_nanos(at.saturating_sub(scan::now_ns()))).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                () = until_due => {
+                    let orders = self.detector.tick(
+                        &self.tree,
+                        scan::now_ns(),
+                        std::time::Instant::now(),
+                        &mut LiveHost { probes: &mut self.probes },
+                    );
+                    for order in orders {
+                        spawn_reap(order, reports_tx.clone());
+                    }
+                }
+                Some(report) = reports.recv() => {
+                    self.reap_stats.record(&report);
+                    self.detector.on_report(&report, scan::now_ns());
+                }
                 msg = events.recv() => match msg {
                     Some(SourceMsg::Events(batch)) => {
                         let tapped = self.applied.receiver_count() > 0;
+                        let mut host = LiveHost { probes: &mut self.probes };
                         for event in batch {
                             self.tree.apply(&event);
+                            self.detector.on_event(&self.tree, &event, &mut host);
                             if tapped {
                                 let _ = self.applied.send(event);
                             }
@@ -282,6 +417,13 @@ impl TreeOwner {
                         let _ = reply.send(self.stats());
                     }
                     Some(Query::Reconcile(reply)) => self.start_scan(&scans_tx, Some(reply)),
+                    Some(Query::Targets(reply)) => {
+                        let _ = reply.send(self.detector.views(&self.tree, scan::now_ns()));
+                    }
+                    Some(Query::Explain(pid, reply)) => {
+                        let host = LiveHost { probes: &mut self.probes };
+                        let _ = reply.send(self.detector.explain(&self.tree, pid, scan::now_ns(), &host));
+                    }
                     None => return,
                 },
                 _ = reconcile_timer.tick() => self.start_scan(&scans_tx, None),
@@ -330,6 +472,8 @@ impl TreeOwner {
             .tree
             .reconcile(pending.snapshot, pending.scan_start_ticks, scan::alive);
         self.reconciles += 1;
+        self.detector
+            .classify_new(&self.tree, scan::now_ns(), &mut LiveHost { probes: &mut self.probes });
         if fixed.total() > 0 {
             tracing::info!(?fixed, processes = self.tree.len(), "reconciled the tree with /proc");
         } else {
@@ -355,6 +499,50 @@ impl TreeOwner {
             corrections: self.tree.corrections(),
             reconciles: self.reconciles,
             bootstrap_duplicates: self.bootstrap_duplicates,
+            activity_source: Some(self.detector.source()),
+            targets: self.detector.target_count(),
+            reaps: self.reap_stats.clone(),
         }
+    }
+}
+
+/// Carries out one order on its own task and reports back.
+fn spawn_reap(order: ReapOrder, reports: mpsc::Sender<ReapReport>) {
+    tokio::spawn(async move {
+        let report = reap::execute(&Pidfds, &order).await;
+        log_report(&order, &report);
+        let _ = reports.send(report).await;
+    });
+}
+
+/// One structured line per kill or would-kill.
+fn log_report(order: &ReapOrder, report: &ReapReport) {
+    let signals = report.signals.join(",");
+    let descendants = order.descendants.len();
+    macro_rules! line {
+        ($level:ident, $msg:literal) => {
+            tracing::$level!(
+                pid = order.target.id.pid,
+                start_time = order.target.id.start_ticks,
+                ppid = order.ppid,
+                parent_comm = %order.parent_comm,
+                argv = %order.argv,
+                rule = %order.rule,
+                reason = order.reason.as_str(),
+                idle_secs = format_args!("{:.1}", order.idle_secs),
+                rss_bytes = report.rss_bytes,
+                descendants,
+                signals = %signals,
+                outcome = report.outcome.as_str(),
+                error = report.error.as_deref().unwrap_or(""),
+                $msg
+            )
+        };
+    }
+    match report.outcome {
+        Outcome::WouldKill => line!(warn, "would reap (dry run)"),
+        Outcome::Terminated | Outcome::Killed => line!(warn, "reaped"),
+        Outcome::AlreadyGone | Outcome::IdentityMismatch => line!(info, "not reaped: gone before the signal"),
+        Outcome::Refused | Outcome::Failed => line!(error, "reap failed"),
     }
 }

@@ -1,11 +1,19 @@
 //! What the `reaper` subcommands print.
 use std::collections::BTreeMap;
 
-use crate::tree::Process;
+use crate::{
+    detect::{Explanation, TargetView},
+    tree::Process,
+};
 
-/// `reaper tree`: processes depth-first from the roots, children indented under parents.
-pub fn render_tree(processes: &[Process]) -> String {
+/// Longest argv shown per line of `reaper tree`.
+const ARGV_SHOWN: usize = 160;
+
+/// `reaper tree`: processes depth-first from the roots, children indented under parents;
+/// targets are marked with their rule and verdict.
+pub fn render_tree(processes: &[Process], targets: &[TargetView]) -> String {
     let by_pid: BTreeMap<u32, &Process> = processes.iter().map(|p| (p.id.pid, p)).collect();
+    let marks: BTreeMap<u32, &TargetView> = targets.iter().map(|t| (t.id.pid, t)).collect();
     let mut out = format!(
         "{:>7} {:>7} {:>10} {:>6}  {}\n",
         "PID", "PPID", "START", "UID", "COMM  ARGV"
@@ -15,9 +23,15 @@ pub fn render_tree(processes: &[Process]) -> String {
         .filter(|p| p.ppid == p.id.pid || !by_pid.contains_key(&p.ppid));
     let mut stack: Vec<(&Process, usize)> = roots.rev().map(|p| (*p, 0)).collect();
     while let Some((p, depth)) = stack.pop() {
-        let argv = p.argv.to_string();
+        let mut argv = p.argv.to_string();
+        if argv.chars().count() > ARGV_SHOWN {
+            argv = argv.chars().take(ARGV_SHOWN).collect::<String>() + "…";
+        }
+        let mark = marks.get(&p.id.pid).map_or(String::new(), |t| {
+            format!("  [target {}: {} {:.0}s]", t.rule, t.verdict.state(), t.idle_secs)
+        });
         out.push_str(&format!(
-            "{:>7} {:>7} {:>10} {:>6}  {}{}{}{}\n",
+            "{:>7} {:>7} {:>10} {:>6}  {}{}{}{}{}\n",
             p.id.pid,
             p.ppid,
             p.id.start_ticks,
@@ -26,6 +40,7 @@ pub fn render_tree(processes: &[Process]) -> String {
             if p.placeholder { "?" } else { &p.comm },
             if argv.is_empty() { String::new() } else { format!("  {argv}") },
             if p.argv_truncated { " …" } else { "" },
+            mark,
         ));
         for child in p.children.iter().rev() {
             if let Some(c) = by_pid.get(child) {
@@ -33,6 +48,45 @@ pub fn render_tree(processes: &[Process]) -> String {
                     stack.push((c, depth + 1));
                 }
             }
+        }
+    }
+    out
+}
+
+/// `reaper explain PID`.
+pub fn render_explanation(e: &Explanation) -> String {
+    let mut out = String::new();
+    let Some(p) = &e.process else {
+        return format!("pid {}: not in the daemon's process tree (no such process?)\n", e.pid);
+    };
+    out.push_str(&format!(
+        "pid {} ({}), parent {}, started at tick {}\n  argv: {}\n",
+        p.id.pid, p.comm, p.ppid, p.id.start_ticks, p.argv
+    ));
+    if let Some(target) = e.descendant_of {
+        out.push_str(&format!("  counted as activity of target {target} (a descendant)\n"));
+    }
+    for r in &e.rules {
+        match &r.why_not {
+            None => out.push_str(&format!("  rule {}: matches\n", r.rule)),
+            Some(why) => out.push_str(&format!("  rule {}: no — {why}\n", r.rule)),
+        }
+    }
+    match &e.target {
+        None => out.push_str("  not a target: reaper will not signal it\n"),
+        Some(t) => {
+            let ev = &t.evidence;
+            out.push_str(&format!(
+                "  target of rule {}: {} — idle for {:.0}s (last activity: {:?}), cpu {}, last socket byte {}, {} descendant(s){}\n",
+                t.rule,
+                t.verdict.state(),
+                t.idle_secs,
+                ev.last_activity_kind,
+                ev.cpu_rate.map_or("n/a".into(), |r| format!("{:.2}%", r * 100.0)),
+                if ev.last_socket_byte.is_some() { "seen" } else { "none yet" },
+                t.descendants,
+                if ev.orphaned_since.is_some() { ", orphaned (its parent exited)" } else { "" },
+            ));
         }
     }
     out
@@ -58,7 +112,7 @@ mod tests {
         };
         let tree = ProcessTree::from_scan(vec![snap(1, 0, "init"), snap(5, 1, "sshd"), snap(9, 5, "bash"), snap(7, 1, "cron")]);
         let processes: Vec<_> = tree.processes().cloned().collect();
-        let text = render_tree(&processes);
+        let text = render_tree(&processes, &[]);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].contains("PID"));
         assert!(lines[1].ends_with("init  init -x"), "{text}");

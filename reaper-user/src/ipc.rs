@@ -22,13 +22,17 @@ pub const DEFAULT_SOCKET: &str = "/run/reaper/reaper.sock";
 pub enum Request {
     Tree,
     Stats,
+    Targets,
+    Explain(u32),
 }
 
 impl Request {
-    fn as_str(self) -> &'static str {
+    fn line(self) -> String {
         match self {
-            Self::Tree => "tree",
-            Self::Stats => "stats",
+            Self::Tree => "tree".into(),
+            Self::Stats => "stats".into(),
+            Self::Targets => "targets".into(),
+            Self::Explain(pid) => format!("explain {pid}"),
         }
     }
 }
@@ -91,10 +95,13 @@ async fn answer(mut stream: UnixStream, pipeline: &PipelineHandle) -> anyhow::Re
     }
     let mut line = String::new();
     BufReader::new(&mut stream).take(64).read_line(&mut line).await?;
-    let body = match line.trim() {
-        "tree" => serde_json::to_vec(&pipeline.snapshot().await)?,
-        "stats" => serde_json::to_vec(&pipeline.stats().await)?,
-        other => serde_json::to_vec(&serde_json::json!({ "error": format!("unknown request {other:?}") }))?,
+    let mut words = line.split_whitespace();
+    let body = match (words.next(), words.next().map(str::parse::<u32>)) {
+        (Some("tree"), None) => serde_json::to_vec(&pipeline.snapshot().await)?,
+        (Some("stats"), None) => serde_json::to_vec(&pipeline.stats().await)?,
+        (Some("targets"), None) => serde_json::to_vec(&pipeline.targets().await)?,
+        (Some("explain"), Some(Ok(pid))) => serde_json::to_vec(&pipeline.explain(pid).await)?,
+        _ => serde_json::to_vec(&serde_json::json!({ "error": format!("unknown request {:?}", line.trim()) }))?,
     };
     stream.write_all(&body).await?;
     stream.shutdown().await?;
@@ -109,7 +116,7 @@ pub async fn request(path: &Path, request: Request) -> anyhow::Result<serde_json
             path.display()
         )
     })?;
-    stream.write_all(format!("{}\n", request.as_str()).as_bytes()).await?;
+    stream.write_all(format!("{}\n", request.line()).as_bytes()).await?;
     let mut body = Vec::new();
     stream.read_to_end(&mut body).await?;
     serde_json::from_slice(&body).context("the daemon's answer is not JSON")

@@ -6,9 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use reaper::{
     app::{Pipeline, PipelineConfig},
     cli,
+    config::{Config, Overrides},
+    detect::{Explanation, TargetView},
     events::{self, source::SourceMsg},
     ipc,
-    probes::{DEFAULT_RING_BYTES, ProbeOptions, Probes},
+    probes::{ProbeOptions, Probes},
     tree::Process,
 };
 
@@ -48,24 +50,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print the running daemon's counters (events, losses, corrections) as JSON.
+    /// Print the running daemon's counters (events, losses, corrections, reaps) as JSON.
     Stats {
         #[arg(long, default_value = ipc::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Explain why a process is or is not a target, and its verdict.
+    Explain {
+        pid: u32,
+        #[arg(long, default_value = ipc::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a configuration file without running anything.
+    CheckConfig { file: PathBuf },
 }
 
 #[derive(Args)]
 struct RunArgs {
+    /// TOML configuration file (owned by root, not writable by others). Without it the
+    /// built-in default applies: reap SDK-spawned `claude` children idle for 15 minutes.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Idle time before a target is reaped, e.g. "90s", "15m" (overrides the file).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Time between SIGTERM and SIGKILL (overrides the file).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    grace: Option<Duration>,
+    /// Decide, log and count what would be killed; signal nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Address of the metrics endpoint (overrides the file).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// The local interface's socket (root only).
     #[arg(long, default_value = ipc::DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Ring buffer size in bytes (a power of two, at least a page).
-    #[arg(long, default_value_t = DEFAULT_RING_BYTES)]
-    ring_bytes: u32,
-    /// How often to check the tree against /proc, e.g. "60s", "5m".
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    reconcile_interval: Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,13 +108,43 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     let processes: Vec<Process> = serde_json::from_value(value)
                         .context("unexpected tree from the daemon")?;
-                    print!("{}", cli::render_tree(&processes));
+                    let targets: Vec<TargetView> =
+                        serde_json::from_value(ipc::request(&socket, ipc::Request::Targets).await?)
+                            .unwrap_or_default();
+                    print!("{}", cli::render_tree(&processes, &targets));
                 }
                 Ok(())
             }
             Command::Stats { socket } => {
                 let value = ipc::request(&socket, ipc::Request::Stats).await?;
                 println!("{}", serde_json::to_string_pretty(&value)?);
+                Ok(())
+            }
+            Command::Explain { pid, socket, json } => {
+                let value = ipc::request(&socket, ipc::Request::Explain(pid)).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&value)?);
+                } else {
+                    let e: Explanation = serde_json::from_value(value)
+                        .context("unexpected explanation from the daemon")?;
+                    print!("{}", cli::render_explanation(&e));
+                }
+                Ok(())
+            }
+            Command::CheckConfig { file } => {
+                let config = Config::load(&file, &Overrides::default())?;
+                println!(
+                    "{}: ok — mode {:?}, {} rule(s): {}",
+                    file.display(),
+                    config.mode,
+                    config.rules.len(),
+                    config
+                        .rules
+                        .iter()
+                        .map(|r| format!("{} (idle {})", r.name, humantime::format_duration(r.idle_timeout)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
                 Ok(())
             }
         }
@@ -112,14 +164,20 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = PipelineConfig {
-        probes: ProbeOptions {
-            ring_bytes: args.ring_bytes,
-        },
-        reconcile_interval: args.reconcile_interval,
-        ..PipelineConfig::default()
+    let overrides = Overrides {
+        idle_timeout: args.idle_timeout,
+        grace: args.grace,
+        dry_run: args.dry_run,
+        metrics_addr: args.metrics_addr,
     };
-    let pipeline = Pipeline::start(config).await?;
+    let config = Config::resolve(args.config.as_deref(), &overrides)?;
+    tracing::info!(
+        source = %config.source,
+        mode = ?config.mode,
+        rules = %config.rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(","),
+        "configuration loaded"
+    );
+    let pipeline = Pipeline::start(PipelineConfig::new(config)).await?;
     let server = ipc::Server::bind(&args.socket)?;
     tracing::info!(socket = %server.path().display(), "serving the local interface (root only); `reaper tree` shows the live tree");
     let serving = tokio::spawn(server.serve(pipeline.handle()));

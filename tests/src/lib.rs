@@ -28,13 +28,14 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// The pipeline with the built-in rules in dry-run mode: lifecycle tests watch, never
+    /// signal.
     pub async fn start() -> Self {
-        Self::start_with(PipelineConfig {
-            // Tests call reconcile explicitly; keep the timer out of their way.
-            reconcile_interval: Duration::from_secs(3600),
-            ..PipelineConfig::default()
-        })
-        .await
+        let mut config = reaper::config::Config::builtin();
+        config.mode = reaper::config::Mode::DryRun;
+        // Tests call reconcile explicitly; keep the timer out of their way.
+        config.reconcile_interval = Duration::from_secs(3600);
+        Self::start_with(PipelineConfig::new(config)).await
     }
 
     pub async fn start_with(config: PipelineConfig) -> Self {
@@ -42,6 +43,14 @@ impl Harness {
             nix::unistd::geteuid().is_root(),
             "the integration tests load eBPF programs: run them as root (cargo xtask test)"
         );
+        // The daemon's log lines, shown with a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .try_init();
         let pipeline = Pipeline::start(config).await.expect("start the pipeline");
         let handle = pipeline.handle();
         let events = handle.subscribe();
@@ -122,7 +131,12 @@ pub struct Helper {
 
 impl Helper {
     pub fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(helper_path())
+        Self::spawn_program(&helper_path(), args)
+    }
+
+    /// Another of this package's programs (`fake-agent`, `claude`), same conventions.
+    pub fn spawn_program(program: &std::path::Path, args: &[&str]) -> Self {
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -268,4 +282,23 @@ pub fn assert_matches_proc(p: &Process) {
     if !p.argv_truncated {
         assert_eq!(Some(p.argv.raw().to_vec()), proc_cmdline(pid), "argv of {pid}");
     }
+}
+
+/// The `reaper` binary the command-line tests run: `target/<profile>/reaper`, next to
+/// `lifecycle-helper`. Cargo does not build another package's binaries for these tests;
+/// `cargo xtask test` builds it first (or run `cargo build -p reaper-user` yourself).
+pub fn reaper_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("reaper");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests through `cargo xtask test`, which builds it first \
+         (or `cargo build -p reaper-user` with the tests' profile)",
+        path.display()
+    );
+    path
 }

@@ -65,10 +65,12 @@ enum Verb {
         args: Vec<OsString>,
     },
 
-    /// Set up, then run every host test (unit tests and the kernel integration tests in `tests/`)
-    /// one at a time, since they share kernel state (needs root).
+    /// Set up, build the daemon (the command-line tests run it), then run every host test (unit
+    /// tests and the kernel integration tests in `tests/`) one at a time, since they share kernel
+    /// state (needs root).
     ///
-    /// Runs `cargo test --workspace --exclude reaper-ebpf --no-fail-fast -- --test-threads=1 ARGS…`.
+    /// Runs `cargo build [--release] -p reaper-user`, then
+    /// `cargo test --workspace --exclude reaper-ebpf --no-fail-fast -- --test-threads=1 ARGS…`.
     /// ARGS go to the test harness: a name filter, `--list`, `--nocapture`, `--exact`, …
     ///
     /// Example: sudo -E cargo xtask test -- tree_
@@ -213,6 +215,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             setup::require_root("test")?;
             setup::setup(&ctx)?;
+            // The command-line tests (tests/tests/cli.rs) run target/<profile>/reaper, which
+            // `cargo test` does not build: build it first, with the tests' profile.
+            ctx.build_daemon(!release)?;
             let mut cmd = ctx.cargo();
             cmd.arg("test");
             if package.is_empty() {

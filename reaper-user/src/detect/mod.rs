@@ -19,7 +19,7 @@ use std::{
 };
 
 use reaper_common::SockActivity;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use self::{
     targets::Mismatch,
@@ -83,7 +83,7 @@ struct Target {
 }
 
 /// A target as shown by `reaper tree` and `reaper explain`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TargetView {
     pub id: Identity,
     pub rule: String,
@@ -94,7 +94,7 @@ pub struct TargetView {
 }
 
 /// Why a process is or is not a target (`reaper explain PID`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Explanation {
     pub pid: u32,
     pub process: Option<Process>,
@@ -104,7 +104,7 @@ pub struct Explanation {
     pub descendant_of: Option<u32>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RuleCheck {
     pub rule: String,
     pub matches: bool,

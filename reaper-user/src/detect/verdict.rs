@@ -2,13 +2,13 @@
 //! passes the time and the evidence in (tokio-console's `Warning::check` shape).
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Times are `CLOCK_BOOTTIME` nanoseconds, the clock of kernel events.
 pub type Nanos = u64;
 
 /// What was observed about a target (and its descendants).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
     /// The last sign of activity: a socket byte, a descendant's exec or exit, CPU above the
     /// threshold, or when watching began.
@@ -24,7 +24,7 @@ pub struct Evidence {
     pub orphaned_since: Option<Nanos>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActivityKind {
     #[default]
@@ -36,7 +36,7 @@ pub enum ActivityKind {
     DescendantExit,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Verdict {
     /// Not idle long enough (yet): reaped at `deadline` unless activity comes first.

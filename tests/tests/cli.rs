@@ -1,0 +1,570 @@
+//! The `reaper` command line end to end, as a person uses it: start `reaper run` on a socket
+//! of its own, ask it with `reaper tree` / `reaper stats`, follow `reaper events`, stop it with
+//! a signal. `target/<profile>/reaper` must be built first (`cargo xtask test` does it).
+//!
+//! Each test starts the processes it talks to and stops only those; every wait has a deadline.
+use std::{
+    ffi::OsStr,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    os::unix::{fs::FileTypeExt as _, fs::PermissionsExt as _, net::UnixStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use reaper_tests::{DEADLINE, Helper, helper_path, proc_stat, reaper_bin};
+use serde_json::Value;
+
+/// How often a wait re-checks its condition.
+const POLL: Duration = Duration::from_millis(20);
+
+/// A fresh directory for one test, removed at the end.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("reaper-cli-{}-{test}-{n}", std::process::id()));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        Self(path)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A process this test started. Dropping it (also when the test panics) sends SIGTERM if it
+/// is still running, SIGKILL if it has not exited by the deadline, and reaps it.
+struct Running {
+    child: Child,
+    what: String,
+}
+
+impl Running {
+    fn new(child: Child, what: impl Into<String>) -> Self {
+        Self {
+            child,
+            what: what.into(),
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits in pid_t"))
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait on our own child")
+    }
+
+    fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Sends `signal` (only while the child is unreaped, so never to a reused pid) and waits
+    /// for it to exit.
+    fn stop(&mut self, signal: Signal) -> ExitStatus {
+        if let Some(status) = self.exited() {
+            return status;
+        }
+        kill(self.pid(), signal).expect("signal our own child");
+        match self.wait_until(Instant::now() + DEADLINE) {
+            Some(status) => status,
+            None => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("{} did not exit within {DEADLINE:?} of {signal}", self.what);
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = kill(self.pid(), Signal::SIGTERM);
+        if self.wait_until(Instant::now() + DEADLINE).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `reaper run --socket <dir>/reaper.sock`, started by this test, its log in `<dir>/daemon.log`.
+struct Daemon {
+    process: Running,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &TempDir) -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "`reaper run` loads eBPF programs: run the tests as root (cargo xtask test)"
+        );
+        let socket = dir.join("reaper.sock");
+        let log = dir.join("daemon.log");
+        let child = Command::new(reaper_bin())
+            .arg("run")
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("daemon log"))
+            .spawn()
+            .expect("spawn reaper run");
+        // The guard exists before the wait, so a daemon that never gets ready is stopped too.
+        let mut daemon = Self {
+            process: Running::new(child, "reaper run"),
+            socket,
+            log,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Until the daemon answers a request on its socket (which it serves only after binding
+    /// it and restricting its mode).
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if self.answers() {
+                return;
+            }
+            if let Some(status) = self.process.exited() {
+                panic!(
+                    "reaper run exited ({status}) before serving; its log:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "reaper run did not serve {} within {DEADLINE:?}; its log:\n{}",
+                self.socket.display(),
+                self.log()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn answers(&self) -> bool {
+        let Ok(mut stream) = UnixStream::connect(&self.socket) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(DEADLINE));
+        let mut body = Vec::new();
+        stream.write_all(b"stats\n").is_ok()
+            && stream.read_to_end(&mut body).is_ok()
+            && serde_json::from_slice::<Value>(&body).is_ok()
+    }
+
+    fn socket_arg(&self) -> &str {
+        self.socket.to_str().expect("temp paths are UTF-8")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// What a finished `reaper` command printed.
+struct CliOutput {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `reaper ARGS…` to completion (with a deadline). Backtraces are left off, as a person
+/// running it would see it.
+fn reaper<S: AsRef<OsStr>>(dir: &TempDir, args: impl IntoIterator<Item = S>) -> CliOutput {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let (out, err) = (
+        dir.join(&format!("cli-{n}.out")),
+        dir.join(&format!("cli-{n}.err")),
+    );
+    let mut cmd = Command::new(reaper_bin());
+    cmd.args(args)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("stdout file"))
+        .stderr(std::fs::File::create(&err).expect("stderr file"));
+    let what = format!("{cmd:?}");
+    let mut running = Running::new(cmd.spawn().expect("spawn reaper"), what);
+    let status = running
+        .wait_until(Instant::now() + DEADLINE)
+        .unwrap_or_else(|| panic!("{} did not finish within {DEADLINE:?}", running.what));
+    let read = |path: &Path| {
+        let text = std::fs::read_to_string(path).expect("command output");
+        let _ = std::fs::remove_file(path);
+        text
+    };
+    CliOutput {
+        status,
+        stdout: read(&out),
+        stderr: read(&err),
+    }
+}
+
+/// Like [`reaper`], and the command must succeed.
+fn reaper_ok<S: AsRef<OsStr>>(dir: &TempDir, args: impl IntoIterator<Item = S>) -> String {
+    let out = reaper(dir, args);
+    assert!(
+        out.status.success(),
+        "reaper failed ({}): {}",
+        out.status,
+        out.stderr
+    );
+    out.stdout
+}
+
+/// One line of `reaper tree`: `PID PPID START UID  <indent>COMM  ARGV`.
+#[derive(Debug)]
+struct Row {
+    pid: u32,
+    ppid: u32,
+    depth: usize,
+    comm: String,
+}
+
+fn parse_tree(text: &str) -> Vec<Row> {
+    let mut lines = text.lines();
+    let header = lines.next().expect("a header line");
+    assert!(
+        header
+            .split_whitespace()
+            .take(4)
+            .eq(["PID", "PPID", "START", "UID"]),
+        "{header:?}"
+    );
+    lines
+        .map(|line| {
+            let mut rest = line;
+            let mut numbers = [0u64; 4];
+            for n in &mut numbers {
+                rest = rest.trim_start_matches(' ');
+                let end = rest.find(' ').unwrap_or(rest.len());
+                *n = rest[..end]
+                    .parse()
+                    .unwrap_or_else(|_| panic!("a number in {line:?}"));
+                rest = &rest[end..];
+            }
+            let rest = rest
+                .strip_prefix("  ")
+                .unwrap_or_else(|| panic!("two spaces before the comm: {line:?}"));
+            let indent = rest.len() - rest.trim_start_matches(' ').len();
+            let comm = rest[indent..].split("  ").next().unwrap_or_default();
+            Row {
+                pid: u32::try_from(numbers[0]).expect("pid"),
+                ppid: u32::try_from(numbers[1]).expect("ppid"),
+                depth: indent / 2,
+                comm: comm.to_owned(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn tree_shows_this_test_and_the_child_it_spawned() {
+    let dir = TempDir::new("tree");
+    let daemon = Daemon::start(&dir);
+    let me = std::process::id();
+    let my_stat = proc_stat(me).expect("/proc/self/stat");
+    let mut helper = Helper::spawn(&["wait"]);
+    let child = helper.read_pid("pid");
+
+    // The daemon applies the helper's fork and exec shortly after they happen.
+    let started = Instant::now();
+    let (rows, mine, theirs) = loop {
+        let text = reaper_ok(&dir, ["tree", "--socket", daemon.socket_arg()]);
+        let rows = parse_tree(&text);
+        let mine = rows.iter().position(|r| r.pid == me);
+        let theirs = rows
+            .iter()
+            .position(|r| r.pid == child && r.comm == "lifecycle-helpe");
+        if let (Some(mine), Some(theirs)) = (mine, theirs) {
+            break (rows, mine, theirs);
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "`reaper tree` never showed this test ({me}) and its helper ({child}):\n{text}"
+        );
+        std::thread::sleep(POLL);
+    };
+    let (row, child_row) = (&rows[mine], &rows[theirs]);
+    assert_eq!(row.ppid, my_stat.ppid, "this test's parent: {row:?}");
+    assert_eq!(row.comm, my_stat.comm, "this test's comm: {row:?}");
+    assert_eq!(child_row.ppid, me, "{child_row:?}");
+    // Drawn under this test: after it, one level deeper, and inside its subtree.
+    assert!(
+        theirs > mine,
+        "the child is listed after its parent: {rows:?}"
+    );
+    assert_eq!(child_row.depth, row.depth + 1, "{rows:?}");
+    assert!(
+        rows[mine + 1..theirs].iter().all(|r| r.depth > row.depth),
+        "the child is in this test's subtree: {rows:?}"
+    );
+
+    let json: Value = serde_json::from_str(&reaper_ok(
+        &dir,
+        ["tree", "--json", "--socket", daemon.socket_arg()],
+    ))
+    .expect("`reaper tree --json` prints JSON");
+    let processes = json.as_array().expect("a JSON array of processes");
+    let find = |pid: u32| {
+        processes
+            .iter()
+            .find(|p| p["id"]["pid"].as_u64() == Some(u64::from(pid)))
+            .unwrap_or_else(|| panic!("{pid} is not in the JSON tree"))
+    };
+    let mine = find(me);
+    assert_eq!(mine["ppid"].as_u64(), Some(u64::from(my_stat.ppid)));
+    assert_eq!(mine["comm"].as_str(), Some(my_stat.comm.as_str()));
+    assert_eq!(
+        mine["id"]["start_ticks"].as_u64(),
+        Some(my_stat.start_ticks)
+    );
+    let children = mine["children"].as_array().expect("children");
+    assert!(
+        children
+            .iter()
+            .any(|c| c.as_u64() == Some(u64::from(child))),
+        "{children:?}"
+    );
+    let theirs = find(child);
+    assert_eq!(theirs["ppid"].as_u64(), Some(u64::from(me)));
+    assert_eq!(theirs["comm"].as_str(), Some("lifecycle-helpe"));
+    helper.finish();
+}
+
+#[test]
+fn the_socket_is_private_and_stats_are_json() {
+    let dir = TempDir::new("stats");
+    let daemon = Daemon::start(&dir);
+    let meta = std::fs::metadata(&daemon.socket).expect("the socket exists");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "socket mode {:o}",
+        meta.permissions().mode()
+    );
+
+    // Every `reaper stats` is itself a fork, an exec and an exit: the count starts moving.
+    let started = Instant::now();
+    loop {
+        let text = reaper_ok(&dir, ["stats", "--socket", daemon.socket_arg()]);
+        let stats: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        let events = stats["events_total"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no events_total: {text}"));
+        assert!(
+            stats["lost_total"].as_u64().is_some(),
+            "no lost_total: {text}"
+        );
+        if events > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the daemon counted no events: {text}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+#[test]
+fn tree_without_a_daemon_names_the_socket() {
+    let dir = TempDir::new("nodaemon");
+    // Nothing at the path, then a socket file nobody listens on (a daemon that died).
+    let missing = dir.join("missing.sock");
+    let stale = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind a socket"));
+    for socket in [&missing, &stale] {
+        let shown = socket.to_str().expect("UTF-8 path");
+        let out = reaper(&dir, ["tree", "--socket", shown]);
+        assert!(
+            !out.status.success(),
+            "`reaper tree` succeeded without a daemon: {}",
+            out.stdout
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "an error exit, not a crash: {}",
+            out.status
+        );
+        assert!(
+            out.stderr.contains(shown),
+            "the error names {shown}: {}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("reaper run"),
+            "the error says what to start: {}",
+            out.stderr
+        );
+        for noise in ["panicked", "backtrace", "RUST_BACKTRACE"] {
+            assert!(
+                !out.stderr.contains(noise),
+                "{noise:?} in the error: {}",
+                out.stderr
+            );
+        }
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+    }
+}
+
+/// Lines from a reader, read by a thread so that every wait has a deadline.
+fn lines(reader: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a line matching `check`; returns it and the lines before it.
+fn wait_line(
+    lines: &mpsc::Receiver<String>,
+    what: &str,
+    mut check: impl FnMut(&str) -> bool,
+) -> Vec<String> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                let done = check(&line);
+                seen.push(line);
+                if done {
+                    return seen;
+                }
+            }
+            Err(err) => panic!(
+                "no {what} ({err}); last lines: {:#?}",
+                &seen[seen.len().saturating_sub(20)..]
+            ),
+        }
+    }
+}
+
+#[test]
+fn events_json_streams_an_exit_and_stops_on_sigint() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "`reaper events` loads eBPF programs: run as root"
+    );
+    let mut child = Command::new(reaper_bin())
+        .args(["events", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn reaper events");
+    let (stdout, stderr) = (
+        lines(child.stdout.take().unwrap()),
+        lines(child.stderr.take().unwrap()),
+    );
+    let mut events = Running::new(child, "reaper events --json");
+    // It says so on stderr once the probes are attached.
+    wait_line(&stderr, "`following …` on stderr", |l| {
+        l.starts_with("following")
+    });
+
+    let mut helper = Command::new(helper_path())
+        .args(["exit", "5"])
+        .spawn()
+        .expect("spawn lifecycle-helper");
+    let pid = u64::from(helper.id());
+    assert_eq!(helper.wait().expect("wait for the helper").code(), Some(5));
+
+    let mut kinds = std::collections::BTreeSet::new();
+    let seen = wait_line(&stdout, "exit event with code 5 for the helper", |line| {
+        let event: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let kind = event["kind"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no kind: {line}"))
+            .to_owned();
+        let found = kind == "exit"
+            && event["id"]["pid"].as_u64() == Some(pid)
+            && event["status"]["code"].as_u64() == Some(5);
+        kinds.insert(kind);
+        found
+    });
+    assert!(
+        kinds
+            .iter()
+            .all(|k| ["fork", "exec", "exit", "rename"].contains(&k.as_str())),
+        "{kinds:?}"
+    );
+    // The helper's own fork and exec came before its exit.
+    let about_helper = |kind: &str| {
+        seen.iter().any(|l| {
+            let e: Value = serde_json::from_str(l).unwrap();
+            e["kind"] == kind && e["id"]["pid"].as_u64() == Some(pid)
+        })
+    };
+    assert!(
+        about_helper("fork") && about_helper("exec"),
+        "fork and exec of {pid} before its exit"
+    );
+
+    let status = events.stop(Signal::SIGINT);
+    assert!(status.success(), "`reaper events` after SIGINT: {status}");
+}
+
+#[test]
+fn sigterm_stops_the_daemon_cleanly() {
+    let dir = TempDir::new("sigterm");
+    let mut daemon = Daemon::start(&dir);
+    assert!(daemon.socket.exists());
+    let status = daemon.process.stop(Signal::SIGTERM);
+    assert!(
+        status.success(),
+        "reaper run after SIGTERM: {status}; its log:\n{}",
+        daemon.log()
+    );
+    assert!(
+        !daemon.socket.exists(),
+        "{} left behind",
+        daemon.socket.display()
+    );
+}

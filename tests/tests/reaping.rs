@@ -1,0 +1,414 @@
+//! Finding leaked, idle `claude` children and reaping them, against the real kernel, with the
+//! test doubles built from ../shared/CLAUDE-PROCESS.md (`claude`, `fake-agent`).
+//!
+//! Every rule here also requires the parent to be this run's agent (`fake-agent` exec'd through
+//! a symlink named `fa-<test pid>`, so its comm is unique) or this test process, so no process
+//! on the host that the tests did not start can ever match.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use reaper::{
+    app::{PipelineConfig, PipelineStats},
+    config::{Overrides, parse},
+    events::{Event, ExitStatus, Identity},
+    reap::{self, Outcome, Pidfds, ProcessOps as _, ReapOrder, Reason, Victim},
+};
+use reaper_tests::{DEADLINE, Harness, Helper, helper_path, proc_stat, reaper_bin};
+
+fn program(name: &str) -> PathBuf {
+    helper_path().with_file_name(name)
+}
+
+/// This test binary's comm, so processes it spawns directly can be targets too.
+fn own_comm() -> String {
+    std::fs::read_to_string("/proc/self/comm").unwrap().trim().to_owned()
+}
+
+/// The test rule, with `extra` top-level settings (each replaces the default of its key).
+fn config_text(extra: &str) -> String {
+    let mut top = vec![
+        ("idle_timeout", "\"3s\""),
+        ("orphan_grace", "\"3s\""),
+        ("grace", "\"2s\""),
+        ("max_kills_per_minute", "100"),
+        ("reconcile_interval", "\"1h\""),
+    ];
+    for line in extra.lines() {
+        if let Some((key, value)) = line.split_once(" = ") {
+            top.retain(|(k, _)| *k != key);
+            top.push((key, value));
+        }
+    }
+    let top: String = top.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+    format!(
+        "{top}\n\
+         [[rule]]\nname = \"test-claude\"\ncomm = [\"claude\", \"claude.exe\"]\n\
+         argv_any = [\"--input-format=stream-json\", \"--output-format=stream-json\"]\n\
+         require_no_tty = true\nparent_comm = [\"{}\", \"{}\"]\n",
+        agent_comm(),
+        own_comm()
+    )
+}
+
+async fn start(extra: &str) -> Harness {
+    let config = parse(&config_text(extra), "test", &Overrides::default()).expect("test config");
+    Harness::start_with(PipelineConfig::new(config)).await
+}
+
+/// The comm of this run's agents.
+fn agent_comm() -> String {
+    format!("fa-{}", std::process::id())
+}
+
+/// `fake-agent`, exec'd through a symlink named [`agent_comm`].
+fn agent(args: &[&str]) -> Helper {
+    let link = std::env::temp_dir().join(agent_comm());
+    if !link.exists() {
+        std::os::unix::fs::symlink(program("fake-agent"), &link).unwrap();
+    }
+    Helper::spawn_program(&link, args)
+}
+
+fn alive(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
+}
+
+/// Waits for the exit events of all of `pids`, in whatever order they come.
+async fn exits_of(h: &mut Harness, pids: &[u32]) -> HashMap<u32, ExitStatus> {
+    let mut seen = HashMap::new();
+    while seen.len() < pids.len() {
+        let (pid, status) = h
+            .wait_event(&format!("exits of {pids:?} (seen {seen:?})"), |e| match e {
+                Event::Exit { id, status, .. } if pids.contains(&id.pid) => Some((id.pid, *status)),
+                _ => None,
+            })
+            .await;
+        seen.insert(pid, status);
+    }
+    seen
+}
+
+async fn exit_of(h: &mut Harness, pid: u32) -> ExitStatus {
+    exits_of(h, &[pid]).await[&pid]
+}
+
+/// Waits until the daemon's counters satisfy `check` (reports trail exits slightly).
+async fn stats_until(h: &Harness, what: &str, check: impl Fn(&PipelineStats) -> bool) -> PipelineStats {
+    let started = Instant::now();
+    loop {
+        let s = stats(h).await;
+        if check(&s) {
+            return s;
+        }
+        assert!(started.elapsed() < DEADLINE, "timed out waiting for {what}: {:?}", s.reaps);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts `pid` stays alive for `long` (absence of a kill can only be shown over time).
+async fn stays_alive(h: &Harness, pid: u32, long: Duration) {
+    let until = Instant::now() + long;
+    while Instant::now() < until {
+        assert!(alive(pid), "{pid} was killed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = h.handle.stats().await.unwrap();
+    assert_eq!(stats.reaps.kills_total(), 0, "nothing may be reaped: {:?}", stats.reaps);
+}
+
+async fn stats(h: &Harness) -> PipelineStats {
+    h.handle.stats().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaked_idle_child_and_its_descendants_are_reaped_and_the_parent_survives() {
+    let mut h = start("").await;
+    let mut a = agent(&["--leak", "--message", "tool:idle"]);
+    let agent_pid = a.read_pid("agent");
+    let claude = a.read_pid("claude");
+    let tool = a.read_pid("tool");
+    a.read("ready");
+    let target = h.handle.explain(claude).await.unwrap().target.expect("a target");
+    assert_eq!(target.rule, "test-claude");
+
+    let exits = exits_of(&mut h, &[claude, tool]).await;
+    assert_eq!(exits[&claude].signal(), Some(libc::SIGTERM as u8), "ended by reaper's SIGTERM");
+    assert_eq!(exits[&tool].signal(), Some(libc::SIGTERM as u8), "the descendant got SIGTERM too");
+    let s = stats_until(&h, "the kill counted", |s| s.reaps.kills_total() == 1).await;
+    let delay = s.reaps.kill_delays[0];
+    assert!(delay <= 1.0, "reaped {delay:.3} s after the idle deadline");
+    assert!(s.reaps.reclaimed_bytes > 0);
+    assert!(alive(agent_pid), "the parent daemon keeps running");
+    a.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_in_a_live_conversation_is_never_reaped() {
+    let h = start("").await;
+    let mut a = agent(&["--chat-every", "1000"]);
+    let claude = a.read_pid("claude");
+    a.read("ready");
+    stays_alive(&h, claude, Duration::from_secs(8)).await;
+    let target = h.handle.explain(claude).await.unwrap().target.unwrap();
+    assert_eq!(target.verdict.state(), "active");
+    assert!(target.evidence.last_socket_byte.is_some() || s_is_proc_io(&h).await);
+    a.finish();
+}
+
+async fn s_is_proc_io(h: &Harness) -> bool {
+    matches!(stats(h).await.activity_source, Some(reaper::detect::Source::ProcIo))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_whose_descendant_is_busy_is_never_reaped() {
+    let h = start("").await;
+    let mut a = agent(&["--leak", "--message", "tool:busy"]);
+    let claude = a.read_pid("claude");
+    let tool = a.read_pid("tool");
+    a.read("ready");
+    stays_alive(&h, claude, Duration::from_secs(8)).await;
+    assert!(alive(tool));
+    let target = h.handle.explain(claude).await.unwrap().target.unwrap();
+    assert!(target.evidence.cpu_rate.unwrap() > 0.02, "{:?}", target.evidence);
+    a.finish();
+}
+
+/// Starts the double directly under this test process, optionally on a pty.
+fn spawn_double(exe: &Path, with_tty: bool) -> std::process::Child {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--output-format", "stream-json", "--verbose", "--input-format", "stream-json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null());
+    if with_tty {
+        let pty = nix::pty::openpty(None, None).expect("openpty");
+        let slave = std::os::fd::AsRawFd::as_raw_fd(&pty.slave);
+        // SAFETY: setsid and ioctl(TIOCSCTTY) are async-signal-safe; the pty outlives the call.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setsid() < 0 || libc::ioctl(slave, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn on a pty");
+        std::mem::forget(pty.master); // kept open for the test's life: the tty stays valid
+        return child;
+    }
+    cmd.spawn().expect("spawn the double")
+}
+
+struct Reap(std::process::Child);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_with_a_terminal_is_never_reaped() {
+    let mut h = start("").await;
+    let with_tty = Reap(spawn_double(&program("claude"), true));
+    let without = Reap(spawn_double(&program("claude"), false));
+    let (tty_pid, plain_pid) = (with_tty.0.id(), without.0.id());
+    // The control: the same double without a terminal is reaped.
+    let status = exit_of(&mut h, plain_pid).await;
+    assert_eq!(status.signal(), Some(libc::SIGTERM as u8));
+    let e = h.handle.explain(tty_pid).await.unwrap();
+    assert!(e.target.is_none());
+    assert!(e.rules[0].why_not.as_deref().unwrap_or("").contains("terminal"), "{:?}", e.rules);
+    stays_alive_only(tty_pid, Duration::from_secs(2)).await;
+}
+
+async fn stays_alive_only(pid: u32, long: Duration) {
+    let until = Instant::now() + long;
+    while Instant::now() < until {
+        assert!(alive(pid), "{pid} was killed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookalike_names_are_never_reaped() {
+    let mut h = start("").await;
+    let dir = tempdir("lookalikes");
+    let mut lookalikes = Vec::new();
+    for name in ["claude-foo", "claudex", "node"] {
+        let path = dir.join(name);
+        std::fs::copy(program("claude"), &path).unwrap();
+        lookalikes.push(Reap(spawn_double(&path, false)));
+    }
+    // claude.exe, and a symlink named claude → claude.exe, are the real thing: reaped.
+    let exe = dir.join("claude.exe");
+    std::fs::copy(program("claude"), &exe).unwrap();
+    let link_dir = dir.join("bin");
+    std::fs::create_dir(&link_dir).unwrap();
+    std::os::unix::fs::symlink(&exe, link_dir.join("claude")).unwrap();
+    let real = Reap(spawn_double(&exe, false));
+    let linked = Reap(spawn_double(&link_dir.join("claude"), false));
+    for status in exits_of(&mut h, &[real.0.id(), linked.0.id()]).await.values() {
+        assert_eq!(status.signal(), Some(libc::SIGTERM as u8));
+    }
+    stats_until(&h, "both kills counted", |s| s.reaps.kills_total() == 2).await;
+    for l in &lookalikes {
+        assert!(alive(l.0.id()), "lookalike {} was killed", l.0.id());
+        assert!(h.handle.explain(l.0.id()).await.unwrap().target.is_none());
+    }
+    assert_eq!(stats(&h).await.reaps.kills_total(), 2);
+    drop(lookalikes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempdir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("reaper-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_signals_nothing_and_counts() {
+    let h = start("mode = \"dry-run\"").await;
+    let mut a = agent(&["--leak"]);
+    let claude = a.read_pid("claude");
+    a.read("ready");
+    let started = Instant::now();
+    loop {
+        let s = stats(&h).await;
+        if s.reaps.would_kill_total() == 1 {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "no would-kill counted: {:?}", s.reaps);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stays_alive(&h, claude, Duration::from_secs(2)).await;
+    assert_eq!(stats(&h).await.reaps.would_kill_total(), 1, "counted once, not every tick");
+    a.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pid_held_by_another_process_is_never_signalled() {
+    // A process the test started, that is not a target…
+    let mut other = Helper::spawn(&["wait"]);
+    let pid = other.read_pid("pid");
+    let start = proc_stat(pid).unwrap().start_ticks;
+    // …and an order for a target that held the same pid before (an older start time).
+    let stale = Identity { pid, start_ticks: start - 1 };
+    assert!(matches!(Pidfds.open(stale), Err(reap::OpenError::Mismatch { .. })));
+    let order = ReapOrder {
+        target: Victim { id: stale, comm: "claude".into() },
+        descendants: vec![],
+        rule: "test-claude".into(),
+        reason: Reason::Idle,
+        idle_secs: 3.0,
+        deadline_ns: 0,
+        ppid: 1,
+        parent_comm: String::new(),
+        argv: String::new(),
+        dry_run: false,
+        grace: Duration::from_secs(1),
+    };
+    let report = reap::execute(&Pidfds, &order).await;
+    assert_eq!(report.outcome, Outcome::IdentityMismatch);
+    assert!(report.signals.is_empty());
+    stays_alive_only(pid, Duration::from_millis(300)).await;
+    // The same order with the right identity does signal: the check is what stopped it.
+    let mut right = order.clone();
+    right.target.id.start_ticks = start;
+    let report = reap::execute(&Pidfds, &right).await;
+    assert_eq!(report.outcome, Outcome::Terminated);
+    other.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_target_is_reaped_after_the_orphan_grace() {
+    // This test process adopts orphans (as `systemd --user` does), so the orphaned double is
+    // re-parented to it, not to init. Long idle timeout: only the orphan rule can fire.
+    // SAFETY: prctl with integer arguments.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+    let mut h = start("idle_timeout = \"10m\"\norphan_grace = \"2s\"").await;
+    let mut a = agent(&["--leak", "--orphanable"]);
+    let claude = a.read_pid("claude");
+    let holder = a.read_pid("holder");
+    a.read("ready");
+    a.child.kill().unwrap(); // SIGKILL our own fake daemon
+    let _ = a.child.wait();
+    let adopted = h
+        .wait_process(claude, "re-parenting to the subreaper", |p| {
+            p.filter(|p| p.ppid == std::process::id()).cloned()
+        })
+        .await;
+    assert_eq!(adopted.ppid, proc_stat(claude).unwrap().ppid);
+    let status = exit_of(&mut h, claude).await;
+    assert_eq!(status.signal(), Some(libc::SIGTERM as u8));
+    stats_until(&h, "an orphan kill", |s| {
+        s.reaps.kills.iter().any(|((_, reason, _), n)| reason == "orphaned" && *n == 1)
+    })
+    .await;
+    // Collect what we adopted.
+    a.finish();
+    for pid in [claude, holder] {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_leaked_doubles_are_each_reaped_within_a_second_of_their_deadline() {
+    const N: usize = 20;
+    let mut h = start("").await;
+    let mut a = agent(&["--leak", "--count", &N.to_string()]);
+    let agent_pid = a.read_pid("agent");
+    a.read("ready");
+    let claudes: Vec<u32> = a.values["claude"].iter().map(|c| c.parse().unwrap()).collect();
+    assert_eq!(claudes.len(), N);
+    let exits = exits_of(&mut h, &claudes).await;
+    assert!(exits.values().all(|s| s.signal() == Some(libc::SIGTERM as u8)), "{exits:?}");
+    let delays = stats_until(&h, "20 kills", |s| s.reaps.kill_delays.len() == N)
+        .await
+        .reaps
+        .kill_delays;
+    let mut sorted = delays.clone();
+    sorted.sort_by(f64::total_cmp);
+    let p50 = sorted[N / 2];
+    let max = sorted[N - 1];
+    eprintln!(
+        "reap latency over {N} leaked doubles (idle deadline → process gone): \
+         min {:.3} s, p50 {p50:.3} s, max {max:.3} s",
+        sorted[0]
+    );
+    assert!(max <= 1.0, "a target was reaped {max:.3} s after its deadline");
+    assert!(alive(agent_pid));
+    a.finish();
+}
+
+#[test]
+fn a_bad_config_is_refused_naming_the_key() {
+    let dir = tempdir("bad-config");
+    let cases = [
+        ("idle_timout = \"5m\"\n[[rule]]\nname = \"r\"\ncomm = [\"claude\"]\n", "idle_timout"),
+        ("idle_timeout = \"5 fortnights\"\n[[rule]]\nname = \"r\"\ncomm = [\"claude\"]\n", "idle_timeout"),
+        ("[[rule]]\nname = \"r\"\ncomm = []\n", "rule[0].comm"),
+        ("mode = \"enforce\"\n", "rule"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        for args in [vec!["check-config", path.to_str().unwrap()], vec!["run", "--config", path.to_str().unwrap(), "--socket", "/nonexistent/never.sock"]] {
+            let out = std::process::Command::new(reaper_bin()).args(&args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} accepted {text:?}");
+            assert!(stderr.contains(key), "{args:?}: {stderr:?} does not name {key}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+    let good = dir.join("good.toml");
+    std::fs::write(&good, reaper::config::DEFAULT_TOML).unwrap();
+    let out = std::process::Command::new(reaper_bin()).args(["check-config", good.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
