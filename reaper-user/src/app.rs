@@ -30,8 +30,10 @@ use crate::{
     detect::{Detector, Explanation, LiveHost, Source, TargetView},
     events::{
         Event, Identity,
-        source::{self, SourceMsg, SourceStats},
+        source::{self, SourceMsg},
     },
+    http::Health,
+    metrics::Metrics,
     probes::{LostCounts, ProbeOptions, Probes},
     reap::{self, Outcome, Pidfds, ReapOrder, ReapReport},
     tree::{Corrections, Process, ProcessTree, Snapshot, scan},
@@ -86,23 +88,34 @@ fn bump<K: PartialEq>(counts: &mut Vec<(K, u64)>, key: K) {
 }
 
 impl ReapStats {
-    fn record(&mut self, report: &ReapReport) {
+    /// Counts a report here and in the exported metrics.
+    fn record(&mut self, report: &ReapReport, metrics: &Metrics) {
         let rule = report.rule.clone();
         let reason = report.reason.as_str().to_owned();
         match report.outcome {
-            Outcome::WouldKill => bump(&mut self.would_kill, (rule, reason)),
+            Outcome::WouldKill => {
+                metrics.would_kill.with_label_values(&[&rule, &reason]).inc();
+                bump(&mut self.would_kill, (rule, reason));
+            }
             Outcome::Terminated | Outcome::Killed => {
                 let signal = report.signals.last().copied().unwrap_or("SIGTERM").to_owned();
+                metrics.kills.with_label_values(&[&rule, &reason, &signal]).inc();
+                metrics.reclaimed_bytes.inc_by(report.rss_bytes);
                 bump(&mut self.kills, (rule, reason, signal));
                 self.reclaimed_bytes += report.rss_bytes;
                 if let Some(gone) = report.gone_ns {
+                    let delay = gone.saturating_sub(report.deadline_ns) as f64 / 1e9;
+                    metrics.kill_delay.observe(delay);
                     if self.kill_delays.len() == 4096 {
                         self.kill_delays.remove(0);
                     }
-                    self.kill_delays.push(gone.saturating_sub(report.deadline_ns) as f64 / 1e9);
+                    self.kill_delays.push(delay);
                 }
             }
-            Outcome::Failed | Outcome::Refused => bump(&mut self.failures, (rule, reason)),
+            Outcome::Failed | Outcome::Refused => {
+                metrics.kill_failures.with_label_values(&[&rule, &reason]).inc();
+                bump(&mut self.failures, (rule, reason));
+            }
             Outcome::IdentityMismatch => self.identity_mismatches += 1,
             Outcome::AlreadyGone => {}
         }
@@ -206,6 +219,8 @@ impl PipelineHandle {
 pub struct Pipeline {
     handle: PipelineHandle,
     tasks: Vec<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 impl Pipeline {
@@ -235,17 +250,21 @@ impl Pipeline {
             "attached to sched_process_fork, sched_process_exec, sched_process_exit, task_rename"
         );
 
-        let stats = Arc::new(SourceStats::default());
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::default());
         // Bounded: if the tree falls behind, the source waits and the kernel counts losses,
         // rather than memory growing without limit.
         let (events_tx, mut events_rx) = mpsc::channel(256);
         let (flush_tx, flush_rx) = mpsc::channel(4);
+        health.set_reading(true);
         let source = tokio::spawn({
-            let stats = stats.clone();
+            let metrics = metrics.clone();
+            let health = health.clone();
             async move {
-                if let Err(err) = source::run(ring, events_tx, flush_rx, stats).await {
+                if let Err(err) = source::run(ring, events_tx, flush_rx, metrics).await {
                     tracing::error!(%err, "ring buffer reader failed");
                 }
+                health.set_reading(false);
             }
         });
 
@@ -264,6 +283,13 @@ impl Pipeline {
             }
         }
         let mut detector = Detector::new(settings, activity);
+        metrics
+            .activity_source
+            .with_label_values(&[match activity {
+                Source::Socket => "socket",
+                Source::ProcIo => "proc-io",
+            }])
+            .set(1);
         detector.adopt_all(&tree, scan::now_ns(), &mut LiveHost { probes: &mut probes });
         tracing::info!(
             processes = tree.len(),
@@ -284,7 +310,8 @@ impl Pipeline {
             reap_stats: ReapStats::default(),
             tree,
             probes,
-            stats,
+            metrics: metrics.clone(),
+            health: health.clone(),
             flush: flush_tx,
             config,
             reconciles: 0,
@@ -300,11 +327,23 @@ impl Pipeline {
                 applied,
             },
             tasks: vec![source, tree_task],
+            metrics,
+            health,
         })
     }
 
     pub fn handle(&self) -> PipelineHandle {
         self.handle.clone()
+    }
+
+    /// The exported metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// What `/healthz` reports.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// Stops following events and detaches the probes.
@@ -342,7 +381,8 @@ struct TreeOwner {
     reap_stats: ReapStats,
     applied: broadcast::Sender<Event>,
     probes: Probes,
-    stats: Arc<SourceStats>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
     flush: mpsc::Sender<u64>,
     config: PipelineConfig,
     reconciles: u64,
@@ -382,7 +422,7 @@ impl TreeOwner {
                     }
                 }
                 Some(report) = reports.recv() => {
-                    self.reap_stats.record(&report);
+                    self.reap_stats.record(&report, &self.metrics);
                     self.detector.on_report(&report, scan::now_ns());
                 }
                 msg = events.recv() => match msg {
@@ -396,6 +436,7 @@ impl TreeOwner {
                                 let _ = self.applied.send(event);
                             }
                         }
+                        self.metrics.processes.set(self.tree.len() as i64);
                     }
                     Some(SourceMsg::Flushed(token)) => self.finish_reconcile(token),
                     None => {
@@ -428,7 +469,15 @@ impl TreeOwner {
                 },
                 _ = reconcile_timer.tick() => self.start_scan(&scans_tx, None),
                 _ = loss_timer.tick() => {
-                    let lost = self.probes.lost().total();
+                    let now = scan::now_ns();
+                    self.health.beat(now);
+                    self.export_targets(now);
+                    let counts = self.probes.lost();
+                    for kind in EventKind::ALL {
+                        let counter = self.metrics.events_lost.with_label_values(&[kind.name()]);
+                        counter.inc_by(counts.get(kind).saturating_sub(counter.get()));
+                    }
+                    let lost = counts.total();
                     if lost > self.last_lost {
                         tracing::warn!(lost = lost - self.last_lost, total = lost, "kernel dropped events (ring buffer full); reconciling with /proc");
                         self.last_lost = lost;
@@ -440,9 +489,8 @@ impl TreeOwner {
                         self.next_token += 1;
                         let token = self.next_token;
                         // A newer scan supersedes one still waiting for its flush.
-                        if let Some(old) = self.pending.replace(PendingReconcile { token, snapshot, scan_start_ticks, reply }) {
-                            if let Some(reply) = old.reply { let _ = reply.send(Corrections::default()); }
-                        }
+                        if let Some(old) = self.pending.replace(PendingReconcile { token, snapshot, scan_start_ticks, reply })
+                            && let Some(reply) = old.reply { let _ = reply.send(Corrections::default()); }
                         if self.flush.send(token).await.is_err() {
                             return;
                         }
@@ -472,6 +520,13 @@ impl TreeOwner {
             .tree
             .reconcile(pending.snapshot, pending.scan_start_ticks, scan::alive);
         self.reconciles += 1;
+        self.metrics.reconciles.inc();
+        for (kind, n) in fixed.by_kind() {
+            if n > 0 {
+                self.metrics.corrections.with_label_values(&[kind]).inc_by(n);
+            }
+        }
+        self.metrics.processes.set(self.tree.len() as i64);
         self.detector
             .classify_new(&self.tree, scan::now_ns(), &mut LiveHost { probes: &mut self.probes });
         if fixed.total() > 0 {
@@ -484,18 +539,29 @@ impl TreeOwner {
         }
     }
 
+    /// `reaper_targets{rule,state}` from the detector's current verdicts.
+    fn export_targets(&self, now: u64) {
+        self.metrics.targets.reset();
+        for view in self.detector.views(&self.tree, now) {
+            self.metrics
+                .targets
+                .with_label_values(&[view.rule.as_str(), view.verdict.state()])
+                .inc();
+        }
+    }
+
     fn stats(&self) -> PipelineStats {
         let lost: LostCounts = self.probes.lost();
         PipelineStats {
             processes: self.tree.len(),
             events: EventKind::ALL
                 .iter()
-                .map(|k| (k.name(), self.stats.events(*k)))
+                .map(|k| (k.name(), self.metrics.events(*k)))
                 .collect(),
-            events_total: self.stats.events_total(),
+            events_total: self.metrics.events_total(),
             lost: EventKind::ALL.iter().map(|k| (k.name(), lost.get(*k))).collect(),
             lost_total: lost.total(),
-            decode_errors: self.stats.decode_errors(),
+            decode_errors: self.metrics.decode_errors.get(),
             corrections: self.tree.corrections(),
             reconciles: self.reconciles,
             bootstrap_duplicates: self.bootstrap_duplicates,

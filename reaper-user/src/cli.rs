@@ -43,11 +43,10 @@ pub fn render_tree(processes: &[Process], targets: &[TargetView]) -> String {
             mark,
         ));
         for child in p.children.iter().rev() {
-            if let Some(c) = by_pid.get(child) {
-                if c.id.pid != p.id.pid {
+            if let Some(c) = by_pid.get(child)
+                && c.id.pid != p.id.pid {
                     stack.push((c, depth + 1));
                 }
-            }
         }
     }
     out

@@ -177,13 +177,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rules = %config.rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(","),
         "configuration loaded"
     );
+    let metrics_addr = config.metrics_addr;
     let pipeline = Pipeline::start(PipelineConfig::new(config)).await?;
+    let http = tokio::spawn(reaper::http::bind(metrics_addr, pipeline.metrics(), pipeline.health()).await?);
     let server = ipc::Server::bind(&args.socket)?;
     tracing::info!(socket = %server.path().display(), "serving the local interface (root only); `reaper tree` shows the live tree");
     let serving = tokio::spawn(server.serve(pipeline.handle()));
     shutdown_signal().await?;
     tracing::info!("shutting down: detaching probes");
     serving.abort();
+    http.abort();
     let _ = serving.await;
     pipeline.shutdown().await;
     tracing::info!("stopped");
@@ -206,9 +209,13 @@ async fn stream_events(json: bool) -> anyhow::Result<()> {
     let ring = probes.take_ring().expect("ring buffer taken once")?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let (_flush_tx, flush_rx) = tokio::sync::mpsc::channel(1);
-    let stats = std::sync::Arc::new(events::source::SourceStats::default());
-    let reader = tokio::spawn(events::source::run(ring, tx, flush_rx, stats));
+    let metrics = std::sync::Arc::new(reaper::metrics::Metrics::new());
+    let reader = tokio::spawn(events::source::run(ring, tx, flush_rx, metrics));
     eprintln!("following fork/exec/exit/rename; Ctrl-C to stop");
+    // Registered once: a signal arriving while a batch is printed is not lost.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     let mut stdout = std::io::stdout().lock();
     loop {
         tokio::select! {
@@ -226,7 +233,8 @@ async fn stream_events(json: bool) -> anyhow::Result<()> {
                     }
                 }
             }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
         }
     }
     reader.abort();

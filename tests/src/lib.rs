@@ -262,11 +262,10 @@ pub fn proc_identities() -> Vec<(u32, u64)> {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        if let Some(stat) = proc_stat(pid) {
-            if stat.state != 'Z' && stat.state != 'X' {
+        if let Some(stat) = proc_stat(pid)
+            && stat.state != 'Z' && stat.state != 'X' {
                 out.push((pid, stat.start_ticks));
             }
-        }
     }
     out
 }

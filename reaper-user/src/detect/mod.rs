@@ -232,15 +232,14 @@ impl Detector {
     }
 
     fn activity(&mut self, target: u32, at: Nanos, kind: ActivityKind) {
-        if let Some(t) = self.targets.get_mut(&target) {
-            if at > t.evidence.last_activity {
+        if let Some(t) = self.targets.get_mut(&target)
+            && at > t.evidence.last_activity {
                 t.evidence.last_activity = at;
                 t.evidence.last_activity_kind = kind;
                 if t.pending == Pending::WouldKillReported {
                     t.pending = Pending::None;
                 }
             }
-        }
     }
 
     /// (Re)decides whether `pid` is a target.
@@ -491,18 +490,17 @@ impl Detector {
 }
 
 /// Every live descendant of `pid`, nearest first.
-fn descendants<'t>(tree: &'t ProcessTree, pid: u32) -> Vec<&'t Process> {
+fn descendants(tree: &ProcessTree, pid: u32) -> Vec<&Process> {
     let mut out = Vec::new();
     let mut queue = std::collections::VecDeque::from([pid]);
     while let Some(next) = queue.pop_front() {
         let Some(p) = tree.get(next) else { continue };
         for child in &p.children {
-            if let Some(c) = tree.get(*child) {
-                if c.id.pid != pid && out.len() < 4096 {
+            if let Some(c) = tree.get(*child)
+                && c.id.pid != pid && out.len() < 4096 {
                     out.push(c);
                     queue.push_back(c.id.pid);
                 }
-            }
         }
     }
     out
@@ -532,13 +530,12 @@ fn sample(
     };
 
     if source == Source::Socket {
-        if let Some(a) = host.sock_activity(t.id.pid) {
-            if a.bytes > t.sock_bytes {
+        if let Some(a) = host.sock_activity(t.id.pid)
+            && a.bytes > t.sock_bytes {
                 t.sock_bytes = a.bytes;
                 t.evidence.last_socket_byte = Some(a.last_ns);
                 bump(t, ActivityKind::Socket, a.last_ns.min(now));
             }
-        }
     } else {
         let bytes: u64 = family.iter().filter_map(|id| host.io_bytes(*id)).sum();
         if let Some((at, before)) = t.io {

@@ -77,11 +77,10 @@ pub fn deadline(e: &Evidence, idle_timeout: Duration, orphan_grace: Duration) ->
 
 /// The verdict at `now`. An orphan is reaped after its grace whatever its activity.
 pub fn check(e: &Evidence, now: Nanos, idle_timeout: Duration, orphan_grace: Duration) -> Verdict {
-    if let Some(since) = e.orphaned_since {
-        if now >= since.saturating_add(nanos(orphan_grace)) {
+    if let Some(since) = e.orphaned_since
+        && now >= since.saturating_add(nanos(orphan_grace)) {
             return Verdict::Orphaned { since };
         }
-    }
     if now >= e.last_activity.saturating_add(nanos(idle_timeout)) {
         return Verdict::Idle {
             since: e.last_activity,

@@ -6,16 +6,13 @@
 //! when the consumer position equals the new record's), and each wakeup here drains everything
 //! there is and forwards it as one `Vec`. A fork storm costs one context switch per batch,
 //! not per event.
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
-};
+use std::sync::Arc;
 
 use aya::maps::{MapData, RingBuf};
-use reaper_common::EventKind;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::{Event, decode};
+use crate::metrics::Metrics;
 
 /// Most events forwarded in one message; a storm is split rather than buffered unboundedly.
 const MAX_BATCH: usize = 4096;
@@ -29,33 +26,12 @@ pub enum SourceMsg {
     Flushed(u64),
 }
 
-/// Counters kept by the source (read by metrics and tests).
-#[derive(Debug, Default)]
-pub struct SourceStats {
-    events: [AtomicU64; EventKind::ALL.len()],
-    decode_errors: AtomicU64,
-}
-
-impl SourceStats {
-    pub fn events(&self, kind: EventKind) -> u64 {
-        self.events[kind as usize - 1].load(Ordering::Relaxed)
-    }
-
-    pub fn events_total(&self) -> u64 {
-        EventKind::ALL.iter().map(|k| self.events(*k)).sum()
-    }
-
-    pub fn decode_errors(&self) -> u64 {
-        self.decode_errors.load(Ordering::Relaxed)
-    }
-}
-
 /// Reads `ring` until `tx` is closed. Flush requests (tokens) arrive on `flush`.
 pub async fn run(
     ring: RingBuf<MapData>,
     tx: mpsc::Sender<SourceMsg>,
     mut flush: mpsc::Receiver<u64>,
-    stats: Arc<SourceStats>,
+    metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open and unchanged for as long as the
     // AsyncFd owns the RingBuf.
@@ -64,14 +40,14 @@ pub async fn run(
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                if !drain(guard.get_inner_mut(), &tx, &stats).await {
+                if !drain(guard.get_inner_mut(), &tx, &metrics).await {
                     return Ok(());
                 }
                 guard.clear_ready();
             }
             token = flush.recv() => {
                 let Some(token) = token else { return Ok(()) };
-                if !drain(fd.get_mut(), &tx, &stats).await
+                if !drain(fd.get_mut(), &tx, &metrics).await
                     || tx.send(SourceMsg::Flushed(token)).await.is_err()
                 {
                     return Ok(());
@@ -85,7 +61,7 @@ pub async fn run(
 async fn drain(
     ring: &mut RingBuf<MapData>,
     tx: &mpsc::Sender<SourceMsg>,
-    stats: &SourceStats,
+    metrics: &Metrics,
 ) -> bool {
     loop {
         let mut batch = Vec::new();
@@ -93,11 +69,11 @@ async fn drain(
             let Some(item) = ring.next() else { break };
             match decode(&item) {
                 Ok(event) => {
-                    stats.events[event.kind() as usize - 1].fetch_add(1, Ordering::Relaxed);
+                    metrics.event(event.kind());
                     batch.push(event);
                 }
                 Err(err) => {
-                    stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                    metrics.decode_errors.inc();
                     tracing::warn!(%err, "dropped an undecodable ring buffer record");
                 }
             }

@@ -159,13 +159,11 @@ fn find_member(
                 bitfield: m.bitfield_size().is_some_and(|size| size != 0),
             }));
         }
-        if name.is_empty() {
-            if let Some(inner) = aggregate(btf, btf.resolve_chained_type(m)?)? {
-                if let Some(found) = find_member(btf, &inner, field, bits)? {
+        if name.is_empty()
+            && let Some(inner) = aggregate(btf, btf.resolve_chained_type(m)?)?
+                && let Some(found) = find_member(btf, &inner, field, bits)? {
                     return Ok(Some(found));
                 }
-            }
-        }
     }
     Ok(None)
 }

@@ -441,11 +441,10 @@ impl ProcessTree {
             .map(|p| p.id.pid)
             .collect();
         for pid in gone {
-            if let Some(p) = self.live.get(&pid) {
-                if alive(p.id) {
+            if let Some(p) = self.live.get(&pid)
+                && alive(p.id) {
                     continue;
                 }
-            }
             fixed.removed += 1;
             if let Some(old) = self.remove(pid) {
                 for child in old.children {

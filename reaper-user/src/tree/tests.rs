@@ -62,11 +62,10 @@ fn assert_consistent(tree: &ProcessTree) {
         for child in &p.children {
             assert_eq!(tree.get(*child).map(|c| c.ppid), Some(p.id.pid), "{child} under {}", p.id);
         }
-        if let Some(parent) = tree.get(p.ppid) {
-            if p.ppid != p.id.pid {
+        if let Some(parent) = tree.get(p.ppid)
+            && p.ppid != p.id.pid {
                 assert!(parent.children.contains(&p.id.pid), "{} missing under {}", p.id, p.ppid);
             }
-        }
     }
 }
 

@@ -1,0 +1,190 @@
+//! What reaper did, for Prometheus: one registry per daemon, updated where things happen (the
+//! ring buffer reader, the tree task, the reaper) and rendered in the text format by
+//! [`crate::http`].
+//!
+//! Names follow Prometheus conventions: base units, `_total` for counters.
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use reaper_common::EventKind;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Per kind, in `EventKind::ALL` order: the hot path skips the label lookup.
+    events: [IntCounter; EventKind::ALL.len()],
+    pub events_lost: IntCounterVec,
+    pub decode_errors: IntCounter,
+    pub processes: IntGauge,
+    pub targets: IntGaugeVec,
+    pub kills: IntCounterVec,
+    pub kill_failures: IntCounterVec,
+    pub would_kill: IntCounterVec,
+    pub reclaimed_bytes: IntCounter,
+    pub corrections: IntCounterVec,
+    pub reconciles: IntCounter,
+    pub kill_delay: Histogram,
+    pub activity_source: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        macro_rules! register {
+            ($metric:expr) => {{
+                let m = $metric.expect("valid metric definition");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric names are unique");
+                m
+            }};
+        }
+        let events_vec = register!(IntCounterVec::new(
+            Opts::new("reaper_events_total", "Lifecycle events received from the kernel, by kind."),
+            &["kind"],
+        ));
+        let events = EventKind::ALL.map(|k| events_vec.with_label_values(&[k.name()]));
+        let events_lost = register!(IntCounterVec::new(
+            Opts::new(
+                "reaper_events_lost_total",
+                "Events the kernel could not hand over (ring buffer full), by kind."
+            ),
+            &["kind"],
+        ));
+        for k in EventKind::ALL {
+            events_lost.with_label_values(&[k.name()]);
+        }
+        let build_info = register!(IntGaugeVec::new(
+            Opts::new("reaper_build_info", "Always 1; the version is in the label."),
+            &["version"],
+        ));
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Self {
+            events,
+            events_lost,
+            decode_errors: register!(IntCounter::new(
+                "reaper_decode_errors_total",
+                "Ring buffer records that could not be decoded."
+            )),
+            processes: register!(IntGauge::new(
+                "reaper_processes",
+                "Processes in the live process tree."
+            )),
+            targets: register!(IntGaugeVec::new(
+                Opts::new("reaper_targets", "Processes matching a rule, by rule and verdict."),
+                &["rule", "state"],
+            )),
+            kills: register!(IntCounterVec::new(
+                Opts::new(
+                    "reaper_kills_total",
+                    "Targets killed, by rule, reason and the last signal needed."
+                ),
+                &["rule", "reason", "signal"],
+            )),
+            kill_failures: register!(IntCounterVec::new(
+                Opts::new("reaper_kill_failures_total", "Kills that failed, by rule and reason."),
+                &["rule", "reason"],
+            )),
+            would_kill: register!(IntCounterVec::new(
+                Opts::new(
+                    "reaper_would_kill_total",
+                    "Targets that would have been killed (dry-run), by rule and reason."
+                ),
+                &["rule", "reason"],
+            )),
+            reclaimed_bytes: register!(IntCounter::new(
+                "reaper_reclaimed_bytes_total",
+                "Resident memory of killed targets and their descendants, in bytes."
+            )),
+            corrections: register!(IntCounterVec::new(
+                Opts::new(
+                    "reaper_reconcile_corrections_total",
+                    "Differences between the tree and /proc repaired by reconciliation, by kind."
+                ),
+                &["kind"],
+            )),
+            reconciles: register!(IntCounter::new(
+                "reaper_reconciles_total",
+                "Reconciliations of the tree against /proc."
+            )),
+            kill_delay: register!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "reaper_kill_delay_seconds",
+                    "From a target's idle (or orphan) deadline to the process being gone."
+                )
+                .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            )),
+            activity_source: register!(IntGaugeVec::new(
+                Opts::new(
+                    "reaper_activity_source",
+                    "1 for the source of target activity in use (socket or proc-io)."
+                ),
+                &["source"],
+            )),
+            registry,
+        }
+    }
+
+    /// Counts one decoded event.
+    pub fn event(&self, kind: EventKind) {
+        self.events[kind as usize - 1].inc();
+    }
+
+    pub fn events(&self, kind: EventKind) -> u64 {
+        self.events[kind as usize - 1].get()
+    }
+
+    pub fn events_total(&self) -> u64 {
+        self.events.iter().map(IntCounter::get).sum()
+    }
+
+    /// The Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|err| format!("# encoding failed: {err}\n"))
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_fixed_family() {
+        let m = Metrics::new();
+        m.event(EventKind::Exec);
+        m.kills.with_label_values(&["claude-sdk", "idle", "SIGTERM"]).inc();
+        m.kill_failures.with_label_values(&["claude-sdk", "idle"]).inc();
+        m.would_kill.with_label_values(&["claude-sdk", "idle"]).inc();
+        m.targets.with_label_values(&["claude-sdk", "idle"]).set(2);
+        m.corrections.with_label_values(&["added"]).inc();
+        m.kill_delay.observe(0.2);
+        let text = m.render();
+        for family in [
+            "reaper_events_total{kind=\"exec\"} 1",
+            "reaper_events_lost_total{kind=\"fork\"} 0",
+            "reaper_decode_errors_total 0",
+            "reaper_processes 0",
+            "reaper_targets{rule=\"claude-sdk\",state=\"idle\"} 2",
+            "reaper_kills_total{reason=\"idle\",rule=\"claude-sdk\",signal=\"SIGTERM\"} 1",
+            "reaper_kill_failures_total{reason=\"idle\",rule=\"claude-sdk\"} 1",
+            "reaper_would_kill_total{reason=\"idle\",rule=\"claude-sdk\"} 1",
+            "reaper_reclaimed_bytes_total 0",
+            "reaper_reconcile_corrections_total{kind=\"added\"} 1",
+            "reaper_kill_delay_seconds_count 1",
+            "reaper_build_info{version=",
+        ] {
+            assert!(text.contains(family), "missing {family} in:\n{text}");
+        }
+        assert_eq!(m.events_total(), 1);
+    }
+}
