@@ -107,6 +107,14 @@ impl Harness {
     }
 }
 
+/// A scratch `XDG_RUNTIME_DIR` for the processes tests start (the `claude` double puts its
+/// `cc-socks/<pid>.sock` there, as the real CLI does), so nothing is left in the real one.
+pub fn runtime_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("reaper-tests-runtime-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch runtime dir");
+    dir
+}
+
 /// The lifecycle helper binary. Cargo builds it for this package's integration tests and puts
 /// it in the profile directory, one level above the test executables (`deps/`).
 pub fn helper_path() -> std::path::PathBuf {
@@ -138,6 +146,7 @@ impl Helper {
     pub fn spawn_program(program: &std::path::Path, args: &[&str]) -> Self {
         let mut child = Command::new(program)
             .args(args)
+            .env("XDG_RUNTIME_DIR", runtime_dir())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -163,6 +163,31 @@ async fn s_is_proc_io(h: &Harness) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proc_io_fallback_reaps_the_idle_and_spares_the_chatting() {
+    // What kernels without sock:sock_send_length (before 6.3) use, forced here.
+    let mut h = start("activity_source = \"proc-io\"").await;
+    assert!(s_is_proc_io(&h).await);
+    let mut chat = agent(&["--chat-every", "1000"]);
+    let mut leak = agent(&["--leak"]);
+    let chatting = chat.read_pid("claude");
+    let leaked = leak.read_pid("claude");
+    let started = Instant::now();
+    assert_eq!(exit_of(&mut h, leaked).await.signal(), Some(libc::SIGTERM as u8));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(6), "idle timeout 3 s, reaped after {took:?}");
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        assert!(alive(chatting), "the chatting child was killed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let target = h.handle.explain(chatting).await.unwrap().target.unwrap();
+    assert_eq!(target.verdict.state(), "active");
+    assert_eq!(target.evidence.last_activity_kind, reaper::detect::verdict::ActivityKind::Io);
+    chat.finish();
+    leak.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_whose_descendant_is_busy_is_never_reaped() {
     let h = start("").await;
     let mut a = agent(&["--leak", "--message", "tool:busy"]);
@@ -181,6 +206,7 @@ fn spawn_double(exe: &Path, with_tty: bool) -> std::process::Child {
     use std::os::unix::process::CommandExt as _;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["--output-format", "stream-json", "--verbose", "--input-format", "stream-json"])
+        .env("XDG_RUNTIME_DIR", reaper_tests::runtime_dir())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null());
     if with_tty {
