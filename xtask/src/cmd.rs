@@ -72,3 +72,66 @@ pub(crate) fn status_tee_stderr(cmd: &mut Command) -> anyhow::Result<(ExitStatus
         .with_context(|| format!("waiting for `{}`", describe(cmd)))?;
     Ok((st, captured))
 }
+
+/// Pass and fail counts summed over libtest's `test result:` lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub(crate) passed: u64,
+    pub(crate) failed: u64,
+    pub(crate) ignored: u64,
+}
+
+impl Totals {
+    /// Adds one libtest summary line, e.g.
+    /// `test result: ok. 11 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; …`.
+    pub(crate) fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else { return };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs with stdout shown live and scanned for libtest summaries; returns the status (not
+/// checked) and the totals.
+pub(crate) fn status_counting_tests(cmd: &mut Command) -> anyhow::Result<(ExitStatus, Totals)> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| spawn_error(cmd, e))?;
+    let mut totals = Totals::default();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.with_context(|| format!("reading stdout of `{}`", describe(cmd)))?;
+            println!("{line}");
+            totals.add_line(&line);
+        }
+    }
+    let st = child
+        .wait()
+        .with_context(|| format!("waiting for `{}`", describe(cmd)))?;
+    Ok((st, totals))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_libtest_summaries() {
+        let mut t = Totals::default();
+        t.add_line("test result: ok. 11 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 8.85s");
+        t.add_line("test result: FAILED. 6 passed; 4 failed; 0 ignored; 0 measured; 0 filtered out; finished in 99.04s");
+        t.add_line("running 3 tests");
+        assert_eq!(t, Totals { passed: 17, failed: 4, ignored: 2 });
+    }
+}

@@ -242,9 +242,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             cmd.args(&args);
             println!("xtask: {}", describe(&cmd));
-            let st = status(&mut cmd)?;
+            let (st, totals) = cmd::status_counting_tests(&mut cmd)?;
             if !st.success() {
                 eprintln!("xtask: tests failed ({st})");
+            }
+            // One closing line over every test binary (cargo's own last line is a doc-test
+            // summary, often "0 passed").
+            println!(
+                "xtask: {} passed, {} failed, {} skipped",
+                totals.passed, totals.failed, totals.ignored
+            );
+            if !st.success() {
                 return Ok(exit_code(st));
             }
         }
