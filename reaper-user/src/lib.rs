@@ -1,5 +1,6 @@
 //! reaper: watches every process's life through eBPF and reaps leaked AI-agent children.
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod detect;

@@ -310,3 +310,44 @@ pub fn reaper_bin() -> std::path::PathBuf {
     );
     path
 }
+
+/// A TCP port on loopback that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// Makes sure a Debian package's `binary` is on PATH, installing `package` with apt-get the
+/// first time (the test set-up installs what tests need, so a new machine passes too).
+pub fn ensure_debian_package(package: &str, binary: &str) {
+    static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let on_path = || {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {binary}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let _one_at_a_time = APT.lock().unwrap_or_else(|e| e.into_inner());
+    if on_path() {
+        return;
+    }
+    eprintln!("installing Debian package {package} (for {binary}) with apt-get…");
+    let run = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run apt-get to install {package}: {e}"))
+    };
+    let installed = run(&["install", "-y", "--no-install-recommends", package]).success()
+        || (run(&["update"]).success()
+            && run(&["install", "-y", "--no-install-recommends", package]).success());
+    assert!(
+        installed && on_path(),
+        "could not install the Debian package {package} (providing {binary}); install it by hand"
+    );
+}

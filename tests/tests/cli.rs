@@ -20,7 +20,7 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-use reaper_tests::{DEADLINE, Helper, helper_path, proc_stat, reaper_bin};
+use reaper_tests::{DEADLINE, Helper, free_port, helper_path, proc_stat, reaper_bin};
 use serde_json::Value;
 
 /// How often a wait re-checks its condition.
@@ -121,6 +121,7 @@ struct Daemon {
     process: Running,
     socket: PathBuf,
     log: PathBuf,
+    metrics: std::net::SocketAddr,
 }
 
 impl Daemon {
@@ -131,8 +132,15 @@ impl Daemon {
         );
         let socket = dir.join("reaper.sock");
         let log = dir.join("daemon.log");
+        // Dry run: the built-in rule matches any SDK-spawned claude on the host, and tests
+        // only ever signal processes they started. Its own port, so tests never collide with
+        // a daemon already running on the default one.
+        let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let child = Command::new(reaper_bin())
             .arg("run")
+            .arg("--dry-run")
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
             .arg("--socket")
             .arg(&socket)
             .stdin(Stdio::null())
@@ -145,6 +153,7 @@ impl Daemon {
             process: Running::new(child, "reaper run"),
             socket,
             log,
+            metrics,
         };
         daemon.wait_ready();
         daemon
@@ -567,4 +576,141 @@ fn sigterm_stops_the_daemon_cleanly() {
         "{} left behind",
         daemon.socket.display()
     );
+}
+
+// --- the metrics endpoint --------------------------------------------------------------
+
+#[test]
+fn metrics_are_valid_prometheus_and_health_is_ok() {
+    let dir = TempDir::new("metrics");
+    let daemon = Daemon::start(&dir);
+    let (status, body) = http_get(daemon.metrics, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http_get(daemon.metrics, "/metrics");
+    assert_eq!(status, 200);
+    for family in [
+        "reaper_events_total",
+        "reaper_events_lost_total",
+        "reaper_decode_errors_total",
+        "reaper_processes",
+        "reaper_kill_delay_seconds_bucket",
+        "reaper_reclaimed_bytes_total",
+        "reaper_build_info",
+    ] {
+        assert!(body.contains(family), "{family} missing from:\n{body}");
+    }
+    let (status, _) = http_get(daemon.metrics, "/nothing-here");
+    assert_eq!(status, 404);
+
+    reaper_tests::ensure_debian_package("prometheus", "promtool");
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    check.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_daemon() {
+    reaper_tests::ensure_debian_package("prometheus", "prometheus");
+    let dir = TempDir::new("prometheus");
+    let daemon = Daemon::start(&dir);
+    let web: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: reaper\n    \
+             static_configs:\n      - targets: ['{}']\n",
+            daemon.metrics
+        ),
+    )
+    .unwrap();
+    let log = dir.join("prometheus.log");
+    let mut prometheus = Running::new(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={web}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start prometheus"),
+        "prometheus",
+    );
+    // Scrapes happen every second; startup of an empty TSDB takes a few.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let processes = loop {
+        if let Some(status) = prometheus.exited() {
+            panic!("prometheus exited ({status}): {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        let (status, body) = http_get(web, "/api/v1/query?query=reaper_processes");
+        if status == 200 {
+            let v: Value = serde_json::from_str(&body).expect("query API answers JSON");
+            if let Some(value) = v["data"]["result"][0]["value"][1].as_str() {
+                break value.parse::<f64>().expect("a number");
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never had reaper_processes; last answer {status} {body}; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(processes > 0.0, "reaper_processes = {processes}");
+    let (_, up) = http_get(web, "/api/v1/query?query=up%7Bjob%3D%22reaper%22%7D");
+    assert!(up.contains("\"1\""), "the scrape target is up: {up}");
+    prometheus.stop(Signal::SIGTERM);
+    drop(daemon);
+}
+
+/// A minimal HTTP/1.1 GET on loopback (test-only; the daemon's side is a real server).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, DEADLINE) else {
+        return (0, String::new());
+    };
+    let _ = stream.set_read_timeout(Some(DEADLINE));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.to_ascii_lowercase().contains("transfer-encoding: chunked") => dechunk(body),
+        Some((_, body)) => body.to_owned(),
+        None => String::new(),
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }
