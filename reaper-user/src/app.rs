@@ -146,6 +146,10 @@ pub struct PipelineStats {
     pub bootstrap_duplicates: u64,
     /// Where target activity comes from.
     pub activity_source: Option<Source>,
+    /// Where the configuration in force came from, its mode and rules.
+    pub config_source: String,
+    pub mode: String,
+    pub rules: Vec<String>,
     pub targets: usize,
     pub reaps: ReapStats,
 }
@@ -158,6 +162,7 @@ enum Query {
     Reconcile(oneshot::Sender<Corrections>),
     Targets(oneshot::Sender<Vec<TargetView>>),
     Explain(u32, oneshot::Sender<Explanation>),
+    Reload(Box<Config>, oneshot::Sender<()>),
 }
 
 /// A cheap handle to the running pipeline.
@@ -207,6 +212,11 @@ impl PipelineHandle {
     /// Why `pid` is or is not a target.
     pub async fn explain(&self, pid: u32) -> Option<Explanation> {
         self.ask(|tx| Query::Explain(pid, tx)).await
+    }
+
+    /// Applies a new (validated) configuration: rules, timeouts, mode, rate limit.
+    pub async fn reload(&self, config: Config) -> Option<()> {
+        self.ask(|tx| Query::Reload(Box::new(config), tx)).await
     }
 
     /// Reconciles with `/proc` now; returns what it corrected.
@@ -461,6 +471,10 @@ impl TreeOwner {
                     Some(Query::Targets(reply)) => {
                         let _ = reply.send(self.detector.views(&self.tree, scan::now_ns()));
                     }
+                    Some(Query::Reload(config, reply)) => {
+                        self.reload(*config);
+                        let _ = reply.send(());
+                    }
                     Some(Query::Explain(pid, reply)) => {
                         let host = LiveHost { probes: &mut self.probes };
                         let _ = reply.send(self.detector.explain(&self.tree, pid, scan::now_ns(), &host));
@@ -539,6 +553,34 @@ impl TreeOwner {
         }
     }
 
+    fn reload(&mut self, config: Config) {
+        let old = &self.config.config;
+        for (what, changed) in [
+            ("ring_bytes", old.ring_bytes != config.ring_bytes),
+            ("activity_source", old.activity_source != config.activity_source),
+            ("metrics_addr", old.metrics_addr != config.metrics_addr),
+            ("reconcile_interval", old.reconcile_interval != config.reconcile_interval),
+        ] {
+            if changed {
+                tracing::warn!(key = what, "changed in the new configuration; takes effect at the next restart");
+            }
+        }
+        self.detector.reconfigure(
+            &config,
+            &self.tree,
+            scan::now_ns(),
+            &mut LiveHost { probes: &mut self.probes },
+        );
+        tracing::info!(
+            source = %config.source,
+            mode = ?config.mode,
+            rules = %config.rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(","),
+            targets = self.detector.target_count(),
+            "configuration reloaded"
+        );
+        self.config.config = config;
+    }
+
     /// `reaper_targets{rule,state}` from the detector's current verdicts.
     fn export_targets(&self, now: u64) {
         self.metrics.targets.reset();
@@ -566,6 +608,9 @@ impl TreeOwner {
             reconciles: self.reconciles,
             bootstrap_duplicates: self.bootstrap_duplicates,
             activity_source: Some(self.detector.source()),
+            config_source: self.config.config.source.clone(),
+            mode: format!("{:?}", self.config.config.mode),
+            rules: self.config.config.rules.iter().map(|r| r.name.clone()).collect(),
             targets: self.detector.target_count(),
             reaps: self.reap_stats.clone(),
         }

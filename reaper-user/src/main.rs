@@ -183,7 +183,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let server = ipc::Server::bind(&args.socket)?;
     tracing::info!(socket = %server.path().display(), "serving the local interface (root only); `reaper tree` shows the live tree");
     let serving = tokio::spawn(server.serve(pipeline.handle()));
-    shutdown_signal().await?;
+    wait_for_signals(&args, &overrides, &pipeline).await?;
     tracing::info!("shutting down: detaching probes");
     serving.abort();
     http.abort();
@@ -193,15 +193,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// SIGTERM or SIGINT: return (graceful shutdown). SIGHUP: reload the configuration; a bad new
+/// one is refused and the running one stays in force.
+async fn wait_for_signals(args: &RunArgs, overrides: &Overrides, pipeline: &Pipeline) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => match Config::resolve(args.config.as_deref(), overrides) {
+                Ok(config) => {
+                    pipeline.handle().reload(config).await;
+                }
+                Err(err) => tracing::error!(
+                    error = %err,
+                    "SIGHUP: refusing the new configuration; the running one stays in force"
+                ),
+            },
+        }
     }
-    Ok(())
 }
 
 async fn stream_events(json: bool) -> anyhow::Result<()> {

@@ -126,6 +126,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &TempDir) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// With extra `reaper run` arguments (e.g. `--config FILE`).
+    fn start_with(dir: &TempDir, extra: &[&str]) -> Self {
         assert!(
             nix::unistd::geteuid().is_root(),
             "`reaper run` loads eBPF programs: run the tests as root (cargo xtask test)"
@@ -143,6 +148,7 @@ impl Daemon {
             .arg(metrics.to_string())
             .arg("--socket")
             .arg(&socket)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("daemon log"))
@@ -713,4 +719,49 @@ fn dechunk(mut body: &str) -> String {
         body = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+// --- configuration reload ----------------------------------------------------------------
+
+fn stats_of(daemon: &Daemon) -> Value {
+    let out = Command::new(reaper_bin())
+        .args(["stats", "--socket", daemon.socket_arg()])
+        .output()
+        .expect("reaper stats");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("stats JSON")
+}
+
+#[test]
+fn sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("reload");
+    let config = dir.join("reaper.toml");
+    let write = |text: &str| {
+        std::fs::write(&config, text).unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    let rule = |name: &str| format!("[[rule]]\nname = \"{name}\"\ncomm = [\"never-matches-{name}\"]\n");
+    write(&rule("first"));
+    let mut daemon = Daemon::start_with(&dir, &["--config", config.to_str().unwrap()]);
+    assert_eq!(stats_of(&daemon)["rules"], serde_json::json!(["first"]));
+
+    write(&format!("idle_timeout = \"1h\"\n{}", rule("second")));
+    kill(daemon.process.pid(), Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while stats_of(&daemon)["rules"] != serde_json::json!(["second"]) {
+        assert!(Instant::now() < deadline, "not reloaded; log:\n{}", daemon.log());
+        std::thread::sleep(POLL);
+    }
+
+    write("idle_timeout = \"soon\"\n");
+    kill(daemon.process.pid(), Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while !daemon.log().contains("refusing the new configuration") {
+        assert!(Instant::now() < deadline, "bad config not refused; log:\n{}", daemon.log());
+        std::thread::sleep(POLL);
+    }
+    assert!(daemon.log().contains("idle_timeout"), "the refusal names the key");
+    assert_eq!(stats_of(&daemon)["rules"], serde_json::json!(["second"]), "the old config stays");
+    assert!(daemon.process.exited().is_none(), "still running");
 }

@@ -147,6 +147,40 @@ impl Detector {
         }
     }
 
+    /// Takes a new configuration (SIGHUP). Targets keep their evidence while their rule (by
+    /// name) still exists and still matches; new matches are adopted, the rest dropped.
+    pub fn reconfigure(&mut self, config: &Config, tree: &ProcessTree, now: Nanos, host: &mut impl Host) {
+        let old_rules = std::mem::replace(&mut self.rules, config.rules.clone());
+        let mode_changed = self.mode != config.mode;
+        self.mode = config.mode;
+        self.grace = config.grace;
+        self.io_bytes_per_second = config.io_bytes_per_second;
+        self.rate = RateLimit::new(config.max_kills_per_minute);
+        self.rate_limited_until = None;
+        let pids: Vec<u32> = self.targets.keys().copied().collect();
+        for pid in pids {
+            let name = &old_rules[self.targets[&pid].rule].name;
+            match self.rules.iter().position(|r| &r.name == name) {
+                Some(index) => {
+                    let t = self.targets.get_mut(&pid).expect("listed above");
+                    t.rule = index;
+                    if mode_changed && t.pending == Pending::WouldKillReported {
+                        t.pending = Pending::None;
+                    }
+                }
+                None => self.drop_target(pid, host),
+            }
+        }
+        let pids: Vec<u32> = tree
+            .processes()
+            .map(|p| p.id.pid)
+            .filter(|pid| !self.member_of.contains_key(pid))
+            .collect();
+        for pid in pids {
+            self.classify(tree, pid, now, host);
+        }
+    }
+
     pub fn source(&self) -> Source {
         self.source
     }

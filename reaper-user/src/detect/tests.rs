@@ -301,3 +301,30 @@ fn explain_says_why_not() {
     assert!(e.rules[0].matches);
     assert_eq!(e.target.unwrap().verdict.state(), "active");
 }
+
+#[test]
+fn a_reload_keeps_evidence_and_applies_new_rules() {
+    let mut w = World::new("mode = \"dry-run\"");
+    w.spawn(20, 10, SDK, S);
+    w.host.sock.insert(20, SockActivity { last_ns: 5 * S, bytes: 1 });
+    assert!(w.tick(5 * S).is_empty());
+    // A longer timeout and enforce mode: the target stays, its last activity (5 s) too.
+    let mut longer = config("mode = \"enforce\"");
+    longer.rules[0].idle_timeout = Duration::from_secs(20);
+    w.det.reconfigure(&longer, &w.tree, 6 * S, &mut w.host);
+    assert_eq!(w.det.target_count(), 1);
+    assert!(w.tick(24 * S).is_empty());
+    let orders = w.tick(25 * S);
+    assert_eq!(orders.len(), 1);
+    assert!(!orders[0].dry_run);
+    // A configuration whose rule no longer matches drops the target and unwatches it.
+    let other = parse(
+        "[[rule]]\nname = \"other\"\ncomm = [\"codex\"]\n",
+        "test",
+        &Overrides::default(),
+    )
+    .unwrap();
+    w.det.reconfigure(&other, &w.tree, 26 * S, &mut w.host);
+    assert_eq!(w.det.target_count(), 0);
+    assert!(w.host.watched.is_empty());
+}
