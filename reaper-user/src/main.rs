@@ -65,6 +65,9 @@ enum Command {
     },
     /// Validate a configuration file without running anything.
     CheckConfig { file: PathBuf },
+    /// Inspect this host: privileges, BTF, tracepoints, ring buffer and pidfd support.
+    /// Exits non-zero when the daemon cannot run here.
+    Check,
 }
 
 #[derive(Args)]
@@ -128,6 +131,14 @@ fn main() -> anyhow::Result<()> {
                     let e: Explanation = serde_json::from_value(value)
                         .context("unexpected explanation from the daemon")?;
                     print!("{}", cli::render_explanation(&e));
+                }
+                Ok(())
+            }
+            Command::Check => {
+                let report = reaper::check::inspect();
+                print!("{report}");
+                if !report.can_run() {
+                    anyhow::bail!("reaper cannot run on this host: see the missing items above");
                 }
                 Ok(())
             }
