@@ -96,6 +96,17 @@ fn now_ns() -> u64 {
     unsafe { generated::bpf_ktime_get_boot_ns() }
 }
 
+/// The header every record starts with, stamped now.
+#[inline(always)]
+fn header(kind: EventKind, tgid: u32, start_time_ns: u64) -> Header {
+    Header {
+        kind: kind as u32,
+        tgid,
+        timestamp_ns: now_ns(),
+        start_time_ns,
+    }
+}
+
 #[inline(always)]
 fn count_lost(kind: EventKind) {
     if let Some(slot) = LOST.get_ptr_mut(kind as u32) {
@@ -159,12 +170,7 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     entry.write(ForkEvent {
-        header: Header {
-            kind: EventKind::Fork as u32,
-            tgid: tgid as u32,
-            timestamp_ns: now_ns(),
-            start_time_ns: start,
-        },
+        header: header(EventKind::Fork, tgid as u32, start),
         parent_tgid: parent_tgid as u32,
         uid,
         parent_start_time_ns: parent_start,
@@ -251,12 +257,7 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
 
     // SAFETY: as above; plain stores into the reserved record.
     unsafe {
-        (*ev).header = Header {
-            kind: EventKind::Exec as u32,
-            tgid,
-            timestamp_ns: now_ns(),
-            start_time_ns: start,
-        };
+        (*ev).header = header(EventKind::Exec, tgid, start);
         (*ev).parent_tgid = parent_tgid as u32;
         (*ev).uid = uid;
         (*ev).flags = flags;
@@ -315,12 +316,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     entry.write(ExitEvent {
-        header: Header {
-            kind: EventKind::Exit as u32,
-            tgid: tgid as u32,
-            timestamp_ns: now_ns(),
-            start_time_ns: start,
-        },
+        header: header(EventKind::Exit, tgid as u32, start),
         exit_status: exit_status as u32,
         reaper_tgid,
     });
@@ -402,12 +398,7 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     entry.write(RenameEvent {
-        header: Header {
-            kind: EventKind::Rename as u32,
-            tgid: tgid as u32,
-            timestamp_ns: now_ns(),
-            start_time_ns: start,
-        },
+        header: header(EventKind::Rename, tgid as u32, start),
         comm,
     });
     entry.submit(0);
