@@ -89,7 +89,8 @@ impl CheckItem {
     }
 }
 
-/// Everything `reaper check` found.
+/// Everything `reaper check` found. Displayed as a table and a closing verdict line (ending in
+/// a newline, ready for `print!`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CheckReport {
     pub items: Vec<CheckItem>,
@@ -123,9 +124,9 @@ impl fmt::Display for CheckReport {
             n => format!(" ({n} warnings)"),
         };
         if missing == 0 {
-            write!(f, "\nreaper can run here{warned}.")
+            writeln!(f, "\nreaper can run here{warned}.")
         } else {
-            write!(
+            writeln!(
                 f,
                 "\nreaper cannot run here: {missing} required item(s) missing{warned}; see FIX."
             )
@@ -314,7 +315,7 @@ pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes;
     let mut unit = 0;
-    while value >= 1024 && value % 1024 == 0 && unit < UNITS.len() - 1 {
+    while value >= 1024 && value.is_multiple_of(1024) && unit < UNITS.len() - 1 {
         value /= 1024;
         unit += 1;
     }
@@ -722,7 +723,7 @@ mod tests {
         assert_eq!(status(&report, "tracefs"), Status::Info);
         assert_eq!(status(&report, "RLIMIT_MEMLOCK"), Status::Info);
         let text = report.to_string();
-        assert!(text.ends_with("reaper can run here."), "{text}");
+        assert!(text.ends_with("\nreaper can run here.\n"), "{text}");
         assert!(text.contains("Linux 6.18.44-fc-v657 x86_64"), "{text}");
     }
 
@@ -849,7 +850,7 @@ mod tests {
                 row.fix
             );
         }
-        assert!(report.to_string().ends_with("can run here (2 warnings)."));
+        assert!(report.to_string().ends_with("can run here (2 warnings).\n"));
 
         let no_exec = assess(&Facts {
             btf: BtfFacts::Parsed {

@@ -319,35 +319,100 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Makes sure a Debian package's `binary` is on PATH, installing `package` with apt-get the
-/// first time (the test set-up installs what tests need, so a new machine passes too).
-pub fn ensure_debian_package(package: &str, binary: &str) {
-    static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let on_path = || {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {binary}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let _one_at_a_time = APT.lock().unwrap_or_else(|e| e.into_inner());
-    if on_path() {
+// --- Debian packages the tests need ------------------------------------------------------
+
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(tool)).is_ok_and(|m| {
+                use std::os::unix::fs::PermissionsExt as _;
+                m.is_file() && m.permissions().mode() & 0o111 != 0
+            })
+        })
+    })
+}
+
+pub fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| out.status.success() && out.stdout.ends_with(b"install ok installed"))
+}
+
+/// Installs Debian `package` unless it is installed already: `apt-get update` (once per test
+/// process) and `apt-get install`. Serialized within this process by a mutex and across test
+/// processes by a lock file, so two test binaries never race on dpkg.
+pub fn ensure_package(package: &str) {
+    static APT: std::sync::Mutex<bool> = std::sync::Mutex::new(false); // whether `apt-get update` ran
+    let mut updated = APT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if dpkg_installed(package) {
         return;
     }
-    eprintln!("installing Debian package {package} (for {binary}) with apt-get…");
-    let run = |args: &[&str]| {
-        Command::new("apt-get")
+    let lock_path = std::env::temp_dir().join("reaper-tests-apt.lock");
+    let lock_file = std::fs::File::create(&lock_path)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .unwrap_or_else(|(_, e)| panic!("locking {}: {e}", lock_path.display()));
+    if dpkg_installed(package) {
+        return; // another test process installed it meanwhile
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests need the Debian package {package}; install it (apt-get install \
+         {package}) or run the tests as root (cargo xtask test), which installs it"
+    );
+    let apt = |args: &[&str]| {
+        let out = Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run apt-get to install {package}: {e}"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "running apt-get to install {package}: {e} (these tests need a Debian \
+                     system with apt, or {package} installed)"
+                )
+            });
+        let tail = |bytes: &[u8]| {
+            let text = String::from_utf8_lossy(bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        };
+        assert!(
+            out.status.success(),
+            "`apt-get {}` failed ({}) while installing {package}, which these tests need. \
+             Install it by hand (apt-get install {package}) or check access to the Debian \
+             archive.\n{}\n{}",
+            args.join(" "),
+            out.status,
+            tail(&out.stdout),
+            tail(&out.stderr)
+        );
     };
-    let installed = run(&["install", "-y", "--no-install-recommends", package]).success()
-        || (run(&["update"]).success()
-            && run(&["install", "-y", "--no-install-recommends", package]).success());
+    let started = Instant::now();
+    if !*updated {
+        apt(&["update"]);
+        *updated = true;
+    }
+    apt(&["install", "-y", "--no-install-recommends", package]);
+    eprintln!(
+        "installed the Debian package {package} in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     assert!(
-        installed && on_path(),
-        "could not install the Debian package {package} (providing {binary}); install it by hand"
+        dpkg_installed(package),
+        "{package} is still not installed after apt-get install"
     );
 }
+
+/// Makes sure `tool` can be run: already on PATH, or installed from Debian `package`.
+pub fn ensure_tool(tool: &str, package: &str) {
+    if !on_path(tool) {
+        ensure_package(package);
+    }
+    assert!(
+        on_path(tool),
+        "{tool} is not on PATH even after installing {package}"
+    );
+}
+

@@ -608,7 +608,7 @@ fn metrics_are_valid_prometheus_and_health_is_ok() {
     let (status, _) = http_get(daemon.metrics, "/nothing-here");
     assert_eq!(status, 404);
 
-    reaper_tests::ensure_debian_package("prometheus", "promtool");
+    reaper_tests::ensure_tool("promtool", "prometheus");
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -628,7 +628,7 @@ fn metrics_are_valid_prometheus_and_health_is_ok() {
 
 #[test]
 fn a_real_prometheus_scrapes_the_daemon() {
-    reaper_tests::ensure_debian_package("prometheus", "prometheus");
+    reaper_tests::ensure_tool("prometheus", "prometheus");
     let dir = TempDir::new("prometheus");
     let daemon = Daemon::start(&dir);
     let web: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
