@@ -43,6 +43,8 @@ pub enum ConfigError {
     },
     #[error("config {path} is a directory, not a file")]
     IsDirectory { path: PathBuf },
+    #[error("config {path} is not a regular file (a FIFO, device or socket could block or never end)")]
+    NotAFile { path: PathBuf },
     #[error("config {path} is {size} bytes; refusing anything over 1 MiB")]
     TooLarge { path: PathBuf, size: u64 },
     #[error(
@@ -204,7 +206,13 @@ fn read_secure(path: &Path) -> Result<String, ConfigError> {
             path: path.to_owned(),
         });
     }
-    if meta.len() > 1 << 20 {
+    // A FIFO would block the read forever, a device like /dev/kmsg never end: regular files only.
+    if !meta.is_file() {
+        return Err(ConfigError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
         return Err(ConfigError::TooLarge {
             path: path.to_owned(),
             size: meta.len(),
@@ -219,8 +227,23 @@ fn read_secure(path: &Path) -> Result<String, ConfigError> {
             mode,
         });
     }
-    std::fs::read_to_string(path).map_err(read_err)
+    // The file may have grown since: read one byte past the limit at most.
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+        .map_err(read_err)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+            size: text.len() as u64,
+        });
+    }
+    Ok(text)
 }
+
+/// The largest configuration file read (1 MiB).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Parses and validates TOML text.
 pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
@@ -448,6 +471,22 @@ mod tests {
         assert!(matches!(e, ConfigError::IsDirectory { .. }), "{e}");
         let e = Config::load(&dir.join("missing.toml"), &Overrides::default()).unwrap_err();
         assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn fifos_and_devices_are_refused_without_being_read() {
+        // Reading a FIFO blocks until a writer comes (forever); /dev/kmsg and the like never end.
+        let dir = std::env::temp_dir().join(format!("reaper-config-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("reaper.toml");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        for path in [fifo.as_path(), Path::new("/dev/null")] {
+            let e = Config::load(path, &Overrides::default()).unwrap_err();
+            assert!(matches!(e, ConfigError::NotAFile { .. }), "{}: {e}", path.display());
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -8,6 +8,7 @@ pub mod events;
 pub mod http;
 pub mod ipc;
 pub mod metrics;
+pub mod privileges;
 pub mod probes;
 pub mod reap;
 pub mod tree;

@@ -96,6 +96,13 @@ struct RunArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if !matches!(cli.command, Command::Run(_) | Command::Events { .. }) {
+        // Client commands print and exit: a closed pipe (`reaper tree | head`) ends them
+        // quietly, like any Unix tool, instead of a write error. The daemon keeps Rust's
+        // default (SIGPIPE ignored), so a peer closing a socket cannot kill it.
+        // SAFETY: setting a signal disposition to its default before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -194,6 +201,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let server = ipc::Server::bind(&args.socket)?;
     tracing::info!(socket = %server.path().display(), "serving the local interface (root only); `reaper tree` shows the live tree");
     let serving = tokio::spawn(server.serve(pipeline.handle()));
+    // Loaded, attached and bound: from here on only what running needs.
+    match reaper::privileges::drop_to_kept() {
+        Ok(kept) => {
+            let mut kept: Vec<String> = kept.iter().map(ToString::to_string).collect();
+            kept.sort();
+            tracing::info!(kept = %kept.join(","), "dropped every other capability; no_new_privs set");
+        }
+        Err(err) => tracing::warn!(error = %err, "could not drop capabilities; running with more than needed"),
+    }
     wait_for_signals(&args, &overrides, &pipeline).await?;
     tracing::info!("shutting down: detaching probes");
     serving.abort();

@@ -765,3 +765,53 @@ fn sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
     assert_eq!(stats_of(&daemon)["rules"], serde_json::json!(["second"]), "the old config stays");
     assert!(daemon.process.exited().is_none(), "still running");
 }
+
+#[test]
+fn the_daemon_keeps_only_the_capabilities_it_needs_and_clients_survive_closed_pipes() {
+    let dir = TempDir::new("caps");
+    let daemon = Daemon::start(&dir);
+    let deadline = Instant::now() + DEADLINE;
+    // The drop happens right after the socket is served; wait for it.
+    let status = loop {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.process.child.id())).unwrap();
+        if status.contains("NoNewPrivs:\t1") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no_new_privs never set:\n{status}");
+        std::thread::sleep(POLL);
+    };
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    // CAP_DAC_READ_SEARCH 2, CAP_KILL 5, CAP_SYS_PTRACE 19, CAP_BPF 39.
+    let kept = (1 << 2) | (1 << 5) | (1 << 19) | (1u64 << 39);
+    assert_eq!(field("CapEff:"), kept, "{status}");
+    assert_eq!(field("CapPrm:"), kept);
+    assert_eq!(field("CapBnd:"), kept);
+    assert_eq!(field("CapInh:"), 0);
+    assert_eq!(field("CapAmb:"), 0);
+    // …and it still works: it answers and follows a new process.
+    let mut helper = Helper::spawn(&["wait"]);
+    let pid = helper.read_pid("pid");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let tree: Value = serde_json::from_slice(
+            &Command::new(reaper_bin()).args(["tree", "--json", "--socket", daemon.socket_arg()]).output().unwrap().stdout,
+        )
+        .unwrap();
+        if tree.as_array().unwrap().iter().any(|p| p["id"]["pid"] == pid) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the helper never showed up after the drop");
+        std::thread::sleep(POLL);
+    }
+    helper.finish();
+    // A client whose reader goes away early ends quietly, without a panic.
+    let out = Command::new("sh")
+        .args(["-c", &format!("{} tree --socket {} | head -1", reaper_bin().display(), daemon.socket_arg())])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{}", String::from_utf8_lossy(&out.stderr));
+}

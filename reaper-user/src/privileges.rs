@@ -1,0 +1,53 @@
+//! After the probes are loaded and attached and the sockets bound, the daemon keeps only the
+//! capabilities it still needs, in every set (effective, permitted, inheritable, ambient,
+//! bounding), and sets no_new_privs. Loading and attaching needed more; running does not.
+use caps::{CapSet, Capability, CapsHashSet};
+
+/// What the running daemon still needs, and why.
+pub const KEPT: [(Capability, &str); 4] = [
+    (
+        Capability::CAP_BPF,
+        "update the watched-process map and read the loss counters (bpf() on existing maps)",
+    ),
+    (Capability::CAP_KILL, "signal targets owned by other users through pidfds"),
+    (
+        Capability::CAP_SYS_PTRACE,
+        "read other users' /proc/PID/exe and /proc/PID/io",
+    ),
+    (
+        Capability::CAP_DAC_READ_SEARCH,
+        "read /proc entries whatever their file modes",
+    ),
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("dropping capabilities failed ({what})")]
+pub struct DropError {
+    what: &'static str,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// Drops every capability but [`KEPT`]. Idempotent; an error leaves the process running with
+/// more capabilities than needed (the caller logs it) but never fewer than [`KEPT`].
+pub fn drop_to_kept() -> Result<CapsHashSet, DropError> {
+    let keep: CapsHashSet = KEPT.iter().map(|(cap, _)| *cap).collect();
+    let err = |what| move |e: caps::errors::CapsError| DropError { what, source: Box::new(e) };
+    // The bounding set first: dropping from it needs CAP_SETPCAP, itself dropped below.
+    for cap in caps::read(None, CapSet::Bounding).map_err(err("read bounding set"))? {
+        if !keep.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap).map_err(err("bounding set"))?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(err("ambient set"))?;
+    let have = caps::read(None, CapSet::Permitted).map_err(err("read permitted set"))?;
+    let kept: CapsHashSet = keep.intersection(&have).copied().collect();
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(err("inheritable set"))?;
+    caps::set(None, CapSet::Effective, &kept).map_err(err("effective set"))?;
+    caps::set(None, CapSet::Permitted, &kept).map_err(err("permitted set"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| DropError {
+        what: "no_new_privs",
+        source: Box::new(e),
+    })?;
+    Ok(kept)
+}
