@@ -161,8 +161,8 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
 
     // A descendant of a watched process is watched for the same target, from birth.
     // SAFETY: a map lookup; the value is copied out at once.
-    if let Some(target) = unsafe { WATCHED.get(&(parent_tgid as u32)) }.copied() {
-        let _ = WATCHED.insert(&(tgid as u32), &target, 0);
+    if let Some(target) = unsafe { WATCHED.get(parent_tgid as u32) }.copied() {
+        let _ = WATCHED.insert(tgid as u32, target, 0);
     }
 
     let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
@@ -300,7 +300,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let tgid: i32 = read(task, o.task_tgid)?;
-    let _ = WATCHED.remove(&(tgid as u32));
+    let _ = WATCHED.remove(tgid as u32);
     let start = process_start(&o, task)?;
     // What wait(2) reports: wait_task_zombie() in kernel/exit.c.
     let signal_flags: u32 = read(signal, o.signal_flags)?;
@@ -432,11 +432,11 @@ fn sock_io(ctx: &BtfTracePointContext) {
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: a map lookup; the value is copied out at once.
-    let Some(target) = (unsafe { WATCHED.get(&tgid) }).copied() else {
+    let Some(target) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return;
     };
     let now = now_ns();
-    match ACTIVITY.get_ptr_mut(&target) {
+    match ACTIVITY.get_ptr_mut(target) {
         // SAFETY: a pointer into the map value; concurrent updates from other CPUs can only
         // lose a few bytes of the count, never corrupt the entry.
         Some(a) => unsafe {
@@ -445,8 +445,8 @@ fn sock_io(ctx: &BtfTracePointContext) {
         },
         None => {
             let _ = ACTIVITY.insert(
-                &target,
-                &SockActivity {
+                target,
+                SockActivity {
                     last_ns: now,
                     bytes: ret as u64,
                 },
