@@ -13,7 +13,8 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated,
     },
     macros::{btf_tracepoint, map},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    bindings::BPF_NOEXIST,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use reaper_common::{
@@ -70,6 +71,13 @@ static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(WATCH_MAX, 0);
 /// Socket activity per target tgid.
 #[map]
 static ACTIVITY: HashMap<u32, SockActivity> = HashMap::with_max_entries(WATCH_MAX, 0);
+
+/// Kernels before 6.16 do not say which thread's exit ended the group: every thread that
+/// reaches the exit tracepoint after the last `signal->live` decrement reads 0. The first one
+/// claims its process here (tgid → start time, `BPF_NOEXIST`) and alone reports the exit; the
+/// fork program clears a reused pid's old claim. LRU: old claims age out by themselves.
+#[map]
+static EXIT_CLAIMED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(WATCH_MAX, 0);
 
 /// How far up the parent chain the subreaper search goes; the kernel walks without a bound,
 /// but a subreaper deeper than this above an exiting process is not seen (it falls back to
@@ -159,6 +167,9 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     let uid = bpf_get_current_uid_gid() as u32;
 
+    if o.exit_has_group_dead == 0 {
+        let _ = EXIT_CLAIMED.remove(tgid as u32);
+    }
     // A descendant of a watched process is watched for the same target, from birth.
     // SAFETY: a map lookup; the value is copied out at once.
     if let Some(target) = unsafe { WATCHED.get(parent_tgid as u32) }.copied() {
@@ -300,8 +311,16 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let tgid: i32 = read(task, o.task_tgid)?;
-    let _ = WATCHED.remove(tgid as u32);
     let start = process_start(&o, task)?;
+    if o.exit_has_group_dead == 0
+        && EXIT_CLAIMED
+            .insert(tgid as u32, start, u64::from(BPF_NOEXIST))
+            .is_err()
+    {
+        // Another thread of this process already reported its exit.
+        return Ok(());
+    }
+    let _ = WATCHED.remove(tgid as u32);
     // What wait(2) reports: wait_task_zombie() in kernel/exit.c.
     let signal_flags: u32 = read(signal, o.signal_flags)?;
     let exit_status: i32 = if signal_flags & SIGNAL_GROUP_EXIT != 0 {
