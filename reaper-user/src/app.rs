@@ -541,8 +541,13 @@ impl TreeOwner {
             }
         }
         self.metrics.processes.set(self.tree.len() as i64);
-        self.detector
-            .classify_new(&self.tree, scan::now_ns(), &mut LiveHost { probes: &mut self.probes });
+        let renewed = self.tree.take_renewed();
+        self.detector.classify_new(
+            &self.tree,
+            &renewed,
+            scan::now_ns(),
+            &mut LiveHost { probes: &mut self.probes },
+        );
         if fixed.total() > 0 {
             tracing::info!(?fixed, processes = self.tree.len(), "reconciled the tree with /proc");
         } else {

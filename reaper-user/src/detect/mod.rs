@@ -198,12 +198,13 @@ impl Detector {
         }
     }
 
-    /// Re-checks processes the tree learned about outside events (a reconcile).
-    pub fn classify_new(&mut self, tree: &ProcessTree, now: Nanos, host: &mut impl Host) {
-        let unknown: Vec<u32> = tree
-            .processes()
-            .filter(|p| !self.targets.contains_key(&p.id.pid) && !self.member_of.contains_key(&p.id.pid))
-            .map(|p| p.id.pid)
+    /// Re-checks what a reconcile changed: `renewed` pids (added, filled or refreshed from
+    /// `/proc`), and targets that vanished without an exit event.
+    pub fn classify_new(&mut self, tree: &ProcessTree, renewed: &[u32], now: Nanos, host: &mut impl Host) {
+        let unknown: Vec<u32> = renewed
+            .iter()
+            .copied()
+            .filter(|pid| !self.member_of.contains_key(pid))
             .collect();
         for pid in unknown {
             self.classify(tree, pid, now, host);

@@ -122,6 +122,7 @@ mod tests {
             children: Default::default(),
             exit: None,
             placeholder: false,
+            inherited_image: false,
         }
     }
 

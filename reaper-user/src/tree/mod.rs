@@ -35,6 +35,10 @@ pub struct Process {
     pub exit: Option<ExitStatus>,
     /// Known only as someone's parent: its details wait for a `/proc` reconcile.
     pub placeholder: bool,
+    /// Still carries the image (argv, exe) it inherited at fork: no exec seen since. If its
+    /// exec event was lost, a reconcile refreshes the image from `/proc`.
+    #[serde(default)]
+    pub inherited_image: bool,
 }
 
 impl Process {
@@ -50,6 +54,7 @@ impl Process {
             children: BTreeSet::new(),
             exit: None,
             placeholder: true,
+            inherited_image: false,
         }
     }
 }
@@ -78,6 +83,7 @@ impl From<Snapshot> for Process {
             children: BTreeSet::new(),
             exit: None,
             placeholder: false,
+            inherited_image: false,
         }
     }
 }
@@ -95,21 +101,25 @@ pub struct Corrections {
     pub reparented: u64,
     /// A placeholder filled in from `/proc`.
     pub filled: u64,
+    /// A forked process's image refreshed from `/proc` (its exec event was lost).
+    #[serde(default)]
+    pub refreshed: u64,
 }
 
 impl Corrections {
     pub fn total(&self) -> u64 {
-        self.added + self.removed + self.replaced + self.reparented + self.filled
+        self.added + self.removed + self.replaced + self.reparented + self.filled + self.refreshed
     }
 
     /// `(label, count)` pairs, for metrics and logs.
-    pub fn by_kind(&self) -> [(&'static str, u64); 5] {
+    pub fn by_kind(&self) -> [(&'static str, u64); 6] {
         [
             ("added", self.added),
             ("removed", self.removed),
             ("replaced", self.replaced),
             ("reparented", self.reparented),
             ("filled", self.filled),
+            ("refreshed", self.refreshed),
         ]
     }
 
@@ -119,6 +129,7 @@ impl Corrections {
         self.replaced += other.replaced;
         self.reparented += other.reparented;
         self.filled += other.filled;
+        self.refreshed += other.refreshed;
     }
 }
 
@@ -141,6 +152,8 @@ pub struct ProcessTree {
     corrections: Corrections,
     /// Entries a pid reuse or a late event pushed out before their exit was seen.
     evicted_stale: u64,
+    /// Pids whose name or argv a reconcile changed (see [`ProcessTree::take_renewed`]).
+    renewed: Vec<u32>,
 }
 
 impl ProcessTree {
@@ -185,6 +198,12 @@ impl ProcessTree {
         self.live.values()
     }
 
+    /// Pids whose name or argv the last reconciles changed (filled placeholders, refreshed
+    /// images, added processes): whoever classifies processes should look at them again.
+    pub fn take_renewed(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.renewed)
+    }
+
     /// Corrections made by reconciles so far.
     pub fn corrections(&self) -> Corrections {
         self.corrections
@@ -217,6 +236,7 @@ impl ProcessTree {
                 p.argv = argv.clone();
                 p.argv_truncated = *argv_truncated;
                 p.placeholder = false;
+                p.inherited_image = false;
                 let ppid = p.ppid;
                 if ppid != *parent_pid {
                     self.set_parent(id.pid, *parent_pid);
@@ -262,6 +282,7 @@ impl ProcessTree {
             children: BTreeSet::new(),
             exit: None,
             placeholder: false,
+            inherited_image: true,
         };
         self.live.insert(id.pid, child);
         self.link(parent.pid, id.pid);
@@ -402,13 +423,24 @@ impl ProcessTree {
             if held_by == Some(s.id) {
                 let p = self.live.get_mut(&s.id.pid).expect("just looked up");
                 let ppid = p.ppid;
-                if p.placeholder {
+                // A fork whose exec was lost shows its parent's image; /proc knows better.
+                // (Only such entries: a process may rewrite its own argv, e.g. setproctitle.)
+                let stale_image = p.inherited_image && (p.argv != s.argv || p.comm != s.comm);
+                let placeholder = p.placeholder;
+                if placeholder || stale_image {
                     let children = std::mem::take(&mut p.children);
                     *p = Process::from(s.clone());
                     p.children = children;
                     p.ppid = ppid;
-                    fixed.filled += 1;
-                } else if ppid != s.ppid {
+                    if placeholder {
+                        fixed.filled += 1;
+                    } else {
+                        fixed.refreshed += 1;
+                    }
+                    self.renewed.push(s.id.pid);
+                }
+                // A placeholder's parent was unknown, not wrong.
+                if !placeholder && ppid != s.ppid {
                     fixed.reparented += 1;
                 }
                 if ppid != s.ppid {
@@ -427,6 +459,7 @@ impl ProcessTree {
                     }
                     let ppid = s.ppid;
                     let pid = s.id.pid;
+                    self.renewed.push(pid);
                     self.live.insert(pid, s.into());
                     self.link(ppid, pid);
                     self.adopt_orphans(pid);

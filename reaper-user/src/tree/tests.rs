@@ -189,8 +189,8 @@ fn reconcile_repairs_every_kind_of_drift() {
     let fixed = tree.reconcile(snapshot, 90, |_| true);
     assert_eq!(
         fixed,
-        Corrections { added: 1, removed: 0, replaced: 1, reparented: 1, filled: 1 },
-        "500 is alive per the closure, so it stays"
+        Corrections { added: 1, removed: 0, replaced: 1, reparented: 1, filled: 1, refreshed: 2 },
+        "500 is alive per the closure, so it stays; 502 and 503 show /proc's argv, not bash's"
     );
     let fixed = tree.reconcile(
         vec![
@@ -213,7 +213,7 @@ fn reconcile_repairs_every_kind_of_drift() {
     assert!(!tree.get(600).unwrap().placeholder);
     assert!(tree.get(600).unwrap().children.contains(&503));
     assert_eq!(tree.get(700).unwrap().ppid, 1);
-    assert_eq!(tree.corrections().total(), 5);
+    assert_eq!(tree.corrections().total(), 7);
     assert_consistent(&tree);
 }
 
@@ -251,4 +251,30 @@ fn exited_memory_is_bounded() {
     assert_eq!(tree.exited.len(), EXITED_KEPT);
     assert_eq!(tree.len(), 2);
     assert!(tree.get(100).unwrap().children.is_empty());
+}
+
+#[test]
+fn reconcile_refreshes_the_image_of_a_fork_whose_exec_was_lost() {
+    let mut tree = base();
+    tree.apply(&fork(id(900, 20), id(100, 50)));
+    tree.apply(&fork(id(901, 21), id(100, 50)));
+    tree.apply(&exec(id(901, 21), 100, &["/usr/bin/worker"]));
+    let mut claude = snap(id(900, 20), 100, "claude");
+    claude.argv = Argv::from_args(&["claude", "--input-format", "stream-json"]);
+    let mut titled = snap(id(901, 21), 100, "worker");
+    titled.argv = Argv::from_args(&["worker: idle"]); // rewrote its own argv: not a repair
+    let fixed = tree.reconcile(
+        vec![snap(id(1, 1), 0, "init"), snap(id(100, 50), 1, "bash"), claude, titled],
+        90,
+        |_| true,
+    );
+    assert_eq!(fixed.refreshed, 1, "{fixed:?}");
+    assert_eq!(fixed.total(), 1);
+    let p = tree.get(900).unwrap();
+    assert_eq!(p.comm, "claude");
+    assert_eq!(p.argv.to_strings(), ["claude", "--input-format", "stream-json"]);
+    assert!(!p.inherited_image);
+    assert_eq!(tree.get(901).unwrap().argv.to_strings(), ["/usr/bin/worker"]);
+    assert_eq!(tree.take_renewed(), [900]);
+    assert_consistent(&tree);
 }
