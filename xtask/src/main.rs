@@ -3,8 +3,11 @@
 //! `cargo xtask setup` installs what building the eBPF crate needs (nightly's `rust-src`, and a
 //! `bpf-linker` built against nightly's own libLLVM in `<workspace>/.tools`); every other verb runs
 //! it first, so a fresh checkout only needs `cargo xtask build` / `run` / `test`.
+mod bench;
 mod cmd;
+mod fuzz;
 mod setup;
+mod vm;
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt as _;
@@ -90,6 +93,39 @@ enum Verb {
             value_name = "ARGS"
         )]
         args: Vec<OsString>,
+    },
+
+    /// Set up, build the release binaries, then run the benchmarks (spawn-storm overhead against
+    /// no tracer and bpftrace, throughput and loss, reap latency, footprint, start-up) and write
+    /// one table to stdout, bench/results/latest.md and latest.json (needs root; about 8 min).
+    ///
+    /// Installs bpftrace with apt-get if it is missing. No number fails the verb; a benchmark
+    /// that cannot run does.
+    Bench {
+        #[command(flatten)]
+        opts: bench::Opts,
+    },
+
+    /// Set up, then boot Debian's packaged cloud kernels (the newest of each series the
+    /// configured archive has: 6.1, 6.12) in QEMU with a static test runner as init, run the
+    /// lifecycle and reaping checks in each, and report per kernel (needs root; downloads the
+    /// kernels and installs qemu-system-x86 with apt the first time).
+    ///
+    /// Logs go to target/vm/<kernel>.log. Fails if any check fails or a machine does not finish.
+    VmTest {
+        #[command(flatten)]
+        opts: vm::Opts,
+    },
+
+    /// Set up, then run every cargo-fuzz target in fuzz/ (event decoder, config parser, /proc
+    /// parsers, argv and rule matching) for a bounded time each, and print runs and coverage.
+    ///
+    /// Needs the nightly toolchain; installs cargo-fuzz into target/fuzz-tools the first time
+    /// (the first build instruments every dependency: several minutes). Seeds in
+    /// fuzz/corpus/<target> are only read; findings go to target/fuzz/. Fails if a target crashes.
+    Fuzz {
+        #[command(flatten)]
+        opts: fuzz::Opts,
     },
 
     /// Set up, then run clippy on the host crates with warnings denied
@@ -255,6 +291,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !st.success() {
                 return Ok(exit_code(st));
             }
+        }
+        Verb::Bench { opts } => {
+            setup::require_root("bench")?;
+            setup::setup(&ctx)?;
+            bench::run(&ctx, &opts)?;
+        }
+        Verb::VmTest { opts } => {
+            setup::require_root("vm-test")?;
+            setup::setup(&ctx)?;
+            return vm::run(&ctx, &opts);
+        }
+        Verb::Fuzz { opts } => {
+            setup::setup(&ctx)?;
+            return fuzz::run(&ctx, &opts);
         }
         Verb::Clippy => {
             setup::setup(&ctx)?;

@@ -1,0 +1,147 @@
+//! Load shapes for `cargo xtask bench`. Started only by the bench; every process it creates is
+//! its own descendant. Prints `key=value` lines (flushed).
+//!
+//! - `rusage CMD ARGS…`: runs CMD, waits for it, passes its output through, then prints
+//!   `wall_us=`, `user_us=`, `sys_us=`: the wall time and the CPU time of CMD and every
+//!   descendant it waited for (`getrusage(RUSAGE_CHILDREN)`, microseconds). Exits with CMD's
+//!   status.
+//! - `threads N`: creates and joins N threads, one at a time, as fast as it can; prints
+//!   `threads=N`.
+//! - `park N`: forks N children that block reading a pipe (no exec: they share the parent's
+//!   pages), prints `parked=N` and `ready=1`, then waits for stdin to close (or for the bench to
+//!   die); closing the pipe ends the children, which it reaps before exiting.
+use std::{
+    io::{Read as _, Write as _},
+    process::{Command, exit},
+    time::Instant,
+};
+
+fn say(key: &str, value: impl std::fmt::Display) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{key}={value}");
+    let _ = out.flush();
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("bench-load: {msg}");
+    exit(2)
+}
+
+fn micros(tv: libc::timeval) -> i64 {
+    tv.tv_sec * 1_000_000 + tv.tv_usec
+}
+
+fn rusage(args: &[String]) -> ! {
+    let Some((program, rest)) = args.split_first() else {
+        usage("rusage CMD ARGS…")
+    };
+    let started = Instant::now();
+    let status = Command::new(program)
+        .args(rest)
+        .status()
+        .unwrap_or_else(|e| usage(&format!("cannot run {program}: {e}")));
+    let wall = started.elapsed();
+    // SAFETY: getrusage fills a zeroed struct this function owns.
+    let usage = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        assert_eq!(
+            libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru),
+            0,
+            "getrusage"
+        );
+        ru
+    };
+    say("wall_us", wall.as_micros());
+    say("user_us", micros(usage.ru_utime));
+    say("sys_us", micros(usage.ru_stime));
+    exit(status.code().unwrap_or(1))
+}
+
+fn threads(n: usize) {
+    for _ in 0..n {
+        std::thread::spawn(|| std::hint::black_box(0u64))
+            .join()
+            .expect("thread");
+    }
+    say("threads", n);
+}
+
+/// Raises RLIMIT_NPROC's soft limit (to the hard one) if `n` more processes would pass it.
+fn room_for(n: usize) {
+    // SAFETY: getrlimit/setrlimit on a struct this function owns.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NPROC, &mut lim) == 0
+            && lim.rlim_cur != libc::RLIM_INFINITY
+            && lim.rlim_cur < (n as u64).saturating_add(4096)
+        {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NPROC, &lim);
+        }
+    }
+}
+
+fn park(n: usize) {
+    room_for(n);
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 into a two-int array.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+    let [read_end, write_end] = fds;
+    let mut children = Vec::with_capacity(n);
+    for i in 0..n {
+        // SAFETY: the child only calls async-signal-safe functions (close, read, _exit).
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            let err = std::io::Error::last_os_error();
+            // Whoever was parked ends with the pipe when this process exits.
+            eprintln!("bench-load: fork {} of {n}: {err}", i + 1);
+            exit(1);
+        }
+        if pid == 0 {
+            // SAFETY: raw syscalls on this process's own fds and a stack buffer.
+            unsafe {
+                libc::close(write_end);
+                libc::close(0);
+                libc::close(1);
+                let mut byte = [0u8; 1];
+                loop {
+                    let r = libc::read(read_end, byte.as_mut_ptr().cast(), 1);
+                    if r == 0 || (r < 0 && *libc::__errno_location() != libc::EINTR) {
+                        libc::_exit(0);
+                    }
+                }
+            }
+        }
+        children.push(pid);
+    }
+    // SAFETY: our copy of the read end; the children hold theirs.
+    unsafe { libc::close(read_end) };
+    say("parked", n);
+    say("ready", 1);
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    // SAFETY: closing the write end: every child reads EOF and exits.
+    unsafe { libc::close(write_end) };
+    for pid in children {
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let count = |i: usize| -> usize {
+        args.get(i)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| usage("expected a count"))
+    };
+    match args.first().map(String::as_str) {
+        Some("rusage") => rusage(&args[1..]),
+        Some("threads") => threads(count(1)),
+        Some("park") => park(count(1)),
+        other => usage(&format!(
+            "unknown mode {other:?} (rusage | threads N | park N)"
+        )),
+    }
+}
