@@ -86,6 +86,10 @@ enum Verb {
         #[arg(long)]
         release: bool,
 
+        /// Skip the kernel matrix (`cargo xtask vm-test`), which a full run includes.
+        #[arg(long)]
+        no_vm: bool,
+
         /// Arguments for the test harness (put them after `--`).
         #[arg(
             trailing_var_arg = true,
@@ -247,6 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Verb::Test {
             package,
             release,
+            no_vm,
             args,
         } => {
             setup::require_root("test")?;
@@ -278,9 +283,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             cmd.args(&args);
             println!("xtask: {}", describe(&cmd));
-            let (st, totals) = cmd::status_counting_tests(&mut cmd)?;
+            let (st, mut totals) = cmd::status_counting_tests(&mut cmd)?;
             if !st.success() {
                 eprintln!("xtask: tests failed ({st})");
+            }
+            // A full run also runs the lifecycle and reaping checks on other kernels in QEMU.
+            let mut vm_ok = true;
+            if package.is_empty() && args.is_empty() && !no_vm {
+                match vm::run(&ctx, &vm::Opts::default()) {
+                    Ok(outcome) => {
+                        vm_ok = outcome.failed == 0;
+                        totals.passed += outcome.passed;
+                        totals.failed += outcome.failed;
+                    }
+                    Err(err) => {
+                        eprintln!("xtask: the kernel matrix could not run: {err:#}");
+                        vm_ok = false;
+                        totals.failed += 1;
+                    }
+                }
             }
             // One closing line over every test binary (cargo's own last line is a doc-test
             // summary, often "0 passed").
@@ -291,6 +312,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !st.success() {
                 return Ok(exit_code(st));
             }
+            if !vm_ok {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Verb::Bench { opts } => {
             setup::require_root("bench")?;
@@ -300,7 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Verb::VmTest { opts } => {
             setup::require_root("vm-test")?;
             setup::setup(&ctx)?;
-            return vm::run(&ctx, &opts);
+            return Ok(vm::run(&ctx, &opts)?.exit_code());
         }
         Verb::Fuzz { opts } => {
             setup::setup(&ctx)?;
@@ -359,6 +383,7 @@ mod tests {
                 args,
                 package,
                 release,
+                ..
             } = Cli::try_parse_from(argv).unwrap().command
             else {
                 panic!("not the test verb");
