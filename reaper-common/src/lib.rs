@@ -109,7 +109,8 @@ pub struct ForkEvent {
     pub comm: [u8; COMM_LEN],
 }
 
-/// A process replaced its image: `sched_process_exec`.
+/// A process replaced its image: `sched_process_exec`. On the wire only the used prefix is
+/// sent: everything up to `argv`, then `argv_len` bytes of it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExecEvent {

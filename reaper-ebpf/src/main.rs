@@ -58,6 +58,11 @@ static OFFSETS: KernelOffsets = KernelOffsets {
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
+/// Where an exec record is built: it is too big for the 512-byte BPF stack, and only its used
+/// part (fixed fields + argv actually present) is copied into the ring buffer.
+#[map]
+static EXEC_SCRATCH: PerCpuArray<ExecEvent> = PerCpuArray::with_max_entries(1, 0);
+
 /// Ring buffer reserve failures, per CPU, indexed by event kind id.
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(KIND_SLOTS, 0);
@@ -220,16 +225,12 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     let uid = bpf_get_current_uid_gid() as u32;
 
-    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        count_lost(EventKind::Exec);
+    let Some(ev) = EXEC_SCRATCH.get_ptr_mut(0) else {
         return Ok(());
     };
-    // The event is 4 KiB: fill it in place, never on the 512-byte BPF stack. From here on
-    // every path submits the entry.
-    let ev = entry.as_mut_ptr();
     let mut flags = 0u32;
 
-    // SAFETY: `ev` points at a reserved ring buffer record of size_of::<ExecEvent>().
+    // SAFETY: `ev` points at this CPU's scratch record of size_of::<ExecEvent>().
     let filename_len = unsafe {
         match bpf_probe_read_kernel_str_bytes(filename, &mut (*ev).filename) {
             Ok(bytes) => bytes.len() as u32,
@@ -277,7 +278,13 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
         (*ev)._pad = 0;
         (*ev).comm = comm;
     }
-    entry.submit(0);
+    // Only the used part goes into the ring: ~300 bytes for a typical exec, not 4.4 KiB.
+    let size = core::mem::offset_of!(ExecEvent, argv) + argv_len as usize;
+    // SAFETY: `size` ≤ size_of::<ExecEvent>() (argv_len ≤ ARGV_LEN): a prefix of the record.
+    let used = unsafe { core::slice::from_raw_parts(ev.cast::<u8>(), size) };
+    if EVENTS.output::<[u8]>(used, 0).is_err() {
+        count_lost(EventKind::Exec);
+    }
     Ok(())
 }
 

@@ -81,7 +81,8 @@ fn bounded(field: &'static str, len: u32, max: usize) -> Result<usize, DecodeErr
     Ok(n)
 }
 
-/// Decodes one ring buffer record.
+/// Decodes one ring buffer record. Fork, exit and rename records have exactly their struct's
+/// size; exec records are their fixed part plus the argv bytes they carry.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: Header = read(bytes).ok_or(DecodeError::NoHeader { len: bytes.len() })?;
     let kind = EventKind::try_from(header.kind)?;
@@ -99,25 +100,29 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             }
         }
         EventKind::Exec => {
-            // 4 KiB: checked and sliced in place rather than copied whole.
-            if bytes.len() != size_of::<ExecEvent>() {
-                return Err(DecodeError::Length {
+            // Variable length: the fixed part, then only the argv bytes present (the kernel
+            // copies just the used prefix of the record). Sliced in place, not copied whole.
+            let argv_at = std::mem::offset_of!(ExecEvent, argv);
+            let fixed: [u32; 6] = (bytes.len() >= argv_at)
+                .then(|| read(&bytes[size_of::<Header>()..]))
+                .flatten()
+                .ok_or(DecodeError::Length {
                     kind,
                     len: bytes.len(),
-                    expected: size_of::<ExecEvent>(),
-                });
-            }
-            let fixed: [u32; 6] = read(&bytes[size_of::<Header>()..]).ok_or(DecodeError::Length {
-                kind,
-                len: bytes.len(),
-                expected: size_of::<ExecEvent>(),
-            })?;
+                    expected: argv_at,
+                })?;
             let [parent_tgid, uid, flags, filename_len, argv_len, _pad] = fixed;
             let filename_len = bounded("filename", filename_len, FILENAME_LEN)?;
             let argv_len = bounded("argv", argv_len, ARGV_LEN)?;
+            if bytes.len() != argv_at + argv_len {
+                return Err(DecodeError::Length {
+                    kind,
+                    len: bytes.len(),
+                    expected: argv_at + argv_len,
+                });
+            }
             let comm_at = std::mem::offset_of!(ExecEvent, comm);
             let filename_at = std::mem::offset_of!(ExecEvent, filename);
-            let argv_at = std::mem::offset_of!(ExecEvent, argv);
             Event::Exec {
                 id,
                 time_ns,
@@ -189,6 +194,8 @@ mod tests {
         bytes[filename_at..filename_at + 9].copy_from_slice(b"/bin/true");
         let argv_at = std::mem::offset_of!(ExecEvent, argv);
         bytes[argv_at..argv_at + argv.len()].copy_from_slice(argv);
+        // As the kernel sends it: the fixed part and the argv bytes it claims.
+        bytes.truncate((argv_at + argv_len as usize).min(size_of::<ExecEvent>()));
         bytes
     }
 
@@ -272,9 +279,17 @@ mod tests {
     fn rejects_lengths_past_their_arrays() {
         let err = decode(&exec_record(b"", ARGV_LEN as u32 + 1, 0)).unwrap_err();
         assert!(matches!(err, DecodeError::FieldLength { field: "argv", .. }), "{err}");
+        // A record longer or shorter than its argv length says.
         let mut oversized = exec_record(b"a\0", 2, 0);
         oversized.push(0);
         assert!(matches!(decode(&oversized), Err(DecodeError::Length { .. })));
+        let mut short = exec_record(b"abc\0", 4, 0);
+        short.pop();
+        assert!(matches!(decode(&short), Err(DecodeError::Length { .. })));
+        // An exec with an empty argv is just the fixed part.
+        let empty = exec_record(b"", 0, 0);
+        assert_eq!(empty.len(), std::mem::offset_of!(ExecEvent, argv));
+        assert!(decode(&empty).is_ok());
     }
 
     #[test]
