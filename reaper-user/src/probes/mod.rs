@@ -150,6 +150,14 @@ impl Probes {
         })?;
         let watched = take_map(&mut ebpf, "WATCHED")?;
         let activity = take_map(&mut ebpf, "ACTIVITY")?;
+        drop(btf);
+        // Parsing the kernel's BTF (twice: for the layout and for attaching) took ~25 MB that
+        // is free now; glibc keeps freed memory in the process unless asked to return it.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Ok(Self {
             ebpf,
             lost,
