@@ -327,6 +327,7 @@ impl Pipeline {
             reconciles: 0,
             bootstrap_duplicates: duplicates,
             pending: None,
+            confirming: None,
             next_token: 0,
             last_lost: 0,
         };
@@ -384,6 +385,13 @@ struct PendingReconcile {
     reply: Option<oneshot::Sender<Corrections>>,
 }
 
+/// A reconcile waiting for its second flush before removing dead processes.
+struct Confirming {
+    token: u64,
+    fixed: Corrections,
+    reply: Option<oneshot::Sender<Corrections>>,
+}
+
 /// The one owner of the tree.
 struct TreeOwner {
     tree: ProcessTree,
@@ -398,6 +406,7 @@ struct TreeOwner {
     reconciles: u64,
     bootstrap_duplicates: u64,
     pending: Option<PendingReconcile>,
+    confirming: Option<Confirming>,
     next_token: u64,
     last_lost: u64,
 }
@@ -448,7 +457,11 @@ impl TreeOwner {
                         }
                         self.metrics.processes.set(self.tree.len() as i64);
                     }
-                    Some(SourceMsg::Flushed(token)) => self.finish_reconcile(token),
+                    Some(SourceMsg::Flushed(token)) => {
+                        if !self.finish_reconcile(token).await {
+                            return;
+                        }
+                    }
                     None => {
                         tracing::error!("event source stopped; the tree is no longer followed");
                         return;
@@ -526,13 +539,37 @@ impl TreeOwner {
         });
     }
 
-    fn finish_reconcile(&mut self, token: u64) {
+    /// A flush requested by a reconcile has completed: diff with the scan (first flush), or
+    /// confirm the removals of processes found dead (second flush).
+    async fn finish_reconcile(&mut self, token: u64) -> bool {
+        if let Some(confirming) = self.confirming.take_if(|c| c.token == token) {
+            let mut fixed = confirming.fixed;
+            fixed.removed = self.tree.confirm_gone();
+            self.reconciled(fixed, confirming.reply);
+            return true;
+        }
         let Some(pending) = self.pending.take_if(|p| p.token == token) else {
-            return;
+            return true;
         };
         let fixed = self
             .tree
             .reconcile(pending.snapshot, pending.scan_start_ticks, scan::alive);
+        if !self.tree.has_gone_candidates() {
+            self.reconciled(fixed, pending.reply);
+            return true;
+        }
+        // Dead processes still in the tree: their exit events may be in the ring buffer yet.
+        self.next_token += 1;
+        self.confirming = Some(Confirming {
+            token: self.next_token,
+            fixed,
+            reply: pending.reply,
+        });
+        self.flush.send(self.next_token).await.is_ok()
+    }
+
+    /// Bookkeeping once a reconcile is complete.
+    fn reconciled(&mut self, fixed: Corrections, reply: Option<oneshot::Sender<Corrections>>) {
         self.reconciles += 1;
         self.metrics.reconciles.inc();
         for (kind, n) in fixed.by_kind() {
@@ -553,7 +590,7 @@ impl TreeOwner {
         } else {
             tracing::debug!(processes = self.tree.len(), "tree matches /proc");
         }
-        if let Some(reply) = pending.reply {
+        if let Some(reply) = reply {
             let _ = reply.send(fixed);
         }
     }

@@ -191,11 +191,12 @@ async fn lost_events_are_counted_repaired_and_never_kill_the_wrong_process() {
     wait_target(&h, leaked).await;
     let before = stats(&h).await;
 
-    // The storm: 3000 fork+exec+exit from 4 threads. An exec record is 4.4 KiB, more than
-    // half of the 8 KiB ring, so two execs in flight already overflow it.
+    // The storm: 3000 fork+exec+exit from 4 threads, each exec with a 3,000-byte argument.
+    // Exec records carry their argv, so each is ≈ 3.3 KiB, and two in flight overflow the
+    // 8 KiB ring.
     let storm = tokio::task::spawn_blocking(|| {
         Command::new(helper_path())
-            .args(["storm", "3000", "4"])
+            .args(["storm", "3000", "4", "3000"])
             .output()
             .expect("run the storm")
     })
@@ -1317,14 +1318,16 @@ fn bad_config_files_are_refused_clearly() {
     assert!(Config::load(&ok, &Overrides::default()).is_ok());
 }
 
-/// With a 4 KiB ring no exec record (4.4 KiB) ever fits: every exec is lost. (The comm still
-/// arrives: exec renames the task, and the rename record is small.) A reconcile must then bring
-/// argv and exe up to date from `/proc`, or a leaked `claude` whose exec was lost keeps its
-/// parent's argv and is never recognised.
+/// With a 4 KiB ring, an exec whose argv fills the record's 4 KiB argv buffer (a 4.4 KiB
+/// record) never fits: that exec is lost. (The comm still arrives: exec renames the task, and
+/// the rename record is small.) A reconcile must then bring argv and exe up to date from
+/// `/proc`, or a leaked `claude` whose exec was lost keeps its parent's argv and is never
+/// recognised.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_exec_is_repaired_by_the_reconcile() {
     let h = start("ring_bytes = 4096").await;
-    let mut helper = Helper::spawn(&["wait", "after-a-lost-exec"]);
+    let long = format!("after-a-lost-exec-{}", "x".repeat(4200));
+    let mut helper = Helper::spawn(&["wait", &long]);
     let pid = helper.read_pid("pid");
     h.wait_process(pid, "the fork", |p| p.map(|_| ())).await;
     let fixed = h.settle().await;

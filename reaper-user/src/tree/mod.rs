@@ -154,6 +154,8 @@ pub struct ProcessTree {
     evicted_stale: u64,
     /// Pids whose name or argv a reconcile changed (see [`ProcessTree::take_renewed`]).
     renewed: Vec<u32>,
+    /// Dead processes the last reconcile found in the tree (see [`ProcessTree::confirm_gone`]).
+    gone_candidates: Vec<Identity>,
 }
 
 impl ProcessTree {
@@ -407,7 +409,7 @@ impl ProcessTree {
     }
 
     /// Repairs the tree against a `/proc` scan taken after every event up to `scan_start_ticks`
-    /// was applied. `alive(id)` re-checks one process in `/proc` now: a process the scan saw
+    /// was applied (removals of dead processes wait for [`ProcessTree::confirm_gone`]). `alive(id)` re-checks one process in `/proc` now: a process the scan saw
     /// may have exited since (and its exit been applied), and must not come back.
     pub fn reconcile(
         &mut self,
@@ -466,20 +468,36 @@ impl ProcessTree {
                 }
             }
         }
-        // Gone from /proc: only what started before the scan did (later ones it cannot know).
-        let gone: Vec<u32> = self
+        // Gone from /proc: only what started before the scan did (later ones it cannot know),
+        // and is dead now. Not removed yet: its exit event may still be in the ring buffer
+        // (it died after the flush). See `confirm_gone`.
+        self.gone_candidates = self
             .live
             .values()
             .filter(|p| !seen.contains(&p.id.pid) && p.id.start_ticks < scan_start_ticks)
-            .map(|p| p.id.pid)
+            .map(|p| p.id)
+            .filter(|id| !alive(*id))
             .collect();
-        for pid in gone {
-            if let Some(p) = self.live.get(&pid)
-                && alive(p.id) {
-                    continue;
-                }
-            fixed.removed += 1;
-            if let Some(old) = self.remove(pid) {
+        self.corrections.add(&fixed);
+        fixed
+    }
+
+    /// Whether the last reconcile found dead processes still in the tree.
+    pub fn has_gone_candidates(&self) -> bool {
+        !self.gone_candidates.is_empty()
+    }
+
+    /// Second half of a reconcile, called once the ring buffer was flushed again: the dead
+    /// processes the last reconcile found are removed if they are still here — their exit
+    /// event was lost, not merely late. Returns how many, counted as `removed`.
+    pub fn confirm_gone(&mut self) -> u64 {
+        let mut removed = 0;
+        for id in std::mem::take(&mut self.gone_candidates) {
+            if self.get_id(id).is_none() {
+                continue; // its exit event arrived meanwhile
+            }
+            removed += 1;
+            if let Some(old) = self.remove(id.pid) {
                 for child in old.children {
                     if let Some(c) = self.live.get_mut(&child) {
                         c.ppid = 0;
@@ -487,8 +505,8 @@ impl ProcessTree {
                 }
             }
         }
-        self.corrections.add(&fixed);
-        fixed
+        self.corrections.removed += removed;
+        removed
     }
 }
 

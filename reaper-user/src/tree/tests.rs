@@ -205,7 +205,9 @@ fn reconcile_repairs_every_kind_of_drift() {
         90,
         |_| false,
     );
-    assert_eq!(fixed.removed, 1, "500 is gone");
+    assert_eq!(fixed.removed, 0, "removals wait for the second flush");
+    assert!(tree.get(500).is_some());
+    assert_eq!(tree.confirm_gone(), 1, "500 is gone");
     assert!(tree.get(500).is_none());
     assert!(tree.get(504).is_some(), "started after the scan: kept");
     assert_eq!(tree.get(501).unwrap().id.start_ticks, 40);
@@ -277,4 +279,18 @@ fn reconcile_refreshes_the_image_of_a_fork_whose_exec_was_lost() {
     assert_eq!(tree.get(901).unwrap().argv.to_strings(), ["/usr/bin/worker"]);
     assert_eq!(tree.take_renewed(), [900]);
     assert_consistent(&tree);
+}
+
+#[test]
+fn a_dead_process_whose_exit_arrives_late_is_not_a_correction() {
+    let mut tree = base();
+    tree.apply(&fork(id(950, 20), id(100, 50)));
+    // The scan missed it and /proc says it is dead: a candidate, not yet removed…
+    tree.reconcile(vec![snap(id(1, 1), 0, "init"), snap(id(100, 50), 1, "bash")], 90, |_| false);
+    assert!(tree.has_gone_candidates());
+    // …and its exit event arrives before the second flush completes.
+    tree.apply(&exit(id(950, 20), 0, 1));
+    assert_eq!(tree.confirm_gone(), 0);
+    assert_eq!(tree.corrections().removed, 0);
+    assert!(!tree.has_gone_candidates());
 }

@@ -162,16 +162,23 @@ fn main() {
             wait_stdin();
         }
         // Fork+exec `/bin/true` N times from W threads as fast as possible; report the rate.
+        // An optional PAD adds one argument of PAD bytes to each exec (bigger exec records).
         "storm" => {
             let n: usize = arg(1).parse().expect("count");
             let workers: usize = arg(2).parse().unwrap_or(2);
+            let pad: usize = arg(3).parse().unwrap_or(0);
             let started = std::time::Instant::now();
             let handles: Vec<_> = (0..workers)
                 .map(|w| {
                     let share = n / workers + usize::from(w < n % workers);
                     std::thread::spawn(move || {
+                        let padding = "x".repeat(pad);
                         for _ in 0..share {
-                            let status = std::process::Command::new("/bin/true")
+                            let mut cmd = std::process::Command::new("/bin/true");
+                            if pad > 0 {
+                                cmd.arg(&padding);
+                            }
+                            let status = cmd
                                 .status()
                                 .expect("spawn /bin/true");
                             assert!(status.success());
