@@ -13,7 +13,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated,
     },
     macros::{btf_tracepoint, map},
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
@@ -53,6 +53,13 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     pid_ns_child_reaper: 0,
     exit_has_group_dead: 0,
 };
+
+/// Wake the reader only once this many bytes wait in the ring (set by user space at load
+/// time); below it, records are submitted without a wake-up and the reader's timer collects
+/// them. A fast reader is always "caught up", so the kernel's default would wake it for every
+/// record: one context switch per event in a fork storm.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 0;
 
 /// The one ring buffer all events go through. Its size is set by user space at load time.
 #[map]
@@ -117,6 +124,18 @@ fn header(kind: EventKind, tgid: u32, start_time_ns: u64) -> Header {
         tgid,
         timestamp_ns: now_ns(),
         start_time_ns,
+    }
+}
+
+/// Submit flags: a wake-up only when enough is waiting.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    // SAFETY: a plain global, read volatile so the zero initializer is not folded in.
+    let threshold = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= threshold {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
     }
 }
 
@@ -192,7 +211,7 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         parent_start_time_ns: parent_start,
         comm,
     });
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     Ok(())
 }
 
@@ -282,7 +301,7 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let size = core::mem::offset_of!(ExecEvent, argv) + argv_len as usize;
     // SAFETY: `size` ≤ size_of::<ExecEvent>() (argv_len ≤ ARGV_LEN): a prefix of the record.
     let used = unsafe { core::slice::from_raw_parts(ev.cast::<u8>(), size) };
-    if EVENTS.output::<[u8]>(used, 0).is_err() {
+    if EVENTS.output::<[u8]>(used, wakeup_flags()).is_err() {
         count_lost(EventKind::Exec);
     }
     Ok(())
@@ -346,7 +365,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
         exit_status: exit_status as u32,
         reaper_tgid,
     });
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     Ok(())
 }
 
@@ -427,7 +446,7 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
         header: header(EventKind::Rename, tgid as u32, start),
         comm,
     });
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     Ok(())
 }
 

@@ -110,8 +110,11 @@ impl Probes {
         drop(btf);
         tracing::debug!(?offsets, "kernel layout from BTF");
 
+        // Wake the reader once an eighth of the ring is full; below that its timer collects.
+        let wakeup_bytes = u64::from(bytes / 8);
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
+            .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("EVENTS", bytes)
             .load(EBPF_OBJECT)
             .map_err(ProbeError::Load)?;
