@@ -292,6 +292,8 @@ impl ProcessOps for Pidfds {
         // expected start time now, that was our process; if it died since, signals through
         // the pidfd fail with ESRCH instead of reaching a newcomer.
         match proc_start_ticks(id.pid) {
+            // A zombie (killed, not yet collected by its parent) is gone already.
+            Some(found) if found == id.start_ticks && !crate::tree::scan::alive(id) => Err(OpenError::Gone),
             Some(found) if found == id.start_ticks => Ok(fd),
             Some(found) => Err(OpenError::Mismatch {
                 pid: id.pid,

@@ -119,6 +119,18 @@ async fn stays_alive(h: &Harness, pid: u32, long: Duration) {
     assert_eq!(stats.reaps.kills_total(), 0, "nothing may be reaped: {:?}", stats.reaps);
 }
 
+/// Waits until `pid` is a target (its exec event may take up to the reader's poll interval).
+async fn wait_target(h: &Harness, pid: u32) -> reaper::detect::TargetView {
+    let started = Instant::now();
+    loop {
+        if let Some(target) = h.handle.explain(pid).await.and_then(|e| e.target) {
+            return target;
+        }
+        assert!(started.elapsed() < DEADLINE, "{pid} never became a target");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn stats(h: &Harness) -> PipelineStats {
     h.handle.stats().await.unwrap()
 }
@@ -131,7 +143,7 @@ async fn a_leaked_idle_child_and_its_descendants_are_reaped_and_the_parent_survi
     let claude = a.read_pid("claude");
     let tool = a.read_pid("tool");
     a.read("ready");
-    let target = h.handle.explain(claude).await.unwrap().target.expect("a target");
+    let target = wait_target(&h, claude).await;
     assert_eq!(target.rule, "test-claude");
 
     let exits = exits_of(&mut h, &[claude, tool]).await;

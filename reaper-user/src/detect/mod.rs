@@ -66,6 +66,8 @@ enum Pending {
     WouldKillReported,
     /// A kill failed: retry after this.
     RetryAt(Nanos),
+    /// Killed (or found gone): never ordered again; its exit event removes it.
+    Done,
 }
 
 #[derive(Clone, Debug)]
@@ -365,7 +367,7 @@ impl Detector {
     pub fn next_wakeup(&self) -> Option<Nanos> {
         self.targets
             .values()
-            .filter(|t| t.pending != Pending::Reaping)
+            .filter(|t| !matches!(t.pending, Pending::Reaping | Pending::Done))
             .map(|t| {
                 let rule = &self.rules[t.rule];
                 let due = verdict::deadline(&t.evidence, rule.idle_timeout, rule.orphan_grace);
@@ -392,7 +394,7 @@ impl Detector {
         for pid in pids {
             let Some(t) = self.targets.get_mut(&pid) else { continue };
             let rule = &self.rules[t.rule];
-            if t.pending == Pending::Reaping {
+            if matches!(t.pending, Pending::Reaping | Pending::Done) {
                 continue;
             }
             if now >= t.next_sample {
@@ -467,8 +469,11 @@ impl Detector {
             Outcome::WouldKill => Pending::WouldKillReported,
             // Still alive after a failure: try again later, not in a loop.
             Outcome::Failed | Outcome::Refused => Pending::RetryAt(now + 60_000_000_000),
-            // Gone: its exit event removes it.
-            _ => Pending::None,
+            // Gone, or the pid is someone else's now: nothing more to do until its exit event
+            // (which may still be on its way) removes it.
+            Outcome::Terminated | Outcome::Killed | Outcome::AlreadyGone | Outcome::IdentityMismatch => {
+                Pending::Done
+            }
         };
     }
 

@@ -328,3 +328,30 @@ fn a_reload_keeps_evidence_and_applies_new_rules() {
     assert_eq!(w.det.target_count(), 0);
     assert!(w.host.watched.is_empty());
 }
+
+#[test]
+fn a_killed_target_is_never_ordered_again_while_its_exit_is_on_its_way() {
+    let mut w = World::new("");
+    w.spawn(20, 10, SDK, S);
+    let orders = w.tick(11 * S);
+    assert_eq!(orders.len(), 1);
+    let report = |outcome| ReapReport {
+        target: id(20),
+        rule: "claude-sdk".into(),
+        reason: Reason::Idle,
+        outcome,
+        signals: vec!["SIGTERM"],
+        rss_bytes: 0,
+        signalled: 1,
+        deadline_ns: 11 * S,
+        gone_ns: Some(11 * S),
+        error: None,
+    };
+    w.det.on_report(&report(crate::reap::Outcome::Terminated), 11 * S);
+    // The exit event has not arrived yet: no second order, however long it takes.
+    assert!(w.tick(12 * S).is_empty());
+    assert!(w.tick(100 * S).is_empty());
+    assert_eq!(w.det.next_wakeup(), None);
+    w.exit(20, 12 * S);
+    assert_eq!(w.det.target_count(), 0);
+}
