@@ -416,3 +416,47 @@ pub fn ensure_tool(tool: &str, package: &str) {
     );
 }
 
+
+// --- test rules that only match processes the test started ---------------------------------
+
+/// The comm of this test run's agents: `fake-agent` exec'd through a symlink named
+/// `<prefix>-<test pid>`, so no process the tests did not start has it.
+pub fn agent_comm(prefix: &str) -> String {
+    format!("{prefix}-{}", std::process::id())
+}
+
+/// `fake-agent`, exec'd through a symlink named [`agent_comm`].
+pub fn agent(prefix: &str, args: &[&str]) -> Helper {
+    let link = std::env::temp_dir().join(agent_comm(prefix));
+    if !link.exists() {
+        std::os::unix::fs::symlink(helper_path().with_file_name("fake-agent"), &link)
+            .expect("symlink to fake-agent");
+    }
+    Helper::spawn_program(&link, args)
+}
+
+/// Configuration text: `defaults` top-level settings, each replaced by a line of `extra` with
+/// the same key, then one SDK-style rule named `rule` that also requires one of `parents` as
+/// the parent's comm.
+pub fn test_config(rule: &str, defaults: &[(&str, &str)], extra: &str, parents: &[String]) -> String {
+    let mut top: Vec<(&str, &str)> = defaults.to_vec();
+    for line in extra.lines() {
+        if let Some((key, value)) = line.split_once(" = ") {
+            top.retain(|(k, _)| *k != key);
+            top.push((key, value));
+        }
+    }
+    let top: String = top.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+    let parents: Vec<String> = parents.iter().map(|p| format!("{p:?}")).collect();
+    format!(
+        "{top}\n[[rule]]\nname = \"{rule}\"\ncomm = [\"claude\", \"claude.exe\"]\n\
+         argv_any = [\"--input-format=stream-json\", \"--output-format=stream-json\"]\n\
+         require_no_tty = true\nparent_comm = [{}]\n",
+        parents.join(", ")
+    )
+}
+
+/// Whether `pid` is alive (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
+}

@@ -16,7 +16,7 @@ use reaper::{
     events::{Event, ExitStatus, Identity},
     reap::{self, Outcome, Pidfds, ProcessOps as _, ReapOrder, Reason, Victim},
 };
-use reaper_tests::{DEADLINE, Harness, Helper, helper_path, proc_stat, reaper_bin};
+use reaper_tests::{DEADLINE, Harness, Helper, alive, helper_path, proc_stat, reaper_bin};
 
 fn program(name: &str) -> PathBuf {
     helper_path().with_file_name(name)
@@ -27,29 +27,19 @@ fn own_comm() -> String {
     std::fs::read_to_string("/proc/self/comm").unwrap().trim().to_owned()
 }
 
-/// The test rule, with `extra` top-level settings (each replaces the default of its key).
+/// The test rule: short timeouts; parent must be this run's agent or this test process.
 fn config_text(extra: &str) -> String {
-    let mut top = vec![
-        ("idle_timeout", "\"3s\""),
-        ("orphan_grace", "\"3s\""),
-        ("grace", "\"2s\""),
-        ("max_kills_per_minute", "100"),
-        ("reconcile_interval", "\"1h\""),
-    ];
-    for line in extra.lines() {
-        if let Some((key, value)) = line.split_once(" = ") {
-            top.retain(|(k, _)| *k != key);
-            top.push((key, value));
-        }
-    }
-    let top: String = top.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
-    format!(
-        "{top}\n\
-         [[rule]]\nname = \"test-claude\"\ncomm = [\"claude\", \"claude.exe\"]\n\
-         argv_any = [\"--input-format=stream-json\", \"--output-format=stream-json\"]\n\
-         require_no_tty = true\nparent_comm = [\"{}\", \"{}\"]\n",
-        agent_comm(),
-        own_comm()
+    reaper_tests::test_config(
+        "test-claude",
+        &[
+            ("idle_timeout", "\"3s\""),
+            ("orphan_grace", "\"3s\""),
+            ("grace", "\"2s\""),
+            ("max_kills_per_minute", "100"),
+            ("reconcile_interval", "\"1h\""),
+        ],
+        extra,
+        &[agent_comm(), own_comm()],
     )
 }
 
@@ -60,20 +50,11 @@ async fn start(extra: &str) -> Harness {
 
 /// The comm of this run's agents.
 fn agent_comm() -> String {
-    format!("fa-{}", std::process::id())
+    reaper_tests::agent_comm("fa")
 }
 
-/// `fake-agent`, exec'd through a symlink named [`agent_comm`].
 fn agent(args: &[&str]) -> Helper {
-    let link = std::env::temp_dir().join(agent_comm());
-    if !link.exists() {
-        std::os::unix::fs::symlink(program("fake-agent"), &link).unwrap();
-    }
-    Helper::spawn_program(&link, args)
-}
-
-fn alive(pid: u32) -> bool {
-    proc_stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
+    reaper_tests::agent("fa", args)
 }
 
 /// Waits for the exit events of all of `pids`, in whatever order they come.

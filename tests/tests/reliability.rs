@@ -30,6 +30,7 @@ use reaper::{
 };
 use reaper_common::ARGV_LEN;
 use reaper_tests::{
+    alive,
     DEADLINE, Harness, Helper, free_port, helper_path, proc_cmdline, proc_identities, proc_stat,
     reaper_bin,
 };
@@ -38,47 +39,30 @@ use serde_json::Value;
 /// How often a wait re-checks its condition.
 const POLL: Duration = Duration::from_millis(20);
 
-fn program(name: &str) -> PathBuf {
-    helper_path().with_file_name(name)
-}
-
 /// The comm of this run's agents.
 fn agent_comm() -> String {
-    format!("rl-{}", std::process::id())
+    reaper_tests::agent_comm("rl")
 }
 
-/// `fake-agent`, exec'd through a symlink named [`agent_comm`].
 fn agent(args: &[&str]) -> Helper {
-    let link = std::env::temp_dir().join(agent_comm());
-    if !link.exists() {
-        std::os::unix::fs::symlink(program("fake-agent"), &link).unwrap();
-    }
-    Helper::spawn_program(&link, args)
+    reaper_tests::agent("rl", args)
 }
 
-/// Top-level settings (each line of `extra` replaces the default of its key) and the test rule.
+/// The test rule: enforce, long timeouts unless `extra` says otherwise; parent must be this
+/// run's agent.
 fn config_text(extra: &str) -> String {
-    let mut top = vec![
-        ("mode", "\"enforce\""),
-        ("idle_timeout", "\"10m\""),
-        ("orphan_grace", "\"10m\""),
-        ("grace", "\"2s\""),
-        ("max_kills_per_minute", "100"),
-        ("reconcile_interval", "\"1h\""),
-    ];
-    for line in extra.lines() {
-        if let Some((key, value)) = line.split_once(" = ") {
-            top.retain(|(k, _)| *k != key);
-            top.push((key, value));
-        }
-    }
-    let top: String = top.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
-    format!(
-        "{top}\n\
-         [[rule]]\nname = \"rl-claude\"\ncomm = [\"claude\", \"claude.exe\"]\n\
-         argv_any = [\"--input-format=stream-json\", \"--output-format=stream-json\"]\n\
-         require_no_tty = true\nparent_comm = [\"{}\"]\n",
-        agent_comm()
+    reaper_tests::test_config(
+        "rl-claude",
+        &[
+            ("mode", "\"enforce\""),
+            ("idle_timeout", "\"10m\""),
+            ("orphan_grace", "\"10m\""),
+            ("grace", "\"2s\""),
+            ("max_kills_per_minute", "100"),
+            ("reconcile_interval", "\"1h\""),
+        ],
+        extra,
+        &[agent_comm()],
     )
 }
 
@@ -87,9 +71,6 @@ async fn start(extra: &str) -> Harness {
     Harness::start_with(PipelineConfig::new(config)).await
 }
 
-fn alive(pid: u32) -> bool {
-    proc_stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
-}
 
 async fn stats(h: &Harness) -> PipelineStats {
     h.handle.stats().await.expect("pipeline alive")
