@@ -20,35 +20,13 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-use reaper_tests::{DEADLINE, Helper, free_port, helper_path, proc_stat, reaper_bin};
+use reaper_tests::{
+    TempDir,DEADLINE, Helper, free_port, helper_path, proc_stat, reaper_bin};
 use serde_json::Value;
 
 /// How often a wait re-checks its condition.
 const POLL: Duration = Duration::from_millis(20);
 
-/// A fresh directory for one test, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("reaper-cli-{}-{test}-{n}", std::process::id()));
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        Self(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A process this test started. Dropping it (also when the test panics) sends SIGTERM if it
 /// is still running, SIGKILL if it has not exited by the deadline, and reaps it.

@@ -10,12 +10,12 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
 use reaper::config::{Config, Mode, Overrides, parse};
-use reaper_tests::{DEADLINE, ensure_package, ensure_tool, free_port, reaper_bin};
+use reaper_tests::{
+    TempDir,DEADLINE, ensure_package, ensure_tool, free_port, reaper_bin};
 use serde_json::Value;
 
 /// The metric names reaper exports (fixed: dashboards and alerts depend on them).
@@ -134,31 +134,6 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
-/// A fresh directory for one test, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("reaper-deploy-{}-{test}-{n}", std::process::id()));
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        Self(path)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null())
