@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     detect::{Explanation, TargetView},
+    events::printable,
     tree::Process,
 };
 
@@ -37,7 +38,7 @@ pub fn render_tree(processes: &[Process], targets: &[TargetView]) -> String {
             p.id.start_ticks,
             p.uid,
             "  ".repeat(depth),
-            if p.placeholder { "?" } else { &p.comm },
+            if p.placeholder { "?".into() } else { printable(&p.comm) },
             if argv.is_empty() { String::new() } else { format!("  {argv}") },
             if p.argv_truncated { " …" } else { "" },
             mark,
@@ -60,7 +61,7 @@ pub fn render_explanation(e: &Explanation) -> String {
     };
     out.push_str(&format!(
         "pid {} ({}), parent {}, started at tick {}\n  argv: {}\n",
-        p.id.pid, p.comm, p.ppid, p.id.start_ticks, p.argv
+        p.id.pid, printable(&p.comm), p.ppid, p.id.start_ticks, p.argv
     ));
     if let Some(target) = e.descendant_of {
         out.push_str(&format!("  counted as activity of target {target} (a descendant)\n"));
@@ -118,5 +119,24 @@ mod tests {
         assert!(lines[2].ends_with("  sshd  sshd -x"), "{text}");
         assert!(lines[3].ends_with("    bash  bash -x"), "{text}");
         assert!(lines[4].ends_with("  cron  cron -x"), "{text}");
+    }
+
+    #[test]
+    fn a_multi_line_argv_or_comm_stays_on_one_line() {
+        let snap = Snapshot {
+            id: Identity { pid: 4, start_ticks: 4 },
+            ppid: 0,
+            uid: 0,
+            comm: "we\nird".into(),
+            exe: String::new(),
+            argv: Argv::from_args(&["bash", "-c", "X='#!/bin/bash\necho hi'\t\u{1b}[31m"]),
+        };
+        let processes: Vec<_> = ProcessTree::from_scan(vec![snap]).processes().cloned().collect();
+        let text = render_tree(&processes, &[]);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(
+            text.ends_with("we\\nird  bash -c X='#!/bin/bash\\necho hi'\\t\\u{1b}[31m\n"),
+            "{text}"
+        );
     }
 }

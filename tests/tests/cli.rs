@@ -246,6 +246,7 @@ struct Row {
     ppid: u32,
     depth: usize,
     comm: String,
+    line: String,
 }
 
 fn parse_tree(text: &str) -> Vec<Row> {
@@ -280,6 +281,7 @@ fn parse_tree(text: &str) -> Vec<Row> {
                 ppid: u32::try_from(numbers[1]).expect("ppid"),
                 depth: indent / 2,
                 comm: comm.to_owned(),
+                line: line.to_owned(),
             }
         })
         .collect()
@@ -291,7 +293,9 @@ fn tree_shows_this_test_and_the_child_it_spawned() {
     let daemon = Daemon::start(&dir);
     let me = std::process::id();
     let my_stat = proc_stat(me).expect("/proc/self/stat");
-    let mut helper = Helper::spawn(&["wait"]);
+    // A multi-line argument (like a `bash -c` script another process on the host may run)
+    // must not break `reaper tree`'s one-process-per-line output.
+    let mut helper = Helper::spawn(&["wait", "script='#!/bin/sh\necho hi'"]);
     let child = helper.read_pid("pid");
 
     // The daemon applies the helper's fork and exec shortly after they happen.
@@ -313,6 +317,10 @@ fn tree_shows_this_test_and_the_child_it_spawned() {
         std::thread::sleep(POLL);
     };
     let (row, child_row) = (&rows[mine], &rows[theirs]);
+    assert!(
+        child_row.line.ends_with(r"wait script='#!/bin/sh\necho hi'"),
+        "the newline is shown escaped: {child_row:?}"
+    );
     assert_eq!(row.ppid, my_stat.ppid, "this test's parent: {row:?}");
     assert_eq!(row.comm, my_stat.comm, "this test's comm: {row:?}");
     assert_eq!(child_row.ppid, me, "{child_row:?}");

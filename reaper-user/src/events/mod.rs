@@ -91,10 +91,31 @@ impl fmt::Debug for Argv {
     }
 }
 
+/// Arguments joined by spaces for a person to read, one line however they were written:
+/// control characters (a newline in a `bash -c` script, an escape sequence) are shown
+/// escaped, so `reaper tree`, `reaper events` and the logs keep one process per line.
 impl fmt::Display for Argv {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_strings().join(" "))
+        for (i, arg) in self.to_strings().iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            f.write_str(&printable(arg))?;
+        }
+        Ok(())
     }
+}
+
+/// `s` with control characters escaped (`\n`, `\t`, `\u{1b}`): text from a process (argv,
+/// comm) on one line of human output.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect::<String>()
+        .into()
 }
 
 impl Serialize for Argv {
@@ -235,16 +256,16 @@ impl fmt::Display for Event {
         let t = self.time_ns() as f64 / 1e9;
         match self {
             Self::Fork { id, parent, uid, comm, .. } => {
-                write!(f, "{t:>12.6} fork   pid={} ppid={} uid={uid} comm={comm}", id.pid, parent.pid)
+                write!(f, "{t:>12.6} fork   pid={} ppid={} uid={uid} comm={}", id.pid, parent.pid, printable(comm))
             }
             Self::Exec { id, parent_pid, uid, filename, argv, argv_truncated, .. } => {
-                write!(f, "{t:>12.6} exec   pid={} ppid={parent_pid} uid={uid} file={filename} argv=[{argv}]{}",
-                    id.pid, if *argv_truncated { " (truncated)" } else { "" })
+                write!(f, "{t:>12.6} exec   pid={} ppid={parent_pid} uid={uid} file={} argv=[{argv}]{}",
+                    id.pid, printable(filename), if *argv_truncated { " (truncated)" } else { "" })
             }
             Self::Exit { id, status, reaper_pid, .. } => {
                 write!(f, "{t:>12.6} exit   pid={} {status} children→{reaper_pid}", id.pid)
             }
-            Self::Rename { id, comm, .. } => write!(f, "{t:>12.6} rename pid={} comm={comm}", id.pid),
+            Self::Rename { id, comm, .. } => write!(f, "{t:>12.6} rename pid={} comm={}", id.pid, printable(comm)),
         }
     }
 }
