@@ -187,7 +187,14 @@ pub async fn execute<O: ProcessOps>(ops: &O, order: &ReapOrder) -> ReapReport {
         return report;
     }
 
+    // SIGTERM the descendants, deepest first, before the target: a parent that dies first
+    // can take its children with a harsher signal (the CLI's tools die by PR_SET_PDEATHSIG
+    // SIGKILL) or spawn more. A default-action SIGTERM fixes the exit signal when it is sent
+    // (`complete_signal()` in kernel/signal.c), so each process ends by the polite signal.
     report.signals.push("SIGTERM");
+    for (_, h) in descendants.iter().rev() {
+        let _ = ops.signal(h, libc::SIGTERM);
+    }
     let target_alive = match ops.signal(&target, libc::SIGTERM) {
         Ok(alive) => alive,
         Err(err) => {
@@ -195,9 +202,6 @@ pub async fn execute<O: ProcessOps>(ops: &O, order: &ReapOrder) -> ReapReport {
             return report;
         }
     };
-    for (_, h) in &descendants {
-        let _ = ops.signal(h, libc::SIGTERM);
-    }
     report.signalled = 1 + descendants.len();
     if !target_alive {
         report.outcome = Outcome::AlreadyGone;
@@ -414,7 +418,18 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Terminated);
         assert_eq!(r.signals, ["SIGTERM"]);
         assert_eq!(r.rss_bytes, 2000);
-        assert_eq!(*ops.sent.lock().unwrap(), [(100, libc::SIGTERM), (101, libc::SIGTERM)]);
+        assert_eq!(*ops.sent.lock().unwrap(), [(101, libc::SIGTERM), (100, libc::SIGTERM)]);
+    }
+
+    #[tokio::test]
+    async fn descendants_are_signalled_deepest_first_and_before_the_target() {
+        let ops = Fake::with(&[(100, 5, false), (101, 6, false), (102, 7, false)]);
+        // `descendants` come nearest first: 101 is the child, 102 the grandchild.
+        execute(&ops, &order(100, 5, &[(101, 6), (102, 7)])).await;
+        assert_eq!(
+            *ops.sent.lock().unwrap(),
+            [(102, libc::SIGTERM), (101, libc::SIGTERM), (100, libc::SIGTERM)]
+        );
     }
 
     #[tokio::test]
