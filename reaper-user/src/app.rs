@@ -15,7 +15,9 @@
 //! buffered meanwhile are applied on top of the scan (deduplicated by identity).
 //! Reconciliation scans `/proc` on a timer and right after the kernel reports lost events;
 //! before diffing, it asks the source to flush the ring buffer, so every event older than the
-//! scan has been applied.
+//! scan has been applied. Queries about processes (`tree`, `explain`, targets) flush it too
+//! before they are answered: they see every fork, exec and exit that happened before they
+//! were asked, although the reader otherwise drains the ring only every 0.1–1.6 s.
 use std::{sync::Arc, time::Duration};
 
 use reaper_common::EventKind;
@@ -330,6 +332,7 @@ impl Pipeline {
             confirming: None,
             next_token: 0,
             last_lost: 0,
+            queries: QueryFlush::default(),
         };
         let tree_task = tokio::spawn(owner.run(events_rx, queries_rx));
         Ok(Self {
@@ -409,6 +412,17 @@ struct TreeOwner {
     confirming: Option<Confirming>,
     next_token: u64,
     last_lost: u64,
+    queries: QueryFlush,
+}
+
+/// Queries held until the ring buffer has been flushed. At most one flush for queries is in
+/// flight; queries arriving meanwhile wait for the next one (they may ask about events newer
+/// than the flush in flight was requested).
+#[derive(Default)]
+struct QueryFlush {
+    in_flight: Option<u64>,
+    waiting: Vec<Query>,
+    next: Vec<Query>,
 }
 
 type ScanResult = (u64, std::io::Result<Vec<Snapshot>>, Option<oneshot::Sender<Corrections>>);
@@ -457,6 +471,14 @@ impl TreeOwner {
                         }
                         self.metrics.processes.set(self.tree.len() as i64);
                     }
+                    Some(SourceMsg::Flushed(token)) if self.queries.in_flight == Some(token) => {
+                        self.queries.in_flight = None;
+                        for query in std::mem::take(&mut self.queries.waiting) {
+                            self.answer(query, &scans_tx);
+                        }
+                        self.queries.waiting = std::mem::take(&mut self.queries.next);
+                        self.flush_for_queries(&scans_tx);
+                    }
                     Some(SourceMsg::Flushed(token)) => {
                         if !self.finish_reconcile(token).await {
                             return;
@@ -468,30 +490,7 @@ impl TreeOwner {
                     }
                 },
                 query = queries.recv() => match query {
-                    Some(Query::Snapshot(reply)) => {
-                        let _ = reply.send(self.tree.processes().cloned().collect());
-                    }
-                    Some(Query::Process(pid, reply)) => {
-                        let _ = reply.send(self.tree.get(pid).cloned());
-                    }
-                    Some(Query::Exited(id, reply)) => {
-                        let _ = reply.send(self.tree.exited(id).cloned());
-                    }
-                    Some(Query::Stats(reply)) => {
-                        let _ = reply.send(self.stats());
-                    }
-                    Some(Query::Reconcile(reply)) => self.start_scan(&scans_tx, Some(reply)),
-                    Some(Query::Targets(reply)) => {
-                        let _ = reply.send(self.detector.views(&self.tree, scan::now_ns()));
-                    }
-                    Some(Query::Reload(config, reply)) => {
-                        self.reload(*config);
-                        let _ = reply.send(());
-                    }
-                    Some(Query::Explain(pid, reply)) => {
-                        let host = LiveHost { probes: &mut self.probes };
-                        let _ = reply.send(self.detector.explain(&self.tree, pid, scan::now_ns(), &host));
-                    }
+                    Some(query) => self.after_flush(query, &scans_tx),
                     None => return,
                 },
                 _ = reconcile_timer.tick() => self.start_scan(&scans_tx, None),
@@ -524,6 +523,68 @@ impl TreeOwner {
                     }
                     Err(err) => tracing::warn!(%err, "scanning /proc failed; will retry"),
                 },
+            }
+        }
+    }
+
+    /// Answers `query` once every event committed before now has been applied; queries that
+    /// do not read the tree are answered at once.
+    fn after_flush(&mut self, query: Query, scans: &mpsc::Sender<ScanResult>) {
+        if !matches!(
+            query,
+            Query::Snapshot(_) | Query::Process(..) | Query::Exited(..) | Query::Targets(_) | Query::Explain(..)
+        ) {
+            return self.answer(query, scans);
+        }
+        if self.queries.in_flight.is_some() {
+            return self.queries.next.push(query);
+        }
+        self.queries.waiting.push(query);
+        self.flush_for_queries(scans);
+    }
+
+    /// Asks the source for a flush on behalf of the waiting queries.
+    fn flush_for_queries(&mut self, scans: &mpsc::Sender<ScanResult>) {
+        if self.queries.waiting.is_empty() {
+            return;
+        }
+        self.next_token += 1;
+        // Never wait on the source here (it may itself be waiting to hand us events): if its
+        // queue is full, answer from the tree as it is.
+        if self.flush.try_send(self.next_token).is_ok() {
+            self.queries.in_flight = Some(self.next_token);
+        } else {
+            for query in std::mem::take(&mut self.queries.waiting) {
+                self.answer(query, scans);
+            }
+        }
+    }
+
+    fn answer(&mut self, query: Query, scans: &mpsc::Sender<ScanResult>) {
+        match query {
+            Query::Snapshot(reply) => {
+                let _ = reply.send(self.tree.processes().cloned().collect());
+            }
+            Query::Process(pid, reply) => {
+                let _ = reply.send(self.tree.get(pid).cloned());
+            }
+            Query::Exited(id, reply) => {
+                let _ = reply.send(self.tree.exited(id).cloned());
+            }
+            Query::Stats(reply) => {
+                let _ = reply.send(self.stats());
+            }
+            Query::Reconcile(reply) => self.start_scan(scans, Some(reply)),
+            Query::Targets(reply) => {
+                let _ = reply.send(self.detector.views(&self.tree, scan::now_ns()));
+            }
+            Query::Reload(config, reply) => {
+                self.reload(*config);
+                let _ = reply.send(());
+            }
+            Query::Explain(pid, reply) => {
+                let host = LiveHost { probes: &mut self.probes };
+                let _ = reply.send(self.detector.explain(&self.tree, pid, scan::now_ns(), &host));
             }
         }
     }

@@ -285,3 +285,19 @@ async fn a_spawn_storm_loses_nothing_and_the_tree_equals_proc() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_sees_every_event_that_happened_before_it_was_asked() {
+    let h = Harness::start().await;
+    // No waiting: the reader drains the ring buffer only every 0.1–1.6 s by itself, so an
+    // answer without a flush would usually miss a process this young.
+    for _ in 0..3 {
+        let mut helper = Helper::spawn(&["wait"]);
+        let pid = helper.read_pid("pid");
+        let p = h.handle.process(pid).await;
+        let p = p.unwrap_or_else(|| panic!("{pid} missing from the tree right after its exec"));
+        assert_eq!(p.comm, "lifecycle-helpe");
+        assert_eq!(p.argv.to_strings()[1..], ["wait"]);
+        helper.finish();
+    }
+}
