@@ -207,9 +207,16 @@ pub struct KernelOffsets {
     /// Non-zero where `sched_process_exit` passes `bool group_dead` as its second argument
     /// (6.16+); older kernels pass only the task.
     pub exit_has_group_dead: u32,
+    /// Non-zero where `task_struct` has the `in_execve` bit field (set by `bprm_execve()` for
+    /// the whole exec); the two fields below are meaningful only then.
+    pub has_in_execve: u32,
+    /// Byte offset of the 32-bit word holding `task_struct::in_execve`.
+    pub task_in_execve_word: u32,
+    /// Bit index of `in_execve` within that word.
+    pub task_in_execve_bit: u32,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 26 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 29 * 4);
 
 /// Most processes watched for activity at once (targets and their descendants).
 pub const WATCH_MAX: u32 = 16384;

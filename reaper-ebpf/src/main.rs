@@ -52,6 +52,9 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     upid_ns: 0,
     pid_ns_child_reaper: 0,
     exit_has_group_dead: 0,
+    has_in_execve: 0,
+    task_in_execve_word: 0,
+    task_in_execve_bit: 0,
 };
 
 /// Wake the reader only once this many bytes wait in the ring (set by user space at load
@@ -413,6 +416,11 @@ fn find_new_reaper(o: &KernelOffsets, task: *const u8, signal: *const u8) -> Res
 /// `trace_task_rename(tsk, buf)` in __set_task_comm(), before the new name is copied in:
 /// <https://github.com/torvalds/linux/blob/v6.18/fs/exec.c>
 /// Only the main thread's comm is the process's (it is what `/proc/PID/comm` shows).
+///
+/// Every exec renames too (begin_new_exec() sets the comm to the file's basename), while
+/// bprm_execve() holds `current->in_execve` set; that rename is skipped, since the exec event
+/// that follows carries the new comm (and an exec failing after that point kills the process:
+/// its exit follows instead). It saves a ring record per spawn.
 #[btf_tracepoint(function = "task_rename")]
 pub fn task_rename(ctx: BtfTracePointContext) -> i32 {
     let _ = try_rename(&ctx);
@@ -429,6 +437,9 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let pid: i32 = read(task, o.task_pid)?;
     let tgid: i32 = read(task, o.task_tgid)?;
     if pid != tgid {
+        return Ok(());
+    }
+    if o.has_in_execve != 0 && bit(o.task_in_execve_word, o.task_in_execve_bit, task)? {
         return Ok(());
     }
     let start: u64 = read(task, o.task_start_boottime)?;

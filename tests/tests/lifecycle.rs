@@ -178,6 +178,32 @@ async fn a_double_forked_daemon_is_followed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_is_not_also_reported_as_a_rename() {
+    let mut h = Harness::start().await;
+    let mut child = std::process::Command::new(helper_path())
+        .args(["exit", "0"])
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Every event about the child, up to its exit.
+    let mut kinds = Vec::new();
+    h.wait_event("the helper's exit", |e| {
+        let (id, kind) = match e {
+            Event::Fork { id, .. } => (id, "fork"),
+            Event::Exec { id, .. } => (id, "exec"),
+            Event::Rename { id, .. } => (id, "rename"),
+            Event::Exit { id, .. } => (id, "exit"),
+        };
+        (id.pid == pid).then(|| kinds.push(kind));
+        (id.pid == pid && kind == "exit").then_some(())
+    })
+    .await;
+    child.wait().unwrap();
+    // begin_new_exec() renames the process to the file's basename; the exec event carries it.
+    assert_eq!(kinds, ["fork", "exec", "exit"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_comm_rename_is_seen() {
     let h = Harness::start().await;
     let mut helper = Helper::spawn(&["rename", "renamed-by-test"]);

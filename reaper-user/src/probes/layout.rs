@@ -74,6 +74,12 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, LayoutError> {
     };
     let (is_word, is_bit) = bitfield(&signal, "signal_struct", "is_child_subreaper")?;
     let (has_word, has_bit) = bitfield(&signal, "signal_struct", "has_child_subreaper")?;
+    // Optional: it only lets the rename program skip the rename every exec makes.
+    let in_execve = match bitfield(&task, "task_struct", "in_execve") {
+        Ok(found) => Some(found),
+        Err(LayoutError::NoField { .. }) => None,
+        Err(err) => return Err(err),
+    };
 
     Ok(KernelOffsets {
         ready: 1,
@@ -102,6 +108,9 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, LayoutError> {
         upid_ns: byte(&upid, "upid", "ns")?,
         pid_ns_child_reaper: byte(&pid_ns, "pid_namespace", "child_reaper")?,
         exit_has_group_dead: u32::from(tracepoint_arity(btf, "sched_process_exit")? >= 2),
+        has_in_execve: u32::from(in_execve.is_some()),
+        task_in_execve_word: in_execve.map_or(0, |(word, _)| word),
+        task_in_execve_bit: in_execve.map_or(0, |(_, bit)| bit),
     })
 }
 
@@ -208,6 +217,12 @@ mod tests {
             (o.signal_is_subreaper_word, o.signal_is_subreaper_bit),
             (o.signal_has_subreaper_word, o.signal_has_subreaper_bit)
         );
+        // in_execve: a one-bit field of task_struct (since 2.6.30; kept on 6.18).
+        let found = member(&btf, &find_struct(&btf, "task_struct").unwrap(), "task_struct", "in_execve")
+            .expect("in_execve");
+        assert!(found.bitfield);
+        assert_eq!(o.has_in_execve, 1);
+        assert_eq!((o.task_in_execve_word * 8 + o.task_in_execve_bit), found.bits);
     }
 
     #[test]
