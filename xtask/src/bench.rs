@@ -70,6 +70,20 @@ pub(crate) struct Opts {
     /// Start-ups measured per configuration.
     #[arg(long, default_value_t = 3)]
     startups: usize,
+    /// Run only these benchmarks (repeatable); the table is printed but bench/results/ is
+    /// left as it is, since it holds the last complete run.
+    #[arg(long, value_enum)]
+    only: Vec<Bench>,
+}
+
+/// The benchmarks, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Bench {
+    Storm,
+    Throughput,
+    Reap,
+    Footprint,
+    Quiet,
 }
 
 /// Every wait for something to happen has a deadline; these are generous (shared machines).
@@ -92,20 +106,40 @@ pub(crate) fn run(ctx: &Ctx, opts: &Opts) -> anyhow::Result<()> {
     let mut report = Report::default();
     let phase = |name: &str| println!("xtask: bench: {name}…");
 
-    phase("1/5 spawn-storm overhead (interleaved: none, reaper, bpftrace)");
-    storm_overhead(&bins, &scratch, opts, &mut report).context("spawn-storm benchmark")?;
-    phase("2/5 throughput and loss");
-    throughput(&bins, &scratch, opts, &mut report).context("throughput benchmark")?;
-    phase("3/5 reap latency");
-    reap_latency(&bins, &scratch, opts, &mut report).context("reap-latency benchmark")?;
-    phase("4–5/5 start-up and footprint with parked processes");
-    startup_and_footprint(&bins, &scratch, opts, &mut report)
-        .context("start-up/footprint benchmark")?;
-    phase("4/5 quiet host with idle targets");
-    quiet_host(&bins, &scratch, opts, &mut report).context("quiet-host benchmark")?;
+    let runs = |b: Bench| opts.only.is_empty() || opts.only.contains(&b);
+    if runs(Bench::Storm) {
+        phase("1/5 spawn-storm overhead (interleaved: none, reaper, bpftrace)");
+        storm_overhead(&bins, &scratch, opts, &mut report).context("spawn-storm benchmark")?;
+    }
+    if runs(Bench::Throughput) {
+        phase("2/5 throughput and loss");
+        throughput(&bins, &scratch, opts, &mut report).context("throughput benchmark")?;
+    }
+    if runs(Bench::Reap) {
+        phase("3/5 reap latency");
+        reap_latency(&bins, &scratch, opts, &mut report).context("reap-latency benchmark")?;
+    }
+    if runs(Bench::Footprint) {
+        phase("4–5/5 start-up and footprint with parked processes");
+        startup_and_footprint(&bins, &scratch, opts, &mut report)
+            .context("start-up/footprint benchmark")?;
+    }
+    if runs(Bench::Quiet) {
+        phase("4/5 quiet host with idle targets");
+        quiet_host(&bins, &scratch, opts, &mut report).context("quiet-host benchmark")?;
+    }
 
     let elapsed = started.elapsed();
     let md = report.markdown(&machine, elapsed);
+    if !opts.only.is_empty() {
+        println!("\n{md}");
+        println!(
+            "xtask: bench ({:?}) done in {:.0} s; bench/results/ left as it is (a partial run)",
+            opts.only,
+            elapsed.as_secs_f64()
+        );
+        return Ok(());
+    }
     let json = report.json(&machine, elapsed, opts);
     let dir = ctx.workspace.join("bench/results");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
