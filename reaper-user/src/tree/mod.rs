@@ -8,7 +8,10 @@
 //! dropped. Nothing here is an error.
 pub mod scan;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::{
+    collections::{BTreeSet, HashMap},
+    num::NonZeroUsize,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +19,18 @@ use crate::events::{Argv, Event, ExitStatus, Identity};
 
 /// Exited processes remembered (with their exit status) after they leave the live tree.
 pub const EXITED_KEPT: usize = 4096;
+
+/// The last [`EXITED_KEPT`] exited processes by identity, oldest dropped first (only `put`
+/// and `peek` are used, so the LRU order is insertion order). Looked up on every fork: a
+/// linear search of the 4,096 was most of the daemon's CPU in a spawn storm.
+#[derive(Debug)]
+struct Exited(lru::LruCache<Identity, Process>);
+
+impl Default for Exited {
+    fn default() -> Self {
+        Self(lru::LruCache::new(NonZeroUsize::new(EXITED_KEPT).expect("non-zero")))
+    }
+}
 
 /// One process as the tree knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,7 +163,7 @@ pub enum Applied {
 #[derive(Debug, Default)]
 pub struct ProcessTree {
     live: HashMap<u32, Process>,
-    exited: VecDeque<Process>,
+    exited: Exited,
     corrections: Corrections,
     /// Entries a pid reuse or a late event pushed out before their exit was seen.
     evicted_stale: u64,
@@ -193,7 +208,7 @@ impl ProcessTree {
 
     /// A recently exited process with this identity, with its exit status.
     pub fn exited(&self, id: Identity) -> Option<&Process> {
-        self.exited.iter().rev().find(|p| p.id == id)
+        self.exited.0.peek(&id)
     }
 
     pub fn processes(&self) -> impl Iterator<Item = &Process> {
@@ -362,10 +377,7 @@ impl ProcessTree {
     }
 
     fn remember_exited(&mut self, p: Process) {
-        if self.exited.len() == EXITED_KEPT {
-            self.exited.pop_front();
-        }
-        self.exited.push_back(p);
+        self.exited.0.put(p.id, p);
     }
 
     fn link(&mut self, ppid: u32, pid: u32) {

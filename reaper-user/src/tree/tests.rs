@@ -250,7 +250,11 @@ fn exited_memory_is_bounded() {
         tree.apply(&fork(who, id(100, 50)));
         tree.apply(&exit(who, 0, 1));
     }
-    assert_eq!(tree.exited.len(), EXITED_KEPT);
+    assert_eq!(tree.exited.0.len(), EXITED_KEPT);
+    // The oldest went first; the newest are still there with their status.
+    assert!(tree.exited(id(1000, 100)).is_none());
+    let last = id(1000 + EXITED_KEPT as u32 + 9, 100 + EXITED_KEPT as u64 + 9);
+    assert_eq!(tree.exited(last).unwrap().exit.unwrap().code(), Some(0));
     assert_eq!(tree.len(), 2);
     assert!(tree.get(100).unwrap().children.is_empty());
 }
