@@ -132,8 +132,9 @@ enum Verb {
         opts: fuzz::Opts,
     },
 
-    /// Set up, then run clippy on the host crates with warnings denied
-    /// (`cargo clippy --workspace --exclude reaper-ebpf --all-targets -- -D warnings`).
+    /// Set up, then run clippy with warnings denied: on the host crates
+    /// (`cargo clippy --workspace --exclude reaper-ebpf --all-targets -- -D warnings`), then on
+    /// the eBPF crate with nightly for bpfel-unknown-none (installs nightly's clippy if missing).
     Clippy,
 }
 
@@ -185,6 +186,20 @@ impl Ctx {
         cmd.current_dir(&self.workspace)
             .env("PATH", &self.path)
             .env("CARGO_TARGET_DIR", &self.target_dir);
+        cmd
+    }
+
+    /// `rustup run nightly cargo`, same directory and `PATH`; the outer cargo's compiler
+    /// settings are dropped so nightly's own rustc is used.
+    fn nightly_cargo(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new("rustup");
+        cmd.args(["run", "nightly", "cargo"])
+            .current_dir(&self.workspace)
+            .env("PATH", &self.path)
+            .env("RUSTUP_AUTO_INSTALL", "0");
+        for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN"] {
+            cmd.env_remove(var);
+        }
         cmd
     }
 
@@ -347,6 +362,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let st = status(&mut cmd)?;
             if !st.success() {
                 eprintln!("xtask: clippy failed ({st})");
+                return Ok(exit_code(st));
+            }
+            // The eBPF crate builds only for the BPF target, with nightly's build-std (as
+            // aya-build does); its own target dir keeps it apart from the host build.
+            setup::ensure_nightly_component("clippy")?;
+            let mut cmd = ctx.nightly_cargo();
+            cmd.args([
+                "clippy",
+                "--package",
+                "reaper-ebpf",
+                "-Z",
+                "build-std=core",
+                "--target",
+                "bpfel-unknown-none",
+                "--release",
+                "--target-dir",
+            ])
+            .arg(ctx.target_dir.join("ebpf-clippy"))
+            .args(["--", "-D", "warnings"]);
+            println!("xtask: {}", describe(&cmd));
+            let st = status(&mut cmd)?;
+            if !st.success() {
+                eprintln!("xtask: clippy on the eBPF crate failed ({st})");
                 return Ok(exit_code(st));
             }
         }

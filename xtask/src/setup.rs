@@ -85,6 +85,11 @@ fn lists_plain_nightly(list: &str) -> bool {
 
 /// Step 2: nightly's `rust-src`.
 fn ensure_rust_src() -> anyhow::Result<()> {
+    ensure_nightly_component("rust-src")
+}
+
+/// A nightly component (`rust-src`, `clippy`), installed with rustup if it is missing.
+pub(crate) fn ensure_nightly_component(name: &str) -> anyhow::Result<()> {
     let installed = output(rustup_cmd("rustup").args([
         "component",
         "list",
@@ -92,22 +97,22 @@ fn ensure_rust_src() -> anyhow::Result<()> {
         "--toolchain",
         NIGHTLY,
     ]))?;
-    // Listed as `rust-src` (no target suffix, it is target-independent).
-    if installed
-        .lines()
-        .any(|l| l.trim() == "rust-src" || l.starts_with("rust-src "))
-    {
-        println!("xtask: rust-src for nightly: present");
+    // Listed as `rust-src` (target-independent) or `clippy-x86_64-unknown-linux-gnu`.
+    if installed.lines().any(|l| {
+        let l = l.trim();
+        l == name || l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}-"))
+    }) {
+        println!("xtask: {name} for nightly: present");
         return Ok(());
     }
-    println!("xtask: rust-src for nightly: installing…");
+    println!("xtask: {name} for nightly: installing…");
     let mut cmd = rustup_cmd("rustup");
-    cmd.args(["component", "add", "rust-src", "--toolchain", NIGHTLY]);
+    cmd.args(["component", "add", name, "--toolchain", NIGHTLY]);
     let st = status(&mut cmd)?;
     if !st.success() {
         bail!("`{}` failed ({st})", describe(&cmd));
     }
-    println!("xtask: rust-src for nightly: installed");
+    println!("xtask: {name} for nightly: installed");
     Ok(())
 }
 
