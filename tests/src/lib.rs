@@ -17,8 +17,14 @@ use reaper::{
 };
 use tokio::sync::broadcast;
 
+mod daemon;
+pub use daemon::{CliOutput, Daemon, Running, reaper_cli, reaper_ok};
+
 /// Generous: CI machines are shared and slow.
 pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// How often a wait re-checks its condition.
+pub const POLL: Duration = Duration::from_millis(20);
 
 /// A running pipeline plus a tap on its events.
 pub struct Harness {
@@ -474,7 +480,7 @@ impl TempDir {
         Self(path)
     }
 
-    pub fn join(&self, name: &str) -> std::path::PathBuf {
+    pub fn join(&self, name: impl AsRef<std::path::Path>) -> std::path::PathBuf {
         self.0.join(name)
     }
 

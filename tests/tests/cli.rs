@@ -4,239 +4,32 @@
 //!
 //! Each test starts the processes it talks to and stops only those; every wait has a deadline.
 use std::{
-    ffi::OsStr,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    os::unix::{fs::FileTypeExt as _, fs::PermissionsExt as _, net::UnixStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        mpsc,
-    },
+    os::unix::{fs::FileTypeExt as _, fs::PermissionsExt as _},
+    process::{Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use nix::sys::signal::{Signal, kill};
 use reaper_tests::{
-    TempDir,DEADLINE, Helper, free_port, helper_path, proc_stat, reaper_bin};
+    DEADLINE, Daemon, Helper, POLL, Running, TempDir, free_port, helper_path, proc_stat,
+    reaper_bin, reaper_cli, reaper_ok,
+};
 use serde_json::Value;
 
-/// How often a wait re-checks its condition.
-const POLL: Duration = Duration::from_millis(20);
-
-
-/// A process this test started. Dropping it (also when the test panics) sends SIGTERM if it
-/// is still running, SIGKILL if it has not exited by the deadline, and reaps it.
-struct Running {
-    child: Child,
-    what: String,
+/// `reaper run --dry-run` on a socket of its own in `dir`, its log in `<dir>/daemon.log`.
+fn start_daemon(dir: &TempDir) -> Daemon {
+    start_daemon_with(dir, &[])
 }
 
-impl Running {
-    fn new(child: Child, what: impl Into<String>) -> Self {
-        Self {
-            child,
-            what: what.into(),
-        }
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits in pid_t"))
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait on our own child")
-    }
-
-    fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
-        loop {
-            if let Some(status) = self.exited() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// Sends `signal` (only while the child is unreaped, so never to a reused pid) and waits
-    /// for it to exit.
-    fn stop(&mut self, signal: Signal) -> ExitStatus {
-        if let Some(status) = self.exited() {
-            return status;
-        }
-        kill(self.pid(), signal).expect("signal our own child");
-        match self.wait_until(Instant::now() + DEADLINE) {
-            Some(status) => status,
-            None => {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("{} did not exit within {DEADLINE:?} of {signal}", self.what);
-            }
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
-        }
-        let _ = kill(self.pid(), Signal::SIGTERM);
-        if self.wait_until(Instant::now() + DEADLINE).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// `reaper run --socket <dir>/reaper.sock`, started by this test, its log in `<dir>/daemon.log`.
-struct Daemon {
-    process: Running,
-    socket: PathBuf,
-    log: PathBuf,
-    metrics: std::net::SocketAddr,
-}
-
-impl Daemon {
-    fn start(dir: &TempDir) -> Self {
-        Self::start_with(dir, &[])
-    }
-
-    /// With extra `reaper run` arguments (e.g. `--config FILE`).
-    fn start_with(dir: &TempDir, extra: &[&str]) -> Self {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "`reaper run` loads eBPF programs: run the tests as root (cargo xtask test)"
-        );
-        let socket = dir.join("reaper.sock");
-        let log = dir.join("daemon.log");
-        // Dry run: the built-in rule matches any SDK-spawned claude on the host, and tests
-        // only ever signal processes they started. Its own port, so tests never collide with
-        // a daemon already running on the default one.
-        let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let child = Command::new(reaper_bin())
-            .arg("run")
-            .arg("--dry-run")
-            .arg("--metrics-addr")
-            .arg(metrics.to_string())
-            .arg("--socket")
-            .arg(&socket)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("daemon log"))
-            .spawn()
-            .expect("spawn reaper run");
-        // The guard exists before the wait, so a daemon that never gets ready is stopped too.
-        let mut daemon = Self {
-            process: Running::new(child, "reaper run"),
-            socket,
-            log,
-            metrics,
-        };
-        daemon.wait_ready();
-        daemon
-    }
-
-    /// Until the daemon answers a request on its socket (which it serves only after binding
-    /// it and restricting its mode).
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if self.answers() {
-                return;
-            }
-            if let Some(status) = self.process.exited() {
-                panic!(
-                    "reaper run exited ({status}) before serving; its log:\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "reaper run did not serve {} within {DEADLINE:?}; its log:\n{}",
-                self.socket.display(),
-                self.log()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    fn answers(&self) -> bool {
-        let Ok(mut stream) = UnixStream::connect(&self.socket) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(DEADLINE));
-        let mut body = Vec::new();
-        stream.write_all(b"stats\n").is_ok()
-            && stream.read_to_end(&mut body).is_ok()
-            && serde_json::from_slice::<Value>(&body).is_ok()
-    }
-
-    fn socket_arg(&self) -> &str {
-        self.socket.to_str().expect("temp paths are UTF-8")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// What a finished `reaper` command printed.
-struct CliOutput {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `reaper ARGS…` to completion (with a deadline). Backtraces are left off, as a person
-/// running it would see it.
-fn reaper<S: AsRef<OsStr>>(dir: &TempDir, args: impl IntoIterator<Item = S>) -> CliOutput {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let (out, err) = (
-        dir.join(&format!("cli-{n}.out")),
-        dir.join(&format!("cli-{n}.err")),
-    );
-    let mut cmd = Command::new(reaper_bin());
-    cmd.args(args)
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).expect("stdout file"))
-        .stderr(std::fs::File::create(&err).expect("stderr file"));
-    let what = format!("{cmd:?}");
-    let mut running = Running::new(cmd.spawn().expect("spawn reaper"), what);
-    let status = running
-        .wait_until(Instant::now() + DEADLINE)
-        .unwrap_or_else(|| panic!("{} did not finish within {DEADLINE:?}", running.what));
-    let read = |path: &Path| {
-        let text = std::fs::read_to_string(path).expect("command output");
-        let _ = std::fs::remove_file(path);
-        text
-    };
-    CliOutput {
-        status,
-        stdout: read(&out),
-        stderr: read(&err),
-    }
-}
-
-/// Like [`reaper`], and the command must succeed.
-fn reaper_ok<S: AsRef<OsStr>>(dir: &TempDir, args: impl IntoIterator<Item = S>) -> String {
-    let out = reaper(dir, args);
-    assert!(
-        out.status.success(),
-        "reaper failed ({}): {}",
-        out.status,
-        out.stderr
-    );
-    out.stdout
+/// With extra `reaper run` arguments (e.g. `--config FILE`).
+fn start_daemon_with(dir: &TempDir, extra: &[&str]) -> Daemon {
+    // Dry run: the built-in rule matches any SDK-spawned claude on the host, and tests
+    // only ever signal processes they started. Its own port, so tests never collide with
+    // a daemon already running on the default one.
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    Daemon::start(dir, "daemon", ["--dry-run"].iter().chain(extra), metrics)
 }
 
 /// One line of `reaper tree`: `PID PPID START UID  <indent>COMM  ARGV`.
@@ -290,7 +83,7 @@ fn parse_tree(text: &str) -> Vec<Row> {
 #[test]
 fn tree_shows_this_test_and_the_child_it_spawned() {
     let dir = TempDir::new("tree");
-    let daemon = Daemon::start(&dir);
+    let daemon = start_daemon(&dir);
     let me = std::process::id();
     let my_stat = proc_stat(me).expect("/proc/self/stat");
     // A multi-line argument (like a `bash -c` script another process on the host may run)
@@ -301,7 +94,7 @@ fn tree_shows_this_test_and_the_child_it_spawned() {
     // The daemon applies the helper's fork and exec shortly after they happen.
     let started = Instant::now();
     let (rows, mine, theirs) = loop {
-        let text = reaper_ok(&dir, ["tree", "--socket", daemon.socket_arg()]);
+        let text = reaper_ok(["tree", "--socket", daemon.socket_arg()]);
         let rows = parse_tree(&text);
         let mine = rows.iter().position(|r| r.pid == me);
         let theirs = rows
@@ -335,10 +128,12 @@ fn tree_shows_this_test_and_the_child_it_spawned() {
         "the child is in this test's subtree: {rows:?}"
     );
 
-    let json: Value = serde_json::from_str(&reaper_ok(
-        &dir,
-        ["tree", "--json", "--socket", daemon.socket_arg()],
-    ))
+    let json: Value = serde_json::from_str(&reaper_ok([
+        "tree",
+        "--json",
+        "--socket",
+        daemon.socket_arg(),
+    ]))
     .expect("`reaper tree --json` prints JSON");
     let processes = json.as_array().expect("a JSON array of processes");
     let find = |pid: u32| {
@@ -370,7 +165,7 @@ fn tree_shows_this_test_and_the_child_it_spawned() {
 #[test]
 fn the_socket_is_private_and_stats_are_json() {
     let dir = TempDir::new("stats");
-    let daemon = Daemon::start(&dir);
+    let daemon = start_daemon(&dir);
     let meta = std::fs::metadata(&daemon.socket).expect("the socket exists");
     assert!(meta.file_type().is_socket());
     assert_eq!(
@@ -383,7 +178,7 @@ fn the_socket_is_private_and_stats_are_json() {
     // Every `reaper stats` is itself a fork, an exec and an exit: the count starts moving.
     let started = Instant::now();
     loop {
-        let text = reaper_ok(&dir, ["stats", "--socket", daemon.socket_arg()]);
+        let text = reaper_ok(["stats", "--socket", daemon.socket_arg()]);
         let stats: Value =
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
         let events = stats["events_total"]
@@ -413,7 +208,7 @@ fn tree_without_a_daemon_names_the_socket() {
     drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind a socket"));
     for socket in [&missing, &stale] {
         let shown = socket.to_str().expect("UTF-8 path");
-        let out = reaper(&dir, ["tree", "--socket", shown]);
+        let out = reaper_cli(["tree", "--socket", shown]);
         assert!(
             !out.status.success(),
             "`reaper tree` succeeded without a daemon: {}",
@@ -555,7 +350,7 @@ fn events_json_streams_an_exit_and_stops_on_sigint() {
 #[test]
 fn sigterm_stops_the_daemon_cleanly() {
     let dir = TempDir::new("sigterm");
-    let mut daemon = Daemon::start(&dir);
+    let mut daemon = start_daemon(&dir);
     assert!(daemon.socket.exists());
     let status = daemon.process.stop(Signal::SIGTERM);
     assert!(
@@ -575,7 +370,7 @@ fn sigterm_stops_the_daemon_cleanly() {
 #[test]
 fn metrics_are_valid_prometheus_and_health_is_ok() {
     let dir = TempDir::new("metrics");
-    let daemon = Daemon::start(&dir);
+    let daemon = start_daemon(&dir);
     let (status, body) = http_get(daemon.metrics, "/healthz");
     assert_eq!(status, 200, "{body}");
     let (status, body) = http_get(daemon.metrics, "/metrics");
@@ -616,7 +411,7 @@ fn metrics_are_valid_prometheus_and_health_is_ok() {
 fn a_real_prometheus_scrapes_the_daemon() {
     reaper_tests::ensure_tool("prometheus", "prometheus");
     let dir = TempDir::new("prometheus");
-    let daemon = Daemon::start(&dir);
+    let daemon = start_daemon(&dir);
     let web: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let config = dir.join("prometheus.yml");
     std::fs::write(
@@ -729,7 +524,7 @@ fn sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
     };
     let rule = |name: &str| format!("[[rule]]\nname = \"{name}\"\ncomm = [\"never-matches-{name}\"]\n");
     write(&rule("first"));
-    let mut daemon = Daemon::start_with(&dir, &["--config", config.to_str().unwrap()]);
+    let mut daemon = start_daemon_with(&dir, &["--config", config.to_str().unwrap()]);
     assert_eq!(stats_of(&daemon)["rules"], serde_json::json!(["first"]));
 
     write(&format!("idle_timeout = \"1h\"\n{}", rule("second")));
@@ -755,7 +550,7 @@ fn sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
 #[test]
 fn the_daemon_keeps_only_the_capabilities_it_needs_and_clients_survive_closed_pipes() {
     let dir = TempDir::new("caps");
-    let daemon = Daemon::start(&dir);
+    let daemon = start_daemon(&dir);
     let deadline = Instant::now() + DEADLINE;
     // The drop happens right after the socket is served; wait for it.
     let status = loop {

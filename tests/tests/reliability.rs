@@ -13,11 +13,10 @@ use std::{
     os::unix::{
         ffi::{OsStrExt as _, OsStringExt as _},
         fs::PermissionsExt as _,
-        net::UnixStream,
         process::ExitStatusExt as _,
     },
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -30,14 +29,10 @@ use reaper::{
 };
 use reaper_common::ARGV_LEN;
 use reaper_tests::{
-    alive,
-    DEADLINE, Harness, Helper, free_port, helper_path, proc_cmdline, proc_identities, proc_stat,
-    reaper_bin,
+    CliOutput, DEADLINE, Daemon, Harness, Helper, POLL, Running, TempDir, alive, free_port,
+    helper_path, proc_cmdline, proc_identities, proc_stat, reaper_cli,
 };
 use serde_json::Value;
-
-/// How often a wait re-checks its condition.
-const POLL: Duration = Duration::from_millis(20);
 
 /// The comm of this run's agents.
 fn agent_comm() -> String {
@@ -619,194 +614,37 @@ async fn a_reused_pid_is_never_mistaken_for_the_target_that_held_it() {
 
 // ── 3. Restart ──────────────────────────────────────────────────────────────────────────────
 
-/// A process this test started; dropped, it gets SIGTERM (SIGKILL after the deadline) while
-/// still unreaped, so never a reused pid.
-struct Running(Child);
-
-impl Running {
-    fn wait_until(&mut self, deadline: Instant) -> Option<std::process::ExitStatus> {
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait on our own child") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(POLL);
-        }
-    }
+/// `reaper explain PID` says it is a target.
+fn is_target(daemon: &Daemon, pid: u32) -> bool {
+    let CliOutput { status, stdout: out, stderr: err } =
+        reaper_cli(["explain", &pid.to_string(), "--socket", daemon.socket_arg()]);
+    assert!(status.success(), "reaper explain failed: {err}");
+    out.contains("target of rule rl-claude")
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        if !matches!(self.0.try_wait(), Ok(None)) {
-            return;
-        }
-        // SAFETY: kill(2) on our own unreaped child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        if self.wait_until(Instant::now() + DEADLINE).is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// A fresh directory for one test, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("reaper-rl-{what}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    fn join(&self, name: impl AsRef<Path>) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs `reaper ARGS…` to completion within the deadline: (status, stdout, stderr).
-fn reaper_cli<S: AsRef<OsStr>>(
-    args: impl IntoIterator<Item = S>,
-) -> (std::process::ExitStatus, String, String) {
-    let mut cmd = Command::new(reaper_bin());
-    cmd.args(args)
-        .env_remove("RUST_BACKTRACE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let what = format!("{cmd:?}");
-    let mut child = Running(cmd.spawn().expect("spawn reaper"));
-    // Pipes are drained by threads so a large output cannot block the child.
-    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_string(&mut text);
-            }
-            text
-        })
+/// `reaper stats`: (kills, kill failures), summed over rules and reasons.
+fn kills(daemon: &Daemon) -> (u64, u64) {
+    let CliOutput { status, stdout: out, stderr: err } =
+        reaper_cli(["stats", "--socket", daemon.socket_arg()]);
+    assert!(status.success(), "reaper stats failed: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let sum = |key: &str| {
+        v["reaps"][key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no reaps.{key}: {out}"))
+            .iter()
+            .map(|entry| entry[1].as_u64().expect("a count"))
+            .sum()
     };
-    let out = drain(child.0.stdout.take().map(|s| Box::new(s) as _));
-    let err = drain(child.0.stderr.take().map(|s| Box::new(s) as _));
-    let status = child
-        .wait_until(Instant::now() + DEADLINE)
-        .unwrap_or_else(|| panic!("{what} did not finish within {DEADLINE:?}"));
-    (status, out.join().unwrap(), err.join().unwrap())
+    (sum("kills"), sum("failures"))
 }
 
-/// `reaper run`, started by this test on its own socket and metrics port.
-struct Daemon {
-    process: Running,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &TempDir, name: &str, config: &Path, metrics: std::net::SocketAddr) -> Self {
-        let socket = dir.join("reaper.sock");
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(reaper_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .arg("--metrics-addr")
-            .arg(metrics.to_string())
-            .arg("--socket")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("daemon log"))
-            .spawn()
-            .expect("spawn reaper run");
-        let mut daemon = Self {
-            process: Running(child),
-            socket,
-            log,
-        };
-        let deadline = Instant::now() + DEADLINE;
-        while daemon.request("stats").is_none() {
-            if let Ok(Some(status)) = daemon.process.0.try_wait() {
-                panic!(
-                    "reaper run exited ({status}) before serving:\n{}",
-                    daemon.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "reaper run never served:\n{}",
-                daemon.log()
-            );
-            std::thread::sleep(POLL);
-        }
-        daemon
-    }
-
-    fn request(&self, line: &str) -> Option<Value> {
-        let mut stream = UnixStream::connect(&self.socket).ok()?;
-        stream.set_read_timeout(Some(DEADLINE)).ok()?;
-        stream.write_all(format!("{line}\n").as_bytes()).ok()?;
-        let mut body = Vec::new();
-        stream.read_to_end(&mut body).ok()?;
-        serde_json::from_slice(&body).ok()
-    }
-
-    fn socket_arg(&self) -> &str {
-        self.socket.to_str().expect("temp paths are UTF-8")
-    }
-
-    /// The daemon's log, colours stripped.
-    fn log(&self) -> String {
-        let raw = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let mut text = String::with_capacity(raw.len());
-        let mut rest = raw.as_str();
-        while let Some(at) = rest.find('\x1b') {
-            text.push_str(&rest[..at]);
-            rest = &rest[at..];
-            rest = rest.find('m').map_or("", |end| &rest[end + 1..]);
-        }
-        text.push_str(rest);
-        text
-    }
-
-    /// `reaper explain PID` says it is a target.
-    fn is_target(&self, pid: u32) -> bool {
-        let (status, out, err) =
-            reaper_cli(["explain", &pid.to_string(), "--socket", self.socket_arg()]);
-        assert!(status.success(), "reaper explain failed: {err}");
-        out.contains("target of rule rl-claude")
-    }
-
-    /// `reaper stats`: (kills, kill failures), summed over rules and reasons.
-    fn kills(&self) -> (u64, u64) {
-        let (status, out, err) = reaper_cli(["stats", "--socket", self.socket_arg()]);
-        assert!(status.success(), "reaper stats failed: {err}");
-        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-        let sum = |key: &str| {
-            v["reaps"][key]
-                .as_array()
-                .unwrap_or_else(|| panic!("no reaps.{key}: {out}"))
-                .iter()
-                .map(|entry| entry[1].as_u64().expect("a count"))
-                .sum()
-        };
-        (sum("kills"), sum("failures"))
-    }
-
-    /// SIGKILL, as a crash or the OOM killer would.
-    fn crash(&mut self) {
-        self.process.0.kill().expect("SIGKILL our own daemon");
-        let status = self.process.0.wait().expect("collect it");
-        assert_eq!(status.signal(), Some(libc::SIGKILL));
-    }
+/// SIGKILL, as a crash or the OOM killer would.
+fn crash(daemon: &mut Daemon) {
+    let child = &mut daemon.process.child;
+    child.kill().expect("SIGKILL our own daemon");
+    let status = child.wait().expect("collect it");
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
 }
 
 /// `GET path` over a plain TCP connection: (status line, body).
@@ -868,11 +706,12 @@ fn a_restarted_daemon_readopts_its_targets_and_kills_each_once() {
     }
     let idle_since = Instant::now();
 
-    let mut first = Daemon::start(&dir, "first", &config, metrics);
+    let args = [OsStr::new("--config"), config.as_os_str()];
+    let mut first = Daemon::start(&dir, "first", args, metrics);
     let adopted_at = Instant::now();
     for pid in &claudes {
         let started = Instant::now();
-        while !first.is_target(*pid) {
+        while !is_target(&first, *pid) {
             assert!(
                 started.elapsed() < DEADLINE,
                 "the first daemon never adopted {pid}:\n{}",
@@ -881,8 +720,8 @@ fn a_restarted_daemon_readopts_its_targets_and_kills_each_once() {
             std::thread::sleep(POLL);
         }
     }
-    assert_eq!(first.kills(), (0, 0));
-    first.crash();
+    assert_eq!(kills(&first), (0, 0));
+    crash(&mut first);
     let first_lived = adopted_at.elapsed();
     assert!(
         first_lived < IDLE,
@@ -899,7 +738,7 @@ fn a_restarted_daemon_readopts_its_targets_and_kills_each_once() {
         std::thread::sleep(POLL);
     }
     let restarted = Instant::now();
-    let second = Daemon::start(&dir, "second", &config, metrics);
+    let second = Daemon::start(&dir, "second", args, metrics);
     let ready_after = restarted.elapsed();
     let fresh = metrics_of(metrics);
     assert_eq!(
@@ -910,7 +749,7 @@ fn a_restarted_daemon_readopts_its_targets_and_kills_each_once() {
     assert_eq!(metric_sum(&fresh, "reaper_kill_failures_total"), 0.0);
     for pid in &claudes {
         assert!(
-            second.is_target(*pid),
+            is_target(&second, *pid),
             "the second daemon did not re-adopt {pid}:\n{}",
             second.log()
         );
@@ -947,7 +786,7 @@ fn a_restarted_daemon_readopts_its_targets_and_kills_each_once() {
         );
     }
     let started = Instant::now();
-    while second.kills().0 < 3 {
+    while kills(&second).0 < 3 {
         assert!(
             started.elapsed() < DEADLINE,
             "kills not counted:\n{}",
@@ -955,7 +794,7 @@ fn a_restarted_daemon_readopts_its_targets_and_kills_each_once() {
         );
         std::thread::sleep(POLL);
     }
-    assert_eq!(second.kills(), (3, 0), "three kills, no failures");
+    assert_eq!(kills(&second), (3, 0), "three kills, no failures");
     let page = metrics_of(metrics);
     assert_eq!(metric_sum(&page, "reaper_kills_total"), 3.0, "{page}");
     assert_eq!(metric_sum(&page, "reaper_kill_failures_total"), 0.0);
@@ -1000,7 +839,7 @@ fn spawn_waiting_sh(exe: &Path, args: &[&[u8]]) -> Running {
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn sh");
-    Running(child)
+    Running::new(child, "sh -c 'read x'")
 }
 
 /// A child forked from this test that renames itself (prctl) to `name`, then waits for the
@@ -1065,7 +904,7 @@ async fn non_utf8_argv_and_comm_are_followed() {
     std::os::unix::fs::symlink("/bin/sh", &exe).unwrap();
     let args: [&[u8]; 3] = [b"\xff\xfe", b"ok", b"caf\xe9 \xc3\x28 \xed\xa0\x80"];
     let sh = spawn_waiting_sh(&exe, &args);
-    let pid = sh.0.id();
+    let pid = sh.child.id();
     let real = exec_cmdline(pid);
     assert!(
         std::str::from_utf8(&real).is_err(),
@@ -1128,7 +967,7 @@ async fn a_megabyte_argv_is_truncated_and_flagged() {
     let chunk: Vec<u8> = (0..100_000).map(|i| b'a' + (i % 26) as u8).collect();
     let args: Vec<&[u8]> = (0..10).map(|_| &chunk[..]).collect();
     let sh = spawn_waiting_sh(Path::new("/bin/sh"), &args);
-    let pid = sh.0.id();
+    let pid = sh.child.id();
     let real = exec_cmdline(pid);
     assert!(real.len() > 1_000_000, "{} bytes", real.len());
     let p = h
@@ -1169,7 +1008,7 @@ fn scanning_proc_during_a_storm_never_fails() {
         .stdout(Stdio::null())
         .spawn()
         .expect("start the storm");
-    let mut storm = Running(storm);
+    let mut storm = Running::new(storm, "the storm");
     let (mut scans, mut seen, mut rechecked, mut vanished) = (0u64, 0usize, 0u64, 0u64);
     let started = Instant::now();
     loop {
@@ -1187,7 +1026,7 @@ fn scanning_proc_during_a_storm_never_fails() {
             }
             let _ = reap::proc_start_ticks(id.pid);
         }
-        if storm.0.try_wait().expect("try_wait").is_some() {
+        if storm.exited().is_some() {
             break;
         }
         assert!(started.elapsed() < DEADLINE * 2, "the storm did not finish");
@@ -1274,7 +1113,8 @@ fn bad_config_files_are_refused_clearly() {
             "{}: {message:?} does not say {says:?}",
             path.display()
         );
-        let (status, _, stderr) = reaper_cli([OsStr::new("check-config"), path.as_os_str()]);
+        let CliOutput { status, stderr, .. } =
+            reaper_cli([OsStr::new("check-config"), path.as_os_str()]);
         assert!(
             !status.success(),
             "check-config accepted {}",
