@@ -111,7 +111,7 @@ enum Verb {
     },
 
     /// Set up, then boot Debian's packaged cloud kernels (the newest of each series the
-    /// configured archive has: 6.1, 6.12) in QEMU with a static test runner as init, run the
+    /// configured archive has, 6.1 and 6.12 on bookworm, and Debian 11's 5.10) in QEMU with a static test runner as init, run the
     /// lifecycle and reaping checks in each, and report per kernel (needs root; downloads the
     /// kernels and installs qemu-system-x86 with apt the first time).
     ///

@@ -6,8 +6,11 @@
 //! and reports per kernel and per check.
 //!
 //! 1. Kernels: `apt-cache search` for `linux-image-*-cloud-amd64-unsigned`, the newest of each
-//!    series; `apt-get download` + `dpkg-deb -x`, keeping `boot/` in
-//!    `target/vm/kernels/<package>/` (skipped when present: nothing is downloaded twice).
+//!    series the configured archive has, plus the 5.x series of Debian 11 (bullseye), read
+//!    through a private apt state in `target/vm/apt-debian11/` (the host's apt configuration is
+//!    not touched); `apt-get download` + `dpkg-deb -x`, keeping `boot/` in
+//!    `target/vm/kernels/<package>/` (skipped when present: nothing is downloaded twice). A
+//!    package the mirror no longer serves is replaced by the next older one of its series.
 //! 2. Binaries: `vm-runner`, `lifecycle-helper`, `claude`, `fake-agent` built statically
 //!    (`+crt-static`, `--target x86_64-unknown-linux-gnu`, only the target artifacts: the build
 //!    scripts and aya-build's nested eBPF build are untouched) into `target/vm-build`, so the
@@ -61,7 +64,19 @@ struct KernelPackage {
     name: String,
     /// The numbers in its name: 6.1.0-56 → [6, 1, 0, 56]; 6.12.117+deb12 → [6, 12, 117, 12].
     numbers: Vec<u32>,
+    /// `-o` options for apt-get to reach the archive that has it (none: the host's).
+    apt_options: Vec<String>,
 }
+
+/// Debian 11's archive, for a 5.x kernel (5.10): BTF, ring buffers and BTF tracepoints, but
+/// older layouts and verifier than anything bookworm packages.
+const OLDER_ARCHIVE: &str = "\
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye-updates main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bullseye-security main
+";
+/// Only these series are taken from [`OLDER_ARCHIVE`] (its 6.1 backports duplicate bookworm's).
+const OLDER_SERIES_MAJOR: u32 = 5;
 
 impl KernelPackage {
     fn from_name(name: &str) -> Option<Self> {
@@ -77,6 +92,7 @@ impl KernelPackage {
         (numbers.len() >= 2).then(|| Self {
             name: name.to_owned(),
             numbers,
+            apt_options: Vec::new(),
         })
     }
 
@@ -159,10 +175,10 @@ pub(crate) fn run(ctx: &Ctx, opts: &Opts) -> anyhow::Result<Outcome> {
     ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
     ensure_tool("file", "file")?;
 
-    let packages = choose_kernels(&vm_dir, &opts.kernels)?;
+    let series = choose_kernels(&vm_dir, &opts.kernels)?;
     let mut kernels = Vec::new();
-    for package in &packages {
-        kernels.push(fetch_kernel(&vm_dir, package)?);
+    for candidates in &series {
+        kernels.push(fetch_series(&vm_dir, candidates)?);
     }
 
     let bins = build_static(ctx)?;
@@ -265,12 +281,13 @@ fn ensure_tool(tool: &str, package: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The newest package of each series (or of the series asked for). Without apt's lists it runs
-/// `apt-get update` once; with no archive at all it uses the kernels already downloaded.
-fn choose_kernels(vm_dir: &Path, wanted: &[String]) -> anyhow::Result<Vec<KernelPackage>> {
-    let search = || -> anyhow::Result<Vec<KernelPackage>> {
+/// The packages of each series (or of the series asked for), newest first: the host archive's,
+/// and Debian 11's 5.x. Without apt's lists it runs `apt-get update` once; with no archive at
+/// all it uses the kernels already downloaded.
+fn choose_kernels(vm_dir: &Path, wanted: &[String]) -> anyhow::Result<Vec<Vec<KernelPackage>>> {
+    let search = |apt_options: &[String]| -> anyhow::Result<Vec<KernelPackage>> {
         let mut cmd = Command::new("apt-cache");
-        cmd.args([
+        cmd.args(apt_options).args([
             "search",
             "--names-only",
             &format!("^linux-image-.*{PACKAGE_SUFFIX}$"),
@@ -280,38 +297,49 @@ fn choose_kernels(vm_dir: &Path, wanted: &[String]) -> anyhow::Result<Vec<Kernel
             .lines()
             .filter_map(|l| l.split_whitespace().next())
             .filter_map(KernelPackage::from_name)
+            .map(|p| KernelPackage {
+                apt_options: apt_options.to_vec(),
+                ..p
+            })
             .collect())
     };
     let mut found = if which("apt-cache").is_some() {
-        search()?
+        search(&[])?
     } else {
         Vec::new()
     };
     if found.is_empty() && which("apt-get").is_some() {
         println!("xtask: apt knows no cloud kernel package; running apt-get update");
         apt_get(&["update"])?;
-        found = search()?;
+        found = search(&[])?;
     }
-    if found.is_empty() {
-        // Offline: whatever was downloaded before.
-        let cached = vm_dir.join("kernels");
-        if let Ok(entries) = fs::read_dir(&cached) {
-            found = entries
-                .flatten()
-                .filter_map(|e| KernelPackage::from_name(&e.file_name().to_string_lossy()))
-                .collect();
+    found.extend(older_kernels(vm_dir, &search));
+    // Whatever was downloaded before stands in for what the archives no longer list.
+    if let Ok(entries) = fs::read_dir(vm_dir.join("kernels")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().join("version").is_file()
+                && !found.iter().any(|p| p.name == name)
+                && let Some(p) = KernelPackage::from_name(&name)
+            {
+                found.push(p);
+            }
         }
     }
-    let mut newest: BTreeMap<(u32, u32), KernelPackage> = BTreeMap::new();
+    let mut by_series: BTreeMap<(u32, u32), Vec<KernelPackage>> = BTreeMap::new();
     for p in found {
-        let key = (p.numbers[0], p.numbers[1]);
-        if newest.get(&key).is_none_or(|old| old.numbers < p.numbers) {
-            newest.insert(key, p);
-        }
+        by_series
+            .entry((p.numbers[0], p.numbers[1]))
+            .or_default()
+            .push(p);
     }
-    let chosen: Vec<KernelPackage> = newest
+    let chosen: Vec<Vec<KernelPackage>> = by_series
         .into_values()
-        .filter(|p| wanted.is_empty() || wanted.contains(&p.series()))
+        .map(|mut candidates| {
+            candidates.sort_by(|a, b| b.numbers.cmp(&a.numbers));
+            candidates
+        })
+        .filter(|c| wanted.is_empty() || wanted.contains(&c[0].series()))
         .collect();
     if chosen.is_empty() {
         bail!(
@@ -324,42 +352,121 @@ fn choose_kernels(vm_dir: &Path, wanted: &[String]) -> anyhow::Result<Vec<Kernel
         );
     }
     println!(
-        "xtask: kernels: {}",
+        "xtask: kernel series: {}",
         chosen
             .iter()
-            .map(|p| p.name.as_str())
+            .map(|c| format!("{} (newest {})", c[0].series(), c[0].name))
             .collect::<Vec<_>>()
             .join(", ")
     );
     Ok(chosen)
 }
 
+/// Debian 11's 5.x cloud kernels, through a private apt state (sources, lists and cache under
+/// `target/vm/apt-debian11/`). An archive that cannot be reached is reported and skipped: the
+/// kernels downloaded before still run.
+fn older_kernels(
+    vm_dir: &Path,
+    search: &dyn Fn(&[String]) -> anyhow::Result<Vec<KernelPackage>>,
+) -> Vec<KernelPackage> {
+    let state = vm_dir.join("apt-debian11");
+    let setup = || -> anyhow::Result<Vec<String>> {
+        for dir in ["lists/partial", "cache/archives/partial"] {
+            fs::create_dir_all(state.join(dir))?;
+        }
+        let sources = state.join("sources.list");
+        fs::write(&sources, OLDER_ARCHIVE)?;
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        let options = [
+            format!("Dir::Etc::SourceList={}", path(&sources)),
+            "Dir::Etc::SourceParts=/dev/null".to_owned(),
+            format!("Dir::State::Lists={}", path(&state.join("lists"))),
+            format!("Dir::Cache={}", path(&state.join("cache"))),
+            "Dir::State::Status=/dev/null".to_owned(),
+            // Its own lists: no lock on the host's apt is needed.
+            "Debug::NoLocking=1".to_owned(),
+        ];
+        Ok(options
+            .into_iter()
+            .flat_map(|o| ["-o".to_owned(), o])
+            .collect())
+    };
+    let found = setup().and_then(|options| {
+        // Refreshed once a day at most.
+        let fresh = fs::metadata(state.join("updated"))
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < Duration::from_secs(86_400)));
+        if !fresh {
+            let mut cmd = Command::new("apt-get");
+            cmd.args(&options).args(["-q", "update"]).stdin(Stdio::null());
+            output(&mut cmd)?;
+            fs::write(state.join("updated"), "")?;
+        }
+        search(&options)
+    });
+    match found {
+        Ok(packages) => packages
+            .into_iter()
+            .filter(|p| p.numbers[0] == OLDER_SERIES_MAJOR)
+            .collect(),
+        Err(err) => {
+            println!("xtask: Debian 11's archive is out of reach ({err:#}); no new 5.x kernel this run");
+            Vec::new()
+        }
+    }
+}
+
+/// The newest kernel of a series that is cached or can be downloaded.
+fn fetch_series(vm_dir: &Path, candidates: &[KernelPackage]) -> anyhow::Result<Kernel> {
+    if let Some(cached) = candidates.iter().find_map(|p| cached_kernel(vm_dir, p)) {
+        return Ok(cached);
+    }
+    let mut errors = Vec::new();
+    for package in candidates {
+        match fetch_kernel(vm_dir, package) {
+            Ok(kernel) => return Ok(kernel),
+            Err(err) => {
+                println!("xtask: {}: {err:#}; trying the next older package", package.name);
+                errors.push(format!("{}: {err:#}", package.name));
+            }
+        }
+    }
+    bail!(
+        "no kernel of series {} could be downloaded:\n  {}",
+        candidates[0].series(),
+        errors.join("\n  ")
+    )
+}
+
+/// `target/vm/kernels/<package>/` when it was unpacked before.
+fn cached_kernel(vm_dir: &Path, package: &KernelPackage) -> Option<Kernel> {
+    let dir = vm_dir.join("kernels").join(&package.name);
+    let version = fs::read_to_string(dir.join("version")).ok()?;
+    let vmlinuz = fs::read_dir(&dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })?;
+    let release = vmlinuz
+        .file_name()?
+        .to_string_lossy()
+        .strip_prefix("vmlinuz-")?
+        .to_owned();
+    Some(Kernel {
+        package: package.name.clone(),
+        version: version.trim().to_owned(),
+        release,
+        vmlinuz,
+    })
+}
+
 /// `target/vm/kernels/<package>/`: `boot/` of the package and its version; downloaded once.
 fn fetch_kernel(vm_dir: &Path, package: &KernelPackage) -> anyhow::Result<Kernel> {
     let dir = vm_dir.join("kernels").join(&package.name);
-    let find = |dir: &Path| -> Option<Kernel> {
-        let version = fs::read_to_string(dir.join("version")).ok()?;
-        let vmlinuz = fs::read_dir(dir)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-            })?;
-        let release = vmlinuz
-            .file_name()?
-            .to_string_lossy()
-            .strip_prefix("vmlinuz-")?
-            .to_owned();
-        Some(Kernel {
-            package: package.name.clone(),
-            version: version.trim().to_owned(),
-            release,
-            vmlinuz,
-        })
-    };
-    if let Some(kernel) = find(&dir) {
+    if let Some(kernel) = cached_kernel(vm_dir, package) {
         return Ok(kernel);
     }
     let work = vm_dir
@@ -369,13 +476,21 @@ fn fetch_kernel(vm_dir: &Path, package: &KernelPackage) -> anyhow::Result<Kernel
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let started = Instant::now();
     let mut cmd = Command::new("apt-get");
-    cmd.args(["download", &package.name])
+    cmd.args(&package.apt_options)
+        .args(["download", &package.name])
         .current_dir(&work)
         .stdin(Stdio::null());
-    println!("xtask: {} (in {})", describe(&cmd), work.display());
+    // The private archive's `-o` options are long; the line names the archive instead.
+    let shown = format!(
+        "apt-get download {}{}",
+        package.name,
+        if package.apt_options.is_empty() { "" } else { " (Debian 11 archive, apt state in target/vm/apt-debian11)" }
+    );
+    println!("xtask: {shown} (in {})", work.display());
     let st = status(&mut cmd)?;
     if !st.success() {
-        bail!("`{}` failed ({st})", describe(&cmd));
+        let _ = fs::remove_dir_all(&work);
+        bail!("`{shown}` failed ({st})");
     }
     let deb = fs::read_dir(&work)?
         .flatten()
@@ -409,7 +524,8 @@ fn fetch_kernel(vm_dir: &Path, package: &KernelPackage) -> anyhow::Result<Kernel
         version.trim(),
         started.elapsed().as_secs_f64()
     );
-    find(&dir).with_context(|| format!("no vmlinuz-* in {} after unpacking", dir.display()))
+    cached_kernel(vm_dir, package)
+        .with_context(|| format!("no vmlinuz-* in {} after unpacking", dir.display()))
 }
 
 /// Builds the guest's programs statically; returns their paths in [`PROGRAMS`]' order.
@@ -842,6 +958,8 @@ mod tests {
             KernelPackage::from_name("linux-image-6.12.117+deb12-cloud-amd64-unsigned").unwrap();
         assert_eq!(new.numbers, [6, 12, 117, 12]);
         assert_eq!(new.series(), "6.12");
+        let five = KernelPackage::from_name("linux-image-5.10.0-32-cloud-amd64-unsigned").unwrap();
+        assert_eq!((five.numbers.as_slice(), five.series().as_str()), (&[5, 10, 0, 32][..], "5.10"));
         assert!(KernelPackage::from_name("linux-image-cloud-amd64-unsigned").is_none());
         assert!(KernelPackage::from_name("linux-image-6.1.0-56-cloud-amd64-dbg").is_none());
     }
