@@ -1,6 +1,6 @@
 //! After the probes are loaded and attached and the sockets bound, the daemon keeps only the
-//! capabilities it still needs, in every set (effective, permitted, inheritable, ambient,
-//! bounding), and sets no_new_privs. Loading and attaching needed more; running does not.
+//! capabilities it still needs, in every set (effective, permitted, inheritable, ambient, and
+//! bounding when it holds CAP_SETPCAP), and sets no_new_privs. Loading and attaching needed more; running does not.
 use caps::{CapSet, Capability, CapsHashSet};
 
 /// What the running daemon still needs, and why.
@@ -33,10 +33,16 @@ pub struct DropError {
 pub fn drop_to_kept() -> Result<CapsHashSet, DropError> {
     let keep: CapsHashSet = KEPT.iter().map(|(cap, _)| *cap).collect();
     let err = |what| move |e: caps::errors::CapsError| DropError { what, source: Box::new(e) };
-    // The bounding set first: dropping from it needs CAP_SETPCAP, itself dropped below.
-    for cap in caps::read(None, CapSet::Bounding).map_err(err("read bounding set"))? {
-        if !keep.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap).map_err(err("bounding set"))?;
+    // The bounding set first: dropping from it needs CAP_SETPCAP, itself dropped below. A
+    // supervisor that already bounded the set (systemd's CapabilityBoundingSet= leaves out
+    // CAP_SETPCAP) chose it; what remains there cannot come back once the permitted set is
+    // cut and no_new_privs is set, so it is left as given.
+    let effective = caps::read(None, CapSet::Effective).map_err(err("read effective set"))?;
+    if effective.contains(&Capability::CAP_SETPCAP) {
+        for cap in caps::read(None, CapSet::Bounding).map_err(err("read bounding set"))? {
+            if !keep.contains(&cap) {
+                caps::drop(None, CapSet::Bounding, cap).map_err(err("bounding set"))?;
+            }
         }
     }
     caps::clear(None, CapSet::Ambient).map_err(err("ambient set"))?;
