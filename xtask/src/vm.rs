@@ -20,6 +20,7 @@
 //! 4. QEMU per kernel, with a wall-clock limit; the console goes to
 //!    `target/vm/<kernel release>.log`; `vm-check` lines are parsed; a table per kernel and per
 //!    check, and the struct offsets that differ between kernels (the host's included).
+//! 5. The systemd machine ([`systemd`]): `deploy/reaper.service` run by a real systemd.
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -31,6 +32,8 @@ use anyhow::{Context as _, bail};
 
 use crate::Ctx;
 use crate::cmd::{describe, output, status};
+
+mod systemd;
 
 /// The programs the guest needs; the first is `/init`.
 const PROGRAMS: [&str; 4] = ["vm-runner", "lifecycle-helper", "claude", "fake-agent"];
@@ -56,6 +59,11 @@ pub(crate) struct Opts {
     /// words of that form to init), e.g. `RUST_LOG=debug` or `VM_HANG_CHECK=rename`.
     #[arg(long, value_name = "NAME=VALUE")]
     guest_env: Vec<String>,
+
+    /// Skip the systemd machine (deploy/reaper.service under a real systemd, booted on the
+    /// newest kernel of the matrix).
+    #[arg(long)]
+    no_systemd: bool,
 }
 
 /// A Debian kernel package of the archive.
@@ -103,7 +111,7 @@ impl KernelPackage {
 
 /// A kernel ready to boot.
 #[derive(Debug)]
-struct Kernel {
+pub(crate) struct Kernel {
     package: String,
     version: String,
     release: String,
@@ -112,7 +120,7 @@ struct Kernel {
 
 /// What one machine reported.
 #[derive(Debug, Default)]
-struct Run {
+pub(crate) struct Run {
     /// Wall seconds from starting QEMU to the runner's first line.
     boot: Option<f64>,
     total: f64,
@@ -147,6 +155,7 @@ impl Default for Opts {
             timeout: 600,
             verbose: false,
             guest_env: Vec::new(),
+            no_systemd: false,
         }
     }
 }
@@ -199,7 +208,7 @@ pub(crate) fn run(ctx: &Ctx, opts: &Opts) -> anyhow::Result<Outcome> {
             "xtask: booting {} ({} {}) in QEMU (software emulation, limit {}s)",
             kernel.release, kernel.package, kernel.version, opts.timeout
         );
-        let run = boot(&vm_dir, kernel, &initramfs, opts)?;
+        let run = boot(&vm_dir, kernel, &initramfs, opts, &Machine::matrix(kernel, opts))?;
         println!(
             "xtask: {}: {} in {:.1}s (boot {}), log {}",
             kernel.release,
@@ -211,7 +220,21 @@ pub(crate) fn run(ctx: &Ctx, opts: &Opts) -> anyhow::Result<Outcome> {
         runs.push(run);
     }
 
-    report(&kernels, &runs, host.as_ref());
+    let mut machines: Vec<(String, &Kernel)> =
+        kernels.iter().map(|k| (k.release.clone(), k)).collect();
+    if !opts.no_systemd {
+        let kernel = kernels.last().context("no kernel to boot")?;
+        let checker = ctx
+            .target_dir
+            .join("vm-build")
+            .join(HOST_TRIPLE)
+            .join("release")
+            .join(systemd::CHECKER);
+        runs.push(systemd::run(ctx, &vm_dir, kernel, opts, &checker)?);
+        machines.push((format!("{} + systemd", kernel.release), kernel));
+    }
+
+    report(&machines, &runs, host.as_ref());
     let passed: usize = runs.iter().map(Run::passed).sum();
     // A machine that did not finish counts as one more failure.
     let failed: usize = runs
@@ -549,7 +572,7 @@ fn build_static(ctx: &Ctx) -> anyhow::Result<Vec<PathBuf>> {
             "--package",
             "reaper-tests",
         ]);
-    for program in PROGRAMS {
+    for program in PROGRAMS.iter().chain(&[systemd::CHECKER]) {
         cmd.args(["--bin", program]);
     }
     println!("xtask: {}", describe(&cmd));
@@ -699,17 +722,43 @@ fn strip_escapes(text: &str) -> String {
     out
 }
 
+/// How one machine is started: the kernel matrix's (vm-runner as init) or the systemd one.
+pub(crate) struct Machine {
+    /// Names its console log (`target/vm/<label>.log`) and prefixes its lines.
+    pub(crate) label: String,
+    pub(crate) memory_mb: u32,
+    /// Kernel command-line words after the common ones.
+    pub(crate) append: String,
+    /// The console line that marks the end of boot (the guest's first own line).
+    pub(crate) ready_marker: &'static str,
+}
+
+impl Machine {
+    fn matrix(kernel: &Kernel, opts: &Opts) -> Self {
+        // The guest's own watchdog ends it a little before ours kills QEMU.
+        let guest_deadline = opts.timeout.saturating_sub(30).max(60);
+        Self {
+            label: kernel.release.clone(),
+            memory_mb: 1024,
+            append: format!("VM_DEADLINE_SECS={guest_deadline} {}", opts.guest_env.join(" ")),
+            ready_marker: "vm-runner: started",
+        }
+    }
+}
+
 /// Boots one kernel and follows its console until it powers off or the limit passes.
-fn boot(vm_dir: &Path, kernel: &Kernel, initramfs: &Path, opts: &Opts) -> anyhow::Result<Run> {
-    let log_path = vm_dir.join(format!("{}.log", kernel.release));
+pub(crate) fn boot(
+    vm_dir: &Path,
+    kernel: &Kernel,
+    initramfs: &Path,
+    opts: &Opts,
+    machine: &Machine,
+) -> anyhow::Result<Run> {
+    let log_path = vm_dir.join(format!("{}.log", machine.label));
     let mut log =
         fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    // The guest's own watchdog ends it a little before ours kills QEMU.
-    let guest_deadline = opts.timeout.saturating_sub(30).max(60);
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-m",
-        "1024",
+    cmd.arg("-m").arg(machine.memory_mb.to_string()).args([
         "-smp",
         "2",
         "-nographic",
@@ -720,10 +769,7 @@ fn boot(vm_dir: &Path, kernel: &Kernel, initramfs: &Path, opts: &Opts) -> anyhow
     .arg("-initrd")
     .arg(initramfs)
     .arg("-append")
-    .arg(format!(
-        "console=ttyS0 panic=-1 quiet VM_DEADLINE_SECS={guest_deadline} {}",
-        opts.guest_env.join(" ")
-    ))
+    .arg(format!("console=ttyS0 panic=-1 quiet {}", machine.append))
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
@@ -774,7 +820,7 @@ fn boot(vm_dir: &Path, kernel: &Kernel, initramfs: &Path, opts: &Opts) -> anyhow
         log: log_path,
         ..Run::default()
     };
-    let tag = kernel.release.trim_end_matches("-cloud-amd64").to_owned();
+    let tag = machine.label.replace("-cloud-amd64", "");
     loop {
         let left = limit.saturating_sub(started.elapsed());
         match rx.recv_timeout(left) {
@@ -785,7 +831,7 @@ fn boot(vm_dir: &Path, kernel: &Kernel, initramfs: &Path, opts: &Opts) -> anyhow
                     "[{secs:8.3}] {}{line}",
                     if is_err { "qemu-stderr: " } else { "" }
                 )?;
-                if line.contains("vm-runner: started") && run.boot.is_none() {
+                if line.contains(machine.ready_marker) && run.boot.is_none() {
                     run.boot = Some(secs);
                 }
                 let interesting = if let Some(check) = parse_check(&line) {
@@ -839,17 +885,21 @@ fn boot(vm_dir: &Path, kernel: &Kernel, initramfs: &Path, opts: &Opts) -> anyhow
     Ok(run)
 }
 
-fn report(kernels: &[Kernel], runs: &[Run], host: Option<&(String, Vec<(String, String)>)>) {
+fn report(
+    machines: &[(String, &Kernel)],
+    runs: &[Run],
+    host: Option<&(String, Vec<(String, String)>)>,
+) {
     println!();
     println!("xtask: vm-test summary");
     println!(
         "{:<28} {:<20} {:>7} {:>8} {:>7} {:>8}  socket tracepoints",
         "kernel", "package version", "boot", "total", "checks", "result"
     );
-    for (k, r) in kernels.iter().zip(runs) {
+    for ((label, k), r) in machines.iter().zip(runs) {
         println!(
             "{:<28} {:<20} {:>7} {:>7.1}s {:>7} {:>8}  {}",
-            k.release,
+            label,
             k.version,
             r.boot.map_or("-".into(), |b| format!("{b:.1}s")),
             r.total,
@@ -868,15 +918,15 @@ fn report(kernels: &[Kernel], runs: &[Run], host: Option<&(String, Vec<(String, 
             }
         }
     }
-    let short = |k: &Kernel| k.release.trim_end_matches("-cloud-amd64").to_owned();
+    let short = |label: &str| label.replace("-cloud-amd64", "");
     println!();
-    print!("{:<22}", "check");
-    for k in kernels {
-        print!(" {:<18}", short(k));
+    print!("{:<26}", "check");
+    for (label, _) in machines {
+        print!(" {:<18}", short(label));
     }
     println!();
     for name in &names {
-        print!("{name:<22}");
+        print!("{name:<26}");
         for r in runs {
             let cell = r
                 .checks
@@ -887,14 +937,14 @@ fn report(kernels: &[Kernel], runs: &[Run], host: Option<&(String, Vec<(String, 
         }
         println!();
     }
-    for (k, r) in kernels.iter().zip(runs) {
+    for ((label, _), r) in machines.iter().zip(runs) {
         for (name, passed, detail) in &r.checks {
             if !passed {
-                println!("  {} {name}: {detail}", short(k));
+                println!("  {} {name}: {detail}", short(label));
             }
         }
         for e in r.errors.iter().take(20) {
-            println!("  {} error: {e}", short(k));
+            println!("  {} error: {e}", short(label));
         }
     }
 
@@ -903,9 +953,9 @@ fn report(kernels: &[Kernel], runs: &[Run], host: Option<&(String, Vec<(String, 
     if let Some((release, offsets)) = host {
         columns.push((format!("host {release}"), offsets));
     }
-    for (k, r) in kernels.iter().zip(runs) {
+    for ((label, _), r) in machines.iter().zip(runs) {
         if !r.offsets.is_empty() {
-            columns.push((short(k), &r.offsets));
+            columns.push((short(label), &r.offsets));
         }
     }
     if columns.len() > 1 {

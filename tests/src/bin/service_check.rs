@@ -1,0 +1,250 @@
+//! Runs inside the systemd machine of `cargo xtask vm-test` (a Debian bookworm root booted by
+//! systemd in QEMU, with `deploy/reaper.service` and `deploy/reaper.toml` installed as the README
+//! says): checks that the unit, with its whole sandbox, runs the daemon as intended, prints one
+//! `vm-check` line per check (the format `vm-runner` uses; xtask parses both) and
+//! `vm-result: N passed, M failed`. Its own unit powers the machine off afterwards.
+//!
+//! It signals nothing but what it starts itself (one `sleep`), and asks systemd to stop the
+//! service as the last check.
+use std::{
+    io::{Read as _, Write as _},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+/// How long a check waits for its condition (the machine is emulated: slow).
+const WAIT: Duration = Duration::from_secs(60);
+const UNIT: &str = "reaper.service";
+const METRICS: &str = "127.0.0.1:9847";
+const SOCKET: &str = "/run/reaper/reaper.sock";
+const REAPER: &str = "/usr/local/bin/reaper";
+/// The unit's CapabilityBoundingSet; the daemon keeps a subset of it after attaching.
+const BOUNDING: [&str; 5] = ["cap_bpf", "cap_perfmon", "cap_kill", "cap_sys_ptrace", "cap_dac_read_search"];
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// A check: Ok(what it saw) or the reason it failed.
+type Check = fn() -> anyhow::Result<String>;
+
+fn main() {
+    let checks: [(&str, Check); 6] = [
+        ("service_active", service_active),
+        ("service_privileges", service_privileges),
+        ("service_http", service_http),
+        ("service_follows_processes", service_follows_processes),
+        ("service_journal_clean", service_journal_clean),
+        ("service_stops_cleanly", service_stops_cleanly),
+    ];
+    let (mut passed, mut failed) = (0, 0);
+    for (name, check) in checks {
+        let started = Instant::now();
+        let result = check();
+        let secs = started.elapsed().as_secs_f64();
+        match result {
+            Ok(detail) => {
+                passed += 1;
+                say(&format!("vm-check {name}: PASS [{secs:.1}s] {detail}"));
+            }
+            Err(err) => {
+                failed += 1;
+                say(&format!("vm-check {name}: FAIL [{secs:.1}s] {err:#}"));
+            }
+        }
+    }
+    say(&format!("vm-result: {passed} passed, {failed} failed"));
+    std::process::exit(i32::from(failed > 0));
+}
+
+/// `program args…`: its stdout, or an error with its stderr.
+fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn show(property: &str) -> anyhow::Result<String> {
+    Ok(run("systemctl", &["show", "--property", property, "--value", UNIT])?.trim().to_owned())
+}
+
+/// Polls `check` until it returns Some or the deadline passes.
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(found) = check() {
+            return Ok(found);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {WAIT:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The unit started (its ExecStartPre `reaper check` passed) and its socket answers.
+fn service_active() -> anyhow::Result<String> {
+    let state = wait_for("reaper.service to be active and serving", || {
+        let state = show("ActiveState").ok()?;
+        if state == "failed" {
+            return Some(state);
+        }
+        (state == "active" && std::path::Path::new(SOCKET).exists()).then_some(state)
+    })?;
+    ensure!(
+        state == "active",
+        "reaper.service failed: {}",
+        run("journalctl", &["--no-pager", "-u", UNIT, "-n", "30"]).unwrap_or_default()
+    );
+    let version = run("systemctl", &["--version"])?;
+    Ok(format!(
+        "active, main pid {}, under {}",
+        show("MainPID")?,
+        version.lines().next().unwrap_or("systemd")
+    ))
+}
+
+/// The daemon under the unit's sandbox: no_new_privs, and capabilities within the unit's
+/// bounding set, CAP_KILL and CAP_BPF kept (what it needs at run time).
+fn service_privileges() -> anyhow::Result<String> {
+    let pid = show("MainPID")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("its status")?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let value = status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+        Ok(u64::from_str_radix(value.trim(), 16)?)
+    };
+    let nnp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NoNewPrivs:"))
+        .map(str::trim);
+    ensure!(nnp == Some("1"), "NoNewPrivs is {nnp:?}");
+    let names = |mask: u64| -> Vec<String> {
+        caps::all()
+            .into_iter()
+            .filter(|c| mask & (1u64 << c.index()) != 0)
+            .map(|c| c.to_string().to_lowercase())
+            .collect()
+    };
+    let mut effective = names(field("CapEff")?);
+    let mut permitted = names(field("CapPrm")?);
+    let bounding = names(field("CapBnd")?);
+    for cap in &bounding {
+        ensure!(BOUNDING.contains(&cap.as_str()), "{cap} is in the bounding set {bounding:?}");
+    }
+    // Exactly what the daemon says it keeps once attached (reaper::privileges::KEPT).
+    let mut kept: Vec<String> = reaper::privileges::KEPT
+        .iter()
+        .map(|(cap, _)| cap.to_string().to_lowercase())
+        .collect();
+    kept.sort();
+    effective.sort();
+    permitted.sort();
+    ensure!(effective == kept, "effective {effective:?}, expected {kept:?}");
+    ensure!(permitted == kept, "permitted {permitted:?}, expected {kept:?}");
+    Ok(format!("no_new_privs, effective = permitted = {kept:?}, bounding {bounding:?}"))
+}
+
+/// `GET path` on the metrics address: (status line, body).
+fn http_get(path: &str) -> anyhow::Result<(String, String)> {
+    let mut stream = std::net::TcpStream::connect(METRICS).context("connecting to the metrics endpoint")?;
+    stream.set_read_timeout(Some(WAIT))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {METRICS}\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("an HTTP response")?;
+    Ok((head.lines().next().unwrap_or_default().to_owned(), body.to_owned()))
+}
+
+/// /healthz says ok and /metrics counts the host's processes.
+fn service_http() -> anyhow::Result<String> {
+    let (status, body) = http_get("/healthz")?;
+    ensure!(status.contains(" 200 "), "/healthz: {status} {body}");
+    let (status, body) = http_get("/metrics")?;
+    ensure!(status.contains(" 200 "), "/metrics: {status}");
+    let processes: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("reaper_processes "))
+        .context("no reaper_processes sample")?
+        .trim()
+        .parse()?;
+    ensure!(processes > 0.0, "reaper_processes {processes}");
+    Ok(format!("/healthz 200, /metrics 200 with reaper_processes {processes}"))
+}
+
+/// A process started now shows in `reaper explain` over the unit's socket, with its argv: the
+/// probes run and the tree follows the host under the sandbox.
+fn service_follows_processes() -> anyhow::Result<String> {
+    let mut child = Command::new("sleep")
+        .arg("123.456")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting sleep")?;
+    let pid = child.id().to_string();
+    let shown = wait_for("the new process in `reaper explain`", || {
+        let out = run(REAPER, &["explain", &pid, "--socket", SOCKET]).ok()?;
+        out.contains("sleep 123.456").then_some(out)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let shown = shown?;
+    let stats = run(REAPER, &["stats", "--socket", SOCKET])?;
+    let stats: serde_json::Value = serde_json::from_str(&stats).context("`reaper stats` JSON")?;
+    let events = stats["events_total"].as_u64().context("events_total")?;
+    ensure!(events > 0, "no events counted: {stats}");
+    Ok(format!(
+        "pid {pid} seen: {}; {events} events so far",
+        shown.lines().next().unwrap_or_default()
+    ))
+}
+
+/// The journal shows the start-up lines and no warning or error from the daemon (a sandbox that
+/// refuses a syscall shows up here as a logged EPERM).
+fn service_journal_clean() -> anyhow::Result<String> {
+    let log = wait_for("\"process tree ready\" in the journal", || {
+        let log = run("journalctl", &["--no-pager", "-o", "cat", "-u", UNIT]).ok()?;
+        log.contains("process tree ready").then_some(log)
+    })?;
+    for line in log.lines() {
+        say(&format!("vm-journal: {line}"));
+    }
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("panicked"))
+        .collect();
+    ensure!(bad.is_empty(), "the daemon logged:\n{}", bad.join("\n"));
+    Ok(format!("{} journal lines, none a warning or an error", log.lines().count()))
+}
+
+/// `systemctl stop`: SIGTERM, a clean exit (status 0), the runtime directory removed.
+fn service_stops_cleanly() -> anyhow::Result<String> {
+    let started = Instant::now();
+    run("systemctl", &["stop", UNIT])?;
+    let took = started.elapsed().as_secs_f64();
+    let (state, result, status) = (show("ActiveState")?, show("Result")?, show("ExecMainStatus")?);
+    ensure!(
+        state == "inactive" && result == "success" && status == "0",
+        "after stop: ActiveState={state} Result={result} ExecMainStatus={status}"
+    );
+    ensure!(!std::path::Path::new("/run/reaper").exists(), "/run/reaper is still there");
+    let log = run("journalctl", &["--no-pager", "-o", "cat", "-u", UNIT])?;
+    ensure!(log.contains("stopped"), "no `stopped` line in the journal");
+    Ok(format!("stopped in {took:.1}s, exit status 0, /run/reaper removed"))
+}

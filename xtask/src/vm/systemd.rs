@@ -1,0 +1,176 @@
+//! The systemd machine of `cargo xtask vm-test`: `deploy/reaper.service` run by a real systemd,
+//! sandbox and all, which the host (no systemd as PID 1) cannot do.
+//!
+//! 1. Root file system: `debootstrap --variant=minbase --include=systemd,systemd-sysv bookworm`
+//!    into `target/vm/systemd/root` (once; ~30 s, ~240 MB), packed by `cpio` into
+//!    `target/vm/systemd/base.cpio` (once).
+//! 2. Overlay, written here: the release `reaper` at `/usr/local/bin`, `deploy/reaper.toml` at
+//!    `/etc/reaper/`, `deploy/reaper.service` enabled in `multi-user.target` (the README's install
+//!    steps), and `reaper-vm-check.service`: runs `service-check` (tests/src/bin/service_check.rs)
+//!    after reaper.service, prints its `vm-check` lines on the console and powers off.
+//! 3. QEMU boots the newest kernel of the matrix with both archives concatenated as the
+//!    initramfs (the kernel unpacks one after the other) and `rdinit=/lib/systemd/systemd`.
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use super::{Kernel, Machine, Opts, Run, boot, cpio_entry, ensure_tool};
+use crate::Ctx;
+use crate::cmd::{describe, status};
+
+/// The checker, built statically with the matrix's programs.
+pub(super) const CHECKER: &str = "service-check";
+const SUITE: &str = "bookworm";
+const MIRROR: &str = "http://deb.debian.org/debian";
+/// Written last into the root: its presence means debootstrap finished.
+const STAMP: &str = ".reaper-vm-root";
+
+/// The unit that runs the checks and ends the machine, whatever they find.
+const CHECK_UNIT: &str = "\
+[Unit]
+Description=vm-test: check reaper.service under systemd, then power off
+Wants=reaper.service
+After=reaper.service
+SuccessAction=poweroff-force
+FailureAction=poweroff-force
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/bin/service-check
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/ttyS0
+# A hung check still ends the machine (FailureAction).
+TimeoutStartSec=300
+";
+
+pub(super) fn run(
+    ctx: &Ctx,
+    vm_dir: &Path,
+    kernel: &Kernel,
+    opts: &Opts,
+    checker: &Path,
+) -> anyhow::Result<Run> {
+    let dir = vm_dir.join("systemd");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let base = base_archive(&dir)?;
+    let reaper = ctx.build_daemon(false)?;
+
+    let mut overlay = Vec::new();
+    let mut ino = 1_000_000;
+    let mut next = || {
+        ino += 1;
+        ino
+    };
+    for d in [
+        "etc",
+        "etc/reaper",
+        "etc/systemd",
+        "etc/systemd/system",
+        "etc/systemd/system/multi-user.target.wants",
+        "usr",
+        "usr/local",
+        "usr/local/bin",
+    ] {
+        cpio_entry(&mut overlay, next(), d, 0o040755, (0, 0), &[]);
+    }
+    let read = |p: &Path| fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let deploy = ctx.workspace.join("deploy");
+    for (name, mode, data) in [
+        ("usr/local/bin/reaper", 0o100755, read(&reaper)?),
+        ("usr/local/bin/service-check", 0o100755, read(checker)?),
+        ("etc/reaper/reaper.toml", 0o100644, read(&deploy.join("reaper.toml"))?),
+        ("etc/systemd/system/reaper.service", 0o100644, read(&deploy.join("reaper.service"))?),
+        ("etc/systemd/system/reaper-vm-check.service", 0o100644, CHECK_UNIT.as_bytes().to_vec()),
+    ] {
+        cpio_entry(&mut overlay, next(), name, mode, (0, 0), &data);
+    }
+    // `systemctl enable`: a symlink in the target's .wants directory.
+    for unit in ["reaper.service", "reaper-vm-check.service"] {
+        let link = format!("etc/systemd/system/multi-user.target.wants/{unit}");
+        let target = format!("/etc/systemd/system/{unit}");
+        cpio_entry(&mut overlay, next(), &link, 0o120777, (0, 0), target.as_bytes());
+    }
+    cpio_entry(&mut overlay, 0, "TRAILER!!!", 0, (0, 0), &[]);
+
+    let initramfs = dir.join("initramfs.cpio");
+    let mut all = read(&base)?;
+    all.extend_from_slice(&overlay);
+    fs::write(&initramfs, &all).with_context(|| format!("writing {}", initramfs.display()))?;
+    println!(
+        "xtask: systemd machine: initramfs {} ({:.0} MB), booting {} in QEMU (limit {}s)",
+        initramfs.display(),
+        all.len() as f64 / 1e6,
+        kernel.release,
+        opts.timeout
+    );
+    let machine = Machine {
+        label: format!("{}-systemd", kernel.release),
+        memory_mb: 2048,
+        append: "rdinit=/lib/systemd/systemd systemd.unit=multi-user.target \
+                 systemd.show_status=false"
+            .to_owned(),
+        ready_marker: "vm-check service_active",
+    };
+    boot(vm_dir, kernel, &initramfs, opts, &machine)
+}
+
+/// `base.cpio`: the debootstrapped root, packed once.
+fn base_archive(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let root = dir.join("root");
+    let archive = dir.join("base.cpio");
+    if !root.join(STAMP).exists() {
+        ensure_tool("debootstrap", "debootstrap")?;
+        let partial = dir.join("root.partial");
+        let _ = fs::remove_dir_all(&partial);
+        let mut cmd = Command::new("debootstrap");
+        cmd.args([
+            "--variant=minbase",
+            "--include=systemd,systemd-sysv",
+            SUITE,
+        ])
+        .arg(&partial)
+        .arg(MIRROR);
+        println!("xtask: {} (once, about 30 s)", describe(&cmd));
+        let out = cmd.output().with_context(|| format!("running {}", describe(&cmd)))?;
+        if !out.status.success() {
+            bail!(
+                "`{}` failed ({}): {}",
+                describe(&cmd),
+                out.status,
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            );
+        }
+        // Documentation and the package cache only make the archive bigger.
+        for sub in ["usr/share/doc", "usr/share/man", "usr/share/locale", "var/cache/apt", "var/lib/apt/lists"] {
+            let _ = fs::remove_dir_all(partial.join(sub));
+        }
+        fs::write(partial.join(STAMP), "")?;
+        let _ = fs::remove_dir_all(&root);
+        fs::rename(&partial, &root)?;
+        let _ = fs::remove_file(&archive);
+    }
+    if !archive.exists() {
+        ensure_tool("cpio", "cpio")?;
+        let partial = dir.join("base.cpio.partial");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("find . -print0 | cpio --null --create --format=newc --quiet > \"$1\"")
+            .arg("sh")
+            .arg(&partial)
+            .current_dir(&root);
+        let st = status(&mut cmd)?;
+        if !st.success() {
+            bail!("packing {} with cpio failed ({st})", root.display());
+        }
+        fs::rename(&partial, &archive)?;
+    }
+    Ok(archive)
+}
