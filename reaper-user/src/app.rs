@@ -267,13 +267,16 @@ impl Pipeline {
         // Bounded: if the tree falls behind, the source waits and the kernel counts losses,
         // rather than memory growing without limit.
         let (events_tx, mut events_rx) = mpsc::channel(256);
-        let (flush_tx, flush_rx) = mpsc::channel(4);
+        // Unbounded, so the tree task never waits on the source (which may itself be waiting
+        // to hand the tree events); only a few tokens are ever outstanding.
+        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        let ring_bytes = settings.ring_bytes as usize;
         health.set_reading(true);
         let source = tokio::spawn({
             let metrics = metrics.clone();
             let health = health.clone();
             async move {
-                if let Err(err) = source::run(ring, events_tx, flush_rx, metrics).await {
+                if let Err(err) = source::run(ring, ring_bytes, events_tx, flush_rx, metrics).await {
                     tracing::error!(%err, "ring buffer reader failed");
                 }
                 health.set_reading(false);
@@ -404,7 +407,7 @@ struct TreeOwner {
     probes: Probes,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    flush: mpsc::Sender<u64>,
+    flush: mpsc::UnboundedSender<u64>,
     config: PipelineConfig,
     reconciles: u64,
     bootstrap_duplicates: u64,
@@ -517,7 +520,7 @@ impl TreeOwner {
                         // A newer scan supersedes one still waiting for its flush.
                         if let Some(old) = self.pending.replace(PendingReconcile { token, snapshot, scan_start_ticks, reply })
                             && let Some(reply) = old.reply { let _ = reply.send(Corrections::default()); }
-                        if self.flush.send(token).await.is_err() {
+                        if self.flush.send(token).is_err() {
                             return;
                         }
                     }
@@ -549,11 +552,10 @@ impl TreeOwner {
             return;
         }
         self.next_token += 1;
-        // Never wait on the source here (it may itself be waiting to hand us events): if its
-        // queue is full, answer from the tree as it is.
-        if self.flush.try_send(self.next_token).is_ok() {
+        if self.flush.send(self.next_token).is_ok() {
             self.queries.in_flight = Some(self.next_token);
         } else {
+            // The source is gone: answer from the tree as it is.
             for query in std::mem::take(&mut self.queries.waiting) {
                 self.answer(query, scans);
             }
@@ -626,7 +628,7 @@ impl TreeOwner {
             fixed,
             reply: pending.reply,
         });
-        self.flush.send(self.next_token).await.is_ok()
+        self.flush.send(self.next_token).is_ok()
     }
 
     /// Bookkeeping once a reconcile is complete.

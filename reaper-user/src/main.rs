@@ -248,12 +248,14 @@ async fn wait_for_signals(args: &RunArgs, overrides: &Overrides, pipeline: &Pipe
 }
 
 async fn stream_events(json: bool) -> anyhow::Result<()> {
-    let mut probes = Probes::attach(ProbeOptions::default())?;
+    let options = ProbeOptions::default();
+    let ring_bytes = options.ring_bytes as usize;
+    let mut probes = Probes::attach(options)?;
     let ring = probes.take_ring().expect("ring buffer taken once")?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let (_flush_tx, flush_rx) = tokio::sync::mpsc::channel(1);
+    let (_flush_tx, flush_rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = std::sync::Arc::new(reaper::metrics::Metrics::new());
-    let reader = tokio::spawn(events::source::run(ring, tx, flush_rx, metrics));
+    let reader = tokio::spawn(events::source::run(ring, ring_bytes, tx, flush_rx, metrics));
     eprintln!("following fork/exec/exit/rename; Ctrl-C to stop");
     // Registered once: a signal arriving while a batch is printed is not lost.
     use tokio::signal::unix::{SignalKind, signal};

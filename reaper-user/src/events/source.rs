@@ -19,6 +19,9 @@ use crate::metrics::Metrics;
 /// Most events forwarded in one message; a storm is split rather than buffered unboundedly.
 const MAX_BATCH: usize = 4096;
 
+/// The smallest record the ring can hold: its 8-byte header and the smallest event (exit).
+const MIN_RECORD_BYTES: usize = 8 + size_of::<reaper_common::ExitEvent>();
+
 /// How often the ring is drained without a wake-up while events flow…
 pub const POLL_MIN: std::time::Duration = std::time::Duration::from_millis(100);
 /// …backing off (doubling) to this while drains find nothing: the longest an event waits on a
@@ -34,13 +37,21 @@ pub enum SourceMsg {
     Flushed(u64),
 }
 
-/// Reads `ring` until `tx` is closed. Flush requests (tokens) arrive on `flush`.
+/// Reads `ring` (`ring_bytes` long) until `tx` is closed. Flush requests (tokens) arrive on
+/// `flush`.
+///
+/// One drain reads at most a ring's worth of records (`ring_bytes` / the smallest record), then
+/// goes back to the loop: a storm that keeps the ring full cannot hold a flush off, and once a
+/// ring's worth has been read after a flush was asked for, every record committed before the
+/// request has been read.
 pub async fn run(
     ring: RingBuf<MapData>,
+    ring_bytes: usize,
     tx: mpsc::Sender<SourceMsg>,
-    mut flush: mpsc::Receiver<u64>,
+    mut flush: mpsc::UnboundedReceiver<u64>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
+    let limit = (ring_bytes / MIN_RECORD_BYTES).max(MAX_BATCH);
     // SAFETY: the RingBuf owns its map fd and keeps it open and unchanged for as long as the
     // AsyncFd owns the RingBuf.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? };
@@ -48,22 +59,25 @@ pub async fn run(
     loop {
         tokio::select! {
             () = tokio::time::sleep(delay) => {
-                let Some(drained) = drain(fd.get_mut(), &tx, &metrics).await else {
+                let Some(drained) = drain(fd.get_mut(), &tx, &metrics, limit).await else {
                     return Ok(());
                 };
                 delay = if drained > 0 { POLL_MIN } else { (delay * 2).min(POLL_MAX) };
             }
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                if drain(guard.get_inner_mut(), &tx, &metrics).await.is_none() {
+                let Some(drained) = drain(guard.get_inner_mut(), &tx, &metrics, limit).await else {
                     return Ok(());
+                };
+                // Still readable if the drain stopped at its limit: the loop comes back at once.
+                if drained < limit {
+                    guard.clear_ready();
                 }
-                guard.clear_ready();
                 delay = POLL_MIN;
             }
             token = flush.recv() => {
                 let Some(token) = token else { return Ok(()) };
-                if drain(fd.get_mut(), &tx, &metrics).await.is_none()
+                if drain(fd.get_mut(), &tx, &metrics, limit).await.is_none()
                     || tx.send(SourceMsg::Flushed(token)).await.is_err()
                 {
                     return Ok(());
@@ -73,16 +87,18 @@ pub async fn run(
     }
 }
 
-/// Forwards every record in the ring; returns how many, or `None` once the receiver is gone.
+/// Forwards the records in the ring, at most about `limit` of them; returns how many, or `None`
+/// once the receiver is gone.
 async fn drain(
     ring: &mut RingBuf<MapData>,
     tx: &mpsc::Sender<SourceMsg>,
     metrics: &Metrics,
+    limit: usize,
 ) -> Option<usize> {
     let mut forwarded = 0;
     loop {
         let mut batch = Vec::new();
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH && forwarded + batch.len() < limit {
             let Some(item) = ring.next() else { break };
             match decode(&item) {
                 Ok(event) => {
@@ -95,7 +111,7 @@ async fn drain(
                 }
             }
         }
-        let full = batch.len() == MAX_BATCH;
+        let full = batch.len() == MAX_BATCH && forwarded + batch.len() < limit;
         forwarded += batch.len();
         if !batch.is_empty() && tx.send(SourceMsg::Events(batch)).await.is_err() {
             return None;
