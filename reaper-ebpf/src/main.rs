@@ -439,7 +439,8 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
     if pid != tgid {
         return Ok(());
     }
-    if o.has_in_execve != 0 && bit(o.task_in_execve_word, o.task_in_execve_bit, task)? {
+    // An unreadable bit counts as "not in exec": better a redundant rename than a lost one.
+    if o.has_in_execve != 0 && bit(o.task_in_execve_word, o.task_in_execve_bit, task).unwrap_or(false) {
         return Ok(());
     }
     let start: u64 = read(task, o.task_start_boottime)?;

@@ -195,14 +195,18 @@ pub async fn execute<O: ProcessOps>(ops: &O, order: &ReapOrder) -> ReapReport {
     for (_, h) in descendants.iter().rev() {
         let _ = ops.signal(h, libc::SIGTERM);
     }
+    report.signalled = descendants.len();
     let target_alive = match ops.signal(&target, libc::SIGTERM) {
         Ok(alive) => alive,
         Err(err) => {
-            report.error = Some(format!("SIGTERM: {err}"));
+            report.error = Some(format!(
+                "SIGTERM to the target: {err} ({} descendant(s) were sent SIGTERM)",
+                descendants.len()
+            ));
             return report;
         }
     };
-    report.signalled = 1 + descendants.len();
+    report.signalled += 1;
     if !target_alive {
         report.outcome = Outcome::AlreadyGone;
         report.gone_ns = Some(ops.now_ns());

@@ -31,7 +31,7 @@ impl std::fmt::Display for Mismatch {
             Self::Parent { parent_comm, wanted } => write!(
                 f,
                 "parent {} is not one of {}",
-                parent_comm.as_deref().unwrap_or("(unknown)"),
+                parent_comm.as_deref().map_or("(unknown)".into(), crate::events::printable),
                 wanted.join(", ")
             ),
         }
