@@ -193,7 +193,7 @@ impl Ctx {
     /// settings are dropped so nightly's own rustc is used.
     fn nightly_cargo(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new("rustup");
-        cmd.args(["run", "nightly", "cargo"])
+        cmd.args(["run", setup::NIGHTLY, "cargo"])
             .current_dir(&self.workspace)
             .env("PATH", &self.path)
             .env("RUSTUP_AUTO_INSTALL", "0");

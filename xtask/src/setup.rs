@@ -21,7 +21,7 @@ use crate::cmd::{describe, output, status, status_tee_stderr};
 
 /// The bpf-linker release we build (its `--version` prints `bpf-linker <this>`).
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const NIGHTLY: &str = "nightly";
+pub(crate) const NIGHTLY: &str = "nightly";
 
 /// A rustup (or rustup-proxied) command that never downloads a toolchain on its own.
 fn rustup_cmd(program: &str) -> Command {

@@ -141,9 +141,15 @@ impl Run {
     fn failed(&self) -> usize {
         self.checks.iter().filter(|c| !c.1).count()
     }
-    /// Every check passed and the runner finished.
+    /// Every check passed and the runner finished, and its own count (`vm-result: N passed,
+    /// M failed`) agrees with the check lines read: a line garbled on the console (kernel
+    /// messages share it) cannot hide a failure.
     fn ok(&self) -> bool {
-        !self.timed_out && self.result.is_some() && self.failed() == 0 && self.passed() > 0
+        let counted = self.result.as_deref().and_then(parse_result);
+        !self.timed_out
+            && counted == Some((self.passed(), self.failed()))
+            && self.failed() == 0
+            && self.passed() > 0
     }
 }
 
@@ -224,13 +230,18 @@ pub(crate) fn run(ctx: &Ctx, opts: &Opts) -> anyhow::Result<Outcome> {
         kernels.iter().map(|k| (k.release.clone(), k)).collect();
     if !opts.no_systemd {
         let kernel = kernels.last().context("no kernel to boot")?;
-        let checker = ctx
-            .target_dir
-            .join("vm-build")
-            .join(HOST_TRIPLE)
-            .join("release")
-            .join(systemd::CHECKER);
-        runs.push(systemd::run(ctx, &vm_dir, kernel, opts, &checker)?);
+        let static_dir = ctx.target_dir.join("vm-build").join(HOST_TRIPLE).join("release");
+        // A machine that cannot be prepared (no network for debootstrap, say) is one failure
+        // in the summary, not the end of the run.
+        let run = systemd::run(ctx, &vm_dir, kernel, opts, &static_dir).unwrap_or_else(|err| {
+            println!("xtask: the systemd machine could not be prepared: {err:#}");
+            Run {
+                errors: vec![format!("not booted: {err:#}")],
+                log: vm_dir.join("systemd"),
+                ..Run::default()
+            }
+        });
+        runs.push(run);
         machines.push((format!("{} + systemd", kernel.release), kernel));
     }
 
@@ -439,11 +450,10 @@ fn older_kernels(
     }
 }
 
-/// The newest kernel of a series that is cached or can be downloaded.
+/// The newest kernel of a series that is cached or can be downloaded (candidates come newest
+/// first: a newer package than the cached one is fetched; an older cached one is the fallback
+/// when the archive is out of reach).
 fn fetch_series(vm_dir: &Path, candidates: &[KernelPackage]) -> anyhow::Result<Kernel> {
-    if let Some(cached) = candidates.iter().find_map(|p| cached_kernel(vm_dir, p)) {
-        return Ok(cached);
-    }
     let mut errors = Vec::new();
     for package in candidates {
         match fetch_kernel(vm_dir, package) {
@@ -571,6 +581,11 @@ fn build_static(ctx: &Ctx) -> anyhow::Result<Vec<PathBuf>> {
             HOST_TRIPLE,
             "--package",
             "reaper-tests",
+            // The daemon too, for the systemd machine: static, so the guest's libc never matters.
+            "--package",
+            "reaper-user",
+            "--bin",
+            "reaper",
         ]);
     for program in PROGRAMS.iter().chain(&[systemd::CHECKER]) {
         cmd.args(["--bin", program]);
@@ -683,6 +698,15 @@ fn parse_offsets(line: &str) -> Option<Vec<(String, String)>> {
             .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
             .collect(),
     )
+}
+
+/// `N passed, M failed` (after `vm-result: `) → (N, M).
+fn parse_result(text: &str) -> Option<(usize, usize)> {
+    let (passed, failed) = text.trim().split_once(", ")?;
+    Some((
+        passed.strip_suffix(" passed")?.parse().ok()?,
+        failed.strip_suffix(" failed")?.parse().ok()?,
+    ))
 }
 
 /// `vm-check NAME: PASS|FAIL detail` → (NAME, passed, detail).
@@ -1012,6 +1036,23 @@ mod tests {
         assert_eq!((five.numbers.as_slice(), five.series().as_str()), (&[5, 10, 0, 32][..], "5.10"));
         assert!(KernelPackage::from_name("linux-image-cloud-amd64-unsigned").is_none());
         assert!(KernelPackage::from_name("linux-image-6.1.0-56-cloud-amd64-dbg").is_none());
+    }
+
+    #[test]
+    fn a_run_is_ok_only_when_its_own_count_agrees() {
+        assert_eq!(parse_result("10 passed, 0 failed"), Some((10, 0)));
+        assert_eq!(parse_result("garbled"), None);
+        let mut run = Run {
+            checks: vec![("a".into(), true, String::new()), ("b".into(), true, String::new())],
+            result: Some("2 passed, 0 failed".into()),
+            ..Run::default()
+        };
+        assert!(run.ok());
+        // The runner counted a failure whose line never arrived intact.
+        run.result = Some("2 passed, 1 failed".into());
+        assert!(!run.ok());
+        run.result = None;
+        assert!(!run.ok());
     }
 
     #[test]

@@ -38,8 +38,9 @@ fn main() {
         ("service_privileges", service_privileges),
         ("service_http", service_http),
         ("service_follows_processes", service_follows_processes),
-        ("service_journal_clean", service_journal_clean),
         ("service_stops_cleanly", service_stops_cleanly),
+        // Last: shutdown's lines are checked too.
+        ("service_journal_clean", service_journal_clean),
     ];
     let (mut passed, mut failed) = (0, 0);
     for (name, check) in checks {
@@ -189,9 +190,17 @@ fn service_http() -> anyhow::Result<String> {
     Ok(format!("/healthz 200, /metrics 200 with reaper_processes {processes}"))
 }
 
-/// A process started now shows in `reaper explain` over the unit's socket, with its argv: the
-/// probes run and the tree follows the host under the sandbox.
+/// `reaper stats` over the unit's socket.
+fn stats() -> anyhow::Result<serde_json::Value> {
+    let stats = run(REAPER, &["stats", "--socket", SOCKET])?;
+    serde_json::from_str(&stats).context("`reaper stats` JSON")
+}
+
+/// A process started now shows in `reaper explain` over the unit's socket, with its argv, and
+/// not through a `/proc` reconcile: the probes run and the tree follows the host under the
+/// sandbox.
 fn service_follows_processes() -> anyhow::Result<String> {
+    let reconciles = stats()?["reconciles"].as_u64().context("reconciles")?;
     let mut child = Command::new("sleep")
         .arg("123.456")
         .stdin(Stdio::null())
@@ -205,10 +214,13 @@ fn service_follows_processes() -> anyhow::Result<String> {
     let _ = child.kill();
     let _ = child.wait();
     let shown = shown?;
-    let stats = run(REAPER, &["stats", "--socket", SOCKET])?;
-    let stats: serde_json::Value = serde_json::from_str(&stats).context("`reaper stats` JSON")?;
+    let stats = stats()?;
     let events = stats["events_total"].as_u64().context("events_total")?;
     ensure!(events > 0, "no events counted: {stats}");
+    ensure!(
+        stats["reconciles"].as_u64() == Some(reconciles),
+        "a /proc reconcile ran meanwhile, so the tree may have learnt of it from /proc: {stats}"
+    );
     Ok(format!(
         "pid {pid} seen: {}; {events} events so far",
         shown.lines().next().unwrap_or_default()
@@ -245,6 +257,9 @@ fn service_stops_cleanly() -> anyhow::Result<String> {
     );
     ensure!(!std::path::Path::new("/run/reaper").exists(), "/run/reaper is still there");
     let log = run("journalctl", &["--no-pager", "-o", "cat", "-u", UNIT])?;
-    ensure!(log.contains("stopped"), "no `stopped` line in the journal");
+    ensure!(
+        log.lines().any(|l| l.trim_end().ends_with("INFO reaper: stopped")),
+        "no final `stopped` line in the journal"
+    );
     Ok(format!("stopped in {took:.1}s, exit status 0, /run/reaper removed"))
 }

@@ -43,7 +43,7 @@ StandardOutput=tty
 StandardError=tty
 TTYPath=/dev/ttyS0
 # A hung check still ends the machine (FailureAction).
-TimeoutStartSec=300
+TimeoutStartSec=420
 ";
 
 pub(super) fn run(
@@ -51,12 +51,13 @@ pub(super) fn run(
     vm_dir: &Path,
     kernel: &Kernel,
     opts: &Opts,
-    checker: &Path,
+    static_dir: &Path,
 ) -> anyhow::Result<Run> {
     let dir = vm_dir.join("systemd");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let base = base_archive(&dir)?;
-    let reaper = ctx.build_daemon(false)?;
+    // Both built statically with the matrix's programs (`build_static`).
+    let (reaper, checker) = (static_dir.join("reaper"), static_dir.join(CHECKER));
 
     let mut overlay = Vec::new();
     let mut ino = 1_000_000;
@@ -80,7 +81,7 @@ pub(super) fn run(
     let deploy = ctx.workspace.join("deploy");
     for (name, mode, data) in [
         ("usr/local/bin/reaper", 0o100755, read(&reaper)?),
-        ("usr/local/bin/service-check", 0o100755, read(checker)?),
+        ("usr/local/bin/service-check", 0o100755, read(&checker)?),
         ("etc/reaper/reaper.toml", 0o100644, read(&deploy.join("reaper.toml"))?),
         ("etc/systemd/system/reaper.service", 0o100644, read(&deploy.join("reaper.service"))?),
         ("etc/systemd/system/reaper-vm-check.service", 0o100644, CHECK_UNIT.as_bytes().to_vec()),
@@ -117,6 +118,26 @@ pub(super) fn run(
     boot(vm_dir, kernel, &initramfs, opts, &machine)
 }
 
+/// Deleting a tree follows into what is mounted under it: a debootstrap killed half-way can
+/// leave its /proc or /sys mounted in the root. Refuses (naming the mounts) rather than delete.
+fn refuse_mounts_under(dir: &Path) -> anyhow::Result<()> {
+    let Ok(dir) = dir.canonicalize() else { return Ok(()) };
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let inside: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| Path::new(m).starts_with(&dir))
+        .collect();
+    if !inside.is_empty() {
+        bail!(
+            "{} has file systems mounted inside ({}): unmount them (umount -R) and run again",
+            dir.display(),
+            inside.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// `base.cpio`: the debootstrapped root, packed once.
 fn base_archive(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let root = dir.join("root");
@@ -124,6 +145,7 @@ fn base_archive(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     if !root.join(STAMP).exists() {
         ensure_tool("debootstrap", "debootstrap")?;
         let partial = dir.join("root.partial");
+        refuse_mounts_under(&partial)?;
         let _ = fs::remove_dir_all(&partial);
         let mut cmd = Command::new("debootstrap");
         cmd.args([
@@ -136,16 +158,18 @@ fn base_archive(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         println!("xtask: {} (once, about 30 s)", describe(&cmd));
         let out = cmd.output().with_context(|| format!("running {}", describe(&cmd)))?;
         if !out.status.success() {
+            let tail = |bytes: &[u8]| {
+                let text = String::from_utf8_lossy(bytes);
+                let lines: Vec<&str> = text.lines().rev().take(5).collect();
+                lines.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            };
             bail!(
-                "`{}` failed ({}): {}",
+                "`{}` failed ({}): {} {} (more in {}/debootstrap/debootstrap.log)",
                 describe(&cmd),
                 out.status,
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .rev()
-                    .take(5)
-                    .collect::<Vec<_>>()
-                    .join(" / ")
+                tail(&out.stdout),
+                tail(&out.stderr),
+                partial.display()
             );
         }
         // Documentation and the package cache only make the archive bigger.
@@ -153,6 +177,7 @@ fn base_archive(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
             let _ = fs::remove_dir_all(partial.join(sub));
         }
         fs::write(partial.join(STAMP), "")?;
+        refuse_mounts_under(&root)?;
         let _ = fs::remove_dir_all(&root);
         fs::rename(&partial, &root)?;
         let _ = fs::remove_file(&archive);
@@ -160,10 +185,10 @@ fn base_archive(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     if !archive.exists() {
         ensure_tool("cpio", "cpio")?;
         let partial = dir.join("base.cpio.partial");
-        let mut cmd = Command::new("sh");
+        let mut cmd = Command::new("bash");
         cmd.arg("-c")
-            .arg("find . -print0 | cpio --null --create --format=newc --quiet > \"$1\"")
-            .arg("sh")
+            .arg("set -o pipefail; find . -print0 | cpio --null --create --format=newc --quiet > \"$1\"")
+            .arg("bash")
             .arg(&partial)
             .current_dir(&root);
         let st = status(&mut cmd)?;
