@@ -347,7 +347,10 @@ fn choose_kernels(vm_dir: &Path, wanted: &[String]) -> anyhow::Result<Vec<Vec<Ke
         apt_get(&["update"])?;
         found = search(&[])?;
     }
-    found.extend(older_kernels(vm_dir, &search));
+    // Debian 11's archive only when a 5.x series may be wanted.
+    if wanted.is_empty() || wanted.iter().any(|w| w.starts_with(&format!("{OLDER_SERIES_MAJOR}."))) {
+        found.extend(older_kernels(vm_dir, &search));
+    }
     // Whatever was downloaded before stands in for what the archives no longer list.
     if let Ok(entries) = fs::read_dir(vm_dir.join("kernels")) {
         for entry in entries.flatten() {

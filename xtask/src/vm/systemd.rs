@@ -142,7 +142,9 @@ fn refuse_mounts_under(dir: &Path) -> anyhow::Result<()> {
 fn base_archive(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let root = dir.join("root");
     let archive = dir.join("base.cpio");
-    if !root.join(STAMP).exists() {
+    // The stamp holds what the root was made from: a change here makes a new one.
+    let recipe = format!("{SUITE} {MIRROR} minbase systemd,systemd-sysv");
+    if fs::read_to_string(root.join(STAMP)).ok().as_deref() != Some(recipe.as_str()) {
         ensure_tool("debootstrap", "debootstrap")?;
         let partial = dir.join("root.partial");
         refuse_mounts_under(&partial)?;
@@ -176,7 +178,7 @@ fn base_archive(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         for sub in ["usr/share/doc", "usr/share/man", "usr/share/locale", "var/cache/apt", "var/lib/apt/lists"] {
             let _ = fs::remove_dir_all(partial.join(sub));
         }
-        fs::write(partial.join(STAMP), "")?;
+        fs::write(partial.join(STAMP), &recipe)?;
         refuse_mounts_under(&root)?;
         let _ = fs::remove_dir_all(&root);
         fs::rename(&partial, &root)?;
