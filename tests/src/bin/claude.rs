@@ -271,8 +271,8 @@ fn spawn_tool(kind: ToolKind) -> std::io::Result<Tool> {
     cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
     // SAFETY: both fds are fresh from pipe2.
     let (pipe_r, pipe_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // The child says when it is set up (renamed, stdio replaced), so the result line that
-    // names it never races its comm.
+    // The child says when it is set up (renamed, stdio replaced, other fds closed) by closing
+    // its end, so the result line that names it never races its comm or its fds.
     // SAFETY: pipe2 into a two-int array.
     cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
     // SAFETY: both fds are fresh from pipe2.
@@ -286,14 +286,14 @@ fn spawn_tool(kind: ToolKind) -> std::io::Result<Tool> {
         let fds = ToolFds {
             devnull: devnull.as_raw_fd(),
             pipe_r: pipe_r.as_raw_fd(),
-            ready_w: ready_w.as_raw_fd(),
         };
         // SAFETY: everything below is raw syscalls on fds and stack memory of this process.
         unsafe { tool_main(kind, name.as_ptr(), parent, fds) }
     }
     drop((pipe_r, ready_w));
     let mut byte = [0u8; 1];
-    // SAFETY: a blocking 1-byte read into a stack buffer; EOF if the child died first.
+    // SAFETY: a blocking 1-byte read into a stack buffer; EOF once the child closed its end
+    // (or died first).
     while unsafe { libc::read(ready_r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) } < 0
         && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
     {}
@@ -306,10 +306,9 @@ fn spawn_tool(kind: ToolKind) -> std::io::Result<Tool> {
 /// The fds a forked tool child starts from.
 struct ToolFds {
     devnull: RawFd,
-    /// The read end of `tool:idle`'s stdin pipe.
+    /// The read end of `tool:idle`'s stdin pipe. (The child's copy of the ready pipe's write
+    /// end is not named: it goes with every other fd once the child is set up.)
     pipe_r: RawFd,
-    /// Written once the child is set up.
-    ready_w: RawFd,
 }
 
 /// The body of a forked tool child. Never returns.
@@ -322,11 +321,7 @@ unsafe fn tool_main(
     parent: libc::pid_t,
     fds: ToolFds,
 ) -> ! {
-    let ToolFds {
-        devnull,
-        pipe_r,
-        ready_w,
-    } = fds;
+    let ToolFds { devnull, pipe_r } = fds;
     // SAFETY: (for the whole body) raw syscalls with valid arguments, per the contract above.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
@@ -343,8 +338,9 @@ unsafe fn tool_main(
         if matches!(kind, ToolKind::Idle) {
             libc::dup2(pipe_r, 0);
         }
-        libc::write(ready_w, b"r".as_ptr().cast(), 1);
-        // Drop every other fd: the double's stdio sockets, epolls, listener, dups of 1 and 2.
+        // Drop every other fd: the double's stdio sockets, epolls, listener, dups of 1 and 2,
+        // and the ready pipe's write end with them: the double reads EOF on it only once that
+        // is done, so whoever it tells about this tool never sees it half set up.
         if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
             for fd in 3..4096 {
                 libc::close(fd);
