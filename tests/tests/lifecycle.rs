@@ -188,14 +188,9 @@ async fn an_exec_is_not_also_reported_as_a_rename() {
     // Every event about the child, up to its exit.
     let mut kinds = Vec::new();
     h.wait_event("the helper's exit", |e| {
-        let (id, kind) = match e {
-            Event::Fork { id, .. } => (id, "fork"),
-            Event::Exec { id, .. } => (id, "exec"),
-            Event::Rename { id, .. } => (id, "rename"),
-            Event::Exit { id, .. } => (id, "exit"),
-        };
-        (id.pid == pid).then(|| kinds.push(kind));
-        (id.pid == pid && kind == "exit").then_some(())
+        let kind = e.kind().name();
+        (e.id().pid == pid).then(|| kinds.push(kind));
+        (e.id().pid == pid && kind == "exit").then_some(())
     })
     .await;
     child.wait().unwrap();
