@@ -214,9 +214,11 @@ pub struct KernelOffsets {
     pub task_in_execve_word: u32,
     /// Bit index of `in_execve` within that word.
     pub task_in_execve_bit: u32,
+    /// Byte offset of `sock_common::skc_family` within `struct sock` (`__sk_common` first).
+    pub sock_family: u32,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 29 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 30 * 4);
 
 /// Most processes watched for activity at once (targets and their descendants).
 pub const WATCH_MAX: u32 = 16384;
@@ -226,17 +228,21 @@ pub const WATCH_MAX: u32 = 16384;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockActivity {
-    /// The last byte sent or received, `CLOCK_BOOTTIME` ns.
+    /// The last byte sent or received by the target or a descendant, `CLOCK_MONOTONIC` ns.
     pub last_ns: u64,
     /// Bytes sent and received so far.
     pub bytes: u64,
+    /// The last byte the target itself (not a descendant) received from an `AF_INET` or
+    /// `AF_INET6` socket, `CLOCK_MONOTONIC` ns; 0 if none yet. For an agent CLI this is the
+    /// model's last word: a tool it starts after that is what its turn waits on.
+    pub last_net_recv_ns: u64,
 }
 
-const _: () = assert!(size_of::<SockActivity>() == 16);
+const _: () = assert!(size_of::<SockActivity>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: #[repr(C)], two u64, no padding.
+    // SAFETY: #[repr(C)], three u64, no padding.
     unsafe impl aya::Pod for super::SockActivity {}
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers and byte arrays, with
     // no implicit padding (sizes asserted above), so any bit pattern is a valid value.

@@ -55,6 +55,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     has_in_execve: 0,
     task_in_execve_word: 0,
     task_in_execve_bit: 0,
+    sock_family: 0,
 };
 
 /// Wake the reader only once this many bytes wait in the ring (set by user space at load
@@ -113,10 +114,13 @@ fn read<T>(base: *const u8, off: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T) }
 }
 
+/// `CLOCK_MONOTONIC` ns, the daemon's clock for idle times: it stops during suspend, so a
+/// resumed machine does not find every session idle (`bpf_ktime_get_ns()` reads
+/// `ktime_get_mono_fast_ns()`: <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/helpers.c>).
 #[inline(always)]
 fn now_ns() -> u64 {
-    // SAFETY: a helper without arguments (kernel 5.8+).
-    unsafe { generated::bpf_ktime_get_boot_ns() }
+    // SAFETY: a helper without arguments.
+    unsafe { generated::bpf_ktime_get_ns() }
 }
 
 /// The header every record starts with, stamped now.
@@ -469,20 +473,24 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
 /// Attached only where the kernel has it; user space falls back to `/proc/PID/io` elsewhere.
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
-    sock_io(&ctx);
+    sock_io(&ctx, false);
     0
 }
 
 /// `trace_sock_recv_length(sk, ret, flags)` in sock_recvmsg_nosec() (kernel 6.3+).
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
-    sock_io(&ctx);
+    sock_io(&ctx, true);
     0
 }
 
+/// `AF_INET` and `AF_INET6` (include/linux/socket.h): the network, where an agent's model is.
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
 /// One hash lookup for every process; only watched ones do more.
 #[inline(always)]
-fn sock_io(ctx: &BtfTracePointContext) {
+fn sock_io(ctx: &BtfTracePointContext, recv: bool) {
     let ret: i32 = ctx.arg(1);
     if ret <= 0 {
         return;
@@ -493,12 +501,21 @@ fn sock_io(ctx: &BtfTracePointContext) {
         return;
     };
     let now = now_ns();
+    // The model's answer reaching the target itself: `sk->__sk_common.skc_family` of the
+    // tracepoint's `struct sock *` (first argument), offset from BTF.
+    let net_recv = recv && tgid == target && {
+        let sk: *const u8 = ctx.arg(0);
+        matches!(read::<u16>(sk, offsets().sock_family), Ok(AF_INET | AF_INET6))
+    };
     match ACTIVITY.get_ptr_mut(target) {
         // SAFETY: a pointer into the map value; concurrent updates from other CPUs can only
         // lose a few bytes of the count, never corrupt the entry.
         Some(a) => unsafe {
             (*a).last_ns = now;
             (*a).bytes += ret as u64;
+            if net_recv {
+                (*a).last_net_recv_ns = now;
+            }
         },
         None => {
             let _ = ACTIVITY.insert(
@@ -506,6 +523,7 @@ fn sock_io(ctx: &BtfTracePointContext) {
                 SockActivity {
                     last_ns: now,
                     bytes: ret as u64,
+                    last_net_recv_ns: if net_recv { now } else { 0 },
                 },
                 0,
             );

@@ -8,8 +8,10 @@
 //! ```
 //!
 //! The tree task owns the process tree and the detector: every event updates both, in order.
-//! It sleeps until the detector's next deadline; due targets become orders, executed by one
-//! task each (SIGTERM, grace, SIGKILL), whose reports come back to the detector.
+//! It sleeps until the detector's next deadline; when a target is due it flushes the ring
+//! buffer first, so the detector decides on a tree with every event up to now applied. Each
+//! decision is carried out by a task of its own (the kill ladder in [`crate::reap`]), whose
+//! report comes back to the detector.
 //!
 //! Start-up has no gap: the probes attach first, then `/proc` is scanned, then the events
 //! buffered meanwhile are applied on top of the scan (deduplicated by identity).
@@ -18,7 +20,7 @@
 //! scan has been applied. Queries about processes (`tree`, `explain`, targets) flush it too
 //! before they are answered: they see every fork, exec and exit that happened before they
 //! were asked, although the reader otherwise drains the ring only every 0.1–1.6 s.
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use reaper_common::EventKind;
 use serde::Serialize;
@@ -28,16 +30,18 @@ use tokio::{
 };
 
 use crate::{
+    clock,
     config::{ActivitySource, Config},
-    detect::{Detector, Explanation, LiveHost, Source, TargetView},
+    detect::{Decision, Detector, Explanation, Settled, Source, TargetView},
     events::{
         Event, Identity,
         source::{self, SourceMsg},
     },
+    host::{LiveHost, Pidfds},
     http::Health,
     metrics::Metrics,
     probes::{LostCounts, ProbeOptions, Probes},
-    reap::{self, Outcome, Pidfds, ReapOrder, ReapReport},
+    reap::{self, Outcome, ReapReport},
     tree::{Corrections, Process, ProcessTree, Snapshot, scan},
 };
 
@@ -68,7 +72,7 @@ impl Default for PipelineConfig {
 /// What the reaper did, counted.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ReapStats {
-    /// (rule, reason, last signal) → processes killed (targets; descendants are not counted).
+    /// (rule, reason, step that ended it) → targets ended (descendants are not counted).
     pub kills: Vec<((String, String, String), u64)>,
     /// (rule, reason) → kills that failed.
     pub failures: Vec<((String, String), u64)>,
@@ -91,23 +95,23 @@ fn bump<K: PartialEq>(counts: &mut Vec<(K, u64)>, key: K) {
 
 impl ReapStats {
     /// Counts a report here and in the exported metrics.
-    fn record(&mut self, report: &ReapReport, metrics: &Metrics) {
-        let rule = report.rule.clone();
-        let reason = report.reason.as_str().to_owned();
+    fn record(&mut self, decision: &Decision, report: &ReapReport, metrics: &Metrics) {
+        let rule = decision.rule.clone();
+        let reason = decision.reason.as_str().to_owned();
         match report.outcome {
             Outcome::WouldKill => {
                 metrics.would_kill.with_label_values(&[&rule, &reason]).inc();
                 bump(&mut self.would_kill, (rule, reason));
             }
-            Outcome::Terminated | Outcome::Killed => {
-                let signal = report.signals.last().copied().unwrap_or("SIGTERM").to_owned();
-                metrics.kills.with_label_values(&[&rule, &reason, &signal]).inc();
+            Outcome::Ended => {
+                let step = report.step.map_or("terminated", |s| s.as_str());
+                metrics.kills.with_label_values(&[&rule, &reason, step]).inc();
                 metrics.reclaimed_bytes.inc_by(report.rss_bytes);
-                bump(&mut self.kills, (rule, reason, signal));
+                bump(&mut self.kills, (rule, reason, step.to_owned()));
                 self.reclaimed_bytes += report.rss_bytes;
                 if let Some(gone) = report.gone_ns {
-                    let delay = gone.saturating_sub(report.deadline_ns) as f64 / 1e9;
-                    metrics.kill_delay.observe(delay);
+                    let delay = gone.saturating_sub(decision.deadline_ns) as f64 / 1e9;
+                    metrics.kill_delay.with_label_values(&[step]).observe(delay);
                     if self.kill_delays.len() == 4096 {
                         self.kill_delays.remove(0);
                     }
@@ -305,7 +309,7 @@ impl Pipeline {
                 Source::ProcIo => "proc-io",
             }])
             .set(1);
-        detector.adopt_all(&tree, scan::now_ns(), &mut LiveHost { probes: &mut probes });
+        detector.adopt_all(&tree, clock::mono_ns(), &mut LiveHost { probes: &mut probes });
         tracing::info!(
             processes = tree.len(),
             scanned,
@@ -331,11 +335,10 @@ impl Pipeline {
             config,
             reconciles: 0,
             bootstrap_duplicates: duplicates,
-            pending: None,
-            confirming: None,
+            flushes: BTreeMap::new(),
             next_token: 0,
+            queued_queries: Vec::new(),
             last_lost: 0,
-            queries: QueryFlush::default(),
         };
         let tree_task = tokio::spawn(owner.run(events_rx, queries_rx));
         Ok(Self {
@@ -383,19 +386,32 @@ impl Drop for Pipeline {
     }
 }
 
-/// A reconcile in progress: the scan is done, waiting for the ring buffer to be flushed.
-struct PendingReconcile {
-    token: u64,
-    snapshot: Vec<Snapshot>,
-    scan_start_ticks: u64,
+/// A reconcile's `/proc` scan, done.
+struct ScanResult {
+    /// Clock ticks since boot when the scan began.
+    start_ticks: u64,
+    snapshot: std::io::Result<Vec<Snapshot>>,
     reply: Option<oneshot::Sender<Corrections>>,
 }
 
-/// A reconcile waiting for its second flush before removing dead processes.
-struct Confirming {
-    token: u64,
-    fixed: Corrections,
-    reply: Option<oneshot::Sender<Corrections>>,
+/// What a flush of the ring buffer was asked for: once the source answers with its token,
+/// every event committed before the request has been applied.
+enum FlushFor {
+    /// Queries that read the tree.
+    Queries(Vec<Query>),
+    /// A reconcile: diff with its scan once every older event is applied.
+    Reconcile {
+        snapshot: Vec<Snapshot>,
+        scan_start_ticks: u64,
+        reply: Option<oneshot::Sender<Corrections>>,
+    },
+    /// A reconcile found dead processes in the tree: their exits may still be in the ring.
+    Confirm {
+        fixed: Corrections,
+        reply: Option<oneshot::Sender<Corrections>>,
+    },
+    /// Targets are due: decide on an up-to-date tree.
+    Decide,
 }
 
 /// The one owner of the tree.
@@ -411,24 +427,24 @@ struct TreeOwner {
     config: PipelineConfig,
     reconciles: u64,
     bootstrap_duplicates: u64,
-    pending: Option<PendingReconcile>,
-    confirming: Option<Confirming>,
+    /// Flushes in flight, by token.
+    flushes: BTreeMap<u64, FlushFor>,
     next_token: u64,
+    /// Queries that arrived while a flush for queries was in flight: they may ask about
+    /// events newer than that flush, so they wait for the next one.
+    queued_queries: Vec<Query>,
     last_lost: u64,
-    queries: QueryFlush,
 }
 
-/// Queries held until the ring buffer has been flushed. At most one flush for queries is in
-/// flight; queries arriving meanwhile wait for the next one (they may ask about events newer
-/// than the flush in flight was requested).
-#[derive(Default)]
-struct QueryFlush {
-    in_flight: Option<u64>,
-    waiting: Vec<Query>,
-    next: Vec<Query>,
+impl Query {
+    /// Whether the answer reads the tree, and so must wait for a flush.
+    fn needs_flush(&self) -> bool {
+        match self {
+            Self::Snapshot(_) | Self::Process(..) | Self::Exited(..) | Self::Targets(_) | Self::Explain(..) => true,
+            Self::Stats(_) | Self::Reconcile(_) | Self::Reload(..) => false,
+        }
+    }
 }
-
-type ScanResult = (u64, std::io::Result<Vec<Snapshot>>, Option<oneshot::Sender<Corrections>>);
 
 impl TreeOwner {
     async fn run(mut self, mut events: mpsc::Receiver<SourceMsg>, mut queries: mpsc::Receiver<Query>) {
@@ -436,30 +452,37 @@ impl TreeOwner {
         reconcile_timer.tick().await; // the first tick is immediate; start-up just scanned
         let mut loss_timer = tokio::time::interval(self.config.loss_check_interval);
         let (scans_tx, mut scans) = mpsc::channel::<ScanResult>(4);
-        let (reports_tx, mut reports) = mpsc::channel::<ReapReport>(64);
+        let (reports_tx, mut reports) = mpsc::channel::<(Decision, ReapReport)>(64);
         loop {
-            let wake = self.detector.next_wakeup();
+            // While a decision waits for its flush, the due targets stay due: no timer then.
+            let wake = if self.deciding() {
+                None
+            } else {
+                self.detector.next_wakeup(clock::mono_ns())
+            };
             let until_due = async move {
                 match wake {
-                    Some(at) => tokio::time::sleep(Duration::from_nanos(at.saturating_sub(scan::now_ns()))).await,
+                    Some(at) => tokio::time::sleep(Duration::from_nanos(at.saturating_sub(clock::mono_ns()))).await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 () = until_due => {
-                    let orders = self.detector.tick(
-                        &self.tree,
-                        scan::now_ns(),
-                        std::time::Instant::now(),
-                        &mut LiveHost { probes: &mut self.probes },
-                    );
-                    for order in orders {
-                        spawn_reap(order, reports_tx.clone());
+                    let now = clock::mono_ns();
+                    self.detector.sample_due(&self.tree, now, &LiveHost { probes: &mut self.probes });
+                    if self.detector.any_due(now) && !self.request_flush(FlushFor::Decide) {
+                        return;
                     }
                 }
-                Some(report) = reports.recv() => {
-                    self.reap_stats.record(&report, &self.metrics);
-                    self.detector.on_report(&report, scan::now_ns());
+                Some((decision, report)) = reports.recv() => {
+                    self.reap_stats.record(&decision, &report, &self.metrics);
+                    let settled = match report.outcome {
+                        Outcome::WouldKill => Settled::WouldKill,
+                        // Still alive after a failure: try again later, not in a loop.
+                        Outcome::Failed | Outcome::Refused => Settled::RetryAt(clock::mono_ns() + 60_000_000_000),
+                        Outcome::Ended | Outcome::AlreadyGone | Outcome::IdentityMismatch => Settled::Gone,
+                    };
+                    self.detector.settle(decision.target.id, settled);
                 }
                 msg = events.recv() => match msg {
                     Some(SourceMsg::Events(batch)) => {
@@ -474,18 +497,11 @@ impl TreeOwner {
                         }
                         self.metrics.processes.set(self.tree.len() as i64);
                     }
-                    Some(SourceMsg::Flushed(token)) if self.queries.in_flight == Some(token) => {
-                        self.queries.in_flight = None;
-                        for query in std::mem::take(&mut self.queries.waiting) {
-                            self.answer(query, &scans_tx);
-                        }
-                        self.queries.waiting = std::mem::take(&mut self.queries.next);
-                        self.flush_for_queries(&scans_tx);
-                    }
                     Some(SourceMsg::Flushed(token)) => {
-                        if !self.finish_reconcile(token).await {
-                            return;
-                        }
+                        if let Some(waiter) = self.flushes.remove(&token)
+                            && !self.flushed(waiter, &scans_tx, &reports_tx) {
+                                return;
+                            }
                     }
                     None => {
                         tracing::error!("event source stopped; the tree is no longer followed");
@@ -498,7 +514,7 @@ impl TreeOwner {
                 },
                 _ = reconcile_timer.tick() => self.start_scan(&scans_tx, None),
                 _ = loss_timer.tick() => {
-                    let now = scan::now_ns();
+                    let now = clock::mono_ns();
                     self.health.beat(now);
                     self.export_targets(now);
                     let counts = self.probes.lost();
@@ -513,14 +529,22 @@ impl TreeOwner {
                         self.start_scan(&scans_tx, None);
                     }
                 }
-                Some((scan_start_ticks, result, reply)) = scans.recv() => match result {
+                Some(scan) = scans.recv() => match scan.snapshot {
                     Ok(snapshot) => {
-                        self.next_token += 1;
-                        let token = self.next_token;
                         // A newer scan supersedes one still waiting for its flush.
-                        if let Some(old) = self.pending.replace(PendingReconcile { token, snapshot, scan_start_ticks, reply })
-                            && let Some(reply) = old.reply { let _ = reply.send(Corrections::default()); }
-                        if self.flush.send(token).is_err() {
+                        let stale: Vec<u64> = self
+                            .flushes
+                            .iter()
+                            .filter(|(_, f)| matches!(f, FlushFor::Reconcile { .. }))
+                            .map(|(token, _)| *token)
+                            .collect();
+                        for token in stale {
+                            if let Some(FlushFor::Reconcile { reply: Some(reply), .. }) = self.flushes.remove(&token) {
+                                let _ = reply.send(Corrections::default());
+                            }
+                        }
+                        let waiter = FlushFor::Reconcile { snapshot, scan_start_ticks: scan.start_ticks, reply: scan.reply };
+                        if !self.request_flush(waiter) {
                             return;
                         }
                     }
@@ -530,34 +554,79 @@ impl TreeOwner {
         }
     }
 
+    /// Asks the source for a flush on behalf of `waiter`. False if the source is gone.
+    fn request_flush(&mut self, waiter: FlushFor) -> bool {
+        self.next_token += 1;
+        self.flushes.insert(self.next_token, waiter);
+        self.flush.send(self.next_token).is_ok()
+    }
+
+    fn deciding(&self) -> bool {
+        self.flushes.values().any(|f| matches!(f, FlushFor::Decide))
+    }
+
+    /// A flush has completed: every event committed before it was requested is applied. False
+    /// if the source is gone.
+    fn flushed(
+        &mut self,
+        waiter: FlushFor,
+        scans: &mpsc::Sender<ScanResult>,
+        reports: &mpsc::Sender<(Decision, ReapReport)>,
+    ) -> bool {
+        match waiter {
+            FlushFor::Queries(queries) => {
+                for query in queries {
+                    self.answer(query, scans);
+                }
+                let queued = std::mem::take(&mut self.queued_queries);
+                if !queued.is_empty() {
+                    return self.request_flush(FlushFor::Queries(queued));
+                }
+            }
+            FlushFor::Decide => {
+                let now = clock::mono_ns();
+                let host = LiveHost { probes: &mut self.probes };
+                for decision in self.detector.decide(&self.tree, now, &host) {
+                    spawn_reap(decision, reports.clone());
+                }
+            }
+            FlushFor::Reconcile {
+                snapshot,
+                scan_start_ticks,
+                reply,
+            } => {
+                let fixed = self.tree.reconcile(snapshot, scan_start_ticks, scan::alive);
+                if !self.tree.has_gone_candidates() {
+                    self.reconciled(fixed, reply);
+                } else {
+                    // Dead processes still in the tree: their exit events may be in the ring yet.
+                    return self.request_flush(FlushFor::Confirm { fixed, reply });
+                }
+            }
+            FlushFor::Confirm { mut fixed, reply } => {
+                fixed.removed = self.tree.confirm_gone();
+                self.reconciled(fixed, reply);
+            }
+        }
+        true
+    }
+
     /// Answers `query` once every event committed before now has been applied; queries that
     /// do not read the tree are answered at once.
     fn after_flush(&mut self, query: Query, scans: &mpsc::Sender<ScanResult>) {
-        if !matches!(
-            query,
-            Query::Snapshot(_) | Query::Process(..) | Query::Exited(..) | Query::Targets(_) | Query::Explain(..)
-        ) {
+        if !query.needs_flush() {
             return self.answer(query, scans);
         }
-        if self.queries.in_flight.is_some() {
-            return self.queries.next.push(query);
+        if self.flushes.values().any(|f| matches!(f, FlushFor::Queries(_))) {
+            return self.queued_queries.push(query);
         }
-        self.queries.waiting.push(query);
-        self.flush_for_queries(scans);
-    }
-
-    /// Asks the source for a flush on behalf of the waiting queries.
-    fn flush_for_queries(&mut self, scans: &mpsc::Sender<ScanResult>) {
-        if self.queries.waiting.is_empty() {
-            return;
-        }
-        self.next_token += 1;
-        if self.flush.send(self.next_token).is_ok() {
-            self.queries.in_flight = Some(self.next_token);
-        } else {
+        if !self.request_flush(FlushFor::Queries(vec![query])) {
             // The source is gone: answer from the tree as it is.
-            for query in std::mem::take(&mut self.queries.waiting) {
-                self.answer(query, scans);
+            let token = self.next_token;
+            if let Some(FlushFor::Queries(queries)) = self.flushes.remove(&token) {
+                for query in queries {
+                    self.answer(query, scans);
+                }
             }
         }
     }
@@ -578,7 +647,7 @@ impl TreeOwner {
             }
             Query::Reconcile(reply) => self.start_scan(scans, Some(reply)),
             Query::Targets(reply) => {
-                let _ = reply.send(self.detector.views(&self.tree, scan::now_ns()));
+                let _ = reply.send(self.detector.views(&self.tree, clock::mono_ns()));
             }
             Query::Reload(config, reply) => {
                 self.reload(*config);
@@ -586,7 +655,7 @@ impl TreeOwner {
             }
             Query::Explain(pid, reply) => {
                 let host = LiveHost { probes: &mut self.probes };
-                let _ = reply.send(self.detector.explain(&self.tree, pid, scan::now_ns(), &host));
+                let _ = reply.send(self.detector.explain(&self.tree, pid, clock::mono_ns(), &host));
             }
         }
     }
@@ -594,41 +663,18 @@ impl TreeOwner {
     fn start_scan(&self, scans: &mpsc::Sender<ScanResult>, reply: Option<oneshot::Sender<Corrections>>) {
         let scans = scans.clone();
         tokio::spawn(async move {
-            let started = scan::now_ticks();
-            let result = tokio::task::spawn_blocking(scan::scan)
+            let start_ticks = clock::boot_ticks();
+            let snapshot = tokio::task::spawn_blocking(scan::scan)
                 .await
                 .unwrap_or_else(|err| Err(std::io::Error::other(err)));
-            let _ = scans.send((started, result, reply)).await;
+            let _ = scans
+                .send(ScanResult {
+                    start_ticks,
+                    snapshot,
+                    reply,
+                })
+                .await;
         });
-    }
-
-    /// A flush requested by a reconcile has completed: diff with the scan (first flush), or
-    /// confirm the removals of processes found dead (second flush).
-    async fn finish_reconcile(&mut self, token: u64) -> bool {
-        if let Some(confirming) = self.confirming.take_if(|c| c.token == token) {
-            let mut fixed = confirming.fixed;
-            fixed.removed = self.tree.confirm_gone();
-            self.reconciled(fixed, confirming.reply);
-            return true;
-        }
-        let Some(pending) = self.pending.take_if(|p| p.token == token) else {
-            return true;
-        };
-        let fixed = self
-            .tree
-            .reconcile(pending.snapshot, pending.scan_start_ticks, scan::alive);
-        if !self.tree.has_gone_candidates() {
-            self.reconciled(fixed, pending.reply);
-            return true;
-        }
-        // Dead processes still in the tree: their exit events may be in the ring buffer yet.
-        self.next_token += 1;
-        self.confirming = Some(Confirming {
-            token: self.next_token,
-            fixed,
-            reply: pending.reply,
-        });
-        self.flush.send(self.next_token).is_ok()
     }
 
     /// Bookkeeping once a reconcile is complete.
@@ -645,7 +691,7 @@ impl TreeOwner {
         self.detector.classify_new(
             &self.tree,
             &renewed,
-            scan::now_ns(),
+            clock::mono_ns(),
             &mut LiveHost { probes: &mut self.probes },
         );
         if fixed.total() > 0 {
@@ -673,7 +719,7 @@ impl TreeOwner {
         self.detector.reconfigure(
             &config,
             &self.tree,
-            scan::now_ns(),
+            clock::mono_ns(),
             &mut LiveHost { probes: &mut self.probes },
         );
         tracing::info!(
@@ -722,33 +768,36 @@ impl TreeOwner {
     }
 }
 
-/// Carries out one order on its own task and reports back.
-fn spawn_reap(order: ReapOrder, reports: mpsc::Sender<ReapReport>) {
+/// Carries out one decision on its own task and reports back.
+fn spawn_reap(decision: Decision, reports: mpsc::Sender<(Decision, ReapReport)>) {
     tokio::spawn(async move {
-        let report = reap::execute(&Pidfds, &order).await;
-        log_report(&order, &report);
-        let _ = reports.send(report).await;
+        let report = reap::execute(&Pidfds, &decision).await;
+        log_report(&decision, &report);
+        let _ = reports.send((decision, report)).await;
     });
 }
 
 /// One structured line per kill or would-kill.
-fn log_report(order: &ReapOrder, report: &ReapReport) {
-    let signals = report.signals.join(",");
-    let descendants = order.descendants.len();
+fn log_report(d: &Decision, report: &ReapReport) {
+    let steps = report.steps.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",");
+    let descendants = d.descendants.len();
     macro_rules! line {
         ($level:ident, $msg:literal) => {
             tracing::$level!(
-                pid = order.target.id.pid,
-                start_time = order.target.id.start_ticks,
-                ppid = order.ppid,
-                parent_comm = %order.parent_comm,
-                argv = %order.argv,
-                rule = %order.rule,
-                reason = order.reason.as_str(),
-                idle_secs = format_args!("{:.1}", order.idle_secs),
+                pid = d.target.id.pid,
+                start_time = d.target.id.start_ticks,
+                uid = d.target.uid,
+                ppid = d.ppid,
+                parent_comm = %crate::events::printable(&d.parent_comm),
+                argv = %d.argv,
+                rule = %d.rule,
+                reason = d.reason.as_str(),
+                idle_secs = format_args!("{:.1}", d.idle_secs),
                 rss_bytes = report.rss_bytes,
                 descendants,
-                signals = %signals,
+                other_uid = d.other_uid,
+                step = report.step.map_or("", |s| s.as_str()),
+                steps = %steps,
                 outcome = report.outcome.as_str(),
                 error = report.error.as_deref().unwrap_or(""),
                 $msg
@@ -757,8 +806,8 @@ fn log_report(order: &ReapOrder, report: &ReapReport) {
     }
     match report.outcome {
         Outcome::WouldKill => line!(warn, "would reap (dry run)"),
-        Outcome::Terminated | Outcome::Killed => line!(warn, "reaped"),
-        Outcome::AlreadyGone | Outcome::IdentityMismatch => line!(info, "not reaped: gone before the signal"),
+        Outcome::Ended => line!(warn, "reaped"),
+        Outcome::AlreadyGone | Outcome::IdentityMismatch => line!(info, "not reaped: gone or changed before the first step"),
         Outcome::Refused | Outcome::Failed => line!(error, "reap failed"),
     }
 }

@@ -21,6 +21,7 @@ mode = "enforce"                 # or "dry-run": decide, log and count, signal n
 idle_timeout = "15m"             # no socket bytes and low CPU for this long = idle
 cpu_threshold_percent = 2.0      # "low CPU": below this share of one core
 orphan_grace = "60s"             # a target whose parent died is reaped after this
+eof_grace = "2s"                 # after the clean end (input closed, or SIGINT): SIGTERM after this
 grace = "5s"                     # SIGTERM, then SIGKILL after this
 max_kills_per_minute = 10        # so a wrong rule cannot wipe a host
 metrics_addr = "127.0.0.1:9847"
@@ -31,6 +32,10 @@ name = "claude-sdk"
 comm = ["claude", "claude.exe"]
 argv_any = ["--input-format=stream-json", "--output-format=stream-json"]
 require_no_tty = true
+# How to end it first: "close-input" shuts its stdin down when that is a socket (as the SDK's
+# close() does; the CLI exits 0 and the daemon's loop ends cleanly), else sends SIGINT (the CLI's
+# own clean exit); "interrupt" always sends SIGINT; "none" starts with SIGTERM.
+clean_end = "close-input"
 "#;
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +88,30 @@ pub enum ActivitySource {
     ProcIo,
 }
 
+/// How a rule's targets are ended first, before SIGTERM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CleanEnd {
+    /// Shut the target's stdin down when it is a stream socket (the CLI reads EOF and exits 0,
+    /// as after the SDK's `close()`); SIGINT when it is not (a pipe) or cannot be reached.
+    #[default]
+    CloseInput,
+    /// SIGINT, which the CLI treats as a request to end.
+    Interrupt,
+    /// No clean end: SIGTERM first.
+    None,
+}
+
+impl CleanEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CloseInput => "close-input",
+            Self::Interrupt => "interrupt",
+            Self::None => "none",
+        }
+    }
+}
+
 /// The file as written.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +124,8 @@ struct File {
     orphan_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    eof_grace: Option<Duration>,
     max_kills_per_minute: Option<u32>,
     metrics_addr: Option<SocketAddr>,
     #[serde(default, with = "humantime_serde")]
@@ -127,6 +158,8 @@ struct RuleFile {
     #[serde(default, with = "humantime_serde")]
     orphan_grace: Option<Duration>,
     cpu_threshold_percent: Option<f64>,
+    #[serde(default)]
+    clean_end: CleanEnd,
 }
 
 fn yes() -> bool {
@@ -145,12 +178,17 @@ pub struct Rule {
     pub orphan_grace: Duration,
     /// Fraction of one core (0.02 = 2 %).
     pub cpu_threshold: f64,
+    /// The first step of the kill ladder.
+    pub clean_end: CleanEnd,
 }
 
 /// The validated configuration the daemon runs with.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Config {
     pub mode: Mode,
+    /// From the clean end (input closed, SIGINT) to SIGTERM.
+    pub eof_grace: Duration,
+    /// From SIGTERM to SIGKILL.
     pub grace: Duration,
     pub max_kills_per_minute: u32,
     pub metrics_addr: SocketAddr,
@@ -287,6 +325,7 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
         "grace",
         overrides.grace.or(file.grace).unwrap_or(Duration::from_secs(5)),
     )?;
+    let eof_grace = positive("eof_grace", file.eof_grace.unwrap_or(Duration::from_secs(2)))?;
     let max_kills_per_minute = file.max_kills_per_minute.unwrap_or(10);
     if max_kills_per_minute == 0 {
         return Err(invalid(
@@ -358,6 +397,7 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
                 Some(p) => percent(&key("cpu_threshold_percent"), p)?,
                 None => cpu_threshold,
             },
+            clean_end: r.clean_end,
         });
     }
 
@@ -367,6 +407,7 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
         } else {
             file.mode.unwrap_or_default()
         },
+        eof_grace,
         grace,
         max_kills_per_minute,
         metrics_addr: overrides
@@ -406,6 +447,8 @@ mod tests {
         assert_eq!(r.orphan_grace, Duration::from_secs(60));
         assert!((r.cpu_threshold - 0.02).abs() < 1e-9);
         assert_eq!(c.grace, Duration::from_secs(5));
+        assert_eq!(c.eof_grace, Duration::from_secs(2));
+        assert_eq!(r.clean_end, CleanEnd::CloseInput);
         assert_eq!(c.max_kills_per_minute, 10);
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9847");
     }

@@ -82,7 +82,7 @@ async fn metrics_page(State(s): State<Shared>) -> impl IntoResponse {
 }
 
 async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
-    match s.health.healthy(crate::tree::scan::now_ns()) {
+    match s.health.healthy(crate::clock::mono_ns()) {
         Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {why}\n")),
     }

@@ -2,9 +2,11 @@
 pub mod app;
 pub mod check;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod detect;
 pub mod events;
+pub mod host;
 pub mod http;
 pub mod ipc;
 pub mod metrics;

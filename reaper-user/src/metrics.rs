@@ -4,7 +4,7 @@
 //!
 //! Names follow Prometheus conventions: base units, `_total` for counters.
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 use reaper_common::EventKind;
@@ -23,7 +23,7 @@ pub struct Metrics {
     pub reclaimed_bytes: IntCounter,
     pub corrections: IntCounterVec,
     pub reconciles: IntCounter,
-    pub kill_delay: Histogram,
+    pub kill_delay: HistogramVec,
     pub activity_source: IntGaugeVec,
 }
 
@@ -79,9 +79,10 @@ impl Metrics {
             kills: register!(IntCounterVec::new(
                 Opts::new(
                     "reaper_kills_total",
-                    "Targets killed, by rule, reason and the last signal needed."
+                    "Targets ended, by rule, reason and the step of the kill ladder that ended \
+                     them (closed, interrupted, terminated, killed)."
                 ),
-                &["rule", "reason", "signal"],
+                &["rule", "reason", "step"],
             )),
             kill_failures: register!(IntCounterVec::new(
                 Opts::new("reaper_kill_failures_total", "Kills that failed, by rule and reason."),
@@ -109,12 +110,14 @@ impl Metrics {
                 "reaper_reconciles_total",
                 "Reconciliations of the tree against /proc."
             )),
-            kill_delay: register!(Histogram::with_opts(
+            kill_delay: register!(HistogramVec::new(
                 HistogramOpts::new(
                     "reaper_kill_delay_seconds",
-                    "From a target's idle (or orphan) deadline to the process being gone."
+                    "From a target's idle (or orphan) deadline to the process being gone, by \
+                     the step that ended it."
                 )
                 .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+                &["step"],
             )),
             activity_source: register!(IntGaugeVec::new(
                 Opts::new(
@@ -162,12 +165,12 @@ mod tests {
     fn renders_every_fixed_family() {
         let m = Metrics::new();
         m.event(EventKind::Exec);
-        m.kills.with_label_values(&["claude-sdk", "idle", "SIGTERM"]).inc();
+        m.kills.with_label_values(&["claude-sdk", "idle", "closed"]).inc();
         m.kill_failures.with_label_values(&["claude-sdk", "idle"]).inc();
         m.would_kill.with_label_values(&["claude-sdk", "idle"]).inc();
         m.targets.with_label_values(&["claude-sdk", "idle"]).set(2);
         m.corrections.with_label_values(&["added"]).inc();
-        m.kill_delay.observe(0.2);
+        m.kill_delay.with_label_values(&["closed"]).observe(0.2);
         let text = m.render();
         for family in [
             "reaper_events_total{kind=\"exec\"} 1",
@@ -175,12 +178,12 @@ mod tests {
             "reaper_decode_errors_total 0",
             "reaper_processes 0",
             "reaper_targets{rule=\"claude-sdk\",state=\"idle\"} 2",
-            "reaper_kills_total{reason=\"idle\",rule=\"claude-sdk\",signal=\"SIGTERM\"} 1",
+            "reaper_kills_total{reason=\"idle\",rule=\"claude-sdk\",step=\"closed\"} 1",
             "reaper_kill_failures_total{reason=\"idle\",rule=\"claude-sdk\"} 1",
             "reaper_would_kill_total{reason=\"idle\",rule=\"claude-sdk\"} 1",
             "reaper_reclaimed_bytes_total 0",
             "reaper_reconcile_corrections_total{kind=\"added\"} 1",
-            "reaper_kill_delay_seconds_count 1",
+            "reaper_kill_delay_seconds_count{step=\"closed\"} 1",
             "reaper_build_info{version=",
         ] {
             assert!(text.contains(family), "missing {family} in:\n{text}");

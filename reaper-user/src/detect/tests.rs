@@ -15,6 +15,8 @@ struct FakeHost {
     cpu: Map<u32, u64>,
     sock: Map<u32, SockActivity>,
     watched: Map<u32, u32>,
+    /// The kernel's watch map holds this many pids at most.
+    watch_capacity: Option<usize>,
 }
 
 impl Host for FakeHost {
@@ -30,14 +32,21 @@ impl Host for FakeHost {
     fn sock_activity(&self, target: u32) -> Option<SockActivity> {
         self.sock.get(&target).copied()
     }
-    fn watch(&mut self, pid: u32, target: u32) {
+    fn watch(&mut self, pid: u32, target: u32) -> bool {
+        if self.watch_capacity.is_some_and(|cap| self.watched.len() >= cap) {
+            return false;
+        }
         self.watched.insert(pid, target);
+        true
     }
     fn unwatch(&mut self, target: u32, pids: &[u32]) {
         self.watched.remove(&target);
         for p in pids {
             self.watched.remove(p);
         }
+    }
+    fn stdin(&self, _pid: u32) -> Option<String> {
+        Some("socket:[4242]".into())
     }
 }
 
@@ -73,7 +82,6 @@ struct World {
     tree: ProcessTree,
     det: Detector,
     host: FakeHost,
-    mono: Instant,
 }
 
 impl World {
@@ -82,7 +90,6 @@ impl World {
             tree: world(),
             det: Detector::new(&config(extra), Source::Socket),
             host: FakeHost::default(),
-            mono: Instant::now(),
         }
     }
 
@@ -92,12 +99,16 @@ impl World {
     }
 
     fn spawn(&mut self, pid: u32, ppid: u32, argv: &[&str], at: Nanos) {
-        self.apply(Event::Fork { id: id(pid), time_ns: at, parent: id(ppid), uid: 0, comm: "node".into() });
+        self.spawn_as(pid, ppid, argv, at, 0);
+    }
+
+    fn spawn_as(&mut self, pid: u32, ppid: u32, argv: &[&str], at: Nanos, uid: u32) {
+        self.apply(Event::Fork { id: id(pid), time_ns: at, parent: id(ppid), uid, comm: "node".into() });
         self.apply(Event::Exec {
             id: id(pid),
             time_ns: at,
             parent_pid: ppid,
-            uid: 0,
+            uid,
             comm: argv[0].rsplit('/').next().unwrap().into(),
             filename: argv[0].into(),
             argv: Argv::from_args(argv),
@@ -110,9 +121,15 @@ impl World {
         self.apply(Event::Exit { id: id(pid), time_ns: at, status: ExitStatus(0), reaper_pid: 1 });
     }
 
-    fn tick(&mut self, now: Nanos) -> Vec<ReapOrder> {
-        let mono = self.mono + Duration::from_nanos(now);
-        self.det.tick(&self.tree, now, mono, &mut self.host)
+    /// What the owner does at a wake-up: sample, then decide (after a flush).
+    fn tick(&mut self, now: Nanos) -> Vec<Decision> {
+        self.det.sample_due(&self.tree, now, &self.host);
+        self.det.decide(&self.tree, now, &self.host)
+    }
+
+    /// The model's answer reached the target at `at` (and `bytes` have been counted so far).
+    fn model_said(&mut self, target: u32, at: Nanos, bytes: u64) {
+        self.host.sock.insert(target, SockActivity { last_ns: at, bytes, last_net_recv_ns: at });
     }
 }
 
@@ -131,7 +148,7 @@ fn an_idle_target_is_due_at_its_deadline_not_before() {
     let mut w = World::new("");
     w.spawn(20, 10, SDK, S);
     assert!(w.tick(5 * S).is_empty());
-    let wake = w.det.next_wakeup().unwrap();
+    let wake = w.det.next_wakeup(5 * S).unwrap();
     assert!(wake <= 11 * S, "wakes for the deadline or a sample: {wake}");
     assert!(w.tick(11 * S - 1).is_empty());
     let orders = w.tick(11 * S);
@@ -148,7 +165,7 @@ fn socket_bytes_keep_a_target_alive() {
     let mut w = World::new("");
     w.spawn(20, 10, SDK, S);
     for second in 2..30 {
-        w.host.sock.insert(20, SockActivity { last_ns: second * S, bytes: second * 100 });
+        w.host.sock.insert(20, SockActivity { last_ns: second * S, bytes: second * 100, last_net_recv_ns: 0 });
         assert!(w.tick(second * S + S / 2).is_empty(), "at {second}s");
     }
     let v = &w.det.views(&w.tree, 30 * S)[0];
@@ -213,7 +230,7 @@ fn an_orphan_is_due_after_the_grace_whatever_its_activity() {
     w.spawn(20, 10, SDK, S);
     w.exit(10, 2 * S);
     assert_eq!(w.tree.get(20).unwrap().ppid, 1);
-    w.host.sock.insert(20, SockActivity { last_ns: 4 * S, bytes: 10 });
+    w.host.sock.insert(20, SockActivity { last_ns: 4 * S, bytes: 10, last_net_recv_ns: 0 });
     assert!(w.tick(4 * S).is_empty());
     let orders = w.tick(5 * S);
     assert_eq!(orders.len(), 1);
@@ -226,24 +243,10 @@ fn dry_run_reports_once_until_new_activity() {
     w.spawn(20, 10, SDK, S);
     let orders = w.tick(11 * S);
     assert!(orders[0].dry_run);
-    w.det.on_report(
-        &ReapReport {
-            target: id(20),
-            rule: "claude-sdk".into(),
-            reason: Reason::Idle,
-            outcome: crate::reap::Outcome::WouldKill,
-            signals: vec![],
-            rss_bytes: 0,
-            signalled: 0,
-            deadline_ns: 11 * S,
-            gone_ns: None,
-            error: None,
-        },
-        11 * S,
-    );
+    w.det.settle(id(20), Settled::WouldKill);
     assert!(w.tick(12 * S).is_empty());
     assert!(w.tick(100 * S).is_empty());
-    w.host.sock.insert(20, SockActivity { last_ns: 101 * S, bytes: 5 });
+    w.host.sock.insert(20, SockActivity { last_ns: 101 * S, bytes: 5, last_net_recv_ns: 0 });
     assert!(w.tick(101 * S).is_empty());
     assert_eq!(w.tick(112 * S).len(), 1, "idle again after new activity");
 }
@@ -306,7 +309,7 @@ fn explain_says_why_not() {
 fn a_reload_keeps_evidence_and_applies_new_rules() {
     let mut w = World::new("mode = \"dry-run\"");
     w.spawn(20, 10, SDK, S);
-    w.host.sock.insert(20, SockActivity { last_ns: 5 * S, bytes: 1 });
+    w.host.sock.insert(20, SockActivity { last_ns: 5 * S, bytes: 1, last_net_recv_ns: 0 });
     assert!(w.tick(5 * S).is_empty());
     // A longer timeout and enforce mode: the target stays, its last activity (5 s) too.
     let mut longer = config("mode = \"enforce\"");
@@ -335,23 +338,192 @@ fn a_killed_target_is_never_ordered_again_while_its_exit_is_on_its_way() {
     w.spawn(20, 10, SDK, S);
     let orders = w.tick(11 * S);
     assert_eq!(orders.len(), 1);
-    let report = |outcome| ReapReport {
-        target: id(20),
-        rule: "claude-sdk".into(),
-        reason: Reason::Idle,
-        outcome,
-        signals: vec!["SIGTERM"],
-        rss_bytes: 0,
-        signalled: 1,
-        deadline_ns: 11 * S,
-        gone_ns: Some(11 * S),
-        error: None,
-    };
-    w.det.on_report(&report(crate::reap::Outcome::Terminated), 11 * S);
+    w.det.settle(id(20), Settled::Gone);
     // The exit event has not arrived yet: no second order, however long it takes.
     assert!(w.tick(12 * S).is_empty());
     assert!(w.tick(100 * S).is_empty());
-    assert_eq!(w.det.next_wakeup(), None);
+    assert_eq!(w.det.next_wakeup(100 * S), None);
     w.exit(20, 12 * S);
     assert_eq!(w.det.target_count(), 0);
+}
+
+// --- turns in flight ----------------------------------------------------------------------
+
+#[test]
+fn a_turn_waiting_on_a_silent_tool_is_never_idle_and_its_end_restarts_the_clock() {
+    let mut w = World::new("");
+    w.spawn(20, 10, SDK, S);
+    // The model asks for a tool at 2 s; the CLI starts bash right after, which stays silent.
+    w.model_said(20, 2 * S, 500);
+    w.spawn(30, 20, &["/bin/bash", "-c", "timeout 50 tail -f /dev/null"], 2 * S + 5_000_000);
+    for second in 3..100 {
+        assert!(w.tick(second * S).is_empty(), "killed mid-turn at {second}s");
+    }
+    let v = &w.det.views(&w.tree, 100 * S)[0];
+    assert_eq!(v.verdict, Verdict::TurnInFlight { waiting_on: 30, since: 2 * S + 5_000_000 });
+    assert_eq!(v.waiting_on_comm.as_deref(), Some("bash"));
+    // The tool ends at 100 s: the turn is over, the target idle 10 s later.
+    w.exit(30, 100 * S);
+    assert_eq!(w.det.views(&w.tree, 100 * S)[0].verdict.state(), "active");
+    assert!(w.tick(109 * S).is_empty());
+    assert_eq!(w.tick(110 * S).len(), 1);
+}
+
+#[test]
+fn children_older_than_the_models_last_word_do_not_hold_a_turn() {
+    let mut w = World::new("");
+    w.spawn(20, 10, SDK, S);
+    // Two stdio MCP servers at session start, then the turn talks to the model and ends.
+    w.spawn(30, 20, &["/usr/bin/node", "mcp-a.js"], S + 1_000_000);
+    w.spawn(31, 20, &["/usr/bin/python3", "mcp-b.py"], S + 2_000_000);
+    w.model_said(20, 3 * S, 900);
+    assert!(w.tick(4 * S).is_empty());
+    assert_eq!(w.det.views(&w.tree, 4 * S)[0].verdict.state(), "active");
+    let orders = w.tick(13 * S);
+    assert_eq!(orders.len(), 1, "a leaked CLI with its MCP servers is still reaped");
+    assert_eq!(orders[0].descendants.len(), 2);
+}
+
+#[test]
+fn a_target_that_never_heard_from_the_network_has_no_turn_in_flight() {
+    let mut w = World::new("");
+    w.spawn(20, 10, SDK, S);
+    w.spawn(30, 20, &["/usr/bin/node", "mcp.js"], 2 * S);
+    assert_eq!(w.tick(12 * S).len(), 1);
+}
+
+#[test]
+fn a_background_task_started_mid_turn_does_not_hold_the_target_once_the_model_answered() {
+    let mut w = World::new("");
+    w.spawn(20, 10, SDK, S);
+    w.model_said(20, 2 * S, 100);
+    w.spawn(30, 20, &["/bin/bash", "-c", "npm run dev"], 2 * S + 1);
+    assert!(w.tick(4 * S).is_empty());
+    assert_eq!(w.det.views(&w.tree, 4 * S)[0].verdict.state(), "turn_in_flight");
+    // The CLI tells the model the task runs in the background; the model answers.
+    w.model_said(20, 5 * S, 200);
+    assert!(w.tick(7 * S).is_empty());
+    assert_eq!(w.det.views(&w.tree, 7 * S)[0].verdict.state(), "active");
+    // Its dev server's own children (grandchildren of the target) do not hold it either.
+    w.spawn(40, 30, &["/usr/bin/node", "server.js"], 8 * S);
+    assert!(w.tick(17 * S).is_empty(), "the grandchild's exec was activity at 8 s");
+    assert_eq!(w.tick(18 * S).len(), 1);
+}
+
+// --- review fixes --------------------------------------------------------------------------
+
+#[test]
+fn a_target_found_under_init_at_start_up_is_reaped_only_when_idle() {
+    // A busy `claude -p` started by a systemd unit: its parent is pid 1 from the start.
+    let snap = |pid, ppid, comm: &str, argv: &[&str]| Snapshot {
+        id: id(pid),
+        ppid,
+        uid: 0,
+        comm: comm.into(),
+        exe: String::new(),
+        argv: Argv::from_args(argv),
+    };
+    let mut w = World::new("");
+    w.tree = ProcessTree::from_scan(vec![snap(1, 0, "init", &["init"]), snap(20, 1, "claude", SDK)]);
+    w.det.adopt_all(&w.tree, S, &mut w.host);
+    assert_eq!(w.det.target_count(), 1);
+    // Busy with the network every second, for far longer than orphan_grace (3 s).
+    for second in 2..30 {
+        w.host.sock.insert(20, SockActivity { last_ns: second * S, bytes: second, last_net_recv_ns: second * S });
+        assert!(w.tick(second * S).is_empty(), "reaped while busy at {second}s");
+    }
+    assert_eq!(w.tick(40 * S).len(), 1, "idle: reaped");
+}
+
+#[test]
+fn children_forked_before_adoption_are_watched_in_the_kernel() {
+    let mut w = World::new("");
+    // The runtime renames itself to "claude" after exec; a child forked meanwhile.
+    w.spawn(20, 10, &["/opt/cli-main", "--input-format=stream-json"], S);
+    w.apply(Event::Rename { id: id(20), time_ns: 2 * S, comm: "claude".into() });
+    assert_eq!(w.det.target_count(), 1);
+    w.spawn(30, 20, &["/bin/sh"], 3 * S);
+    assert_eq!(w.host.watched.get(&30), Some(&20), "a fork of a target is watched");
+    w.spawn(31, 30, &["/bin/cat"], 4 * S);
+    assert_eq!(w.host.watched.get(&31), Some(&20), "and a fork of its descendant");
+}
+
+#[test]
+fn a_target_whose_watch_failed_is_never_idle_reaped_but_still_an_orphan() {
+    let mut w = World::new("");
+    w.host.watch_capacity = Some(0);
+    w.spawn(20, 10, SDK, S);
+    assert!(w.det.views(&w.tree, S)[0].evidence.watch_failed);
+    assert!(w.tick(1000 * S).is_empty());
+    w.exit(10, 1001 * S);
+    let orders = w.tick(1004 * S);
+    assert_eq!(orders.len(), 1);
+    assert_eq!(orders[0].reason, Reason::Orphaned);
+}
+
+#[test]
+fn descendants_of_another_uid_are_left_out_of_the_decision() {
+    let mut w = World::new("");
+    w.spawn_as(20, 10, SDK, S, 1000);
+    w.spawn_as(30, 20, &["/bin/bash"], 2 * S, 1000);
+    w.spawn_as(31, 30, &["/usr/bin/sudo", "dpkg"], 3 * S, 0);
+    let orders = w.tick(20 * S);
+    assert_eq!(orders.len(), 1);
+    assert_eq!(orders[0].descendants.iter().map(|v| v.id.pid).collect::<Vec<_>>(), [30]);
+    assert_eq!(orders[0].other_uid, 1);
+}
+
+#[test]
+fn a_rate_limited_detector_sleeps_until_a_slot_frees() {
+    let mut w = World::new("");
+    for pid in 20..25 {
+        w.spawn(pid, 10, SDK, S);
+    }
+    assert_eq!(w.tick(11 * S).len(), 3);
+    // Two are due but have to wait for the minute: no wake-up before the slot frees, however
+    // often the samples come (they are not due before).
+    let wake = w.det.next_wakeup(11 * S).unwrap();
+    assert!(wake >= 11 * S + 2 * S / 4, "woke at {wake}");
+    let mut now = 11 * S;
+    let mut wakes = 0;
+    while now < 71 * S {
+        now = w.det.next_wakeup(now).unwrap().max(now + 1);
+        w.det.sample_due(&w.tree, now, &w.host);
+        wakes += 1;
+    }
+    assert!(wakes < 40, "{wakes} wake-ups in a minute: it spins");
+    assert_eq!(w.tick(71 * S).len(), 2);
+}
+
+#[test]
+fn a_reload_keeps_the_kills_of_the_last_minute() {
+    let mut w = World::new("");
+    for pid in 20..25 {
+        w.spawn(pid, 10, SDK, S);
+    }
+    assert_eq!(w.tick(11 * S).len(), 3);
+    let same = config("");
+    w.det.reconfigure(&same, &w.tree, 12 * S, &mut w.host);
+    assert!(w.tick(12 * S).is_empty(), "a SIGHUP does not reset the rate limit");
+}
+
+#[test]
+fn explain_names_the_first_step_of_the_ladder() {
+    let mut w = World::new("");
+    w.spawn(20, 10, SDK, S);
+    let e = w.det.explain(&w.tree, 20, 2 * S, &w.host);
+    let step = e.first_step.unwrap();
+    assert_eq!(step.clean_end, crate::config::CleanEnd::CloseInput);
+    assert!(step.step.starts_with("close input"), "{}", step.step);
+}
+
+#[test]
+fn bytes_since_the_last_sample_stop_the_decision() {
+    let mut w = World::new("");
+    w.spawn(20, 10, SDK, S);
+    assert!(w.tick(9 * S).is_empty()); // sampled at 9 s; the next sample is due at 11.5 s
+    // Just before the deadline (11 s) the daemon sends a new message; no sample since.
+    w.host.sock.insert(20, SockActivity { last_ns: 10 * S + S / 2, bytes: 300, last_net_recv_ns: 0 });
+    assert!(w.tick(11 * S).is_empty(), "decided on stale evidence");
+    assert_eq!(w.det.views(&w.tree, 11 * S)[0].evidence.last_activity, 10 * S + S / 2);
 }

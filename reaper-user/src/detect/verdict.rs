@@ -4,8 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Times are `CLOCK_BOOTTIME` nanoseconds, the clock of kernel events.
-pub type Nanos = u64;
+pub use crate::clock::Nanos;
 
 /// What was observed about a target (and its descendants).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -22,6 +21,20 @@ pub struct Evidence {
     /// The parent's pid, and since when the original parent is gone (re-parented).
     pub ppid: u32,
     pub orphaned_since: Option<Nanos>,
+    /// A turn in flight: the target waits on a child it started after the model's last word.
+    pub turn: Option<Waiting>,
+    /// The kernel could not watch one of its processes (its map was full): its activity is
+    /// not fully seen, so it is never taken for idle.
+    #[serde(default)]
+    pub watch_failed: bool,
+}
+
+/// The child a turn in flight waits on (a tool, typically).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    pub pid: u32,
+    /// When it was forked.
+    pub since: Nanos,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +54,8 @@ pub enum ActivityKind {
 pub enum Verdict {
     /// Not idle long enough (yet): reaped at `deadline` unless activity comes first.
     Active { deadline: Nanos },
+    /// Waiting on a child it started during its turn (a tool): busy however silent, never idle.
+    TurnInFlight { waiting_on: u32, since: Nanos },
     /// No activity since `since`, for longer than the idle timeout.
     Idle { since: Nanos },
     /// Its parent died at `since`, longer ago than the orphan grace.
@@ -51,6 +66,7 @@ impl Verdict {
     pub fn state(&self) -> &'static str {
         match self {
             Self::Active { .. } => "active",
+            Self::TurnInFlight { .. } => "turn_in_flight",
             Self::Idle { .. } => "idle",
             Self::Orphaned { .. } => "orphaned",
         }
@@ -58,7 +74,7 @@ impl Verdict {
 
     /// Whether the target is due to be reaped.
     pub fn due(&self) -> bool {
-        !matches!(self, Self::Active { .. })
+        !matches!(self, Self::Active { .. } | Self::TurnInFlight { .. })
     }
 }
 
@@ -66,21 +82,34 @@ fn nanos(d: Duration) -> Nanos {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// When the target becomes due if nothing changes.
+/// When the target becomes due if nothing changes (`Nanos::MAX`: not while a turn is in flight).
 pub fn deadline(e: &Evidence, idle_timeout: Duration, orphan_grace: Duration) -> Nanos {
-    let idle = e.last_activity.saturating_add(nanos(idle_timeout));
+    let idle = if e.turn.is_some() || e.watch_failed {
+        Nanos::MAX
+    } else {
+        e.last_activity.saturating_add(nanos(idle_timeout))
+    };
     match e.orphaned_since {
         Some(since) => idle.min(since.saturating_add(nanos(orphan_grace))),
         None => idle,
     }
 }
 
-/// The verdict at `now`. An orphan is reaped after its grace whatever its activity.
+/// The verdict at `now`. An orphan is reaped after its grace whatever its activity (nobody is
+/// left to read its answer); a turn in flight is never idle.
 pub fn check(e: &Evidence, now: Nanos, idle_timeout: Duration, orphan_grace: Duration) -> Verdict {
     if let Some(since) = e.orphaned_since
         && now >= since.saturating_add(nanos(orphan_grace)) {
             return Verdict::Orphaned { since };
         }
+    if let Some(w) = e.turn {
+        return Verdict::TurnInFlight { waiting_on: w.pid, since: w.since };
+    }
+    if e.watch_failed {
+        return Verdict::Active {
+            deadline: deadline(e, idle_timeout, orphan_grace),
+        };
+    }
     if now >= e.last_activity.saturating_add(nanos(idle_timeout)) {
         return Verdict::Idle {
             since: e.last_activity,
@@ -129,6 +158,19 @@ mod tests {
         assert_eq!(deadline(&e, IDLE, GRACE), 550 * S);
         assert_eq!(check(&e, 549 * S, IDLE, GRACE), Verdict::Active { deadline: 550 * S });
         assert_eq!(check(&e, 550 * S, IDLE, GRACE), Verdict::Orphaned { since: 490 * S });
+    }
+
+    #[test]
+    fn a_turn_in_flight_is_never_idle_however_long_it_is_silent() {
+        let mut e = evidence(100 * S);
+        e.turn = Some(Waiting { pid: 7, since: 101 * S });
+        assert_eq!(deadline(&e, IDLE, GRACE), Nanos::MAX);
+        let v = check(&e, 100_000 * S, IDLE, GRACE);
+        assert_eq!(v, Verdict::TurnInFlight { waiting_on: 7, since: 101 * S });
+        assert!(!v.due());
+        // An orphan's grace still ends it: nobody is left to read the turn's answer.
+        e.orphaned_since = Some(200 * S);
+        assert_eq!(check(&e, 260 * S, IDLE, GRACE), Verdict::Orphaned { since: 200 * S });
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, LayoutError> {
     let pid = find_struct(btf, "pid")?;
     let upid = find_struct(btf, "upid")?;
     let pid_ns = find_struct(btf, "pid_namespace")?;
+    let sock = find_struct(btf, "sock")?;
+    let sock_common = find_struct(btf, "sock_common")?;
 
     let byte = |s: &Struct, name: &str, field: &str| -> Result<u32, LayoutError> {
         let pos = member(btf, s, name, field)?;
@@ -111,6 +113,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, LayoutError> {
         has_in_execve: u32::from(in_execve.is_some()),
         task_in_execve_word: in_execve.map_or(0, |(word, _)| word),
         task_in_execve_bit: in_execve.map_or(0, |(_, bit)| bit),
+        sock_family: byte(&sock, "sock", "__sk_common")? + byte(&sock_common, "sock_common", "skc_family")?,
     })
 }
 

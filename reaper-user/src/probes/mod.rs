@@ -177,9 +177,14 @@ impl Probes {
     }
 
     /// Tracks `pid`'s activity (and, from now on, its new descendants') for `target`.
-    pub fn watch(&mut self, pid: u32, target: u32) {
-        if let Err(err) = self.watched.insert(pid, target, 0) {
-            tracing::warn!(pid, target, %err, "could not watch a process for activity");
+    /// False if the kernel refused (the map is full).
+    pub fn watch(&mut self, pid: u32, target: u32) -> bool {
+        match self.watched.insert(pid, target, 0) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(pid, target, %err, "could not watch a process for activity");
+                false
+            }
         }
     }
 

@@ -73,15 +73,3 @@ fn read(p: &ProcProcess) -> Option<Snapshot> {
         argv: Argv::new(argv),
     })
 }
-
-/// Nanoseconds since boot now (`CLOCK_BOOTTIME`, the clock of kernel event timestamps).
-pub fn now_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
-/// Clock ticks since boot now (the unit of process start times in `/proc`).
-pub fn now_ticks() -> u64 {
-    now_ns() / (1_000_000_000 / crate::events::ticks_per_second())
-}
