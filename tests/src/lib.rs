@@ -462,6 +462,27 @@ pub fn test_config(rule: &str, defaults: &[(&str, &str)], extra: &str, parents: 
     )
 }
 
+/// A decision to end `id` alone (no descendants, enforce mode, SIGTERM first), as the detector
+/// would hand it to the reaper; `comm` and `uid` are what the reaper re-checks.
+pub fn decision(id: reaper::events::Identity, comm: &str, uid: u32, rule: &str) -> reaper::detect::Decision {
+    reaper::detect::Decision {
+        target: reaper::detect::Victim { id, comm: comm.into(), uid },
+        descendants: vec![],
+        other_uid: 0,
+        rule: rule.into(),
+        reason: reaper::detect::Reason::Idle,
+        clean_end: reaper::config::CleanEnd::None,
+        eof_grace: Duration::from_secs(1),
+        grace: Duration::from_secs(1),
+        idle_secs: 600.0,
+        deadline_ns: 0,
+        ppid: 1,
+        parent_comm: String::new(),
+        argv: String::new(),
+        dry_run: false,
+    }
+}
+
 /// Whether `pid` is alive (not a zombie).
 pub fn alive(pid: u32) -> bool {
     proc_stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')

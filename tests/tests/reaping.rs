@@ -14,7 +14,8 @@ use reaper::{
     app::{PipelineConfig, PipelineStats},
     config::{Overrides, parse},
     events::{Event, ExitStatus, Identity},
-    reap::{self, Outcome, Pidfds, ProcessOps as _, ReapOrder, Reason, Victim},
+    host::Pidfds,
+    reap::{self, Outcome, ProcessOps as _},
 };
 use reaper_tests::{DEADLINE, Harness, Helper, alive, helper_path, proc_stat, reaper_bin};
 
@@ -116,6 +117,17 @@ async fn stats(h: &Harness) -> PipelineStats {
     h.handle.stats().await.unwrap()
 }
 
+/// Whether the target ended the way the SDK's `close()` (or SIGINT) ends it: by itself, status
+/// 0, which ends the daemon's loop without an error.
+fn ended_cleanly(status: ExitStatus) -> bool {
+    status.code() == Some(0)
+}
+
+/// Targets ended by `step`, all rules and reasons.
+fn kills_by(s: &PipelineStats, step: &str) -> u64 {
+    s.reaps.kills.iter().filter(|((_, _, st), _)| st == step).map(|(_, n)| n).sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaked_idle_child_and_its_descendants_are_reaped_and_the_parent_survives() {
     let mut h = start("").await;
@@ -128,9 +140,12 @@ async fn a_leaked_idle_child_and_its_descendants_are_reaped_and_the_parent_survi
     assert_eq!(target.rule, "test-claude");
 
     let exits = exits_of(&mut h, &[claude, tool]).await;
-    assert_eq!(exits[&claude].signal(), Some(libc::SIGTERM as u8), "ended by reaper's SIGTERM");
-    assert_eq!(exits[&tool].signal(), Some(libc::SIGTERM as u8), "the descendant got SIGTERM too");
+    assert!(ended_cleanly(exits[&claude]), "its input closed, it exits 0: {}", exits[&claude]);
+    assert!(exits[&tool].signal().is_some(), "the descendant ended with it: {}", exits[&tool]);
     let s = stats_until(&h, "the kill counted", |s| s.reaps.kills_total() == 1).await;
+    assert_eq!(kills_by(&s, "closed"), 1, "{:?}", s.reaps);
+    // What the daemon saw: its child exited 0, as after its own close().
+    assert_eq!(a.read("exit"), format!("{claude}:code:0"));
     let delay = s.reaps.kill_delays[0];
     assert!(delay <= 1.0, "reaped {delay:.3} s after the idle deadline");
     assert!(s.reaps.reclaimed_bytes > 0);
@@ -165,7 +180,7 @@ async fn the_proc_io_fallback_reaps_the_idle_and_spares_the_chatting() {
     let chatting = chat.read_pid("claude");
     let leaked = leak.read_pid("claude");
     let started = Instant::now();
-    assert_eq!(exit_of(&mut h, leaked).await.signal(), Some(libc::SIGTERM as u8));
+    assert!(ended_cleanly(exit_of(&mut h, leaked).await));
     let took = started.elapsed();
     assert!(took < Duration::from_secs(6), "idle timeout 3 s, reaped after {took:?}");
     let until = Instant::now() + Duration::from_secs(5);
@@ -235,9 +250,11 @@ async fn a_child_with_a_terminal_is_never_reaped() {
     let with_tty = Reap(spawn_double(&program("claude"), true));
     let without = Reap(spawn_double(&program("claude"), false));
     let (tty_pid, plain_pid) = (with_tty.0.id(), without.0.id());
-    // The control: the same double without a terminal is reaped.
+    // The control: the same double without a terminal is reaped; its stdin is a pipe, so the
+    // clean end is SIGINT.
     let status = exit_of(&mut h, plain_pid).await;
-    assert_eq!(status.signal(), Some(libc::SIGTERM as u8));
+    assert!(ended_cleanly(status), "{status}");
+    assert_eq!(kills_by(&stats_until(&h, "the kill counted", |s| s.reaps.kills_total() == 1).await, "interrupted"), 1);
     let e = h.handle.explain(tty_pid).await.unwrap();
     assert!(e.target.is_none());
     assert!(e.rules[0].why_not.as_deref().unwrap_or("").contains("terminal"), "{:?}", e.rules);
@@ -271,7 +288,7 @@ async fn lookalike_names_are_never_reaped() {
     let real = Reap(spawn_double(&exe, false));
     let linked = Reap(spawn_double(&link_dir.join("claude"), false));
     for status in exits_of(&mut h, &[real.0.id(), linked.0.id()]).await.values() {
-        assert_eq!(status.signal(), Some(libc::SIGTERM as u8));
+        assert!(ended_cleanly(*status), "{status}");
     }
     stats_until(&h, "both kills counted", |s| s.reaps.kills_total() == 2).await;
     for l in &lookalikes {
@@ -316,31 +333,30 @@ async fn a_pid_held_by_another_process_is_never_signalled() {
     let mut other = Helper::spawn(&["wait"]);
     let pid = other.read_pid("pid");
     let start = proc_stat(pid).unwrap().start_ticks;
-    // …and an order for a target that held the same pid before (an older start time).
+    // …and a decision for a target that held the same pid before (an older start time).
+    let comm = proc_stat(pid).unwrap().comm;
     let stale = Identity { pid, start_ticks: start - 1 };
-    assert!(matches!(Pidfds.open(stale), Err(reap::OpenError::Mismatch { .. })));
-    let order = ReapOrder {
-        target: Victim { id: stale, comm: "claude".into() },
-        descendants: vec![],
-        rule: "test-claude".into(),
-        reason: Reason::Idle,
-        idle_secs: 3.0,
-        deadline_ns: 0,
-        ppid: 1,
-        parent_comm: String::new(),
-        argv: String::new(),
-        dry_run: false,
-        grace: Duration::from_secs(1),
-    };
+    let order = reaper_tests::decision(stale, &comm, 0, "test-claude");
+    assert!(matches!(Pidfds.open(&order.target), Err(reap::OpenError::Mismatch { .. })));
     let report = reap::execute(&Pidfds, &order).await;
     assert_eq!(report.outcome, Outcome::IdentityMismatch);
-    assert!(report.signals.is_empty());
+    assert!(report.steps.is_empty());
     stays_alive_only(pid, Duration::from_millis(300)).await;
-    // The same order with the right identity does signal: the check is what stopped it.
+    // Nor a process that now runs another program (another name) or as another uid.
+    let mut renamed = order.clone();
+    renamed.target.id.start_ticks = start;
+    renamed.target.comm = "claude".into();
+    assert_eq!(reap::execute(&Pidfds, &renamed).await.outcome, Outcome::IdentityMismatch);
+    let mut other_uid = renamed.clone();
+    other_uid.target.comm = comm.clone();
+    other_uid.target.uid = 1000;
+    assert_eq!(reap::execute(&Pidfds, &other_uid).await.outcome, Outcome::IdentityMismatch);
+    stays_alive_only(pid, Duration::from_millis(300)).await;
+    // The same decision with the right identity does signal: the checks are what stopped it.
     let mut right = order.clone();
     right.target.id.start_ticks = start;
     let report = reap::execute(&Pidfds, &right).await;
-    assert_eq!(report.outcome, Outcome::Terminated);
+    assert_eq!((report.outcome, report.step), (Outcome::Ended, Some(reap::Step::Terminated)));
     other.finish();
 }
 
@@ -364,7 +380,7 @@ async fn an_orphaned_target_is_reaped_after_the_orphan_grace() {
         .await;
     assert_eq!(adopted.ppid, proc_stat(claude).unwrap().ppid);
     let status = exit_of(&mut h, claude).await;
-    assert_eq!(status.signal(), Some(libc::SIGTERM as u8));
+    assert!(ended_cleanly(status), "{status}");
     stats_until(&h, "an orphan kill", |s| {
         s.reaps.kills.iter().any(|((_, reason, _), n)| reason == "orphaned" && *n == 1)
     })
@@ -386,7 +402,7 @@ async fn twenty_leaked_doubles_are_each_reaped_within_a_second_of_their_deadline
     let claudes: Vec<u32> = a.values["claude"].iter().map(|c| c.parse().unwrap()).collect();
     assert_eq!(claudes.len(), N);
     let exits = exits_of(&mut h, &claudes).await;
-    assert!(exits.values().all(|s| s.signal() == Some(libc::SIGTERM as u8)), "{exits:?}");
+    assert!(exits.values().all(|s| ended_cleanly(*s)), "{exits:?}");
     let delays = stats_until(&h, "20 kills", |s| s.reaps.kill_delays.len() == N)
         .await
         .reaps
@@ -401,6 +417,79 @@ async fn twenty_leaked_doubles_are_each_reaped_within_a_second_of_their_deadline
         sorted[0]
     );
     assert!(max <= 1.0, "a target was reaped {max:.3} s after its deadline");
+    assert!(alive(agent_pid));
+    a.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_waiting_on_a_silent_tool_is_never_reaped_and_its_result_arrives() {
+    // Idle timeout 3 s; the turn's tool is silent for 8 s, and so is the CLI meanwhile.
+    let mut h = start("").await;
+    let mut a = agent(&["--leak", "--message", "tool:wait:8"]);
+    let agent_pid = a.read_pid("agent");
+    let model = a.read("model");
+    let claude: u32 = model.split(':').next().unwrap().parse().unwrap();
+    let started = Instant::now();
+    let in_flight = loop {
+        let t = wait_target(&h, claude).await;
+        if let reaper::detect::verdict::Verdict::TurnInFlight { waiting_on, .. } = t.verdict {
+            break (waiting_on, t.waiting_on_comm);
+        }
+        assert!(started.elapsed() < DEADLINE, "never a turn in flight: {:?}", t.verdict);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(in_flight.1.as_deref(), Some("tool-wait"), "{in_flight:?}");
+    // The result arrives (the agent prints the pid after it), after the tool ended by itself.
+    assert_eq!(a.read_pid("claude"), claude);
+    let tool = a.read_pid("tool");
+    assert_eq!(tool, in_flight.0);
+    assert!(started.elapsed() > Duration::from_secs(3 + 1), "the turn outlived the idle timeout");
+    assert_eq!(stats(&h).await.reaps.kills_total(), 0, "nothing reaped during the turn");
+    a.read("ready");
+    // Leaked after its turn: reaped like any other, and cleanly.
+    assert!(ended_cleanly(exit_of(&mut h, claude).await));
+    assert!(alive(agent_pid));
+    a.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaked_child_with_stdio_mcp_servers_is_still_reaped_and_they_end_with_it() {
+    let mut h = start("").await;
+    let mut a = agent(&["--leak", "--claude-arg", "--mcp", "--claude-arg", "2"]);
+    let claude = a.read_pid("claude");
+    a.read("ready");
+    wait_target(&h, claude).await;
+    let servers: Vec<u32> = h
+        .handle
+        .snapshot()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.ppid == claude && p.comm == "mcp-server")
+        .map(|p| p.id.pid)
+        .collect();
+    assert_eq!(servers.len(), 2, "two MCP servers under {claude}");
+    let mut all = servers.clone();
+    all.push(claude);
+    let exits = exits_of(&mut h, &all).await;
+    assert!(ended_cleanly(exits[&claude]), "{}", exits[&claude]);
+    let s = stats_until(&h, "the kill counted", |s| s.reaps.kills_total() == 1).await;
+    assert_eq!(kills_by(&s, "closed"), 1, "{:?}", s.reaps);
+    a.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_ignores_the_end_of_its_input_gets_sigterm_after_the_eof_grace() {
+    let mut h = start("eof_grace = \"1s\"").await;
+    let mut a = agent(&["--leak", "--claude-arg", "--ignore-stdin-eof"]);
+    let agent_pid = a.read_pid("agent");
+    let claude = a.read_pid("claude");
+    a.read("ready");
+    wait_target(&h, claude).await;
+    assert_eq!(exit_of(&mut h, claude).await.signal(), Some(libc::SIGTERM as u8));
+    let s = stats_until(&h, "the kill counted", |s| s.reaps.kills_total() == 1).await;
+    assert_eq!(kills_by(&s, "terminated"), 1, "{:?}", s.reaps);
+    assert!(s.reaps.kill_delays[0] >= 1.0, "SIGTERM only after the eof_grace: {:?}", s.reaps.kill_delays);
     assert!(alive(agent_pid));
     a.finish();
 }

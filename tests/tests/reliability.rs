@@ -24,7 +24,8 @@ use reaper::{
     app::{PipelineConfig, PipelineStats},
     config::{Config, ConfigError, Overrides, parse},
     events::Identity,
-    reap::{self, Outcome, Pidfds, ReapOrder, Reason, Victim},
+    host::{self, Pidfds},
+    reap::{self, Outcome},
     tree::scan,
 };
 use reaper_common::ARGV_LEN;
@@ -232,13 +233,10 @@ async fn lost_events_are_counted_repaired_and_never_kill_the_wrong_process() {
     );
     assert_eq!(after.decode_errors, before.decode_errors);
 
-    // Only the idle double is killed, once, by reaper's SIGTERM; the chatting one lives.
+    // Only the idle double is ended, once, by closing its input (it exits 0, as after the
+    // SDK's close()); the chatting one lives.
     let exit = read_blocking(&mut leak, "exit");
-    assert_eq!(
-        exit,
-        format!("{leaked}:signal:{}", libc::SIGTERM),
-        "the idle double's end"
-    );
+    assert_eq!(exit, format!("{leaked}:code:0"), "the idle double's end");
     let killed_after = started.elapsed();
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
@@ -577,26 +575,11 @@ async fn a_reused_pid_is_never_mistaken_for_the_target_that_held_it() {
         assert!(gone.exit.is_some());
     }
 
-    // An order for the old identity, executed for real, signals nothing.
-    let order = ReapOrder {
-        target: Victim {
-            id: old,
-            comm: "claude".into(),
-        },
-        descendants: vec![],
-        rule: "rl-claude".into(),
-        reason: Reason::Idle,
-        idle_secs: 600.0,
-        deadline_ns: 0,
-        ppid: 1,
-        parent_comm: agent_comm(),
-        argv: String::new(),
-        dry_run: false,
-        grace: Duration::from_secs(1),
-    };
+    // A decision for the old identity, executed for real, signals nothing.
+    let order = reaper_tests::decision(old, "claude", 0, "rl-claude");
     let report = reap::execute(&Pidfds, &order).await;
     assert_eq!(report.outcome, Outcome::IdentityMismatch, "{report:?}");
-    assert!(report.signals.is_empty());
+    assert!(report.steps.is_empty());
     let until = Instant::now() + Duration::from_millis(500);
     while Instant::now() < until {
         assert_eq!(
@@ -1024,7 +1007,7 @@ fn scanning_proc_during_a_storm_never_fails() {
             if here.is_none() || !scan::alive(id) {
                 vanished += 1;
             }
-            let _ = reap::proc_start_ticks(id.pid);
+            let _ = host::proc_start_ticks(id.pid);
         }
         if storm.exited().is_some() {
             break;

@@ -13,17 +13,29 @@
 //!   fds, an inotify fd and a listening socket at
 //!   `${XDG_RUNTIME_DIR:-${TMPDIR:-/tmp}}/cc-socks/<pid>.sock`; about 1 ms of CPU per wake
 //!   (≈ 0.14 % of a core with the overhead: the measured 7–8 ticks/min); never any traffic on its stdio sockets.
-//! - exit: EOF on stdin → `exit(0)` at once (the real one takes ~40 ms); SIGTERM/SIGINT/SIGHUP →
-//!   removes its socket file and dies of the signal. It never leaves its parent's process
-//!   group or session.
+//! - exit: EOF on stdin → `exit(0)` at once (the real one takes ~40 ms); SIGINT → removes its
+//!   socket file and exits 0 (the real CLI takes SIGINT as a request to end: the SDKs' loops end
+//!   without an error); SIGTERM/SIGHUP → removes its socket file and dies of the signal (status
+//!   143/129, which the SDKs throw). It never leaves its parent's process group or session.
+//! - the model: every turn is one request to "the API" over TCP on loopback (a listener of the
+//!   double's own), so the kernel sees the target receive network bytes as the real CLI does;
+//!   no connection is left open between requests.
+//! - stdio MCP servers (`--mcp N`): N children started at session start, before any request,
+//!   renamed `mcp-server`, stdin and stdout pipes to the double; each exits at EOF on its stdin
+//!   (or ignores it: `--mcp-ignore-eof`) and is SIGTERMed when the double ends
+//!   (PR_SET_PDEATHSIG), as the real CLI ends its direct MCP children.
 //!
 //! Test commands, anywhere in a user message's text (whitespace-separated words):
 //! `tool:busy` (a child burning CPU), `tool:idle` (a child blocked reading a pipe), `tool:io` (a
 //! child pinging over its own UNIX socketpair every 200 ms), `tool:stop` (SIGKILL and reap every
-//! tool), `slow:MS` (a turn streaming an assistant line every 100 ms for MS ms). Tools are
-//! forked (not exec'd) and renamed `tool-busy`/`tool-idle`/`tool-io`, so no tool has comm
-//! `claude`; each dies with the double (PR_SET_PDEATHSIG SIGKILL). The result line carries
-//! `"tool_pid":N` (the first) and `"tool_pids":[…]`.
+//! tool), `slow:MS` (a turn streaming an assistant line every 100 ms for MS ms). These tools
+//! outlive their turn (like `run_in_background` tasks): the double tells the model and the
+//! model answers before the result. `tool:wait:SECS` is a turn's foreground tool, like the
+//! Bash tool: a child in a session of its own (setsid), stdin `/dev/null`, silent for SECS
+//! seconds; the turn's result comes only after it exited (and one more request to the model).
+//! Tools are forked (not exec'd) and renamed `tool-busy`/`tool-idle`/`tool-io`/`tool-wait`, so
+//! no tool has comm `claude`; each dies with the double (PR_SET_PDEATHSIG SIGKILL). The result
+//! line carries `"tool_pid":N` (the first) and `"tool_pids":[…]`.
 //!
 //! Test-only flags: `--ignore-stdin-eof` (keep idling after EOF, like the children older
 //! wrappers orphan), `--idle-cpu-us N` (CPU burnt per 1 s wake; default 1000),
@@ -60,6 +72,8 @@ struct Args {
     resume: Option<String>,
     verbose: bool,
     ignore_stdin_eof: bool,
+    mcp: usize,
+    mcp_ignore_eof: bool,
     idle_cpu_us: u64,
     rss_mb: usize,
     startup_child: bool,
@@ -76,6 +90,8 @@ fn parse_args() -> Args {
         resume: None,
         verbose: false,
         ignore_stdin_eof: false,
+        mcp: 0,
+        mcp_ignore_eof: false,
         idle_cpu_us: 1000,
         rss_mb: 0,
         startup_child: true,
@@ -101,6 +117,8 @@ fn parse_args() -> Args {
             "resume" => a.resume = Some(value()),
             "idle-cpu-us" => a.idle_cpu_us = value().parse().unwrap_or(a.idle_cpu_us),
             "rss-mb" => a.rss_mb = value().parse().unwrap_or(0),
+            "mcp" => a.mcp = value().parse().unwrap_or(0),
+            "mcp-ignore-eof" => a.mcp_ignore_eof = true,
             // Known value flags of the real CLI: consume the value so it is not misread.
             "allowedTools"
             | "allowed-tools"
@@ -246,12 +264,19 @@ enum ToolKind {
     Busy,
     Idle,
     Io,
+    /// A turn's foreground tool, silent for this many seconds.
+    Wait(u32),
+    /// A stdio MCP server (stdin and stdout pipes to the double).
+    Mcp { ignore_eof: bool },
 }
 
 struct Tool {
     pid: libc::pid_t,
-    /// The write end of a `tool:idle` child's stdin pipe: it sees EOF when the double dies.
+    /// The write end of a `tool:idle` child's (or MCP server's) stdin pipe: it sees EOF when
+    /// the double dies.
     _pipe: Option<OwnedFd>,
+    /// The read end of an MCP server's stdout.
+    _out: Option<OwnedFd>,
 }
 
 /// Forks a tool child. Runs on the main thread only: PR_SET_PDEATHSIG fires when the thread
@@ -261,6 +286,8 @@ fn spawn_tool(kind: ToolKind) -> std::io::Result<Tool> {
         ToolKind::Busy => c"tool-busy",
         ToolKind::Idle => c"tool-idle",
         ToolKind::Io => c"tool-io",
+        ToolKind::Wait(_) => c"tool-wait",
+        ToolKind::Mcp { .. } => c"mcp-server",
     };
     let devnull = owned(
         // SAFETY: open(2) with a NUL-terminated literal path.
@@ -271,6 +298,11 @@ fn spawn_tool(kind: ToolKind) -> std::io::Result<Tool> {
     cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
     // SAFETY: both fds are fresh from pipe2.
     let (pipe_r, pipe_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // An MCP server's stdout, read by the double.
+    // SAFETY: pipe2 into a two-int array.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both fds are fresh from pipe2.
+    let (out_r, out_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // The child says when it is set up (renamed, stdio replaced, other fds closed) by closing
     // its end, so the result line that names it never races its comm or its fds.
     // SAFETY: pipe2 into a two-int array.
@@ -286,29 +318,35 @@ fn spawn_tool(kind: ToolKind) -> std::io::Result<Tool> {
         let fds = ToolFds {
             devnull: devnull.as_raw_fd(),
             pipe_r: pipe_r.as_raw_fd(),
+            out_w: out_w.as_raw_fd(),
         };
         // SAFETY: everything below is raw syscalls on fds and stack memory of this process.
         unsafe { tool_main(kind, name.as_ptr(), parent, fds) }
     }
-    drop((pipe_r, ready_w));
+    drop((pipe_r, out_w, ready_w));
     let mut byte = [0u8; 1];
     // SAFETY: a blocking 1-byte read into a stack buffer; EOF once the child closed its end
     // (or died first).
     while unsafe { libc::read(ready_r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) } < 0
         && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
     {}
+    let mcp = matches!(kind, ToolKind::Mcp { .. });
     Ok(Tool {
         pid,
-        _pipe: matches!(kind, ToolKind::Idle).then_some(pipe_w),
+        _pipe: (matches!(kind, ToolKind::Idle) || mcp).then_some(pipe_w),
+        _out: mcp.then_some(out_r),
     })
 }
 
 /// The fds a forked tool child starts from.
 struct ToolFds {
     devnull: RawFd,
-    /// The read end of `tool:idle`'s stdin pipe. (The child's copy of the ready pipe's write
-    /// end is not named: it goes with every other fd once the child is set up.)
+    /// The read end of `tool:idle`'s (or an MCP server's) stdin pipe. (The child's copy of
+    /// the ready pipe's write end is not named: it goes with every other fd once the child is
+    /// set up.)
     pipe_r: RawFd,
+    /// The write end of an MCP server's stdout pipe.
+    out_w: RawFd,
 }
 
 /// The body of a forked tool child. Never returns.
@@ -321,10 +359,12 @@ unsafe fn tool_main(
     parent: libc::pid_t,
     fds: ToolFds,
 ) -> ! {
-    let ToolFds { devnull, pipe_r } = fds;
+    let ToolFds { devnull, pipe_r, out_w } = fds;
     // SAFETY: (for the whole body) raw syscalls with valid arguments, per the contract above.
     unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        // The real CLI's tools die by SIGKILL with it; its MCP servers are sent a signal.
+        let death = if matches!(kind, ToolKind::Mcp { .. }) { libc::SIGTERM } else { libc::SIGKILL };
+        libc::prctl(libc::PR_SET_PDEATHSIG, death, 0, 0, 0);
         if libc::getppid() != parent {
             libc::_exit(1); // the double died before PDEATHSIG was armed
         }
@@ -335,8 +375,14 @@ unsafe fn tool_main(
         libc::dup2(devnull, 0);
         libc::dup2(devnull, 1);
         libc::dup2(devnull, 2);
-        if matches!(kind, ToolKind::Idle) {
+        if matches!(kind, ToolKind::Idle | ToolKind::Mcp { .. }) {
             libc::dup2(pipe_r, 0);
+        }
+        if matches!(kind, ToolKind::Mcp { .. }) {
+            libc::dup2(out_w, 1);
+        }
+        if matches!(kind, ToolKind::Wait(_)) {
+            libc::setsid(); // the Bash tool runs in a session of its own
         }
         // Drop every other fd: the double's stdio sockets, epolls, listener, dups of 1 and 2,
         // and the ready pipe's write end with them: the double reads EOF on it only once that
@@ -353,7 +399,7 @@ unsafe fn tool_main(
                     x = std::hint::black_box(x.wrapping_add(1));
                 }
             }
-            ToolKind::Idle => {
+            ToolKind::Idle | ToolKind::Mcp { ignore_eof: false } => {
                 let mut b = [0u8; 1];
                 loop {
                     let n = libc::read(0, b.as_mut_ptr().cast(), 1);
@@ -361,6 +407,17 @@ unsafe fn tool_main(
                         libc::_exit(0);
                     }
                 }
+            }
+            ToolKind::Mcp { ignore_eof: true } => loop {
+                libc::pause();
+            },
+            ToolKind::Wait(secs) => {
+                let mut left = libc::timespec {
+                    tv_sec: secs as libc::time_t,
+                    tv_nsec: 0,
+                };
+                while libc::nanosleep(&left, &mut left) != 0 {}
+                libc::_exit(0);
             }
             ToolKind::Io => {
                 let mut sv = [0; 2];
@@ -385,14 +442,42 @@ unsafe fn tool_main(
 
 extern "C" fn on_signal(sig: libc::c_int) {
     let path = SOCK_PATH.load(Ordering::Relaxed);
-    // SAFETY: unlink and raise are async-signal-safe; `path` is null or a leaked C string.
-    // SA_RESETHAND restored the default action, and `sig` stays blocked until this returns, so
-    // the process then dies of `sig` (its parent sees a death by signal, as with the real CLI).
+    // SAFETY: unlink, _exit and raise are async-signal-safe; `path` is null or a leaked C
+    // string. SA_RESETHAND restored the default action, and `sig` stays blocked until this
+    // returns, so the process then dies of `sig` (its parent sees a death by signal, as with
+    // the real CLI) — except SIGINT, which the real CLI takes as a request to end: status 0.
     unsafe {
         if !path.is_null() {
             libc::unlink(path);
         }
+        if sig == libc::SIGINT {
+            libc::_exit(0);
+        }
         libc::raise(sig);
+    }
+}
+
+/// "The API": a loopback TCP listener of the double's own, answering one request per
+/// connection. Returns its address.
+fn start_model() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the model's listener");
+    let addr = listener.local_addr().expect("its address");
+    named("model", move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut req = [0u8; 256];
+            let _ = conn.read(&mut req);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\nevent: message_stop\ndata: {}\n\n");
+        }
+    });
+    addr
+}
+
+/// One request to the model and its whole answer; the connection is closed after it.
+fn ask_model(addr: std::net::SocketAddr) {
+    if let Ok(mut conn) = std::net::TcpStream::connect(addr) {
+        let _ = conn.write_all(b"POST /v1/messages HTTP/1.1\r\n\r\n");
+        let mut answer = Vec::new();
+        let _ = conn.read_to_end(&mut answer);
     }
 }
 
@@ -437,6 +522,11 @@ struct Claude {
     stdin_buf: Vec<u8>,
     stdin_open: bool,
     tools: Vec<Tool>,
+    /// The MCP servers started at session start.
+    _mcp: Vec<Tool>,
+    model: std::net::SocketAddr,
+    /// A turn waiting on its foreground tool: (the tool, when the turn started, its turn).
+    waiting: Option<(Tool, Instant, u64)>,
     turns: u64,
     rng: u64,
     next_tick: Instant,
@@ -536,10 +626,12 @@ impl Claude {
     fn turn(&mut self, msg: &Value) {
         let started = Instant::now();
         self.turns += 1;
+        ask_model(self.model);
         let text = user_text(msg);
         let mut tool_pids = Vec::new();
         let mut notes = Vec::new();
         let mut slow_ms = 0u64;
+        let mut wait_secs = None;
         for word in text.split_whitespace() {
             let kind = match word {
                 "tool:busy" => Some(ToolKind::Busy),
@@ -559,6 +651,9 @@ impl Claude {
                 w => {
                     if let Some(ms) = w.strip_prefix("slow:").and_then(|v| v.parse().ok()) {
                         slow_ms = ms;
+                    }
+                    if let Some(secs) = w.strip_prefix("tool:wait:").and_then(|v| v.parse().ok()) {
+                        wait_secs = Some(secs);
                     }
                     None
                 }
@@ -589,6 +684,21 @@ impl Claude {
                 "uuid": uuid_like(now_ms() as u64 ^ self.turns),
             })
         };
+        if !tool_pids.is_empty() {
+            // Tools left running: the model is told, and answers.
+            ask_model(self.model);
+        }
+        if let Some(secs) = wait_secs {
+            match spawn_tool(ToolKind::Wait(secs)) {
+                Ok(tool) => {
+                    self.emit(&assistant(format!("running a tool for {secs}s (pid {})", tool.pid)));
+                    // The result waits for the tool (see `tick`).
+                    self.waiting = Some((tool, started, self.turns));
+                    return;
+                }
+                Err(err) => notes.push(format!("could not start a wait tool: {err}")),
+            }
+        }
         let slow_until = started + Duration::from_millis(slow_ms);
         let mut chunk = 0;
         while Instant::now() < slow_until {
@@ -602,6 +712,11 @@ impl Claude {
             notes.join("; ")
         };
         self.emit(&assistant(reply.clone()));
+        self.result(started, reply, &tool_pids);
+    }
+
+    /// The turn's `result` line.
+    fn result(&self, started: Instant, reply: String, tool_pids: &[libc::pid_t]) {
         let elapsed = started.elapsed().as_millis() as u64;
         let mut result = json!({
             "type": "result",
@@ -681,6 +796,15 @@ impl Claude {
             // A short-lived helper: cloned, a little work, exit.
             named(name, || burn_cpu(200));
             self.next_helper = now + self.helper_period();
+        }
+        // A turn waiting on its foreground tool ends when the tool has.
+        if let Some((tool, _, _)) = &self.waiting
+            // SAFETY: waitpid on our own child, non-blocking.
+            && unsafe { libc::waitpid(tool.pid, std::ptr::null_mut(), libc::WNOHANG) } != 0
+        {
+            let (tool, started, turn) = self.waiting.take().expect("checked above");
+            ask_model(self.model); // the tool's result goes to the model, which answers
+            self.result(started, format!("tool {} done (turn {turn})", tool.pid), &[tool.pid]);
         }
         // Reap tools that died (killed by a test, say) so they do not linger as zombies.
         self.tools.retain(|t| {
@@ -844,6 +968,11 @@ fn main() {
         });
     }
 
+    // stdio MCP servers start with the session, before any request to the model.
+    let mcp: Vec<Tool> = (0..args.mcp)
+        .filter_map(|_| spawn_tool(ToolKind::Mcp { ignore_eof: args.mcp_ignore_eof }).ok())
+        .collect();
+
     let epfd = epoll();
     let stdin_open = match epoll_add(
         epfd.as_raw_fd(),
@@ -873,6 +1002,9 @@ fn main() {
         stdin_buf: Vec::new(),
         stdin_open,
         tools: Vec::new(),
+        _mcp: mcp,
+        model: start_model(),
+        waiting: None,
         turns: 0,
         rng: seed | 1,
         next_tick: now + TICK,

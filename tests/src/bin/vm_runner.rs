@@ -743,8 +743,8 @@ async fn reap_leaked(shared: Shared, programs: Programs) -> anyhow::Result<Strin
     let took = ready.elapsed().as_secs_f64();
     let status = exits[0].1;
     ensure!(
-        status.signal() == Some(libc::SIGTERM as u8),
-        "claude {claude} ended with {status}, not reaper's SIGTERM"
+        status.code() == Some(0),
+        "claude {claude} ended with {status}, not by itself after reaper closed its input"
     );
     ensure!(alive(agent_pid), "the agent {agent_pid} died too");
     let started = Instant::now();
@@ -758,7 +758,7 @@ async fn reap_leaked(shared: Shared, programs: Programs) -> anyhow::Result<Strin
     ensure!(kills == 1, "{kills} kills counted");
     finish_agent(a, agent_pid).await;
     Ok(format!(
-        "leaked claude {claude} reaped by SIGTERM {took:.1}s after its agent was ready \
+        "leaked claude {claude} ended by closing its input {took:.1}s after its agent was ready \
          (idle_timeout 3s, activity source {}); agent {agent_pid} survived",
         source_name(source)
     ))
@@ -798,7 +798,7 @@ async fn spare_chatting(shared: Shared, programs: Programs) -> anyhow::Result<St
     );
     let source = after.activity_source;
     let kind = target.evidence.last_activity_kind;
-    let now = reaper::tree::scan::now_ns();
+    let now = reaper::clock::mono_ns();
     let ago = |t: u64| format!("{:.1}s ago", now.saturating_sub(t) as f64 / 1e9);
     let socket = target.evidence.last_socket_byte;
     // The last sign may be CPU (a turn is work, more so under emulation); the conversation's
