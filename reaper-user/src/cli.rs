@@ -87,7 +87,25 @@ pub fn render_explanation(e: &Explanation) -> String {
                 t.descendants,
                 if ev.orphaned_since.is_some() { ", orphaned (its parent exited)" } else { "" },
             ));
+            if let (Some(w), Some(secs)) = (ev.turn, t.waiting_secs) {
+                out.push_str(&format!(
+                    "  turn in flight: waiting on pid {} ({}) since {secs:.0}s ago, started after the model's last word: never idle while it runs\n",
+                    w.pid,
+                    printable(t.waiting_on_comm.as_deref().unwrap_or("?")),
+                ));
+            }
+            if ev.watch_failed {
+                out.push_str("  the kernel could not watch all of its processes (map full): never reaped as idle\n");
+            }
         }
+    }
+    if let Some(step) = &e.first_step {
+        out.push_str(&format!(
+            "  kill ladder: clean_end = \"{}\", stdin {} → first step: {}; then SIGTERM after eof_grace, SIGKILL after grace\n",
+            step.clean_end.as_str(),
+            step.stdin.as_deref().map_or("unknown".into(), printable),
+            step.step,
+        ));
     }
     out
 }

@@ -201,6 +201,9 @@ pub struct TargetView {
     /// The comm of the child a turn in flight waits on.
     #[serde(default)]
     pub waiting_on_comm: Option<String>,
+    /// For how long the turn has waited on it, seconds.
+    #[serde(default)]
+    pub waiting_secs: Option<f64>,
 }
 
 /// Why `pid` is or is not a target (`reaper explain PID`).
@@ -710,6 +713,7 @@ impl Detector {
                 .turn
                 .and_then(|w| tree.get(w.pid))
                 .map(|p| p.comm.clone()),
+            waiting_secs: t.evidence.turn.map(|w| secs(now.saturating_sub(w.since))),
         }
     }
 
