@@ -5,6 +5,7 @@
 //! it first, so a fresh checkout only needs `cargo xtask build` / `run` / `test`.
 mod bench;
 mod cmd;
+mod e2e;
 mod fuzz;
 mod setup;
 mod vm;
@@ -68,11 +69,16 @@ enum Verb {
         args: Vec<OsString>,
     },
 
+    /// Install the pinned Claude Agent SDKs, CLI and bun that the end-to-end tests drive into
+    /// .tools/e2e/ (npm and a Python venv; idempotent, `test` runs it too).
+    SetupE2e,
+
     /// Set up, build the daemon (the command-line tests run it), then run every host test (unit
     /// tests and the kernel integration tests in `tests/`) one at a time, since they share kernel
     /// state (needs root).
     ///
-    /// Runs `cargo build [--release] -p reaper-user`, then
+    /// Runs `cargo build [--release] -p reaper-user`, installs the end-to-end tests' pinned
+    /// SDKs and CLI (`setup-e2e`), then
     /// `cargo test --workspace --exclude reaper-ebpf --no-fail-fast -- --test-threads=1 ARGS…`.
     /// ARGS go to the test harness: a name filter, `--list`, `--nocapture`, `--exact`, …
     ///
@@ -246,6 +252,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Verb::Setup => {
             setup::setup(&ctx)?;
         }
+        Verb::SetupE2e => {
+            e2e::setup(&ctx)?;
+        }
         Verb::Build { debug } => {
             setup::setup(&ctx)?;
             let bin = ctx.build_daemon(debug)?;
@@ -276,6 +285,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ctx.build_daemon(!release)?;
             let mut cmd = ctx.cargo();
             cmd.arg("test");
+            // The end-to-end tests drive the real SDKs and CLI: install them first. If that
+            // fails, say why once and run the tests anyway: the e2e tests fail with the reason.
+            if package.is_empty() || package.iter().any(|p| p == "reaper-tests") {
+                cmd.env("REAPER_E2E_DIR", e2e::dir(&ctx));
+                if let Err(err) = e2e::setup(&ctx) {
+                    eprintln!("xtask: error: {err:#}");
+                    cmd.env("REAPER_E2E_ERROR", format!("{err:#}"));
+                }
+            }
             if package.is_empty() {
                 cmd.args(["--workspace", "--exclude", "reaper-ebpf"]);
             } else {
