@@ -32,7 +32,10 @@ use tokio::{
 use crate::{
     clock,
     config::{ActivitySource, Config},
-    detect::{Decision, Detector, Explanation, Settled, Source, TargetView},
+    detect::{
+        Decision, Detector, Explanation, Reason, Settled, Source, TargetView,
+        session::{Pressure, SessionView},
+    },
     events::{
         Event, Identity,
         source::{self, SourceMsg},
@@ -106,6 +109,15 @@ impl ReapStats {
             Outcome::Ended => {
                 let step = report.step.map_or("terminated", |s| s.as_str());
                 metrics.kills.with_label_values(&[&rule, &reason, step]).inc();
+                match decision.reason {
+                    Reason::Leftover => {
+                        let kind = decision.kind.map_or("other", |k| k.as_str());
+                        metrics.leftover_kills.with_label_values(&[kind]).inc();
+                    }
+                    Reason::Runaway => metrics.runaway_kills.inc(),
+                    Reason::MemoryPressure => metrics.pressure_kills.inc(),
+                    Reason::Idle | Reason::Orphaned => {}
+                }
                 metrics.reclaimed_bytes.inc_by(report.rss_bytes);
                 bump(&mut self.kills, (rule, reason, step.to_owned()));
                 self.reclaimed_bytes += report.rss_bytes;
@@ -167,6 +179,7 @@ enum Query {
     Stats(oneshot::Sender<PipelineStats>),
     Reconcile(oneshot::Sender<Corrections>),
     Targets(oneshot::Sender<Vec<TargetView>>),
+    Sessions(oneshot::Sender<Vec<SessionView>>),
     Explain(u32, oneshot::Sender<Explanation>),
     Reload(Box<Config>, oneshot::Sender<()>),
 }
@@ -213,6 +226,11 @@ impl PipelineHandle {
     /// Every target with its verdict.
     pub async fn targets(&self) -> Option<Vec<TargetView>> {
         self.ask(Query::Targets).await
+    }
+
+    /// Every agent session, live or ended.
+    pub async fn sessions(&self) -> Option<Vec<SessionView>> {
+        self.ask(Query::Sessions).await
     }
 
     /// Why `pid` is or is not a target.
@@ -339,6 +357,7 @@ impl Pipeline {
             next_token: 0,
             queued_queries: Vec::new(),
             last_lost: 0,
+            pressure_reaping: false,
         };
         let tree_task = tokio::spawn(owner.run(events_rx, queries_rx));
         Ok(Self {
@@ -412,6 +431,8 @@ enum FlushFor {
     },
     /// Targets are due: decide on an up-to-date tree.
     Decide,
+    /// Memory is short (this reading): end the largest idle target or leftover.
+    Pressure(Pressure),
 }
 
 /// The one owner of the tree.
@@ -434,13 +455,20 @@ struct TreeOwner {
     /// events newer than that flush, so they wait for the next one.
     queued_queries: Vec<Query>,
     last_lost: u64,
+    /// A decision made because memory was short is out: wait for it before the next.
+    pressure_reaping: bool,
 }
 
 impl Query {
     /// Whether the answer reads the tree, and so must wait for a flush.
     fn needs_flush(&self) -> bool {
         match self {
-            Self::Snapshot(_) | Self::Process(..) | Self::Exited(..) | Self::Targets(_) | Self::Explain(..) => true,
+            Self::Snapshot(_)
+            | Self::Process(..)
+            | Self::Exited(..)
+            | Self::Targets(_)
+            | Self::Sessions(_)
+            | Self::Explain(..) => true,
             Self::Stats(_) | Self::Reconcile(_) | Self::Reload(..) => false,
         }
     }
@@ -476,6 +504,9 @@ impl TreeOwner {
                 }
                 Some((decision, report)) = reports.recv() => {
                     self.reap_stats.record(&decision, &report, &self.metrics);
+                    if decision.reason == Reason::MemoryPressure {
+                        self.pressure_reaping = false;
+                    }
                     let settled = match report.outcome {
                         Outcome::WouldKill => Settled::WouldKill,
                         // Still alive after a failure: try again later, not in a loop.
@@ -517,6 +548,9 @@ impl TreeOwner {
                     let now = clock::mono_ns();
                     self.health.beat(now);
                     self.export_targets(now);
+                    if !self.check_memory() {
+                        return;
+                    }
                     let counts = self.probes.lost();
                     for kind in EventKind::ALL {
                         let counter = self.metrics.events_lost.with_label_values(&[kind.name()]);
@@ -590,6 +624,16 @@ impl TreeOwner {
                     spawn_reap(decision, reports.clone());
                 }
             }
+            FlushFor::Pressure(reading) => {
+                let host = LiveHost { probes: &mut self.probes };
+                match self.detector.pressure_decision(&self.tree, clock::mono_ns(), &host, &reading) {
+                    Some(decision) => spawn_reap(decision, reports.clone()),
+                    None => {
+                        self.pressure_reaping = false;
+                        tracing::debug!(%reading, "memory is short, but no idle target or leftover to reap");
+                    }
+                }
+            }
             FlushFor::Reconcile {
                 snapshot,
                 scan_start_ticks,
@@ -648,6 +692,10 @@ impl TreeOwner {
             Query::Reconcile(reply) => self.start_scan(scans, Some(reply)),
             Query::Targets(reply) => {
                 let _ = reply.send(self.detector.views(&self.tree, clock::mono_ns()));
+            }
+            Query::Sessions(reply) => {
+                let host = LiveHost { probes: &mut self.probes };
+                let _ = reply.send(self.detector.sessions(&self.tree, clock::mono_ns(), &host));
             }
             Query::Reload(config, reply) => {
                 self.reload(*config);
@@ -732,6 +780,23 @@ impl TreeOwner {
         self.config.config = config;
     }
 
+    /// Reads the memory pressure source; when memory is short, asks for one reap (after a
+    /// flush). False if the event source is gone.
+    fn check_memory(&mut self) -> bool {
+        let mp = self.detector.memory_pressure();
+        if !mp.enabled || self.pressure_reaping {
+            return true;
+        }
+        let psi = std::fs::read_to_string(&mp.file).ok();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+        let reading = Pressure::parse(psi.as_deref(), meminfo.as_deref());
+        if !reading.short(mp) {
+            return true;
+        }
+        self.pressure_reaping = true;
+        self.request_flush(FlushFor::Pressure(reading))
+    }
+
     /// `reaper_targets{rule,state}` from the detector's current verdicts.
     fn export_targets(&self, now: u64) {
         self.metrics.targets.reset();
@@ -740,6 +805,13 @@ impl TreeOwner {
                 .targets
                 .with_label_values(&[view.rule.as_str(), view.verdict.state()])
                 .inc();
+        }
+        let (states, kinds) = self.detector.session_counts(now);
+        for (state, n) in states {
+            self.metrics.sessions.with_label_values(&[state]).set(n);
+        }
+        for (kind, n) in kinds {
+            self.metrics.leftovers.with_label_values(&[kind.as_str()]).set(n);
         }
     }
 
@@ -796,6 +868,8 @@ fn log_report(d: &Decision, report: &ReapReport) {
                 rss_bytes = report.rss_bytes,
                 descendants,
                 other_uid = d.other_uid,
+                kind = d.kind.map_or("", |k| k.as_str()),
+                note = %d.note,
                 step = report.step.map_or("", |s| s.as_str()),
                 steps = %steps,
                 outcome = report.outcome.as_str(),

@@ -53,6 +53,35 @@ pub fn render_tree(processes: &[Process], targets: &[TargetView]) -> String {
     out
 }
 
+/// `reaper sessions`: one line per agent session.
+pub fn render_sessions(sessions: &[crate::detect::session::SessionView]) -> String {
+    let mut out = format!(
+        "{:>8} {:<14} {:>6} {:<16} {:>8} {:<20} {:>7} {:>5} {:>5} {:>9} {:>9}  {}\n",
+        "TARGET", "STATE", "UID", "PARENT", "QUIET", "RULE", "SERVERS", "TOOLS", "OTHER", "LEFTOVERS", "RSS", "COMM"
+    );
+    for s in sessions {
+        out.push_str(&format!(
+            "{:>8} {:<14} {:>6} {:<16} {:>7.0}s {:<20} {:>7} {:>5} {:>5} {:>9} {:>8.1}M  {}\n",
+            s.target.pid,
+            s.state,
+            s.uid,
+            format!("{} {}", s.parent, printable(&s.parent_comm)),
+            s.quiet_secs,
+            printable(&s.rule),
+            s.descendants.stdio_server,
+            s.descendants.tool,
+            s.descendants.other,
+            s.leftovers,
+            s.rss_bytes as f64 / (1024.0 * 1024.0),
+            printable(&s.comm),
+        ));
+    }
+    if sessions.is_empty() {
+        out.push_str("(no agent sessions)\n");
+    }
+    out
+}
+
 /// `reaper explain PID`.
 pub fn render_explanation(e: &Explanation) -> String {
     let mut out = String::new();
@@ -98,6 +127,15 @@ pub fn render_explanation(e: &Explanation) -> String {
                 out.push_str("  the kernel could not watch all of its processes (map full): never reaped as idle\n");
             }
         }
+    }
+    if let Some(s) = &e.session {
+        out.push_str(&format!(
+            "  session of target {} ({}){}: {}\n",
+            s.target,
+            if s.ended { "ended" } else { "live" },
+            s.kind.map_or(String::new(), |k| format!(", a {}", k.as_str())),
+            s.leftover,
+        ));
     }
     if let Some(step) = &e.first_step {
         out.push_str(&format!(

@@ -25,6 +25,14 @@ eof_grace = "2s"                 # after the clean end (input closed, or SIGINT)
 grace = "5s"                     # SIGTERM, then SIGKILL after this
 max_kills_per_minute = 10        # so a wrong rule cannot wipe a host
 metrics_addr = "127.0.0.1:9847"
+leftover_grace = "30s"           # a target's descendants still alive this long after it are leftovers
+runaway_cpu_percent = 50.0       # an agent CLI that lost its terminal and burns this much CPU…
+runaway_for = "2m"               # …for this long is a runaway
+memory_pressure = true           # reap idle targets and leftovers at once when memory is short
+memory_pressure_file = "/proc/pressure/memory"  # or a cgroup v2 memory.pressure
+memory_pressure_some_avg10 = 20.0                # short when PSI `some avg10` is at least this…
+memory_available_percent = 10.0                  # …or MemAvailable is below this share of MemTotal
+memory_pressure_min_idle = "60s" # under pressure, a target quiet this long counts as idle
 
 # The CLI child an Agent SDK daemon spawns per query (streaming JSON on its stdio, no terminal).
 [[rule]]
@@ -112,6 +120,30 @@ impl CleanEnd {
     }
 }
 
+/// Which of a session's leftovers a rule's targets may have reaped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Leftovers {
+    /// Those whose stdin or stdout is a pipe or socket (stdio MCP servers, also behind a
+    /// wrapper that exited): they were connected to the agent.
+    #[default]
+    Connected,
+    /// Also those that detached on purpose (a session of their own, stdin `/dev/null`).
+    All,
+    /// None: leftovers are only reported.
+    None,
+}
+
+impl Leftovers {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connected => "connected",
+            Self::All => "all",
+            Self::None => "none",
+        }
+    }
+}
+
 /// The file as written.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +167,17 @@ struct File {
     /// Bytes per second of read/write that count as activity with `activity_source = "proc-io"`.
     /// Measured with the test double: ≈ 16 B/s idle (eventfd writes), ≈ 880 B/s chatting.
     io_bytes_per_second: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    leftover_grace: Option<Duration>,
+    runaway_cpu_percent: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    runaway_for: Option<Duration>,
+    memory_pressure: Option<bool>,
+    memory_pressure_file: Option<PathBuf>,
+    memory_pressure_some_avg10: Option<f64>,
+    memory_available_percent: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    memory_pressure_min_idle: Option<Duration>,
     #[serde(default, rename = "rule")]
     rules: Option<Vec<RuleFile>>,
 }
@@ -160,6 +203,8 @@ struct RuleFile {
     cpu_threshold_percent: Option<f64>,
     #[serde(default)]
     clean_end: CleanEnd,
+    #[serde(default)]
+    leftovers: Leftovers,
 }
 
 fn yes() -> bool {
@@ -180,6 +225,22 @@ pub struct Rule {
     pub cpu_threshold: f64,
     /// The first step of the kill ladder.
     pub clean_end: CleanEnd,
+    /// Which leftovers of its sessions are reaped.
+    pub leftovers: Leftovers,
+}
+
+/// When memory is short enough to reap idle targets and leftovers without waiting.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MemoryPressure {
+    pub enabled: bool,
+    /// A PSI file: `/proc/pressure/memory`, or a cgroup v2 `memory.pressure`.
+    pub file: PathBuf,
+    /// Short when `some avg10` is at least this (percent).
+    pub some_avg10: f64,
+    /// …or when MemAvailable is below this share of MemTotal (percent).
+    pub available_percent: f64,
+    /// A target quiet for this long counts as idle under pressure.
+    pub min_idle: Duration,
 }
 
 /// The validated configuration the daemon runs with.
@@ -196,6 +257,13 @@ pub struct Config {
     pub ring_bytes: u32,
     pub activity_source: ActivitySource,
     pub io_bytes_per_second: u64,
+    /// A target's descendants still alive this long after it exited are leftovers.
+    pub leftover_grace: Duration,
+    /// An agent CLI that lost its terminal and burns more than this fraction of a core…
+    pub runaway_cpu: f64,
+    /// …for this long is reaped.
+    pub runaway_for: Duration,
+    pub memory_pressure: MemoryPressure,
     pub rules: Vec<Rule>,
     /// Where it came from ("built-in default" or a path).
     pub source: String,
@@ -398,6 +466,7 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
                 None => cpu_threshold,
             },
             clean_end: r.clean_end,
+            leftovers: r.leftovers,
         });
     }
 
@@ -418,6 +487,25 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
         ring_bytes,
         activity_source: file.activity_source.unwrap_or_default(),
         io_bytes_per_second: file.io_bytes_per_second.unwrap_or(256),
+        leftover_grace: positive("leftover_grace", file.leftover_grace.unwrap_or(Duration::from_secs(30)))?,
+        runaway_cpu: percent("runaway_cpu_percent", file.runaway_cpu_percent.unwrap_or(50.0))?,
+        runaway_for: positive("runaway_for", file.runaway_for.unwrap_or(Duration::from_secs(120)))?,
+        memory_pressure: MemoryPressure {
+            enabled: file.memory_pressure.unwrap_or(true),
+            file: file.memory_pressure_file.unwrap_or_else(|| "/proc/pressure/memory".into()),
+            some_avg10: match file.memory_pressure_some_avg10.unwrap_or(20.0) {
+                p if p.is_finite() && (0.0..=100.0).contains(&p) => p,
+                p => return Err(invalid("memory_pressure_some_avg10", format!("{p} is not a percentage"))),
+            },
+            available_percent: match file.memory_available_percent.unwrap_or(10.0) {
+                p if p.is_finite() && (0.0..=100.0).contains(&p) => p,
+                p => return Err(invalid("memory_available_percent", format!("{p} is not a percentage"))),
+            },
+            min_idle: positive(
+                "memory_pressure_min_idle",
+                file.memory_pressure_min_idle.unwrap_or(Duration::from_secs(60)),
+            )?,
+        },
         rules,
         source: origin.to_owned(),
     })

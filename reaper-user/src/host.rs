@@ -15,7 +15,7 @@ use rustix::{
 
 use crate::{
     clock::{self, Nanos},
-    detect::{self, Victim},
+    detect::{self, Victim, session::Connections},
     events::Identity,
     probes::Probes,
     reap::{self, Input, OpenError},
@@ -67,10 +67,26 @@ impl detect::Host for LiveHost<'_> {
         self.probes.unwatch(target, pids.iter().copied());
     }
 
-    fn stdin(&self, pid: u32) -> Option<String> {
-        std::fs::read_link(format!("/proc/{pid}/fd/0"))
-            .ok()
-            .map(|p| p.to_string_lossy().into_owned())
+    fn connections(&self, pid: u32) -> Option<Connections> {
+        let fd = |n: u32| {
+            std::fs::read_link(format!("/proc/{pid}/fd/{n}"))
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned())
+        };
+        let stat = proc_process(pid)?.stat().ok()?;
+        Some(Connections {
+            stdin: fd(0),
+            stdout: fd(1),
+            session_leader: stat.session == stat.pid,
+        })
+    }
+
+    fn rss_bytes(&self, id: Identity) -> Option<u64> {
+        let p = proc_process(id.pid)?;
+        if p.stat().ok()?.starttime != id.start_ticks {
+            return None;
+        }
+        Some(p.statm().ok()?.resident * procfs::page_size())
     }
 }
 

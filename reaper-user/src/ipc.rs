@@ -23,6 +23,7 @@ pub enum Request {
     Tree,
     Stats,
     Targets,
+    Sessions,
     Explain(u32),
 }
 
@@ -32,6 +33,7 @@ impl Request {
             Self::Tree => "tree".into(),
             Self::Stats => "stats".into(),
             Self::Targets => "targets".into(),
+            Self::Sessions => "sessions".into(),
             Self::Explain(pid) => format!("explain {pid}"),
         }
     }
@@ -100,6 +102,7 @@ async fn answer(mut stream: UnixStream, pipeline: &PipelineHandle) -> anyhow::Re
         (Some("tree"), None) => serde_json::to_vec(&pipeline.snapshot().await)?,
         (Some("stats"), None) => serde_json::to_vec(&pipeline.stats().await)?,
         (Some("targets"), None) => serde_json::to_vec(&pipeline.targets().await)?,
+        (Some("sessions"), None) => serde_json::to_vec(&pipeline.sessions().await)?,
         (Some("explain"), Some(Ok(pid))) => serde_json::to_vec(&pipeline.explain(pid).await)?,
         _ => serde_json::to_vec(&serde_json::json!({ "error": format!("unknown request {:?}", line.trim()) }))?,
     };

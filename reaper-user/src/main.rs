@@ -55,6 +55,15 @@ enum Command {
         #[arg(long, default_value = ipc::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// List agent sessions: each target (live or ended), its parent daemon, state, live
+    /// descendants by kind (stdio server, tool, other), leftovers and RSS.
+    Sessions {
+        #[arg(long, default_value = ipc::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The sessions as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Explain why a process is or is not a target, and its verdict.
     Explain {
         pid: u32,
@@ -128,6 +137,17 @@ fn main() -> anyhow::Result<()> {
             Command::Stats { socket } => {
                 let value = ipc::request(&socket, ipc::Request::Stats).await?;
                 println!("{}", serde_json::to_string_pretty(&value)?);
+                Ok(())
+            }
+            Command::Sessions { socket, json } => {
+                let value = ipc::request(&socket, ipc::Request::Sessions).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&value)?);
+                } else {
+                    let sessions: Vec<reaper::detect::session::SessionView> =
+                        serde_json::from_value(value).context("unexpected sessions from the daemon")?;
+                    print!("{}", cli::render_sessions(&sessions));
+                }
                 Ok(())
             }
             Command::Explain { pid, socket, json } => {

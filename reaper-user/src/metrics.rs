@@ -25,6 +25,11 @@ pub struct Metrics {
     pub reconciles: IntCounter,
     pub kill_delay: HistogramVec,
     pub activity_source: IntGaugeVec,
+    pub sessions: IntGaugeVec,
+    pub leftovers: IntGaugeVec,
+    pub leftover_kills: IntCounterVec,
+    pub runaway_kills: IntCounter,
+    pub pressure_kills: IntCounter,
 }
 
 impl Metrics {
@@ -118,6 +123,33 @@ impl Metrics {
                 )
                 .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
                 &["step"],
+            )),
+            sessions: register!(IntGaugeVec::new(
+                Opts::new(
+                    "reaper_sessions",
+                    "Agent sessions by state: active, idle, turn_in_flight, leaked, ended."
+                ),
+                &["state"],
+            )),
+            leftovers: register!(IntGaugeVec::new(
+                Opts::new(
+                    "reaper_leftovers",
+                    "Descendants of ended sessions still alive after leftover_grace, by kind \
+                     (stdio_server, tool, other)."
+                ),
+                &["kind"],
+            )),
+            leftover_kills: register!(IntCounterVec::new(
+                Opts::new("reaper_leftover_kills_total", "Leftovers ended, by kind."),
+                &["kind"],
+            )),
+            runaway_kills: register!(IntCounter::new(
+                "reaper_runaway_kills_total",
+                "Agent CLIs ended because they lost their terminal and kept burning CPU."
+            )),
+            pressure_kills: register!(IntCounter::new(
+                "reaper_memory_pressure_kills_total",
+                "Idle targets and leftovers ended early because memory was short."
             )),
             activity_source: register!(IntGaugeVec::new(
                 Opts::new(

@@ -433,6 +433,8 @@ mod tests {
             parent_comm: "node".into(),
             argv: "claude".into(),
             dry_run: false,
+            kind: None,
+            note: String::new(),
         }
     }
 

@@ -480,6 +480,8 @@ pub fn decision(id: reaper::events::Identity, comm: &str, uid: u32, rule: &str) 
         parent_comm: String::new(),
         argv: String::new(),
         dry_run: false,
+        kind: None,
+        note: String::new(),
     }
 }
 

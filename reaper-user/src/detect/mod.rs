@@ -19,6 +19,7 @@
 //! The detector decides; it signals nothing. It returns [`Decision`]s and hears back what
 //! became of them as [`Settled`]. All side effects go through [`Host`], so the logic is tested
 //! without a kernel.
+pub mod session;
 pub mod targets;
 pub mod verdict;
 
@@ -31,11 +32,12 @@ use reaper_common::SockActivity;
 use serde::{Deserialize, Serialize};
 
 use self::{
+    session::{Connections, Kind, KindCounts, Pressure, SessionView},
     targets::Mismatch,
     verdict::{ActivityKind, Evidence, Nanos, Verdict, Waiting},
 };
 use crate::{
-    config::{CleanEnd, Config, Mode, Rule},
+    config::{CleanEnd, Config, Leftovers, MemoryPressure, Mode, Rule},
     events::{Event, Identity},
     tree::{Process, ProcessTree},
 };
@@ -54,8 +56,10 @@ pub trait Host {
     /// map is full): then the target's activity is not fully seen.
     fn watch(&mut self, pid: u32, target: u32) -> bool;
     fn unwatch(&mut self, target: u32, pids: &[u32]);
-    /// What the process's fd 0 is (`/proc/PID/fd/0`: `socket:[…]`, `pipe:[…]`, a path).
-    fn stdin(&self, pid: u32) -> Option<String>;
+    /// How the process's stdin and stdout are connected, and whether it leads its session.
+    fn connections(&self, pid: u32) -> Option<Connections>;
+    /// Resident memory, if `id` is still alive.
+    fn rss_bytes(&self, id: Identity) -> Option<u64>;
 }
 
 /// Where activity evidence comes from, as resolved at start-up.
@@ -81,17 +85,28 @@ impl Source {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
+    /// A target idle past its timeout.
     Idle,
+    /// A target whose parent exited, past its grace.
     Orphaned,
+    /// A descendant still alive `leftover_grace` after its session's target exited.
+    Leftover,
+    /// An agent CLI that lost its terminal and burns CPU.
+    Runaway,
+    /// An idle target or a leftover, ended early because memory is short.
+    MemoryPressure,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 2] = [Self::Idle, Self::Orphaned];
+    pub const ALL: [Reason; 5] = [Self::Idle, Self::Orphaned, Self::Leftover, Self::Runaway, Self::MemoryPressure];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Idle => "idle",
             Self::Orphaned => "orphaned",
+            Self::Leftover => "leftover",
+            Self::Runaway => "runaway",
+            Self::MemoryPressure => "memory_pressure",
         }
     }
 }
@@ -136,6 +151,10 @@ pub struct Decision {
     pub parent_comm: String,
     pub argv: String,
     pub dry_run: bool,
+    /// For a leftover: what it is.
+    pub kind: Option<Kind>,
+    /// What else the log line should say (the memory reading that triggered it, …).
+    pub note: String,
 }
 
 /// What became of a decision.
@@ -161,6 +180,9 @@ enum Pending {
     RetryAt(Nanos),
     /// Killed (or found gone): never ordered again; its exit event removes it.
     Done,
+    /// A leftover reported and left alone (detached on purpose, another uid, or its rule reaps
+    /// none).
+    LeftAlone,
 }
 
 /// A descendant of a target, counted for it since it was forked (or since adoption).
@@ -168,7 +190,51 @@ enum Pending {
 struct Member {
     id: Identity,
     forked_ns: Nanos,
+    /// Once it is a leftover: what became of it.
+    pending: Pending,
+    /// Once it is a leftover: what it is.
+    kind: Option<Kind>,
 }
+
+impl Member {
+    fn new(id: Identity, forked_ns: Nanos) -> Self {
+        Self {
+            id,
+            forked_ns,
+            pending: Pending::None,
+            kind: None,
+        }
+    }
+}
+
+/// A session whose target has exited. Its members still alive `leftover_grace` later are
+/// leftovers.
+#[derive(Clone, Debug)]
+struct Ended {
+    target: Identity,
+    comm: String,
+    rule: String,
+    policy: Leftovers,
+    uid: u32,
+    parent: Identity,
+    parent_comm: String,
+    at: Nanos,
+    members: BTreeMap<u32, Member>,
+}
+
+/// An agent CLI re-parented after its parent exited, watched for burning CPU.
+#[derive(Clone, Copy, Debug)]
+struct Runaway {
+    id: Identity,
+    cpu: Option<(Nanos, u64)>,
+    /// Since when it has burnt more than `runaway_cpu`, sample after sample.
+    burning_since: Option<Nanos>,
+    next_sample: Nanos,
+    pending: Pending,
+}
+
+/// Sessions kept once their target and every leftover are gone (for `reaper sessions`).
+const ENDED_KEPT: usize = 64;
 
 #[derive(Clone, Debug)]
 struct Target {
@@ -216,8 +282,22 @@ pub struct Explanation {
     /// How the matching rule would end it first, and why.
     #[serde(default)]
     pub first_step: Option<FirstStep>,
+    /// The session it belongs to, if any, and whether it is a leftover.
+    #[serde(default)]
+    pub session: Option<SessionOf>,
     /// Set when the process is watched as a target's descendant.
     pub descendant_of: Option<u32>,
+}
+
+/// Which session a process belongs to (by lineage), and what reaper makes of it there.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SessionOf {
+    pub target: Identity,
+    /// Whether the session's target has exited.
+    pub ended: bool,
+    pub kind: Option<Kind>,
+    /// Why it is, or is not (yet), a leftover that gets reaped.
+    pub leftover: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -293,6 +373,15 @@ pub struct Detector {
     targets: HashMap<u32, Target>,
     /// Descendant pid → the target pid it counts for (an index into `Target::members`).
     member_of: HashMap<u32, u32>,
+    /// Sessions whose target has exited, by the target's identity.
+    ended: HashMap<Identity, Ended>,
+    /// Member pid of an ended session → that session (an index into `Ended::members`).
+    left_of: HashMap<u32, Identity>,
+    leftover_grace: Duration,
+    runaways: HashMap<u32, Runaway>,
+    runaway_cpu: f64,
+    runaway_for: Duration,
+    memory_pressure: MemoryPressure,
     rate: RateLimit,
 }
 
@@ -320,8 +409,20 @@ impl Detector {
             io_bytes_per_second: config.io_bytes_per_second,
             targets: HashMap::new(),
             member_of: HashMap::new(),
+            ended: HashMap::new(),
+            left_of: HashMap::new(),
+            leftover_grace: config.leftover_grace,
+            runaways: HashMap::new(),
+            runaway_cpu: config.runaway_cpu,
+            runaway_for: config.runaway_for,
+            memory_pressure: config.memory_pressure.clone(),
             rate: RateLimit::new(config.max_kills_per_minute),
         }
+    }
+
+    /// The memory pressure settings in force.
+    pub fn memory_pressure(&self) -> &MemoryPressure {
+        &self.memory_pressure
     }
 
     /// Takes a new configuration (SIGHUP). Targets keep their evidence while their rule (by
@@ -334,6 +435,10 @@ impl Detector {
         self.eof_grace = config.eof_grace;
         self.grace = config.grace;
         self.io_bytes_per_second = config.io_bytes_per_second;
+        self.leftover_grace = config.leftover_grace;
+        self.runaway_cpu = config.runaway_cpu;
+        self.runaway_for = config.runaway_for;
+        self.memory_pressure = config.memory_pressure.clone();
         self.rate.set_per_minute(config.max_kills_per_minute);
         let pids: Vec<u32> = self.targets.keys().copied().collect();
         for pid in pids {
@@ -352,7 +457,7 @@ impl Detector {
         let pids: Vec<u32> = tree
             .processes()
             .map(|p| p.id.pid)
-            .filter(|pid| !self.member_of.contains_key(pid))
+            .filter(|pid| !self.member_of.contains_key(pid) && !self.left_of.contains_key(pid))
             .collect();
         for pid in pids {
             self.classify(tree, pid, now, host);
@@ -403,20 +508,20 @@ impl Detector {
     pub fn on_event(&mut self, tree: &ProcessTree, event: &Event, host: &mut impl Host) {
         match event {
             Event::Fork { id, parent, time_ns, .. } => {
-                if let Some(target) = self.owner(parent.pid) {
+                if let Some(session) = self.left_of.get(&parent.pid).copied() {
+                    // A leftover's child belongs to the same (ended) session.
+                    self.left_of.insert(id.pid, session);
+                    if let Some(e) = self.ended.get_mut(&session) {
+                        e.members.insert(id.pid, Member::new(*id, *time_ns));
+                    }
+                } else if let Some(target) = self.owner(parent.pid) {
                     // The kernel's fork program watches children of watched processes too;
                     // watching here also covers children forked before the target was adopted.
                     let watched = host.watch(id.pid, target);
                     self.member_of.insert(id.pid, target);
                     if let Some(t) = self.targets.get_mut(&target) {
                         t.evidence.watch_failed |= !watched;
-                        t.members.insert(
-                            id.pid,
-                            Member {
-                                id: *id,
-                                forked_ns: *time_ns,
-                            },
-                        );
+                        t.members.insert(id.pid, Member::new(*id, *time_ns));
                         t.evidence.turn = turn_in_flight(t, tree);
                     }
                 }
@@ -424,7 +529,7 @@ impl Detector {
             Event::Exec { id, time_ns, .. } => {
                 if let Some(target) = self.member_of.get(&id.pid).copied() {
                     self.activity(target, *time_ns, ActivityKind::DescendantExec);
-                } else {
+                } else if !self.left_of.contains_key(&id.pid) {
                     self.classify(tree, id.pid, *time_ns, host);
                 }
             }
@@ -434,8 +539,13 @@ impl Detector {
                 }
             }
             Event::Exit { id, time_ns, .. } => {
+                self.runaways.remove(&id.pid);
                 if self.targets.get(&id.pid).is_some_and(|t| t.id == *id) {
-                    self.drop_target(id.pid, host);
+                    self.end_target(id.pid, *time_ns, tree, host);
+                } else if let Some(session) = self.left_of.remove(&id.pid) {
+                    if let Some(e) = self.ended.get_mut(&session) {
+                        e.members.remove(&id.pid);
+                    }
                 } else if let Some(target) = self.member_of.remove(&id.pid) {
                     if let Some(t) = self.targets.get_mut(&target) {
                         t.members.remove(&id.pid);
@@ -449,6 +559,87 @@ impl Detector {
                         tracing::info!(pid = t.id.pid, parent = id.pid, "target orphaned: its parent exited");
                     }
                 }
+                self.watch_orphaned_clis(tree, *id, *time_ns);
+            }
+        }
+    }
+
+    /// The children `gone` left behind that are agent CLIs (by a rule's name) but not targets
+    /// (interactive ones): watched for burning CPU once they lost their terminal.
+    fn watch_orphaned_clis(&mut self, tree: &ProcessTree, gone: Identity, now: Nanos) {
+        let Some(exited) = tree.exited(gone) else { return };
+        for pid in &exited.children {
+            let Some(p) = tree.get(*pid) else { continue };
+            if self.targets.contains_key(pid)
+                || self.member_of.contains_key(pid)
+                || !self.rules.iter().any(|r| targets::name_matches(r, p))
+            {
+                continue;
+            }
+            self.runaways.insert(
+                *pid,
+                Runaway {
+                    id: p.id,
+                    cpu: None,
+                    burning_since: None,
+                    next_sample: now,
+                    pending: Pending::None,
+                },
+            );
+        }
+    }
+
+    /// The target exited: its session ends, its live descendants become leftovers-to-be.
+    fn end_target(&mut self, pid: u32, at: Nanos, tree: &ProcessTree, host: &mut impl Host) {
+        let Some(t) = self.targets.remove(&pid) else {
+            return;
+        };
+        let members: Vec<u32> = t.members.keys().copied().collect();
+        for m in &members {
+            self.member_of.remove(m);
+            self.left_of.insert(*m, t.id);
+        }
+        host.unwatch(pid, &members);
+        let comm_of = |id: Identity| {
+            tree.get_id(id)
+                .or_else(|| tree.exited(id))
+                .map(|p| p.comm.clone())
+                .unwrap_or_default()
+        };
+        let rule = &self.rules[t.rule];
+        if !members.is_empty() {
+            tracing::info!(
+                pid,
+                descendants = members.len(),
+                leftover_grace = %humantime::format_duration(self.leftover_grace),
+                "target exited; its descendants still alive after the grace are leftovers"
+            );
+        }
+        self.ended.insert(
+            t.id,
+            Ended {
+                target: t.id,
+                comm: comm_of(t.id),
+                rule: rule.name.clone(),
+                policy: rule.leftovers,
+                uid: tree.exited(t.id).map_or(0, |p| p.uid),
+                parent: t.parent,
+                parent_comm: comm_of(t.parent),
+                at,
+                members: t.members,
+            },
+        );
+        // Keep the newest few sessions with nothing left, for `reaper sessions`.
+        let mut empty: Vec<(Nanos, Identity)> = self
+            .ended
+            .values()
+            .filter(|e| e.members.is_empty())
+            .map(|e| (e.at, e.target))
+            .collect();
+        if empty.len() > ENDED_KEPT {
+            empty.sort_unstable();
+            for (_, id) in &empty[..empty.len() - ENDED_KEPT] {
+                self.ended.remove(id);
             }
         }
     }
@@ -501,13 +692,7 @@ impl Detector {
         for d in descendants(tree, id.pid) {
             watch_failed |= !host.watch(d.id.pid, id.pid);
             self.member_of.insert(d.id.pid, id.pid);
-            members.insert(
-                d.id.pid,
-                Member {
-                    id: d.id,
-                    forked_ns: crate::clock::start_mono_ns(d.id.start_ticks),
-                },
-            );
+            members.insert(d.id.pid, Member::new(d.id, crate::clock::start_mono_ns(d.id.start_ticks)));
         }
         let rule_ref = &self.rules[rule];
         // A target found already under init or a subreaper is not an orphan: orphaned means
@@ -572,10 +757,12 @@ impl Detector {
     }
 
     /// When the detector next needs to run: the earliest deadline or sample time, but not
-    /// before the rate limit lets a due target go.
+    /// before the rate limit lets a due process go.
     pub fn next_wakeup(&mut self, now: Nanos) -> Option<Nanos> {
         let free_at = self.rate.free_at(now);
-        self.targets
+        let limited = |due: Nanos| if due == Nanos::MAX { due } else { due.max(free_at) };
+        let targets = self
+            .targets
             .values()
             .filter(|t| !matches!(t.pending, Pending::Reaping | Pending::Done))
             .map(|t| {
@@ -584,13 +771,33 @@ impl Detector {
                     Pending::WouldKillReported => Nanos::MAX,
                     _ => self.due_at(t),
                 };
-                let due = if due == Nanos::MAX { due } else { due.max(free_at) };
-                due.min(t.next_sample)
+                limited(due).min(t.next_sample)
+            });
+        let grace = nanos(self.leftover_grace);
+        let leftovers = self.ended.values().flat_map(|e| {
+            let due = e.at.saturating_add(grace);
+            e.members.values().filter_map(move |m| match m.pending {
+                Pending::None => Some(due),
+                Pending::RetryAt(at) => Some(due.max(at)),
+                _ => None,
             })
+        });
+        let runaway_for = nanos(self.runaway_for);
+        let runaways = self
+            .runaways
+            .values()
+            .filter(|r| r.pending == Pending::None)
+            .map(|r| {
+                let due = r.burning_since.map_or(Nanos::MAX, |s| s.saturating_add(runaway_for));
+                r.next_sample.min(due)
+            });
+        targets
+            .chain(leftovers.map(limited))
+            .chain(runaways.map(limited))
             .min()
     }
 
-    /// Samples the targets whose sample time has come.
+    /// Samples the targets (and watched runaway candidates) whose sample time has come.
     pub fn sample_due(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host) {
         for t in self.targets.values_mut() {
             if matches!(t.pending, Pending::Reaping | Pending::Done) || now < t.next_sample {
@@ -599,6 +806,30 @@ impl Detector {
             let rule = &self.rules[t.rule];
             sample(t, rule, tree, now, host, self.source, self.io_bytes_per_second);
         }
+        let interval = (self.runaway_for / 8).clamp(Duration::from_millis(250), Duration::from_secs(15));
+        let threshold = self.runaway_cpu;
+        self.runaways.retain(|pid, r| {
+            if r.pending != Pending::None || now < r.next_sample {
+                return true;
+            }
+            // With a terminal it is an interactive CLI in use: never a runaway.
+            if host.tty_nr(*pid) != Some(0) {
+                return false;
+            }
+            let Some(ticks) = host.cpu_ticks(r.id) else { return false };
+            if let Some((at, before)) = r.cpu {
+                let dt = secs(now.saturating_sub(at));
+                let rate = ticks.saturating_sub(before) as f64 / crate::events::ticks_per_second() as f64 / dt.max(1e-9);
+                if rate >= threshold {
+                    r.burning_since.get_or_insert(at);
+                } else {
+                    r.burning_since = None;
+                }
+            }
+            r.cpu = Some((now, ticks));
+            r.next_sample = now + nanos(interval);
+            true
+        });
     }
 
     fn verdict(&self, t: &Target, now: Nanos) -> Verdict {
@@ -606,23 +837,43 @@ impl Detector {
         verdict::check(&t.evidence, now, rule.idle_timeout, rule.orphan_grace)
     }
 
-    /// Whether some target is due now (then the owner brings the tree up to date and calls
+    /// Whether something is due now (then the owner brings the tree up to date and calls
     /// [`Detector::decide`]).
     pub fn any_due(&self, now: Nanos) -> bool {
         self.targets.values().any(|t| self.ready(t, now))
+            || self.ended.values().any(|e| self.leftovers_due(e, now).next().is_some())
+            || self.runaways.values().any(|r| self.runaway_due(r, now))
     }
 
     fn ready(&self, t: &Target, now: Nanos) -> bool {
         match t.pending {
-            Pending::Reaping | Pending::Done | Pending::WouldKillReported => false,
+            Pending::Reaping | Pending::Done | Pending::WouldKillReported | Pending::LeftAlone => false,
             Pending::RetryAt(at) if now < at => false,
             _ => self.verdict(t, now).due(),
         }
     }
 
-    /// The targets to end now, on a tree that has every event up to now applied. Each due
-    /// target is sampled once more first: socket bytes or a tool started since its last
-    /// sample keep it.
+    /// The members of an ended session that are leftovers to look at now.
+    fn leftovers_due<'a>(&self, e: &'a Ended, now: Nanos) -> impl Iterator<Item = &'a Member> + 'a {
+        let due = now >= e.at.saturating_add(nanos(self.leftover_grace));
+        e.members.values().filter(move |m| {
+            due && match m.pending {
+                Pending::None => true,
+                Pending::RetryAt(at) => now >= at,
+                _ => false,
+            }
+        })
+    }
+
+    fn runaway_due(&self, r: &Runaway, now: Nanos) -> bool {
+        r.pending == Pending::None
+            && r.burning_since
+                .is_some_and(|since| now.saturating_sub(since) >= nanos(self.runaway_for))
+    }
+
+    /// What is due now, on a tree that has every event up to now applied: idle and orphaned
+    /// targets, leftovers, runaways. Each due target is sampled once more first: socket bytes
+    /// or a tool started since its last sample keep it.
     pub fn decide(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host) -> Vec<Decision> {
         let mut due: Vec<u32> = self
             .targets
@@ -648,56 +899,353 @@ impl Detector {
                     t.evidence.last_activity.saturating_add(nanos(rule.idle_timeout)),
                 ),
             };
-            if let Err(until) = self.rate.take(now) {
-                tracing::warn!(
-                    pid,
-                    rule = %rule.name,
-                    retry_in_secs = secs(until.saturating_sub(now)),
-                    "kill rate limit reached; waiting"
-                );
-                break;
+            if !take_slot(&mut self.rate, now, pid, &rule.name) {
+                return decisions;
             }
-            let (descendants, other_uid): (Vec<&Process>, Vec<&Process>) = self.targets[&pid]
-                .members
-                .values()
-                .filter_map(|m| tree.get_id(m.id))
-                .partition(|d| d.uid == p.uid);
-            let mut descendants: Vec<Victim> = descendants.into_iter().map(Victim::of).collect();
-            // Parents before their children: a parent always starts first.
+            decisions.push(self.target_decision(t, p, tree, reason, deadline_ns, now));
+            self.targets.get_mut(&pid).expect("listed above").pending = Pending::Reaping;
+        }
+        self.decide_leftovers(tree, now, host, &mut decisions);
+        self.decide_runaways(tree, now, &mut decisions);
+        decisions
+    }
+
+    fn target_decision(&self, t: &Target, p: &Process, tree: &ProcessTree, reason: Reason, deadline_ns: Nanos, now: Nanos) -> Decision {
+        let rule = &self.rules[t.rule];
+        let (descendants, other_uid): (Vec<&Process>, Vec<&Process>) = t
+            .members
+            .values()
+            .filter_map(|m| tree.get_id(m.id))
+            .partition(|d| d.uid == p.uid);
+        let mut descendants: Vec<Victim> = descendants.into_iter().map(Victim::of).collect();
+        // Parents before their children: a parent always starts first.
+        descendants.sort_by_key(|v| (v.id.start_ticks, v.id.pid));
+        Decision {
+            target: Victim::of(p),
+            descendants,
+            other_uid: other_uid.len(),
+            rule: rule.name.clone(),
+            reason,
+            clean_end: rule.clean_end,
+            eof_grace: self.eof_grace,
+            grace: self.grace,
+            idle_secs: secs(now.saturating_sub(t.evidence.last_activity)),
+            deadline_ns,
+            ppid: p.ppid,
+            parent_comm: tree.get(p.ppid).map(|pp| pp.comm.clone()).unwrap_or_default(),
+            argv: p.argv.to_string(),
+            dry_run: self.mode == Mode::DryRun,
+            kind: None,
+            note: String::new(),
+        }
+    }
+
+    /// A decision to end one leftover of `e` (SIGTERM first: the agent that could close its
+    /// input is gone).
+    fn leftover_decision(&self, e: &Ended, p: &Process, kind: Kind, reason: Reason, deadline_ns: Nanos, now: Nanos) -> Decision {
+        Decision {
+            target: Victim::of(p),
+            descendants: Vec::new(),
+            other_uid: 0,
+            rule: e.rule.clone(),
+            reason,
+            clean_end: CleanEnd::None,
+            eof_grace: self.eof_grace,
+            grace: self.grace,
+            idle_secs: secs(now.saturating_sub(e.at)),
+            deadline_ns,
+            ppid: p.ppid,
+            parent_comm: tree_comm(p.ppid, e),
+            argv: p.argv.to_string(),
+            dry_run: self.mode == Mode::DryRun,
+            kind: Some(kind),
+            note: format!("leftover of session {} ({}), which ended {:.0}s ago", e.target, crate::events::printable(&e.comm), secs(now.saturating_sub(e.at))),
+        }
+    }
+
+    /// Leftovers past their grace: the connected ones (per the rule) become decisions, the
+    /// rest are reported once and left alone.
+    fn decide_leftovers(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host, decisions: &mut Vec<Decision>) {
+        let mut sessions: Vec<Identity> = self
+            .ended
+            .values()
+            .filter(|e| self.leftovers_due(e, now).next().is_some())
+            .map(|e| e.target)
+            .collect();
+        sessions.sort_unstable_by_key(|id| (id.start_ticks, id.pid));
+        let grace = nanos(self.leftover_grace);
+        let deadline_of = move |e: &Ended| e.at.saturating_add(grace);
+        for session in sessions {
+            let e = &self.ended[&session];
+            let due: Vec<Member> = self.leftovers_due(e, now).copied().collect();
+            // Children before their parents: the deepest leftovers first.
+            let mut due = due;
+            due.sort_by_key(|m| std::cmp::Reverse((m.id.start_ticks, m.id.pid)));
+            for m in due {
+                let e = &self.ended[&session];
+                let Some(p) = tree.get_id(m.id) else { continue };
+                let kind = host.connections(m.id.pid).map_or(Kind::Other, |c| Kind::of(&c));
+                let verdict = if p.uid != e.uid {
+                    Err("it runs as another uid than its agent: never signalled")
+                } else {
+                    session::reapable(e.policy, kind)
+                };
+                let (pending, decision) = match verdict {
+                    Err(why) => {
+                        tracing::info!(
+                            pid = m.id.pid,
+                            comm = %crate::events::printable(&p.comm),
+                            kind = kind.as_str(),
+                            session = %e.target,
+                            why,
+                            "leftover left alone"
+                        );
+                        (Pending::LeftAlone, None)
+                    }
+                    Ok(()) => {
+                        if !take_slot(&mut self.rate, now, m.id.pid, &e.rule) {
+                            return;
+                        }
+                        (Pending::Reaping, Some(self.leftover_decision(e, p, kind, Reason::Leftover, deadline_of(e), now)))
+                    }
+                };
+                let member = self
+                    .ended
+                    .get_mut(&session)
+                    .and_then(|e| e.members.get_mut(&m.id.pid))
+                    .expect("listed above");
+                member.pending = pending;
+                member.kind = Some(kind);
+                decisions.extend(decision);
+            }
+        }
+    }
+
+    fn decide_runaways(&mut self, tree: &ProcessTree, now: Nanos, decisions: &mut Vec<Decision>) {
+        let mut due: Vec<u32> = self
+            .runaways
+            .values()
+            .filter(|r| self.runaway_due(r, now))
+            .map(|r| r.id.pid)
+            .collect();
+        due.sort_unstable();
+        for pid in due {
+            let r = self.runaways[&pid];
+            let Some(p) = tree.get_id(r.id) else { continue };
+            if !take_slot(&mut self.rate, now, pid, "runaway") {
+                return;
+            }
+            let mut descendants: Vec<Victim> = descendants(tree, pid)
+                .into_iter()
+                .filter(|d| d.uid == p.uid)
+                .map(Victim::of)
+                .collect();
             descendants.sort_by_key(|v| (v.id.start_ticks, v.id.pid));
+            let since = r.burning_since.unwrap_or(now);
             decisions.push(Decision {
                 target: Victim::of(p),
                 descendants,
-                other_uid: other_uid.len(),
-                rule: rule.name.clone(),
-                reason,
-                clean_end: rule.clean_end,
+                other_uid: 0,
+                rule: "runaway".into(),
+                reason: Reason::Runaway,
+                clean_end: CleanEnd::Interrupt,
                 eof_grace: self.eof_grace,
                 grace: self.grace,
-                idle_secs: secs(now.saturating_sub(t.evidence.last_activity)),
-                deadline_ns,
+                idle_secs: 0.0,
+                deadline_ns: since.saturating_add(nanos(self.runaway_for)),
                 ppid: p.ppid,
                 parent_comm: tree.get(p.ppid).map(|pp| pp.comm.clone()).unwrap_or_default(),
                 argv: p.argv.to_string(),
                 dry_run: self.mode == Mode::DryRun,
+                kind: None,
+                note: format!(
+                    "lost its terminal, re-parented, above {:.0}% of a core for {:.0}s",
+                    self.runaway_cpu * 100.0,
+                    secs(now.saturating_sub(since))
+                ),
             });
-            self.targets.get_mut(&pid).expect("listed above").pending = Pending::Reaping;
+            self.runaways.get_mut(&pid).expect("listed above").pending = Pending::Reaping;
         }
-        decisions
+    }
+
+    /// Memory is short: the one idle target or leftover with the largest RSS, ended at once
+    /// without waiting for its timeout. Never an active target or a turn in flight.
+    pub fn pressure_decision(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host, reading: &Pressure) -> Option<Decision> {
+        let min_idle = nanos(self.memory_pressure.min_idle);
+        let rss = |ids: &mut dyn Iterator<Item = Identity>| -> u64 { ids.filter_map(|id| host.rss_bytes(id)).sum() };
+        enum Pick {
+            Target(u32),
+            Leftover(Identity, u32, Kind),
+        }
+        let mut best: Option<(u64, Pick)> = None;
+        for t in self.targets.values() {
+            let quiet = now.saturating_sub(t.evidence.last_activity) >= min_idle;
+            if t.pending != Pending::None
+                || !quiet
+                || t.evidence.watch_failed
+                || matches!(self.verdict(t, now), Verdict::TurnInFlight { .. })
+            {
+                continue;
+            }
+            let bytes = rss(&mut std::iter::once(t.id).chain(t.members.values().map(|m| m.id)));
+            if best.as_ref().is_none_or(|(b, _)| bytes > *b) {
+                best = Some((bytes, Pick::Target(t.id.pid)));
+            }
+        }
+        for e in self.ended.values() {
+            for m in e.members.values().filter(|m| m.pending == Pending::None) {
+                let Some(p) = tree.get_id(m.id) else { continue };
+                let kind = host.connections(m.id.pid).map_or(Kind::Other, |c| Kind::of(&c));
+                if p.uid != e.uid || session::reapable(e.policy, kind).is_err() {
+                    continue;
+                }
+                let bytes = rss(&mut std::iter::once(m.id));
+                if best.as_ref().is_none_or(|(b, _)| bytes > *b) {
+                    best = Some((bytes, Pick::Leftover(e.target, m.id.pid, kind)));
+                }
+            }
+        }
+        let (bytes, pick) = best?;
+        let note = format!("memory is short ({reading}); largest idle target or leftover: {bytes} bytes RSS");
+        match pick {
+            Pick::Target(pid) => {
+                let t = &self.targets[&pid];
+                let p = tree.get_id(t.id)?;
+                let name = self.rules[t.rule].name.clone();
+                if !take_slot(&mut self.rate, now, pid, &name) {
+                    return None;
+                }
+                let t = &self.targets[&pid];
+                let mut d = self.target_decision(t, p, tree, Reason::MemoryPressure, now, now);
+                d.note = note;
+                self.targets.get_mut(&pid).expect("found above").pending = Pending::Reaping;
+                Some(d)
+            }
+            Pick::Leftover(session, pid, kind) => {
+                let e = &self.ended[&session];
+                let p = tree.get_id(e.members[&pid].id)?;
+                let rule = e.rule.clone();
+                if !take_slot(&mut self.rate, now, pid, &rule) {
+                    return None;
+                }
+                let e = &self.ended[&session];
+                let mut d = self.leftover_decision(e, p, kind, Reason::MemoryPressure, now, now);
+                d.note = format!("{note}; {}", d.note);
+                let m = self.ended.get_mut(&session)?.members.get_mut(&pid)?;
+                m.pending = Pending::Reaping;
+                m.kind = Some(kind);
+                Some(d)
+            }
+        }
     }
 
     /// Takes what became of a decision into account.
     pub fn settle(&mut self, target: Identity, settled: Settled) {
-        let Some(t) = self.targets.get_mut(&target.pid).filter(|t| t.id == target) else {
-            return;
-        };
-        t.pending = match settled {
+        let pending = match settled {
             Settled::WouldKill => Pending::WouldKillReported,
             Settled::RetryAt(at) => Pending::RetryAt(at),
             // Gone, or the pid is someone else's now: nothing more to do until its exit event
             // (which may still be on its way) removes it.
             Settled::Gone => Pending::Done,
         };
+        if let Some(t) = self.targets.get_mut(&target.pid).filter(|t| t.id == target) {
+            t.pending = pending;
+        } else if let Some(m) = self
+            .left_of
+            .get(&target.pid)
+            .and_then(|session| self.ended.get_mut(session))
+            .and_then(|e| e.members.get_mut(&target.pid))
+            .filter(|m| m.id == target)
+        {
+            m.pending = pending;
+        } else if let Some(r) = self.runaways.get_mut(&target.pid).filter(|r| r.id == target) {
+            r.pending = pending;
+        }
+    }
+
+    /// Every session: live targets and ended ones with what is left of them.
+    pub fn sessions(&self, tree: &ProcessTree, now: Nanos, host: &impl Host) -> Vec<SessionView> {
+        let kinds = |members: &mut dyn Iterator<Item = &Member>| -> (KindCounts, u64) {
+            let mut counts = KindCounts::default();
+            let mut rss = 0;
+            for m in members.filter(|m| tree.get_id(m.id).is_some()) {
+                counts.add(m.kind.unwrap_or_else(|| host.connections(m.id.pid).map_or(Kind::Other, |c| Kind::of(&c))));
+                rss += host.rss_bytes(m.id).unwrap_or(0);
+            }
+            (counts, rss)
+        };
+        let mut out = Vec::new();
+        for t in self.targets.values() {
+            let Some(p) = tree.get_id(t.id) else { continue };
+            let (descendants, rss) = kinds(&mut t.members.values());
+            out.push(SessionView {
+                target: t.id,
+                comm: p.comm.clone(),
+                rule: self.rules[t.rule].name.clone(),
+                state: self.session_state(t, now).into(),
+                uid: p.uid,
+                parent: p.ppid,
+                parent_comm: tree.get(p.ppid).map(|pp| pp.comm.clone()).unwrap_or_default(),
+                quiet_secs: secs(now.saturating_sub(t.evidence.last_activity)),
+                descendants,
+                leftovers: 0,
+                rss_bytes: rss + host.rss_bytes(t.id).unwrap_or(0),
+            });
+        }
+        for e in self.ended.values() {
+            let (descendants, rss) = kinds(&mut e.members.values());
+            out.push(SessionView {
+                target: e.target,
+                comm: e.comm.clone(),
+                rule: e.rule.clone(),
+                state: "ended".into(),
+                uid: e.uid,
+                parent: e.parent.pid,
+                parent_comm: e.parent_comm.clone(),
+                quiet_secs: secs(now.saturating_sub(e.at)),
+                descendants,
+                leftovers: descendants.total(),
+                rss_bytes: rss,
+            });
+        }
+        out.sort_by_key(|v| (v.target.start_ticks, v.target.pid));
+        out
+    }
+
+    fn session_state(&self, t: &Target, now: Nanos) -> &'static str {
+        match self.verdict(t, now) {
+            Verdict::TurnInFlight { .. } => "turn_in_flight",
+            Verdict::Idle { .. } | Verdict::Orphaned { .. } => "leaked",
+            Verdict::Active { .. } if now.saturating_sub(t.evidence.last_activity) >= 60_000_000_000 => "idle",
+            Verdict::Active { .. } => "active",
+        }
+    }
+
+    /// Sessions by state, and leftovers (members of ended sessions past their grace) by kind,
+    /// for the gauges. Reads nothing from the host.
+    pub fn session_counts(&self, now: Nanos) -> (Vec<(&'static str, i64)>, Vec<(Kind, i64)>) {
+        let mut states: Vec<(&'static str, i64)> =
+            ["active", "idle", "turn_in_flight", "leaked", "ended"].iter().map(|s| (*s, 0)).collect();
+        let mut bump_state = |state: &str| {
+            if let Some((_, n)) = states.iter_mut().find(|(s, _)| *s == state) {
+                *n += 1;
+            }
+        };
+        for t in self.targets.values() {
+            bump_state(self.session_state(t, now));
+        }
+        let mut kinds: Vec<(Kind, i64)> = Kind::ALL.iter().map(|k| (*k, 0)).collect();
+        for e in self.ended.values() {
+            bump_state("ended");
+            for m in e.members.values() {
+                if let Some(kind) = m.kind
+                    && let Some((_, n)) = kinds.iter_mut().find(|(k, _)| *k == kind)
+                {
+                    *n += 1;
+                }
+            }
+        }
+        (states, kinds)
     }
 
     fn view(&self, t: &Target, tree: &ProcessTree, now: Nanos) -> TargetView {
@@ -748,7 +1296,7 @@ impl Detector {
             None => Vec::new(),
         };
         let first_step = first_match.map(|clean_end| {
-            let stdin = host.stdin(pid);
+            let stdin = host.connections(pid).and_then(|c| c.stdin);
             let step = match clean_end {
                 CleanEnd::CloseInput if stdin.as_deref().is_some_and(|s| s.starts_with("socket:")) => {
                     "close input (shutdown of its stdin socket, as the SDK's close() does)"
@@ -770,10 +1318,68 @@ impl Detector {
                 .filter(|t| process.as_ref().is_some_and(|p| p.id == t.id))
                 .map(|t| self.view(t, tree, now)),
             first_step,
+            session: self.session_of(tree, pid, now, host),
             descendant_of: self.member_of.get(&pid).copied(),
             process,
             rules,
         }
+    }
+}
+
+/// Takes a kill slot, or says that the rate limit holds `pid` back.
+fn take_slot(rate: &mut RateLimit, now: Nanos, pid: u32, rule: &str) -> bool {
+    match rate.take(now) {
+        Ok(()) => true,
+        Err(until) => {
+            tracing::warn!(
+                pid,
+                rule,
+                retry_in_secs = secs(until.saturating_sub(now)),
+                "kill rate limit reached; waiting"
+            );
+            false
+        }
+    }
+}
+
+/// The comm of a leftover's parent: its agent's, if the parent is the session's parent.
+fn tree_comm(ppid: u32, e: &Ended) -> String {
+    if ppid == e.target.pid { e.comm.clone() } else { String::new() }
+}
+
+impl Detector {
+    /// The session `pid` belongs to by lineage, and why it is or is not a leftover reaped.
+    fn session_of(&self, tree: &ProcessTree, pid: u32, now: Nanos, host: &impl Host) -> Option<SessionOf> {
+        let p = tree.get(pid)?;
+        let kind = || host.connections(pid).map(|c| Kind::of(&c));
+        if let Some(target) = self.member_of.get(&pid).and_then(|t| self.targets.get(t)) {
+            return Some(SessionOf {
+                target: target.id,
+                ended: false,
+                kind: kind(),
+                leftover: "not a leftover: its session's target is alive".into(),
+            });
+        }
+        let e = self.ended.get(self.left_of.get(&pid)?)?;
+        let m = e.members.get(&pid).filter(|m| m.id == p.id)?;
+        let kind = m.kind.or_else(kind);
+        let grace_left = e.at.saturating_add(nanos(self.leftover_grace)).saturating_sub(now);
+        let verdict = if p.uid != e.uid {
+            Err("it runs as another uid than its agent: never signalled")
+        } else {
+            session::reapable(e.policy, kind.unwrap_or(Kind::Other))
+        };
+        let leftover = match (grace_left, verdict) {
+            (0, Ok(())) => "a leftover: its target exited and it is still here after leftover_grace; reaped (SIGTERM, grace, SIGKILL)".to_owned(),
+            (left, Ok(())) => format!("its target exited; a leftover, reaped in {:.0}s unless it exits", secs(left)),
+            (_, Err(why)) => format!("its target exited; left alone: {why}"),
+        };
+        Some(SessionOf {
+            target: e.target,
+            ended: true,
+            kind,
+            leftover,
+        })
     }
 }
 

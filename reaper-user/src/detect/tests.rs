@@ -17,6 +17,8 @@ struct FakeHost {
     watched: Map<u32, u32>,
     /// The kernel's watch map holds this many pids at most.
     watch_capacity: Option<usize>,
+    conns: Map<u32, session::Connections>,
+    rss: Map<u32, u64>,
 }
 
 impl Host for FakeHost {
@@ -45,8 +47,15 @@ impl Host for FakeHost {
             self.watched.remove(p);
         }
     }
-    fn stdin(&self, _pid: u32) -> Option<String> {
-        Some("socket:[4242]".into())
+    fn connections(&self, pid: u32) -> Option<session::Connections> {
+        Some(self.conns.get(&pid).cloned().unwrap_or(session::Connections {
+            stdin: Some("socket:[4242]".into()),
+            stdout: Some("socket:[4243]".into()),
+            session_leader: false,
+        }))
+    }
+    fn rss_bytes(&self, id: Identity) -> Option<u64> {
+        Some(self.rss.get(&id.pid).copied().unwrap_or(1000))
     }
 }
 
@@ -285,6 +294,7 @@ fn a_target_that_exits_is_forgotten_and_unwatched() {
     let mut w = World::new("");
     w.spawn(20, 10, SDK, S);
     w.spawn(30, 20, &["/bin/sleep", "9"], S);
+    w.host.conns.insert(30, detached()); // not a leftover that is reaped
     w.exit(20, 2 * S);
     assert_eq!(w.det.target_count(), 0);
     assert!(w.host.watched.is_empty(), "{:?}", w.host.watched);
@@ -526,4 +536,140 @@ fn bytes_since_the_last_sample_stop_the_decision() {
     w.host.sock.insert(20, SockActivity { last_ns: 10 * S + S / 2, bytes: 300, last_net_recv_ns: 0 });
     assert!(w.tick(11 * S).is_empty(), "decided on stale evidence");
     assert_eq!(w.det.views(&w.tree, 11 * S)[0].evidence.last_activity, 10 * S + S / 2);
+}
+
+// --- sessions, leftovers, runaways, memory pressure -----------------------------------------
+
+/// A detached process: a session of its own, stdin /dev/null, output to a file.
+fn detached() -> session::Connections {
+    session::Connections {
+        stdin: Some("/dev/null".into()),
+        stdout: Some("/tmp/dev-server.log".into()),
+        session_leader: true,
+    }
+}
+
+#[test]
+fn a_stdio_server_left_behind_is_reaped_after_the_leftover_grace_and_a_detached_one_is_not() {
+    let mut w = World::new("leftover_grace = \"5s\"");
+    w.spawn(20, 10, SDK, S);
+    // An MCP server behind an npx-style wrapper, and a dev server the user asked for.
+    w.spawn(30, 20, &["/usr/bin/npm", "exec", "mcp-server"], 2 * S);
+    w.spawn(31, 30, &["/usr/bin/node", "server.js"], 2 * S);
+    w.spawn(40, 20, &["/bin/bash", "-c", "npm run dev"], 3 * S);
+    w.host.conns.insert(40, detached());
+    // The CLI exits (closed by its daemon); the wrapper exits without passing anything on.
+    w.exit(20, 10 * S);
+    w.exit(30, 10 * S + 1);
+    assert_eq!(w.tree.get(31).unwrap().ppid, 1, "re-parented to init");
+    assert!(w.tick(14 * S).is_empty(), "not before the grace");
+    let orders = w.tick(15 * S);
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    let o = &orders[0];
+    assert_eq!((o.target.id, o.reason, o.kind), (id(31), Reason::Leftover, Some(session::Kind::StdioServer)));
+    assert_eq!(o.clean_end, crate::config::CleanEnd::None, "SIGTERM first: nobody is left to close its input");
+    assert!(w.tick(100 * S).is_empty(), "the detached one is only reported");
+    let e = w.det.explain(&w.tree, 40, 100 * S, &w.host);
+    let s = e.session.unwrap();
+    assert_eq!((s.target, s.ended), (id(20), true));
+    assert!(s.leftover.contains("left alone"), "{}", s.leftover);
+    let sessions = w.det.sessions(&w.tree, 100 * S, &w.host);
+    assert_eq!(sessions.len(), 1);
+    assert_eq!((sessions[0].state.as_str(), sessions[0].leftovers), ("ended", 2));
+    let (_, kinds) = w.det.session_counts(100 * S);
+    assert!(kinds.contains(&(session::Kind::Tool, 1)) && kinds.contains(&(session::Kind::StdioServer, 1)), "{kinds:?}");
+}
+
+#[test]
+fn a_leftover_of_another_uid_is_never_signalled() {
+    let mut w = World::new("leftover_grace = \"5s\"");
+    w.spawn_as(20, 10, SDK, S, 1000);
+    w.spawn_as(30, 20, &["/usr/bin/sudo", "mcp"], 2 * S, 0);
+    w.exit(20, 10 * S);
+    assert!(w.tick(20 * S).is_empty());
+    assert!(w.det.explain(&w.tree, 30, 20 * S, &w.host).session.unwrap().leftover.contains("another uid"));
+}
+
+#[test]
+fn a_rule_can_reap_every_leftover_or_none() {
+    for (policy, expected) in [("all", 1), ("none", 0)] {
+        let text = format!(
+            "leftover_grace = \"5s\"\n[[rule]]\nname = \"claude-sdk\"\ncomm = [\"claude\"]\n\
+             argv_any = [\"--input-format=stream-json\"]\nleftovers = \"{policy}\"\n"
+        );
+        let mut w = World::new("");
+        w.det = Detector::new(&parse(&text, "test", &Overrides::default()).unwrap(), Source::Socket);
+        w.spawn(20, 10, SDK, S);
+        w.spawn(40, 20, &["/bin/bash", "-c", "npm run dev"], 3 * S);
+        w.host.conns.insert(40, detached());
+        w.exit(20, 10 * S);
+        assert_eq!(w.tick(15 * S).len(), expected, "leftovers = {policy}");
+    }
+}
+
+#[test]
+fn the_sessions_view_shows_state_kinds_and_rss() {
+    let mut w = World::new("");
+    w.spawn(20, 10, SDK, S);
+    w.spawn(30, 20, &["/usr/bin/node", "mcp.js"], 2 * S);
+    w.host.rss.insert(20, 180 << 20);
+    w.host.rss.insert(30, 40 << 20);
+    let s = &w.det.sessions(&w.tree, 3 * S, &w.host)[0];
+    assert_eq!((s.target, s.state.as_str(), s.parent, s.parent_comm.as_str()), (id(20), "active", 10, "node"));
+    assert_eq!(s.descendants.stdio_server, 1);
+    assert_eq!(s.rss_bytes, 220 << 20);
+    // Quiet for more than a minute, but under its timeout (10 s here → leaked at once).
+    assert_eq!(w.det.sessions(&w.tree, 12 * S, &w.host)[0].state, "leaked");
+}
+
+#[test]
+fn a_cli_that_lost_its_terminal_and_burns_cpu_is_a_runaway_and_one_with_a_terminal_never() {
+    let mut w = World::new("runaway_for = \"8s\"");
+    // Two interactive CLIs (no stream-json argv: never targets) under shells that die.
+    w.spawn(50, 10, &["/bin/bash"], S);
+    w.spawn(51, 50, &["/usr/bin/claude"], S);
+    w.spawn(60, 10, &["/bin/bash"], S);
+    w.spawn(61, 60, &["/usr/bin/claude"], S);
+    w.host.tty.insert(61, 34816); // its terminal is alive
+    assert_eq!(w.det.target_count(), 0);
+    w.exit(50, 2 * S);
+    w.exit(60, 2 * S);
+    let hz = crate::events::ticks_per_second();
+    let mut orders = Vec::new();
+    let mut t = 2 * S;
+    while orders.is_empty() && t < 30 * S {
+        t += S / 2;
+        // 100 % of a core each.
+        w.host.cpu.insert(51, (t / (S / 2)) * hz / 2);
+        w.host.cpu.insert(61, (t / (S / 2)) * hz / 2);
+        orders = w.tick(t);
+    }
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    assert_eq!((orders[0].target.id, orders[0].reason), (id(51), Reason::Runaway));
+    assert!((10 * S..=13 * S).contains(&t), "reaped at {}s, burning from ~2.5s, runaway_for 8s", t / S);
+}
+
+#[test]
+fn under_memory_pressure_the_largest_quiet_target_goes_first_and_never_a_turn_in_flight() {
+    // Idle timeout 10 s: the pressure comes at 10 s, before any of them is due.
+    let mut w = World::new("memory_pressure_min_idle = \"5s\"");
+    for pid in [20, 21, 22, 23] {
+        w.spawn(pid, 10, SDK, S);
+    }
+    w.host.rss.insert(20, 100 << 20);
+    w.host.rss.insert(21, 300 << 20); // the largest, but in a turn waiting on a tool
+    w.host.rss.insert(22, 200 << 20);
+    w.host.rss.insert(23, 900 << 20); // the largest of all, but talking
+    w.model_said(21, 2 * S, 10);
+    w.spawn(31, 21, &["/bin/bash", "-c", "make"], 2 * S + 1);
+    assert!(w.tick(3 * S).is_empty());
+    let reading = session::Pressure { some_avg10: Some(40.0), available_percent: Some(50.0) };
+    w.host.sock.insert(23, SockActivity { last_ns: 9 * S, bytes: 99, last_net_recv_ns: 0 });
+    w.det.sample_due(&w.tree, 9 * S + S / 2, &w.host);
+    let d = w.det.pressure_decision(&w.tree, 10 * S, &w.host, &reading).unwrap();
+    assert_eq!((d.target.id, d.reason), (id(22), Reason::MemoryPressure));
+    assert!(d.note.contains("avg10=40.00"), "{}", d.note);
+    let d = w.det.pressure_decision(&w.tree, 10 * S, &w.host, &reading).unwrap();
+    assert_eq!(d.target.id, id(20), "then the next largest");
+    assert!(w.det.pressure_decision(&w.tree, 10 * S, &w.host, &reading).is_none(), "never 21 or 23");
 }

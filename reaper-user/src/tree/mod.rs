@@ -44,7 +44,7 @@ pub struct Process {
     pub exe: String,
     pub argv: Argv,
     pub argv_truncated: bool,
-    /// Live children's pids.
+    /// Live children's pids (for an exited process: the children it had when it exited).
     pub children: BTreeSet<u32>,
     /// Set once the process has exited.
     pub exit: Option<ExitStatus>,
@@ -317,14 +317,16 @@ impl ProcessTree {
             self.remember_exited(gone);
             return Applied::Unknown;
         }
-        let mut gone = self.remove(id.pid).expect("checked above");
-        // exit_notify(): the children go to the reaper the kernel chose.
-        for child in std::mem::take(&mut gone.children) {
+        let gone = self.remove(id.pid).expect("checked above");
+        // exit_notify(): the children go to the reaper the kernel chose. The remembered entry
+        // keeps the children it had: who was orphaned by this exit.
+        for &child in &gone.children {
             if let Some(c) = self.live.get_mut(&child) {
                 c.ppid = reaper_pid;
                 self.link(reaper_pid, child);
             }
         }
+        let mut gone = gone;
         gone.exit = Some(status);
         self.remember_exited(gone);
         Applied::Changed

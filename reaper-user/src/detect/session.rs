@@ -1,0 +1,213 @@
+//! Agent sessions: a target and every process that descends from it, by lineage (recorded at
+//! fork, kept when a process is re-parented to init or a subreaper), and what is left of it
+//! once the target is gone. Pure: the detector feeds it facts read from the host.
+use serde::{Deserialize, Serialize};
+
+use crate::config::Leftovers;
+
+/// How a process's stdin and stdout are connected, and whether it leads its own session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connections {
+    /// `/proc/PID/fd/0`: `socket:[…]`, `pipe:[…]`, `/dev/null`, a path.
+    pub stdin: Option<String>,
+    /// `/proc/PID/fd/1`.
+    pub stdout: Option<String>,
+    /// Its session id is its pid (`setsid()`): it detached from the agent's session.
+    pub session_leader: bool,
+}
+
+impl Connections {
+    fn connected(fd: &Option<String>) -> bool {
+        fd.as_deref()
+            .is_some_and(|f| f.starts_with("pipe:") || f.starts_with("socket:"))
+    }
+}
+
+/// What a descendant of a target is, as far as the kernel shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// stdin or stdout is a pipe or socket, in the agent's session: a stdio MCP server (also
+    /// behind a wrapper), connected to the agent.
+    StdioServer,
+    /// Leads a session of its own: a tool (the Bash tool runs `bash` after `setsid`), a
+    /// background task, a dev server the user asked for. Detached on purpose.
+    Tool,
+    /// Anything else.
+    Other,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Self::StdioServer, Self::Tool, Self::Other];
+
+    pub fn of(c: &Connections) -> Self {
+        if c.session_leader {
+            Self::Tool
+        } else if Connections::connected(&c.stdin) || Connections::connected(&c.stdout) {
+            Self::StdioServer
+        } else {
+            Self::Other
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StdioServer => "stdio_server",
+            Self::Tool => "tool",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// Whether a leftover of this kind is reaped under a rule's policy, and why (or why not).
+pub fn reapable(policy: Leftovers, kind: Kind) -> Result<(), &'static str> {
+    match (policy, kind) {
+        (Leftovers::None, _) => Err("its rule reaps no leftovers (leftovers = \"none\")"),
+        (Leftovers::All, _) | (Leftovers::Connected, Kind::StdioServer) => Ok(()),
+        (Leftovers::Connected, _) => Err(
+            "it detached on purpose (a session of its own, or no pipe or socket on its stdio): \
+             reported, not reaped (a rule reaps it with leftovers = \"all\")",
+        ),
+    }
+}
+
+/// Live descendants of a session, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KindCounts {
+    pub stdio_server: usize,
+    pub tool: usize,
+    pub other: usize,
+}
+
+impl KindCounts {
+    pub fn add(&mut self, kind: Kind) {
+        match kind {
+            Kind::StdioServer => self.stdio_server += 1,
+            Kind::Tool => self.tool += 1,
+            Kind::Other => self.other += 1,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.stdio_server + self.tool + self.other
+    }
+}
+
+/// A session as shown by `reaper sessions`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SessionView {
+    pub target: crate::events::Identity,
+    pub comm: String,
+    pub rule: String,
+    /// active, idle, turn_in_flight, leaked or ended.
+    pub state: String,
+    pub uid: u32,
+    /// The agent daemon that started it.
+    pub parent: u32,
+    pub parent_comm: String,
+    /// Seconds since its last activity (live) or since it ended.
+    pub quiet_secs: f64,
+    pub descendants: KindCounts,
+    /// Descendants still alive after the target ended.
+    pub leftovers: usize,
+    /// RSS of the target (if alive) and its live descendants.
+    pub rss_bytes: u64,
+}
+
+/// One reading of memory pressure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Pressure {
+    /// PSI `some avg10`, percent.
+    pub some_avg10: Option<f64>,
+    /// MemAvailable as a share of MemTotal, percent.
+    pub available_percent: Option<f64>,
+}
+
+impl Pressure {
+    /// Parses a PSI file (`/proc/pressure/memory` or a cgroup's `memory.pressure`) and
+    /// `/proc/meminfo`; either may be missing.
+    pub fn parse(psi: Option<&str>, meminfo: Option<&str>) -> Self {
+        let some_avg10 = psi.and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("some "))?;
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix("avg10="))?
+                .parse()
+                .ok()
+        });
+        let available_percent = meminfo.and_then(|text| {
+            let kb = |key: &str| -> Option<f64> {
+                text.lines()
+                    .find(|l| l.starts_with(key))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            };
+            let (total, available) = (kb("MemTotal:")?, kb("MemAvailable:")?);
+            (total > 0.0).then(|| available / total * 100.0)
+        });
+        Self {
+            some_avg10,
+            available_percent,
+        }
+    }
+
+    /// Whether this reading says memory is short.
+    pub fn short(&self, mp: &crate::config::MemoryPressure) -> bool {
+        self.some_avg10.is_some_and(|p| p >= mp.some_avg10)
+            || self.available_percent.is_some_and(|a| a < mp.available_percent)
+    }
+}
+
+impl std::fmt::Display for Pressure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.some_avg10 {
+            Some(p) => write!(f, "PSI some avg10={p:.2}%")?,
+            None => write!(f, "PSI unknown")?,
+        }
+        match self.available_percent {
+            Some(a) => write!(f, ", MemAvailable {a:.1}% of MemTotal"),
+            None => write!(f, ", MemAvailable unknown"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_follow_the_connections() {
+        let c = |stdin: &str, stdout: &str, leader| Connections {
+            stdin: Some(stdin.into()),
+            stdout: Some(stdout.into()),
+            session_leader: leader,
+        };
+        assert_eq!(Kind::of(&c("pipe:[7]", "pipe:[8]", false)), Kind::StdioServer);
+        assert_eq!(Kind::of(&c("/dev/null", "socket:[9]", false)), Kind::StdioServer);
+        assert_eq!(Kind::of(&c("/dev/null", "/tmp/x/tasks/1.output", true)), Kind::Tool);
+        assert_eq!(Kind::of(&c("pipe:[7]", "pipe:[8]", true)), Kind::Tool, "setsid wins");
+        assert_eq!(Kind::of(&c("/dev/null", "/var/log/x", false)), Kind::Other);
+        assert!(reapable(Leftovers::Connected, Kind::StdioServer).is_ok());
+        assert!(reapable(Leftovers::Connected, Kind::Tool).is_err());
+        assert!(reapable(Leftovers::All, Kind::Tool).is_ok());
+        assert!(reapable(Leftovers::None, Kind::StdioServer).is_err());
+    }
+
+    #[test]
+    fn pressure_is_read_from_psi_and_meminfo() {
+        let psi = "some avg10=31.50 avg60=12.00 avg300=3.00 total=12345\nfull avg10=1.00 avg60=0.00 avg300=0.00 total=1\n";
+        let meminfo = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:    1200000 kB\n";
+        let p = Pressure::parse(Some(psi), Some(meminfo));
+        assert_eq!(p.some_avg10, Some(31.5));
+        assert!((p.available_percent.unwrap() - 5.0).abs() < 1e-9);
+        let mut mp = crate::config::Config::builtin().memory_pressure;
+        assert!(p.short(&mp));
+        mp.some_avg10 = 50.0;
+        assert!(p.short(&mp), "MemAvailable 5% < 10%");
+        mp.available_percent = 1.0;
+        assert!(!p.short(&mp));
+        assert_eq!(Pressure::parse(Some("garbage"), None), Pressure::default());
+        assert!(!Pressure::default().short(&mp));
+    }
+}
