@@ -136,8 +136,17 @@ fn tool_version(tool: &str, args: &[&str]) -> anyhow::Result<String> {
             ),
             _ => anyhow::Error::new(e).context(format!("cannot run `{tool}`")),
         })?;
-    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
-    Ok(String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_owned())
+    let text = if out.stdout.is_empty() {
+        out.stderr
+    } else {
+        out.stdout
+    };
+    Ok(String::from_utf8_lossy(&text)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned())
 }
 
 /// `npm install` of the pinned packages into `dir` (its own package.json, so the workspace's
@@ -180,7 +189,10 @@ fn install_npm(dir: &Path) -> anyhow::Result<()> {
         }
         bail!("`{}` failed ({st}): {}", describe(&cmd), tail(&stderr));
     }
-    println!("xtask: e2e: npm install done in {:.0}s", step.elapsed().as_secs_f64());
+    println!(
+        "xtask: e2e: npm install done in {:.0}s",
+        step.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -197,7 +209,14 @@ fn install_pypi(venv: &Path) -> anyhow::Result<()> {
     let spec = format!("{}=={}", PYPI_PACKAGE.0, PYPI_PACKAGE.1);
     println!("xtask: e2e: pip install {spec} (into {})", venv.display());
     let mut cmd = Command::new(&python);
-    cmd.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", &spec]);
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &spec,
+    ]);
     let (st, stderr) = status_tee_stderr(&mut cmd)?;
     if !st.success() {
         if unreachable_registry(&stderr) {
@@ -208,7 +227,10 @@ fn install_pypi(venv: &Path) -> anyhow::Result<()> {
         }
         bail!("`{}` failed ({st}): {}", describe(&cmd), tail(&stderr));
     }
-    println!("xtask: e2e: pip install done in {:.0}s", step.elapsed().as_secs_f64());
+    println!(
+        "xtask: e2e: pip install done in {:.0}s",
+        step.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -248,11 +270,20 @@ fn check_versions(root: &Path) -> anyhow::Result<()> {
         .context("reading the installed claude-agent-sdk's package.json")?;
     let want_sdk = format!("\"version\": \"{}\"", NPM_PACKAGES[0].1);
     if !sdk.contains(&want_sdk) {
-        bail!("the installed @anthropic-ai/claude-agent-sdk is not {}", NPM_PACKAGES[0].1);
+        bail!(
+            "the installed @anthropic-ai/claude-agent-sdk is not {}",
+            NPM_PACKAGES[0].1
+        );
     }
     let checks: [(PathBuf, &str); 3] = [
-        (nm.join("@anthropic-ai/claude-agent-sdk-linux-x64/claude"), NPM_PACKAGES[1].1),
-        (nm.join("@anthropic-ai/claude-code/bin/claude.exe"), NPM_PACKAGES[1].1),
+        (
+            nm.join("@anthropic-ai/claude-agent-sdk-linux-x64/claude"),
+            NPM_PACKAGES[1].1,
+        ),
+        (
+            nm.join("@anthropic-ai/claude-code/bin/claude.exe"),
+            NPM_PACKAGES[1].1,
+        ),
         (nm.join(".bin/bun"), NPM_PACKAGES[2].1),
     ];
     for (bin, version) in checks {
@@ -267,7 +298,11 @@ fn check_versions(root: &Path) -> anyhow::Result<()> {
             .env("DISABLE_TELEMETRY", "1");
         let got = output(&mut cmd)?;
         if !got.contains(version) {
-            bail!("`{} --version` printed {:?}, expected {version}", bin.display(), got.trim());
+            bail!(
+                "`{} --version` printed {:?}, expected {version}",
+                bin.display(),
+                got.trim()
+            );
         }
         println!("xtask: e2e: {} --version: {}", bin.display(), got.trim());
     }
@@ -278,7 +313,11 @@ fn check_versions(root: &Path) -> anyhow::Result<()> {
     ]);
     let got = output(&mut cmd)?;
     if got.trim() != PYPI_PACKAGE.1 {
-        bail!("the venv's claude-agent-sdk is {:?}, expected {}", got.trim(), PYPI_PACKAGE.1);
+        bail!(
+            "the venv's claude-agent-sdk is {:?}, expected {}",
+            got.trim(),
+            PYPI_PACKAGE.1
+        );
     }
     println!("xtask: e2e: PyPI claude-agent-sdk {}", got.trim());
     Ok(())

@@ -43,7 +43,10 @@ fn main() {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--event-delay-ms" => {
-                let ms = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
+                let ms = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage());
                 delay = Duration::from_millis(ms);
             }
             "--dump" => {
@@ -209,7 +212,12 @@ fn serve(stream: TcpStream, delay: Duration) -> std::io::Result<()> {
     match (req.method.as_str(), path.as_str()) {
         (_, p) if p.starts_with("/v1/") && !authed => {
             log(&req, "401 no x-api-key");
-            error(&mut out, 401, "authentication_error", "x-api-key header is required")
+            error(
+                &mut out,
+                401,
+                "authentication_error",
+                "x-api-key header is required",
+            )
         }
         ("POST", "/v1/messages") => messages(&mut out, &req, n, delay),
         ("POST", "/v1/messages/count_tokens") => {
@@ -269,9 +277,15 @@ enum Reply {
 }
 
 fn decide(body: &Value) -> (Reply, &'static str) {
-    let messages = body["messages"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let messages = body["messages"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
     let Some(last) = messages.last() else {
-        return (Reply::Text("Hello from the mock API.".into()), "text (no messages)");
+        return (
+            Reply::Text("Hello from the mock API.".into()),
+            "text (no messages)",
+        );
     };
     let blocks: Vec<&Value> = match &last["content"] {
         Value::Array(blocks) => blocks.iter().collect(),
@@ -345,7 +359,10 @@ fn messages(out: &mut TcpStream, req: &Request, n: u64, delay: Duration) -> std:
         Reply::Tool { command } => format!("{kind} Bash {command:?}"),
         Reply::Text(_) => kind.to_owned(),
     };
-    log(req, &format!("200 {} {detail}", if stream { "stream" } else { "json" }));
+    log(
+        req,
+        &format!("200 {} {detail}", if stream { "stream" } else { "json" }),
+    );
     if !stream {
         let (content, stop) = match &reply {
             Reply::Text(text) => (json!([{ "type": "text", "text": text }]), "end_turn"),
@@ -433,7 +450,10 @@ fn messages(out: &mut TcpStream, req: &Request, n: u64, delay: Duration) -> std:
             "tool_use"
         }
     };
-    events.push(("content_block_stop", json!({ "type": "content_block_stop", "index": 0 })));
+    events.push((
+        "content_block_stop",
+        json!({ "type": "content_block_stop", "index": 0 }),
+    ));
     events.push((
         "message_delta",
         json!({ "type": "message_delta",
