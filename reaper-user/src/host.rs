@@ -78,6 +78,7 @@ impl detect::Host for LiveHost<'_> {
             stdin: fd(0),
             stdout: fd(1),
             session_leader: stat.session == stat.pid,
+            uid: proc_process(pid)?.status().ok().map(|s| s.ruid),
         })
     }
 

@@ -902,7 +902,7 @@ impl Detector {
             if !take_slot(&mut self.rate, now, pid, &rule.name) {
                 return decisions;
             }
-            decisions.push(self.target_decision(t, p, tree, reason, deadline_ns, now));
+            decisions.push(self.target_decision(t, p, tree, host, reason, deadline_ns, now));
             self.targets.get_mut(&pid).expect("listed above").pending = Pending::Reaping;
         }
         self.decide_leftovers(tree, now, host, &mut decisions);
@@ -910,14 +910,28 @@ impl Detector {
         decisions
     }
 
-    fn target_decision(&self, t: &Target, p: &Process, tree: &ProcessTree, reason: Reason, deadline_ns: Nanos, now: Nanos) -> Decision {
+    /// The decision to end target `t` (live process `p`). Its descendants go with it when they
+    /// run as its uid and its rule would reap them as leftovers: a dev server the user asked
+    /// for (detached on purpose) is left alone, and reported as a leftover once `t` is gone.
+    #[expect(clippy::too_many_arguments, reason = "the facts of one decision")]
+    fn target_decision(
+        &self,
+        t: &Target,
+        p: &Process,
+        tree: &ProcessTree,
+        host: &impl Host,
+        reason: Reason,
+        deadline_ns: Nanos,
+        now: Nanos,
+    ) -> Decision {
         let rule = &self.rules[t.rule];
-        let (descendants, other_uid): (Vec<&Process>, Vec<&Process>) = t
+        let (descendants, other_uid): (Vec<_>, Vec<_>) = t
             .members
             .values()
-            .filter_map(|m| tree.get_id(m.id))
-            .partition(|d| d.uid == p.uid);
-        let mut descendants: Vec<Victim> = descendants.into_iter().map(Victim::of).collect();
+            .filter_map(|m| Some((tree.get_id(m.id)?, host.connections(m.id.pid).unwrap_or_default())))
+            .filter(|(_, c)| session::reapable(rule.leftovers, Kind::of(c)).is_ok())
+            .partition(|(d, c)| c.uid.unwrap_or(d.uid) == p.uid);
+        let mut descendants: Vec<Victim> = descendants.into_iter().map(|(d, _)| Victim::of(d)).collect();
         // Parents before their children: a parent always starts first.
         descendants.sort_by_key(|v| (v.id.start_ticks, v.id.pid));
         Decision {
@@ -984,8 +998,9 @@ impl Detector {
             for m in due {
                 let e = &self.ended[&session];
                 let Some(p) = tree.get_id(m.id) else { continue };
-                let kind = host.connections(m.id.pid).map_or(Kind::Other, |c| Kind::of(&c));
-                let verdict = if p.uid != e.uid {
+                let conns = host.connections(m.id.pid).unwrap_or_default();
+                let kind = Kind::of(&conns);
+                let verdict = if conns.uid.unwrap_or(p.uid) != e.uid {
                     Err("it runs as another uid than its agent: never signalled")
                 } else {
                     session::reapable(e.policy, kind)
@@ -1095,8 +1110,9 @@ impl Detector {
         for e in self.ended.values() {
             for m in e.members.values().filter(|m| m.pending == Pending::None) {
                 let Some(p) = tree.get_id(m.id) else { continue };
-                let kind = host.connections(m.id.pid).map_or(Kind::Other, |c| Kind::of(&c));
-                if p.uid != e.uid || session::reapable(e.policy, kind).is_err() {
+                let conns = host.connections(m.id.pid).unwrap_or_default();
+                let kind = Kind::of(&conns);
+                if conns.uid.unwrap_or(p.uid) != e.uid || session::reapable(e.policy, kind).is_err() {
                     continue;
                 }
                 let bytes = rss(&mut std::iter::once(m.id));
@@ -1116,7 +1132,7 @@ impl Detector {
                     return None;
                 }
                 let t = &self.targets[&pid];
-                let mut d = self.target_decision(t, p, tree, Reason::MemoryPressure, now, now);
+                let mut d = self.target_decision(t, p, tree, host, Reason::MemoryPressure, now, now);
                 d.note = note;
                 self.targets.get_mut(&pid).expect("found above").pending = Pending::Reaping;
                 Some(d)
@@ -1351,7 +1367,8 @@ impl Detector {
     /// The session `pid` belongs to by lineage, and why it is or is not a leftover reaped.
     fn session_of(&self, tree: &ProcessTree, pid: u32, now: Nanos, host: &impl Host) -> Option<SessionOf> {
         let p = tree.get(pid)?;
-        let kind = || host.connections(pid).map(|c| Kind::of(&c));
+        let conns = host.connections(pid);
+        let kind = || conns.as_ref().map(Kind::of);
         if let Some(target) = self.member_of.get(&pid).and_then(|t| self.targets.get(t)) {
             return Some(SessionOf {
                 target: target.id,
@@ -1364,7 +1381,7 @@ impl Detector {
         let m = e.members.get(&pid).filter(|m| m.id == p.id)?;
         let kind = m.kind.or_else(kind);
         let grace_left = e.at.saturating_add(nanos(self.leftover_grace)).saturating_sub(now);
-        let verdict = if p.uid != e.uid {
+        let verdict = if conns.as_ref().and_then(|c| c.uid).unwrap_or(p.uid) != e.uid {
             Err("it runs as another uid than its agent: never signalled")
         } else {
             session::reapable(e.policy, kind.unwrap_or(Kind::Other))

@@ -14,6 +14,9 @@ pub struct Connections {
     pub stdout: Option<String>,
     /// Its session id is its pid (`setsid()`): it detached from the agent's session.
     pub session_leader: bool,
+    /// Its real uid now (a `setuid()` without exec shows in no event).
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 impl Connections {
@@ -182,6 +185,7 @@ mod tests {
             stdin: Some(stdin.into()),
             stdout: Some(stdout.into()),
             session_leader: leader,
+            uid: None,
         };
         assert_eq!(Kind::of(&c("pipe:[7]", "pipe:[8]", false)), Kind::StdioServer);
         assert_eq!(Kind::of(&c("/dev/null", "socket:[9]", false)), Kind::StdioServer);

@@ -52,6 +52,7 @@ impl Host for FakeHost {
             stdin: Some("socket:[4242]".into()),
             stdout: Some("socket:[4243]".into()),
             session_leader: false,
+            uid: None,
         }))
     }
     fn rss_bytes(&self, id: Identity) -> Option<u64> {
@@ -546,6 +547,7 @@ fn detached() -> session::Connections {
         stdin: Some("/dev/null".into()),
         stdout: Some("/tmp/dev-server.log".into()),
         session_leader: true,
+        uid: None,
     }
 }
 

@@ -23,7 +23,9 @@
 //! - stdio MCP servers (`--mcp N`): N children started at session start, before any request,
 //!   renamed `mcp-server`, stdin and stdout pipes to the double; each exits at EOF on its stdin
 //!   (or ignores it: `--mcp-ignore-eof`) and is SIGTERMed when the double ends
-//!   (PR_SET_PDEATHSIG), as the real CLI ends its direct MCP children.
+//!   (PR_SET_PDEATHSIG), as the real CLI ends its direct MCP children. `--mcp-wrapper` starts
+//!   each through a wrapper (`mcp-wrapper`, like `npm exec`) that dies with the double without
+//!   passing anything on: its server (ignoring EOF) is left behind, re-parented.
 //!
 //! Test commands, anywhere in a user message's text (whitespace-separated words):
 //! `tool:busy` (a child burning CPU), `tool:idle` (a child blocked reading a pipe), `tool:io` (a
@@ -33,9 +35,13 @@
 //! model answers before the result. `tool:wait:SECS` is a turn's foreground tool, like the
 //! Bash tool: a child in a session of its own (setsid), stdin `/dev/null`, silent for SECS
 //! seconds; the turn's result comes only after it exited (and one more request to the model).
+//! Children that outlive the double: `tool:stay` (stdin a pipe from the double, EOF ignored),
+//! `tool:stay-as:UID` (the same, as another uid), `tool:detached` (a dev server: a session of
+//! its own, stdin `/dev/null`, output to a file).
 //! Tools are forked (not exec'd) and renamed `tool-busy`/`tool-idle`/`tool-io`/`tool-wait`, so
 //! no tool has comm `claude`; each dies with the double (PR_SET_PDEATHSIG SIGKILL). The result
-//! line carries `"tool_pid":N` (the first) and `"tool_pids":[…]`.
+//! line carries `"tool_pid":N` (the first) and `"tool_pids":[…]`, and `"mcp_pids":[…]` (the
+//! MCP servers, or their wrappers) when there are any.
 //!
 //! Test-only flags: `--ignore-stdin-eof` (keep idling after EOF, like the children older
 //! wrappers orphan), `--idle-cpu-us N` (CPU burnt per 1 s wake; default 1000),
@@ -74,6 +80,7 @@ struct Args {
     ignore_stdin_eof: bool,
     mcp: usize,
     mcp_ignore_eof: bool,
+    mcp_wrapper: bool,
     idle_cpu_us: u64,
     rss_mb: usize,
     startup_child: bool,
@@ -92,6 +99,7 @@ fn parse_args() -> Args {
         ignore_stdin_eof: false,
         mcp: 0,
         mcp_ignore_eof: false,
+        mcp_wrapper: false,
         idle_cpu_us: 1000,
         rss_mb: 0,
         startup_child: true,
@@ -119,6 +127,7 @@ fn parse_args() -> Args {
             "rss-mb" => a.rss_mb = value().parse().unwrap_or(0),
             "mcp" => a.mcp = value().parse().unwrap_or(0),
             "mcp-ignore-eof" => a.mcp_ignore_eof = true,
+            "mcp-wrapper" => a.mcp_wrapper = true,
             // Known value flags of the real CLI: consume the value so it is not misread.
             "allowedTools"
             | "allowed-tools"
@@ -268,6 +277,15 @@ enum ToolKind {
     Wait(u32),
     /// A stdio MCP server (stdin and stdout pipes to the double).
     Mcp { ignore_eof: bool },
+    /// A stdio MCP server started through a wrapper (`npm exec` style) that dies with the
+    /// double without passing anything on: the server (ignoring EOF) is left behind.
+    WrappedMcp,
+    /// A child that outlives the double: stdin a pipe from it (connected), EOF ignored, no
+    /// death signal; as another uid if given.
+    Stay(Option<u32>),
+    /// A dev server the user asked for: a session of its own, stdin `/dev/null`, output to a
+    /// file, no death signal. Detached on purpose.
+    Detached,
 }
 
 struct Tool {
@@ -288,6 +306,9 @@ fn spawn_tool(kind: ToolKind) -> std::io::Result<Tool> {
         ToolKind::Io => c"tool-io",
         ToolKind::Wait(_) => c"tool-wait",
         ToolKind::Mcp { .. } => c"mcp-server",
+        ToolKind::WrappedMcp => c"mcp-wrapper",
+        ToolKind::Stay(_) => c"tool-stay",
+        ToolKind::Detached => c"dev-server",
     };
     let devnull = owned(
         // SAFETY: open(2) with a NUL-terminated literal path.
@@ -330,10 +351,10 @@ fn spawn_tool(kind: ToolKind) -> std::io::Result<Tool> {
     while unsafe { libc::read(ready_r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) } < 0
         && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
     {}
-    let mcp = matches!(kind, ToolKind::Mcp { .. });
+    let mcp = matches!(kind, ToolKind::Mcp { .. } | ToolKind::WrappedMcp);
     Ok(Tool {
         pid,
-        _pipe: (matches!(kind, ToolKind::Idle) || mcp).then_some(pipe_w),
+        _pipe: (matches!(kind, ToolKind::Idle | ToolKind::Stay(_)) || mcp).then_some(pipe_w),
         _out: mcp.then_some(out_r),
     })
 }
@@ -363,8 +384,16 @@ unsafe fn tool_main(
     // SAFETY: (for the whole body) raw syscalls with valid arguments, per the contract above.
     unsafe {
         // The real CLI's tools die by SIGKILL with it; its MCP servers are sent a signal.
-        let death = if matches!(kind, ToolKind::Mcp { .. }) { libc::SIGTERM } else { libc::SIGKILL };
-        libc::prctl(libc::PR_SET_PDEATHSIG, death, 0, 0, 0);
+        // What outlives it has no death signal.
+        match kind {
+            ToolKind::Mcp { .. } | ToolKind::WrappedMcp => {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+            }
+            ToolKind::Stay(_) | ToolKind::Detached => {}
+            _ => {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            }
+        }
         if libc::getppid() != parent {
             libc::_exit(1); // the double died before PDEATHSIG was armed
         }
@@ -375,14 +404,27 @@ unsafe fn tool_main(
         libc::dup2(devnull, 0);
         libc::dup2(devnull, 1);
         libc::dup2(devnull, 2);
-        if matches!(kind, ToolKind::Idle | ToolKind::Mcp { .. }) {
+        if matches!(kind, ToolKind::Idle | ToolKind::Mcp { .. } | ToolKind::WrappedMcp | ToolKind::Stay(_)) {
             libc::dup2(pipe_r, 0);
         }
-        if matches!(kind, ToolKind::Mcp { .. }) {
+        if matches!(kind, ToolKind::Mcp { .. } | ToolKind::WrappedMcp) {
             libc::dup2(out_w, 1);
         }
-        if matches!(kind, ToolKind::Wait(_)) {
-            libc::setsid(); // the Bash tool runs in a session of its own
+        if matches!(kind, ToolKind::Wait(_) | ToolKind::Detached) {
+            libc::setsid(); // the Bash tool (and what it starts) runs in a session of its own
+        }
+        if matches!(kind, ToolKind::Detached) {
+            let log = c"/tmp/reaper-double-dev-server.log";
+            let fd = libc::open(log.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o600);
+            if fd >= 0 {
+                libc::dup2(fd, 1);
+                libc::dup2(fd, 2);
+            }
+        }
+        if let ToolKind::Stay(Some(uid)) = kind
+            && libc::setresuid(uid, uid, uid) != 0
+        {
+            libc::_exit(3);
         }
         // Drop every other fd: the double's stdio sockets, epolls, listener, dups of 1 and 2,
         // and the ready pipe's write end with them: the double reads EOF on it only once that
@@ -408,9 +450,23 @@ unsafe fn tool_main(
                     }
                 }
             }
-            ToolKind::Mcp { ignore_eof: true } => loop {
+            ToolKind::Mcp { ignore_eof: true } | ToolKind::Stay(_) | ToolKind::Detached => loop {
                 libc::pause();
             },
+            ToolKind::WrappedMcp => {
+                // The wrapper forks the server and waits; when the double dies it dies (its
+                // death signal) without passing anything on. The server ignores EOF.
+                let server = libc::fork();
+                if server == 0 {
+                    libc::prctl(libc::PR_SET_NAME, c"mcp-server".as_ptr(), 0, 0, 0);
+                    loop {
+                        libc::pause();
+                    }
+                }
+                loop {
+                    libc::pause();
+                }
+            }
             ToolKind::Wait(secs) => {
                 let mut left = libc::timespec {
                     tv_sec: secs as libc::time_t,
@@ -655,7 +711,11 @@ impl Claude {
                     if let Some(secs) = w.strip_prefix("tool:wait:").and_then(|v| v.parse().ok()) {
                         wait_secs = Some(secs);
                     }
-                    None
+                    match w {
+                        "tool:stay" => Some(ToolKind::Stay(None)),
+                        "tool:detached" => Some(ToolKind::Detached),
+                        _ => w.strip_prefix("tool:stay-as:").and_then(|v| v.parse().ok()).map(|uid| ToolKind::Stay(Some(uid))),
+                    }
                 }
             };
             if let Some(kind) = kind {
@@ -733,6 +793,9 @@ impl Claude {
             "permission_denials": [],
             "uuid": uuid_like(now_ms() as u64 ^ (self.turns << 8)),
         });
+        if !self._mcp.is_empty() {
+            result["mcp_pids"] = json!(self._mcp.iter().map(|t| t.pid).collect::<Vec<_>>());
+        }
         if let Some(first) = tool_pids.first() {
             result["tool_pid"] = json!(first);
             result["tool_pids"] = json!(tool_pids);
@@ -970,7 +1033,14 @@ fn main() {
 
     // stdio MCP servers start with the session, before any request to the model.
     let mcp: Vec<Tool> = (0..args.mcp)
-        .filter_map(|_| spawn_tool(ToolKind::Mcp { ignore_eof: args.mcp_ignore_eof }).ok())
+        .filter_map(|_| {
+            let kind = if args.mcp_wrapper {
+                ToolKind::WrappedMcp
+            } else {
+                ToolKind::Mcp { ignore_eof: args.mcp_ignore_eof }
+            };
+            spawn_tool(kind).ok()
+        })
         .collect();
 
     let epfd = epoll();

@@ -5,7 +5,7 @@
 //!
 //! Prints `key=value` lines (flushed): `agent=<pid>`, `model=<pid>:<model from its init line>`
 //! per child, then per child `claude=<pid>` (after its
-//! result) and `tool=<pid>` (if the result named one), `holder=<pid>` with `--orphanable`, then
+//! result) and `tool=<pid>` (if the result named one), `mcp=<pid>` (its MCP servers), `holder=<pid>` with `--orphanable`, then
 //! `ready=1`. Whenever a child is reaped: `exit=<pid>:code:<n>` or `exit=<pid>:signal:<n>`.
 //! `--close-after-result` adds `exit_us=<pid>:<µs from closing its stdin to reaping it>`.
 //! A line a child wrote while nothing was asked of it: `unsolicited=<pid>:<line>`.
@@ -376,6 +376,11 @@ fn main() {
         if let Some(pids) = result.get("tool_pids").and_then(Value::as_array) {
             for pid in pids {
                 say("tool", pid);
+            }
+        }
+        if let Some(pids) = result.get("mcp_pids").and_then(Value::as_array) {
+            for pid in pids {
+                say("mcp", pid);
             }
         }
     }
