@@ -1086,6 +1086,10 @@ impl Detector {
     /// Memory is short: the one idle target or leftover with the largest RSS, ended at once
     /// without waiting for its timeout. Never an active target or a turn in flight.
     pub fn pressure_decision(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host, reading: &Pressure) -> Option<Decision> {
+        // Fresh evidence first: samples are up to 10 s apart, "quiet" here is finer.
+        for t in self.targets.values_mut().filter(|t| t.pending == Pending::None) {
+            sample(t, &self.rules[t.rule], tree, now, host, self.source, self.io_bytes_per_second);
+        }
         let min_idle = nanos(self.memory_pressure.min_idle);
         let rss = |ids: &mut dyn Iterator<Item = Identity>| -> u64 { ids.filter_map(|id| host.rss_bytes(id)).sum() };
         enum Pick {

@@ -49,6 +49,40 @@ fn main() {
     match arg(0) {
         // Exit at once with the given code.
         "exit" => exit(arg(1).parse().expect("exit code")),
+        // Join the cgroups whose `cgroup.procs` files follow the file, then read random pages
+        // of the file (mapped, its cache dropped first) until stdin closes: a working set
+        // larger than a memory limit thrashes, which PSI counts as memory stall.
+        "thrash" => {
+            for procs in &args[2..] {
+                std::fs::write(procs, getpid().to_string()).expect("join the cgroup");
+            }
+            let file = std::fs::File::open(arg(1)).expect("open the file to thrash");
+            let len = file.metadata().expect("its size").len() as usize;
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: fadvise and a read-only shared mapping of a file we hold open; the
+            // mapping is only read, and never unmapped while in use (the process exits).
+            let base = unsafe {
+                libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0)
+            };
+            assert_ne!(base, libc::MAP_FAILED, "mmap");
+            std::thread::spawn(|| {
+                wait_stdin();
+                exit(0);
+            });
+            say("pid", getpid());
+            let pages = len / 4096;
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut sum = 0u8;
+            loop {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // SAFETY: an offset inside the mapping.
+                sum = sum.wrapping_add(unsafe { *base.cast::<u8>().add((x as usize % pages) * 4096) });
+                std::hint::black_box(sum);
+            }
+        }
         // Wait for stdin to close, then exit 0.
         "wait" => {
             say("pid", getpid());
