@@ -44,6 +44,7 @@ require_no_tty = true
 # close() does; the CLI exits 0 and the daemon's loop ends cleanly), else sends SIGINT (the CLI's
 # own clean exit); "interrupt" always sends SIGINT; "none" starts with SIGTERM.
 clean_end = "close-input"
+leftovers = "connected"          # or "all" (also detached ones), or "none"
 "#;
 
 #[derive(Debug, thiserror::Error)]

@@ -1315,7 +1315,8 @@ impl Detector {
             }
             None => Vec::new(),
         };
-        let first_step = first_match.map(|clean_end| {
+        let is_target = self.targets.get(&pid).is_some_and(|t| process.as_ref().is_some_and(|p| p.id == t.id));
+        let first_step = first_match.filter(|_| is_target).map(|clean_end| {
             let stdin = host.connections(pid).and_then(|c| c.stdin);
             let step = match clean_end {
                 CleanEnd::CloseInput if stdin.as_deref().is_some_and(|s| s.starts_with("socket:")) => {
