@@ -288,11 +288,36 @@ impl Mock {
 
     /// The `POST /v1/messages` lines of its log.
     fn message_requests(&self) -> Vec<String> {
+        self.requests()
+            .into_iter()
+            .filter(|l| l.contains("POST /v1/messages"))
+            .collect()
+    }
+
+    /// Every request line of its log.
+    fn requests(&self) -> Vec<String> {
         self.log()
             .lines()
-            .filter(|l| l.contains("POST /v1/messages"))
+            .filter(|l| l.contains(" -> "))
             .map(str::to_owned)
             .collect()
+    }
+
+    /// The CLI asked for its `turns` and nothing else (no telemetry or update checks: the
+    /// offline environment works).
+    fn assert_only_turns(&self, turns: usize) {
+        let requests = self.requests();
+        assert_eq!(
+            requests.len(),
+            turns,
+            "requests to the API besides the turns: {requests:#?}"
+        );
+        assert!(
+            requests
+                .iter()
+                .all(|l| l.contains("POST /v1/messages?beta=true") && l.contains("-> 200 stream")),
+            "{requests:#?}"
+        );
     }
 }
 
@@ -441,6 +466,17 @@ impl Parent {
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).expect("parent stderr file"))
             .process_group(0);
+        // SAFETY: prctl with integer arguments is async-signal-safe. If the test process dies
+        // without its guards running (SIGKILL), its parent daemons die too, and their CLIs
+        // read EOF on stdin and exit.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let what = format!("{runtime:?} parent in mode {mode} running {}", exe.comm());
         let mut child = cmd
             .spawn()
@@ -930,6 +966,7 @@ fn leaked(case: &Leak) {
             diag()
         );
     }
+    s.mock.assert_only_turns(1);
     if case.then.is_none() {
         assert_eq!(
             parent.lines(),
