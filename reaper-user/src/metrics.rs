@@ -49,6 +49,18 @@ impl Metrics {
             &["kind"],
         ));
         let events = EventKind::ALL.map(|k| events_vec.with_label_values(&[k.name()]));
+        let kill_delay = register!(HistogramVec::new(
+            HistogramOpts::new(
+                "reaper_kill_delay_seconds",
+                "From a target's idle (or orphan) deadline to the process being gone, by the step \
+                 that ended it."
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            &["step"],
+        ));
+        for step in crate::reap::Step::ALL {
+            kill_delay.with_label_values(&[step.as_str()]);
+        }
         let events_lost = register!(IntCounterVec::new(
             Opts::new(
                 "reaper_events_lost_total",
@@ -115,15 +127,7 @@ impl Metrics {
                 "reaper_reconciles_total",
                 "Reconciliations of the tree against /proc."
             )),
-            kill_delay: register!(HistogramVec::new(
-                HistogramOpts::new(
-                    "reaper_kill_delay_seconds",
-                    "From a target's idle (or orphan) deadline to the process being gone, by \
-                     the step that ended it."
-                )
-                .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
-                &["step"],
-            )),
+            kill_delay,
             sessions: register!(IntGaugeVec::new(
                 Opts::new(
                     "reaper_sessions",
