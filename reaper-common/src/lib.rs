@@ -223,6 +223,9 @@ const _: () = assert!(size_of::<KernelOffsets>() == 30 * 4);
 /// Most processes watched for activity at once (targets and their descendants).
 pub const WATCH_MAX: u32 = 16384;
 
+/// Most process names watched from their exec on (the rules' `comm` names).
+pub const WATCH_NAMES_MAX: u32 = 64;
+
 /// Socket activity of one target (and its descendants), kept by the kernel in `ACTIVITY`
 /// keyed by the target's tgid.
 #[repr(C)]

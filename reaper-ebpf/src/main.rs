@@ -20,7 +20,7 @@ use aya_ebpf::{
 use reaper_common::{
     ARGV_LEN, COMM_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
     EventKind, ExecEvent, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelOffsets,
-    RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX,
+    RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAMES_MAX,
 };
 
 /// Field offsets of the running kernel, written by user space at load time (read-only global).
@@ -87,6 +87,12 @@ static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(WATCH_MAX, 0);
 /// Socket activity per target tgid.
 #[map]
 static ACTIVITY: HashMap<u32, SockActivity> = HashMap::with_max_entries(WATCH_MAX, 0);
+
+/// The rules' process names (comm, NUL-padded), written by user space. A process that execs
+/// under one of them is watched from its exec on: user space reads the ring only every
+/// 0.1–1.6 s, and a CLI's first turn (its model's answer, the tool it starts) can come sooner.
+#[map]
+static WATCH_NAMES: HashMap<[u8; COMM_LEN], u32> = HashMap::with_max_entries(WATCH_NAMES_MAX, 0);
 
 /// Kernels before 6.16 do not say which thread's exit ended the group: every thread that
 /// reaches the exit tracepoint after the last `signal->live` decrement reads 0. The first one
@@ -250,6 +256,11 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let arg_end: u64 = read(mm, o.mm_arg_end)?;
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     let uid = bpf_get_current_uid_gid() as u32;
+    // SAFETY: a map lookup; nothing is kept from it.
+    if unsafe { WATCH_NAMES.get(&comm) }.is_some() {
+        // Its own target until user space decides; a descendant of a target stays that.
+        let _ = WATCHED.insert(tgid, tgid, u64::from(BPF_NOEXIST));
+    }
 
     let Some(ev) = EXEC_SCRATCH.get_ptr_mut(0) else {
         return Ok(());
@@ -352,6 +363,11 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
     {
         // Another thread of this process already reported its exit.
         return Ok(());
+    }
+    // SAFETY: a map lookup; the value is copied out at once.
+    if unsafe { WATCHED.get(tgid as u32) }.copied() == Some(tgid as u32) {
+        // A target (or a process watched by its name): its activity goes with it.
+        let _ = ACTIVITY.remove(tgid as u32);
     }
     let _ = WATCHED.remove(tgid as u32);
     // What wait(2) reports: wait_task_zombie() in kernel/exit.c.

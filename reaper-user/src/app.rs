@@ -327,6 +327,7 @@ impl Pipeline {
                 Source::ProcIo => "proc-io",
             }])
             .set(1);
+        detector.publish_names(&mut LiveHost { probes: &mut probes });
         detector.adopt_all(&tree, clock::mono_ns(), &mut LiveHost { probes: &mut probes });
         tracing::info!(
             processes = tree.len(),

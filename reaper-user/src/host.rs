@@ -67,6 +67,10 @@ impl detect::Host for LiveHost<'_> {
         self.probes.unwatch(target, pids.iter().copied());
     }
 
+    fn watch_names(&mut self, names: &[&str]) {
+        self.probes.set_watch_names(names.iter().copied());
+    }
+
     fn connections(&self, pid: u32) -> Option<Connections> {
         let fd = |n: u32| {
             std::fs::read_link(format!("/proc/{pid}/fd/{n}"))

@@ -56,6 +56,8 @@ pub trait Host {
     /// map is full): then the target's activity is not fully seen.
     fn watch(&mut self, pid: u32, target: u32) -> bool;
     fn unwatch(&mut self, target: u32, pids: &[u32]);
+    /// The process names the kernel watches from their exec on (before user space decides).
+    fn watch_names(&mut self, names: &[&str]);
     /// How the process's stdin and stdout are connected, and whether it leads its session.
     fn connections(&self, pid: u32) -> Option<Connections>;
     /// Resident memory, if `id` is still alive.
@@ -420,6 +422,12 @@ impl Detector {
         }
     }
 
+    /// Tells the kernel which process names to watch from their exec on: the rules' `comm`s.
+    pub fn publish_names(&self, host: &mut impl Host) {
+        let names: Vec<&str> = self.rules.iter().flat_map(|r| r.comm.iter().map(String::as_str)).collect();
+        host.watch_names(&names);
+    }
+
     /// The memory pressure settings in force.
     pub fn memory_pressure(&self) -> &MemoryPressure {
         &self.memory_pressure
@@ -440,6 +448,7 @@ impl Detector {
         self.runaway_for = config.runaway_for;
         self.memory_pressure = config.memory_pressure.clone();
         self.rate.set_per_minute(config.max_kills_per_minute);
+        self.publish_names(host);
         let pids: Vec<u32> = self.targets.keys().copied().collect();
         for pid in pids {
             let name = &old_rules[self.targets[&pid].rule].name;
@@ -678,6 +687,8 @@ impl Detector {
                 self.drop_target(pid, host);
             }
             (None, Some(rule)) => self.adopt(tree, p.id, rule, now, host),
+            // Watched by its name from its exec on, but not a target after all.
+            (None, None) if self.rules.iter().any(|r| targets::name_matches(r, p)) => host.unwatch(pid, &[]),
             (None, None) => {}
         }
     }

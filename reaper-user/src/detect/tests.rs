@@ -19,6 +19,7 @@ struct FakeHost {
     watch_capacity: Option<usize>,
     conns: Map<u32, session::Connections>,
     rss: Map<u32, u64>,
+    names: Vec<String>,
 }
 
 impl Host for FakeHost {
@@ -46,6 +47,9 @@ impl Host for FakeHost {
         for p in pids {
             self.watched.remove(p);
         }
+    }
+    fn watch_names(&mut self, names: &[&str]) {
+        self.names = names.iter().map(|n| n.to_string()).collect();
     }
     fn connections(&self, pid: u32) -> Option<session::Connections> {
         Some(self.conns.get(&pid).cloned().unwrap_or(session::Connections {
@@ -674,4 +678,17 @@ fn under_memory_pressure_the_largest_quiet_target_goes_first_and_never_a_turn_in
     let d = w.det.pressure_decision(&w.tree, 10 * S, &w.host, &reading).unwrap();
     assert_eq!(d.target.id, id(20), "then the next largest");
     assert!(w.det.pressure_decision(&w.tree, 10 * S, &w.host, &reading).is_none(), "never 21 or 23");
+}
+
+#[test]
+fn the_kernel_watches_the_rules_names_from_exec_and_a_non_target_is_unwatched() {
+    let mut w = World::new("");
+    w.det.publish_names(&mut w.host);
+    assert_eq!(w.host.names, ["claude", "claude.exe"]);
+    // The kernel watched this interactive `claude` at its exec (it has a terminal: no target).
+    w.host.watched.insert(20, 20);
+    w.host.tty.insert(20, 34816);
+    w.spawn(20, 10, SDK, S);
+    assert_eq!(w.det.target_count(), 0);
+    assert!(!w.host.watched.contains_key(&20), "unwatched once it is known not to be a target");
 }

@@ -12,7 +12,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
-use reaper_common::{EventKind, KernelOffsets, SockActivity};
+use reaper_common::{COMM_LEN, EventKind, KernelOffsets, SockActivity, WATCH_NAMES_MAX};
 
 /// The compiled eBPF object, built by build.rs from the `reaper-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reaper"));
@@ -88,6 +88,7 @@ pub struct Probes {
     lost: PerCpuArray<MapData, u64>,
     watched: HashMap<MapData, u32, u32>,
     activity: HashMap<MapData, u32, SockActivity>,
+    watch_names: HashMap<MapData, [u8; COMM_LEN], u32>,
     offsets: KernelOffsets,
     socket_activity: bool,
 }
@@ -153,6 +154,14 @@ impl Probes {
         })?;
         let watched = take_map(&mut ebpf, "WATCHED")?;
         let activity = take_map(&mut ebpf, "ACTIVITY")?;
+        let watch_names = ebpf.take_map("WATCH_NAMES").ok_or(ProbeError::Missing {
+            what: "map",
+            name: "WATCH_NAMES",
+        })?;
+        let watch_names = HashMap::try_from(watch_names).map_err(|source| ProbeError::Map {
+            name: "WATCH_NAMES",
+            source,
+        })?;
         drop(btf);
         // Parsing the kernel's BTF (twice: for the layout and for attaching) took ~25 MB that
         // is free now; glibc keeps freed memory in the process unless asked to return it.
@@ -166,6 +175,7 @@ impl Probes {
             lost,
             watched,
             activity,
+            watch_names,
             offsets,
             socket_activity,
         })
@@ -184,6 +194,23 @@ impl Probes {
             Err(err) => {
                 tracing::warn!(pid, target, %err, "could not watch a process for activity");
                 false
+            }
+        }
+    }
+
+    /// The process names watched from their exec on (the rules' `comm`s): replaces the set.
+    pub fn set_watch_names<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
+        let old: Vec<[u8; COMM_LEN]> = self.watch_names.keys().filter_map(Result::ok).collect();
+        for key in old {
+            let _ = self.watch_names.remove(&key);
+        }
+        for name in names.into_iter().take(WATCH_NAMES_MAX as usize) {
+            // The kernel keeps TASK_COMM_LEN - 1 bytes of a name, NUL-padded.
+            let mut key = [0u8; COMM_LEN];
+            let len = name.len().min(COMM_LEN - 1);
+            key[..len].copy_from_slice(&name.as_bytes()[..len]);
+            if let Err(err) = self.watch_names.insert(key, 1, 0) {
+                tracing::warn!(name, %err, "could not watch a process name from exec");
             }
         }
     }
