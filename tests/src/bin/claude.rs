@@ -515,9 +515,15 @@ extern "C" fn on_signal(sig: libc::c_int) {
 
 /// "The API": a loopback TCP listener of the double's own, answering one request per
 /// connection. Returns its address.
-fn start_model() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the model's listener");
-    let addr = listener.local_addr().expect("its address");
+fn start_model() -> Option<std::net::SocketAddr> {
+    let listener = match std::net::TcpListener::bind("127.0.0.1:0") {
+        Ok(l) => l,
+        Err(err) => {
+            eprintln!("claude double: no loopback for the model ({err}); turns make no requests");
+            return None;
+        }
+    };
+    let addr = listener.local_addr().ok()?;
     named("model", move || {
         for mut conn in listener.incoming().flatten() {
             let mut req = [0u8; 256];
@@ -525,12 +531,14 @@ fn start_model() -> std::net::SocketAddr {
             let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\nevent: message_stop\ndata: {}\n\n");
         }
     });
-    addr
+    Some(addr)
 }
 
 /// One request to the model and its whole answer; the connection is closed after it.
-fn ask_model(addr: std::net::SocketAddr) {
-    if let Ok(mut conn) = std::net::TcpStream::connect(addr) {
+fn ask_model(addr: Option<std::net::SocketAddr>) {
+    if let Some(addr) = addr
+        && let Ok(mut conn) = std::net::TcpStream::connect(addr)
+    {
         let _ = conn.write_all(b"POST /v1/messages HTTP/1.1\r\n\r\n");
         let mut answer = Vec::new();
         let _ = conn.read_to_end(&mut answer);
@@ -580,7 +588,7 @@ struct Claude {
     tools: Vec<Tool>,
     /// The MCP servers started at session start.
     _mcp: Vec<Tool>,
-    model: std::net::SocketAddr,
+    model: Option<std::net::SocketAddr>,
     /// A turn waiting on its foreground tool: (the tool, when the turn started, its turn).
     waiting: Option<(Tool, Instant, u64)>,
     turns: u64,

@@ -118,6 +118,35 @@ fn main() {
     }
 }
 
+/// `ip link set lo up`, as an init does: the kernel gives `lo` 127.0.0.1 once it is up (the
+/// claude double talks to its "model" over loopback TCP).
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: a datagram socket used only for the two interface ioctls below, with an ifreq
+    // zeroed and then filled with the NUL-terminated name "lo".
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        let result = if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        libc::close(fd);
+        result
+    }
+}
+
 /// PID 1: set up the machine, run the checks, power off.
 fn as_init() -> ! {
     for (source, target, fstype) in [
@@ -139,6 +168,9 @@ fn as_init() -> ! {
                 "vm-runner: mounting {fstype} on {target} failed: {err}"
             ));
         }
+    }
+    if let Err(err) = loopback_up() {
+        say(&format!("vm-runner: bringing up the loopback interface failed: {err}"));
     }
     let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
     say(&format!(
