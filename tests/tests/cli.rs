@@ -111,7 +111,7 @@ fn tree_shows_this_test_and_the_child_it_spawned() {
     };
     let (row, child_row) = (&rows[mine], &rows[theirs]);
     assert!(
-        child_row.line.ends_with(r"wait script='#!/bin/sh\necho hi'"),
+        child_row.line.ends_with(r#"wait "script='#!/bin/sh\necho hi'""#),
         "the newline is shown escaped: {child_row:?}"
     );
     assert_eq!(row.ppid, my_stat.ppid, "this test's parent: {row:?}");

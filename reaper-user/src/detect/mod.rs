@@ -294,7 +294,7 @@ impl Detector {
         match (current, matched) {
             (Some(_), Some(_)) => {}
             (Some(_), None) => {
-                tracing::info!(pid, comm = %p.comm, "no longer matches any rule; not a target");
+                tracing::info!(pid, comm = %crate::events::quoted(&p.comm), "no longer matches any rule; not a target");
                 self.drop_target(pid, host);
             }
             (None, Some(rule)) => self.adopt(tree, p.id, rule, now, host),
@@ -329,7 +329,7 @@ impl Detector {
             ppid = p.ppid,
             rule = %rule_ref.name,
             idle_timeout = %humantime::format_duration(rule_ref.idle_timeout),
-            argv = %p.argv,
+            argv = %crate::events::quoted(&p.argv.to_string()),
             "watching a target"
         );
         let mut target = Target {
