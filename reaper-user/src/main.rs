@@ -114,7 +114,7 @@ fn main() -> anyhow::Result<()> {
             Command::Tree { socket, json } => {
                 let value = ipc::request(&socket, ipc::Request::Tree).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&value)?);
+                    println!("{}", cli::json(&value, true)?);
                 } else {
                     let processes: Vec<Process> = serde_json::from_value(value)
                         .context("unexpected tree from the daemon")?;
@@ -127,13 +127,13 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Stats { socket } => {
                 let value = ipc::request(&socket, ipc::Request::Stats).await?;
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                println!("{}", cli::json(&value, true)?);
                 Ok(())
             }
             Command::Explain { pid, socket, json } => {
                 let value = ipc::request(&socket, ipc::Request::Explain(pid)).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&value)?);
+                    println!("{}", cli::json(&value, true)?);
                 } else {
                     let e: Explanation = serde_json::from_value(value)
                         .context("unexpected explanation from the daemon")?;
@@ -269,7 +269,7 @@ async fn stream_events(json: bool) -> anyhow::Result<()> {
                 for event in batch {
                     use std::io::Write as _;
                     let written = if json {
-                        writeln!(stdout, "{}", serde_json::to_string(&event)?)
+                        writeln!(stdout, "{}", cli::json(&event, false)?)
                     } else {
                         writeln!(stdout, "{event}")
                     };
