@@ -158,6 +158,7 @@ mod tests {
             comm: comm.into(),
             exe: String::new(),
             argv: Argv::from_args(&[comm, "-x"]),
+            argv_truncated: false,
         };
         let tree = ProcessTree::from_scan(vec![snap(1, 0, "init"), snap(5, 1, "sshd"), snap(9, 5, "bash"), snap(7, 1, "cron")]);
         let processes: Vec<_> = tree.processes().cloned().collect();
@@ -179,6 +180,7 @@ mod tests {
             comm: "we\nird".into(),
             exe: String::new(),
             argv: Argv::from_args(&["bash", "-c", "X='#!/bin/bash\necho hi'\t\u{1b}[31m"]),
+            argv_truncated: false,
         };
         let processes: Vec<_> = ProcessTree::from_scan(vec![snap]).processes().cloned().collect();
         let text = render_tree(&processes, &[]);

@@ -65,6 +65,7 @@ fn world() -> ProcessTree {
         comm: comm.into(),
         exe: String::new(),
         argv: Argv::from_args(&[comm]),
+        argv_truncated: false,
     };
     ProcessTree::from_scan(vec![snap(1, 0, "init"), snap(10, 1, "node")])
 }
