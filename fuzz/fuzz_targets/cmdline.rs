@@ -46,6 +46,7 @@ fn process(pid: u32, ppid: u32, comm: &[u8], exe: &[u8], argv: &[u8]) -> Process
         children: BTreeSet::new(),
         exit: None,
         placeholder: false,
+        inherited_image: false,
     }
 }
 
