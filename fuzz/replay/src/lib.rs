@@ -3,7 +3,8 @@
 //! (`fuzz/corpus/<target>`), then inputs mutated from them for a few seconds
 //! (`REAPER_FUZZ_SECONDS`, default 3), without coverage guidance. A panic is a failure: the input
 //! is written to `<target dir>/fuzz-replay/<target>/crash-<n>` and named in the output, which
-//! ends with a libtest-style `test result:` line so `cargo xtask test` counts it.
+//! ends with a libtest-style `test result:` line so `cargo xtask test` counts it. Name filters
+//! work as with libtest: the test is called `fuzz_target::<target>`.
 //!
 //! This is not fuzzing in libFuzzer's sense; it keeps the targets compiling against today's code
 //! and their corpus passing, and finds shallow bugs. `cargo xtask fuzz` runs the same targets
@@ -169,6 +170,18 @@ pub fn replay(target: &str, run: fn(&[u8])) -> i32 {
                 .map_or(1, |d| d.as_nanos() as u64)
                 | 1
         });
+    let name = format!("fuzz_target::{target}");
+    match selected(&name, std::env::args().skip(1)) {
+        Selection::List => {
+            println!("{name}: test");
+            return 0;
+        }
+        Selection::FilteredOut => {
+            println!("\nrunning 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out; finished in 0.00s\n");
+            return 0;
+        }
+        Selection::Run => {}
+    }
     println!("\nrunning 1 test");
     let corpus = match corpus(target) {
         Ok(corpus) => corpus,
@@ -210,6 +223,42 @@ pub fn replay(target: &str, run: fn(&[u8])) -> i32 {
         started,
         Ok(format!("{} corpus inputs, {runs} mutated inputs (seed {seed})", corpus.len())),
     )
+}
+
+enum Selection {
+    Run,
+    FilteredOut,
+    List,
+}
+
+/// What libtest would do with `name` given these arguments (`cargo xtask test -- FILTER` passes
+/// them to every test program): name filters (substrings, or whole names with `--exact`),
+/// `--skip FILTER`, `--list`. Other options (`--test-threads=1`, `--nocapture`) do not matter
+/// here.
+fn selected(name: &str, args: impl Iterator<Item = String>) -> Selection {
+    let (mut filters, mut skips, mut exact, mut list) = (Vec::new(), Vec::new(), false, false);
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--exact" => exact = true,
+            "--list" => list = true,
+            "--skip" => skips.extend(args.next()),
+            // Options with a separate value.
+            "--test-threads" | "--format" | "--color" | "--logfile" | "-Z" => {
+                args.next();
+            }
+            a if a.starts_with('-') => {}
+            _ => filters.push(arg),
+        }
+    }
+    let matches = |f: &String| if exact { name == f } else { name.contains(f.as_str()) };
+    if (!filters.is_empty() && !filters.iter().any(matches)) || skips.iter().any(|s| name.contains(s.as_str())) {
+        Selection::FilteredOut
+    } else if list {
+        Selection::List
+    } else {
+        Selection::Run
+    }
 }
 
 fn finish(target: &str, started: Instant, outcome: Result<String, String>) -> i32 {
@@ -263,6 +312,22 @@ mod tests {
         for t in &targets {
             assert!(corpus(t).is_ok(), "{t}: {:?}", corpus(t).err());
         }
+    }
+
+    #[test]
+    fn name_filters_work_as_in_libtest() {
+        let sel = |args: &[&str]| selected("fuzz_target::decode", args.iter().map(|a| (*a).to_owned()));
+        assert!(matches!(sel(&[]), Selection::Run));
+        assert!(matches!(sel(&["--test-threads=1", "--nocapture"]), Selection::Run));
+        assert!(matches!(sel(&["--test-threads", "1"]), Selection::Run));
+        assert!(matches!(sel(&["tree_"]), Selection::FilteredOut));
+        assert!(matches!(sel(&["tree_", "decode"]), Selection::Run));
+        assert!(matches!(sel(&["fuzz_target"]), Selection::Run));
+        assert!(matches!(sel(&["decode", "--exact"]), Selection::FilteredOut));
+        assert!(matches!(sel(&["--exact", "fuzz_target::decode"]), Selection::Run));
+        assert!(matches!(sel(&["--skip", "fuzz"]), Selection::FilteredOut));
+        assert!(matches!(sel(&["--list"]), Selection::List));
+        assert!(matches!(sel(&["--list", "tree_"]), Selection::FilteredOut));
     }
 
     #[test]
