@@ -72,8 +72,9 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// TOML configuration file (owned by root, not writable by others). Without it the
-    /// built-in default applies: reap SDK-spawned `claude` children idle for 15 minutes.
+    /// TOML configuration file: owned by root, not writable by others, not a symlink, in
+    /// directories only root can write (or sticky, as /tmp). Without it the built-in default
+    /// applies: reap SDK-spawned `claude` children idle for 15 minutes.
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Idle time before a target is reaped, e.g. "90s", "15m" (overrides the file).
