@@ -46,6 +46,7 @@ fn process(pid: u32, ppid: u32, comm: &[u8], exe: &[u8], argv: &[u8]) -> Process
         children: BTreeSet::new(),
         exit: None,
         placeholder: false,
+        inherited_image: false,
     }
 }
 
@@ -101,6 +102,8 @@ fuzz_target!(|data: &[u8]| {
                     why_not,
                 }],
                 target: None,
+                first_step: None,
+                session: None,
                 descendant_of: None,
             };
             let _ = cli::render_explanation(&explanation);

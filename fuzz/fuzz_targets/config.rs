@@ -57,8 +57,8 @@ fuzz_target!(|data: &[u8]| {
         }
         let _ = serde_json::to_string(&config).expect("a config serialises");
         // What the daemon builds from it.
-        let detector = Detector::new(&config, Source::ProcIo);
+        let mut detector = Detector::new(&config, Source::ProcIo);
         assert_eq!(detector.target_count(), 0);
-        assert_eq!(detector.next_wakeup(), None);
+        assert_eq!(detector.next_wakeup(0), None);
     }
 });

@@ -125,13 +125,13 @@ fuzz_target!(|i: Input| {
     assert_eq!(parsed.state, state as char);
     let zombie = matches!(parsed.state(), Ok(ProcState::Zombie | ProcState::Dead));
     assert_eq!(zombie, state == b'Z' || state == b'X');
-    // What reaper's zombie-thread check in tree/scan.rs reads from a task's stat: the first
-    // character after the last ") ".
+    // What reaper's zombie-thread check in tree/scan.rs reads from a task's stat.
     let text = String::from_utf8_lossy(&stat);
-    let task_state = text
-        .rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next());
-    assert_eq!(task_state, Some(state as char), "{text:?}");
+    assert_eq!(
+        reaper::tree::scan::task_state(&text),
+        Some(state as char),
+        "{text:?}"
+    );
 
     // statm: size resident shared text lib(0) data dt(0).
     let s = &i.statm;

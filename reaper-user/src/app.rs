@@ -260,12 +260,24 @@ pub struct Pipeline {
 impl Pipeline {
     /// Attaches, bootstraps from `/proc` and starts following events.
     pub async fn start(config: PipelineConfig) -> anyhow::Result<Self> {
+        let probes = Self::attach(&config)?;
+        Self::start_attached(config, probes).await
+    }
+
+    /// Loads and attaches the probes: the part of start-up that needs privileges. Needs no
+    /// runtime and starts no thread, so the daemon can do it before it drops its capabilities
+    /// and only then start its threads (capabilities are per thread).
+    pub fn attach(config: &PipelineConfig) -> Result<Probes, crate::probes::ProbeError> {
+        Probes::attach(ProbeOptions {
+            ring_bytes: config.config.ring_bytes,
+            socket_activity: config.config.activity_source != ActivitySource::ProcIo,
+        })
+    }
+
+    /// Bootstraps from `/proc` and starts following events, with probes from [`Pipeline::attach`].
+    pub async fn start_attached(config: PipelineConfig, mut probes: Probes) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
         let settings = &config.config;
-        let mut probes = Probes::attach(ProbeOptions {
-            ring_bytes: settings.ring_bytes,
-            socket_activity: settings.activity_source != ActivitySource::ProcIo,
-        })?;
         let ring = probes.take_ring().expect("ring buffer taken once")?;
         let activity = match (settings.activity_source, probes.socket_activity()) {
             (ActivitySource::ProcIo, _) | (ActivitySource::Auto, false) => Source::ProcIo,
@@ -861,8 +873,8 @@ fn log_report(d: &Decision, report: &ReapReport) {
                 start_time = d.target.id.start_ticks,
                 uid = d.target.uid,
                 ppid = d.ppid,
-                parent_comm = %crate::events::printable(&d.parent_comm),
-                argv = %d.argv,
+                parent_comm = %crate::events::quoted(&d.parent_comm),
+                argv = %crate::events::quoted(&d.argv),
                 rule = %d.rule,
                 reason = d.reason.as_str(),
                 idle_secs = format_args!("{:.1}", d.idle_secs),

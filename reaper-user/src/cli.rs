@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     detect::{Explanation, TargetView},
-    events::printable,
+    events::{hidden, word},
     tree::Process,
 };
 
@@ -38,7 +38,7 @@ pub fn render_tree(processes: &[Process], targets: &[TargetView]) -> String {
             p.id.start_ticks,
             p.uid,
             "  ".repeat(depth),
-            if p.placeholder { "?".into() } else { printable(&p.comm) },
+            if p.placeholder { "?".into() } else { word(&p.comm).to_string() },
             if argv.is_empty() { String::new() } else { format!("  {argv}") },
             if p.argv_truncated { " …" } else { "" },
             mark,
@@ -65,15 +65,15 @@ pub fn render_sessions(sessions: &[crate::detect::session::SessionView]) -> Stri
             s.target.pid,
             s.state,
             s.uid,
-            format!("{} {}", s.parent, printable(&s.parent_comm)),
+            format!("{} {}", s.parent, word(&s.parent_comm)),
             s.quiet_secs,
-            printable(&s.rule),
+            word(&s.rule),
             s.descendants.stdio_server,
             s.descendants.tool,
             s.descendants.other,
             s.leftovers,
             s.rss_bytes as f64 / (1024.0 * 1024.0),
-            printable(&s.comm),
+            word(&s.comm),
         ));
     }
     if sessions.is_empty() {
@@ -90,7 +90,7 @@ pub fn render_explanation(e: &Explanation) -> String {
     };
     out.push_str(&format!(
         "pid {} ({}), parent {}, started at tick {}\n  argv: {}\n",
-        p.id.pid, printable(&p.comm), p.ppid, p.id.start_ticks, p.argv
+        p.id.pid, word(&p.comm), p.ppid, p.id.start_ticks, p.argv
     ));
     if let Some(target) = e.descendant_of {
         out.push_str(&format!("  counted as activity of target {target} (a descendant)\n"));
@@ -120,7 +120,7 @@ pub fn render_explanation(e: &Explanation) -> String {
                 out.push_str(&format!(
                     "  turn in flight: waiting on pid {} ({}) since {secs:.0}s ago, started after the model's last word: never idle while it runs\n",
                     w.pid,
-                    printable(t.waiting_on_comm.as_deref().unwrap_or("?")),
+                    word(t.waiting_on_comm.as_deref().unwrap_or("?")),
                 ));
             }
             if ev.watch_failed {
@@ -141,11 +141,60 @@ pub fn render_explanation(e: &Explanation) -> String {
         out.push_str(&format!(
             "  kill ladder: clean_end = \"{}\", stdin {} → first step: {}; then SIGTERM after eof_grace, SIGKILL after grace\n",
             step.clean_end.as_str(),
-            step.stdin.as_deref().map_or("unknown".into(), printable),
+            step.stdin.as_deref().map_or("unknown".into(), |s| word(s).to_string()),
             step.step,
         ));
     }
     out
+}
+
+/// `value` as JSON for a terminal or a pipe: like `serde_json`'s output (pretty or one line),
+/// with every [`hidden`] character a string holds written as a `\uXXXX` escape too.
+/// `serde_json` escapes only C0 controls, so a bidi override or a zero-width character in a
+/// process's comm or argv would otherwise reach the reader as itself; decoded, the value is
+/// unchanged.
+pub fn json(value: &impl serde::Serialize, pretty: bool) -> serde_json::Result<String> {
+    let mut out = Vec::new();
+    if pretty {
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, Escaping(serde_json::ser::PrettyFormatter::new()));
+        value.serialize(&mut ser)?;
+    } else {
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, Escaping(serde_json::ser::CompactFormatter));
+        value.serialize(&mut ser)?;
+    }
+    Ok(String::from_utf8(out).expect("serde_json writes UTF-8"))
+}
+
+/// A `serde_json` formatter that also escapes [`hidden`] characters; layout from the inner one.
+struct Escaping<F>(F);
+
+macro_rules! delegate {
+    ($($name:ident $(($arg:ident: $ty:ty))?),* $(,)?) => {$(
+        fn $name<W: ?Sized + std::io::Write>(&mut self, w: &mut W $(, $arg: $ty)?) -> std::io::Result<()> {
+            self.0.$name(w $(, $arg)?)
+        }
+    )*};
+}
+
+impl<F: serde_json::ser::Formatter> serde_json::ser::Formatter for Escaping<F> {
+    delegate!(
+        begin_array, end_array, begin_array_value(first: bool), end_array_value,
+        begin_object, end_object, begin_object_key(first: bool), begin_object_value, end_object_value,
+    );
+
+    fn write_string_fragment<W: ?Sized + std::io::Write>(&mut self, w: &mut W, fragment: &str) -> std::io::Result<()> {
+        let mut start = 0;
+        for (at, c) in fragment.char_indices() {
+            if hidden(c) {
+                w.write_all(&fragment.as_bytes()[start..at])?;
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    write!(w, "\\u{unit:04x}")?;
+                }
+                start = at + c.len_utf8();
+            }
+        }
+        w.write_all(&fragment.as_bytes()[start..])
+    }
 }
 
 #[cfg(test)]
@@ -165,6 +214,7 @@ mod tests {
             comm: comm.into(),
             exe: String::new(),
             argv: Argv::from_args(&[comm, "-x"]),
+            argv_truncated: false,
         };
         let tree = ProcessTree::from_scan(vec![snap(1, 0, "init"), snap(5, 1, "sshd"), snap(9, 5, "bash"), snap(7, 1, "cron")]);
         let processes: Vec<_> = tree.processes().cloned().collect();
@@ -186,13 +236,30 @@ mod tests {
             comm: "we\nird".into(),
             exe: String::new(),
             argv: Argv::from_args(&["bash", "-c", "X='#!/bin/bash\necho hi'\t\u{1b}[31m"]),
+            argv_truncated: false,
         };
         let processes: Vec<_> = ProcessTree::from_scan(vec![snap]).processes().cloned().collect();
         let text = render_tree(&processes, &[]);
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(
-            text.ends_with("we\\nird  bash -c X='#!/bin/bash\\necho hi'\\t\\u{1b}[31m\n"),
+            text.ends_with("\"we\\nird\"  bash -c \"X='#!/bin/bash\\necho hi'\\t\\u{1b}[31m\"\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn json_output_escapes_bidi_and_invisible_characters() {
+        let value = serde_json::json!({ "comm": "a\u{202e}b\u{200b}\u{feff}\u{e0001}\n\u{1b}", "argv": ["é", "日本"] });
+        for pretty in [false, true] {
+            let text = json(&value, pretty).unwrap();
+            assert!(
+                !text.chars().any(|c| hidden(c) && c != '\n'),
+                "a hidden character printed as itself: {text:?}"
+            );
+            assert!(text.contains(r"a\u202eb\u200b\ufeff\udb40\udc01\n\u001b"), "{text}");
+            assert!(text.contains("日本"), "ordinary text is left alone: {text}");
+            assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), value, "same value");
+            assert_eq!(text.contains('\n'), pretty);
+        }
     }
 }

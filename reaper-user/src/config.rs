@@ -66,6 +66,19 @@ pub enum ConfigError {
          chown root and chmod go-w it"
     )]
     Insecure { path: PathBuf, uid: u32, mode: u32 },
+    #[error(
+        "config {path} is in {dir}, which someone other than root can write or chmod (owner uid \
+         {uid}, mode {mode:o}): they could replace the file; chown root and chmod go-w {dir}, or \
+         move the file"
+    )]
+    InsecureDirectory {
+        path: PathBuf,
+        dir: PathBuf,
+        uid: u32,
+        mode: u32,
+    },
+    #[error("config {path} is a symbolic link: name the file itself (its target could be switched)")]
+    Symlink { path: PathBuf },
     #[error("config {path}: {message}")]
     Parse { path: String, message: String },
     #[error("config {path}: `{key}`: {problem}")]
@@ -301,13 +314,76 @@ impl Config {
     }
 }
 
-/// Reads a config file that only root (or the user running reaper) can have written.
+/// Reads a config file that only root (or the user running reaper) can have written or
+/// replaced, checking the file it actually reads, not a path that may change meanwhile.
+///
+/// The directory part is resolved (symlinks followed) once, then walked from `/` one real
+/// directory at a time, each opened relative to the one before with `O_NOFOLLOW` (a component
+/// swapped for a symlink meanwhile fails the walk). Every directory must be owned by root (or
+/// the user running reaper) and writable by no one else, except with the sticky bit set (as
+/// `/tmp`): there only an entry's owner can rename or remove it, and the entries walked are
+/// checked to be root's in turn. A directory owned by anyone else is refused even if not
+/// writable now: its owner can chmod it. The file is then opened once, relative to the last
+/// directory, with `O_NOFOLLOW` (a symlink is refused: name the file itself), `O_NONBLOCK`
+/// (opening a FIFO must not wait for a writer) and `O_CLOEXEC`, and its type, size, owner and
+/// mode are read with `fstat` on that open file.
 fn read_secure(path: &Path) -> Result<String, ConfigError> {
-    let read_err = |source| ConfigError::Read {
+    use rustix::fs::{Mode, OFlags};
+    let read_err = |source: std::io::Error| ConfigError::Read {
         path: path.to_owned(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(read_err)?;
+    let me = rustix::process::geteuid().as_raw();
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    let Some(name) = path.file_name() else {
+        return Err(ConfigError::IsDirectory {
+            path: path.to_owned(),
+        });
+    };
+    let parent = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let real_parent = std::fs::canonicalize(parent).map_err(read_err)?;
+    let walk = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir = rustix::fs::open("/", walk, Mode::empty()).map_err(|e| read_err(e.into()))?;
+    let mut walked = PathBuf::from("/");
+    loop {
+        let st = rustix::fs::fstat(&dir).map_err(|e| read_err(e.into()))?;
+        let mode = st.st_mode & 0o7777;
+        let open_to_others = mode & 0o022 != 0 && mode & 0o1000 == 0;
+        if !trusted(st.st_uid) || open_to_others {
+            return Err(ConfigError::InsecureDirectory {
+                path: path.to_owned(),
+                dir: walked,
+                uid: st.st_uid,
+                mode,
+            });
+        }
+        let Some(next) = real_parent.strip_prefix(&walked).ok().and_then(|rest| rest.components().next())
+        else {
+            break;
+        };
+        walked.push(next);
+        dir = rustix::fs::openat(&dir, next.as_os_str(), walk, Mode::empty()).map_err(|e| ConfigError::Read {
+            path: path.to_owned(),
+            source: std::io::Error::other(format!(
+                "{} changed while its directories were checked: {e}",
+                walked.display()
+            )),
+        })?;
+    }
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let file = match rustix::fs::openat(&dir, name, flags, Mode::empty()) {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(rustix::io::Errno::LOOP) => {
+            return Err(ConfigError::Symlink {
+                path: path.to_owned(),
+            });
+        }
+        Err(e) => return Err(read_err(e.into())),
+    };
+    let meta = file.metadata().map_err(read_err)?;
     if meta.is_dir() {
         return Err(ConfigError::IsDirectory {
             path: path.to_owned(),
@@ -325,9 +401,8 @@ fn read_secure(path: &Path) -> Result<String, ConfigError> {
             size: meta.len(),
         });
     }
-    let me = rustix::process::geteuid().as_raw();
     let mode = meta.permissions().mode() & 0o7777;
-    if (meta.uid() != 0 && meta.uid() != me) || mode & 0o022 != 0 {
+    if !trusted(meta.uid()) || mode & 0o022 != 0 {
         return Err(ConfigError::Insecure {
             path: path.to_owned(),
             uid: meta.uid(),
@@ -337,8 +412,8 @@ fn read_secure(path: &Path) -> Result<String, ConfigError> {
     // The file may have grown since: read one byte past the limit at most.
     use std::io::Read as _;
     let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
         .map_err(read_err)?;
     if text.len() as u64 > MAX_CONFIG_BYTES {
         return Err(ConfigError::TooLarge {
@@ -588,37 +663,135 @@ mod tests {
         assert!(err("").contains("`rule`"), "empty file");
     }
 
+    /// A fresh directory under the temp dir (root's 0755), removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("reaper-config-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            Self(dir)
+        }
+
+        /// A valid config file `name` of mode 0644 in `dir`.
+        fn file(dir: &Path, name: &str) -> PathBuf {
+            let path = dir.join(name);
+            std::fs::write(&path, RULE).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            path
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load(path, &Overrides::default())
+    }
+
+    /// A uid that is neither root nor this process's.
+    const OTHER_UID: u32 = 54_321;
+
+    fn chown(path: &Path, uid: u32) -> bool {
+        match std::os::unix::fs::lchown(path, Some(uid), None) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("skipped: cannot chown {} ({e}); run as root (cargo xtask test)", path.display());
+                false
+            }
+        }
+    }
+
     #[test]
     fn files_anyone_could_write_are_refused() {
-        let dir = std::env::temp_dir().join(format!("reaper-config-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("reaper.toml");
-        std::fs::write(&path, RULE).unwrap();
+        let dir = Scratch::new("file");
+        let path = Scratch::file(&dir.0, "reaper.toml");
+        assert!(load(&path).is_ok());
+        for mode in [0o666, 0o664, 0o646] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = load(&path).unwrap_err();
+            assert!(matches!(e, ConfigError::Insecure { .. }), "{mode:o}: {e}");
+            assert!(e.to_string().contains("chmod go-w"), "{e}");
+        }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(Config::load(&path, &Overrides::default()).is_ok());
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let e = Config::load(&path, &Overrides::default()).unwrap_err();
-        assert!(matches!(e, ConfigError::Insecure { .. }), "{e}");
-        let e = Config::load(&dir, &Overrides::default()).unwrap_err();
+        if chown(&path, OTHER_UID) {
+            let e = load(&path).unwrap_err();
+            assert!(matches!(e, ConfigError::Insecure { uid: OTHER_UID, .. }), "{e}");
+            assert!(e.to_string().contains(&format!("owner uid {OTHER_UID}")), "{e}");
+        }
+        let e = load(&dir.0).unwrap_err();
         assert!(matches!(e, ConfigError::IsDirectory { .. }), "{e}");
-        let e = Config::load(&dir.join("missing.toml"), &Overrides::default()).unwrap_err();
+        let e = load(&dir.0.join("missing.toml")).unwrap_err();
         assert!(matches!(e, ConfigError::Read { .. }), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
+        let big = dir.0.join("big.toml");
+        std::fs::write(&big, vec![b'#'; MAX_CONFIG_BYTES as usize + 1]).unwrap();
+        let e = load(&big).unwrap_err();
+        assert!(matches!(e, ConfigError::TooLarge { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_symlink_is_refused_even_to_a_good_file() {
+        let dir = Scratch::new("symlink");
+        let real = Scratch::file(&dir.0, "real.toml");
+        let link = dir.0.join("reaper.toml");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = load(&link).unwrap_err();
+        assert!(matches!(e, ConfigError::Symlink { .. }), "{e}");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(load(&real).is_ok());
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_refused() {
+        let dir = Scratch::new("dir");
+        let sub = dir.0.join("etc");
+        std::fs::create_dir(&sub).unwrap();
+        let path = Scratch::file(&sub, "reaper.toml");
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(load(&path).is_ok(), "root's 0755 directories, under the sticky temp dir");
+        for mode in [0o777, 0o775, 0o757] {
+            std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = load(&path).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::InsecureDirectory { dir, .. } if *dir == sub),
+                "{mode:o}: {e}"
+            );
+            assert!(e.to_string().contains(&sub.display().to_string()), "names the directory: {e}");
+        }
+        // Sticky (as /tmp): others may add entries but not replace root's.
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(load(&path).is_ok(), "a sticky directory of root's");
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Owned by someone else: refused even while not writable (they can chmod it).
+        if chown(&sub, OTHER_UID) {
+            let e = load(&path).unwrap_err();
+            assert!(matches!(e, ConfigError::InsecureDirectory { uid: OTHER_UID, .. }), "{e}");
+            // Also when reached through a symlink: the real directory is what is checked.
+            let link = dir.0.join("link");
+            std::os::unix::fs::symlink(&sub, &link).unwrap();
+            let e = load(&link.join("reaper.toml")).unwrap_err();
+            assert!(matches!(&e, ConfigError::InsecureDirectory { dir, .. } if *dir == sub), "{e}");
+            assert!(chown(&sub, 0));
+            assert!(load(&link.join("reaper.toml")).is_ok(), "a symlinked directory chain of root's");
+        }
     }
 
     #[test]
     fn fifos_and_devices_are_refused_without_being_read() {
-        // Reading a FIFO blocks until a writer comes (forever); /dev/kmsg and the like never end.
-        let dir = std::env::temp_dir().join(format!("reaper-config-fifo-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let fifo = dir.join("reaper.toml");
-        let _ = std::fs::remove_file(&fifo);
+        // Reading a FIFO blocks until a writer comes (forever); /dev/kmsg and the like never
+        // end. Opening is non-blocking, so not even the open waits for a writer.
+        let dir = Scratch::new("fifo");
+        let fifo = dir.0.join("reaper.toml");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         for path in [fifo.as_path(), Path::new("/dev/null")] {
-            let e = Config::load(path, &Overrides::default()).unwrap_err();
+            let e = load(path).unwrap_err();
             assert!(matches!(e, ConfigError::NotAFile { .. }), "{}: {e}", path.display());
             assert!(e.to_string().contains("not a regular file"), "{e}");
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

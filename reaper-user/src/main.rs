@@ -81,8 +81,9 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// TOML configuration file (owned by root, not writable by others). Without it the
-    /// built-in default applies: reap SDK-spawned `claude` children idle for 15 minutes.
+    /// TOML configuration file: owned by root, not writable by others, not a symlink, in
+    /// directories only root can write (or sticky, as /tmp). Without it the built-in default
+    /// applies: reap SDK-spawned `claude` children idle for 15 minutes.
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Idle time before a target is reaped, e.g. "90s", "15m" (overrides the file).
@@ -105,7 +106,10 @@ struct RunArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    if !matches!(cli.command, Command::Run(_) | Command::Events { .. }) {
+    if let Command::Run(args) = cli.command {
+        return run(args);
+    }
+    if !matches!(cli.command, Command::Events { .. }) {
         // Client commands print and exit: a closed pipe (`reaper tree | head`) ends them
         // quietly, like any Unix tool, instead of a write error. The daemon keeps Rust's
         // default (SIGPIPE ignored), so a peer closing a socket cannot kill it.
@@ -118,12 +122,12 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(_) => unreachable!("handled above"),
             Command::Events { json } => stream_events(json).await,
             Command::Tree { socket, json } => {
                 let value = ipc::request(&socket, ipc::Request::Tree).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&value)?);
+                    println!("{}", cli::json(&value, true)?);
                 } else {
                     let processes: Vec<Process> = serde_json::from_value(value)
                         .context("unexpected tree from the daemon")?;
@@ -136,7 +140,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Stats { socket } => {
                 let value = ipc::request(&socket, ipc::Request::Stats).await?;
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                println!("{}", cli::json(&value, true)?);
                 Ok(())
             }
             Command::Sessions { socket, json } => {
@@ -153,7 +157,7 @@ fn main() -> anyhow::Result<()> {
             Command::Explain { pid, socket, json } => {
                 let value = ipc::request(&socket, ipc::Request::Explain(pid)).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&value)?);
+                    println!("{}", cli::json(&value, true)?);
                 } else {
                     let e: Explanation = serde_json::from_value(value)
                         .context("unexpected explanation from the daemon")?;
@@ -204,7 +208,12 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// `reaper run`. Capabilities and no_new_privs belong to each thread, and a thread starts with
+/// its creator's: so everything that needs privileges (loading and attaching the probes,
+/// binding the metrics port and the local socket) happens first, on the only thread there is;
+/// then the privileges are dropped; only then is the runtime, and with it every other thread
+/// (tokio's workers and blocking pool), started. Each inherits the reduced set.
+fn run(args: RunArgs) -> anyhow::Result<()> {
     let overrides = Overrides {
         idle_timeout: args.idle_timeout,
         grace: args.grace,
@@ -219,28 +228,40 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "configuration loaded"
     );
     let metrics_addr = config.metrics_addr;
-    let pipeline = Pipeline::start(PipelineConfig::new(config)).await?;
-    let http = tokio::spawn(reaper::http::bind(metrics_addr, pipeline.metrics(), pipeline.health()).await?);
+    let config = PipelineConfig::new(config);
+    let probes = Pipeline::attach(&config)?;
+    let http = reaper::http::bind(metrics_addr)?;
     let server = ipc::Server::bind(&args.socket)?;
-    tracing::info!(socket = %server.path().display(), "serving the local interface (root only); `reaper tree` shows the live tree");
-    let serving = tokio::spawn(server.serve(pipeline.handle()));
     // Loaded, attached and bound: from here on only what running needs.
     match reaper::privileges::drop_to_kept() {
         Ok(kept) => {
             let mut kept: Vec<String> = kept.iter().map(ToString::to_string).collect();
             kept.sort();
-            tracing::info!(kept = %kept.join(","), "dropped every other capability; no_new_privs set");
+            tracing::info!(
+                kept = %kept.join(","),
+                "dropped every other capability and set no_new_privs, before starting any other thread"
+            );
         }
         Err(err) => tracing::warn!(error = %err, "could not drop capabilities; running with more than needed"),
     }
-    wait_for_signals(&args, &overrides, &pipeline).await?;
-    tracing::info!("shutting down: detaching probes");
-    serving.abort();
-    http.abort();
-    let _ = serving.await;
-    pipeline.shutdown().await;
-    tracing::info!("stopped");
-    Ok(())
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let pipeline = Pipeline::start_attached(config, probes).await?;
+        let http = tokio::spawn(http.serve(pipeline.metrics(), pipeline.health()));
+        tracing::info!(socket = %server.path().display(), "serving the local interface (root only); `reaper tree` shows the live tree");
+        let serving = tokio::spawn(server.serve(pipeline.handle()));
+        wait_for_signals(&args, &overrides, &pipeline).await?;
+        tracing::info!("shutting down: detaching probes");
+        serving.abort();
+        http.abort();
+        let _ = serving.await;
+        pipeline.shutdown().await;
+        tracing::info!("stopped");
+        Ok(())
+    })
 }
 
 /// SIGTERM or SIGINT: return (graceful shutdown). SIGHUP: reload the configuration; a bad new
@@ -289,7 +310,7 @@ async fn stream_events(json: bool) -> anyhow::Result<()> {
                 for event in batch {
                     use std::io::Write as _;
                     let written = if json {
-                        writeln!(stdout, "{}", serde_json::to_string(&event)?)
+                        writeln!(stdout, "{}", cli::json(&event, false)?)
                     } else {
                         writeln!(stdout, "{event}")
                     };

@@ -270,6 +270,40 @@ pub fn proc_cmdline(pid: u32) -> Option<Vec<u8>> {
     std::fs::read(format!("/proc/{pid}/cmdline")).ok()
 }
 
+/// `/proc/PID/task/TID/status` of every thread of `pid`: (tid, its text). Capabilities and
+/// no_new_privs are per thread, so a check of the process must read each one.
+pub fn thread_statuses(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        // A thread may exit between the listing and the read.
+        if let Ok(status) = std::fs::read_to_string(task.path().join("status")) {
+            out.push((tid, status));
+        }
+    }
+    out.sort_by_key(|(tid, _)| *tid);
+    out
+}
+
+/// A hexadecimal mask field of a `/proc/PID/status` text (`CapEff`, `CapPrm`, …).
+pub fn status_mask(status: &str, field: &str) -> Option<u64> {
+    let value = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    u64::from_str_radix(value.trim(), 16).ok()
+}
+
+/// A text field of a `/proc/PID/status` text (`Name`, `NoNewPrivs`, …).
+pub fn status_field<'a>(status: &'a str, field: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
 /// Every live (non-zombie) process's (pid, start ticks), straight from `/proc`.
 pub fn proc_identities() -> Vec<(u32, u64)> {
     let mut out = Vec::new();

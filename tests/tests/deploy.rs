@@ -331,6 +331,10 @@ fn check_unit(unit: &str) -> Result<(), String> {
         ("NoNewPrivileges", "yes"),
         ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
         ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        // The metrics endpoint answers loopback only; open files are bounded.
+        ("IPAddressAllow", "localhost"),
+        ("IPAddressDeny", "any"),
+        ("LimitNOFILE", "4096"),
     ] {
         if unit_setting(unit, key) != [want] {
             problems.push(format!(
@@ -396,6 +400,11 @@ fn broken_units_are_rejected() {
     // Hiding other processes' /proc would blind reaper.
     let e = broken("ProtectHome=yes", "ProtectHome=yes\nProtectProc=invisible");
     assert!(e.contains("ProtectProc"), "{e}");
+    // Without the deny, the allow list allows everything.
+    let e = broken("IPAddressDeny=any\n", "");
+    assert!(e.contains("IPAddressDeny"), "{e}");
+    let e = broken("LimitNOFILE=4096", "LimitNOFILE=infinity");
+    assert!(e.contains("LimitNOFILE"), "{e}");
     // bpf(2) and capset(2) live in @privileged: dropping either explicit allow breaks reaper.
     let e = broken("SystemCallFilter=bpf capset\n", "SystemCallFilter=capset\n");
     assert!(e.contains("bpf"), "{e}");
@@ -490,20 +499,33 @@ fn reaper_runs_with_the_units_capabilities() {
         .expect("start setpriv reaper run");
     let pid = child.id();
     let started = Instant::now();
+    // The port is bound before the pipeline starts (while privileges last): until the tree
+    // task runs, /healthz says 503.
+    let mut last = None;
     let healthy = loop {
         if let Some(response) = http_get(port, "/healthz") {
-            break Some(response);
+            if response.starts_with("HTTP/1.1 200") {
+                break Some(response);
+            }
+            last = Some(response);
         }
         if child.try_wait().ok().flatten().is_some() || started.elapsed() > DEADLINE {
-            break None;
+            break last;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let cap_eff = reaper::check::parse_cap_eff(&status);
-    let nnp = status
-        .lines()
-        .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"]));
+    // Every thread: capabilities and no_new_privs are per thread.
+    let threads: Vec<(u32, Option<u64>, Option<u64>, bool)> = reaper_tests::thread_statuses(pid)
+        .iter()
+        .map(|(tid, status)| {
+            (
+                *tid,
+                reaper_tests::status_mask(status, "CapEff"),
+                reaper_tests::status_mask(status, "CapPrm"),
+                reaper_tests::status_field(status, "NoNewPrivs") == Some("1"),
+            )
+        })
+        .collect();
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -524,16 +546,19 @@ fn reaper_runs_with_the_units_capabilities() {
         .iter()
         .fold(0, |bits, (cap, _)| bits | 1 << cap.index());
     assert_eq!(kept_bits & !wanted_bits, 0, "KEPT is within the unit's capabilities");
-    assert_eq!(
-        cap_eff,
-        Some(kept_bits),
-        "after attaching, reaper holds exactly what it keeps:\n{log}"
-    );
+    assert!(threads.len() >= 3, "the daemon's runtime threads: {threads:?}");
+    for (tid, cap_eff, cap_prm, nnp) in &threads {
+        assert_eq!(
+            (*cap_eff, *cap_prm),
+            (Some(kept_bits), Some(kept_bits)),
+            "after attaching, thread {tid} holds exactly what reaper keeps:\n{log}"
+        );
+        assert!(nnp, "thread {tid} runs under no_new_privs");
+    }
     assert!(
         !log.contains("could not drop capabilities"),
         "dropping capabilities failed under the unit's set:\n{log}"
     );
-    assert!(nnp, "reaper ran under no_new_privs");
     assert!(
         out.status.success(),
         "reaper stops cleanly on SIGTERM ({}):\n{log}",

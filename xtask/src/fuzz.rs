@@ -6,6 +6,12 @@
 //! procfs (`proc_files`), and process-controlled comm/exe/argv through the rule matcher
 //! (`cmdline`).
 //!
+//! The same target files are also built and run by `cargo xtask test`, on stable and without
+//! libFuzzer: `fuzz/replay` (a member of the main workspace) compiles each as a test program
+//! that replays its corpus and mutations of it for a few seconds, so a target that no longer
+//! compiles or a seed that now crashes fails the ordinary test run. This verb is the
+//! coverage-guided fuzzing.
+//!
 //! cargo-fuzz is installed once with `cargo install` into `<target>/fuzz-tools` (not `.tools`,
 //! which holds the eBPF toolchain). Builds go to `<target>/fuzz`. The seed corpus in
 //! `fuzz/corpus/<target>` is only read: new inputs libFuzzer finds go to

@@ -75,7 +75,9 @@ enum Verb {
 
     /// Set up, build the daemon (the command-line tests run it), then run every host test (unit
     /// tests and the kernel integration tests in `tests/`) one at a time, since they share kernel
-    /// state (needs root).
+    /// state (needs root). Every fuzz target in fuzz/fuzz_targets is built too, on stable, and
+    /// replayed over its corpus and mutations of it for a few seconds (fuzz/replay; seconds per
+    /// target from REAPER_FUZZ_SECONDS, default 3), each counted as one test.
     ///
     /// Runs `cargo build [--release] -p reaper-user`, installs the end-to-end tests' pinned
     /// SDKs and CLI (`setup-e2e`), then

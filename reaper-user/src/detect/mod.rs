@@ -683,7 +683,7 @@ impl Detector {
         match (current, matched) {
             (Some(_), Some(_)) => {}
             (Some(_), None) => {
-                tracing::info!(pid, comm = %crate::events::printable(&p.comm), "no longer matches any rule; not a target");
+                tracing::info!(pid, comm = %crate::events::quoted(&p.comm), "no longer matches any rule; not a target");
                 self.drop_target(pid, host);
             }
             (None, Some(rule)) => self.adopt(tree, p.id, rule, now, host),
@@ -727,7 +727,7 @@ impl Detector {
             ppid = p.ppid,
             rule = %rule_ref.name,
             idle_timeout = %humantime::format_duration(rule_ref.idle_timeout),
-            argv = %p.argv,
+            argv = %crate::events::quoted(&p.argv.to_string()),
             "watching a target"
         );
         if watch_failed {
@@ -984,7 +984,7 @@ impl Detector {
             argv: p.argv.to_string(),
             dry_run: self.mode == Mode::DryRun,
             kind: Some(kind),
-            note: format!("leftover of session {} ({}), which ended {:.0}s ago", e.target, crate::events::printable(&e.comm), secs(now.saturating_sub(e.at))),
+            note: format!("leftover of session {} ({}), which ended {:.0}s ago", e.target, crate::events::quoted(&e.comm), secs(now.saturating_sub(e.at))),
         }
     }
 
@@ -1020,7 +1020,7 @@ impl Detector {
                     Err(why) => {
                         tracing::info!(
                             pid = m.id.pid,
-                            comm = %crate::events::printable(&p.comm),
+                            comm = %crate::events::quoted(&p.comm),
                             kind = kind.as_str(),
                             session = %e.target,
                             why,

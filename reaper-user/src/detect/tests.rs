@@ -88,6 +88,7 @@ fn world() -> ProcessTree {
         comm: comm.into(),
         exe: String::new(),
         argv: Argv::from_args(&[comm]),
+        argv_truncated: false,
     };
     ProcessTree::from_scan(vec![snap(1, 0, "init"), snap(10, 1, "node")])
 }
@@ -437,6 +438,7 @@ fn a_target_found_under_init_at_start_up_is_reaped_only_when_idle() {
         comm: comm.into(),
         exe: String::new(),
         argv: Argv::from_args(argv),
+        argv_truncated: false,
     };
     let mut w = World::new("");
     w.tree = ProcessTree::from_scan(vec![snap(1, 0, "init", &["init"]), snap(20, 1, "claude", SDK)]);

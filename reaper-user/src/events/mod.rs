@@ -91,36 +91,95 @@ impl fmt::Debug for Argv {
     }
 }
 
-/// Arguments joined by spaces for a person to read, one line however they were written:
-/// control characters (a newline in a `bash -c` script, an escape sequence) are shown
-/// escaped, so `reaper tree`, `reaper events` and the logs keep one process per line.
+/// Arguments joined by spaces for a person to read, one line however they were written: each
+/// argument is shown as a [`word`] (bare when it is plain, quoted and escaped otherwise), so a
+/// newline in a `bash -c` script, an escape sequence or a space inside one argument can neither
+/// break `reaper tree`'s one-process-per-line output nor pass for two arguments.
 impl fmt::Display for Argv {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, arg) in self.to_strings().iter().enumerate() {
             if i > 0 {
                 f.write_str(" ")?;
             }
-            f.write_str(&printable(arg))?;
+            write!(f, "{}", word(arg))?;
         }
         Ok(())
     }
 }
 
-/// `s` with control characters escaped (`\n`, `\t`, `\u{1b}`): text from a process (argv,
-/// comm) on one line of human output.
+/// Whether `c` must not reach a terminal, a log line or a reader's eyes as itself: control
+/// characters (a newline forges a log line, ESC starts a terminal sequence), format characters
+/// (general category Cf: the bidi overrides and isolates U+202A–U+202E and U+2066–U+2069 that
+/// reorder what is shown, the zero-width U+200B–U+200F and U+FEFF, the soft hyphen, tags),
+/// line and paragraph separators (U+2028, U+2029) and unassigned code points (which a later
+/// Unicode may make format characters).
+pub fn hidden(c: char) -> bool {
+    use unicode_properties::{GeneralCategory as G, UnicodeGeneralCategory as _};
+    matches!(
+        c.general_category(),
+        G::Control | G::Format | G::LineSeparator | G::ParagraphSeparator | G::Unassigned
+    )
+}
+
+/// Writes `s` with backslashes doubled and [`hidden`] characters escaped (`\n`, `\t`, `\r`,
+/// `\u{202e}`); with `quote`, double quotes are escaped too (`\"`).
+fn write_escaped(out: &mut impl fmt::Write, s: &str, quote: bool) -> fmt::Result {
+    for c in s.chars() {
+        match c {
+            '\\' => out.write_str("\\\\")?,
+            '"' if quote => out.write_str("\\\"")?,
+            '\n' => out.write_str("\\n")?,
+            '\t' => out.write_str("\\t")?,
+            '\r' => out.write_str("\\r")?,
+            c if hidden(c) => write!(out, "{}", c.escape_unicode())?,
+            c => out.write_char(c)?,
+        }
+    }
+    Ok(())
+}
+
+/// `s` (text a process controls: argv, comm, a path) made safe for one line of human output:
+/// backslashes doubled, control, format (bidi, zero-width) and separator characters escaped,
+/// so what is shown is what the bytes are and nothing can start a new line or reorder the text.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(|c| c == '\\' || hidden(c)) {
         return s.into();
     }
     let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
+    write_escaped(&mut out, s, false).expect("writing to a String");
+    out.into()
+}
+
+/// `s` in double quotes, escaped as by [`printable`] and with its own double quotes escaped:
+/// one `key="value"` field of a log line or of `reaper events`, whatever `s` holds (spaces,
+/// `key=value` lookalikes, quotes) — a process cannot add a field of its own.
+pub fn quoted(s: &str) -> impl fmt::Display + '_ {
+    struct Quoted<'a>(&'a str);
+    impl fmt::Display for Quoted<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("\"")?;
+            write_escaped(f, self.0, true)?;
+            f.write_str("\"")
         }
     }
-    out.into()
+    Quoted(s)
+}
+
+/// `s` bare when it is plain (not empty, no whitespace, quote, backslash or [`hidden`]
+/// character), else [`quoted`]: one argument or name in a column of human output.
+pub fn word(s: &str) -> impl fmt::Display + '_ {
+    struct Word<'a>(&'a str);
+    impl fmt::Display for Word<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            let plain = !self.0.is_empty()
+                && !self
+                    .0
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '"' || c == '\\' || hidden(c));
+            if plain { f.write_str(self.0) } else { write!(f, "{}", quoted(self.0)) }
+        }
+    }
+    Word(s)
 }
 
 impl Serialize for Argv {
@@ -256,21 +315,91 @@ impl Event {
     }
 }
 
+/// One line per event. Every value a process controls (comm, file, argv) is [`quoted`], so a
+/// process can neither start a line nor add a `key=value` field of its own.
 impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let t = self.time_ns() as f64 / 1e9;
         match self {
             Self::Fork { id, parent, uid, comm, .. } => {
-                write!(f, "{t:>12.6} fork   pid={} ppid={} uid={uid} comm={}", id.pid, parent.pid, printable(comm))
+                write!(f, "{t:>12.6} fork   pid={} ppid={} uid={uid} comm={}", id.pid, parent.pid, quoted(comm))
             }
             Self::Exec { id, parent_pid, uid, filename, argv, argv_truncated, .. } => {
-                write!(f, "{t:>12.6} exec   pid={} ppid={parent_pid} uid={uid} file={} argv=[{argv}]{}",
-                    id.pid, printable(filename), if *argv_truncated { " (truncated)" } else { "" })
+                write!(f, "{t:>12.6} exec   pid={} ppid={parent_pid} uid={uid} file={} argv={}{}",
+                    id.pid, quoted(filename), quoted(&argv.to_string()), if *argv_truncated { " (truncated)" } else { "" })
             }
             Self::Exit { id, status, reaper_pid, .. } => {
                 write!(f, "{t:>12.6} exit   pid={} {status} children→{reaper_pid}", id.pid)
             }
-            Self::Rename { id, comm, .. } => write!(f, "{t:>12.6} rename pid={} comm={}", id.pid, printable(comm)),
+            Self::Rename { id, comm, .. } => write!(f, "{t:>12.6} rename pid={} comm={}", id.pid, quoted(comm)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every character that must never be printed as itself: what each output escapes.
+    const HOSTILE: &[char] = &[
+        '\n', '\r', '\t', '\x1b', '\x07', '\x7f', '\u{85}', '\u{9b}', // C0, DEL, C1 (NEL, CSI)
+        '\u{ad}', '\u{61c}', '\u{180e}', // soft hyphen, Arabic letter mark, Mongolian vowel separator
+        '\u{200b}', '\u{200c}', '\u{200d}', '\u{200e}', '\u{200f}', // zero-width, LRM, RLM
+        '\u{202a}', '\u{202b}', '\u{202c}', '\u{202d}', '\u{202e}', // bidi embeddings, overrides
+        '\u{2028}', '\u{2029}', // line and paragraph separators
+        '\u{2060}', '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}', // word joiner, isolates
+        '\u{feff}', '\u{fff9}', '\u{e0001}', '\u{e0041}', // BOM, annotation anchor, tags
+    ];
+
+    #[test]
+    fn printable_escapes_controls_bidi_and_invisible_characters() {
+        for &c in HOSTILE {
+            let s = format!("a{c}b");
+            let shown = printable(&s);
+            assert!(!shown.contains(c), "{c:?} shown as itself: {shown:?}");
+            assert!(shown.starts_with("a\\") && shown.ends_with('b'), "{c:?}: {shown:?}");
+            assert!(!quoted(&s).to_string().contains(c), "{c:?} in quoted()");
+            assert!(!word(&s).to_string().contains(c), "{c:?} in word()");
+        }
+        assert_eq!(printable("line\nnext\t\u{1b}[31m"), "line\\nnext\\t\\u{1b}[31m");
+        assert_eq!(printable("\u{202e}txt.exe"), "\\u{202e}txt.exe");
+        // A backslash is doubled, so an escape a process wrote itself cannot pass for one of ours.
+        assert_eq!(printable("a\\nb"), "a\\\\nb");
+        assert_ne!(printable("a\\nb"), printable("a\nb"));
+        // Ordinary text, in any script, is left alone and not copied.
+        for plain in ["claude", "--input-format=stream-json", "é ü 日本語 ☃", "a'b"] {
+            assert!(matches!(printable(plain), std::borrow::Cow::Borrowed(_)), "{plain}");
+        }
+    }
+
+    #[test]
+    fn quoted_values_cannot_add_fields() {
+        assert_eq!(quoted("claude").to_string(), "\"claude\"");
+        assert_eq!(quoted("x\" outcome=\"killed").to_string(), "\"x\\\" outcome=\\\"killed\"");
+        assert_eq!(quoted("").to_string(), "\"\"");
+        assert_eq!(word("--print").to_string(), "--print");
+        assert_eq!(word("a b").to_string(), "\"a b\"");
+        assert_eq!(word("").to_string(), "\"\"");
+        assert_eq!(word("a\u{a0}b").to_string(), "\"a\u{a0}b\"", "a no-break space is whitespace");
+        let argv = Argv::from_args(&["sh", "-c", "echo hi", "outcome=killed", ""]);
+        assert_eq!(argv.to_string(), "sh -c \"echo hi\" outcome=killed \"\"");
+        // In key=value output the whole argv is one quoted value.
+        let line = Event::Exec {
+            id: Identity { pid: 7, start_ticks: 1 },
+            time_ns: 0,
+            parent_pid: 1,
+            uid: 0,
+            comm: "sh".into(),
+            filename: "/bin/sh\n  0.000000 exit   pid=1".into(),
+            argv,
+            argv_truncated: false,
+            filename_truncated: false,
+        }
+        .to_string();
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(
+            line.ends_with(r#"file="/bin/sh\n  0.000000 exit   pid=1" argv="sh -c \"echo hi\" outcome=killed \"\"""#),
+            "{line}"
+        );
     }
 }

@@ -82,7 +82,10 @@ pub struct Snapshot {
     pub uid: u32,
     pub comm: String,
     pub exe: String,
+    /// At most [`reaper_common::ARGV_LEN`] bytes, as in exec events.
     pub argv: Argv,
+    /// `/proc/PID/cmdline` was longer and was cut.
+    pub argv_truncated: bool,
 }
 
 impl From<Snapshot> for Process {
@@ -94,7 +97,7 @@ impl From<Snapshot> for Process {
             comm: s.comm,
             exe: s.exe,
             argv: s.argv,
-            argv_truncated: false,
+            argv_truncated: s.argv_truncated,
             children: BTreeSet::new(),
             exit: None,
             placeholder: false,

@@ -48,6 +48,7 @@ fn snap(who: Identity, ppid: u32, comm: &str) -> Snapshot {
         comm: comm.into(),
         exe: format!("/bin/{comm}"),
         argv: Argv::from_args(&[comm]),
+        argv_truncated: false,
     }
 }
 

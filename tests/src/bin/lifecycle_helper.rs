@@ -195,6 +195,33 @@ fn main() {
             say("pid", getpid());
             wait_stdin();
         }
+        // Fork N waiting children, print them, then wait. Later arguments are ignored: they
+        // are there to be read (the children share this process's argv, however large).
+        "fork-wait" => {
+            let n: usize = arg(1).parse().expect("child count");
+            say("pid", getpid());
+            for _ in 0..n {
+                say("child", spawn_waiter());
+            }
+            wait_stdin();
+        }
+        // Rename this process to NAME (prctl(PR_SET_NAME): any bytes but NUL, cut at 15), then
+        // start PROGRAM ARGS… as its child (stdin inherited), print both pids and wait.
+        "spawn-as" => {
+            let name = CString::new(arg(1)).expect("a name without NUL");
+            // SAFETY: prctl with a NUL-terminated string that outlives the call.
+            assert_eq!(unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) }, 0);
+            let mut child = std::process::Command::new(arg(2))
+                .args(&args[3..])
+                .stdin(std::process::Stdio::inherit())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn PROGRAM");
+            say("pid", getpid());
+            say("child", child.id());
+            wait_stdin();
+            let _ = child.wait();
+        }
         // Fork+exec `/bin/true` N times from W threads as fast as possible; report the rate.
         // An optional PAD adds one argument of PAD bytes to each exec (bigger exec records).
         "storm" => {

@@ -120,47 +120,49 @@ fn service_active() -> anyhow::Result<String> {
     ))
 }
 
-/// The daemon under the unit's sandbox: no_new_privs, and capabilities within the unit's
-/// bounding set, CAP_KILL and CAP_BPF kept (what it needs at run time).
+/// The daemon under the unit's sandbox, on every one of its threads (capabilities and
+/// no_new_privs are per thread): no_new_privs, and capabilities within the unit's bounding set,
+/// exactly what it keeps at run time (CAP_KILL, CAP_BPF, …).
 fn service_privileges() -> anyhow::Result<String> {
     let pid = show("MainPID")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("its status")?;
-    let field = |name: &str| -> anyhow::Result<u64> {
-        let value = status
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}:")))
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
-        Ok(u64::from_str_radix(value.trim(), 16)?)
-    };
-    let nnp = status
-        .lines()
-        .find_map(|l| l.strip_prefix("NoNewPrivs:"))
-        .map(str::trim);
-    ensure!(nnp == Some("1"), "NoNewPrivs is {nnp:?}");
     let names = |mask: u64| -> Vec<String> {
-        caps::all()
+        let mut names: Vec<String> = caps::all()
             .into_iter()
             .filter(|c| mask & (1u64 << c.index()) != 0)
             .map(|c| c.to_string().to_lowercase())
-            .collect()
+            .collect();
+        names.sort();
+        names
     };
-    let mut effective = names(field("CapEff")?);
-    let mut permitted = names(field("CapPrm")?);
-    let bounding = names(field("CapBnd")?);
-    for cap in &bounding {
-        ensure!(BOUNDING.contains(&cap.as_str()), "{cap} is in the bounding set {bounding:?}");
-    }
     // Exactly what the daemon says it keeps once attached (reaper::privileges::KEPT).
     let mut kept: Vec<String> = reaper::privileges::KEPT
         .iter()
         .map(|(cap, _)| cap.to_string().to_lowercase())
         .collect();
     kept.sort();
-    effective.sort();
-    permitted.sort();
-    ensure!(effective == kept, "effective {effective:?}, expected {kept:?}");
-    ensure!(permitted == kept, "permitted {permitted:?}, expected {kept:?}");
-    Ok(format!("no_new_privs, effective = permitted = {kept:?}, bounding {bounding:?}"))
+    let threads = reaper_tests::thread_statuses(pid.parse().context("MainPID")?);
+    ensure!(threads.len() >= 3, "only {} thread(s) in /proc/{pid}/task: no runtime?", threads.len());
+    let mut bounding = Vec::new();
+    for (tid, status) in &threads {
+        let name = reaper_tests::status_field(status, "Name").unwrap_or("?");
+        let field = |field: &str| -> anyhow::Result<u64> {
+            reaper_tests::status_mask(status, field).with_context(|| format!("no {field} for thread {tid} ({name})"))
+        };
+        let nnp = reaper_tests::status_field(status, "NoNewPrivs");
+        ensure!(nnp == Some("1"), "thread {tid} ({name}): NoNewPrivs is {nnp:?}");
+        bounding = names(field("CapBnd")?);
+        for cap in &bounding {
+            ensure!(BOUNDING.contains(&cap.as_str()), "thread {tid} ({name}): {cap} is in the bounding set {bounding:?}");
+        }
+        let effective = names(field("CapEff")?);
+        let permitted = names(field("CapPrm")?);
+        ensure!(effective == kept, "thread {tid} ({name}): effective {effective:?}, expected {kept:?}");
+        ensure!(permitted == kept, "thread {tid} ({name}): permitted {permitted:?}, expected {kept:?}");
+    }
+    Ok(format!(
+        "all {} threads: no_new_privs, effective = permitted = {kept:?}, bounding {bounding:?}",
+        threads.len()
+    ))
 }
 
 /// `GET path` on the metrics address: (status line, body).
@@ -174,10 +176,22 @@ fn http_get(path: &str) -> anyhow::Result<(String, String)> {
     Ok((head.lines().next().unwrap_or_default().to_owned(), body.to_owned()))
 }
 
-/// /healthz says ok and /metrics counts the host's processes.
+/// /healthz says ok and /metrics counts the host's processes. (The port is bound before the
+/// pipeline starts, so /healthz may say 503 for a moment first.)
 fn service_http() -> anyhow::Result<String> {
-    let (status, body) = http_get("/healthz")?;
-    ensure!(status.contains(" 200 "), "/healthz: {status} {body}");
+    let mut last = String::new();
+    let healthy = wait_for("/healthz to answer 200", || match http_get("/healthz") {
+        Ok((status, _)) if status.contains(" 200 ") => Some(()),
+        Ok((status, body)) => {
+            last = format!("{status} {body}");
+            None
+        }
+        Err(err) => {
+            last = format!("{err:#}");
+            None
+        }
+    });
+    healthy.with_context(|| format!("/healthz: {last}"))?;
     let (status, body) = http_get("/metrics")?;
     ensure!(status.contains(" 200 "), "/metrics: {status}");
     let processes: f64 = body
