@@ -315,6 +315,17 @@ fn ensure_tool(tool: &str, package: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How old the host's newest apt list is (None: no lists).
+fn apt_lists_age() -> Option<Duration> {
+    fs::read_dir("/var/lib/apt/lists")
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with("InRelease"))
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max()
+        .and_then(|newest| newest.elapsed().ok())
+}
+
 /// The packages of each series (or of the series asked for), newest first: the host archive's,
 /// and Debian 11's 5.x. Without apt's lists it runs `apt-get update` once; with no archive at
 /// all it uses the kernels already downloaded.
@@ -337,6 +348,12 @@ fn choose_kernels(vm_dir: &Path, wanted: &[String]) -> anyhow::Result<Vec<Vec<Ke
             })
             .collect())
     };
+    // A machine image's apt lists can be months old and miss a whole series (bookworm's
+    // 6.12 cloud kernels came with a point release): refresh them once a day.
+    if which("apt-get").is_some() && apt_lists_age().is_none_or(|age| age > Duration::from_secs(24 * 3600)) {
+        println!("xtask: apt's package lists are missing or older than a day; running apt-get update");
+        apt_get(&["update"])?;
+    }
     let mut found = if which("apt-cache").is_some() {
         search(&[])?
     } else {
