@@ -290,8 +290,8 @@ fn forged_comm_and_argv_are_escaped_in_logs_tree_explain_and_events() {
     assert_eq!(
         keys,
         [
-            "pid", "start_time", "ppid", "parent_comm", "argv", "rule", "reason", "idle_secs", "rss_bytes",
-            "descendants", "signals", "outcome", "error"
+            "pid", "start_time", "uid", "ppid", "parent_comm", "argv", "rule", "reason", "idle_secs",
+            "rss_bytes", "descendants", "other_uid", "kind", "note", "step", "steps", "outcome", "error"
         ],
         "{line}"
     );
