@@ -44,6 +44,12 @@ impl EventKind {
     /// Every kind, in id order.
     pub const ALL: [EventKind; 4] = [Self::Fork, Self::Exec, Self::Exit, Self::Rename];
 
+    /// Position in [`EventKind::ALL`], for arrays with one slot per kind (the id minus one:
+    /// ids start at 1).
+    pub const fn index(self) -> usize {
+        self as usize - 1
+    }
+
     /// Lower-case name, used in logs and metric labels.
     pub const fn name(self) -> &'static str {
         match self {
@@ -54,6 +60,15 @@ impl EventKind {
         }
     }
 }
+
+// `index` is each kind's position in `ALL`.
+const _: () = {
+    let mut i = 0;
+    while i < EventKind::ALL.len() {
+        assert!(EventKind::ALL[i].index() == i);
+        i += 1;
+    }
+};
 
 /// Size of the per-kind counter arrays, indexed by the kind id (slot 0 is unused).
 pub const KIND_SLOTS: u32 = 5;

@@ -129,11 +129,11 @@ impl Metrics {
 
     /// Counts one decoded event.
     pub fn event(&self, kind: EventKind) {
-        self.events[kind as usize - 1].inc();
+        self.events[kind.index()].inc();
     }
 
     pub fn events(&self, kind: EventKind) -> u64 {
-        self.events[kind as usize - 1].get()
+        self.events[kind.index()].get()
     }
 
     pub fn events_total(&self) -> u64 {

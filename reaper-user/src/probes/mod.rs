@@ -232,11 +232,11 @@ pub struct LostCounts([u64; EventKind::ALL.len()]);
 
 impl LostCounts {
     pub fn get(&self, kind: EventKind) -> u64 {
-        self.0[kind as usize - 1]
+        self.0[kind.index()]
     }
 
     fn set(&mut self, kind: EventKind, value: u64) {
-        self.0[kind as usize - 1] = value;
+        self.0[kind.index()] = value;
     }
 
     pub fn total(&self) -> u64 {
