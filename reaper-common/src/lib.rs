@@ -124,11 +124,12 @@ pub struct ForkEvent {
     pub comm: [u8; COMM_LEN],
 }
 
-/// A process replaced its image: `sched_process_exec`. On the wire only the used prefix is
-/// sent: everything up to `argv`, then `argv_len` bytes of it.
+/// The fixed part of an exec record: everything before argv. On the wire an exec record is
+/// this, then [`ExecHead::argv_len`] bytes of argv (the eBPF side sends only the used prefix of
+/// an [`ExecEvent`]); both sides read and write these fields by name.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExecEvent {
+pub struct ExecHead {
     pub header: Header,
     /// The parent process (`real_parent->tgid`).
     pub parent_tgid: u32,
@@ -138,13 +139,21 @@ pub struct ExecEvent {
     pub flags: u32,
     /// Valid bytes in `filename`.
     pub filename_len: u32,
-    /// Valid bytes in `argv`.
+    /// Valid bytes of argv that follow this head.
     pub argv_len: u32,
     pub _pad: u32,
     /// `comm` after the exec (the basename of the exec'd path).
     pub comm: [u8; COMM_LEN],
     /// The path given to execve (`linux_binprm::filename`), not NUL-terminated.
     pub filename: [u8; FILENAME_LEN],
+}
+
+/// A process replaced its image: `sched_process_exec`. Built whole in a per-CPU scratch
+/// slot; only `head` and the first `head.argv_len` bytes of `argv` are sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub head: ExecHead,
     /// argv as NUL-separated strings, as in `/proc/PID/cmdline`.
     pub argv: [u8; ARGV_LEN],
 }
@@ -172,7 +181,9 @@ pub struct RenameEvent {
 
 const _: () = assert!(size_of::<Header>() == 24);
 const _: () = assert!(size_of::<ForkEvent>() == 56);
-const _: () = assert!(size_of::<ExecEvent>() == 48 + COMM_LEN + FILENAME_LEN + ARGV_LEN);
+const _: () = assert!(size_of::<ExecHead>() == 48 + COMM_LEN + FILENAME_LEN);
+const _: () = assert!(core::mem::offset_of!(ExecEvent, argv) == size_of::<ExecHead>());
+const _: () = assert!(size_of::<ExecEvent>() == size_of::<ExecHead>() + ARGV_LEN);
 const _: () = assert!(size_of::<ExitEvent>() == 32);
 const _: () = assert!(size_of::<RenameEvent>() == 40);
 const _: () = assert!(ARGV_LEN.is_power_of_two() && FILENAME_LEN.is_power_of_two());

@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use reaper_common::{
     ARGV_LEN, COMM_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
-    EventKind, ExecEvent, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelOffsets,
+    EventKind, ExecEvent, ExecHead, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelOffsets,
     RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX,
 };
 
@@ -254,7 +254,7 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
 
     // SAFETY: `ev` points at this CPU's scratch record of size_of::<ExecEvent>().
     let filename_len = unsafe {
-        match bpf_probe_read_kernel_str_bytes(filename, &mut (*ev).filename) {
+        match bpf_probe_read_kernel_str_bytes(filename, &mut (*ev).head.filename) {
             Ok(bytes) => bytes.len() as u32,
             Err(_) => 0,
         }
@@ -289,19 +289,20 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
         0
     };
 
-    // SAFETY: as above; plain stores into the reserved record.
+    // SAFETY: as above; plain stores into the scratch record.
     unsafe {
-        (*ev).header = header(EventKind::Exec, tgid, start);
-        (*ev).parent_tgid = parent_tgid as u32;
-        (*ev).uid = uid;
-        (*ev).flags = flags;
-        (*ev).filename_len = filename_len;
-        (*ev).argv_len = argv_len;
-        (*ev)._pad = 0;
-        (*ev).comm = comm;
+        let head = &raw mut (*ev).head;
+        (*head).header = header(EventKind::Exec, tgid, start);
+        (*head).parent_tgid = parent_tgid as u32;
+        (*head).uid = uid;
+        (*head).flags = flags;
+        (*head).filename_len = filename_len;
+        (*head).argv_len = argv_len;
+        (*head)._pad = 0;
+        (*head).comm = comm;
     }
     // Only the used part goes into the ring: ~300 bytes for a typical exec, not 4.4 KiB.
-    let size = core::mem::offset_of!(ExecEvent, argv) + argv_len as usize;
+    let size = size_of::<ExecHead>() + argv_len as usize;
     // SAFETY: `size` ≤ size_of::<ExecEvent>() (argv_len ≤ ARGV_LEN): a prefix of the record.
     let used = unsafe { core::slice::from_raw_parts(ev.cast::<u8>(), size) };
     if EVENTS.output::<[u8]>(used, wakeup_flags()).is_err() {
