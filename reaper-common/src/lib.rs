@@ -25,6 +25,19 @@ pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 1;
 /// `ExecEvent::flags`: argv could not be read from the new process's memory.
 pub const EXEC_ARGV_UNREADABLE: u32 = 1 << 2;
 
+/// The lifecycle programs in reaper's eBPF object, each named after the BTF tracepoint
+/// (`tp_btf`) it attaches to. Without any of them reaper cannot follow processes.
+pub const LIFECYCLE_TRACEPOINTS: [&str; 4] = [
+    "sched_process_fork",
+    "sched_process_exec",
+    "sched_process_exit",
+    "task_rename",
+];
+
+/// The socket activity programs, named likewise (kernel 6.3+): attached where the kernel has
+/// both tracepoints; elsewhere target activity comes from `/proc/PID/io`.
+pub const SOCKET_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
+
 /// Pinned numeric ids of the event kinds. Never renumber: they are the wire format and the
 /// index of the per-kind loss counters.
 #[repr(u32)]

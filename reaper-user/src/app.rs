@@ -259,7 +259,7 @@ impl Pipeline {
                 Source::Socket => "socket bytes (sock:sock_send_length/sock_recv_length, in kernel)",
                 Source::ProcIo => "read/write bytes from /proc/PID/io (fallback: no socket tracepoints, or configured)",
             },
-            "attached to sched_process_fork, sched_process_exec, sched_process_exit, task_rename"
+            "attached to {}", crate::probes::LIFECYCLE_TRACEPOINTS.join(", ")
         );
 
         let metrics = Arc::new(Metrics::new());

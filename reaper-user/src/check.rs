@@ -7,7 +7,7 @@
 //! cannot be read becomes a row saying so.
 use std::fmt;
 
-use crate::probes::{DEFAULT_RING_BYTES, layout, tracefs};
+use crate::probes::{DEFAULT_RING_BYTES, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS, layout, tracefs};
 
 /// Capability numbers (`include/uapi/linux/capability.h`).
 pub const CAP_DAC_READ_SEARCH: u32 = 2;
@@ -17,17 +17,6 @@ pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_SYS_RESOURCE: u32 = 24;
 pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
-
-/// The BTF tracepoints reaper attaches to; without any of them it cannot follow processes.
-pub const REQUIRED_TRACEPOINTS: [&str; 4] = [
-    "sched_process_fork",
-    "sched_process_exec",
-    "sched_process_exit",
-    "task_rename",
-];
-
-/// Socket activity tracepoints (kernel 6.3+); without them activity comes from `/proc/PID/io`.
-pub const OPTIONAL_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
 
 /// The capabilities to grant a non-root reaper (or to keep in a service's bounding set).
 pub const CAPABILITY_FIX: &str =
@@ -255,9 +244,9 @@ fn gather_btf() -> BtfFacts {
     let offsets = layout::kernel_offsets(&btf)
         .map(drop)
         .map_err(|err| error_chain(&err));
-    let tracepoints = REQUIRED_TRACEPOINTS
+    let tracepoints = LIFECYCLE_TRACEPOINTS
         .iter()
-        .chain(&OPTIONAL_TRACEPOINTS)
+        .chain(&SOCKET_TRACEPOINTS)
         .map(|&name| (name.to_owned(), layout::tracepoint_arity(&btf, name).ok()))
         .collect();
     BtfFacts::Parsed {
@@ -548,7 +537,7 @@ fn btf_items(btf: &BtfFacts) -> Vec<CheckItem> {
     let arity = |name: &str| -> Option<Option<usize>> {
         tracepoints.map(|tps| tps.iter().find(|(n, _)| n == name).and_then(|(_, a)| *a))
     };
-    for name in REQUIRED_TRACEPOINTS {
+    for name in LIFECYCLE_TRACEPOINTS {
         let item = format!("tracepoint {name}");
         items.push(match arity(name) {
             Some(Some(args)) => CheckItem::new(item, Status::Ok, format!("in BTF ({args} args)")),
@@ -559,7 +548,7 @@ fn btf_items(btf: &BtfFacts) -> Vec<CheckItem> {
             }
         });
     }
-    for name in OPTIONAL_TRACEPOINTS {
+    for name in SOCKET_TRACEPOINTS {
         let item = format!("tracepoint {name}");
         items.push(match arity(name) {
             Some(Some(args)) => CheckItem::new(
@@ -625,9 +614,9 @@ mod tests {
     const ALL_CAPS: u64 = (1u64 << 41) - 1;
 
     fn tracepoints(present: &[&str]) -> Vec<(String, Option<usize>)> {
-        REQUIRED_TRACEPOINTS
+        LIFECYCLE_TRACEPOINTS
             .iter()
-            .chain(&OPTIONAL_TRACEPOINTS)
+            .chain(&SOCKET_TRACEPOINTS)
             .map(|&n| (n.to_owned(), present.contains(&n).then_some(2)))
             .collect()
     }
@@ -821,7 +810,7 @@ mod tests {
         let report = assess(&Facts {
             btf: BtfFacts::Parsed {
                 offsets: Err("kernel BTF: struct task_struct has no member start_boottime".into()),
-                tracepoints: tracepoints(&REQUIRED_TRACEPOINTS),
+                tracepoints: tracepoints(&LIFECYCLE_TRACEPOINTS),
             },
             ..good()
         });
@@ -836,12 +825,12 @@ mod tests {
         let report = assess(&Facts {
             btf: BtfFacts::Parsed {
                 offsets: Ok(()),
-                tracepoints: tracepoints(&REQUIRED_TRACEPOINTS),
+                tracepoints: tracepoints(&LIFECYCLE_TRACEPOINTS),
             },
             ..good()
         });
         assert!(report.can_run(), "{report}");
-        for name in OPTIONAL_TRACEPOINTS {
+        for name in SOCKET_TRACEPOINTS {
             let row = report.get(&format!("tracepoint {name}")).unwrap();
             assert_eq!(row.status, Status::Warn);
             assert!(
@@ -991,7 +980,7 @@ mod tests {
         ] {
             assert!(report.get(item).is_some(), "no {item} row in\n{report}");
         }
-        for name in REQUIRED_TRACEPOINTS.iter().chain(&OPTIONAL_TRACEPOINTS) {
+        for name in LIFECYCLE_TRACEPOINTS.iter().chain(&SOCKET_TRACEPOINTS) {
             assert!(report.get(&format!("tracepoint {name}")).is_some());
         }
         assert!(

@@ -131,6 +131,11 @@ pub fn tracepoint_arity(btf: &Btf, tracepoint: &str) -> Result<usize, LayoutErro
     Err(LayoutError::NoTracepoint { name })
 }
 
+/// Whether the kernel's BTF has every one of these tracepoints.
+pub fn has_tracepoints(btf: &Btf, tracepoints: &[&str]) -> bool {
+    tracepoints.iter().all(|tp| tracepoint_arity(btf, tp).is_ok())
+}
+
 fn find_struct(btf: &Btf, name: &str) -> Result<Struct, LayoutError> {
     btf.resolve_types_by_name(name)
         .unwrap_or_default()

@@ -13,23 +13,10 @@ use aya::{
     programs::BtfTracePoint,
 };
 use reaper_common::{EventKind, KernelOffsets, SockActivity};
+pub use reaper_common::{LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
 
 /// The compiled eBPF object, built by build.rs from the `reaper-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reaper"));
-
-/// Program name (the function in reaper-ebpf) and the tracepoint it attaches to.
-const PROGRAMS: [(&str, &str); 4] = [
-    ("sched_process_fork", "sched_process_fork"),
-    ("sched_process_exec", "sched_process_exec"),
-    ("sched_process_exit", "sched_process_exit"),
-    ("task_rename", "task_rename"),
-];
-
-/// Socket activity programs (kernel 6.3+), attached where the kernel has the tracepoints.
-const SOCKET_PROGRAMS: [(&str, &str); 2] = [
-    ("sock_send_length", "sock_send_length"),
-    ("sock_recv_length", "sock_recv_length"),
-];
 
 /// Default ring buffer size, 4 MiB. Exec records carry only the argv present (≈ 400 bytes for
 /// a typical exec, 4.4 KiB at most), so a process's fork+exec+exit+rename is ≈ 0.5 KiB: this
@@ -105,8 +92,7 @@ impl Probes {
 
         let btf = layout::vmlinux()?;
         let offsets = layout::kernel_offsets(&btf)?;
-        let socket_activity =
-            options.socket_activity && layout::tracepoint_arity(&btf, "sock_send_length").is_ok();
+        let socket_activity = options.socket_activity && layout::has_tracepoints(&btf, &SOCKET_TRACEPOINTS);
         drop(btf);
         tracing::debug!(?offsets, "kernel layout from BTF");
 
@@ -120,8 +106,10 @@ impl Probes {
             .map_err(ProbeError::Load)?;
 
         let btf = aya::Btf::from_sys_fs().map_err(ProbeError::Btf)?;
-        let socket_programs: &[_] = if socket_activity { &SOCKET_PROGRAMS } else { &[] };
-        for &(program, tracepoint) in PROGRAMS.iter().chain(socket_programs) {
+        let socket_programs: &[_] = if socket_activity { &SOCKET_TRACEPOINTS } else { &[] };
+        // Each program is named after its tracepoint.
+        for &program in LIFECYCLE_TRACEPOINTS.iter().chain(socket_programs) {
+            let tracepoint = program;
             let prog: &mut BtfTracePoint = ebpf
                 .program_mut(program)
                 .ok_or(ProbeError::Missing {

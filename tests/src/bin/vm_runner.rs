@@ -205,7 +205,7 @@ fn print_layout() -> anyhow::Result<bool> {
     let btf = layout::vmlinux().context("reading kernel BTF")?;
     let offsets = layout::kernel_offsets(&btf).context("resolving the kernel layout")?;
     say(&format!("vm-offsets: {offsets:?}"));
-    let sock = layout::tracepoint_arity(&btf, "sock_send_length").is_ok();
+    let sock = layout::has_tracepoints(&btf, &reaper::probes::SOCKET_TRACEPOINTS);
     say(&format!(
         "vm-sock-tracepoints: {}",
         if sock { "yes" } else { "no" }
