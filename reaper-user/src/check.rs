@@ -7,7 +7,7 @@
 //! cannot be read becomes a row saying so.
 use std::fmt;
 
-use crate::probes::{DEFAULT_RING_BYTES, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS, layout, tracefs};
+use crate::probes::{DEFAULT_RING_BYTES, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS, layout};
 
 /// Capability numbers (`include/uapi/linux/capability.h`).
 pub const CAP_DAC_READ_SEARCH: u32 = 2;
@@ -175,8 +175,6 @@ pub struct Facts {
     pub kernel_release: Option<String>,
     pub machine: Option<String>,
     pub btf: BtfFacts,
-    /// Where tracefs is mounted, if it is.
-    pub tracefs: Option<String>,
     /// `pidfd_open` on our own pid: `Ok`, or the error (`ENOSYS` before 5.3).
     pub pidfd: Result<(), PidfdError>,
     /// `RLIMIT_MEMLOCK` (soft, hard) in bytes; `u64::MAX` for unlimited.
@@ -203,10 +201,6 @@ impl Facts {
             kernel_release: uname.as_ref().map(|u| text(u.release())),
             machine: uname.as_ref().map(|u| text(u.machine())),
             btf: gather_btf(),
-            tracefs: [tracefs::TRACEFS, tracefs::DEBUGFS_TRACING]
-                .into_iter()
-                .find(|root| std::path::Path::new(root).join("events").is_dir())
-                .map(str::to_owned),
             pidfd: match rustix::process::pidfd_open(
                 rustix::process::getpid(),
                 rustix::process::PidfdFlags::empty(),
@@ -388,20 +382,6 @@ pub fn assess(facts: &Facts) -> CheckReport {
             format!("pidfd_open on our own pid failed: {err}"),
         )
         .fix("allow the pidfd_open and pidfd_send_signal syscalls (seccomp filter?)"),
-    });
-
-    // tracefs: informational; reaper attaches BTF tracepoints only.
-    items.push(match &facts.tracefs {
-        Some(path) => CheckItem::new(
-            "tracefs",
-            Status::Info,
-            format!("mounted at {path} (not needed: reaper uses BTF tracepoints only)"),
-        ),
-        None => CheckItem::new(
-            "tracefs",
-            Status::Info,
-            "not mounted (not needed: reaper uses BTF tracepoints only)",
-        ),
     });
 
     // RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps to it; later ones to the memory cgroup.
@@ -639,7 +619,6 @@ mod tests {
                     "sock_recv_length",
                 ]),
             },
-            tracefs: Some("/sys/kernel/tracing".into()),
             pidfd: Ok(()),
             memlock: Some((8 << 20, 8 << 20)),
         }
@@ -709,7 +688,6 @@ mod tests {
         ] {
             assert_eq!(status(&report, item), Status::Ok, "{item}");
         }
-        assert_eq!(status(&report, "tracefs"), Status::Info);
         assert_eq!(status(&report, "RLIMIT_MEMLOCK"), Status::Info);
         let text = report.to_string();
         assert!(text.ends_with("\nreaper can run here.\n"), "{text}");
@@ -975,7 +953,6 @@ mod tests {
             "kernel layout",
             "BPF ring buffer",
             "pidfd",
-            "tracefs",
             "RLIMIT_MEMLOCK",
         ] {
             assert!(report.get(item).is_some(), "no {item} row in\n{report}");

@@ -5,14 +5,13 @@
 //! `task_struct *` arguments, and exist wherever kernel BTF does (5.5+); kprobes and fentry are
 //! not assumed (many hosts, this one included, lack them).
 pub mod layout;
-pub mod tracefs;
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
-use reaper_common::{EventKind, KernelOffsets, SockActivity};
+use reaper_common::{EventKind, SockActivity};
 pub use reaper_common::{LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
 
 /// The compiled eBPF object, built by build.rs from the `reaper-ebpf` crate.
@@ -75,7 +74,6 @@ pub struct Probes {
     lost: PerCpuArray<MapData, u64>,
     watched: HashMap<MapData, u32, u32>,
     activity: HashMap<MapData, u32, SockActivity>,
-    offsets: KernelOffsets,
     socket_activity: bool,
 }
 
@@ -154,7 +152,6 @@ impl Probes {
             lost,
             watched,
             activity,
-            offsets,
             socket_activity,
         })
     }
@@ -206,11 +203,6 @@ impl Probes {
             counts.set(kind, total);
         }
         counts
-    }
-
-    /// The offsets handed to the programs.
-    pub fn offsets(&self) -> &KernelOffsets {
-        &self.offsets
     }
 }
 
