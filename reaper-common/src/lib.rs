@@ -257,26 +257,53 @@ pub struct KernelOffsets {
 
 const _: () = assert!(size_of::<KernelOffsets>() == 29 * 4);
 
-/// Most processes watched for activity at once (targets and their descendants).
+/// `max_entries` of the per-pid maps (`WATCHED`, `EXIT_CLAIMED`) as compiled. User space
+/// resizes them at load time from `kernel.pid_max` (see `reaper::probes`).
 pub const WATCH_MAX: u32 = 16384;
 
-/// Socket activity of one target (and its descendants), kept by the kernel in `ACTIVITY`
-/// keyed by the target's tgid.
+/// `max_entries` of `ACTIVITY` (one record per target) as compiled; resized likewise.
+pub const ACTIVITY_MAX: u32 = 4096;
+
+/// [`ActivityRecord::flags`]: a process descended from this target could not be added to
+/// `WATCHED` (the map was full when it was forked), so its socket bytes are not counted and
+/// the target's activity is incomplete: an idle verdict on it cannot be trusted.
+pub const ACTIVITY_WATCH_INCOMPLETE: u32 = 1 << 0;
+
+/// Socket activity of one target and its descendants.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockActivity {
-    /// The last byte sent or received, `CLOCK_BOOTTIME` ns.
+    /// The last byte sent or received, `CLOCK_BOOTTIME` ns (0: none yet).
     pub last_ns: u64,
     /// Bytes sent and received so far.
     pub bytes: u64,
 }
 
+/// The value of `ACTIVITY`, keyed by a target's tgid. User space creates the record when it
+/// watches the target; the eBPF programs only update it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActivityRecord {
+    pub activity: SockActivity,
+    /// `ACTIVITY_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+impl ActivityRecord {
+    /// Whether some descendant of the target went unwatched ([`ACTIVITY_WATCH_INCOMPLETE`]).
+    pub const fn watch_incomplete(&self) -> bool {
+        self.flags & ACTIVITY_WATCH_INCOMPLETE != 0
+    }
+}
+
 const _: () = assert!(size_of::<SockActivity>() == 16);
+const _: () = assert!(size_of::<ActivityRecord>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: #[repr(C)], two u64, no padding.
-    unsafe impl aya::Pod for super::SockActivity {}
+    // SAFETY: #[repr(C)], two u64 and two u32, no implicit padding (size asserted above).
+    unsafe impl aya::Pod for super::ActivityRecord {}
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers and byte arrays, with
     // no implicit padding (sizes asserted above), so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::KernelOffsets {}

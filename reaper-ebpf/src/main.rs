@@ -20,7 +20,8 @@ use aya_ebpf::{
 use reaper_common::{
     ARGV_LEN, COMM_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
     EventKind, ExecEvent, ExecHead, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelOffsets,
-    RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX,
+    RenameEvent, SIGNAL_GROUP_EXIT, ActivityRecord, ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE,
+    WATCH_MAX,
 };
 
 /// Field offsets of the running kernel, written by user space at load time (read-only global).
@@ -77,15 +78,25 @@ static EXEC_SCRATCH: PerCpuArray<ExecEvent> = PerCpuArray::with_max_entries(1, 0
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(KIND_SLOTS, 0);
 
+/// Kernel reads that faulted, per CPU, indexed by event kind id: the event was not sent.
+#[map]
+static READ_FAULTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(KIND_SLOTS, 0);
+
 /// Processes whose activity is tracked: tgid → the target (tgid) it counts for. User space
 /// inserts targets; the fork program adds their descendants as they are born, the exit program
-/// removes the dead.
+/// removes the dead. Sized by user space at load time (from `kernel.pid_max`); an insert that
+/// fails all the same is counted in WATCH_FAILURES and flagged in the target's record.
 #[map]
 static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(WATCH_MAX, 0);
 
-/// Socket activity per target tgid.
+/// Descendants of watched processes that WATCHED refused (full), per CPU.
 #[map]
-static ACTIVITY: HashMap<u32, SockActivity> = HashMap::with_max_entries(WATCH_MAX, 0);
+static WATCH_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Socket activity per target tgid. User space creates a target's record when it watches it;
+/// the programs here only update records, so every watched process's target has one.
+#[map]
+static ACTIVITY: HashMap<u32, ActivityRecord> = HashMap::with_max_entries(ACTIVITY_MAX, 0);
 
 /// Kernels before 6.16 do not say which thread's exit ended the group: every thread that
 /// reaches the exit tracepoint after the last `signal->live` decrement reads 0. The first one
@@ -143,10 +154,33 @@ fn wakeup_flags() -> u64 {
 }
 
 #[inline(always)]
-fn count_lost(kind: EventKind) {
-    if let Some(slot) = LOST.get_ptr_mut(kind as u32) {
+fn count(counters: &PerCpuArray<u64>, slot: u32) {
+    if let Some(slot) = counters.get_ptr_mut(slot) {
         // SAFETY: a per-CPU slot: no other program touches it concurrently on this CPU.
         unsafe { *slot += 1 }
+    }
+}
+
+#[inline(always)]
+fn count_lost(kind: EventKind) {
+    count(&LOST, kind as u32);
+}
+
+/// A program's `try_*` failed: a kernel read faulted, and its event was not sent.
+#[inline(always)]
+fn read_fault(kind: EventKind, _err: i32) {
+    count(&READ_FAULTS, kind as u32);
+}
+
+/// WATCHED refused `tgid`, a descendant of `target`'s family: its socket bytes will not be
+/// counted, so the target's record says its activity is incomplete.
+#[inline(always)]
+fn watch_refused(target: u32) {
+    count(&WATCH_FAILURES, 0);
+    if let Some(record) = ACTIVITY.get_ptr_mut(target) {
+        // SAFETY: a pointer into the map value; a plain store of a flag bit (BPF atomics
+        // other than add need 5.12, and a lost race with user space's unwatch is harmless).
+        unsafe { (*record).flags |= ACTIVITY_WATCH_INCOMPLETE }
     }
 }
 
@@ -170,7 +204,9 @@ fn bit(o_word: u32, o_bit: u32, base: *const u8) -> Result<bool, i32> {
 /// <https://github.com/torvalds/linux/blob/v6.18/kernel/fork.c>
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_fork(&ctx);
+    if let Err(err) = try_fork(&ctx) {
+        read_fault(EventKind::Fork, err);
+    }
     0
 }
 
@@ -199,8 +235,10 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     // A descendant of a watched process is watched for the same target, from birth.
     // SAFETY: a map lookup; the value is copied out at once.
-    if let Some(target) = unsafe { WATCHED.get(parent_tgid as u32) }.copied() {
-        let _ = WATCHED.insert(tgid as u32, target, 0);
+    if let Some(target) = unsafe { WATCHED.get(parent_tgid as u32) }.copied()
+        && WATCHED.insert(tgid as u32, target, 0).is_err()
+    {
+        watch_refused(target);
     }
 
     let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
@@ -225,7 +263,9 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
 /// <https://github.com/torvalds/linux/blob/v6.18/fs/exec.c>
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_exec(&ctx);
+    if let Err(err) = try_exec(&ctx) {
+        read_fault(EventKind::Exec, err);
+    }
     0
 }
 
@@ -319,7 +359,9 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
 /// Kernels before 6.16 pass only `tsk`; there the group is dead when `signal->live` is 0.
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_exit(&ctx);
+    if let Err(err) = try_exit(&ctx) {
+        read_fault(EventKind::Exit, err);
+    }
     0
 }
 
@@ -424,7 +466,9 @@ fn find_new_reaper(o: &KernelOffsets, task: *const u8, signal: *const u8) -> Res
 /// its exit follows instead). It saves a ring record per spawn.
 #[btf_tracepoint(function = "task_rename")]
 pub fn task_rename(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_rename(&ctx);
+    if let Err(err) = try_rename(&ctx) {
+        read_fault(EventKind::Rename, err);
+    }
     0
 }
 
@@ -493,23 +537,13 @@ fn sock_io(ctx: &BtfTracePointContext) {
     let Some(target) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return;
     };
-    let now = now_ns();
-    match ACTIVITY.get_ptr_mut(target) {
+    // No record: user space is unwatching the target right now.
+    if let Some(record) = ACTIVITY.get_ptr_mut(target) {
         // SAFETY: a pointer into the map value; concurrent updates from other CPUs can only
         // lose a few bytes of the count, never corrupt the entry.
-        Some(a) => unsafe {
-            (*a).last_ns = now;
-            (*a).bytes += ret as u64;
-        },
-        None => {
-            let _ = ACTIVITY.insert(
-                target,
-                SockActivity {
-                    last_ns: now,
-                    bytes: ret as u64,
-                },
-                0,
-            );
+        unsafe {
+            (*record).activity.last_ns = now_ns();
+            (*record).activity.bytes += ret as u64;
         }
     }
 }

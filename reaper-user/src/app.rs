@@ -243,6 +243,7 @@ impl Pipeline {
         let mut probes = Probes::attach(ProbeOptions {
             ring_bytes: settings.ring_bytes,
             socket_activity: settings.activity_source != ActivitySource::ProcIo,
+            ..ProbeOptions::default()
         })?;
         let ring = probes.take_ring().expect("ring buffer taken once")?;
         let activity = match (settings.activity_source, probes.socket_activity()) {
@@ -501,6 +502,7 @@ impl TreeOwner {
                     let now = scan::now_ns();
                     self.health.beat(now);
                     self.export_targets(now);
+                    self.metrics.sync_probe_failures(self.probes.watch_failures(), &self.probes.read_faults());
                     let counts = self.probes.lost();
                     for kind in EventKind::ALL {
                         let counter = self.metrics.events_lost.with_label_values(&[kind.name()]);

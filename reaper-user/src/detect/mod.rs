@@ -639,7 +639,8 @@ impl Host for LiveHost<'_> {
     }
 
     fn watch(&mut self, pid: u32, target: u32) {
-        self.probes.watch(pid, target);
+        // A failure is logged, counted and remembered: Probes::watch_failed(target).
+        let _ = self.probes.watch(pid, target);
     }
 
     fn unwatch(&mut self, target: u32, pids: &[u32]) {

@@ -1,5 +1,6 @@
 //! The only aya-facing module: loads reaper's eBPF object, hands it the kernel layout, attaches
-//! the BTF tracepoints and gives out the ring buffer and the loss counters.
+//! the BTF tracepoints and gives out the ring buffer, the activity of watched targets and the
+//! kernel side's failure counters.
 //!
 //! Attach types: BTF tracepoints (`tp_btf`) only. They need no tracefs, take typed
 //! `task_struct *` arguments, and exist wherever kernel BTF does (5.5+); kprobes and fentry are
@@ -11,7 +12,9 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
-use reaper_common::{EventKind, SockActivity};
+use std::collections::HashSet;
+
+use reaper_common::{ACTIVITY_MAX, ActivityRecord, EventKind, SockActivity};
 pub use reaper_common::{LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
 
 /// The compiled eBPF object, built by build.rs from the `reaper-ebpf` crate.
@@ -22,6 +25,51 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// holds a backlog of ≈ 8,000 processes. A 10,000-process storm loses nothing even with 1 MiB
 /// (measured); the consumer maps the data pages twice, so this costs 8 MiB of RSS.
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+
+/// Most entries the per-pid maps (`WATCHED`, and `EXIT_CLAIMED` where it is used) get,
+/// whatever `kernel.pid_max` says. Sized to `pid_max` a map cannot fill: its keys are tgids in
+/// the initial pid namespace, all below `pid_max`. But systemd raises `pid_max` to 4194304
+/// (`PID_MAX_LIMIT` on 64-bit), and these preallocated hash maps cost 80 bytes of kernel
+/// memory per entry (measured: `memlock` in the map's fdinfo, 2,622,480 bytes for 32768
+/// entries on 6.18), charged to reaper's memory cgroup on 5.11+: 320 MiB each at 4 M. 65536
+/// entries cost 5 MiB per map and hold far more processes descended from agent CLIs than a
+/// real host runs; past that, a refused process is counted and flagged on its target rather
+/// than lost silently (see [`Probes::watch_failed`]).
+pub const PER_PID_MAX_ENTRIES: u32 = 65536;
+
+/// What the per-pid maps get when `kernel.pid_max` cannot be read: the kernel's default
+/// (`PID_MAX_DEFAULT`, include/linux/threads.h).
+pub const PID_MAX_DEFAULT: u32 = 32768;
+
+/// Where the kernel says how high pids go.
+pub const PID_MAX_PATH: &str = "/proc/sys/kernel/pid_max";
+
+/// `max_entries` of the per-pid maps for this `kernel.pid_max` (`None`: unreadable).
+pub fn per_pid_entries(pid_max: Option<u32>) -> u32 {
+    pid_max
+        .unwrap_or(PID_MAX_DEFAULT)
+        .clamp(1, PER_PID_MAX_ENTRIES)
+}
+
+/// `max_entries` of `ACTIVITY`, one record per watched target: never more than the per-pid
+/// maps hold (every target is in `WATCHED`).
+pub fn activity_entries(per_pid: u32) -> u32 {
+    per_pid.min(ACTIVITY_MAX)
+}
+
+/// `BPF_NOEXIST` (include/uapi/linux/bpf.h): create a map element only if its key is new.
+const BPF_NOEXIST: u64 = 1;
+
+/// A process could not be watched for activity.
+#[derive(Debug, thiserror::Error)]
+#[error("could not watch pid {pid} for target {target}: the {map} map refused it")]
+pub struct WatchError {
+    pub pid: u32,
+    pub target: u32,
+    pub map: &'static str,
+    #[source]
+    pub source: aya::maps::MapError,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -57,6 +105,9 @@ pub struct ProbeOptions {
     pub ring_bytes: u32,
     /// Attach the socket activity programs if the kernel has their tracepoints.
     pub socket_activity: bool,
+    /// `max_entries` of the per-pid maps; `None` (the default) sizes them from
+    /// `kernel.pid_max` ([`per_pid_entries`]). Tests set a tiny one to see it fill.
+    pub per_pid_entries: Option<u32>,
 }
 
 impl Default for ProbeOptions {
@@ -64,6 +115,7 @@ impl Default for ProbeOptions {
         Self {
             ring_bytes: DEFAULT_RING_BYTES,
             socket_activity: true,
+            per_pid_entries: None,
         }
     }
 }
@@ -72,9 +124,15 @@ impl Default for ProbeOptions {
 pub struct Probes {
     ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
+    read_faults: PerCpuArray<MapData, u64>,
+    watch_failures: PerCpuArray<MapData, u64>,
     watched: HashMap<MapData, u32, u32>,
-    activity: HashMap<MapData, u32, SockActivity>,
+    activity: HashMap<MapData, u32, ActivityRecord>,
     socket_activity: bool,
+    /// Targets a [`Probes::watch`] failed for, until they are unwatched.
+    unwatched_targets: HashSet<u32>,
+    /// [`Probes::watch`] calls that failed.
+    user_watch_failures: u64,
 }
 
 impl Probes {
@@ -96,10 +154,20 @@ impl Probes {
 
         // Wake the reader once an eighth of the ring is full; below that its timer collects.
         let wakeup_bytes = u64::from(bytes / 8);
+        let pid_max = read_pid_max();
+        let per_pid_entries = options.per_pid_entries.unwrap_or_else(|| per_pid_entries(pid_max));
+        tracing::debug!(?pid_max, per_pid_entries, "sizing the per-pid maps");
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("EVENTS", bytes)
+            .map_max_entries("WATCHED", per_pid_entries)
+            // Only kernels whose exit tracepoint lacks `group_dead` (before 6.16) use it.
+            .map_max_entries(
+                "EXIT_CLAIMED",
+                if offsets.exit_has_group_dead != 0 { 1 } else { per_pid_entries },
+            )
+            .map_max_entries("ACTIVITY", activity_entries(per_pid_entries))
             .load(EBPF_OBJECT)
             .map_err(ProbeError::Load)?;
 
@@ -129,14 +197,9 @@ impl Probes {
                 })?;
         }
 
-        let lost = ebpf.take_map("LOST").ok_or(ProbeError::Missing {
-            what: "map",
-            name: "LOST",
-        })?;
-        let lost = PerCpuArray::try_from(lost).map_err(|source| ProbeError::Map {
-            name: "LOST",
-            source,
-        })?;
+        let lost = take_counters(&mut ebpf, "LOST")?;
+        let read_faults = take_counters(&mut ebpf, "READ_FAULTS")?;
+        let watch_failures = take_counters(&mut ebpf, "WATCH_FAILURES")?;
         let watched = take_map(&mut ebpf, "WATCHED")?;
         let activity = take_map(&mut ebpf, "ACTIVITY")?;
         drop(btf);
@@ -150,9 +213,13 @@ impl Probes {
         Ok(Self {
             ebpf,
             lost,
+            read_faults,
+            watch_failures,
             watched,
             activity,
             socket_activity,
+            unwatched_targets: HashSet::new(),
+            user_watch_failures: 0,
         })
     }
 
@@ -161,25 +228,81 @@ impl Probes {
         self.socket_activity
     }
 
-    /// Tracks `pid`'s activity (and, from now on, its new descendants') for `target`.
-    pub fn watch(&mut self, pid: u32, target: u32) {
-        if let Err(err) = self.watched.insert(pid, target, 0) {
-            tracing::warn!(pid, target, %err, "could not watch a process for activity");
-        }
+    /// `max_entries` of `WATCHED` (and the other per-pid maps) as the kernel reports it.
+    pub fn watched_capacity(&self) -> Result<u32, aya::maps::MapError> {
+        use aya::maps::IterableMap as _;
+        Ok(self.watched.map().info()?.max_entries())
     }
 
-    /// Stops tracking a target: forgets its activity and unwatches `pids` (it and descendants).
+    /// Tracks `pid`'s socket activity (and, from now on, that of the processes it forks) for
+    /// `target`; call it with `pid == target` for the target itself. Creates the target's
+    /// activity record if it has none yet (the kernel only updates records).
+    ///
+    /// On failure (a map full) `pid`'s bytes go uncounted: the failure is logged, counted in
+    /// [`Probes::watch_failures`] and remembered for [`Probes::watch_failed`] until the target
+    /// is unwatched.
+    pub fn watch(&mut self, pid: u32, target: u32) -> Result<(), WatchError> {
+        let result = self
+            .activity
+            .insert(target, ActivityRecord::default(), BPF_NOEXIST)
+            .or_else(|err| if is_errno(&err, libc::EEXIST) { Ok(()) } else { Err(err) })
+            .map_err(|source| WatchError { pid, target, map: "ACTIVITY", source })
+            .and_then(|()| {
+                self.watched
+                    .insert(pid, target, 0)
+                    .map_err(|source| WatchError { pid, target, map: "WATCHED", source })
+            });
+        if let Err(err) = &result {
+            self.user_watch_failures += 1;
+            self.unwatched_targets.insert(target);
+            tracing::warn!(
+                pid,
+                target,
+                map = err.map,
+                cause = %err.source,
+                "could not watch a process for activity: its target will not be reaped as idle"
+            );
+        }
+        result
+    }
+
+    /// Whether some process of `target`'s family could not be watched, so its socket activity
+    /// is incomplete and an idle verdict on it cannot be trusted: a [`Probes::watch`] for it
+    /// failed, or the kernel could not add a process it forked (`WATCHED` full). Stays true
+    /// until [`Probes::unwatch`] of the target.
+    pub fn watch_failed(&self, target: u32) -> bool {
+        self.unwatched_targets.contains(&target)
+            || self
+                .activity
+                .get(&target, 0)
+                .is_ok_and(|record| record.watch_incomplete())
+    }
+
+    /// Stops tracking a target: forgets its activity (and any watch failure) and unwatches
+    /// `pids` (it and descendants).
     pub fn unwatch(&mut self, target: u32, pids: impl IntoIterator<Item = u32>) {
         let _ = self.activity.remove(&target);
         let _ = self.watched.remove(&target);
         for pid in pids {
             let _ = self.watched.remove(&pid);
         }
+        self.unwatched_targets.remove(&target);
     }
 
     /// Socket bytes of `target` and its descendants so far, and when the last one moved.
     pub fn sock_activity(&self, target: u32) -> Option<SockActivity> {
-        self.activity.get(&target, 0).ok()
+        self.activity.get(&target, 0).ok().map(|record| record.activity)
+    }
+
+    /// Processes that could not be watched so far: the kernel's refusals (descendants born
+    /// while `WATCHED` was full) plus failed [`Probes::watch`] calls.
+    pub fn watch_failures(&self) -> u64 {
+        sum_slot(&self.watch_failures, 0) + self.user_watch_failures
+    }
+
+    /// Kernel reads that faulted so far, per event kind (the events were not sent).
+    pub fn read_faults(&self) -> KindCounts {
+        per_kind(&self.read_faults)
     }
 
     /// The ring buffer every event goes through. `None` once taken.
@@ -193,35 +316,60 @@ impl Probes {
 
     /// Reserve failures so far, summed over CPUs, per event kind.
     pub fn lost(&self) -> LostCounts {
-        let mut counts = LostCounts::default();
-        for kind in EventKind::ALL {
-            let total = self
-                .lost
-                .get(&(kind as u32), 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0);
-            counts.set(kind, total);
-        }
-        counts
+        per_kind(&self.lost)
     }
 }
 
-/// Ring buffer reserve failures per event kind: events the kernel could not hand over.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LostCounts([u64; EventKind::ALL.len()]);
+/// A per-CPU counter slot, summed over CPUs.
+fn sum_slot(counters: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
+    counters
+        .get(&slot, 0)
+        .map(|per_cpu| per_cpu.iter().sum())
+        .unwrap_or(0)
+}
 
-impl LostCounts {
+/// A per-CPU counter array indexed by event kind id, summed over CPUs.
+fn per_kind(counters: &PerCpuArray<MapData, u64>) -> KindCounts {
+    let mut counts = KindCounts::default();
+    for kind in EventKind::ALL {
+        counts.set(kind, sum_slot(counters, kind as u32));
+    }
+    counts
+}
+
+fn is_errno(err: &aya::maps::MapError, errno: i32) -> bool {
+    matches!(err, aya::maps::MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(errno))
+}
+
+/// `kernel.pid_max`, if readable.
+fn read_pid_max() -> Option<u32> {
+    std::fs::read_to_string(PID_MAX_PATH).ok()?.trim().parse().ok()
+}
+
+/// Ring buffer reserve failures per event kind: events the kernel could not hand over.
+pub type LostCounts = KindCounts;
+
+/// A count per event kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KindCounts([u64; EventKind::ALL.len()]);
+
+impl KindCounts {
     pub fn get(&self, kind: EventKind) -> u64 {
         self.0[kind.index()]
     }
 
-    fn set(&mut self, kind: EventKind, value: u64) {
+    pub fn set(&mut self, kind: EventKind, value: u64) {
         self.0[kind.index()] = value;
     }
 
     pub fn total(&self) -> u64 {
         self.0.iter().sum()
     }
+}
+
+fn take_counters(ebpf: &mut Ebpf, name: &'static str) -> Result<PerCpuArray<MapData, u64>, ProbeError> {
+    let map = ebpf.take_map(name).ok_or(ProbeError::Missing { what: "map", name })?;
+    PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
 fn take_map<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, u32, V>, ProbeError> {
@@ -247,5 +395,22 @@ fn raise_memlock_limit() {
         libc::RLIM_INFINITY,
     ) {
         tracing::debug!(%err, "could not raise RLIMIT_MEMLOCK (not needed on 5.11+)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_pid_maps_follow_pid_max_up_to_the_cap() {
+        assert_eq!(per_pid_entries(Some(32768)), 32768);
+        assert_eq!(per_pid_entries(Some(1000)), 1000);
+        // systemd's pid_max on 64-bit hosts (PID_MAX_LIMIT).
+        assert_eq!(per_pid_entries(Some(4_194_304)), PER_PID_MAX_ENTRIES);
+        assert_eq!(per_pid_entries(None), PID_MAX_DEFAULT);
+        assert_eq!(per_pid_entries(Some(0)), 1);
+        assert_eq!(activity_entries(4), 4);
+        assert_eq!(activity_entries(PER_PID_MAX_ENTRIES), ACTIVITY_MAX);
     }
 }
