@@ -4,6 +4,11 @@
 //! where kprobes and fentry do not. Struct field offsets are never hard-coded: user space
 //! resolves them from the running kernel's BTF and hands them over in [`OFFSETS`] before the
 //! programs are loaded. Each program is a thin wrapper over a `try_*` function.
+//!
+//! Failures are rare and never on the hot path: a kernel read that faulted, a map insert
+//! refused, a ring buffer reserve that failed. Each is counted in a per-CPU array (which the
+//! daemon exports as metrics) and reported through aya-log into the daemon's logs, at most one
+//! line per kind of failure a minute ([`may_log`]); only the failure branches do either.
 #![no_std]
 #![no_main]
 
@@ -14,9 +19,10 @@ use aya_ebpf::{
     },
     macros::{btf_tracepoint, map},
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
+use aya_log_ebpf::warn;
 use reaper_common::{
     ARGV_LEN, COMM_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
     EventKind, ExecEvent, ExecHead, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelOffsets,
@@ -105,6 +111,17 @@ static ACTIVITY: HashMap<u32, ActivityRecord> = HashMap::with_max_entries(ACTIVI
 #[map]
 static EXIT_CLAIMED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(WATCH_MAX, 0);
 
+/// At most one log line per report slot in this long (ns).
+const LOG_INTERVAL_NS: u64 = 60_000_000_000;
+
+/// Report slots: a faulted read per event kind, a full ring per event kind, a refused watch.
+const REPORT_SLOTS: u32 = 2 * EventKind::ALL.len() as u32 + 1;
+
+/// When each report slot was last logged (`CLOCK_BOOTTIME` ns, 0: never), for rate limiting.
+/// Shared by all CPUs: a race between two CPUs costs at most one extra line.
+#[map]
+static LOGGED_AT: Array<u64> = Array::with_max_entries(REPORT_SLOTS, 0);
+
 /// How far up the parent chain the subreaper search goes; the kernel walks without a bound,
 /// but a subreaper deeper than this above an exiting process is not seen (it falls back to
 /// the namespace's init).
@@ -161,26 +178,70 @@ fn count(counters: &PerCpuArray<u64>, slot: u32) {
     }
 }
 
+/// Whether a line may be logged for report `slot` now; if so, the slot is stamped.
 #[inline(always)]
-fn count_lost(kind: EventKind) {
+fn may_log(slot: u32) -> bool {
+    let Some(last) = LOGGED_AT.get_ptr_mut(slot) else {
+        return false;
+    };
+    let now = now_ns();
+    // SAFETY: a pointer into an array map value; plain loads and stores of a u64.
+    unsafe {
+        if *last != 0 && now.wrapping_sub(*last) < LOG_INTERVAL_NS {
+            return false;
+        }
+        *last = now;
+    }
+    true
+}
+
+/// The ring buffer was full: a `kind` event is lost (the daemon reconciles with /proc).
+#[inline(always)]
+fn ring_full(ctx: &BtfTracePointContext, kind: EventKind) {
     count(&LOST, kind as u32);
+    if may_log(EventKind::ALL.len() as u32 + kind.index() as u32) {
+        warn!(
+            ctx,
+            target: "reaper::ebpf",
+            "ring buffer full: a {} event was lost (reaper_events_lost_total; at most one line a minute)",
+            kind.name()
+        );
+    }
 }
 
 /// A program's `try_*` failed: a kernel read faulted, and its event was not sent.
 #[inline(always)]
-fn read_fault(kind: EventKind, _err: i32) {
+fn read_fault(ctx: &BtfTracePointContext, kind: EventKind, err: i32) {
     count(&READ_FAULTS, kind as u32);
+    if may_log(kind.index() as u32) {
+        warn!(
+            ctx,
+            target: "reaper::ebpf",
+            "{}: a kernel read failed with error {}: the event was not sent (reaper_kernel_read_faults_total; at most one line a minute)",
+            kind.name(),
+            err
+        );
+    }
 }
 
-/// WATCHED refused `tgid`, a descendant of `target`'s family: its socket bytes will not be
-/// counted, so the target's record says its activity is incomplete.
+/// WATCHED refused `pid`, forked in `target`'s family: its socket bytes will not be counted,
+/// so the target's record says its activity is incomplete.
 #[inline(always)]
-fn watch_refused(target: u32) {
+fn watch_refused(ctx: &BtfTracePointContext, pid: u32, target: u32) {
     count(&WATCH_FAILURES, 0);
     if let Some(record) = ACTIVITY.get_ptr_mut(target) {
         // SAFETY: a pointer into the map value; a plain store of a flag bit (BPF atomics
         // other than add need 5.12, and a lost race with user space's unwatch is harmless).
         unsafe { (*record).flags |= ACTIVITY_WATCH_INCOMPLETE }
+    }
+    if may_log(2 * EventKind::ALL.len() as u32) {
+        warn!(
+            ctx,
+            target: "reaper::ebpf",
+            "the watch map is full: pid {} of target {} is not watched, so the target is not reaped as idle (reaper_watch_failures_total; at most one line a minute)",
+            pid,
+            target
+        );
     }
 }
 
@@ -205,7 +266,7 @@ fn bit(o_word: u32, o_bit: u32, base: *const u8) -> Result<bool, i32> {
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     if let Err(err) = try_fork(&ctx) {
-        read_fault(EventKind::Fork, err);
+        read_fault(&ctx, EventKind::Fork, err);
     }
     0
 }
@@ -238,11 +299,11 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     if let Some(target) = unsafe { WATCHED.get(parent_tgid as u32) }.copied()
         && WATCHED.insert(tgid as u32, target, 0).is_err()
     {
-        watch_refused(target);
+        watch_refused(ctx, tgid as u32, target);
     }
 
     let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
-        count_lost(EventKind::Fork);
+        ring_full(ctx, EventKind::Fork);
         return Ok(());
     };
     entry.write(ForkEvent {
@@ -264,7 +325,7 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     if let Err(err) = try_exec(&ctx) {
-        read_fault(EventKind::Exec, err);
+        read_fault(&ctx, EventKind::Exec, err);
     }
     0
 }
@@ -346,7 +407,7 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // SAFETY: `size` ≤ size_of::<ExecEvent>() (argv_len ≤ ARGV_LEN): a prefix of the record.
     let used = unsafe { core::slice::from_raw_parts(ev.cast::<u8>(), size) };
     if EVENTS.output::<[u8]>(used, wakeup_flags()).is_err() {
-        count_lost(EventKind::Exec);
+        ring_full(ctx, EventKind::Exec);
     }
     Ok(())
 }
@@ -360,7 +421,7 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     if let Err(err) = try_exit(&ctx) {
-        read_fault(EventKind::Exit, err);
+        read_fault(&ctx, EventKind::Exit, err);
     }
     0
 }
@@ -403,7 +464,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let reaper_tgid = find_new_reaper(&o, task, signal).unwrap_or(0);
 
     let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
-        count_lost(EventKind::Exit);
+        ring_full(ctx, EventKind::Exit);
         return Ok(());
     };
     entry.write(ExitEvent {
@@ -467,7 +528,7 @@ fn find_new_reaper(o: &KernelOffsets, task: *const u8, signal: *const u8) -> Res
 #[btf_tracepoint(function = "task_rename")]
 pub fn task_rename(ctx: BtfTracePointContext) -> i32 {
     if let Err(err) = try_rename(&ctx) {
-        read_fault(EventKind::Rename, err);
+        read_fault(&ctx, EventKind::Rename, err);
     }
     0
 }
@@ -496,7 +557,7 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
 
     let Some(mut entry) = EVENTS.reserve::<RenameEvent>(0) else {
-        count_lost(EventKind::Rename);
+        ring_full(ctx, EventKind::Rename);
         return Ok(());
     };
     entry.write(RenameEvent {

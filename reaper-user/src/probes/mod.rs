@@ -14,6 +14,9 @@ use aya::{
 };
 use std::collections::HashSet;
 
+use aya_log::EbpfLogger;
+use tracing_log::LogTracer;
+
 use reaper_common::{ACTIVITY_MAX, ActivityRecord, EventKind, SockActivity};
 pub use reaper_common::{LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
 
@@ -90,6 +93,8 @@ pub enum ProbeError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("reading the eBPF programs' log map failed")]
+    Logger(#[source] aya_log::Error),
     #[error("eBPF map {name} is not of the expected type")]
     Map {
         name: &'static str,
@@ -123,6 +128,10 @@ impl Default for ProbeOptions {
 /// Loaded and attached programs. Dropping this detaches them.
 pub struct Probes {
     ebpf: Ebpf,
+    /// The eBPF programs' log lines (aya-log). Kept alive while the programs are (the programs
+    /// refer to its map). Inside a tokio runtime a task forwards them to `tracing`; it is
+    /// aborted when this is dropped.
+    _logs: Logs,
     lost: PerCpuArray<MapData, u64>,
     read_faults: PerCpuArray<MapData, u64>,
     watch_failures: PerCpuArray<MapData, u64>,
@@ -171,6 +180,8 @@ impl Probes {
             .load(EBPF_OBJECT)
             .map_err(ProbeError::Load)?;
 
+        // Before the programs load: they refer to the log map, which the logger owns.
+        let logs = Logs::start(&mut ebpf)?;
         let btf = aya::Btf::from_sys_fs().map_err(ProbeError::Btf)?;
         let socket_programs: &[_] = if socket_activity { &SOCKET_TRACEPOINTS } else { &[] };
         // Each program is named after its tracepoint.
@@ -212,6 +223,7 @@ impl Probes {
         }
         Ok(Self {
             ebpf,
+            _logs: logs,
             lost,
             read_faults,
             watch_failures,
@@ -317,6 +329,54 @@ impl Probes {
     /// Reserve failures so far, summed over CPUs, per event kind.
     pub fn lost(&self) -> LostCounts {
         per_kind(&self.lost)
+    }
+}
+
+/// The eBPF programs' log lines on their way to `tracing`.
+enum Logs {
+    /// Forwarded by this task.
+    Forwarded(tokio::task::JoinHandle<()>),
+    /// No tokio runtime to forward them on (a caller that only counts, as some tests do): the
+    /// logger is kept so the programs' map stays valid; its lines are dropped when it fills.
+    Held(#[expect(dead_code, reason = "kept only to keep the log map open")] Box<EbpfLogger<LogTracer>>),
+}
+
+impl Logs {
+    fn start(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+        let logger =
+            EbpfLogger::init_with_logger(ebpf, LogTracer::new()).map_err(ProbeError::Logger)?;
+        Ok(match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => Logs::Forwarded(runtime.spawn(forward_logs(logger))),
+            Err(_) => Logs::Held(Box::new(logger)),
+        })
+    }
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        if let Logs::Forwarded(task) = self {
+            task.abort();
+        }
+    }
+}
+
+/// Waits on the log ring buffer's fd and hands each record to `tracing` (records are rare: the
+/// programs log only failures, rate-limited).
+async fn forward_logs(logger: EbpfLogger<LogTracer>) {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: the logger owns its ring buffer map fd and keeps it open and unchanged for as
+    // long as the AsyncFd owns the logger.
+    let mut logs = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(logs) => logs,
+        Err(err) => {
+            tracing::warn!(%err, "cannot poll the eBPF programs' log map; their failure reports are not shown");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = logs.readable_mut().await else { return };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
     }
 }
 
