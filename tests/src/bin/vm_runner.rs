@@ -276,6 +276,7 @@ fn run_checks(programs: &Programs) -> u32 {
         let shared = shared.clone();
         async move { thread_group_exit(shared, p).await }
     });
+    check(&rt, "kill_path_syscalls", CHECK_DEADLINE, async { kill_path_syscalls() });
     check(&rt, "no_losses", CHECK_DEADLINE, {
         let shared = shared.clone();
         async move { no_losses(shared).await }
@@ -368,6 +369,22 @@ where
             ));
         }
     }
+}
+
+/// What `reaper check` tries on a child of its own, on this kernel: `pidfd_open` with
+/// `PIDFD_NONBLOCK` (5.10+), `pidfd_send_signal` (5.1+) and the "close input" step
+/// (`pidfd_getfd` 5.6+, then `shutdown(SHUT_RD)`). Every kernel of the matrix has all three.
+fn kill_path_syscalls() -> anyhow::Result<String> {
+    use reaper::check::{Call, ReapFacts};
+    let r = ReapFacts::gather();
+    for (name, call) in [
+        ("pidfd_open(PIDFD_NONBLOCK)", &r.pidfd_open),
+        ("pidfd_send_signal", &r.pidfd_send_signal),
+        ("pidfd_getfd + shutdown(SHUT_RD)", &r.close_input),
+    ] {
+        ensure!(*call == Call::Works, "{name}: {call:?}");
+    }
+    Ok("pidfd_open(PIDFD_NONBLOCK), pidfd_send_signal and pidfd_getfd + shutdown work".to_owned())
 }
 
 /// The rule of the reaping checks: the tests' rule, with the agent's comm as the only parent.
