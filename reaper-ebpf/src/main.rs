@@ -224,14 +224,17 @@ fn read_fault(ctx: &BtfTracePointContext, kind: EventKind, err: i32) {
     }
 }
 
-/// WATCHED refused `pid`, forked in `target`'s family: its socket bytes will not be counted,
-/// so the target's record says its activity is incomplete.
+/// WATCHED refused `pid`, forked in `target`'s family (a full preallocated hash map refuses
+/// new keys with `E2BIG`:
+/// <https://github.com/gregkh/linux/blob/v6.1.172/kernel/bpf/hashtab.c#L1003-L1005>): its
+/// socket bytes will not be counted, so the target's record says its activity is incomplete.
 #[inline(always)]
 fn watch_refused(ctx: &BtfTracePointContext, pid: u32, target: u32) {
     count(&WATCH_FAILURES, 0);
     if let Some(record) = ACTIVITY.get_ptr_mut(target) {
-        // SAFETY: a pointer into the map value; a plain store of a flag bit (BPF atomics
-        // other than add need 5.12, and a lost race with user space's unwatch is harmless).
+        // SAFETY: a pointer into the map value. A plain read-modify-write of the flags: an
+        // atomic OR needs 5.12 <https://github.com/torvalds/linux/commit/981f94c3e921>, the
+        // matrix starts at 5.10, and nothing else writes the flags while the record exists.
         unsafe { (*record).flags |= ACTIVITY_WATCH_INCOMPLETE }
     }
     if may_log(2 * EventKind::ALL.len() as u32) {

@@ -262,8 +262,8 @@ fn reaping_items(r: &ReapFacts, cap_eff: Option<u64>) -> Vec<CheckItem> {
 
     // Which step the ladder starts with, for targets whose stdin is a stream socket (the
     // TypeScript SDK's); a pipe (the Python SDK's) always gets SIGINT. pidfd_getfd needs
-    // ptrace access: CAP_SYS_PTRACE for another user's process (__pidfd_fget() in
-    // kernel/pid.c checks ptrace_may_access(PTRACE_MODE_ATTACH_REALCREDS)).
+    // ptrace access: CAP_SYS_PTRACE for another user's process
+    // <https://github.com/gregkh/linux/blob/v6.1.172/kernel/pid.c#L675>, <https://github.com/gregkh/linux/blob/v6.1.172/kernel/ptrace.c#L340-L347>.
     let ladder = "kill ladder";
     let then = "then SIGTERM, SIGKILL";
     let can_signal = r.pidfd_open == Call::Works && r.pidfd_send_signal == Call::Works;

@@ -104,6 +104,18 @@ impl Call {
 /// The kill path's system calls, tried on a child this check forks. The child holds one end
 /// of a socket pair, as a `claude` child holds the socket pair the TypeScript SDK gives it for
 /// stdin; it only waits to be killed.
+///
+/// Kernel lines relied on (v6.1.172, Debian bookworm's kernel, one of the test matrix's):
+/// - `pidfd_open` refuses unknown flags with `EINVAL`
+///   <https://github.com/gregkh/linux/blob/v6.1.172/kernel/pid.c#L629>; `PIDFD_NONBLOCK` is known since 5.10
+///   <https://man7.org/linux/man-pages/man2/pidfd_open.2.html>.
+/// - `pidfd_getfd` needs ptrace access (`PTRACE_MODE_ATTACH_REALCREDS`)
+///   <https://github.com/gregkh/linux/blob/v6.1.172/kernel/pid.c#L675>, granted for a process with the caller's uids and gids or with
+///   CAP_SYS_PTRACE <https://github.com/gregkh/linux/blob/v6.1.172/kernel/ptrace.c#L340-L347>; Yama's scope 3 refuses it to everyone
+///   <https://github.com/gregkh/linux/blob/v6.1.172/security/yama/yama_lsm.c#L381-L383>.
+/// - `shutdown(SHUT_RD)` marks the socket itself, not a descriptor, `RCV_SHUTDOWN`
+///   <https://github.com/gregkh/linux/blob/v6.1.172/net/unix/af_unix.c#L3057>, so a read through any descriptor of it returns end of
+///   input <https://github.com/gregkh/linux/blob/v6.1.172/net/unix/af_unix.c#L2831-L2832>.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReapFacts {
     /// `pidfd_open(child, PIDFD_NONBLOCK)`: how reaping opens every target. `PIDFD_NONBLOCK`

@@ -31,17 +31,19 @@ pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 
 /// Most entries the per-pid maps (`WATCHED`, and `EXIT_CLAIMED` where it is used) get,
 /// whatever `kernel.pid_max` says. Sized to `pid_max` a map cannot fill: its keys are tgids in
-/// the initial pid namespace, all below `pid_max`. But systemd raises `pid_max` to 4194304
-/// (`PID_MAX_LIMIT` on 64-bit), and these preallocated hash maps cost 80 bytes of kernel
-/// memory per entry (measured: `memlock` in the map's fdinfo, 2,622,480 bytes for 32768
-/// entries on 6.18), charged to reaper's memory cgroup on 5.11+: 320 MiB each at 4 M. 65536
-/// entries cost 5 MiB per map and hold far more processes descended from agent CLIs than a
-/// real host runs; past that, a refused process is counted and flagged on its target rather
-/// than lost silently (see [`Probes::watch_failed`]).
+/// the initial pid namespace, all below `pid_max` <https://github.com/gregkh/linux/blob/v6.1.172/kernel/pid.c#L233-L234>; a full
+/// preallocated hash map refuses a new key with `E2BIG`
+/// <https://github.com/gregkh/linux/blob/v6.1.172/kernel/bpf/hashtab.c#L1003-L1005>. But systemd raises `pid_max` to 4194304
+/// (`PID_MAX_LIMIT` on 64-bit <https://github.com/gregkh/linux/blob/v6.1.172/include/linux/threads.h#L34-L35>), and these maps cost 80
+/// bytes of kernel memory per entry (measured: `memlock` in the map's fdinfo, 2,622,480 bytes
+/// for 32768 entries on 6.18), charged to reaper's memory cgroup on 5.11+: 320 MiB each at
+/// 4 M. 65536 entries cost 5 MiB per map and hold far more processes descended from agent
+/// CLIs than a real host runs; past that, a refused process is counted and flagged on its
+/// target rather than lost silently (see [`Probes::watch_failed`]).
 pub const PER_PID_MAX_ENTRIES: u32 = 65536;
 
 /// What the per-pid maps get when `kernel.pid_max` cannot be read: the kernel's default
-/// (`PID_MAX_DEFAULT`, include/linux/threads.h).
+/// (`PID_MAX_DEFAULT` <https://github.com/gregkh/linux/blob/v6.1.172/include/linux/threads.h#L28>).
 pub const PID_MAX_DEFAULT: u32 = 32768;
 
 /// Where the kernel says how high pids go.
