@@ -243,19 +243,29 @@ pub struct KernelOffsets {
     pub upid_size: u32,
     pub upid_ns: u32,
     pub pid_ns_child_reaper: u32,
-    /// Non-zero where `sched_process_exit` passes `bool group_dead` as its second argument
-    /// (6.16+); older kernels pass only the task.
-    pub exit_has_group_dead: u32,
-    /// Non-zero where `task_struct` has the `in_execve` bit field (set by `bprm_execve()` for
-    /// the whole exec); the two fields below are meaningful only then.
-    pub has_in_execve: u32,
-    /// Byte offset of the 32-bit word holding `task_struct::in_execve`.
+    /// Byte offset of the 32-bit word holding `task_struct::in_execve` (meaningful only with
+    /// [`KernelFeatures::has_in_execve`]).
     pub task_in_execve_word: u32,
     /// Bit index of `in_execve` within that word.
     pub task_in_execve_bit: u32,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 29 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 27 * 4);
+
+/// What the running kernel's tracepoints and structs offer beyond a layout, found in its BTF
+/// at load time and handed to the programs as a read-only global beside [`KernelOffsets`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelFeatures {
+    /// Non-zero where `sched_process_exit` passes `bool group_dead` as its second argument
+    /// (6.16+); older kernels pass only the task.
+    pub exit_has_group_dead: u32,
+    /// Non-zero where `task_struct` has the `in_execve` bit field (set by `bprm_execve()` for
+    /// the whole exec).
+    pub has_in_execve: u32,
+}
+
+const _: () = assert!(size_of::<KernelFeatures>() == 2 * 4);
 
 /// `max_entries` of the per-pid maps (`WATCHED`, `EXIT_CLAIMED`) as compiled. User space
 /// resizes them at load time from `kernel.pid_max` (see `reaper::probes`).
@@ -307,6 +317,8 @@ mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers and byte arrays, with
     // no implicit padding (sizes asserted above), so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelFeatures {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Header {}
 }

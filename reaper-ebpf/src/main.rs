@@ -2,8 +2,8 @@
 //!
 //! BTF tracepoints (`tp_btf`) give typed `task_struct *` arguments without tracefs; they work
 //! where kprobes and fentry do not. Struct field offsets are never hard-coded: user space
-//! resolves them from the running kernel's BTF and hands them over in [`OFFSETS`] before the
-//! programs are loaded. Each program is a thin wrapper over a `try_*` function.
+//! resolves them from the running kernel's BTF and hands them over in [`OFFSETS`] (and what the
+//! kernel offers in [`FEATURES`]) before the programs are loaded. Each program is a thin wrapper over a `try_*` function.
 //!
 //! Failures are rare and never on the hot path: a kernel read that faulted, a map insert
 //! refused, a ring buffer reserve that failed. Each is counted in a per-CPU array (which the
@@ -25,7 +25,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use reaper_common::{
     ARGV_LEN, COMM_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
-    EventKind, ExecEvent, ExecHead, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelOffsets,
+    EventKind, ExecEvent, ExecHead, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS,
+    KernelFeatures, KernelOffsets,
     RenameEvent, SIGNAL_GROUP_EXIT, ActivityRecord, ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE,
     WATCH_MAX,
 };
@@ -58,10 +59,15 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     upid_size: 0,
     upid_ns: 0,
     pid_ns_child_reaper: 0,
-    exit_has_group_dead: 0,
-    has_in_execve: 0,
     task_in_execve_word: 0,
     task_in_execve_bit: 0,
+};
+
+/// What the running kernel offers, written by user space at load time (read-only global).
+#[unsafe(no_mangle)]
+static FEATURES: KernelFeatures = KernelFeatures {
+    exit_has_group_dead: 0,
+    has_in_execve: 0,
 };
 
 /// Wake the reader only once this many bytes wait in the ring (set by user space at load
@@ -132,6 +138,12 @@ fn offsets() -> KernelOffsets {
     // SAFETY: OFFSETS is a plain global; the volatile read stops the compiler from folding
     // the all-zero initializer into the code, since user space rewrites it before loading.
     unsafe { core::ptr::read_volatile(&raw const OFFSETS) }
+}
+
+#[inline(always)]
+fn features() -> KernelFeatures {
+    // SAFETY: as for OFFSETS.
+    unsafe { core::ptr::read_volatile(&raw const FEATURES) }
 }
 
 /// Reads a `T` at `base + off` in kernel memory.
@@ -294,7 +306,7 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     let uid = bpf_get_current_uid_gid() as u32;
 
-    if o.exit_has_group_dead == 0 {
+    if features().exit_has_group_dead == 0 {
         let _ = EXIT_CLAIMED.remove(tgid as u32);
     }
     // A descendant of a watched process is watched for the same target, from birth.
@@ -436,7 +448,8 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     let task: *const u8 = ctx.arg(0);
     let signal: *const u8 = read(task, o.task_signal)?;
-    let group_dead = if o.exit_has_group_dead != 0 {
+    let f = features();
+    let group_dead = if f.exit_has_group_dead != 0 {
         let arg: u64 = ctx.arg(1);
         arg & 0xff != 0
     } else {
@@ -448,7 +461,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     let tgid: i32 = read(task, o.task_tgid)?;
     let start = process_start(&o, task)?;
-    if o.exit_has_group_dead == 0
+    if f.exit_has_group_dead == 0
         && EXIT_CLAIMED
             .insert(tgid as u32, start, u64::from(BPF_NOEXIST))
             .is_err()
@@ -549,7 +562,7 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     // An unreadable bit counts as "not in exec": better a redundant rename than a lost one.
-    if o.has_in_execve != 0 && bit(o.task_in_execve_word, o.task_in_execve_bit, task).unwrap_or(false) {
+    if features().has_in_execve != 0 && bit(o.task_in_execve_word, o.task_in_execve_bit, task).unwrap_or(false) {
         return Ok(());
     }
     let start: u64 = read(task, o.task_start_boottime)?;

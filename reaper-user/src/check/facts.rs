@@ -281,7 +281,7 @@ fn gather_btf() -> BtfFacts {
         Ok(btf) => btf,
         Err(err) => return BtfFacts::Unreadable(error_chain(&err)),
     };
-    let offsets = layout::kernel_offsets(&btf)
+    let offsets = layout::kernel_layout(&btf)
         .map(drop)
         .map_err(|err| error_chain(&err));
     let tracepoints = LIFECYCLE_TRACEPOINTS

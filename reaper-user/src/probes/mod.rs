@@ -158,10 +158,10 @@ impl Probes {
         raise_memlock_limit();
 
         let btf = layout::vmlinux()?;
-        let offsets = layout::kernel_offsets(&btf)?;
+        let layout::KernelLayout { offsets, features } = layout::kernel_layout(&btf)?;
         let socket_activity = options.socket_activity && layout::has_tracepoints(&btf, &SOCKET_TRACEPOINTS);
         drop(btf);
-        tracing::debug!(?offsets, "kernel layout from BTF");
+        tracing::debug!(?offsets, ?features, "kernel layout from BTF");
 
         // Wake the reader once an eighth of the ring is full; below that its timer collects.
         let wakeup_bytes = u64::from(bytes / 8);
@@ -170,13 +170,14 @@ impl Probes {
         tracing::debug!(?pid_max, per_pid_entries, "sizing the per-pid maps");
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
+            .override_global("FEATURES", &features, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("EVENTS", bytes)
             .map_max_entries("WATCHED", per_pid_entries)
             // Only kernels whose exit tracepoint lacks `group_dead` (before 6.16) use it.
             .map_max_entries(
                 "EXIT_CLAIMED",
-                if offsets.exit_has_group_dead != 0 { 1 } else { per_pid_entries },
+                if features.exit_has_group_dead != 0 { 1 } else { per_pid_entries },
             )
             .map_max_entries("ACTIVITY", activity_entries(per_pid_entries))
             .load(EBPF_OBJECT)

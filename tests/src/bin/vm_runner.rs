@@ -203,8 +203,16 @@ fn print_layout() -> anyhow::Result<bool> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     say(&format!("vm-kernel: {}", release.trim()));
     let btf = layout::vmlinux().context("reading kernel BTF")?;
-    let offsets = layout::kernel_offsets(&btf).context("resolving the kernel layout")?;
-    say(&format!("vm-offsets: {offsets:?}"));
+    let layout = layout::kernel_layout(&btf).context("resolving the kernel layout")?;
+    // One line for xtask's table of what differs between kernels: the offsets, then the
+    // features, as `name: value` pairs in one pair of braces.
+    let features = format!("{:?}", layout.features);
+    let features = features
+        .split_once('{')
+        .map_or("", |(_, rest)| rest.trim_end_matches('}').trim());
+    let offsets = format!("{:?}", layout.offsets);
+    let offsets = offsets.trim_end_matches('}').trim_end();
+    say(&format!("vm-offsets: {offsets}, {features} }}"));
     let sock = layout::has_tracepoints(&btf, &reaper::probes::SOCKET_TRACEPOINTS);
     say(&format!(
         "vm-sock-tracepoints: {}",
