@@ -13,22 +13,21 @@
 #![no_main]
 
 use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated,
     },
     macros::{btf_tracepoint, map},
-    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
 use reaper_common::{
-    ARGV_LEN, COMM_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
-    EventKind, ExecEvent, ExecHead, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS,
-    KernelFeatures, KernelOffsets,
-    RenameEvent, SIGNAL_GROUP_EXIT, ActivityRecord, ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE,
-    WATCH_MAX,
+    ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE, ARGV_LEN, ActivityRecord, COMM_LEN,
+    EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind, ExecEvent,
+    ExecHead, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelFeatures,
+    KernelOffsets, RenameEvent, SIGNAL_GROUP_EXIT, WATCH_MAX,
 };
 
 /// Field offsets of the running kernel, written by user space at load time (read-only global).
@@ -500,7 +499,11 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
 fn find_new_reaper(o: &KernelOffsets, task: *const u8, signal: *const u8) -> Result<u32, i32> {
     let thread_pid: *const u8 = read(task, o.task_thread_pid)?;
     let level: u32 = read(thread_pid, o.pid_level)?;
-    if bit(o.signal_has_subreaper_word, o.signal_has_subreaper_bit, signal)? {
+    if bit(
+        o.signal_has_subreaper_word,
+        o.signal_has_subreaper_bit,
+        signal,
+    )? {
         let mut reaper: *const u8 = read(task, o.task_real_parent)?;
         for _ in 0..MAX_ANCESTORS {
             let reaper_pid: *const u8 = read(reaper, o.task_thread_pid)?;
@@ -511,7 +514,11 @@ fn find_new_reaper(o: &KernelOffsets, task: *const u8, signal: *const u8) -> Res
                 break;
             }
             let reaper_signal: *const u8 = read(reaper, o.task_signal)?;
-            if bit(o.signal_is_subreaper_word, o.signal_is_subreaper_bit, reaper_signal)? {
+            if bit(
+                o.signal_is_subreaper_word,
+                o.signal_is_subreaper_bit,
+                reaper_signal,
+            )? {
                 let live: i32 = read(reaper_signal, o.signal_live)?;
                 if live > 0 {
                     let tgid: i32 = read(reaper, o.task_tgid)?;
@@ -562,7 +569,9 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     // An unreadable bit counts as "not in exec": better a redundant rename than a lost one.
-    if features().has_in_execve != 0 && bit(o.task_in_execve_word, o.task_in_execve_bit, task).unwrap_or(false) {
+    if features().has_in_execve != 0
+        && bit(o.task_in_execve_word, o.task_in_execve_bit, task).unwrap_or(false)
+    {
         return Ok(());
     }
     let start: u64 = read(task, o.task_start_boottime)?;

@@ -40,7 +40,10 @@ fn a_full_watch_map_is_counted_and_flags_the_target() {
     // was tried before the helper printed the pids. Four slots: the target and its first
     // three children; the last three were refused.
     assert_eq!(probes.watch_failures(), 3, "kernel-side refusals");
-    assert!(probes.watch_failed(target), "the target's activity is incomplete");
+    assert!(
+        probes.watch_failed(target),
+        "the target's activity is incomplete"
+    );
 
     // User space's own watch fails the same way, and says so.
     let err = probes
@@ -138,7 +141,10 @@ async fn a_refused_watch_is_logged_once_through_aya_log() {
     let lines: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
     assert_eq!(lines.len(), 1, "one line for three refusals:\n{text}");
     let line = lines[0];
-    assert!(line.contains("WARN") && line.contains("reaper::ebpf"), "{line}");
+    assert!(
+        line.contains("WARN") && line.contains("reaper::ebpf"),
+        "{line}"
+    );
     assert!(
         line.contains(&format!("pid {first_refused} of target {target}")),
         "{line}"

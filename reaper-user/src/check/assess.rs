@@ -179,14 +179,24 @@ fn reaping_items(r: &ReapFacts, cap_eff: Option<u64>) -> Vec<CheckItem> {
     let mut items = Vec::new();
     let open = "pidfd_open";
     items.push(match &r.pidfd_open {
-        Call::Works => CheckItem::new(open, Status::Ok, "pidfd_open(PIDFD_NONBLOCK) works (kernel 5.10+)"),
-        Call::Fails { errno: libc::EINVAL, .. } => CheckItem::new(
+        Call::Works => CheckItem::new(
+            open,
+            Status::Ok,
+            "pidfd_open(PIDFD_NONBLOCK) works (kernel 5.10+)",
+        ),
+        Call::Fails {
+            errno: libc::EINVAL,
+            ..
+        } => CheckItem::new(
             open,
             Status::Missing,
             "pidfd_open rejects PIDFD_NONBLOCK (kernel before 5.10): every kill would fail",
         )
         .fix("upgrade to kernel 5.10 or later"),
-        Call::Fails { errno: libc::ENOSYS, .. } => CheckItem::new(
+        Call::Fails {
+            errno: libc::ENOSYS,
+            ..
+        } => CheckItem::new(
             open,
             Status::Missing,
             "pidfd_open is not implemented (kernel before 5.3)",
@@ -205,8 +215,15 @@ fn reaping_items(r: &ReapFacts, cap_eff: Option<u64>) -> Vec<CheckItem> {
 
     let send = "pidfd_send_signal";
     items.push(match &r.pidfd_send_signal {
-        Call::Works => CheckItem::new(send, Status::Ok, "signal 0 through a pidfd works (kernel 5.1+)"),
-        Call::Fails { errno: libc::ENOSYS, .. } => CheckItem::new(
+        Call::Works => CheckItem::new(
+            send,
+            Status::Ok,
+            "signal 0 through a pidfd works (kernel 5.1+)",
+        ),
+        Call::Fails {
+            errno: libc::ENOSYS,
+            ..
+        } => CheckItem::new(
             send,
             Status::Missing,
             "pidfd_send_signal is not implemented (kernel before 5.1)",
@@ -699,7 +716,13 @@ mod tests {
             },
             ..good()
         });
-        assert!(report.get("pidfd_open").unwrap().detail.contains("before 5.3"));
+        assert!(
+            report
+                .get("pidfd_open")
+                .unwrap()
+                .detail
+                .contains("before 5.3")
+        );
         assert_eq!(status(&report, "pidfd_send_signal"), Status::Warn);
 
         let denied = assess(&Facts {
@@ -711,7 +734,11 @@ mod tests {
         });
         let row = denied.get("pidfd_send_signal").unwrap();
         assert_eq!(row.status, Status::Missing);
-        assert!(row.detail.contains("Operation not permitted"), "{}", row.detail);
+        assert!(
+            row.detail.contains("Operation not permitted"),
+            "{}",
+            row.detail
+        );
         assert_eq!(row.fix, SYSCALL_FIX);
     }
 
@@ -728,10 +755,18 @@ mod tests {
         });
         let row = old.get("pidfd_getfd").unwrap();
         assert_eq!(row.status, Status::Warn);
-        assert!(row.detail.contains("before 5.6") && row.detail.contains("SIGINT"), "{}", row.detail);
+        assert!(
+            row.detail.contains("before 5.6") && row.detail.contains("SIGINT"),
+            "{}",
+            row.detail
+        );
         let ladder = old.get("kill ladder").unwrap();
         assert_eq!(ladder.status, Status::Warn);
-        assert!(ladder.detail.starts_with("SIGINT first"), "{}", ladder.detail);
+        assert!(
+            ladder.detail.starts_with("SIGINT first"),
+            "{}",
+            ladder.detail
+        );
 
         let yama = assess(&Facts {
             reaping: ReapFacts {
@@ -742,7 +777,12 @@ mod tests {
             ..good()
         });
         assert!(yama.can_run(), "{yama}");
-        assert!(yama.get("pidfd_getfd").unwrap().fix.contains("ptrace_scope is 3"));
+        assert!(
+            yama.get("pidfd_getfd")
+                .unwrap()
+                .fix
+                .contains("ptrace_scope is 3")
+        );
         let seccomp = assess(&Facts {
             reaping: ReapFacts {
                 close_input: fails(libc::EPERM),
@@ -764,7 +804,11 @@ mod tests {
         });
         let ladder = report.get("kill ladder").unwrap();
         assert_eq!(ladder.status, Status::Warn);
-        assert!(ladder.detail.contains("no CAP_SYS_PTRACE"), "{}", ladder.detail);
+        assert!(
+            ladder.detail.contains("no CAP_SYS_PTRACE"),
+            "{}",
+            ladder.detail
+        );
         assert_eq!(ladder.fix, CAPABILITY_FIX);
         assert_eq!(status(&assess(&good()), "kill ladder"), Status::Ok);
     }

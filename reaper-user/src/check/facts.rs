@@ -72,7 +72,10 @@ pub enum Call {
     Works,
     /// It failed: `errno` (`ENOSYS`: the kernel does not have the call; 0: it returned but did
     /// not do what it should), and the error as text.
-    Fails { errno: i32, error: String },
+    Fails {
+        errno: i32,
+        error: String,
+    },
     /// Not tried, and why (something it needs failed first).
     NotTried(String),
 }
@@ -327,7 +330,6 @@ pub fn parse_kernel_version(release: &str) -> Option<(u32, u32, u32)> {
     Some((major, minor, patch))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,7 +341,9 @@ mod tests {
         let eff = parse_cap_eff(status).unwrap();
         assert_eq!(
             eff,
-            [2u32, 5, 19, 38, 39].iter().fold(0, |acc, cap| acc | (1u64 << cap))
+            [2u32, 5, 19, 38, 39]
+                .iter()
+                .fold(0, |acc, cap| acc | (1u64 << cap))
         );
         assert_eq!(parse_cap_eff("Name:\tx\n"), None);
         assert_eq!(parse_cap_eff("CapEff:\tnot-hex\n"), None);
@@ -371,7 +375,10 @@ mod tests {
     /// Live children of this process (every thread's), from /proc.
     fn children() -> Vec<String> {
         let mut out = Vec::new();
-        for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task").flatten() {
+        for task in std::fs::read_dir("/proc/self/task")
+            .expect("/proc/self/task")
+            .flatten()
+        {
             if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
                 out.extend(list.split_whitespace().map(str::to_owned));
             }
@@ -388,6 +395,10 @@ mod tests {
         assert_eq!(r.pidfd_open, Call::Works);
         assert_eq!(r.pidfd_send_signal, Call::Works);
         assert_eq!(r.close_input, Call::Works);
-        assert_eq!(children(), before, "the check's child was killed and reaped");
+        assert_eq!(
+            children(),
+            before,
+            "the check's child was killed and reaped"
+        );
     }
 }

@@ -170,7 +170,15 @@ mod tests {
     fn capability_numbers_are_the_kernels() {
         // include/uapi/linux/capability.h
         assert_eq!(
-            [CAP_DAC_READ_SEARCH, CAP_KILL, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_SYS_RESOURCE, CAP_PERFMON, CAP_BPF],
+            [
+                CAP_DAC_READ_SEARCH,
+                CAP_KILL,
+                CAP_SYS_PTRACE,
+                CAP_SYS_ADMIN,
+                CAP_SYS_RESOURCE,
+                CAP_PERFMON,
+                CAP_BPF
+            ],
             [2, 5, 19, 21, 24, 38, 39]
         );
     }
@@ -213,7 +221,10 @@ mod tests {
         ] {
             assert!(report.get(item).is_some(), "no {item} row in\n{report}");
         }
-        for name in crate::probes::LIFECYCLE_TRACEPOINTS.iter().chain(&crate::probes::SOCKET_TRACEPOINTS) {
+        for name in crate::probes::LIFECYCLE_TRACEPOINTS
+            .iter()
+            .chain(&crate::probes::SOCKET_TRACEPOINTS)
+        {
             assert!(report.get(&format!("tracepoint {name}")).is_some());
         }
         assert!(

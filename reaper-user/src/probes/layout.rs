@@ -144,7 +144,9 @@ pub fn tracepoint_arity(btf: &Btf, tracepoint: &str) -> Result<usize, LayoutErro
 
 /// Whether the kernel's BTF has every one of these tracepoints.
 pub fn has_tracepoints(btf: &Btf, tracepoints: &[&str]) -> bool {
-    tracepoints.iter().all(|tp| tracepoint_arity(btf, tp).is_ok())
+    tracepoints
+        .iter()
+        .all(|tp| tracepoint_arity(btf, tp).is_ok())
 }
 
 fn find_struct(btf: &Btf, name: &str) -> Result<Struct, LayoutError> {
@@ -186,9 +188,10 @@ fn find_member(
         }
         if name.is_empty()
             && let Some(inner) = aggregate(btf, btf.resolve_chained_type(m)?)?
-                && let Some(found) = find_member(btf, &inner, field, bits)? {
-                    return Ok(Some(found));
-                }
+            && let Some(found) = find_member(btf, &inner, field, bits)?
+        {
+            return Ok(Some(found));
+        }
     }
     Ok(None)
 }
@@ -199,7 +202,9 @@ fn aggregate(btf: &Btf, mut ty: Type) -> Result<Option<Struct>, LayoutError> {
         ty = match ty {
             Type::Struct(s) | Type::Union(s) => return Ok(Some(s)),
             Type::Typedef(t) => btf.resolve_chained_type(&t)?,
-            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => btf.resolve_chained_type(&t)?,
+            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
+                btf.resolve_chained_type(&t)?
+            }
             Type::TypeTag(t) => btf.resolve_chained_type(&t)?,
             _ => return Ok(None),
         }
@@ -222,7 +227,10 @@ mod tests {
     #[test]
     fn resolves_every_offset_on_this_kernel() {
         let Some(btf) = host_btf() else { return };
-        let KernelLayout { offsets: o, features } = kernel_layout(&btf).expect("layout");
+        let KernelLayout {
+            offsets: o,
+            features,
+        } = kernel_layout(&btf).expect("layout");
         assert_eq!(o.ready, 1);
         // pid and tgid are adjacent pid_t fields in every kernel since 2.6.
         assert_eq!(o.task_tgid, o.task_pid + 4);
@@ -234,8 +242,13 @@ mod tests {
             (o.signal_has_subreaper_word, o.signal_has_subreaper_bit)
         );
         // in_execve: a one-bit field of task_struct (since 2.6.30; kept on 6.18).
-        let found = member(&btf, &find_struct(&btf, "task_struct").unwrap(), "task_struct", "in_execve")
-            .expect("in_execve");
+        let found = member(
+            &btf,
+            &find_struct(&btf, "task_struct").unwrap(),
+            "task_struct",
+            "in_execve",
+        )
+        .expect("in_execve");
         assert!(found.bitfield);
         assert_eq!(features.has_in_execve, 1);
     }

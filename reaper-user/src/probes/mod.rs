@@ -87,7 +87,10 @@ pub enum ProbeError {
     #[error("reading kernel BTF for attaching failed")]
     Btf(#[source] aya::BtfError),
     #[error("eBPF object has no {what} named {name}")]
-    Missing { what: &'static str, name: &'static str },
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
     #[error("loading or attaching program {program} to tracepoint {tracepoint} failed")]
     Attach {
         program: &'static str,
@@ -159,14 +162,17 @@ impl Probes {
 
         let btf = layout::vmlinux()?;
         let layout::KernelLayout { offsets, features } = layout::kernel_layout(&btf)?;
-        let socket_activity = options.socket_activity && layout::has_tracepoints(&btf, &SOCKET_TRACEPOINTS);
+        let socket_activity =
+            options.socket_activity && layout::has_tracepoints(&btf, &SOCKET_TRACEPOINTS);
         drop(btf);
         tracing::debug!(?offsets, ?features, "kernel layout from BTF");
 
         // Wake the reader once an eighth of the ring is full; below that its timer collects.
         let wakeup_bytes = u64::from(bytes / 8);
         let pid_max = read_pid_max();
-        let per_pid_entries = options.per_pid_entries.unwrap_or_else(|| per_pid_entries(pid_max));
+        let per_pid_entries = options
+            .per_pid_entries
+            .unwrap_or_else(|| per_pid_entries(pid_max));
         tracing::debug!(?pid_max, per_pid_entries, "sizing the per-pid maps");
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
@@ -177,7 +183,11 @@ impl Probes {
             // Only kernels whose exit tracepoint lacks `group_dead` (before 6.16) use it.
             .map_max_entries(
                 "EXIT_CLAIMED",
-                if features.exit_has_group_dead != 0 { 1 } else { per_pid_entries },
+                if features.exit_has_group_dead != 0 {
+                    1
+                } else {
+                    per_pid_entries
+                },
             )
             .map_max_entries("ACTIVITY", activity_entries(per_pid_entries))
             .load(EBPF_OBJECT)
@@ -186,7 +196,11 @@ impl Probes {
         // Before the programs load: they refer to the log map, which the logger owns.
         let logs = Logs::start(&mut ebpf)?;
         let btf = aya::Btf::from_sys_fs().map_err(ProbeError::Btf)?;
-        let socket_programs: &[_] = if socket_activity { &SOCKET_TRACEPOINTS } else { &[] };
+        let socket_programs: &[_] = if socket_activity {
+            &SOCKET_TRACEPOINTS
+        } else {
+            &[]
+        };
         // Each program is named after its tracepoint.
         for &program in LIFECYCLE_TRACEPOINTS.iter().chain(socket_programs) {
             let tracepoint = program;
@@ -260,12 +274,28 @@ impl Probes {
         let result = self
             .activity
             .insert(target, ActivityRecord::default(), BPF_NOEXIST)
-            .or_else(|err| if is_errno(&err, libc::EEXIST) { Ok(()) } else { Err(err) })
-            .map_err(|source| WatchError { pid, target, map: "ACTIVITY", source })
+            .or_else(|err| {
+                if is_errno(&err, libc::EEXIST) {
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            })
+            .map_err(|source| WatchError {
+                pid,
+                target,
+                map: "ACTIVITY",
+                source,
+            })
             .and_then(|()| {
                 self.watched
                     .insert(pid, target, 0)
-                    .map_err(|source| WatchError { pid, target, map: "WATCHED", source })
+                    .map_err(|source| WatchError {
+                        pid,
+                        target,
+                        map: "WATCHED",
+                        source,
+                    })
             });
         if let Err(err) = &result {
             self.user_watch_failures += 1;
@@ -306,7 +336,10 @@ impl Probes {
 
     /// Socket bytes of `target` and its descendants so far, and when the last one moved.
     pub fn sock_activity(&self, target: u32) -> Option<SockActivity> {
-        self.activity.get(&target, 0).ok().map(|record| record.activity)
+        self.activity
+            .get(&target, 0)
+            .ok()
+            .map(|record| record.activity)
     }
 
     /// Processes that could not be watched so far: the kernel's refusals (descendants born
@@ -341,7 +374,10 @@ enum Logs {
     Forwarded(tokio::task::JoinHandle<()>),
     /// No tokio runtime to forward them on (a caller that only counts, as some tests do): the
     /// logger is kept so the programs' map stays valid; its lines are dropped when it fills.
-    Held(#[expect(dead_code, reason = "kept only to keep the log map open")] Box<EbpfLogger<LogTracer>>),
+    Held(
+        #[expect(dead_code, reason = "kept only to keep the log map open")]
+        Box<EbpfLogger<LogTracer>>,
+    ),
 }
 
 impl Logs {
@@ -377,7 +413,9 @@ async fn forward_logs(logger: EbpfLogger<LogTracer>) {
         }
     };
     loop {
-        let Ok(mut ready) = logs.readable_mut().await else { return };
+        let Ok(mut ready) = logs.readable_mut().await else {
+            return;
+        };
         ready.get_inner_mut().flush();
         ready.clear_ready();
     }
@@ -406,7 +444,11 @@ fn is_errno(err: &aya::maps::MapError, errno: i32) -> bool {
 
 /// `kernel.pid_max`, if readable.
 fn read_pid_max() -> Option<u32> {
-    std::fs::read_to_string(PID_MAX_PATH).ok()?.trim().parse().ok()
+    std::fs::read_to_string(PID_MAX_PATH)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Ring buffer reserve failures per event kind: events the kernel could not hand over.
@@ -430,13 +472,23 @@ impl KindCounts {
     }
 }
 
-fn take_counters(ebpf: &mut Ebpf, name: &'static str) -> Result<PerCpuArray<MapData, u64>, ProbeError> {
-    let map = ebpf.take_map(name).ok_or(ProbeError::Missing { what: "map", name })?;
+fn take_counters(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<PerCpuArray<MapData, u64>, ProbeError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbeError::Missing { what: "map", name })?;
     PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
-fn take_map<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, u32, V>, ProbeError> {
-    let map = ebpf.take_map(name).ok_or(ProbeError::Missing { what: "map", name })?;
+fn take_map<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, u32, V>, ProbeError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbeError::Missing { what: "map", name })?;
     HashMap::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
