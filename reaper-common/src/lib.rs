@@ -25,6 +25,19 @@ pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 1;
 /// `ExecEvent::flags`: argv could not be read from the new process's memory.
 pub const EXEC_ARGV_UNREADABLE: u32 = 1 << 2;
 
+/// The lifecycle programs in reaper's eBPF object, each named after the BTF tracepoint
+/// (`tp_btf`) it attaches to. Without any of them reaper cannot follow processes.
+pub const LIFECYCLE_TRACEPOINTS: [&str; 4] = [
+    "sched_process_fork",
+    "sched_process_exec",
+    "sched_process_exit",
+    "task_rename",
+];
+
+/// The socket activity programs, named likewise (kernel 6.3+): attached where the kernel has
+/// both tracepoints; elsewhere target activity comes from `/proc/PID/io`.
+pub const SOCKET_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
+
 /// Pinned numeric ids of the event kinds. Never renumber: they are the wire format and the
 /// index of the per-kind loss counters.
 #[repr(u32)]
@@ -44,6 +57,12 @@ impl EventKind {
     /// Every kind, in id order.
     pub const ALL: [EventKind; 4] = [Self::Fork, Self::Exec, Self::Exit, Self::Rename];
 
+    /// Position in [`EventKind::ALL`], for arrays with one slot per kind (the id minus one:
+    /// ids start at 1).
+    pub const fn index(self) -> usize {
+        self as usize - 1
+    }
+
     /// Lower-case name, used in logs and metric labels.
     pub const fn name(self) -> &'static str {
         match self {
@@ -54,6 +73,15 @@ impl EventKind {
         }
     }
 }
+
+// `index` is each kind's position in `ALL`.
+const _: () = {
+    let mut i = 0;
+    while i < EventKind::ALL.len() {
+        assert!(EventKind::ALL[i].index() == i);
+        i += 1;
+    }
+};
 
 /// Size of the per-kind counter arrays, indexed by the kind id (slot 0 is unused).
 pub const KIND_SLOTS: u32 = 5;
@@ -109,11 +137,12 @@ pub struct ForkEvent {
     pub comm: [u8; COMM_LEN],
 }
 
-/// A process replaced its image: `sched_process_exec`. On the wire only the used prefix is
-/// sent: everything up to `argv`, then `argv_len` bytes of it.
+/// The fixed part of an exec record: everything before argv. On the wire an exec record is
+/// this, then [`ExecHead::argv_len`] bytes of argv (the eBPF side sends only the used prefix of
+/// an [`ExecEvent`]); both sides read and write these fields by name.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExecEvent {
+pub struct ExecHead {
     pub header: Header,
     /// The parent process (`real_parent->tgid`).
     pub parent_tgid: u32,
@@ -123,13 +152,21 @@ pub struct ExecEvent {
     pub flags: u32,
     /// Valid bytes in `filename`.
     pub filename_len: u32,
-    /// Valid bytes in `argv`.
+    /// Valid bytes of argv that follow this head.
     pub argv_len: u32,
     pub _pad: u32,
     /// `comm` after the exec (the basename of the exec'd path).
     pub comm: [u8; COMM_LEN],
     /// The path given to execve (`linux_binprm::filename`), not NUL-terminated.
     pub filename: [u8; FILENAME_LEN],
+}
+
+/// A process replaced its image: `sched_process_exec`. Built whole in a per-CPU scratch
+/// slot; only `head` and the first `head.argv_len` bytes of `argv` are sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub head: ExecHead,
     /// argv as NUL-separated strings, as in `/proc/PID/cmdline`.
     pub argv: [u8; ARGV_LEN],
 }
@@ -157,7 +194,9 @@ pub struct RenameEvent {
 
 const _: () = assert!(size_of::<Header>() == 24);
 const _: () = assert!(size_of::<ForkEvent>() == 56);
-const _: () = assert!(size_of::<ExecEvent>() == 48 + COMM_LEN + FILENAME_LEN + ARGV_LEN);
+const _: () = assert!(size_of::<ExecHead>() == 48 + COMM_LEN + FILENAME_LEN);
+const _: () = assert!(core::mem::offset_of!(ExecEvent, argv) == size_of::<ExecHead>());
+const _: () = assert!(size_of::<ExecEvent>() == size_of::<ExecHead>() + ARGV_LEN);
 const _: () = assert!(size_of::<ExitEvent>() == 32);
 const _: () = assert!(size_of::<RenameEvent>() == 40);
 const _: () = assert!(ARGV_LEN.is_power_of_two() && FILENAME_LEN.is_power_of_two());
@@ -204,13 +243,8 @@ pub struct KernelOffsets {
     pub upid_size: u32,
     pub upid_ns: u32,
     pub pid_ns_child_reaper: u32,
-    /// Non-zero where `sched_process_exit` passes `bool group_dead` as its second argument
-    /// (6.16+); older kernels pass only the task.
-    pub exit_has_group_dead: u32,
-    /// Non-zero where `task_struct` has the `in_execve` bit field (set by `bprm_execve()` for
-    /// the whole exec); the two fields below are meaningful only then.
-    pub has_in_execve: u32,
-    /// Byte offset of the 32-bit word holding `task_struct::in_execve`.
+    /// Byte offset of the 32-bit word holding `task_struct::in_execve` (meaningful only with
+    /// [`KernelFeatures::has_in_execve`]).
     pub task_in_execve_word: u32,
     /// Bit index of `in_execve` within that word.
     pub task_in_execve_bit: u32,
@@ -218,20 +252,44 @@ pub struct KernelOffsets {
     pub sock_family: u32,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 30 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 28 * 4);
 
-/// Most processes watched for activity at once (targets and their descendants).
+/// What the running kernel's tracepoints and structs offer beyond a layout, found in its BTF
+/// at load time and handed to the programs as a read-only global beside [`KernelOffsets`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelFeatures {
+    /// Non-zero where `sched_process_exit` passes `bool group_dead` as its second argument
+    /// (6.16+); older kernels pass only the task.
+    pub exit_has_group_dead: u32,
+    /// Non-zero where `task_struct` has the `in_execve` bit field (set by `bprm_execve()` for
+    /// the whole exec).
+    pub has_in_execve: u32,
+}
+
+const _: () = assert!(size_of::<KernelFeatures>() == 2 * 4);
+
+/// `max_entries` of the per-pid maps (`WATCHED`, `EXIT_CLAIMED`) as compiled. User space
+/// resizes them at load time from `kernel.pid_max` (see `reaper::probes`).
 pub const WATCH_MAX: u32 = 16384;
 
 /// Most process names watched from their exec on (the rules' `comm` names).
 pub const WATCH_NAMES_MAX: u32 = 64;
 
-/// Socket activity of one target (and its descendants), kept by the kernel in `ACTIVITY`
-/// keyed by the target's tgid.
+/// `max_entries` of `ACTIVITY` (one record per target) as compiled; resized likewise.
+pub const ACTIVITY_MAX: u32 = 4096;
+
+/// [`ActivityRecord::flags`]: a process descended from this target could not be added to
+/// `WATCHED` (the map was full when it was forked), so its socket bytes are not counted and
+/// the target's activity is incomplete: an idle verdict on it cannot be trusted.
+pub const ACTIVITY_WATCH_INCOMPLETE: u32 = 1 << 0;
+
+/// Socket activity of one target and its descendants.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockActivity {
-    /// The last byte sent or received by the target or a descendant, `CLOCK_MONOTONIC` ns.
+    /// The last byte sent or received by the target or a descendant, `CLOCK_MONOTONIC` ns
+    /// (0: none yet).
     pub last_ns: u64,
     /// Bytes sent and received so far.
     pub bytes: u64,
@@ -241,15 +299,37 @@ pub struct SockActivity {
     pub last_net_recv_ns: u64,
 }
 
+/// The value of `ACTIVITY`, keyed by a target's tgid. User space creates the record when it
+/// watches the target; the eBPF programs update it (and create it for a process watched by its
+/// name from its exec on, before user space adopts it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActivityRecord {
+    pub activity: SockActivity,
+    /// `ACTIVITY_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+impl ActivityRecord {
+    /// Whether some descendant of the target went unwatched ([`ACTIVITY_WATCH_INCOMPLETE`]).
+    pub const fn watch_incomplete(&self) -> bool {
+        self.flags & ACTIVITY_WATCH_INCOMPLETE != 0
+    }
+}
+
 const _: () = assert!(size_of::<SockActivity>() == 24);
+const _: () = assert!(size_of::<ActivityRecord>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: #[repr(C)], three u64, no padding.
-    unsafe impl aya::Pod for super::SockActivity {}
+    // SAFETY: #[repr(C)], three u64 and two u32, no implicit padding (size asserted above).
+    unsafe impl aya::Pod for super::ActivityRecord {}
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers and byte arrays, with
     // no implicit padding (sizes asserted above), so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelFeatures {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Header {}
 }

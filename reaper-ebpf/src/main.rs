@@ -2,25 +2,32 @@
 //!
 //! BTF tracepoints (`tp_btf`) give typed `task_struct *` arguments without tracefs; they work
 //! where kprobes and fentry do not. Struct field offsets are never hard-coded: user space
-//! resolves them from the running kernel's BTF and hands them over in [`OFFSETS`] before the
-//! programs are loaded. Each program is a thin wrapper over a `try_*` function.
+//! resolves them from the running kernel's BTF and hands them over in [`OFFSETS`] (and what the
+//! kernel offers in [`FEATURES`]) before the programs are loaded. Each program is a thin wrapper over a `try_*` function.
+//!
+//! Failures are rare and never on the hot path: a kernel read that faulted, a map insert
+//! refused, a ring buffer reserve that failed. Each is counted in a per-CPU array (which the
+//! daemon exports as metrics) and reported through aya-log into the daemon's logs, at most one
+//! line per kind of failure a minute ([`may_log`]); only the failure branches do either.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated,
     },
     macros::{btf_tracepoint, map},
-    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
+use aya_log_ebpf::warn;
 use reaper_common::{
-    ARGV_LEN, COMM_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED,
-    EventKind, ExecEvent, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelOffsets,
-    RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAMES_MAX,
+    ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE, ARGV_LEN, ActivityRecord, COMM_LEN,
+    EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind, ExecEvent,
+    ExecHead, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelFeatures,
+    KernelOffsets, RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAMES_MAX,
 };
 
 /// Field offsets of the running kernel, written by user space at load time (read-only global).
@@ -51,11 +58,16 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     upid_size: 0,
     upid_ns: 0,
     pid_ns_child_reaper: 0,
-    exit_has_group_dead: 0,
-    has_in_execve: 0,
     task_in_execve_word: 0,
     task_in_execve_bit: 0,
     sock_family: 0,
+};
+
+/// What the running kernel offers, written by user space at load time (read-only global).
+#[unsafe(no_mangle)]
+static FEATURES: KernelFeatures = KernelFeatures {
+    exit_has_group_dead: 0,
+    has_in_execve: 0,
 };
 
 /// Wake the reader only once this many bytes wait in the ring (set by user space at load
@@ -78,15 +90,25 @@ static EXEC_SCRATCH: PerCpuArray<ExecEvent> = PerCpuArray::with_max_entries(1, 0
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(KIND_SLOTS, 0);
 
+/// Kernel reads that faulted, per CPU, indexed by event kind id: the event was not sent.
+#[map]
+static READ_FAULTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(KIND_SLOTS, 0);
+
 /// Processes whose activity is tracked: tgid → the target (tgid) it counts for. User space
 /// inserts targets; the fork program adds their descendants as they are born, the exit program
-/// removes the dead.
+/// removes the dead. Sized by user space at load time (from `kernel.pid_max`); an insert that
+/// fails all the same is counted in WATCH_FAILURES and flagged in the target's record.
 #[map]
 static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(WATCH_MAX, 0);
 
-/// Socket activity per target tgid.
+/// Descendants of watched processes that WATCHED refused (full), per CPU.
 #[map]
-static ACTIVITY: HashMap<u32, SockActivity> = HashMap::with_max_entries(WATCH_MAX, 0);
+static WATCH_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Socket activity per target tgid. User space creates a target's record when it watches it;
+/// `sock_io` creates one for a process watched by its name before user space adopts it.
+#[map]
+static ACTIVITY: HashMap<u32, ActivityRecord> = HashMap::with_max_entries(ACTIVITY_MAX, 0);
 
 /// The rules' process names (comm, NUL-padded), written by user space. A process that execs
 /// under one of them is watched from its exec on: user space reads the ring only every
@@ -101,6 +123,17 @@ static WATCH_NAMES: HashMap<[u8; COMM_LEN], u32> = HashMap::with_max_entries(WAT
 #[map]
 static EXIT_CLAIMED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(WATCH_MAX, 0);
 
+/// At most one log line per report slot in this long (ns).
+const LOG_INTERVAL_NS: u64 = 60_000_000_000;
+
+/// Report slots: a faulted read per event kind, a full ring per event kind, a refused watch.
+const REPORT_SLOTS: u32 = 2 * EventKind::ALL.len() as u32 + 1;
+
+/// When each report slot was last logged (`CLOCK_BOOTTIME` ns, 0: never), for rate limiting.
+/// Shared by all CPUs: a race between two CPUs costs at most one extra line.
+#[map]
+static LOGGED_AT: Array<u64> = Array::with_max_entries(REPORT_SLOTS, 0);
+
 /// How far up the parent chain the subreaper search goes; the kernel walks without a bound,
 /// but a subreaper deeper than this above an exiting process is not seen (it falls back to
 /// the namespace's init).
@@ -111,6 +144,12 @@ fn offsets() -> KernelOffsets {
     // SAFETY: OFFSETS is a plain global; the volatile read stops the compiler from folding
     // the all-zero initializer into the code, since user space rewrites it before loading.
     unsafe { core::ptr::read_volatile(&raw const OFFSETS) }
+}
+
+#[inline(always)]
+fn features() -> KernelFeatures {
+    // SAFETY: as for OFFSETS.
+    unsafe { core::ptr::read_volatile(&raw const FEATURES) }
 }
 
 /// Reads a `T` at `base + off` in kernel memory.
@@ -153,10 +192,80 @@ fn wakeup_flags() -> u64 {
 }
 
 #[inline(always)]
-fn count_lost(kind: EventKind) {
-    if let Some(slot) = LOST.get_ptr_mut(kind as u32) {
+fn count(counters: &PerCpuArray<u64>, slot: u32) {
+    if let Some(slot) = counters.get_ptr_mut(slot) {
         // SAFETY: a per-CPU slot: no other program touches it concurrently on this CPU.
         unsafe { *slot += 1 }
+    }
+}
+
+/// Whether a line may be logged for report `slot` now; if so, the slot is stamped.
+#[inline(always)]
+fn may_log(slot: u32) -> bool {
+    let Some(last) = LOGGED_AT.get_ptr_mut(slot) else {
+        return false;
+    };
+    let now = now_ns();
+    // SAFETY: a pointer into an array map value; plain loads and stores of a u64.
+    unsafe {
+        if *last != 0 && now.wrapping_sub(*last) < LOG_INTERVAL_NS {
+            return false;
+        }
+        *last = now;
+    }
+    true
+}
+
+/// The ring buffer was full: a `kind` event is lost (the daemon reconciles with /proc).
+#[inline(always)]
+fn ring_full(ctx: &BtfTracePointContext, kind: EventKind) {
+    count(&LOST, kind as u32);
+    if may_log(EventKind::ALL.len() as u32 + kind.index() as u32) {
+        warn!(
+            ctx,
+            target: "reaper::ebpf",
+            "ring buffer full: a {} event was lost (reaper_events_lost_total; at most one line a minute)",
+            kind.name()
+        );
+    }
+}
+
+/// A program's `try_*` failed: a kernel read faulted, and its event was not sent.
+#[inline(always)]
+fn read_fault(ctx: &BtfTracePointContext, kind: EventKind, err: i32) {
+    count(&READ_FAULTS, kind as u32);
+    if may_log(kind.index() as u32) {
+        warn!(
+            ctx,
+            target: "reaper::ebpf",
+            "{}: a kernel read failed with error {}: the event was not sent (reaper_kernel_read_faults_total; at most one line a minute)",
+            kind.name(),
+            err
+        );
+    }
+}
+
+/// WATCHED refused `pid`, forked in `target`'s family (a full preallocated hash map refuses
+/// new keys with `E2BIG`:
+/// <https://github.com/gregkh/linux/blob/v6.1.172/kernel/bpf/hashtab.c#L1003-L1005>): its
+/// socket bytes will not be counted, so the target's record says its activity is incomplete.
+#[inline(always)]
+fn watch_refused(ctx: &BtfTracePointContext, pid: u32, target: u32) {
+    count(&WATCH_FAILURES, 0);
+    if let Some(record) = ACTIVITY.get_ptr_mut(target) {
+        // SAFETY: a pointer into the map value. A plain read-modify-write of the flags: an
+        // atomic OR needs 5.12 <https://github.com/torvalds/linux/commit/981f94c3e921>, the
+        // matrix starts at 5.10, and nothing else writes the flags while the record exists.
+        unsafe { (*record).flags |= ACTIVITY_WATCH_INCOMPLETE }
+    }
+    if may_log(2 * EventKind::ALL.len() as u32) {
+        warn!(
+            ctx,
+            target: "reaper::ebpf",
+            "the watch map is full: pid {} of target {} is not watched, so the target is not reaped as idle (reaper_watch_failures_total; at most one line a minute)",
+            pid,
+            target
+        );
     }
 }
 
@@ -180,7 +289,9 @@ fn bit(o_word: u32, o_bit: u32, base: *const u8) -> Result<bool, i32> {
 /// <https://github.com/torvalds/linux/blob/v6.18/kernel/fork.c>
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_fork(&ctx);
+    if let Err(err) = try_fork(&ctx) {
+        read_fault(&ctx, EventKind::Fork, err);
+    }
     0
 }
 
@@ -204,17 +315,19 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     let uid = bpf_get_current_uid_gid() as u32;
 
-    if o.exit_has_group_dead == 0 {
+    if features().exit_has_group_dead == 0 {
         let _ = EXIT_CLAIMED.remove(tgid as u32);
     }
     // A descendant of a watched process is watched for the same target, from birth.
     // SAFETY: a map lookup; the value is copied out at once.
-    if let Some(target) = unsafe { WATCHED.get(parent_tgid as u32) }.copied() {
-        let _ = WATCHED.insert(tgid as u32, target, 0);
+    if let Some(target) = unsafe { WATCHED.get(parent_tgid as u32) }.copied()
+        && WATCHED.insert(tgid as u32, target, 0).is_err()
+    {
+        watch_refused(ctx, tgid as u32, target);
     }
 
     let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
-        count_lost(EventKind::Fork);
+        ring_full(ctx, EventKind::Fork);
         return Ok(());
     };
     entry.write(ForkEvent {
@@ -235,7 +348,9 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
 /// <https://github.com/torvalds/linux/blob/v6.18/fs/exec.c>
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_exec(&ctx);
+    if let Err(err) = try_exec(&ctx) {
+        read_fault(&ctx, EventKind::Exec, err);
+    }
     0
 }
 
@@ -269,7 +384,7 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
 
     // SAFETY: `ev` points at this CPU's scratch record of size_of::<ExecEvent>().
     let filename_len = unsafe {
-        match bpf_probe_read_kernel_str_bytes(filename, &mut (*ev).filename) {
+        match bpf_probe_read_kernel_str_bytes(filename, &mut (*ev).head.filename) {
             Ok(bytes) => bytes.len() as u32,
             Err(_) => 0,
         }
@@ -304,23 +419,24 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
         0
     };
 
-    // SAFETY: as above; plain stores into the reserved record.
+    // SAFETY: as above; plain stores into the scratch record.
     unsafe {
-        (*ev).header = header(EventKind::Exec, tgid, start);
-        (*ev).parent_tgid = parent_tgid as u32;
-        (*ev).uid = uid;
-        (*ev).flags = flags;
-        (*ev).filename_len = filename_len;
-        (*ev).argv_len = argv_len;
-        (*ev)._pad = 0;
-        (*ev).comm = comm;
+        let head = &raw mut (*ev).head;
+        (*head).header = header(EventKind::Exec, tgid, start);
+        (*head).parent_tgid = parent_tgid as u32;
+        (*head).uid = uid;
+        (*head).flags = flags;
+        (*head).filename_len = filename_len;
+        (*head).argv_len = argv_len;
+        (*head)._pad = 0;
+        (*head).comm = comm;
     }
     // Only the used part goes into the ring: ~300 bytes for a typical exec, not 4.4 KiB.
-    let size = core::mem::offset_of!(ExecEvent, argv) + argv_len as usize;
+    let size = size_of::<ExecHead>() + argv_len as usize;
     // SAFETY: `size` ≤ size_of::<ExecEvent>() (argv_len ≤ ARGV_LEN): a prefix of the record.
     let used = unsafe { core::slice::from_raw_parts(ev.cast::<u8>(), size) };
     if EVENTS.output::<[u8]>(used, wakeup_flags()).is_err() {
-        count_lost(EventKind::Exec);
+        ring_full(ctx, EventKind::Exec);
     }
     Ok(())
 }
@@ -333,7 +449,9 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
 /// Kernels before 6.16 pass only `tsk`; there the group is dead when `signal->live` is 0.
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_exit(&ctx);
+    if let Err(err) = try_exit(&ctx) {
+        read_fault(&ctx, EventKind::Exit, err);
+    }
     0
 }
 
@@ -344,7 +462,8 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     let task: *const u8 = ctx.arg(0);
     let signal: *const u8 = read(task, o.task_signal)?;
-    let group_dead = if o.exit_has_group_dead != 0 {
+    let f = features();
+    let group_dead = if f.exit_has_group_dead != 0 {
         let arg: u64 = ctx.arg(1);
         arg & 0xff != 0
     } else {
@@ -356,7 +475,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     let tgid: i32 = read(task, o.task_tgid)?;
     let start = process_start(&o, task)?;
-    if o.exit_has_group_dead == 0
+    if f.exit_has_group_dead == 0
         && EXIT_CLAIMED
             .insert(tgid as u32, start, u64::from(BPF_NOEXIST))
             .is_err()
@@ -380,7 +499,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let reaper_tgid = find_new_reaper(&o, task, signal).unwrap_or(0);
 
     let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
-        count_lost(EventKind::Exit);
+        ring_full(ctx, EventKind::Exit);
         return Ok(());
     };
     entry.write(ExitEvent {
@@ -400,7 +519,11 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
 fn find_new_reaper(o: &KernelOffsets, task: *const u8, signal: *const u8) -> Result<u32, i32> {
     let thread_pid: *const u8 = read(task, o.task_thread_pid)?;
     let level: u32 = read(thread_pid, o.pid_level)?;
-    if bit(o.signal_has_subreaper_word, o.signal_has_subreaper_bit, signal)? {
+    if bit(
+        o.signal_has_subreaper_word,
+        o.signal_has_subreaper_bit,
+        signal,
+    )? {
         let mut reaper: *const u8 = read(task, o.task_real_parent)?;
         for _ in 0..MAX_ANCESTORS {
             let reaper_pid: *const u8 = read(reaper, o.task_thread_pid)?;
@@ -411,7 +534,11 @@ fn find_new_reaper(o: &KernelOffsets, task: *const u8, signal: *const u8) -> Res
                 break;
             }
             let reaper_signal: *const u8 = read(reaper, o.task_signal)?;
-            if bit(o.signal_is_subreaper_word, o.signal_is_subreaper_bit, reaper_signal)? {
+            if bit(
+                o.signal_is_subreaper_word,
+                o.signal_is_subreaper_bit,
+                reaper_signal,
+            )? {
                 let live: i32 = read(reaper_signal, o.signal_live)?;
                 if live > 0 {
                     let tgid: i32 = read(reaper, o.task_tgid)?;
@@ -443,7 +570,9 @@ fn find_new_reaper(o: &KernelOffsets, task: *const u8, signal: *const u8) -> Res
 /// its exit follows instead). It saves a ring record per spawn.
 #[btf_tracepoint(function = "task_rename")]
 pub fn task_rename(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_rename(&ctx);
+    if let Err(err) = try_rename(&ctx) {
+        read_fault(&ctx, EventKind::Rename, err);
+    }
     0
 }
 
@@ -460,7 +589,9 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     // An unreadable bit counts as "not in exec": better a redundant rename than a lost one.
-    if o.has_in_execve != 0 && bit(o.task_in_execve_word, o.task_in_execve_bit, task).unwrap_or(false) {
+    if features().has_in_execve != 0
+        && bit(o.task_in_execve_word, o.task_in_execve_bit, task).unwrap_or(false)
+    {
         return Ok(());
     }
     let start: u64 = read(task, o.task_start_boottime)?;
@@ -471,7 +602,7 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
 
     let Some(mut entry) = EVENTS.reserve::<RenameEvent>(0) else {
-        count_lost(EventKind::Rename);
+        ring_full(ctx, EventKind::Rename);
         return Ok(());
     };
     entry.write(RenameEvent {
@@ -526,20 +657,25 @@ fn sock_io(ctx: &BtfTracePointContext, recv: bool) {
     match ACTIVITY.get_ptr_mut(target) {
         // SAFETY: a pointer into the map value; concurrent updates from other CPUs can only
         // lose a few bytes of the count, never corrupt the entry.
-        Some(a) => unsafe {
-            (*a).last_ns = now;
-            (*a).bytes += ret as u64;
+        Some(record) => unsafe {
+            (*record).activity.last_ns = now;
+            (*record).activity.bytes += ret as u64;
             if net_recv {
-                (*a).last_net_recv_ns = now;
+                (*record).activity.last_net_recv_ns = now;
             }
         },
+        // A process watched by its name from its exec on, not yet adopted by user space.
         None => {
             let _ = ACTIVITY.insert(
                 target,
-                SockActivity {
-                    last_ns: now,
-                    bytes: ret as u64,
-                    last_net_recv_ns: if net_recv { now } else { 0 },
+                ActivityRecord {
+                    activity: SockActivity {
+                        last_ns: now,
+                        bytes: ret as u64,
+                        last_net_recv_ns: if net_recv { now } else { 0 },
+                    },
+                    flags: 0,
+                    _pad: 0,
                 },
                 0,
             );

@@ -271,11 +271,13 @@ impl Pipeline {
         Probes::attach(ProbeOptions {
             ring_bytes: config.config.ring_bytes,
             socket_activity: config.config.activity_source != ActivitySource::ProcIo,
+            ..ProbeOptions::default()
         })
     }
 
     /// Bootstraps from `/proc` and starts following events, with probes from [`Pipeline::attach`].
     pub async fn start_attached(config: PipelineConfig, mut probes: Probes) -> anyhow::Result<Self> {
+        probes.forward_logs();
         let started = std::time::Instant::now();
         let settings = &config.config;
         let ring = probes.take_ring().expect("ring buffer taken once")?;
@@ -293,7 +295,7 @@ impl Pipeline {
                 Source::Socket => "socket bytes (sock:sock_send_length/sock_recv_length, in kernel)",
                 Source::ProcIo => "read/write bytes from /proc/PID/io (fallback: no socket tracepoints, or configured)",
             },
-            "attached to sched_process_fork, sched_process_exec, sched_process_exit, task_rename"
+            "attached to {}", crate::probes::LIFECYCLE_TRACEPOINTS.join(", ")
         );
 
         let metrics = Arc::new(Metrics::new());
@@ -564,6 +566,7 @@ impl TreeOwner {
                     if !self.check_memory() {
                         return;
                     }
+                    self.metrics.sync_probe_failures(self.probes.watch_failures(), &self.probes.read_faults());
                     let counts = self.probes.lost();
                     for kind in EventKind::ALL {
                         let counter = self.metrics.events_lost.with_label_values(&[kind.name()]);

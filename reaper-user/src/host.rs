@@ -60,7 +60,12 @@ impl detect::Host for LiveHost<'_> {
     }
 
     fn watch(&mut self, pid: u32, target: u32) -> bool {
-        self.probes.watch(pid, target)
+        // A failure is logged and counted by the probes.
+        self.probes.watch(pid, target).is_ok()
+    }
+
+    fn watch_incomplete(&self, target: u32) -> bool {
+        self.probes.watch_failed(target)
     }
 
     fn unwatch(&mut self, target: u32, pids: &[u32]) {

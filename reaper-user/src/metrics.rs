@@ -9,6 +9,8 @@ use prometheus::{
 };
 use reaper_common::EventKind;
 
+use crate::probes::KindCounts;
+
 pub struct Metrics {
     registry: Registry,
     /// Per kind, in `EventKind::ALL` order: the hot path skips the label lookup.
@@ -30,6 +32,8 @@ pub struct Metrics {
     pub leftover_kills: IntCounterVec,
     pub runaway_kills: IntCounter,
     pub pressure_kills: IntCounter,
+    pub watch_failures: IntCounter,
+    pub read_faults: IntCounterVec,
 }
 
 impl Metrics {
@@ -78,6 +82,16 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let read_faults = register!(IntCounterVec::new(
+            Opts::new(
+                "reaper_kernel_read_faults_total",
+                "Kernel reads in reaper's eBPF programs that faulted, by event kind; the event was not sent."
+            ),
+            &["kind"],
+        ));
+        for k in EventKind::ALL {
+            read_faults.with_label_values(&[k.name()]);
+        }
         Self {
             events,
             events_lost,
@@ -162,17 +176,33 @@ impl Metrics {
                 ),
                 &["source"],
             )),
+            watch_failures: register!(IntCounter::new(
+                "reaper_watch_failures_total",
+                "Processes that could not be watched for socket activity (a map was full); \
+                 their targets are not reaped as idle."
+            )),
+            read_faults,
             registry,
+        }
+    }
+
+    /// Brings the counters read from the probes up to their totals (they only grow).
+    pub fn sync_probe_failures(&self, watch_failures: u64, read_faults: &KindCounts) {
+        self.watch_failures
+            .inc_by(watch_failures.saturating_sub(self.watch_failures.get()));
+        for kind in EventKind::ALL {
+            let counter = self.read_faults.with_label_values(&[kind.name()]);
+            counter.inc_by(read_faults.get(kind).saturating_sub(counter.get()));
         }
     }
 
     /// Counts one decoded event.
     pub fn event(&self, kind: EventKind) {
-        self.events[kind as usize - 1].inc();
+        self.events[kind.index()].inc();
     }
 
     pub fn events(&self, kind: EventKind) -> u64 {
-        self.events[kind as usize - 1].get()
+        self.events[kind.index()].get()
     }
 
     pub fn events_total(&self) -> u64 {
@@ -221,9 +251,24 @@ mod tests {
             "reaper_reconcile_corrections_total{kind=\"added\"} 1",
             "reaper_kill_delay_seconds_count{step=\"closed\"} 1",
             "reaper_build_info{version=",
+            "reaper_watch_failures_total 0",
+            "reaper_kernel_read_faults_total{kind=\"exit\"} 0",
         ] {
             assert!(text.contains(family), "missing {family} in:\n{text}");
         }
         assert_eq!(m.events_total(), 1);
+    }
+
+    #[test]
+    fn probe_failures_follow_their_totals() {
+        let m = Metrics::new();
+        let mut faults = KindCounts::default();
+        faults.set(EventKind::Exec, 3);
+        m.sync_probe_failures(2, &faults);
+        m.sync_probe_failures(5, &faults);
+        let text = m.render();
+        assert!(text.contains("reaper_watch_failures_total 5"), "{text}");
+        assert!(text.contains("reaper_kernel_read_faults_total{kind=\"exec\"} 3"), "{text}");
+        assert!(text.contains("reaper_kernel_read_faults_total{kind=\"fork\"} 0"), "{text}");
     }
 }

@@ -214,6 +214,15 @@ impl Helper {
         self.values.get(key).cloned().unwrap_or_default()
     }
 
+    /// Writes `line` and a newline to the helper's stdin.
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write as _;
+        let stdin = self.stdin.as_mut().expect("stdin still open");
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .expect("write to the helper's stdin");
+    }
+
     /// Closes stdin: the helper and every child that inherited it finish.
     pub fn finish(&mut self) {
         self.stdin.take();

@@ -1150,6 +1150,16 @@ fn the_daemonset_runs_reaper_as_the_unit_does() {
         mounts.contains_key("/run/reaper"),
         "a writable socket directory"
     );
+    // Only BTF tracepoints are attached: tracefs (or debugfs) would be a needless window on
+    // the node's kernel.
+    for path in ["/sys/kernel/tracing", "/sys/kernel/debug"] {
+        assert!(
+            !volumes.values().any(|v| v["hostPath"]["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with(path))),
+            "{path} is mounted, but reaper does not use it"
+        );
+    }
     let config_mount = mounts.get("/etc/reaper").expect("the config is mounted");
     let config_volume = volumes[config_mount["name"].as_str().unwrap()];
     let map_name = config_volume["configMap"]["name"]

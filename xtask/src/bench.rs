@@ -478,14 +478,9 @@ fn foreign_tracers(ours: &[u32]) -> BTreeSet<u32> {
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2)?.strip_prefix("bpf_prog_"))
         .filter(|name| {
-            [
-                "sched_process_fork",
-                "sched_process_exec",
-                "sched_process_exit",
-                "task_rename",
-            ]
-            .iter()
-            .any(|tp| name.contains(tp))
+            reaper_common::LIFECYCLE_TRACEPOINTS
+                .iter()
+                .any(|tp| name.contains(tp))
         })
         .filter_map(|name| name.get(..16))
         .collect();

@@ -56,6 +56,9 @@ pub trait Host {
     /// map is full): then the target's activity is not fully seen.
     fn watch(&mut self, pid: u32, target: u32) -> bool;
     fn unwatch(&mut self, target: u32, pids: &[u32]);
+    /// Whether the kernel could not watch some process of `target`'s family (its map was full
+    /// when one was forked): its activity is not fully seen.
+    fn watch_incomplete(&self, target: u32) -> bool;
     /// The process names the kernel watches from their exec on (before user space decides).
     fn watch_names(&mut self, names: &[&str]);
     /// How the process's stdin and stdout are connected, and whether it leads its session.
@@ -1478,6 +1481,7 @@ fn sample(
     let family: Vec<Identity> = std::iter::once(t.id).chain(t.members.values().map(|m| m.id)).collect();
     let interval = sample_interval(rule);
 
+    t.evidence.watch_failed |= host.watch_incomplete(t.id.pid);
     if source == Source::Socket {
         if let Some(a) = host.sock_activity(t.id.pid) {
             if a.bytes > t.sock_bytes {

@@ -48,6 +48,9 @@ impl Host for FakeHost {
             self.watched.remove(p);
         }
     }
+    fn watch_incomplete(&self, _target: u32) -> bool {
+        false
+    }
     fn watch_names(&mut self, names: &[&str]) {
         self.names = names.iter().map(|n| n.to_string()).collect();
     }

@@ -8,7 +8,7 @@ use std::mem::size_of;
 
 use bytes::Bytes;
 use reaper_common::{
-    ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_FILENAME_TRUNCATED, EventKind, ExecEvent, ExitEvent,
+    ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_FILENAME_TRUNCATED, EventKind, ExecHead, ExitEvent,
     FILENAME_LEN, ForkEvent, Header, RenameEvent, UnknownKind,
 };
 
@@ -100,20 +100,16 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             }
         }
         EventKind::Exec => {
-            // Variable length: the fixed part, then only the argv bytes present (the kernel
-            // copies just the used prefix of the record). Sliced in place, not copied whole.
-            let argv_at = std::mem::offset_of!(ExecEvent, argv);
-            let fixed: [u32; 6] = (bytes.len() >= argv_at)
-                .then(|| read(&bytes[size_of::<Header>()..]))
-                .flatten()
-                .ok_or(DecodeError::Length {
-                    kind,
-                    len: bytes.len(),
-                    expected: argv_at,
-                })?;
-            let [parent_tgid, uid, flags, filename_len, argv_len, _pad] = fixed;
-            let filename_len = bounded("filename", filename_len, FILENAME_LEN)?;
-            let argv_len = bounded("argv", argv_len, ARGV_LEN)?;
+            // Variable length: the fixed head, then only the argv bytes present (the kernel
+            // copies just the used prefix of the record).
+            let head: ExecHead = read(bytes).ok_or(DecodeError::Length {
+                kind,
+                len: bytes.len(),
+                expected: size_of::<ExecHead>(),
+            })?;
+            let filename_len = bounded("filename", head.filename_len, FILENAME_LEN)?;
+            let argv_len = bounded("argv", head.argv_len, ARGV_LEN)?;
+            let argv_at = size_of::<ExecHead>();
             if bytes.len() != argv_at + argv_len {
                 return Err(DecodeError::Length {
                     kind,
@@ -121,18 +117,16 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                     expected: argv_at + argv_len,
                 });
             }
-            let comm_at = std::mem::offset_of!(ExecEvent, comm);
-            let filename_at = std::mem::offset_of!(ExecEvent, filename);
             Event::Exec {
                 id,
                 time_ns,
-                parent_pid: parent_tgid,
-                uid,
-                comm: c_str(&bytes[comm_at..filename_at]),
-                filename: c_str(&bytes[filename_at..filename_at + filename_len]),
-                argv: Argv::new(Bytes::copy_from_slice(&bytes[argv_at..argv_at + argv_len])),
-                argv_truncated: flags & EXEC_ARGV_TRUNCATED != 0,
-                filename_truncated: flags & EXEC_FILENAME_TRUNCATED != 0,
+                parent_pid: head.parent_tgid,
+                uid: head.uid,
+                comm: c_str(&head.comm),
+                filename: c_str(&head.filename[..filename_len]),
+                argv: Argv::new(Bytes::copy_from_slice(&bytes[argv_at..])),
+                argv_truncated: head.flags & EXEC_ARGV_TRUNCATED != 0,
+                filename_truncated: head.flags & EXEC_FILENAME_TRUNCATED != 0,
             }
         }
         EventKind::Exit => {
@@ -183,19 +177,23 @@ mod tests {
     }
 
     fn exec_record(argv: &[u8], argv_len: u32, flags: u32) -> Vec<u8> {
-        let mut bytes = vec![0u8; size_of::<ExecEvent>()];
-        bytes[..size_of::<Header>()].copy_from_slice(&as_bytes(&header(EventKind::Exec, 42)));
-        let fixed: [u32; 6] = [7, 1000, flags, 9, argv_len, 0];
-        let at = size_of::<Header>();
-        bytes[at..at + 24].copy_from_slice(&as_bytes(&fixed));
-        let comm_at = std::mem::offset_of!(ExecEvent, comm);
-        bytes[comm_at..comm_at + 4].copy_from_slice(b"true");
-        let filename_at = std::mem::offset_of!(ExecEvent, filename);
-        bytes[filename_at..filename_at + 9].copy_from_slice(b"/bin/true");
-        let argv_at = std::mem::offset_of!(ExecEvent, argv);
-        bytes[argv_at..argv_at + argv.len()].copy_from_slice(argv);
-        // As the kernel sends it: the fixed part and the argv bytes it claims.
-        bytes.truncate((argv_at + argv_len as usize).min(size_of::<ExecEvent>()));
+        let mut filename = [0; FILENAME_LEN];
+        filename[..9].copy_from_slice(b"/bin/true");
+        let head = ExecHead {
+            header: header(EventKind::Exec, 42),
+            parent_tgid: 7,
+            uid: 1000,
+            flags,
+            filename_len: 9,
+            argv_len,
+            _pad: 0,
+            comm: comm("true"),
+            filename,
+        };
+        // As the kernel sends it: the head and the argv bytes it claims.
+        let mut bytes = as_bytes(&head);
+        bytes.extend_from_slice(argv);
+        bytes.resize(size_of::<ExecHead>() + (argv_len as usize).min(ARGV_LEN), 0);
         bytes
     }
 
@@ -288,7 +286,7 @@ mod tests {
         assert!(matches!(decode(&short), Err(DecodeError::Length { .. })));
         // An exec with an empty argv is just the fixed part.
         let empty = exec_record(b"", 0, 0);
-        assert_eq!(empty.len(), std::mem::offset_of!(ExecEvent, argv));
+        assert_eq!(empty.len(), size_of::<ExecHead>());
         assert!(decode(&empty).is_ok());
     }
 

@@ -6,7 +6,7 @@
 //! versions and configurations (and under `CONFIG_RANDSTRUCT`). Members nested in anonymous
 //! structs and unions (as `mm_struct`'s are) are found by walking into them.
 use btf_rs::{Btf, Struct, Type};
-use reaper_common::KernelOffsets;
+use reaper_common::{KernelFeatures, KernelOffsets};
 
 /// Where the running kernel's BTF lives.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -46,8 +46,16 @@ pub fn vmlinux() -> Result<Btf, LayoutError> {
     })
 }
 
-/// Resolves every offset the eBPF programs need.
-pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, LayoutError> {
+/// What the eBPF programs are handed at load time: where the fields they read are, and what
+/// the kernel offers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    pub offsets: KernelOffsets,
+    pub features: KernelFeatures,
+}
+
+/// Resolves every offset the eBPF programs need, and the features they adapt to.
+pub fn kernel_layout(btf: &Btf) -> Result<KernelLayout, LayoutError> {
     let task = find_struct(btf, "task_struct")?;
     let signal = find_struct(btf, "signal_struct")?;
     let mm = find_struct(btf, "mm_struct")?;
@@ -83,7 +91,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, LayoutError> {
         Err(err) => return Err(err),
     };
 
-    Ok(KernelOffsets {
+    let offsets = KernelOffsets {
         ready: 1,
         task_pid: byte(&task, "task_struct", "pid")?,
         task_tgid: byte(&task, "task_struct", "tgid")?,
@@ -109,12 +117,15 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, LayoutError> {
         upid_size: u32::try_from(upid.size()).unwrap_or(u32::MAX),
         upid_ns: byte(&upid, "upid", "ns")?,
         pid_ns_child_reaper: byte(&pid_ns, "pid_namespace", "child_reaper")?,
-        exit_has_group_dead: u32::from(tracepoint_arity(btf, "sched_process_exit")? >= 2),
-        has_in_execve: u32::from(in_execve.is_some()),
         task_in_execve_word: in_execve.map_or(0, |(word, _)| word),
         task_in_execve_bit: in_execve.map_or(0, |(_, bit)| bit),
         sock_family: byte(&sock, "sock", "__sk_common")? + byte(&sock_common, "sock_common", "skc_family")?,
-    })
+    };
+    let features = KernelFeatures {
+        exit_has_group_dead: u32::from(tracepoint_arity(btf, "sched_process_exit")? >= 2),
+        has_in_execve: u32::from(in_execve.is_some()),
+    };
+    Ok(KernelLayout { offsets, features })
 }
 
 /// Number of arguments a BTF tracepoint passes (not counting the leading `void *` context):
@@ -132,6 +143,13 @@ pub fn tracepoint_arity(btf: &Btf, tracepoint: &str) -> Result<usize, LayoutErro
         }
     }
     Err(LayoutError::NoTracepoint { name })
+}
+
+/// Whether the kernel's BTF has every one of these tracepoints.
+pub fn has_tracepoints(btf: &Btf, tracepoints: &[&str]) -> bool {
+    tracepoints
+        .iter()
+        .all(|tp| tracepoint_arity(btf, tp).is_ok())
 }
 
 fn find_struct(btf: &Btf, name: &str) -> Result<Struct, LayoutError> {
@@ -173,9 +191,10 @@ fn find_member(
         }
         if name.is_empty()
             && let Some(inner) = aggregate(btf, btf.resolve_chained_type(m)?)?
-                && let Some(found) = find_member(btf, &inner, field, bits)? {
-                    return Ok(Some(found));
-                }
+            && let Some(found) = find_member(btf, &inner, field, bits)?
+        {
+            return Ok(Some(found));
+        }
     }
     Ok(None)
 }
@@ -186,7 +205,9 @@ fn aggregate(btf: &Btf, mut ty: Type) -> Result<Option<Struct>, LayoutError> {
         ty = match ty {
             Type::Struct(s) | Type::Union(s) => return Ok(Some(s)),
             Type::Typedef(t) => btf.resolve_chained_type(&t)?,
-            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => btf.resolve_chained_type(&t)?,
+            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
+                btf.resolve_chained_type(&t)?
+            }
             Type::TypeTag(t) => btf.resolve_chained_type(&t)?,
             _ => return Ok(None),
         }
@@ -209,7 +230,10 @@ mod tests {
     #[test]
     fn resolves_every_offset_on_this_kernel() {
         let Some(btf) = host_btf() else { return };
-        let o = kernel_offsets(&btf).expect("offsets");
+        let KernelLayout {
+            offsets: o,
+            features,
+        } = kernel_layout(&btf).expect("layout");
         assert_eq!(o.ready, 1);
         // pid and tgid are adjacent pid_t fields in every kernel since 2.6.
         assert_eq!(o.task_tgid, o.task_pid + 4);
@@ -221,10 +245,15 @@ mod tests {
             (o.signal_has_subreaper_word, o.signal_has_subreaper_bit)
         );
         // in_execve: a one-bit field of task_struct (since 2.6.30; kept on 6.18).
-        let found = member(&btf, &find_struct(&btf, "task_struct").unwrap(), "task_struct", "in_execve")
-            .expect("in_execve");
+        let found = member(
+            &btf,
+            &find_struct(&btf, "task_struct").unwrap(),
+            "task_struct",
+            "in_execve",
+        )
+        .expect("in_execve");
         assert!(found.bitfield);
-        assert_eq!(o.has_in_execve, 1);
+        assert_eq!(features.has_in_execve, 1);
     }
 
     #[test]

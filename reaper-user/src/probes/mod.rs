@@ -1,41 +1,80 @@
 //! The only aya-facing module: loads reaper's eBPF object, hands it the kernel layout, attaches
-//! the BTF tracepoints and gives out the ring buffer and the loss counters.
+//! the BTF tracepoints and gives out the ring buffer, the activity of watched targets and the
+//! kernel side's failure counters.
 //!
 //! Attach types: BTF tracepoints (`tp_btf`) only. They need no tracefs, take typed
 //! `task_struct *` arguments, and exist wherever kernel BTF does (5.5+); kprobes and fentry are
 //! not assumed (many hosts, this one included, lack them).
 pub mod layout;
-pub mod tracefs;
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
-use reaper_common::{COMM_LEN, EventKind, KernelOffsets, SockActivity, WATCH_NAMES_MAX};
+use std::collections::HashSet;
+
+use aya_log::EbpfLogger;
+use tracing_log::LogTracer;
+
+use reaper_common::{ACTIVITY_MAX, ActivityRecord, COMM_LEN, EventKind, SockActivity, WATCH_NAMES_MAX};
+pub use reaper_common::{LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
 
 /// The compiled eBPF object, built by build.rs from the `reaper-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reaper"));
-
-/// Program name (the function in reaper-ebpf) and the tracepoint it attaches to.
-const PROGRAMS: [(&str, &str); 4] = [
-    ("sched_process_fork", "sched_process_fork"),
-    ("sched_process_exec", "sched_process_exec"),
-    ("sched_process_exit", "sched_process_exit"),
-    ("task_rename", "task_rename"),
-];
-
-/// Socket activity programs (kernel 6.3+), attached where the kernel has the tracepoints.
-const SOCKET_PROGRAMS: [(&str, &str); 2] = [
-    ("sock_send_length", "sock_send_length"),
-    ("sock_recv_length", "sock_recv_length"),
-];
 
 /// Default ring buffer size, 4 MiB. Exec records carry only the argv present (≈ 400 bytes for
 /// a typical exec, 4.4 KiB at most), so a process's fork+exec+exit+rename is ≈ 0.5 KiB: this
 /// holds a backlog of ≈ 8,000 processes. A 10,000-process storm loses nothing even with 1 MiB
 /// (measured); the consumer maps the data pages twice, so this costs 8 MiB of RSS.
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+
+/// Most entries the per-pid maps (`WATCHED`, and `EXIT_CLAIMED` where it is used) get,
+/// whatever `kernel.pid_max` says. Sized to `pid_max` a map cannot fill: its keys are tgids in
+/// the initial pid namespace, all below `pid_max` <https://github.com/gregkh/linux/blob/v6.1.172/kernel/pid.c#L233-L234>; a full
+/// preallocated hash map refuses a new key with `E2BIG`
+/// <https://github.com/gregkh/linux/blob/v6.1.172/kernel/bpf/hashtab.c#L1003-L1005>. But systemd raises `pid_max` to 4194304
+/// (`PID_MAX_LIMIT` on 64-bit <https://github.com/gregkh/linux/blob/v6.1.172/include/linux/threads.h#L34-L35>), and these maps cost 80
+/// bytes of kernel memory per entry (measured: `memlock` in the map's fdinfo, 2,622,480 bytes
+/// for 32768 entries on 6.18), charged to reaper's memory cgroup on 5.11+: 320 MiB each at
+/// 4 M. 65536 entries cost 5 MiB per map and hold far more processes descended from agent
+/// CLIs than a real host runs; past that, a refused process is counted and flagged on its
+/// target rather than lost silently (see [`Probes::watch_failed`]).
+pub const PER_PID_MAX_ENTRIES: u32 = 65536;
+
+/// What the per-pid maps get when `kernel.pid_max` cannot be read: the kernel's default
+/// (`PID_MAX_DEFAULT` <https://github.com/gregkh/linux/blob/v6.1.172/include/linux/threads.h#L28>).
+pub const PID_MAX_DEFAULT: u32 = 32768;
+
+/// Where the kernel says how high pids go.
+pub const PID_MAX_PATH: &str = "/proc/sys/kernel/pid_max";
+
+/// `max_entries` of the per-pid maps for this `kernel.pid_max` (`None`: unreadable).
+pub fn per_pid_entries(pid_max: Option<u32>) -> u32 {
+    pid_max
+        .unwrap_or(PID_MAX_DEFAULT)
+        .clamp(1, PER_PID_MAX_ENTRIES)
+}
+
+/// `max_entries` of `ACTIVITY`, one record per watched target: never more than the per-pid
+/// maps hold (every target is in `WATCHED`).
+pub fn activity_entries(per_pid: u32) -> u32 {
+    per_pid.min(ACTIVITY_MAX)
+}
+
+/// `BPF_NOEXIST` (include/uapi/linux/bpf.h): create a map element only if its key is new.
+const BPF_NOEXIST: u64 = 1;
+
+/// A process could not be watched for activity.
+#[derive(Debug, thiserror::Error)]
+#[error("could not watch pid {pid} for target {target}: the {map} map refused it")]
+pub struct WatchError {
+    pub pid: u32,
+    pub target: u32,
+    pub map: &'static str,
+    #[source]
+    pub source: aya::maps::MapError,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -48,7 +87,10 @@ pub enum ProbeError {
     #[error("reading kernel BTF for attaching failed")]
     Btf(#[source] aya::BtfError),
     #[error("eBPF object has no {what} named {name}")]
-    Missing { what: &'static str, name: &'static str },
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
     #[error("loading or attaching program {program} to tracepoint {tracepoint} failed")]
     Attach {
         program: &'static str,
@@ -56,6 +98,8 @@ pub enum ProbeError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("reading the eBPF programs' log map failed")]
+    Logger(#[source] aya_log::Error),
     #[error("eBPF map {name} is not of the expected type")]
     Map {
         name: &'static str,
@@ -71,6 +115,9 @@ pub struct ProbeOptions {
     pub ring_bytes: u32,
     /// Attach the socket activity programs if the kernel has their tracepoints.
     pub socket_activity: bool,
+    /// `max_entries` of the per-pid maps; `None` (the default) sizes them from
+    /// `kernel.pid_max` ([`per_pid_entries`]). Tests set a tiny one to see it fill.
+    pub per_pid_entries: Option<u32>,
 }
 
 impl Default for ProbeOptions {
@@ -78,6 +125,7 @@ impl Default for ProbeOptions {
         Self {
             ring_bytes: DEFAULT_RING_BYTES,
             socket_activity: true,
+            per_pid_entries: None,
         }
     }
 }
@@ -85,12 +133,21 @@ impl Default for ProbeOptions {
 /// Loaded and attached programs. Dropping this detaches them.
 pub struct Probes {
     ebpf: Ebpf,
+    /// The eBPF programs' log lines (aya-log). Kept alive while the programs are (the programs
+    /// refer to its map). Inside a tokio runtime a task forwards them to `tracing`; it is
+    /// aborted when this is dropped.
+    _logs: Logs,
     lost: PerCpuArray<MapData, u64>,
+    read_faults: PerCpuArray<MapData, u64>,
+    watch_failures: PerCpuArray<MapData, u64>,
     watched: HashMap<MapData, u32, u32>,
-    activity: HashMap<MapData, u32, SockActivity>,
+    activity: HashMap<MapData, u32, ActivityRecord>,
     watch_names: HashMap<MapData, [u8; COMM_LEN], u32>,
-    offsets: KernelOffsets,
     socket_activity: bool,
+    /// Targets a [`Probes::watch`] failed for, until they are unwatched.
+    unwatched_targets: HashSet<u32>,
+    /// [`Probes::watch`] calls that failed.
+    user_watch_failures: u64,
 }
 
 impl Probes {
@@ -105,24 +162,49 @@ impl Probes {
         raise_memlock_limit();
 
         let btf = layout::vmlinux()?;
-        let offsets = layout::kernel_offsets(&btf)?;
+        let layout::KernelLayout { offsets, features } = layout::kernel_layout(&btf)?;
         let socket_activity =
-            options.socket_activity && layout::tracepoint_arity(&btf, "sock_send_length").is_ok();
+            options.socket_activity && layout::has_tracepoints(&btf, &SOCKET_TRACEPOINTS);
         drop(btf);
-        tracing::debug!(?offsets, "kernel layout from BTF");
+        tracing::debug!(?offsets, ?features, "kernel layout from BTF");
 
         // Wake the reader once an eighth of the ring is full; below that its timer collects.
         let wakeup_bytes = u64::from(bytes / 8);
+        let pid_max = read_pid_max();
+        let per_pid_entries = options
+            .per_pid_entries
+            .unwrap_or_else(|| per_pid_entries(pid_max));
+        tracing::debug!(?pid_max, per_pid_entries, "sizing the per-pid maps");
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
+            .override_global("FEATURES", &features, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("EVENTS", bytes)
+            .map_max_entries("WATCHED", per_pid_entries)
+            // Only kernels whose exit tracepoint lacks `group_dead` (before 6.16) use it.
+            .map_max_entries(
+                "EXIT_CLAIMED",
+                if features.exit_has_group_dead != 0 {
+                    1
+                } else {
+                    per_pid_entries
+                },
+            )
+            .map_max_entries("ACTIVITY", activity_entries(per_pid_entries))
             .load(EBPF_OBJECT)
             .map_err(ProbeError::Load)?;
 
+        // Before the programs load: they refer to the log map, which the logger owns.
+        let logs = Logs::start(&mut ebpf)?;
         let btf = aya::Btf::from_sys_fs().map_err(ProbeError::Btf)?;
-        let socket_programs: &[_] = if socket_activity { &SOCKET_PROGRAMS } else { &[] };
-        for &(program, tracepoint) in PROGRAMS.iter().chain(socket_programs) {
+        let socket_programs: &[_] = if socket_activity {
+            &SOCKET_TRACEPOINTS
+        } else {
+            &[]
+        };
+        // Each program is named after its tracepoint.
+        for &program in LIFECYCLE_TRACEPOINTS.iter().chain(socket_programs) {
+            let tracepoint = program;
             let prog: &mut BtfTracePoint = ebpf
                 .program_mut(program)
                 .ok_or(ProbeError::Missing {
@@ -144,14 +226,9 @@ impl Probes {
                 })?;
         }
 
-        let lost = ebpf.take_map("LOST").ok_or(ProbeError::Missing {
-            what: "map",
-            name: "LOST",
-        })?;
-        let lost = PerCpuArray::try_from(lost).map_err(|source| ProbeError::Map {
-            name: "LOST",
-            source,
-        })?;
+        let lost = take_counters(&mut ebpf, "LOST")?;
+        let read_faults = take_counters(&mut ebpf, "READ_FAULTS")?;
+        let watch_failures = take_counters(&mut ebpf, "WATCH_FAILURES")?;
         let watched = take_map(&mut ebpf, "WATCHED")?;
         let activity = take_map(&mut ebpf, "ACTIVITY")?;
         let watch_names = ebpf.take_map("WATCH_NAMES").ok_or(ProbeError::Missing {
@@ -172,30 +249,22 @@ impl Probes {
         }
         Ok(Self {
             ebpf,
+            _logs: logs,
             lost,
+            read_faults,
+            watch_failures,
             watched,
             activity,
             watch_names,
-            offsets,
             socket_activity,
+            unwatched_targets: HashSet::new(),
+            user_watch_failures: 0,
         })
     }
 
     /// Whether socket activity is counted in the kernel (`sock:sock_{send,recv}_length`).
     pub fn socket_activity(&self) -> bool {
         self.socket_activity
-    }
-
-    /// Tracks `pid`'s activity (and, from now on, its new descendants') for `target`.
-    /// False if the kernel refused (the map is full).
-    pub fn watch(&mut self, pid: u32, target: u32) -> bool {
-        match self.watched.insert(pid, target, 0) {
-            Ok(()) => true,
-            Err(err) => {
-                tracing::warn!(pid, target, %err, "could not watch a process for activity");
-                false
-            }
-        }
     }
 
     /// The process names watched from their exec on (the rules' `comm`s): replaces the set.
@@ -215,18 +284,106 @@ impl Probes {
         }
     }
 
-    /// Stops tracking a target: forgets its activity and unwatches `pids` (it and descendants).
+    /// Forwards the eBPF programs' log lines to `tracing` from now on, if they were attached
+    /// before a tokio runtime ran (no-op otherwise).
+    pub fn forward_logs(&mut self) {
+        self._logs.forward();
+    }
+
+    /// `max_entries` of `WATCHED` (and the other per-pid maps) as the kernel reports it.
+    pub fn watched_capacity(&self) -> Result<u32, aya::maps::MapError> {
+        use aya::maps::IterableMap as _;
+        Ok(self.watched.map().info()?.max_entries())
+    }
+
+    /// Tracks `pid`'s socket activity (and, from now on, that of the processes it forks) for
+    /// `target`; call it with `pid == target` for the target itself. Creates the target's
+    /// activity record if it has none yet (the kernel only updates records).
+    ///
+    /// On failure (a map full) `pid`'s bytes go uncounted: the failure is logged, counted in
+    /// [`Probes::watch_failures`] and remembered for [`Probes::watch_failed`] until the target
+    /// is unwatched.
+    pub fn watch(&mut self, pid: u32, target: u32) -> Result<(), WatchError> {
+        let result = self
+            .activity
+            .insert(target, ActivityRecord::default(), BPF_NOEXIST)
+            .or_else(|err| {
+                if is_errno(&err, libc::EEXIST) {
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            })
+            .map_err(|source| WatchError {
+                pid,
+                target,
+                map: "ACTIVITY",
+                source,
+            })
+            .and_then(|()| {
+                self.watched
+                    .insert(pid, target, 0)
+                    .map_err(|source| WatchError {
+                        pid,
+                        target,
+                        map: "WATCHED",
+                        source,
+                    })
+            });
+        if let Err(err) = &result {
+            self.user_watch_failures += 1;
+            self.unwatched_targets.insert(target);
+            tracing::warn!(
+                pid,
+                target,
+                map = err.map,
+                cause = %err.source,
+                "could not watch a process for activity: its target will not be reaped as idle"
+            );
+        }
+        result
+    }
+
+    /// Whether some process of `target`'s family could not be watched, so its socket activity
+    /// is incomplete and an idle verdict on it cannot be trusted: a [`Probes::watch`] for it
+    /// failed, or the kernel could not add a process it forked (`WATCHED` full). Stays true
+    /// until [`Probes::unwatch`] of the target.
+    pub fn watch_failed(&self, target: u32) -> bool {
+        self.unwatched_targets.contains(&target)
+            || self
+                .activity
+                .get(&target, 0)
+                .is_ok_and(|record| record.watch_incomplete())
+    }
+
+    /// Stops tracking a target: forgets its activity (and any watch failure) and unwatches
+    /// `pids` (it and descendants).
     pub fn unwatch(&mut self, target: u32, pids: impl IntoIterator<Item = u32>) {
         let _ = self.activity.remove(&target);
         let _ = self.watched.remove(&target);
         for pid in pids {
             let _ = self.watched.remove(&pid);
         }
+        self.unwatched_targets.remove(&target);
     }
 
     /// Socket bytes of `target` and its descendants so far, and when the last one moved.
     pub fn sock_activity(&self, target: u32) -> Option<SockActivity> {
-        self.activity.get(&target, 0).ok()
+        self.activity
+            .get(&target, 0)
+            .ok()
+            .map(|record| record.activity)
+    }
+
+    /// Processes that could not be watched so far: the kernel's refusals (descendants born
+    /// while `WATCHED` was full) plus failed [`Probes::watch`] calls.
+    pub fn watch_failures(&self) -> u64 {
+        sum_slot(&self.watch_failures, 0) + self.user_watch_failures
+    }
+
+    /// Kernel reads that faulted so far, per event kind (the events were not sent).
+    pub fn read_faults(&self) -> KindCounts {
+        per_kind(&self.read_faults)
     }
 
     /// The ring buffer every event goes through. `None` once taken.
@@ -240,35 +397,115 @@ impl Probes {
 
     /// Reserve failures so far, summed over CPUs, per event kind.
     pub fn lost(&self) -> LostCounts {
-        let mut counts = LostCounts::default();
-        for kind in EventKind::ALL {
-            let total = self
-                .lost
-                .get(&(kind as u32), 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0);
-            counts.set(kind, total);
-        }
-        counts
-    }
-
-    /// The offsets handed to the programs.
-    pub fn offsets(&self) -> &KernelOffsets {
-        &self.offsets
+        per_kind(&self.lost)
     }
 }
 
-/// Ring buffer reserve failures per event kind: events the kernel could not hand over.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LostCounts([u64; EventKind::ALL.len()]);
+/// The eBPF programs' log lines on their way to `tracing`.
+enum Logs {
+    /// Forwarded by this task.
+    Forwarded(tokio::task::JoinHandle<()>),
+    /// No tokio runtime yet (the daemon attaches before it starts any thread, to drop its
+    /// capabilities first): the logger is kept so the programs' map stays valid, and
+    /// [`Probes::forward_logs`] starts forwarding once a runtime runs.
+    Held(Option<Box<EbpfLogger<LogTracer>>>),
+}
 
-impl LostCounts {
-    pub fn get(&self, kind: EventKind) -> u64 {
-        self.0[kind as usize - 1]
+impl Logs {
+    fn start(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+        let logger =
+            EbpfLogger::init_with_logger(ebpf, LogTracer::new()).map_err(ProbeError::Logger)?;
+        Ok(match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => Logs::Forwarded(runtime.spawn(forward_logs(logger))),
+            Err(_) => Logs::Held(Some(Box::new(logger))),
+        })
     }
 
-    fn set(&mut self, kind: EventKind, value: u64) {
-        self.0[kind as usize - 1] = value;
+    /// Starts forwarding held lines, if a runtime runs now.
+    fn forward(&mut self) {
+        if let Logs::Held(held) = self
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && let Some(logger) = held.take()
+        {
+            *self = Logs::Forwarded(runtime.spawn(forward_logs(*logger)));
+        }
+    }
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        if let Logs::Forwarded(task) = self {
+            task.abort();
+        }
+    }
+}
+
+/// Waits on the log ring buffer's fd and hands each record to `tracing` (records are rare: the
+/// programs log only failures, rate-limited).
+async fn forward_logs(logger: EbpfLogger<LogTracer>) {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: the logger owns its ring buffer map fd and keeps it open and unchanged for as
+    // long as the AsyncFd owns the logger.
+    let mut logs = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(logs) => logs,
+        Err(err) => {
+            tracing::warn!(%err, "cannot poll the eBPF programs' log map; their failure reports are not shown");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = logs.readable_mut().await else {
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
+}
+
+/// A per-CPU counter slot, summed over CPUs.
+fn sum_slot(counters: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
+    counters
+        .get(&slot, 0)
+        .map(|per_cpu| per_cpu.iter().sum())
+        .unwrap_or(0)
+}
+
+/// A per-CPU counter array indexed by event kind id, summed over CPUs.
+fn per_kind(counters: &PerCpuArray<MapData, u64>) -> KindCounts {
+    let mut counts = KindCounts::default();
+    for kind in EventKind::ALL {
+        counts.set(kind, sum_slot(counters, kind as u32));
+    }
+    counts
+}
+
+fn is_errno(err: &aya::maps::MapError, errno: i32) -> bool {
+    matches!(err, aya::maps::MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(errno))
+}
+
+/// `kernel.pid_max`, if readable.
+fn read_pid_max() -> Option<u32> {
+    std::fs::read_to_string(PID_MAX_PATH)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Ring buffer reserve failures per event kind: events the kernel could not hand over.
+pub type LostCounts = KindCounts;
+
+/// A count per event kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KindCounts([u64; EventKind::ALL.len()]);
+
+impl KindCounts {
+    pub fn get(&self, kind: EventKind) -> u64 {
+        self.0[kind.index()]
+    }
+
+    pub fn set(&mut self, kind: EventKind, value: u64) {
+        self.0[kind.index()] = value;
     }
 
     pub fn total(&self) -> u64 {
@@ -276,8 +513,23 @@ impl LostCounts {
     }
 }
 
-fn take_map<V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, u32, V>, ProbeError> {
-    let map = ebpf.take_map(name).ok_or(ProbeError::Missing { what: "map", name })?;
+fn take_counters(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<PerCpuArray<MapData, u64>, ProbeError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbeError::Missing { what: "map", name })?;
+    PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}
+
+fn take_map<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, u32, V>, ProbeError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbeError::Missing { what: "map", name })?;
     HashMap::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
@@ -299,5 +551,22 @@ fn raise_memlock_limit() {
         libc::RLIM_INFINITY,
     ) {
         tracing::debug!(%err, "could not raise RLIMIT_MEMLOCK (not needed on 5.11+)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_pid_maps_follow_pid_max_up_to_the_cap() {
+        assert_eq!(per_pid_entries(Some(32768)), 32768);
+        assert_eq!(per_pid_entries(Some(1000)), 1000);
+        // systemd's pid_max on 64-bit hosts (PID_MAX_LIMIT).
+        assert_eq!(per_pid_entries(Some(4_194_304)), PER_PID_MAX_ENTRIES);
+        assert_eq!(per_pid_entries(None), PID_MAX_DEFAULT);
+        assert_eq!(per_pid_entries(Some(0)), 1);
+        assert_eq!(activity_entries(4), 4);
+        assert_eq!(activity_entries(PER_PID_MAX_ENTRIES), ACTIVITY_MAX);
     }
 }

@@ -168,8 +168,6 @@ pub struct ProcessTree {
     live: HashMap<u32, Process>,
     exited: Exited,
     corrections: Corrections,
-    /// Entries a pid reuse or a late event pushed out before their exit was seen.
-    evicted_stale: u64,
     /// Pids whose name or argv a reconcile changed (see [`ProcessTree::take_renewed`]).
     renewed: Vec<u32>,
     /// Dead processes the last reconcile found in the tree (see [`ProcessTree::confirm_gone`]).
@@ -359,15 +357,14 @@ impl ProcessTree {
 
     /// A different process at `id.pid` is stale: its exit was never seen.
     fn evict_if_other(&mut self, id: Identity) {
-        if self.live.get(&id.pid).is_some_and(|p| p.id != id) {
-            self.evicted_stale += 1;
-            if let Some(old) = self.remove(id.pid) {
-                // Its children's parent pid stays as the kernel last said; the new holder of
-                // the pid is not their parent, so they are not linked to it.
-                for child in old.children {
-                    if let Some(c) = self.live.get_mut(&child) {
-                        c.ppid = 0;
-                    }
+        if self.live.get(&id.pid).is_some_and(|p| p.id != id)
+            && let Some(old) = self.remove(id.pid)
+        {
+            // Its children's parent pid stays as the kernel last said; the new holder of the
+            // pid is not their parent, so they are not linked to it.
+            for child in old.children {
+                if let Some(c) = self.live.get_mut(&child) {
+                    c.ppid = 0;
                 }
             }
         }

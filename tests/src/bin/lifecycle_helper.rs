@@ -222,6 +222,19 @@ fn main() {
             wait_stdin();
             let _ = child.wait();
         }
+        // Print its pid, wait for one line on stdin (the test's cue, given once it watches this
+        // process), then fork N children that wait for stdin to close; print each, then wait.
+        "children-on-cue" => {
+            let n: usize = arg(1).parse().expect("child count");
+            say("pid", getpid());
+            let mut cue = String::new();
+            let _ = std::io::stdin().read_line(&mut cue);
+            for _ in 0..n {
+                say("child", spawn_waiter());
+            }
+            say("forked", n);
+            wait_stdin();
+        }
         // Fork+exec `/bin/true` N times from W threads as fast as possible; report the rate.
         // An optional PAD adds one argument of PAD bytes to each exec (bigger exec records).
         "storm" => {

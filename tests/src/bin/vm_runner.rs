@@ -235,9 +235,17 @@ fn print_layout() -> anyhow::Result<bool> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     say(&format!("vm-kernel: {}", release.trim()));
     let btf = layout::vmlinux().context("reading kernel BTF")?;
-    let offsets = layout::kernel_offsets(&btf).context("resolving the kernel layout")?;
-    say(&format!("vm-offsets: {offsets:?}"));
-    let sock = layout::tracepoint_arity(&btf, "sock_send_length").is_ok();
+    let layout = layout::kernel_layout(&btf).context("resolving the kernel layout")?;
+    // One line for xtask's table of what differs between kernels: the offsets, then the
+    // features, as `name: value` pairs in one pair of braces.
+    let features = format!("{:?}", layout.features);
+    let features = features
+        .split_once('{')
+        .map_or("", |(_, rest)| rest.trim_end_matches('}').trim());
+    let offsets = format!("{:?}", layout.offsets);
+    let offsets = offsets.trim_end_matches('}').trim_end();
+    say(&format!("vm-offsets: {offsets}, {features} }}"));
+    let sock = layout::has_tracepoints(&btf, &reaper::probes::SOCKET_TRACEPOINTS);
     say(&format!(
         "vm-sock-tracepoints: {}",
         if sock { "yes" } else { "no" }
@@ -308,6 +316,7 @@ fn run_checks(programs: &Programs) -> u32 {
         let shared = shared.clone();
         async move { thread_group_exit(shared, p).await }
     });
+    check(&rt, "kill_path_syscalls", CHECK_DEADLINE, async { kill_path_syscalls() });
     check(&rt, "no_losses", CHECK_DEADLINE, {
         let shared = shared.clone();
         async move { no_losses(shared).await }
@@ -400,6 +409,22 @@ where
             ));
         }
     }
+}
+
+/// What `reaper check` tries on a child of its own, on this kernel: `pidfd_open` with
+/// `PIDFD_NONBLOCK` (5.10+), `pidfd_send_signal` (5.1+) and the "close input" step
+/// (`pidfd_getfd` 5.6+, then `shutdown(SHUT_RD)`). Every kernel of the matrix has all three.
+fn kill_path_syscalls() -> anyhow::Result<String> {
+    use reaper::check::{Call, ReapFacts};
+    let r = ReapFacts::gather();
+    for (name, call) in [
+        ("pidfd_open(PIDFD_NONBLOCK)", &r.pidfd_open),
+        ("pidfd_send_signal", &r.pidfd_send_signal),
+        ("pidfd_getfd + shutdown(SHUT_RD)", &r.close_input),
+    ] {
+        ensure!(*call == Call::Works, "{name}: {call:?}");
+    }
+    Ok("pidfd_open(PIDFD_NONBLOCK), pidfd_send_signal and pidfd_getfd + shutdown work".to_owned())
 }
 
 /// The rule of the reaping checks: the tests' rule, with the agent's comm as the only parent.

@@ -1,307 +1,10 @@
-//! `reaper check`: can reaper run on this host, as this user? And if not, what to change.
-//!
-//! [`inspect`] gathers the facts (privileges, kernel BTF and the layout and tracepoints reaper
-//! reads from it, kernel version, pidfd support, limits) and [`assess`] turns them into a
-//! [`CheckReport`]: one row per item, `ok`, `missing` (reaper cannot run), `warn` (it runs,
-//! degraded) or `info`, each problem with a one-line fix. Gathering never panics; whatever
-//! cannot be read becomes a row saying so.
-use std::fmt;
-
-use crate::probes::{DEFAULT_RING_BYTES, layout, tracefs};
-
-/// Capability numbers (`include/uapi/linux/capability.h`).
-pub const CAP_DAC_READ_SEARCH: u32 = 2;
-pub const CAP_KILL: u32 = 5;
-pub const CAP_SYS_PTRACE: u32 = 19;
-pub const CAP_SYS_ADMIN: u32 = 21;
-pub const CAP_SYS_RESOURCE: u32 = 24;
-pub const CAP_PERFMON: u32 = 38;
-pub const CAP_BPF: u32 = 39;
-
-/// The BTF tracepoints reaper attaches to; without any of them it cannot follow processes.
-pub const REQUIRED_TRACEPOINTS: [&str; 4] = [
-    "sched_process_fork",
-    "sched_process_exec",
-    "sched_process_exit",
-    "task_rename",
-];
-
-/// Socket activity tracepoints (kernel 6.3+); without them activity comes from `/proc/PID/io`.
-pub const OPTIONAL_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
-
-/// The capabilities to grant a non-root reaper (or to keep in a service's bounding set).
-pub const CAPABILITY_FIX: &str =
-    "run as root or grant CAP_BPF,CAP_PERFMON,CAP_KILL,CAP_SYS_PTRACE,CAP_DAC_READ_SEARCH";
-
-/// How an item stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Status {
-    /// Present and usable.
-    Ok,
-    /// Required and absent: reaper cannot run.
-    Missing,
-    /// Absent or doubtful, but reaper runs (degraded, or with a caveat).
-    Warn,
-    /// Informational only.
-    Info,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::Missing => "missing",
-            Status::Warn => "warn",
-            Status::Info => "info",
-        }
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-/// One row of the report.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CheckItem {
-    pub item: String,
-    pub status: Status,
-    pub detail: String,
-    /// What to do about it; empty when nothing needs doing.
-    pub fix: String,
-}
-
-impl CheckItem {
-    fn new(item: impl Into<String>, status: Status, detail: impl Into<String>) -> Self {
-        Self {
-            item: item.into(),
-            status,
-            detail: detail.into(),
-            fix: String::new(),
-        }
-    }
-
-    fn fix(mut self, fix: impl Into<String>) -> Self {
-        self.fix = fix.into();
-        self
-    }
-}
-
-/// Everything `reaper check` found. Displayed as a table and a closing verdict line (ending in
-/// a newline, ready for `print!`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CheckReport {
-    pub items: Vec<CheckItem>,
-}
-
-impl CheckReport {
-    /// Whether `reaper run` can work here: nothing required is missing.
-    pub fn can_run(&self) -> bool {
-        !self.items.iter().any(|i| i.status == Status::Missing)
-    }
-
-    /// The row named `item`.
-    pub fn get(&self, item: &str) -> Option<&CheckItem> {
-        self.items.iter().find(|i| i.item == item)
-    }
-
-    /// Rows with this status.
-    pub fn with_status(&self, status: Status) -> impl Iterator<Item = &CheckItem> {
-        self.items.iter().filter(move |i| i.status == status)
-    }
-}
-
-impl fmt::Display for CheckReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&render_table(&self.items))?;
-        let missing = self.with_status(Status::Missing).count();
-        let warnings = self.with_status(Status::Warn).count();
-        let warned = match warnings {
-            0 => String::new(),
-            1 => " (1 warning)".to_owned(),
-            n => format!(" ({n} warnings)"),
-        };
-        if missing == 0 {
-            writeln!(f, "\nreaper can run here{warned}.")
-        } else {
-            writeln!(
-                f,
-                "\nreaper cannot run here: {missing} required item(s) missing{warned}; see FIX."
-            )
-        }
-    }
-}
-
-/// The rows as an aligned table: ITEM, STATUS, DETAIL, FIX (the last column unpadded).
-pub fn render_table(items: &[CheckItem]) -> String {
-    const HEADER: [&str; 4] = ["ITEM", "STATUS", "DETAIL", "FIX"];
-    let width = |col: usize, cell: fn(&CheckItem) -> &str| {
-        items
-            .iter()
-            .map(|i| cell(i).chars().count())
-            .chain([HEADER[col].len()])
-            .max()
-            .unwrap_or(0)
-    };
-    let (w_item, w_status, w_detail) = (
-        width(0, |i| &i.item),
-        width(1, |i| i.status.as_str()),
-        width(2, |i| &i.detail),
-    );
-    let line = |item: &str, status: &str, detail: &str, fix: &str| {
-        let row = format!("{item:<w_item$}  {status:<w_status$}  {detail:<w_detail$}  {fix}");
-        row.trim_end().to_owned() + "\n"
-    };
-    let mut out = line(HEADER[0], HEADER[1], HEADER[2], HEADER[3]);
-    for i in items {
-        out.push_str(&line(&i.item, i.status.as_str(), &i.detail, &i.fix));
-    }
-    out
-}
-
-/// What the kernel's BTF told us.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BtfFacts {
-    /// `/sys/kernel/btf/vmlinux` does not exist.
-    Absent,
-    /// It exists but could not be read or parsed.
-    Unreadable(String),
-    Parsed {
-        /// Every struct offset the eBPF programs need, or why not.
-        offsets: Result<(), String>,
-        /// Each tracepoint checked, with its argument count if BTF has its prototype.
-        tracepoints: Vec<(String, Option<usize>)>,
-    },
-}
-
-/// The raw facts [`assess`] judges. Gathered by [`Facts::gather`], or made up in tests.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Facts {
-    pub euid: u32,
-    /// Effective capability bits (`CapEff` of `/proc/self/status`), if readable.
-    pub cap_eff: Option<u64>,
-    /// `uname -r`, and `uname -m`.
-    pub kernel_release: Option<String>,
-    pub machine: Option<String>,
-    pub btf: BtfFacts,
-    /// Where tracefs is mounted, if it is.
-    pub tracefs: Option<String>,
-    /// `pidfd_open` on our own pid: `Ok`, or the error (`ENOSYS` before 5.3).
-    pub pidfd: Result<(), PidfdError>,
-    /// `RLIMIT_MEMLOCK` (soft, hard) in bytes; `u64::MAX` for unlimited.
-    pub memlock: Option<(u64, u64)>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PidfdError {
-    /// The kernel has no `pidfd_open` (before 5.3).
-    NotSupported,
-    Other(String),
-}
-
-impl Facts {
-    /// Reads this process's privileges and the running kernel's features. Never panics.
-    pub fn gather() -> Self {
-        let uname = nix::sys::utsname::uname().ok();
-        let text = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
-        Self {
-            euid: rustix::process::geteuid().as_raw(),
-            cap_eff: std::fs::read_to_string("/proc/self/status")
-                .ok()
-                .and_then(|s| parse_cap_eff(&s)),
-            kernel_release: uname.as_ref().map(|u| text(u.release())),
-            machine: uname.as_ref().map(|u| text(u.machine())),
-            btf: gather_btf(),
-            tracefs: [tracefs::TRACEFS, tracefs::DEBUGFS_TRACING]
-                .into_iter()
-                .find(|root| std::path::Path::new(root).join("events").is_dir())
-                .map(str::to_owned),
-            pidfd: match rustix::process::pidfd_open(
-                rustix::process::getpid(),
-                rustix::process::PidfdFlags::empty(),
-            ) {
-                Ok(fd) => {
-                    drop(fd);
-                    Ok(())
-                }
-                Err(rustix::io::Errno::NOSYS) => Err(PidfdError::NotSupported),
-                Err(err) => Err(PidfdError::Other(err.to_string())),
-            },
-            memlock: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
-                .ok()
-                .map(|(soft, hard)| (rlim(soft), rlim(hard))),
-        }
-    }
-}
-
-fn rlim(value: libc::rlim_t) -> u64 {
-    if value == libc::RLIM_INFINITY {
-        u64::MAX
-    } else {
-        value
-    }
-}
-
-fn gather_btf() -> BtfFacts {
-    if !std::path::Path::new(layout::VMLINUX_BTF).exists() {
-        return BtfFacts::Absent;
-    }
-    let btf = match layout::vmlinux() {
-        Ok(btf) => btf,
-        Err(err) => return BtfFacts::Unreadable(error_chain(&err)),
-    };
-    let offsets = layout::kernel_offsets(&btf)
-        .map(drop)
-        .map_err(|err| error_chain(&err));
-    let tracepoints = REQUIRED_TRACEPOINTS
-        .iter()
-        .chain(&OPTIONAL_TRACEPOINTS)
-        .map(|&name| (name.to_owned(), layout::tracepoint_arity(&btf, name).ok()))
-        .collect();
-    BtfFacts::Parsed {
-        offsets,
-        tracepoints,
-    }
-}
-
-/// An error and its sources, on one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// Inspects this host and this process: what `reaper check` prints.
-pub fn inspect() -> CheckReport {
-    assess(&Facts::gather())
-}
-
-/// The `CapEff:` bits of a `/proc/PID/status` text.
-pub fn parse_cap_eff(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-}
-
-/// `(major, minor, patch)` from a kernel release such as `6.18.44-fc-v657` or `5.15.0-91-generic`.
-pub fn parse_kernel_version(release: &str) -> Option<(u32, u32, u32)> {
-    let mut parts = release.trim().splitn(3, '.').map(|part| {
-        let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse::<u32>().ok()
-    });
-    let major = parts.next()??;
-    let minor = parts.next()??;
-    let patch = parts.next().flatten().unwrap_or(0);
-    Some((major, minor, patch))
-}
+//! Judges the [`Facts`]: one row per item, in a fixed order, each problem with its fix. Pure.
+use super::{
+    BtfFacts, CAP_BPF, CAP_DAC_READ_SEARCH, CAP_KILL, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE,
+    CAP_SYS_RESOURCE, CAPABILITY_FIX, Call, CheckItem, CheckReport, Facts, ReapFacts, Status,
+    parse_kernel_version,
+};
+use crate::probes::{DEFAULT_RING_BYTES, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS, layout};
 
 fn has(caps: u64, cap: u32) -> bool {
     caps & (1u64 << cap) != 0
@@ -384,36 +87,8 @@ pub fn assess(facts: &Facts) -> CheckReport {
         .fix("reaper needs kernel 5.8 or later"),
     });
 
-    // pidfd: reaper signals only through pidfds, so a reused pid is never hit.
-    items.push(match &facts.pidfd {
-        Ok(()) => CheckItem::new("pidfd", Status::Ok, "pidfd_open works"),
-        Err(PidfdError::NotSupported) => CheckItem::new(
-            "pidfd",
-            Status::Missing,
-            "pidfd_open is not implemented (kernel before 5.3)",
-        )
-        .fix("upgrade to kernel 5.3 or later: reaper signals through pidfds only"),
-        Err(PidfdError::Other(err)) => CheckItem::new(
-            "pidfd",
-            Status::Missing,
-            format!("pidfd_open on our own pid failed: {err}"),
-        )
-        .fix("allow the pidfd_open and pidfd_send_signal syscalls (seccomp filter?)"),
-    });
-
-    // tracefs: informational; reaper attaches BTF tracepoints only.
-    items.push(match &facts.tracefs {
-        Some(path) => CheckItem::new(
-            "tracefs",
-            Status::Info,
-            format!("mounted at {path} (not needed: reaper uses BTF tracepoints only)"),
-        ),
-        None => CheckItem::new(
-            "tracefs",
-            Status::Info,
-            "not mounted (not needed: reaper uses BTF tracepoints only)",
-        ),
-    });
+    // The kill path's system calls, tried on a child of the check.
+    items.extend(reaping_items(&facts.reaping, facts.cap_eff));
 
     // RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps to it; later ones to the memory cgroup.
     items.push(memlock_item(facts, version));
@@ -492,6 +167,145 @@ fn capability_items(caps: u64) -> Vec<CheckItem> {
     items
 }
 
+const SYSCALL_FIX: &str =
+    "allow pidfd_open, pidfd_send_signal and pidfd_getfd (a seccomp filter or LSM denies them?)";
+
+const RETRY_FIX: &str = "fix what stopped it (see the rows above), then run `reaper check` again";
+
+/// The kill path: every signal goes through a pidfd opened non-blocking (so a reused pid is
+/// never hit, and waiting for an exit never blocks); the ladder starts by closing a target's
+/// input where it can, else with SIGINT.
+fn reaping_items(r: &ReapFacts, cap_eff: Option<u64>) -> Vec<CheckItem> {
+    let mut items = Vec::new();
+    let open = "pidfd_open";
+    items.push(match &r.pidfd_open {
+        Call::Works => CheckItem::new(
+            open,
+            Status::Ok,
+            "pidfd_open(PIDFD_NONBLOCK) works (kernel 5.10+)",
+        ),
+        Call::Fails {
+            errno: libc::EINVAL,
+            ..
+        } => CheckItem::new(
+            open,
+            Status::Missing,
+            "pidfd_open rejects PIDFD_NONBLOCK (kernel before 5.10): every kill would fail",
+        )
+        .fix("upgrade to kernel 5.10 or later"),
+        Call::Fails {
+            errno: libc::ENOSYS,
+            ..
+        } => CheckItem::new(
+            open,
+            Status::Missing,
+            "pidfd_open is not implemented (kernel before 5.3)",
+        )
+        .fix("upgrade to kernel 5.10 or later: reaper signals through pidfds only"),
+        Call::Fails { error, .. } => CheckItem::new(
+            open,
+            Status::Missing,
+            format!("pidfd_open(PIDFD_NONBLOCK) on a child failed: {error}"),
+        )
+        .fix(SYSCALL_FIX),
+        Call::NotTried(why) => {
+            CheckItem::new(open, Status::Warn, format!("not tried: {why}")).fix(RETRY_FIX)
+        }
+    });
+
+    let send = "pidfd_send_signal";
+    items.push(match &r.pidfd_send_signal {
+        Call::Works => CheckItem::new(
+            send,
+            Status::Ok,
+            "signal 0 through a pidfd works (kernel 5.1+)",
+        ),
+        Call::Fails {
+            errno: libc::ENOSYS,
+            ..
+        } => CheckItem::new(
+            send,
+            Status::Missing,
+            "pidfd_send_signal is not implemented (kernel before 5.1)",
+        )
+        .fix("upgrade to kernel 5.10 or later: reaper signals through pidfds only"),
+        Call::Fails { error, .. } => CheckItem::new(
+            send,
+            Status::Missing,
+            format!("pidfd_send_signal(0) to a child failed: {error}"),
+        )
+        .fix(SYSCALL_FIX),
+        Call::NotTried(why) => {
+            CheckItem::new(send, Status::Warn, format!("not tried: {why}")).fix(RETRY_FIX)
+        }
+    });
+
+    let getfd = "pidfd_getfd";
+    let sigint_instead = "targets get SIGINT instead of a closed input";
+    items.push(match &r.close_input {
+        Call::Works => CheckItem::new(
+            getfd,
+            Status::Ok,
+            "took a child's socket and ended its input (shutdown SHUT_RD): input can be closed (kernel 5.6+)",
+        ),
+        Call::Fails { errno: libc::ENOSYS, .. } => CheckItem::new(
+            getfd,
+            Status::Warn,
+            format!("pidfd_getfd is not implemented (kernel before 5.6): {sigint_instead}"),
+        )
+        .fix("upgrade to kernel 5.6 or later for the clean first step"),
+        Call::Fails { errno: libc::EPERM | libc::EACCES, error } => {
+            let row = CheckItem::new(
+                getfd,
+                Status::Warn,
+                format!("pidfd_getfd on this check's own child was refused ({error}): {sigint_instead}"),
+            );
+            if r.ptrace_scope == Some(3) {
+                row.fix("kernel.yama.ptrace_scope is 3 (no ptrace access at all): set it to 1 or 2")
+            } else {
+                row.fix(SYSCALL_FIX)
+            }
+        }
+        Call::Fails { error, .. } => CheckItem::new(
+            getfd,
+            Status::Warn,
+            format!("closing a child's input failed: {error}: {sigint_instead}"),
+        )
+        .fix(SYSCALL_FIX),
+        Call::NotTried(why) => {
+            CheckItem::new(getfd, Status::Warn, format!("not tried: {why}")).fix(RETRY_FIX)
+        }
+    });
+
+    // Which step the ladder starts with, for targets whose stdin is a stream socket (the
+    // TypeScript SDK's); a pipe (the Python SDK's) always gets SIGINT. pidfd_getfd needs
+    // ptrace access: CAP_SYS_PTRACE for another user's process
+    // <https://github.com/gregkh/linux/blob/v6.1.172/kernel/pid.c#L675>, <https://github.com/gregkh/linux/blob/v6.1.172/kernel/ptrace.c#L340-L347>.
+    let ladder = "kill ladder";
+    let then = "then SIGTERM, SIGKILL";
+    let can_signal = r.pidfd_open == Call::Works && r.pidfd_send_signal == Call::Works;
+    let ptrace = cap_eff.is_some_and(|caps| has(caps, CAP_SYS_PTRACE));
+    items.push(match (can_signal, &r.close_input, ptrace) {
+        (false, _, _) => CheckItem::new(ladder, Status::Info, "none: reaper cannot signal here (see the pidfd rows)"),
+        (true, Call::Works, true) => CheckItem::new(
+            ladder,
+            Status::Ok,
+            format!("close input where stdin is a socket, else SIGINT; {then}"),
+        ),
+        (true, Call::Works, false) => CheckItem::new(
+            ladder,
+            Status::Warn,
+            format!(
+                "close input only for targets of this uid (no CAP_SYS_PTRACE), SIGINT for others; {then}"
+            ),
+        )
+        .fix(CAPABILITY_FIX),
+        (true, _, _) => CheckItem::new(ladder, Status::Warn, format!("SIGINT first (no pidfd_getfd); {then}"))
+            .fix("see the pidfd_getfd row"),
+    });
+    items
+}
+
 const BTF_FIX: &str = "kernel built without CONFIG_DEBUG_INFO_BTF: reaper needs BTF \
                        (use a distribution kernel, or rebuild with CONFIG_DEBUG_INFO_BTF=y)";
 
@@ -548,7 +362,7 @@ fn btf_items(btf: &BtfFacts) -> Vec<CheckItem> {
     let arity = |name: &str| -> Option<Option<usize>> {
         tracepoints.map(|tps| tps.iter().find(|(n, _)| n == name).and_then(|(_, a)| *a))
     };
-    for name in REQUIRED_TRACEPOINTS {
+    for name in LIFECYCLE_TRACEPOINTS {
         let item = format!("tracepoint {name}");
         items.push(match arity(name) {
             Some(Some(args)) => CheckItem::new(item, Status::Ok, format!("in BTF ({args} args)")),
@@ -559,7 +373,7 @@ fn btf_items(btf: &BtfFacts) -> Vec<CheckItem> {
             }
         });
     }
-    for name in OPTIONAL_TRACEPOINTS {
+    for name in SOCKET_TRACEPOINTS {
         let item = format!("tracepoint {name}");
         items.push(match arity(name) {
             Some(Some(args)) => CheckItem::new(
@@ -625,11 +439,28 @@ mod tests {
     const ALL_CAPS: u64 = (1u64 << 41) - 1;
 
     fn tracepoints(present: &[&str]) -> Vec<(String, Option<usize>)> {
-        REQUIRED_TRACEPOINTS
+        LIFECYCLE_TRACEPOINTS
             .iter()
-            .chain(&OPTIONAL_TRACEPOINTS)
+            .chain(&SOCKET_TRACEPOINTS)
             .map(|&n| (n.to_owned(), present.contains(&n).then_some(2)))
             .collect()
+    }
+
+    /// Every kill-path call works, no Yama.
+    fn works() -> ReapFacts {
+        ReapFacts {
+            pidfd_open: Call::Works,
+            pidfd_send_signal: Call::Works,
+            close_input: Call::Works,
+            ptrace_scope: None,
+        }
+    }
+
+    fn fails(errno: i32) -> Call {
+        Call::Fails {
+            errno,
+            error: std::io::Error::from_raw_os_error(errno).to_string(),
+        }
     }
 
     /// A 6.18 host, root with every capability: everything fine.
@@ -650,8 +481,7 @@ mod tests {
                     "sock_recv_length",
                 ]),
             },
-            tracefs: Some("/sys/kernel/tracing".into()),
-            pidfd: Ok(()),
+            reaping: works(),
             memlock: Some((8 << 20, 8 << 20)),
         }
     }
@@ -661,39 +491,6 @@ mod tests {
             .get(item)
             .unwrap_or_else(|| panic!("no row {item:?} in\n{report}"))
             .status
-    }
-
-    #[test]
-    fn parses_cap_eff() {
-        let status = "Name:\treaper\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\n\
-                      CapEff:\t000000c000080024\nCapBnd:\t000001ffffffffff\n";
-        let eff = parse_cap_eff(status).unwrap();
-        assert_eq!(
-            eff,
-            caps(&[
-                CAP_DAC_READ_SEARCH,
-                CAP_KILL,
-                CAP_SYS_PTRACE,
-                CAP_PERFMON,
-                CAP_BPF
-            ])
-        );
-        assert_eq!(parse_cap_eff("Name:\tx\n"), None);
-        assert_eq!(parse_cap_eff("CapEff:\tnot-hex\n"), None);
-        assert_eq!(parse_cap_eff(""), None);
-    }
-
-    #[test]
-    fn parses_kernel_versions() {
-        assert_eq!(parse_kernel_version("6.18.44-fc-v657"), Some((6, 18, 44)));
-        assert_eq!(parse_kernel_version("5.15.0-91-generic"), Some((5, 15, 0)));
-        assert_eq!(parse_kernel_version("5.8"), Some((5, 8, 0)));
-        assert_eq!(parse_kernel_version("6.1.0+"), Some((6, 1, 0)));
-        assert_eq!(parse_kernel_version("4.19.0-rc1"), Some((4, 19, 0)));
-        assert_eq!(parse_kernel_version("6.6-rc3"), Some((6, 6, 0)));
-        assert_eq!(parse_kernel_version("6"), None);
-        assert_eq!(parse_kernel_version(""), None);
-        assert_eq!(parse_kernel_version("linux"), None);
     }
 
     #[test]
@@ -715,12 +512,14 @@ mod tests {
             "kernel BTF",
             "kernel layout",
             "BPF ring buffer",
-            "pidfd",
+            "pidfd_open",
+            "pidfd_send_signal",
+            "pidfd_getfd",
+            "kill ladder",
             "CAP_KILL",
         ] {
             assert_eq!(status(&report, item), Status::Ok, "{item}");
         }
-        assert_eq!(status(&report, "tracefs"), Status::Info);
         assert_eq!(status(&report, "RLIMIT_MEMLOCK"), Status::Info);
         let text = report.to_string();
         assert!(text.ends_with("\nreaper can run here.\n"), "{text}");
@@ -750,8 +549,10 @@ mod tests {
         );
         let text = report.to_string();
         assert!(text.contains("uid 1000"), "{text}");
+        // CAP_DAC_READ_SEARCH, and the ladder (no CAP_SYS_PTRACE for others' input).
+        assert_eq!(status(&report, "kill ladder"), Status::Warn);
         assert!(
-            text.contains("cannot run here: 3 required item(s) missing (1 warning)"),
+            text.contains("cannot run here: 3 required item(s) missing (2 warnings)"),
             "{text}"
         );
     }
@@ -821,7 +622,7 @@ mod tests {
         let report = assess(&Facts {
             btf: BtfFacts::Parsed {
                 offsets: Err("kernel BTF: struct task_struct has no member start_boottime".into()),
-                tracepoints: tracepoints(&REQUIRED_TRACEPOINTS),
+                tracepoints: tracepoints(&LIFECYCLE_TRACEPOINTS),
             },
             ..good()
         });
@@ -836,12 +637,12 @@ mod tests {
         let report = assess(&Facts {
             btf: BtfFacts::Parsed {
                 offsets: Ok(()),
-                tracepoints: tracepoints(&REQUIRED_TRACEPOINTS),
+                tracepoints: tracepoints(&LIFECYCLE_TRACEPOINTS),
             },
             ..good()
         });
         assert!(report.can_run(), "{report}");
-        for name in OPTIONAL_TRACEPOINTS {
+        for name in SOCKET_TRACEPOINTS {
             let row = report.get(&format!("tracepoint {name}")).unwrap();
             assert_eq!(row.status, Status::Warn);
             assert!(
@@ -871,39 +672,145 @@ mod tests {
     }
 
     #[test]
-    fn old_kernels_lack_the_ring_buffer_and_pidfd() {
+    fn old_kernels_lack_the_ring_buffer() {
         let report = assess(&Facts {
             kernel_release: Some("5.4.0-150-generic".into()),
-            pidfd: Ok(()),
             ..good()
         });
         assert_eq!(status(&report, "BPF ring buffer"), Status::Missing);
         assert!(report.get("BPF ring buffer").unwrap().fix.contains("5.8"));
 
         let report = assess(&Facts {
-            kernel_release: Some("4.19.0".into()),
-            pidfd: Err(PidfdError::NotSupported),
-            ..good()
-        });
-        let pidfd = report.get("pidfd").unwrap();
-        assert_eq!(pidfd.status, Status::Missing);
-        assert!(pidfd.fix.contains("5.3"));
-
-        let report = assess(&Facts {
             kernel_release: None,
             machine: None,
-            pidfd: Err(PidfdError::Other("Operation not permitted".into())),
             ..good()
         });
         assert_eq!(status(&report, "BPF ring buffer"), Status::Warn);
         assert_eq!(report.get("kernel").unwrap().detail, "uname failed");
+    }
+
+    /// 5.8 and 5.9 have pidfd_open but not PIDFD_NONBLOCK, which every kill uses.
+    #[test]
+    fn a_kernel_without_pidfd_nonblock_cannot_reap() {
+        let report = assess(&Facts {
+            kernel_release: Some("5.9.16".into()),
+            reaping: ReapFacts {
+                pidfd_open: fails(libc::EINVAL),
+                ..works()
+            },
+            ..good()
+        });
+        assert!(!report.can_run(), "{report}");
+        let row = report.get("pidfd_open").unwrap();
+        assert_eq!(row.status, Status::Missing);
+        assert!(row.detail.contains("before 5.10"), "{}", row.detail);
+        assert!(row.fix.contains("5.10"), "{}", row.fix);
+        assert_eq!(report.get("kill ladder").unwrap().status, Status::Info);
+
+        let report = assess(&Facts {
+            reaping: ReapFacts {
+                pidfd_open: fails(libc::ENOSYS),
+                pidfd_send_signal: Call::NotTried("no pidfd".into()),
+                close_input: Call::NotTried("no pidfd".into()),
+                ptrace_scope: None,
+            },
+            ..good()
+        });
         assert!(
             report
-                .get("pidfd")
+                .get("pidfd_open")
                 .unwrap()
                 .detail
-                .contains("Operation not permitted")
+                .contains("before 5.3")
         );
+        assert_eq!(status(&report, "pidfd_send_signal"), Status::Warn);
+
+        let denied = assess(&Facts {
+            reaping: ReapFacts {
+                pidfd_send_signal: fails(libc::EPERM),
+                ..works()
+            },
+            ..good()
+        });
+        let row = denied.get("pidfd_send_signal").unwrap();
+        assert_eq!(row.status, Status::Missing);
+        assert!(
+            row.detail.contains("Operation not permitted"),
+            "{}",
+            row.detail
+        );
+        assert_eq!(row.fix, SYSCALL_FIX);
+    }
+
+    /// Before 5.6 (or where ptrace is forbidden) the ladder starts with SIGINT: reaper runs.
+    #[test]
+    fn without_pidfd_getfd_the_ladder_starts_with_sigint() {
+        let old = assess(&Facts {
+            kernel_release: Some("5.4.0".into()),
+            reaping: ReapFacts {
+                close_input: fails(libc::ENOSYS),
+                ..works()
+            },
+            ..good()
+        });
+        let row = old.get("pidfd_getfd").unwrap();
+        assert_eq!(row.status, Status::Warn);
+        assert!(
+            row.detail.contains("before 5.6") && row.detail.contains("SIGINT"),
+            "{}",
+            row.detail
+        );
+        let ladder = old.get("kill ladder").unwrap();
+        assert_eq!(ladder.status, Status::Warn);
+        assert!(
+            ladder.detail.starts_with("SIGINT first"),
+            "{}",
+            ladder.detail
+        );
+
+        let yama = assess(&Facts {
+            reaping: ReapFacts {
+                close_input: fails(libc::EPERM),
+                ptrace_scope: Some(3),
+                ..works()
+            },
+            ..good()
+        });
+        assert!(yama.can_run(), "{yama}");
+        assert!(
+            yama.get("pidfd_getfd")
+                .unwrap()
+                .fix
+                .contains("ptrace_scope is 3")
+        );
+        let seccomp = assess(&Facts {
+            reaping: ReapFacts {
+                close_input: fails(libc::EPERM),
+                ptrace_scope: Some(1),
+                ..works()
+            },
+            ..good()
+        });
+        assert_eq!(seccomp.get("pidfd_getfd").unwrap().fix, SYSCALL_FIX);
+    }
+
+    /// pidfd_getfd works on the check's own child, but other users' targets need
+    /// CAP_SYS_PTRACE.
+    #[test]
+    fn without_cap_sys_ptrace_only_own_targets_have_their_input_closed() {
+        let report = assess(&Facts {
+            cap_eff: Some(ALL_CAPS & !(1 << CAP_SYS_PTRACE)),
+            ..good()
+        });
+        let ladder = report.get("kill ladder").unwrap();
+        assert_eq!(ladder.status, Status::Warn);
+        assert!(
+            ladder.detail.contains("no CAP_SYS_PTRACE"),
+            "{}",
+            ladder.detail
+        );
+        assert_eq!(ladder.fix, CAPABILITY_FIX);
+        assert_eq!(status(&assess(&good()), "kill ladder"), Status::Ok);
     }
 
     #[test]
@@ -938,68 +845,5 @@ mod tests {
         );
         let new = assess(&good());
         assert!(new.get("RLIMIT_MEMLOCK").unwrap().detail.contains("8 MiB"));
-    }
-
-    #[test]
-    fn the_table_is_aligned() {
-        let items = vec![
-            CheckItem::new("a", Status::Ok, "fine"),
-            CheckItem::new("longer item", Status::Missing, "gone").fix("do this"),
-            CheckItem::new("ümlaut", Status::Warn, "wide détail"),
-        ];
-        let table = render_table(&items);
-        let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 4);
-        assert_eq!(lines[0], "ITEM         STATUS   DETAIL       FIX");
-        assert_eq!(lines[1], "a            ok       fine");
-        assert_eq!(lines[2], "longer item  missing  gone         do this");
-        assert_eq!(lines[3], "ümlaut       warn     wide détail");
-        // Every STATUS starts in the same column (counted in characters).
-        let status_column = |line: &str| line.chars().skip(13).take(4).collect::<String>();
-        assert_eq!(status_column(lines[3]), "warn");
-        assert_eq!(render_table(&[]), "ITEM  STATUS  DETAIL  FIX\n");
-    }
-
-    #[test]
-    fn status_pads_in_format_strings() {
-        assert_eq!(format!("[{:<7}]", Status::Ok), "[ok     ]");
-        assert_eq!(Status::Missing.to_string(), "missing");
-    }
-
-    #[test]
-    fn error_chains_are_one_line() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("outer")]
-        struct Outer(#[source] std::io::Error);
-        let err = Outer(std::io::Error::other("inner"));
-        assert_eq!(error_chain(&err), "outer: inner");
-    }
-
-    /// The real host: gathering never panics, and every item has a row.
-    #[test]
-    fn inspecting_this_host_fills_every_row() {
-        let report = inspect();
-        for item in [
-            "running as",
-            "kernel",
-            "kernel BTF",
-            "kernel layout",
-            "BPF ring buffer",
-            "pidfd",
-            "tracefs",
-            "RLIMIT_MEMLOCK",
-        ] {
-            assert!(report.get(item).is_some(), "no {item} row in\n{report}");
-        }
-        for name in REQUIRED_TRACEPOINTS.iter().chain(&OPTIONAL_TRACEPOINTS) {
-            assert!(report.get(&format!("tracepoint {name}")).is_some());
-        }
-        assert!(
-            report
-                .items
-                .iter()
-                .all(|i| i.status == Status::Ok || i.status == Status::Info || !i.fix.is_empty()),
-            "every problem has a fix:\n{report}"
-        );
     }
 }

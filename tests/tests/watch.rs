@@ -1,0 +1,152 @@
+//! The activity watch when its map fills. Targets and their descendants are tracked in the
+//! kernel's `WATCHED` map (sized from `kernel.pid_max`, capped); a descendant forked while it is
+//! full goes unwatched, and its socket bytes uncounted. That must never be silent: it is
+//! counted (`reaper_watch_failures_total`) and flagged on the target, whose idle verdict can no
+//! longer be trusted. Here the map is made tiny so a handful of forks fill it.
+use reaper::probes::{ProbeOptions, Probes, per_pid_entries};
+use reaper_tests::Helper;
+
+fn attach(per_pid: Option<u32>) -> Probes {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests load eBPF programs: run them as root (cargo xtask test)"
+    );
+    Probes::attach(ProbeOptions {
+        per_pid_entries: per_pid,
+        ..ProbeOptions::default()
+    })
+    .expect("attach the probes")
+}
+
+#[test]
+fn a_full_watch_map_is_counted_and_flags_the_target() {
+    let mut probes = attach(Some(4));
+    assert_eq!(probes.watched_capacity().expect("map info"), 4);
+
+    let mut helper = Helper::spawn(&["children-on-cue", "6"]);
+    let target = helper.read_pid("pid");
+    probes.watch(target, target).expect("room for the target");
+    assert!(!probes.watch_failed(target));
+    assert_eq!(probes.watch_failures(), 0);
+
+    helper.send("go");
+    let forked: usize = helper.read("forked").parse().expect("a count");
+    let children: Vec<u32> = helper.values["child"]
+        .iter()
+        .map(|pid| pid.parse().expect("a pid"))
+        .collect();
+    assert_eq!((forked, children.len()), (6, 6));
+    // The fork tracepoint runs in fork() before it returns to the parent, so every insert
+    // was tried before the helper printed the pids. Four slots: the target and its first
+    // three children; the last three were refused.
+    assert_eq!(probes.watch_failures(), 3, "kernel-side refusals");
+    assert!(
+        probes.watch_failed(target),
+        "the target's activity is incomplete"
+    );
+
+    // User space's own watch fails the same way, and says so.
+    let err = probes
+        .watch(children[5], target)
+        .expect_err("WATCHED is full");
+    assert_eq!(err.map, "WATCHED");
+    assert_eq!(probes.watch_failures(), 4, "plus one user-side failure");
+
+    // Another target whose own watch failed is flagged too; unwatching clears both.
+    let other = std::process::id();
+    assert!(probes.watch(other, other).is_err());
+    assert!(probes.watch_failed(other));
+    probes.unwatch(other, []);
+    assert!(!probes.watch_failed(other));
+    probes.unwatch(target, children);
+    assert!(!probes.watch_failed(target));
+    assert_eq!(probes.watch_failures(), 5, "the count only grows");
+}
+
+#[test]
+fn per_pid_maps_are_sized_from_pid_max() {
+    let pid_max: u32 = std::fs::read_to_string(reaper::probes::PID_MAX_PATH)
+        .expect("kernel.pid_max")
+        .trim()
+        .parse()
+        .expect("a number");
+    let probes = attach(None);
+    let capacity = probes.watched_capacity().expect("map info");
+    assert_eq!(capacity, per_pid_entries(Some(pid_max)));
+    assert_eq!(capacity, pid_max.min(reaper::probes::PER_PID_MAX_ENTRIES));
+}
+
+/// Lines written by a `tracing` subscriber, kept for the test to read.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// The kernel side reports a refused watch through aya-log into the daemon's `tracing` log:
+/// once, however many refusals (one line per kind of failure a minute).
+///
+/// A current-thread runtime: the task forwarding the log lines runs only when the test awaits,
+/// so every refusal is in the log ring buffer before it first reads, and one read drains them
+/// all. Three refusals logged without the rate limit would show as three lines.
+#[tokio::test(flavor = "current_thread")]
+async fn a_refused_watch_is_logged_once_through_aya_log() {
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let log = Captured::default();
+    let _subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let log = log.clone();
+            move || log.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+        .finish()
+        .set_default();
+
+    let mut probes = attach(Some(4));
+    let mut helper = Helper::spawn(&["children-on-cue", "6"]);
+    let target = helper.read_pid("pid");
+    probes.watch(target, target).expect("room for the target");
+    helper.send("go");
+    helper.read("forked");
+    let first_refused = &helper.values["child"][3];
+    assert_eq!(probes.watch_failures(), 3);
+
+    let deadline = std::time::Instant::now() + reaper_tests::DEADLINE;
+    let needle = "the watch map is full";
+    while !log.text().contains(needle) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} line in the log after {:?}:\n{}",
+            reaper_tests::DEADLINE,
+            log.text()
+        );
+        tokio::time::sleep(reaper_tests::POLL).await;
+    }
+    let text = log.text();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+    assert_eq!(lines.len(), 1, "one line for three refusals:\n{text}");
+    let line = lines[0];
+    assert!(
+        line.contains("WARN") && line.contains("reaper::ebpf"),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("pid {first_refused} of target {target}")),
+        "{line}"
+    );
+}
