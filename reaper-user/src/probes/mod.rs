@@ -5,6 +5,15 @@
 //! Attach types: BTF tracepoints (`tp_btf`) only. They need no tracefs, take typed
 //! `task_struct *` arguments, and exist wherever kernel BTF does (5.5+); kprobes and fentry are
 //! not assumed (many hosts, this one included, lack them).
+//!
+//! Watching targets, for the detector: [`Probes::watch`] each target (`pid == target`) and each
+//! of its known descendants; the kernel adds descendants forked later by itself. When a process
+//! cannot be added (the map is full), its bytes go uncounted and [`Probes::watch_failed`] says
+//! so for its target until [`Probes::unwatch`]: an idle verdict on such a target cannot be
+//! trusted, so it must not be reaped as idle. Only the socket activity source reads the
+//! watch map; with `/proc/PID/io` a failed watch changes no evidence, and refusing the idle
+//! verdict all the same is merely cautious. [`Probes::watch_failures`] feeds
+//! `reaper_watch_failures_total`.
 pub mod layout;
 
 use aya::{
