@@ -300,6 +300,8 @@ impl Pipeline {
 
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::default());
+        // Healthy from the start: the tree task beats every second from now on.
+        health.beat(clock::mono_ns());
         // Bounded: if the tree falls behind, the source waits and the kernel counts losses,
         // rather than memory growing without limit.
         let (events_tx, mut events_rx) = mpsc::channel(256);

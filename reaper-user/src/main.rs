@@ -229,6 +229,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let metrics_addr = config.metrics_addr;
     let config = PipelineConfig::new(config);
+    // SIGTERM, SIGINT and SIGHUP wait (blocked, inherited by every thread) until the runtime
+    // has its handlers: a supervisor that stops the daemon as soon as its socket exists must
+    // get a clean stop, not a death by the default action.
+    let stop_signals = {
+        use nix::sys::signal::{SigSet, Signal};
+        let mut set = SigSet::empty();
+        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            set.add(s);
+        }
+        set.thread_block()?;
+        set
+    };
     let probes = Pipeline::attach(&config)?;
     let http = reaper::http::bind(metrics_addr)?;
     let server = ipc::Server::bind(&args.socket)?;
@@ -249,11 +261,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        let signals = Signals::register()?;
+        // Handlers in place (this is the main thread, where block_on runs): deliver what waited.
+        stop_signals.thread_unblock()?;
         let pipeline = Pipeline::start_attached(config, probes).await?;
         let http = tokio::spawn(http.serve(pipeline.metrics(), pipeline.health()));
         tracing::info!(socket = %server.path().display(), "serving the local interface (root only); `reaper tree` shows the live tree");
         let serving = tokio::spawn(server.serve(pipeline.handle()));
-        wait_for_signals(&args, &overrides, &pipeline).await?;
+        wait_for_signals(signals, &args, &overrides, &pipeline).await?;
         tracing::info!("shutting down: detaching probes");
         serving.abort();
         http.abort();
@@ -264,13 +279,38 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The daemon's signal handlers, registered before start-up so nothing arriving meanwhile is
+/// lost.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// SIGTERM or SIGINT: return (graceful shutdown). SIGHUP: reload the configuration; a bad new
 /// one is refused and the running one stays in force.
-async fn wait_for_signals(args: &RunArgs, overrides: &Overrides, pipeline: &Pipeline) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+async fn wait_for_signals(
+    signals: Signals,
+    args: &RunArgs,
+    overrides: &Overrides,
+    pipeline: &Pipeline,
+) -> anyhow::Result<()> {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),
