@@ -5,6 +5,7 @@
 //! it first, so a fresh checkout only needs `cargo xtask build` / `run` / `test`.
 mod bench;
 mod cmd;
+mod dist;
 mod fuzz;
 mod setup;
 mod vm;
@@ -72,7 +73,7 @@ enum Verb {
     /// tests and the kernel integration tests in `tests/`) one at a time, since they share kernel
     /// state (needs root).
     ///
-    /// Runs `cargo build [--release] -p reaper-user`, then
+    /// Runs `cargo build [--release] -p reaper-user` and `cargo xtask dist`, then
     /// `cargo test --workspace --exclude reaper-ebpf --no-fail-fast -- --test-threads=1 ARGS…`.
     /// ARGS go to the test harness: a name filter, `--list`, `--nocapture`, `--exact`, …
     ///
@@ -120,6 +121,14 @@ enum Verb {
         #[command(flatten)]
         opts: vm::Opts,
     },
+
+    /// Set up, then build what operators install into target/dist/, offline: the static
+    /// binary's tarball (with licenses, README, deploy/, man pages, completions, SHA256SUMS),
+    /// a .deb (unit enabled and started on install) and an OCI image archive (buildah,
+    /// `FROM scratch`), and SHA256SUMS over the three.
+    ///
+    /// Installs Debian's buildah, dpkg, binutils and file with apt when missing.
+    Dist,
 
     /// Set up, then run every cargo-fuzz target in fuzz/ (event decoder, config parser, /proc
     /// parsers, argv and rule matching) for a bounded time each, and print runs and coverage.
@@ -275,6 +284,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // `cargo test` does not build: build it first, with the tests' profile.
             ctx.build_daemon(!release)?;
             let mut cmd = ctx.cargo();
+            // tests/tests/ship.rs checks what operators install: build it first (warm: seconds;
+            // the static build is the one the kernel matrix uses). A failure fails those tests,
+            // not the others.
+            match dist::run(&ctx) {
+                Ok(artifacts) => {
+                    cmd.env("REAPER_DIST_DIR", &artifacts.dir);
+                }
+                Err(err) => {
+                    eprintln!("xtask: cargo xtask dist failed: {err:#}");
+                    cmd.env("REAPER_DIST_ERROR", format!("{err:#}"));
+                }
+            }
             cmd.arg("test");
             if package.is_empty() {
                 cmd.args(["--workspace", "--exclude", "reaper-ebpf"]);
@@ -340,6 +361,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             setup::require_root("vm-test")?;
             setup::setup(&ctx)?;
             return Ok(vm::run(&ctx, &opts)?.exit_code());
+        }
+        Verb::Dist => {
+            setup::setup(&ctx)?;
+            dist::run(&ctx)?;
         }
         Verb::Fuzz { opts } => {
             setup::setup(&ctx)?;
