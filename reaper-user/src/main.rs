@@ -61,10 +61,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print the running daemon's counters (events, losses, corrections, reaps) as JSON.
+    /// Print the running daemon's counters (events, losses, corrections, kills) as a table.
     Stats {
         #[arg(long, default_value = ipc::DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// The counters as JSON, for machines.
+        #[arg(long)]
+        json: bool,
     },
     /// Explain why a process is or is not a target, and its verdict.
     Explain {
@@ -167,9 +170,13 @@ fn main_result() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Stats { socket } => {
+            Command::Stats { socket, json } => {
                 let value = ipc::request(&socket, ipc::Request::Stats).await?;
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&value)?);
+                } else {
+                    print!("{}", cli::render_stats(&value));
+                }
                 Ok(())
             }
             Command::Explain { pid, socket, json } => {
