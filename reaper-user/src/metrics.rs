@@ -171,12 +171,15 @@ impl Metrics {
         }
     }
 
-    /// The configuration in force: its mode, and every label set its rules can produce, so
-    /// that the first kill (or failure) is an increase from 0 rather than a new series that
-    /// `increase()` and `rate()` cannot see.
+    /// The configuration in force: its mode, and every label set its rules can produce (and
+    /// the kill delay of every step), so that the first kill (or failure) is an increase from 0
+    /// rather than a new series that `increase()` and `rate()` cannot see.
     pub fn configured(&self, mode: Mode, rules: &[&str]) {
         for m in [Mode::Enforce, Mode::DryRun] {
             self.mode.with_label_values(&[mode_name(m)]).set(i64::from(m == mode));
+        }
+        for step in Step::ALL {
+            self.kill_delay.with_label_values(&[step.as_str()]);
         }
         for rule in rules {
             for reason in Reason::ALL {
@@ -280,6 +283,7 @@ mod tests {
                 assert!(text.contains(&line), "missing {line}");
             }
         }
+        assert!(text.contains("reaper_kill_delay_seconds_count{step=\"killed\"} 0"), "{text}");
         assert!(text.contains("reaper_mode{mode=\"dry-run\"} 1"), "{text}");
         assert!(text.contains("reaper_mode{mode=\"enforce\"} 0"), "{text}");
         m.configured(Mode::Enforce, &["claude-sdk"]);
