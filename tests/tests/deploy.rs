@@ -337,7 +337,7 @@ fn check_unit(unit: &str) -> Result<(), String> {
     for (key, want) in [
         ("NoNewPrivileges", "yes"),
         ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
-        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        ("ExecReload", "/bin/sh -c 'kill -HUP ${MAINPID}'"),
         ("RestartPreventExitStatus", "78"),
         ("WatchdogSec", "30s"),
     ] {
