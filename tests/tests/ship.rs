@@ -183,8 +183,19 @@ fn the_tarball_holds_the_static_binary_its_docs_and_their_checksums() {
     }
     assert!(!page.contains("generate"), "the packagers' subcommand stays hidden");
     ensure_tool("man", "man-db");
-    let rendered = ok(Command::new("man").args(["--warnings", "-l", "-Tutf8"]).arg(root.join("man/reaper-run.1")).env("MANWIDTH", "100"));
-    assert!(rendered.contains("--config"), "{rendered}");
+    let out = run(Command::new("man").args(["--warnings", "-l", "-Tutf8"]).arg(root.join("man/reaper-run.1")).env("MANWIDTH", "100"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"), "groff: {}", text(&out));
+    // Without a terminal, man marks bold and underline by overstriking: `X\bX`.
+    let mut rendered = String::new();
+    for c in String::from_utf8_lossy(&out.stdout).chars() {
+        if c == '\u{8}' {
+            rendered.pop();
+        } else {
+            rendered.push(c);
+        }
+    }
+    assert!(rendered.contains("--config") && rendered.contains("--dry-run"), "{rendered}");
     let bash = ok(Command::new("bash").arg("-n").arg(root.join("completions/reaper")));
     assert!(bash.is_empty());
     let completion = std::fs::read_to_string(root.join("completions/reaper")).unwrap();
