@@ -85,11 +85,14 @@ pub(super) fn run(
         cpio_entry(&mut overlay, next(), name, mode, (0, 0), &data);
     }
     // `systemctl enable`: a symlink in the target's .wants directory.
-    for unit in ["reaper-vm-check.service"] {
-        let link = format!("etc/systemd/system/multi-user.target.wants/{unit}");
-        let target = format!("/etc/systemd/system/{unit}");
-        cpio_entry(&mut overlay, next(), &link, 0o120777, (0, 0), target.as_bytes());
-    }
+    cpio_entry(
+        &mut overlay,
+        next(),
+        "etc/systemd/system/multi-user.target.wants/reaper-vm-check.service",
+        0o120777,
+        (0, 0),
+        b"/etc/systemd/system/reaper-vm-check.service",
+    );
     cpio_entry(&mut overlay, 0, "TRAILER!!!", 0, (0, 0), &[]);
 
     let initramfs = dir.join("initramfs.cpio");
