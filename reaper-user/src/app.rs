@@ -404,11 +404,11 @@ impl Pipeline {
 
     /// Stops following events and detaches the probes.
     pub async fn shutdown(mut self) {
+        // The tree task first, and gone before the source stops: else it may see the event
+        // channel close and log that the tree is no longer followed, at every stop.
         let tasks = std::mem::take(&mut self.tasks);
-        for task in &tasks {
+        for task in tasks.into_iter().rev() {
             task.abort();
-        }
-        for task in tasks {
             let _ = task.await;
         }
     }

@@ -82,6 +82,86 @@ pub fn render_sessions(sessions: &[crate::detect::session::SessionView]) -> Stri
     out
 }
 
+/// `reaper stats` for people: the daemon's counters (the `stats` answer of its socket, as
+/// JSON) as aligned lines, and what it killed as a table. `--json` prints the answer itself.
+pub fn render_stats(stats: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let num = |v: &Value| v.as_u64().map_or_else(|| v.to_string(), |n| n.to_string());
+    // [["fork", 12], …] → "fork 12, …"
+    let pairs = |v: &Value| -> String {
+        let parts: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some(format!("{} {}", p.get(0)?.as_str()?, num(p.get(1)?))))
+            .collect();
+        if parts.is_empty() { "-".into() } else { parts.join(", ") }
+    };
+    let mut rows: Vec<(&str, String)> = vec![
+        ("mode", format!("{} ({})", stats["mode"].as_str().unwrap_or("?"), stats["config_source"].as_str().unwrap_or("?"))),
+        (
+            "rules",
+            stats["rules"].as_array().map_or("-".into(), |r| {
+                r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")
+            }),
+        ),
+        ("activity source", stats["activity_source"].as_str().unwrap_or("-").to_owned()),
+        ("processes", num(&stats["processes"])),
+        ("targets", num(&stats["targets"])),
+        ("events", format!("{} ({})", num(&stats["events_total"]), pairs(&stats["events"]))),
+        ("events lost", format!("{} ({})", num(&stats["lost_total"]), pairs(&stats["lost"]))),
+        ("decode errors", num(&stats["decode_errors"])),
+        ("reconciles", num(&stats["reconciles"])),
+    ];
+    let corrections: Vec<String> = stats["corrections"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k} {}", num(v)))
+        .collect();
+    rows.push(("corrections", corrections.join(", ")));
+    let reaps = &stats["reaps"];
+    rows.push(("reclaimed", format!("{} bytes", num(&reaps["reclaimed_bytes"]))));
+    rows.push(("identity mismatches", num(&reaps["identity_mismatches"])));
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out: String = rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect();
+
+    // (rule, reason[, step]) → count, for kills, failures and dry-run decisions.
+    let mut table: Vec<[String; 5]> = Vec::new();
+    for (what, key) in [("killed", "kills"), ("failed", "failures"), ("would kill", "would_kill")] {
+        for entry in reaps[key].as_array().into_iter().flatten() {
+            let labels: Vec<String> = entry[0]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|l| l.as_str().unwrap_or("?").to_owned())
+                .collect();
+            let label = |i: usize| labels.get(i).cloned().unwrap_or_else(|| "-".into());
+            table.push([what.into(), label(0), label(1), label(2), num(&entry[1])]);
+        }
+    }
+    out.push('\n');
+    if table.is_empty() {
+        out.push_str("nothing killed, failed or counted as a would-kill yet\n");
+        return out;
+    }
+    let header = ["OUTCOME", "RULE", "REASON", "STEP", "COUNT"].map(String::from);
+    let widths: Vec<usize> = (0..5)
+        .map(|i| table.iter().chain([&header]).map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in [&header].into_iter().chain(&table) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (cell, w))| if i == 4 { format!("{cell:>w$}") } else { format!("{cell:<w$}") })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// `reaper explain PID`.
 pub fn render_explanation(e: &Explanation) -> String {
     let mut out = String::new();
@@ -204,6 +284,26 @@ mod tests {
         events::{Argv, Identity},
         tree::{ProcessTree, Snapshot},
     };
+
+    #[test]
+    fn stats_read_as_a_table() {
+        let stats = serde_json::json!({
+            "processes": 79, "events": [["fork", 10], ["exec", 7]], "events_total": 17,
+            "lost": [["fork", 0]], "lost_total": 0, "decode_errors": 0,
+            "corrections": {"added": 1, "removed": 0}, "reconciles": 3,
+            "activity_source": "socket", "config_source": "/etc/reaper/reaper.toml",
+            "mode": "enforce", "rules": ["claude-sdk"], "targets": 2,
+            "reaps": {"kills": [[["claude-sdk", "idle", "closed"], 4]],
+                      "failures": [[["claude-sdk", "orphaned"], 1]], "would_kill": [],
+                      "reclaimed_bytes": 1024, "identity_mismatches": 0}
+        });
+        let text = render_stats(&stats);
+        assert!(text.contains("events               17 (fork 10, exec 7)"), "{text}");
+        assert!(text.contains("mode                 enforce (/etc/reaper/reaper.toml)"), "{text}");
+        assert!(text.contains("OUTCOME  RULE        REASON    STEP    COUNT"), "{text}");
+        assert!(text.contains("killed   claude-sdk  idle      closed      4"), "{text}");
+        assert!(text.contains("failed   claude-sdk  orphaned  -           1"), "{text}");
+    }
 
     #[test]
     fn indents_children_under_parents() {

@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod privileges;
 pub mod probes;
 pub mod reap;
+pub mod service;
 pub mod tree;

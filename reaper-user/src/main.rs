@@ -1,22 +1,33 @@
 //! `reaper`: the command line. Parses arguments and hands over to [`reaper::app`].
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use reaper::{
     app::{Pipeline, PipelineConfig},
     cli,
-    config::{Config, Overrides},
+    config::{Config, ConfigError, Overrides},
     detect::{Explanation, TargetView},
     events::{self, source::SourceMsg},
     ipc,
     probes::{ProbeOptions, Probes},
+    service,
     tree::Process,
 };
 
+/// `reaper --version`: the release, the commit and the compiler it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("REAPER_GIT_REVISION"),
+    ", rustc ",
+    env!("REAPER_RUSTC_VERSION"),
+    ")"
+);
+
 /// reaper watches every process's life through eBPF and reaps leaked AI-agent children.
 #[derive(Parser)]
-#[command(name = "reaper", version, about, propagate_version = true)]
+#[command(name = "reaper", version = VERSION, about, propagate_version = true)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -50,10 +61,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print the running daemon's counters (events, losses, corrections, reaps) as JSON.
+    /// Print the running daemon's counters (events, losses, corrections, kills) as a table.
     Stats {
         #[arg(long, default_value = ipc::DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// The counters as JSON, for machines.
+        #[arg(long)]
+        json: bool,
     },
     /// List agent sessions: each target (live or ended), its parent daemon, state, live
     /// descendants by kind (stdio server, tool, other), leftovers and RSS.
@@ -77,6 +91,20 @@ enum Command {
     /// Inspect this host: privileges, BTF, tracepoints, ring buffer and pidfd support.
     /// Exits non-zero when the daemon cannot run here.
     Check,
+    /// Write the manual pages or print shell completions (for packagers: `cargo xtask dist`).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+#[derive(Subcommand)]
+enum Generate {
+    /// Write reaper.1 and a page per subcommand (reaper-run.1, …) into DIR.
+    Man { dir: PathBuf },
+    /// Print the completion script for SHELL.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Args)]
@@ -103,7 +131,24 @@ struct RunArgs {
     socket: PathBuf,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Exit status: 0, 1 for a failure, [`service::EX_CONFIG`] (78) for a configuration that
+/// cannot be used (the unit does not restart on it: a restart would fail the same way).
+fn main() -> ExitCode {
+    let result = main_result();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            service::print_error(&format!("Error: {err:?}\n"));
+            if err.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(service::EX_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn main_result() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     if let Command::Run(args) = cli.command {
@@ -138,15 +183,19 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Stats { socket } => {
+            Command::Stats { socket, json } => {
                 let value = ipc::request(&socket, ipc::Request::Stats).await?;
-                println!("{}", cli::json(&value, true)?);
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&value)?);
+                } else {
+                    print!("{}", cli::render_stats(&value));
+                }
                 Ok(())
             }
             Command::Sessions { socket, json } => {
                 let value = ipc::request(&socket, ipc::Request::Sessions).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&value)?);
+                    println!("{}", cli::json(&value, true)?);
                 } else {
                     let sessions: Vec<reaper::detect::session::SessionView> =
                         serde_json::from_value(value).context("unexpected sessions from the daemon")?;
@@ -165,6 +214,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::Generate { what } => generate(what),
             Command::Check => {
                 let report = reaper::check::inspect();
                 print!("{report}");
@@ -193,15 +243,34 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// The man pages and completions are generated from the same definition as the parser, so
+/// they cannot drift from it.
+fn generate(what: Generate) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    let mut cmd = Cli::command();
+    match what {
+        Generate::Man { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+        }
+        Generate::Completions { shell } => {
+            clap_complete::generate(shell, &mut cmd, "reaper", &mut std::io::stdout());
+        }
+    }
+    Ok(())
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: under systemd, stderr goes to the journal, where escape
-    // codes would clutter `journalctl` and defeat a grep for " WARN ".
+    // codes would clutter `journalctl` and defeat a grep for " WARN ". There, each line also
+    // carries its syslog priority (`journalctl -p warning` works).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(service::Stderr { journal: service::stderr_is_journal() });
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -228,6 +297,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "configuration loaded"
     );
     let metrics_addr = config.metrics_addr;
+    let (mode, rules) = (config.mode, rule_names(&config));
     let config = PipelineConfig::new(config);
     // SIGTERM, SIGINT and SIGHUP wait (blocked, inherited by every thread) until the runtime
     // has its handlers: a supervisor that stops the daemon as soon as its socket exists must
@@ -265,10 +335,21 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         // Handlers in place (this is the main thread, where block_on runs): deliver what waited.
         stop_signals.thread_unblock()?;
         let pipeline = Pipeline::start_attached(config, probes).await?;
+        let metrics = pipeline.metrics();
+        metrics.configured(mode, &rules.iter().map(String::as_str).collect::<Vec<_>>());
+        metrics.reloaded(true);
         let http = tokio::spawn(http.serve(pipeline.metrics(), pipeline.health()));
         tracing::info!(socket = %server.path().display(), "serving the local interface (root only); `reaper tree` shows the live tree");
         let serving = tokio::spawn(server.serve(pipeline.handle()));
+        // Probes attached, the tree built from /proc with the events of the scan applied, both
+        // endpoints bound: ready (Type=notify).
+        service::notify_ready(&ready_status(mode, &rules));
+        let watchdog = service::spawn_watchdog(pipeline.health());
         wait_for_signals(signals, &args, &overrides, &pipeline).await?;
+        service::notify_stopping();
+        if let Some(watchdog) = watchdog {
+            watchdog.abort();
+        }
         tracing::info!("shutting down: detaching probes");
         serving.abort();
         http.abort();
@@ -315,17 +396,38 @@ async fn wait_for_signals(
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match Config::resolve(args.config.as_deref(), overrides) {
-                Ok(config) => {
-                    pipeline.handle().reload(config).await;
+            _ = hup.recv() => {
+                service::notify_reloading();
+                let metrics = pipeline.metrics();
+                match Config::resolve(args.config.as_deref(), overrides) {
+                    Ok(config) => {
+                        let (mode, rules) = (config.mode, rule_names(&config));
+                        pipeline.handle().reload(config).await;
+                        metrics.configured(mode, &rules.iter().map(String::as_str).collect::<Vec<_>>());
+                        metrics.reloaded(true);
+                        service::notify_ready(&ready_status(mode, &rules));
+                    }
+                    Err(err) => {
+                        tracing::error!(
+                            error = %err,
+                            "SIGHUP: refusing the new configuration; the running one stays in force"
+                        );
+                        metrics.reloaded(false);
+                        service::notify_ready("new configuration refused; the previous one stays in force");
+                    }
                 }
-                Err(err) => tracing::error!(
-                    error = %err,
-                    "SIGHUP: refusing the new configuration; the running one stays in force"
-                ),
-            },
+            }
         }
     }
+}
+
+fn rule_names(config: &Config) -> Vec<String> {
+    config.rules.iter().map(|r| r.name.clone()).collect()
+}
+
+/// `systemctl status` shows this.
+fn ready_status(mode: reaper::config::Mode, rules: &[String]) -> String {
+    format!("following every process; mode {mode:?}, rules {}", rules.join(", "))
 }
 
 async fn stream_events(json: bool) -> anyhow::Result<()> {

@@ -4,12 +4,27 @@
 //!
 //! Names follow Prometheus conventions: base units, `_total` for counters.
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use reaper_common::EventKind;
 
 use crate::probes::KindCounts;
+use crate::{config::Mode, detect::Reason, reap::Step};
+
+/// The git revision the binary was built from (`unknown` outside a git checkout), set by
+/// build.rs; `reaper --version` and `reaper_build_info` show it.
+pub const GIT_REVISION: &str = env!("REAPER_GIT_REVISION");
+/// The rustc that built the binary, e.g. `1.95.0`.
+pub const RUSTC_VERSION: &str = env!("REAPER_RUSTC_VERSION");
+
+/// Label values of `reaper_mode`.
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Enforce => "enforce",
+        Mode::DryRun => "dry-run",
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -34,6 +49,11 @@ pub struct Metrics {
     pub pressure_kills: IntCounter,
     pub watch_failures: IntCounter,
     pub read_faults: IntCounterVec,
+    /// 1 for the mode in force (`enforce` or `dry-run`), 0 for the other.
+    mode: IntGaugeVec,
+    /// Whether the last configuration (re)load succeeded; its time (Unix seconds).
+    pub reload_successful: IntGauge,
+    pub reload_success_time: Gauge,
 }
 
 impl Metrics {
@@ -76,11 +96,14 @@ impl Metrics {
             events_lost.with_label_values(&[k.name()]);
         }
         let build_info = register!(IntGaugeVec::new(
-            Opts::new("reaper_build_info", "Always 1; the version is in the label."),
-            &["version"],
+            Opts::new(
+                "reaper_build_info",
+                "Always 1; the version, git revision and rustc version are in the labels."
+            ),
+            &["version", "revision", "rustc_version"],
         ));
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), GIT_REVISION, RUSTC_VERSION])
             .set(1);
         let read_faults = register!(IntCounterVec::new(
             Opts::new(
@@ -92,6 +115,11 @@ impl Metrics {
         for k in EventKind::ALL {
             read_faults.with_label_values(&[k.name()]);
         }
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+        // process_start_time_seconds, …: the names every Prometheus client exports.
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process metrics registered once");
         Self {
             events,
             events_lost,
@@ -182,6 +210,18 @@ impl Metrics {
                  their targets are not reaped as idle."
             )),
             read_faults,
+            mode: register!(IntGaugeVec::new(
+                Opts::new("reaper_mode", "1 for the mode in force: enforce or dry-run."),
+                &["mode"],
+            )),
+            reload_successful: register!(IntGauge::new(
+                "reaper_config_last_reload_successful",
+                "1 if the last load of the configuration (at start or on SIGHUP) succeeded."
+            )),
+            reload_success_time: register!(Gauge::new(
+                "reaper_config_last_reload_success_timestamp_seconds",
+                "When the configuration in force was loaded (Unix time)."
+            )),
             registry,
         }
     }
@@ -193,6 +233,39 @@ impl Metrics {
         for kind in EventKind::ALL {
             let counter = self.read_faults.with_label_values(&[kind.name()]);
             counter.inc_by(read_faults.get(kind).saturating_sub(counter.get()));
+        }
+    }
+
+    /// The configuration in force: its mode, and every label set its rules can produce (and
+    /// the kill delay of every step), so that the first kill (or failure) is an increase from 0
+    /// rather than a new series that `increase()` and `rate()` cannot see.
+    pub fn configured(&self, mode: Mode, rules: &[&str]) {
+        for m in [Mode::Enforce, Mode::DryRun] {
+            self.mode.with_label_values(&[mode_name(m)]).set(i64::from(m == mode));
+        }
+        for step in Step::ALL {
+            self.kill_delay.with_label_values(&[step.as_str()]);
+        }
+        for rule in rules {
+            for reason in Reason::ALL {
+                let reason = reason.as_str();
+                for step in Step::ALL {
+                    self.kills.with_label_values(&[rule, reason, step.as_str()]);
+                }
+                self.kill_failures.with_label_values(&[rule, reason]);
+                self.would_kill.with_label_values(&[rule, reason]);
+            }
+        }
+    }
+
+    /// A (re)load of the configuration: `ok` false when a new file was refused.
+    pub fn reloaded(&self, ok: bool) {
+        self.reload_successful.set(i64::from(ok));
+        if ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.reload_success_time.set(now);
         }
     }
 
@@ -250,9 +323,10 @@ mod tests {
             "reaper_reclaimed_bytes_total 0",
             "reaper_reconcile_corrections_total{kind=\"added\"} 1",
             "reaper_kill_delay_seconds_count{step=\"closed\"} 1",
-            "reaper_build_info{version=",
-            "reaper_watch_failures_total 0",
+                        "reaper_watch_failures_total 0",
             "reaper_kernel_read_faults_total{kind=\"exit\"} 0",
+            "reaper_build_info{revision=",
+            "process_start_time_seconds ",
         ] {
             assert!(text.contains(family), "missing {family} in:\n{text}");
         }
@@ -270,5 +344,33 @@ mod tests {
         assert!(text.contains("reaper_watch_failures_total 5"), "{text}");
         assert!(text.contains("reaper_kernel_read_faults_total{kind=\"exec\"} 3"), "{text}");
         assert!(text.contains("reaper_kernel_read_faults_total{kind=\"fork\"} 0"), "{text}");
+    }
+
+    #[test]
+    fn every_known_label_set_exists_from_the_start() {
+        let m = Metrics::new();
+        m.configured(Mode::DryRun, &["claude-sdk", "other"]);
+        let text = m.render();
+        for rule in ["claude-sdk", "other"] {
+            for reason in ["idle", "orphaned"] {
+                for step in ["closed", "interrupted", "terminated", "killed"] {
+                    let line = format!(
+                        "reaper_kills_total{{reason=\"{reason}\",rule=\"{rule}\",step=\"{step}\"}} 0"
+                    );
+                    assert!(text.contains(&line), "missing {line}");
+                }
+                let line = format!("reaper_kill_failures_total{{reason=\"{reason}\",rule=\"{rule}\"}} 0");
+                assert!(text.contains(&line), "missing {line}");
+            }
+        }
+        assert!(text.contains("reaper_kill_delay_seconds_count{step=\"killed\"} 0"), "{text}");
+        assert!(text.contains("reaper_mode{mode=\"dry-run\"} 1"), "{text}");
+        assert!(text.contains("reaper_mode{mode=\"enforce\"} 0"), "{text}");
+        m.configured(Mode::Enforce, &["claude-sdk"]);
+        let text = m.render();
+        assert!(text.contains("reaper_mode{mode=\"enforce\"} 1"), "{text}");
+        assert!(text.contains("reaper_mode{mode=\"dry-run\"} 0"), "{text}");
+        m.reloaded(false);
+        assert!(m.render().contains("reaper_config_last_reload_successful 0"));
     }
 }

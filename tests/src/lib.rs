@@ -466,6 +466,38 @@ pub fn ensure_tool(tool: &str, package: &str) {
 }
 
 
+/// The YAML documents of a file, as JSON (through Debian's python3-yaml, installed if missing).
+pub fn yaml_documents(path: &std::path::Path) -> Vec<serde_json::Value> {
+    ensure_tool("python3", "python3");
+    let has_yaml = || {
+        Command::new("python3")
+            .args(["-c", "import yaml"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_yaml() {
+        ensure_package("python3-yaml");
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml\n\
+             json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)",
+        ])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running python3");
+    assert!(
+        out.status.success(),
+        "{} is not valid YAML:\n{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("python's JSON")
+}
+
 // --- test rules that only match processes the test started ---------------------------------
 
 /// The comm of this test run's agents: `fake-agent` exec'd through a symlink named

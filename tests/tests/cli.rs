@@ -178,7 +178,7 @@ fn the_socket_is_private_and_stats_are_json() {
     // Every `reaper stats` is itself a fork, an exec and an exit: the count starts moving.
     let started = Instant::now();
     loop {
-        let text = reaper_ok(["stats", "--socket", daemon.socket_arg()]);
+        let text = reaper_ok(["stats", "--json", "--socket", daemon.socket_arg()]);
         let stats: Value =
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
         let events = stats["events_total"]
@@ -506,7 +506,7 @@ fn dechunk(mut body: &str) -> String {
 
 fn stats_of(daemon: &Daemon) -> Value {
     let out = Command::new(reaper_bin())
-        .args(["stats", "--socket", daemon.socket_arg()])
+        .args(["stats", "--json", "--socket", daemon.socket_arg()])
         .output()
         .expect("reaper stats");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -14,8 +14,7 @@ use std::{
 };
 
 use reaper::config::{Config, Mode, Overrides, parse};
-use reaper_tests::{
-    TempDir,DEADLINE, ensure_package, ensure_tool, free_port, reaper_bin};
+use reaper_tests::{DEADLINE, TempDir, ensure_tool, free_port, reaper_bin, yaml_documents};
 use serde_json::Value;
 
 /// The metric names reaper exports (fixed: dashboards and alerts depend on them).
@@ -32,6 +31,13 @@ const METRICS: [&str; 12] = [
     "reaper_reconcile_corrections_total",
     "reaper_kill_delay_seconds",
     "reaper_build_info",
+];
+
+/// Also exported (the alerts read the mode), not shown on the dashboard.
+const SERVICE_METRICS: [&str; 3] = [
+    "reaper_mode",
+    "reaper_config_last_reload_successful",
+    "reaper_config_last_reload_success_timestamp_seconds",
 ];
 
 /// The histogram among them, whose series carry these suffixes.
@@ -105,6 +111,7 @@ const SYSCALLS: &[&str] = &[
     "rt_sigreturn",
     "sched_getaffinity",
     "sched_yield",
+    "sendmsg",
     "sendto",
     "set_robust_list",
     "set_tid_address",
@@ -279,7 +286,7 @@ fn check_unit(unit: &str) -> Result<(), String> {
         }
     }
     for (key, want) in [
-        ("Type", "simple"),
+        ("Type", "notify"),
         ("Restart", "on-failure"),
         ("ProtectSystem", "strict"),
         ("ProtectHome", "yes"),
@@ -330,7 +337,9 @@ fn check_unit(unit: &str) -> Result<(), String> {
     for (key, want) in [
         ("NoNewPrivileges", "yes"),
         ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
-        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        ("ExecReload", "/bin/sh -c 'kill -HUP ${MAINPID}'"),
+        ("RestartPreventExitStatus", "78"),
+        ("WatchdogSec", "30s"),
         // The metrics endpoint answers loopback only; open files are bounded.
         ("IPAddressAllow", "localhost"),
         ("IPAddressDeny", "any"),
@@ -610,6 +619,7 @@ fn names_in(expr: &str) -> Vec<String> {
 
 fn known_metric(name: &str) -> bool {
     METRICS.contains(&name)
+        || SERVICE_METRICS.contains(&name)
         || name
             .strip_prefix(HISTOGRAM)
             .is_some_and(|suffix| HISTOGRAM_SUFFIXES.contains(&suffix))
@@ -754,7 +764,7 @@ fn broken_alerting_rules_are_rejected() {
     for (from, to) in [
         (r#"up{job="reaper"} == 0"#, r#"up{job="reaper" == 0"#), // PromQL syntax
         ("for: 5m", "for: 5 minutes"),                           // bad duration
-        ("$labels.instance }} is down", "$labels.instance } is down"), // template
+        ("$labels.instance }} lost kernel", "$labels.instance } lost kernel"), // template
     ] {
         assert!(rules.contains(from), "{from:?}");
         let out = check(&rules.replacen(from, to, 1));
@@ -1006,35 +1016,6 @@ fn the_example_configs_optional_settings_parse() {
 // ---------------------------------------------------------------------------------------------
 // The Kubernetes DaemonSet.
 
-/// The YAML documents of a file, as JSON (through python3-yaml).
-fn yaml_documents(path: &Path) -> Vec<Value> {
-    ensure_tool("python3", "python3");
-    let has_yaml = || {
-        Command::new("python3")
-            .args(["-c", "import yaml"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_yaml() {
-        ensure_package("python3-yaml");
-    }
-    let out = run(Command::new("python3")
-        .args([
-            "-c",
-            "import json, sys, yaml\n\
-             json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)",
-        ])
-        .arg(path));
-    assert!(
-        out.status.success(),
-        "{} is not valid YAML:\n{}",
-        path.display(),
-        text(&out)
-    );
-    serde_json::from_slice(&out.stdout).expect("python's JSON")
-}
-
 #[test]
 fn the_daemonset_runs_reaper_as_the_unit_does() {
     let path = deploy("kubernetes/daemonset.yaml");
@@ -1190,4 +1171,137 @@ fn the_daemonset_runs_reaper_as_the_unit_does() {
         }),
         builtin
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schemas, the image name and the prometheus-operator resources.
+
+/// Cargo's target directory (the test executable is `<target>/<profile>/deps/<name>`).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.ancestors().nth(3).expect("<target>/<profile>/deps/<exe>").to_owned()
+}
+
+/// `kubernetes-validate` (PyPI), in a virtualenv under the target directory, installed once.
+fn kubernetes_validate() -> PathBuf {
+    const VERSION: &str = "1.37.0";
+    // Made in place (a virtualenv's scripts name its own path), done when the stamp exists.
+    let venv = target_dir().join(format!("kubernetes-validate-{VERSION}"));
+    let bin = venv.join("bin/kubernetes-validate");
+    let stamp = venv.join("installed");
+    if stamp.exists() {
+        return bin;
+    }
+    ensure_tool("python3", "python3");
+    let _ = std::fs::remove_dir_all(&venv);
+    let make = || run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+    if !make().status.success() {
+        // Debian's python3 keeps venv in a package of its own.
+        reaper_tests::ensure_package("python3-venv");
+        let _ = std::fs::remove_dir_all(&venv);
+        let out = make();
+        assert!(out.status.success(), "python3 -m venv: {}", text(&out));
+    }
+    let started = Instant::now();
+    let out = run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("kubernetes-validate=={VERSION}")));
+    assert!(out.status.success(), "pip install kubernetes-validate: {}", text(&out));
+    std::fs::write(&stamp, "").expect("the stamp");
+    eprintln!("installed kubernetes-validate {VERSION} in {:.1}s", started.elapsed().as_secs_f64());
+    bin
+}
+
+/// Validates a manifest against the Kubernetes API schemas of `version` (strict: unknown
+/// fields are errors). Ok(report) or Err(report).
+fn validate_manifest(path: &Path, version: &str) -> Result<String, String> {
+    let out = run(Command::new(kubernetes_validate())
+        .args(["--strict", "--kubernetes-version", version])
+        .arg(path));
+    if out.status.success() { Ok(text(&out)) } else { Err(text(&out)) }
+}
+
+#[test]
+fn the_manifests_pass_the_kubernetes_schemas() {
+    // 1.30 is the first with securityContext.appArmorProfile; 1.37 the newest the tool knows.
+    let path = deploy("kubernetes/daemonset.yaml");
+    for version in ["1.30.0", "1.37.0"] {
+        let report = validate_manifest(&path, version).unwrap_or_else(|e| panic!("Kubernetes {version}:\n{e}"));
+        for kind in ["namespace/reaper-system", "serviceaccount/reaper", "configmap/reaper-config", "daemonset/reaper"] {
+            assert!(report.contains(&format!("passed for resource {kind}")), "{report}");
+        }
+    }
+    // A field in the wrong place and a wrongly typed one are refused.
+    let dir = TempDir::new("k8s");
+    for (from, to) in [
+        ("      hostPID: true", "      hostPid: true"),
+        ("              containerPort: 9847", "              containerPort: \"9847\""),
+    ] {
+        let yaml = read(&path);
+        assert!(yaml.contains(from), "{from:?}");
+        let broken = dir.write("broken.yaml", &yaml.replacen(from, to, 1));
+        let e = validate_manifest(&broken, "1.37.0").expect_err(&format!("{to:?} was accepted"));
+        assert!(e.contains("daemonset"), "{e}");
+    }
+}
+
+#[test]
+fn the_daemonset_runs_the_built_image_on_linux_amd64_nodes() {
+    let docs = yaml_documents(&deploy("kubernetes/daemonset.yaml"));
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    // `cargo xtask dist` names the image localhost/reaper:<workspace version>.
+    assert_eq!(
+        pod["containers"][0]["image"],
+        format!("localhost/reaper:{}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/arch"], "amd64");
+}
+
+#[test]
+fn the_prometheus_operator_resources_match_the_plain_files() {
+    // The PrometheusRule's groups are alerts.yml's, which promtool checks and tests.
+    let rule = yaml_documents(&deploy("kubernetes/prometheusrule.yaml"));
+    let [rule] = rule.as_slice() else { panic!("one document") };
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(rule["kind"], "PrometheusRule");
+    assert_eq!(rule["metadata"]["namespace"], "reaper-system");
+    let alerts = yaml_documents(&deploy("prometheus/alerts.yml"));
+    assert_eq!(rule["spec"]["groups"], alerts[0]["groups"], "prometheusrule.yaml and alerts.yml differ");
+
+    // The PodMonitor selects the DaemonSet's pods, scrapes its named port, and names the job
+    // "reaper" (what ReaperDown looks for).
+    let monitor = yaml_documents(&deploy("kubernetes/podmonitor.yaml"));
+    let [monitor] = monitor.as_slice() else { panic!("one document") };
+    assert_eq!(monitor["kind"], "PodMonitor");
+    assert_eq!(monitor["metadata"]["namespace"], "reaper-system");
+    let docs = yaml_documents(&deploy("kubernetes/daemonset.yaml"));
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let labels = &ds["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"].as_object().expect("matchLabels") {
+        assert_eq!(&labels[key], value, "the PodMonitor selects on {key}");
+    }
+    let job_label = monitor["spec"]["jobLabel"].as_str().expect("jobLabel");
+    assert_eq!(labels[job_label], "reaper", "the job is named reaper");
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["port"], ds["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"]);
+    assert_eq!(endpoint["path"], "/metrics");
+    let rules = read(&deploy("prometheus/alerts.yml"));
+    assert!(rules.contains("up{job=\"reaper\"}") && rules.contains("absent("), "ReaperDown");
+}
+
+#[test]
+fn every_alert_has_a_runbook_section() {
+    let alerts = yaml_documents(&deploy("prometheus/alerts.yml"));
+    let runbook = read(&deploy("prometheus/runbook.md"));
+    let mut seen = 0;
+    for rule in alerts[0]["groups"][0]["rules"].as_array().unwrap() {
+        let name = rule["alert"].as_str().unwrap();
+        let url = rule["annotations"]["runbook_url"].as_str().unwrap_or_else(|| panic!("{name} has no runbook_url"));
+        assert_eq!(url, format!("deploy/prometheus/runbook.md#{}", name.to_lowercase()));
+        assert!(runbook.contains(&format!("\n## {name}\n")), "runbook.md has no section {name}");
+        seen += 1;
+    }
+    assert_eq!(seen, runbook.matches("\n## ").count(), "a runbook section per alert, no more");
 }

@@ -608,7 +608,7 @@ fn is_target(daemon: &Daemon, pid: u32) -> bool {
 /// `reaper stats`: (kills, kill failures), summed over rules and reasons.
 fn kills(daemon: &Daemon) -> (u64, u64) {
     let CliOutput { status, stdout: out, stderr: err } =
-        reaper_cli(["stats", "--socket", daemon.socket_arg()]);
+        reaper_cli(["stats", "--json", "--socket", daemon.socket_arg()]);
     assert!(status.success(), "reaper stats failed: {err}");
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     let sum = |key: &str| {

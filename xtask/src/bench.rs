@@ -630,7 +630,7 @@ impl Daemon {
 
     fn try_stats(&self) -> Option<Json> {
         let out = Command::new(&self.reaper)
-            .arg("stats")
+            .args(["stats", "--json"])
             .arg("--socket")
             .arg(&self.socket)
             .stdin(Stdio::null())

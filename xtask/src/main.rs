@@ -5,6 +5,7 @@
 //! it first, so a fresh checkout only needs `cargo xtask build` / `run` / `test`.
 mod bench;
 mod cmd;
+mod dist;
 mod e2e;
 mod fuzz;
 mod setup;
@@ -79,8 +80,8 @@ enum Verb {
     /// replayed over its corpus and mutations of it for a few seconds (fuzz/replay; seconds per
     /// target from REAPER_FUZZ_SECONDS, default 3), each counted as one test.
     ///
-    /// Runs `cargo build [--release] -p reaper-user`, installs the end-to-end tests' pinned
-    /// SDKs and CLI (`setup-e2e`), then
+    /// Runs `cargo build [--release] -p reaper-user` and `cargo xtask dist`, installs the
+    /// end-to-end tests' pinned SDKs and CLI (`setup-e2e`), then
     /// `cargo test --workspace --exclude reaper-ebpf --no-fail-fast -- --test-threads=1 ARGS…`.
     /// ARGS go to the test harness: a name filter, `--list`, `--nocapture`, `--exact`, …
     ///
@@ -128,6 +129,14 @@ enum Verb {
         #[command(flatten)]
         opts: vm::Opts,
     },
+
+    /// Set up, then build what operators install into target/dist/, offline: the static
+    /// binary's tarball (with licenses, README, deploy/, man pages, completions, SHA256SUMS),
+    /// a .deb (unit enabled and started on install) and an OCI image archive (buildah,
+    /// `FROM scratch`), and SHA256SUMS over the three.
+    ///
+    /// Installs Debian's buildah, dpkg, binutils and file with apt when missing.
+    Dist,
 
     /// Set up, then run every cargo-fuzz target in fuzz/ (event decoder, config parser, /proc
     /// parsers, argv and rule matching) for a bounded time each, and print runs and coverage.
@@ -286,6 +295,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // `cargo test` does not build: build it first, with the tests' profile.
             ctx.build_daemon(!release)?;
             let mut cmd = ctx.cargo();
+            // tests/tests/ship.rs checks what operators install: build it first (warm: seconds;
+            // the static build is the one the kernel matrix uses). A failure fails those tests,
+            // not the others.
+            match dist::run(&ctx) {
+                Ok(artifacts) => {
+                    cmd.env("REAPER_DIST_DIR", &artifacts.dir);
+                }
+                Err(err) => {
+                    eprintln!("xtask: cargo xtask dist failed: {err:#}");
+                    cmd.env("REAPER_DIST_ERROR", format!("{err:#}"));
+                }
+            }
             cmd.arg("test");
             // The end-to-end tests drive the real SDKs and CLI: install them first. If that
             // fails, say why once and run the tests anyway: the e2e tests fail with the reason.
@@ -360,6 +381,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             setup::require_root("vm-test")?;
             setup::setup(&ctx)?;
             return Ok(vm::run(&ctx, &opts)?.exit_code());
+        }
+        Verb::Dist => {
+            setup::setup(&ctx)?;
+            dist::run(&ctx)?;
         }
         Verb::Fuzz { opts } => {
             setup::setup(&ctx)?;

@@ -20,7 +20,8 @@
 //! 4. QEMU per kernel, with a wall-clock limit; the console goes to
 //!    `target/vm/<kernel release>.log`; `vm-check` lines are parsed; a table per kernel and per
 //!    check, and the struct offsets that differ between kernels (the host's included).
-//! 5. The systemd machine ([`systemd`]): `deploy/reaper.service` run by a real systemd.
+//! 5. The systemd machine ([`systemd`]): the .deb of `cargo xtask dist` installed, its
+//!    `reaper.service` run by a real systemd, then removed.
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -230,10 +231,13 @@ pub(crate) fn run(ctx: &Ctx, opts: &Opts) -> anyhow::Result<Outcome> {
         kernels.iter().map(|k| (k.release.clone(), k)).collect();
     if !opts.no_systemd {
         let kernel = kernels.last().context("no kernel to boot")?;
-        let static_dir = ctx.target_dir.join("vm-build").join(HOST_TRIPLE).join("release");
+        let static_dir = static_dir(ctx);
         // A machine that cannot be prepared (no network for debootstrap, say) is one failure
-        // in the summary, not the end of the run.
-        let run = systemd::run(ctx, &vm_dir, kernel, opts, &static_dir).unwrap_or_else(|err| {
+        // in the summary, not the end of the run. It installs the .deb of `cargo xtask dist`
+        // (packaging the static build above: seconds).
+        let prepared = crate::dist::run(ctx)
+            .and_then(|artifacts| systemd::run(&vm_dir, kernel, opts, &static_dir, &artifacts.deb));
+        let run = prepared.unwrap_or_else(|err| {
             println!("xtask: the systemd machine could not be prepared: {err:#}");
             Run {
                 errors: vec![format!("not booted: {err:#}")],
@@ -296,7 +300,7 @@ fn apt_get(args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// Installs Debian `package` when `tool` is not on PATH (apt-get update first if needed).
-fn ensure_tool(tool: &str, package: &str) -> anyhow::Result<()> {
+pub(crate) fn ensure_tool(tool: &str, package: &str) -> anyhow::Result<()> {
     if which(tool).is_some() {
         return Ok(());
     }
@@ -601,8 +605,15 @@ fn fetch_kernel(vm_dir: &Path, package: &KernelPackage) -> anyhow::Result<Kernel
         .with_context(|| format!("no vmlinuz-* in {} after unpacking", dir.display()))
 }
 
+/// Where [`build_static`] leaves its programs.
+pub(crate) fn static_dir(ctx: &Ctx) -> PathBuf {
+    ctx.target_dir.join("vm-build").join(HOST_TRIPLE).join("release")
+}
+
 /// Builds the guest's programs statically; returns their paths in [`PROGRAMS`]' order.
-fn build_static(ctx: &Ctx) -> anyhow::Result<Vec<PathBuf>> {
+/// `cargo xtask dist` packages the daemon built here: one build (same packages, same flags,
+/// so cargo's feature resolution is the same too) serves both.
+pub(crate) fn build_static(ctx: &Ctx) -> anyhow::Result<Vec<PathBuf>> {
     let target_dir = ctx.target_dir.join("vm-build");
     let mut cmd = ctx.cargo();
     // `--target` makes the flags below apply to the target artifacts only: build scripts and
@@ -635,7 +646,7 @@ fn build_static(ctx: &Ctx) -> anyhow::Result<Vec<PathBuf>> {
     if !st.success() {
         bail!("`{}` failed ({st})", describe(&cmd));
     }
-    let dir = target_dir.join(HOST_TRIPLE).join("release");
+    let dir = static_dir(ctx);
     let mut bins = Vec::new();
     for program in PROGRAMS {
         let path = dir.join(program);

@@ -1,11 +1,12 @@
 //! Runs inside the systemd machine of `cargo xtask vm-test` (a Debian bookworm root booted by
-//! systemd in QEMU, with `deploy/reaper.service` and `deploy/reaper.toml` installed as the README
-//! says): checks that the unit, with its whole sandbox, runs the daemon as intended, prints one
-//! `vm-check` line per check (the format `vm-runner` uses; xtask parses both) and
-//! `vm-result: N passed, M failed`. Its own unit powers the machine off afterwards.
+//! systemd in QEMU): installs the .deb `cargo xtask dist` built (`dpkg -i`, which enables and
+//! starts reaper.service the Debian way), checks that the unit, with its whole sandbox, runs the
+//! daemon as intended, then removes and purges the package. Prints one `vm-check` line per check
+//! (the format `vm-runner` uses; xtask parses both) and `vm-result: N passed, M failed`. Its own
+//! unit powers the machine off afterwards.
 //!
-//! It signals nothing but what it starts itself (one `sleep`), and asks systemd to stop the
-//! service as the last check.
+//! It signals nothing but what it starts itself (one `sleep`), and asks systemd to reload, stop
+//! and restart the service.
 use std::{
     io::{Read as _, Write as _},
     process::{Command, Stdio},
@@ -19,7 +20,10 @@ const WAIT: Duration = Duration::from_secs(60);
 const UNIT: &str = "reaper.service";
 const METRICS: &str = "127.0.0.1:9847";
 const SOCKET: &str = "/run/reaper/reaper.sock";
-const REAPER: &str = "/usr/local/bin/reaper";
+const REAPER: &str = "/usr/bin/reaper";
+/// Where xtask put the package in the machine.
+const DEB: &str = "/root/reaper.deb";
+const CONFIG: &str = "/etc/reaper/reaper.toml";
 /// The unit's CapabilityBoundingSet; the daemon keeps a subset of it after attaching.
 const BOUNDING: [&str; 5] = ["cap_bpf", "cap_perfmon", "cap_kill", "cap_sys_ptrace", "cap_dac_read_search"];
 
@@ -33,14 +37,19 @@ fn say(line: &str) {
 type Check = fn() -> anyhow::Result<String>;
 
 fn main() {
-    let checks: [(&str, Check); 6] = [
+    let checks: [(&str, Check); 11] = [
+        ("deb_installs_and_enables", deb_installs_and_enables),
         ("service_active", service_active),
         ("service_privileges", service_privileges),
         ("service_http", service_http),
         ("service_follows_processes", service_follows_processes),
+        ("service_watchdog", service_watchdog),
+        ("service_reloads", service_reloads),
         ("service_stops_cleanly", service_stops_cleanly),
-        // Last: shutdown's lines are checked too.
+        // After the stop: shutdown's lines are checked too.
         ("service_journal_clean", service_journal_clean),
+        ("service_bad_config_exits_78", service_bad_config_exits_78),
+        ("deb_removes_and_purges", deb_removes_and_purges),
     ];
     let (mut passed, mut failed) = (0, 0);
     for (name, check) in checks {
@@ -112,12 +121,115 @@ fn service_active() -> anyhow::Result<String> {
         "reaper.service failed: {}",
         run("journalctl", &["--no-pager", "-u", UNIT, "-n", "30"]).unwrap_or_default()
     );
+    // Type=notify: active only once the daemon said READY=1, with its status line.
+    let status = show("StatusText")?;
+    ensure!(status.starts_with("following every process"), "StatusText {status:?}");
     let version = run("systemctl", &["--version"])?;
     Ok(format!(
-        "active, main pid {}, under {}",
+        "active (READY=1, status {status:?}), main pid {}, under {}",
         show("MainPID")?,
         version.lines().next().unwrap_or("systemd")
     ))
+}
+
+/// `dpkg -i`: the postinst enables the unit and starts it (deb-systemd-helper,
+/// deb-systemd-invoke), the conffile is registered.
+fn deb_installs_and_enables() -> anyhow::Result<String> {
+    let out = run("dpkg", &["-i", DEB])?;
+    let enabled = run("systemctl", &["is-enabled", UNIT]).unwrap_or_default();
+    ensure!(enabled.trim() == "enabled", "is-enabled: {enabled:?}; dpkg said:\n{out}");
+    let conffiles = run("dpkg-query", &["-W", "-f=${Conffiles}", "reaper"])?;
+    ensure!(conffiles.contains(CONFIG), "conffiles: {conffiles:?}");
+    let unit = run("systemctl", &["show", "--property", "FragmentPath", "--value", UNIT])?;
+    ensure!(unit.trim() == "/lib/systemd/system/reaper.service", "FragmentPath {unit:?}");
+    let version = run(REAPER, &["--version"])?;
+    Ok(format!("installed {}, enabled, unit {}", version.trim(), unit.trim()))
+}
+
+/// The daemon pets the watchdog (WatchdogSec=30s: every 15 s) while healthy: systemd's record
+/// of the last ping moves on.
+fn service_watchdog() -> anyhow::Result<String> {
+    let usec = show("WatchdogUSec")?;
+    ensure!(usec == "30s", "WatchdogUSec {usec:?}");
+    let first = show("WatchdogTimestampMonotonic")?;
+    let next = wait_for("a new watchdog ping", || {
+        let now = show("WatchdogTimestampMonotonic").ok()?;
+        (now != first).then_some(now)
+    })?;
+    Ok(format!("WatchdogUSec {usec}; last ping moved from {first} to {next} (µs since boot)"))
+}
+
+/// The metric reaper_config_last_reload_success_timestamp_seconds.
+fn reload_time() -> anyhow::Result<f64> {
+    let (_, body) = http_get("/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("reaper_config_last_reload_success_timestamp_seconds "))
+        .context("no reload timestamp in /metrics")?
+        .trim()
+        .parse()
+        .context("the reload timestamp")
+}
+
+/// `systemctl reload`: SIGHUP, RELOADING=1 then READY=1 (systemd waits for both), the new
+/// configuration applied and counted.
+fn service_reloads() -> anyhow::Result<String> {
+    let before = reload_time()?;
+    let pid = show("MainPID")?;
+    run("systemctl", &["reload", UNIT])?;
+    let after = wait_for("a newer reload timestamp", || reload_time().ok().filter(|t| *t > before))?;
+    let log = wait_for("\"configuration reloaded\" in the journal", || {
+        let log = run("journalctl", &["--no-pager", "-o", "cat", "-u", UNIT]).ok()?;
+        log.contains("configuration reloaded").then_some(log)
+    })?;
+    let _ = log;
+    ensure!(show("ActiveState")? == "active" && show("MainPID")? == pid, "not the same running daemon after reload");
+    Ok(format!("reloaded (timestamp {before} → {after}), same main pid {pid}"))
+}
+
+/// A configuration that cannot be used: the daemon exits 78 (EX_CONFIG), systemd does not
+/// restart it (RestartPreventExitStatus=78), and the reason is in the journal at error
+/// priority. The good file is put back and the unit started again.
+fn service_bad_config_exits_78() -> anyhow::Result<String> {
+    let good = std::fs::read_to_string(CONFIG).context("reading the config")?;
+    std::fs::write(CONFIG, format!("{good}\nno_such_key = 1\n"))?;
+    let started = run("systemctl", &["start", UNIT]);
+    let result = (|| -> anyhow::Result<String> {
+        ensure!(started.is_err(), "systemctl start succeeded with a bad config");
+        let status = wait_for("the failed start", || {
+            let status = show("ExecMainStatus").ok()?;
+            (status != "0").then_some(status)
+        })?;
+        ensure!(status == "78", "ExecMainStatus {status} (the failing command may be `reaper check`)");
+        // Restart=on-failure would try again after RestartSec=5s: give it twice that.
+        std::thread::sleep(Duration::from_secs(10));
+        let (state, restarts) = (show("ActiveState")?, show("NRestarts")?);
+        ensure!(state == "failed" && restarts == "0", "ActiveState={state} NRestarts={restarts}");
+        let errors = run("journalctl", &["--no-pager", "-o", "cat", "-p", "err", "-u", UNIT])?;
+        ensure!(errors.contains("no_such_key"), "journalctl -p err shows no reason:\n{errors}");
+        Ok(format!("exit 78, not restarted, `journalctl -p err` shows: {}", errors.lines().find(|l| l.contains("no_such_key")).unwrap_or_default()))
+    })();
+    std::fs::write(CONFIG, good)?;
+    let _ = run("systemctl", &["reset-failed", UNIT]);
+    result
+}
+
+/// `dpkg -r` stops the service and removes the program and the unit but keeps the edited
+/// conffile; `dpkg -P` removes it and the enablement.
+fn deb_removes_and_purges() -> anyhow::Result<String> {
+    run("systemctl", &["start", UNIT])?;
+    wait_for("reaper.service active again", || (show("ActiveState").ok()? == "active").then_some(()))?;
+    run("dpkg", &["-r", "reaper"])?;
+    let state = show("ActiveState")?;
+    ensure!(state == "inactive", "after dpkg -r: ActiveState={state}");
+    for gone in [REAPER, "/lib/systemd/system/reaper.service"] {
+        ensure!(!std::path::Path::new(gone).exists(), "{gone} is still there after dpkg -r");
+    }
+    ensure!(std::path::Path::new(CONFIG).exists(), "the conffile went with dpkg -r");
+    run("dpkg", &["-P", "reaper"])?;
+    ensure!(!std::path::Path::new(CONFIG).exists(), "{CONFIG} is still there after dpkg -P");
+    let wants = "/etc/systemd/system/multi-user.target.wants/reaper.service";
+    ensure!(std::fs::symlink_metadata(wants).is_err(), "{wants} is still there after dpkg -P");
+    Ok("dpkg -r stopped it and removed binary and unit, kept the conffile; dpkg -P removed the rest".into())
 }
 
 /// The daemon under the unit's sandbox, on every one of its threads (capabilities and
@@ -206,7 +318,7 @@ fn service_http() -> anyhow::Result<String> {
 
 /// `reaper stats` over the unit's socket.
 fn stats() -> anyhow::Result<serde_json::Value> {
-    let stats = run(REAPER, &["stats", "--socket", SOCKET])?;
+    let stats = run(REAPER, &["stats", "--json", "--socket", SOCKET])?;
     serde_json::from_str(&stats).context("`reaper stats` JSON")
 }
 

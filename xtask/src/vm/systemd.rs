@@ -1,13 +1,14 @@
-//! The systemd machine of `cargo xtask vm-test`: `deploy/reaper.service` run by a real systemd,
-//! sandbox and all, which the host (no systemd as PID 1) cannot do.
+//! The systemd machine of `cargo xtask vm-test`: the .deb of `cargo xtask dist` installed with
+//! `dpkg -i` under a real systemd, and `deploy/reaper.service` run by it, sandbox and all, which
+//! the host (no systemd as PID 1) cannot do.
 //!
 //! 1. Root file system: `debootstrap --variant=minbase --include=systemd,systemd-sysv bookworm`
 //!    into `target/vm/systemd/root` (once; ~30 s, ~240 MB), packed by `cpio` into
 //!    `target/vm/systemd/base.cpio` (once).
-//! 2. Overlay, written here: the release `reaper` at `/usr/local/bin`, `deploy/reaper.toml` at
-//!    `/etc/reaper/`, `deploy/reaper.service` enabled in `multi-user.target` (the README's install
-//!    steps), and `reaper-vm-check.service`: runs `service-check` (tests/src/bin/service_check.rs)
-//!    after reaper.service, prints its `vm-check` lines on the console and powers off.
+//! 2. Overlay, written here: the package at `/root/reaper.deb`, and `reaper-vm-check.service`:
+//!    runs `service-check` (tests/src/bin/service_check.rs), which installs the package (its
+//!    postinst enables and starts reaper.service), checks the running service, removes and purges
+//!    the package, prints its `vm-check` lines on the console and powers off.
 //! 3. QEMU boots the newest kernel of the matrix with both archives concatenated as the
 //!    initramfs (the kernel unpacks one after the other) and `rdinit=/lib/systemd/systemd`.
 use std::fs;
@@ -17,7 +18,6 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 
 use super::{Kernel, Machine, Opts, Run, boot, cpio_entry, ensure_tool};
-use crate::Ctx;
 use crate::cmd::{describe, status};
 
 /// The checker, built statically with the matrix's programs.
@@ -30,9 +30,8 @@ const STAMP: &str = ".reaper-vm-root";
 /// The unit that runs the checks and ends the machine, whatever they find.
 const CHECK_UNIT: &str = "\
 [Unit]
-Description=vm-test: check reaper.service under systemd, then power off
-Wants=reaper.service
-After=reaper.service
+Description=vm-test: install reaper's .deb, check reaper.service under systemd, then power off
+After=multi-user.target
 SuccessAction=poweroff-force
 FailureAction=poweroff-force
 
@@ -47,17 +46,17 @@ TimeoutStartSec=420
 ";
 
 pub(super) fn run(
-    ctx: &Ctx,
     vm_dir: &Path,
     kernel: &Kernel,
     opts: &Opts,
     static_dir: &Path,
+    deb: &Path,
 ) -> anyhow::Result<Run> {
     let dir = vm_dir.join("systemd");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let base = base_archive(&dir)?;
-    // Both built statically with the matrix's programs (`build_static`).
-    let (reaper, checker) = (static_dir.join("reaper"), static_dir.join(CHECKER));
+    // Built statically with the matrix's programs (`build_static`).
+    let checker = static_dir.join(CHECKER);
 
     let mut overlay = Vec::new();
     let mut ino = 1_000_000;
@@ -67,10 +66,10 @@ pub(super) fn run(
     };
     for d in [
         "etc",
-        "etc/reaper",
         "etc/systemd",
         "etc/systemd/system",
         "etc/systemd/system/multi-user.target.wants",
+        "root",
         "usr",
         "usr/local",
         "usr/local/bin",
@@ -78,22 +77,22 @@ pub(super) fn run(
         cpio_entry(&mut overlay, next(), d, 0o040755, (0, 0), &[]);
     }
     let read = |p: &Path| fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let deploy = ctx.workspace.join("deploy");
     for (name, mode, data) in [
-        ("usr/local/bin/reaper", 0o100755, read(&reaper)?),
+        ("root/reaper.deb", 0o100644, read(deb)?),
         ("usr/local/bin/service-check", 0o100755, read(&checker)?),
-        ("etc/reaper/reaper.toml", 0o100644, read(&deploy.join("reaper.toml"))?),
-        ("etc/systemd/system/reaper.service", 0o100644, read(&deploy.join("reaper.service"))?),
         ("etc/systemd/system/reaper-vm-check.service", 0o100644, CHECK_UNIT.as_bytes().to_vec()),
     ] {
         cpio_entry(&mut overlay, next(), name, mode, (0, 0), &data);
     }
     // `systemctl enable`: a symlink in the target's .wants directory.
-    for unit in ["reaper.service", "reaper-vm-check.service"] {
-        let link = format!("etc/systemd/system/multi-user.target.wants/{unit}");
-        let target = format!("/etc/systemd/system/{unit}");
-        cpio_entry(&mut overlay, next(), &link, 0o120777, (0, 0), target.as_bytes());
-    }
+    cpio_entry(
+        &mut overlay,
+        next(),
+        "etc/systemd/system/multi-user.target.wants/reaper-vm-check.service",
+        0o120777,
+        (0, 0),
+        b"/etc/systemd/system/reaper-vm-check.service",
+    );
     cpio_entry(&mut overlay, 0, "TRAILER!!!", 0, (0, 0), &[]);
 
     let initramfs = dir.join("initramfs.cpio");
@@ -113,7 +112,7 @@ pub(super) fn run(
         append: "rdinit=/lib/systemd/systemd systemd.unit=multi-user.target \
                  systemd.show_status=false"
             .to_owned(),
-        ready_marker: "vm-check service_active",
+        ready_marker: "vm-check deb_installs_and_enables",
     };
     boot(vm_dir, kernel, &initramfs, opts, &machine)
 }
