@@ -91,6 +91,18 @@ impl detect::Host for LiveHost<'_> {
         })
     }
 
+    fn cgroup(&self, pid: u32) -> Option<String> {
+        // A few hundred bytes; bounded all the same (a process cannot make it long).
+        use std::io::Read as _;
+        let mut text = String::new();
+        std::fs::File::open(format!("/proc/{pid}/cgroup"))
+            .ok()?
+            .take(8192)
+            .read_to_string(&mut text)
+            .ok()?;
+        Some(text)
+    }
+
     fn rss_bytes(&self, id: Identity) -> Option<u64> {
         let p = proc_process(id.pid)?;
         if p.stat().ok()?.starttime != id.start_ticks {

@@ -435,6 +435,7 @@ mod tests {
             dry_run: false,
             kind: None,
             note: String::new(),
+            attribution: Default::default(),
         }
     }
 

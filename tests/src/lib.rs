@@ -557,6 +557,7 @@ pub fn decision(id: reaper::events::Identity, comm: &str, uid: u32, rule: &str) 
         dry_run: false,
         kind: None,
         note: String::new(),
+        attribution: Default::default(),
     }
 }
 

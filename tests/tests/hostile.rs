@@ -291,7 +291,8 @@ fn forged_comm_and_argv_are_escaped_in_logs_tree_explain_and_events() {
         keys,
         [
             "pid", "start_time", "uid", "ppid", "parent_comm", "argv", "rule", "reason", "idle_secs",
-            "rss_bytes", "descendants", "other_uid", "kind", "note", "step", "steps", "outcome", "error"
+            "rss_bytes", "descendants", "other_uid", "unit", "container", "pod", "kind", "note", "step",
+            "steps", "outcome", "error"
         ],
         "{line}"
     );

@@ -32,7 +32,7 @@ use reaper_common::SockActivity;
 use serde::{Deserialize, Serialize};
 
 use self::{
-    session::{Connections, Kind, KindCounts, Pressure, SessionView},
+    session::{Attribution, Connections, Kind, KindCounts, Pressure, SessionView},
     targets::Mismatch,
     verdict::{ActivityKind, Evidence, Nanos, Verdict, Waiting},
 };
@@ -65,6 +65,8 @@ pub trait Host {
     fn connections(&self, pid: u32) -> Option<Connections>;
     /// Resident memory, if `id` is still alive.
     fn rss_bytes(&self, id: Identity) -> Option<u64>;
+    /// The text of `/proc/PID/cgroup`.
+    fn cgroup(&self, pid: u32) -> Option<String>;
 }
 
 /// Where activity evidence comes from, as resolved at start-up.
@@ -160,6 +162,8 @@ pub struct Decision {
     pub kind: Option<Kind>,
     /// What else the log line should say (the memory reading that triggered it, …).
     pub note: String,
+    /// The target's systemd unit, container and pod.
+    pub attribution: Attribution,
 }
 
 /// What became of a decision.
@@ -237,6 +241,9 @@ struct Runaway {
     next_sample: Nanos,
     pending: Pending,
 }
+
+/// Characters of argv a log line shows.
+const ARGV_SHOWN: usize = 512;
 
 /// Sessions kept once their target and every leftover are gone (for `reaper sessions`).
 const ENDED_KEPT: usize = 64;
@@ -920,7 +927,7 @@ impl Detector {
             self.targets.get_mut(&pid).expect("listed above").pending = Pending::Reaping;
         }
         self.decide_leftovers(tree, now, host, &mut decisions);
-        self.decide_runaways(tree, now, &mut decisions);
+        self.decide_runaways(tree, now, host, &mut decisions);
         decisions
     }
 
@@ -961,16 +968,27 @@ impl Detector {
             deadline_ns,
             ppid: p.ppid,
             parent_comm: tree.get(p.ppid).map(|pp| pp.comm.clone()).unwrap_or_default(),
-            argv: p.argv.to_string(),
+            argv: p.argv.redacted(ARGV_SHOWN),
             dry_run: self.mode == Mode::DryRun,
             kind: None,
             note: String::new(),
+            attribution: host.cgroup(p.id.pid).map(|c| Attribution::from_cgroup(&c)).unwrap_or_default(),
         }
     }
 
     /// A decision to end one leftover of `e` (SIGTERM first: the agent that could close its
     /// input is gone).
-    fn leftover_decision(&self, e: &Ended, p: &Process, kind: Kind, reason: Reason, deadline_ns: Nanos, now: Nanos) -> Decision {
+    #[expect(clippy::too_many_arguments, reason = "the facts of one decision")]
+    fn leftover_decision(
+        &self,
+        e: &Ended,
+        p: &Process,
+        host: &impl Host,
+        kind: Kind,
+        reason: Reason,
+        deadline_ns: Nanos,
+        now: Nanos,
+    ) -> Decision {
         Decision {
             target: Victim::of(p),
             descendants: Vec::new(),
@@ -984,9 +1002,10 @@ impl Detector {
             deadline_ns,
             ppid: p.ppid,
             parent_comm: tree_comm(p.ppid, e),
-            argv: p.argv.to_string(),
+            argv: p.argv.redacted(ARGV_SHOWN),
             dry_run: self.mode == Mode::DryRun,
             kind: Some(kind),
+            attribution: host.cgroup(p.id.pid).map(|c| Attribution::from_cgroup(&c)).unwrap_or_default(),
             note: format!("leftover of session {} ({}), which ended {:.0}s ago", e.target, crate::events::quoted(&e.comm), secs(now.saturating_sub(e.at))),
         }
     }
@@ -1035,7 +1054,7 @@ impl Detector {
                         if !take_slot(&mut self.rate, now, m.id.pid, &e.rule) {
                             return;
                         }
-                        (Pending::Reaping, Some(self.leftover_decision(e, p, kind, Reason::Leftover, deadline_of(e), now)))
+                        (Pending::Reaping, Some(self.leftover_decision(e, p, host, kind, Reason::Leftover, deadline_of(e), now)))
                     }
                 };
                 let member = self
@@ -1050,7 +1069,7 @@ impl Detector {
         }
     }
 
-    fn decide_runaways(&mut self, tree: &ProcessTree, now: Nanos, decisions: &mut Vec<Decision>) {
+    fn decide_runaways(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host, decisions: &mut Vec<Decision>) {
         let mut due: Vec<u32> = self
             .runaways
             .values()
@@ -1084,9 +1103,10 @@ impl Detector {
                 deadline_ns: since.saturating_add(nanos(self.runaway_for)),
                 ppid: p.ppid,
                 parent_comm: tree.get(p.ppid).map(|pp| pp.comm.clone()).unwrap_or_default(),
-                argv: p.argv.to_string(),
+                argv: p.argv.redacted(ARGV_SHOWN),
                 dry_run: self.mode == Mode::DryRun,
                 kind: None,
+                attribution: host.cgroup(pid).map(|c| Attribution::from_cgroup(&c)).unwrap_or_default(),
                 note: format!(
                     "lost its terminal, re-parented, above {:.0}% of a core for {:.0}s",
                     self.runaway_cpu * 100.0,
@@ -1163,7 +1183,7 @@ impl Detector {
                     return None;
                 }
                 let e = &self.ended[&session];
-                let mut d = self.leftover_decision(e, p, kind, Reason::MemoryPressure, now, now);
+                let mut d = self.leftover_decision(e, p, host, kind, Reason::MemoryPressure, now, now);
                 d.note = format!("{note}; {}", d.note);
                 let m = self.ended.get_mut(&session)?.members.get_mut(&pid)?;
                 m.pending = Pending::Reaping;

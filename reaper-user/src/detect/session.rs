@@ -117,6 +117,55 @@ pub struct SessionView {
     pub rss_bytes: u64,
 }
 
+/// Where a process runs, from its `/proc/PID/cgroup`: the systemd unit, the container, the
+/// Kubernetes pod. Shown with every kill, so an operator knows whose agent it was.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attribution {
+    /// The innermost `*.service` or `*.scope` (for a container runtime's scope, its name).
+    pub unit: Option<String>,
+    /// A container id (64 hex digits: docker, containerd, CRI-O, podman).
+    pub container: Option<String>,
+    /// A Kubernetes pod uid.
+    pub pod: Option<String>,
+}
+
+impl Attribution {
+    /// Reads the text of `/proc/PID/cgroup`: the cgroup v2 line (`0::/…`) unless it is the
+    /// root, as in a hybrid layout, where the `name=systemd` line says more.
+    pub fn from_cgroup(text: &str) -> Self {
+        let path = text
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .filter(|p| *p != "/")
+            .or_else(|| text.lines().find_map(|l| l.split_once(":name=systemd:").map(|(_, p)| p)))
+            .unwrap_or("");
+        let mut a = Self::default();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            if part.ends_with(".service") || part.ends_with(".scope") {
+                a.unit = Some(part.to_owned());
+            }
+            // docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope, libpod-<id>.scope,
+            // or a bare <id> directory (cgroupfs driver).
+            let stem = part.trim_end_matches(".scope");
+            let id = stem.rsplit('-').next().unwrap_or(stem);
+            if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                a.container = Some(id.to_owned());
+            }
+            // kubepods-burstable-pod<uid with _>.slice, or pod<uid> (cgroupfs driver).
+            if let Some(uid) = part
+                .trim_end_matches(".slice")
+                .rsplit('-')
+                .next()
+                .and_then(|p| p.strip_prefix("pod"))
+                && uid.len() >= 32
+            {
+                a.pod = Some(uid.replace('_', "-"));
+            }
+        }
+        a
+    }
+}
+
 /// One reading of memory pressure.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Pressure {
@@ -196,6 +245,23 @@ mod tests {
         assert!(reapable(Leftovers::Connected, Kind::Tool).is_err());
         assert!(reapable(Leftovers::All, Kind::Tool).is_ok());
         assert!(reapable(Leftovers::None, Kind::StdioServer).is_err());
+    }
+
+    #[test]
+    fn attribution_names_the_unit_the_container_and_the_pod() {
+        let a = Attribution::from_cgroup("0::/system.slice/claude-mem.service\n");
+        assert_eq!(a.unit.as_deref(), Some("claude-mem.service"));
+        assert_eq!((a.container, a.pod), (None, None));
+        let id = "4f1c2e3d".repeat(8);
+        let k8s = format!(
+            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_5f60_4a7b_8c9d_0e1f2a3b4c5d.slice/cri-containerd-{id}.scope\n"
+        );
+        let a = Attribution::from_cgroup(&k8s);
+        assert_eq!(a.container.as_deref(), Some(id.as_str()));
+        assert_eq!(a.pod.as_deref(), Some("1b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d"));
+        // Hybrid (this host's) layout: the name=systemd line.
+        let hybrid = "4:memory:/x\n1:name=systemd:/user.slice/user-1000.slice/session-3.scope\n0::/\n";
+        assert_eq!(Attribution::from_cgroup(hybrid).unit.as_deref(), Some("session-3.scope"));
     }
 
     #[test]

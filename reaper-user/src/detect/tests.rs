@@ -48,6 +48,9 @@ impl Host for FakeHost {
             self.watched.remove(p);
         }
     }
+    fn cgroup(&self, _pid: u32) -> Option<String> {
+        Some("0::/system.slice/agent.service\n".into())
+    }
     fn watch_incomplete(&self, _target: u32) -> bool {
         false
     }
@@ -173,6 +176,7 @@ fn an_idle_target_is_due_at_its_deadline_not_before() {
     assert_eq!(orders.len(), 1);
     let o = &orders[0];
     assert_eq!((o.target.id, o.reason, o.ppid, o.parent_comm.as_str()), (id(20), Reason::Idle, 10, "node"));
+    assert_eq!(o.attribution.unit.as_deref(), Some("agent.service"), "whose agent it was");
     assert_eq!(o.deadline_ns, 11 * S);
     assert!(!o.dry_run);
     assert!(w.tick(12 * S).is_empty(), "one order at a time");

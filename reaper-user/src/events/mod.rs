@@ -83,6 +83,72 @@ impl Argv {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// argv for a log line: the values of flags that carry secrets or whole configurations
+    /// (`--mcp-config`, `--system-prompt`, …), and anything that looks like a key or token,
+    /// replaced by their length; the whole cut at `max_chars` characters.
+    pub fn redacted(&self, max_chars: usize) -> String {
+        let args = self.to_strings();
+        let mut out: Vec<String> = Vec::with_capacity(args.len());
+        let mut hide_next = false;
+        for arg in &args {
+            if std::mem::take(&mut hide_next) {
+                out.push(format!("<{} bytes redacted>", arg.len()));
+                continue;
+            }
+            let (flag, value) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f, Some(v)),
+                _ => (arg.as_str(), None),
+            };
+            if SECRET_FLAGS.contains(&flag) {
+                match value {
+                    Some(v) => out.push(format!("{flag}=<{} bytes redacted>", v.len())),
+                    None => {
+                        out.push(flag.to_owned());
+                        hide_next = true;
+                    }
+                }
+            } else if looks_secret(value.unwrap_or(arg)) {
+                out.push(match value {
+                    Some(v) => format!("{flag}=<{} bytes redacted>", v.len()),
+                    None => format!("<{} bytes redacted>", arg.len()),
+                });
+            } else {
+                out.push(word(arg).to_string());
+            }
+        }
+        let joined = out.join(" ");
+        match joined.char_indices().nth(max_chars) {
+            Some((cut, _)) => format!("{}…", &joined[..cut]),
+            None => joined,
+        }
+    }
+}
+
+/// Flags whose value is a secret or a whole configuration (prompts, MCP server commands with
+/// their environment and tokens): never logged.
+const SECRET_FLAGS: &[&str] = &[
+    "--mcp-config",
+    "--system-prompt",
+    "--append-system-prompt",
+    "--settings",
+    "--agents",
+    "--api-key",
+    "--token",
+    "--password",
+];
+
+/// Whether `s` looks like a credential: a known key prefix, a `key=`/`token=`-style pair, or a
+/// long run of key-like characters.
+fn looks_secret(s: &str) -> bool {
+    let lower = s.to_ascii_lowercase();
+    ["sk-ant-", "sk-", "ghp_", "github_pat_", "xox", "akia"]
+        .iter()
+        .any(|p| lower.starts_with(p) && s.len() >= 20)
+        || ["api_key=", "apikey=", "token=", "secret=", "password="]
+            .iter()
+            .any(|k| lower.contains(k))
+        || (s.len() >= 32 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_+/=".contains(c)) && s.chars().any(|c| c.is_ascii_digit()))
 }
 
 impl fmt::Debug for Argv {
@@ -339,6 +405,33 @@ impl fmt::Display for Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argv_in_logs_hides_configs_prompts_and_keys_and_is_cut() {
+        let argv = Argv::from_args(&[
+            "/usr/bin/claude",
+            "--output-format",
+            "stream-json",
+            "--mcp-config",
+            r#"{"mcpServers":{"x":{"env":{"TOKEN":"abc"}}}}"#,
+            "--system-prompt=You are secret",
+            "--model=claude-sonnet-4-5",
+            "sk-ant-api03-0123456789abcdefghij",
+            "--header=api_key=hunter2",
+        ]);
+        let shown = argv.redacted(1000);
+        assert_eq!(
+            shown,
+            "/usr/bin/claude --output-format stream-json --mcp-config <44 bytes redacted> \
+             --system-prompt=<14 bytes redacted> --model=claude-sonnet-4-5 <33 bytes redacted> \
+             --header=<15 bytes redacted>"
+        );
+        for secret in ["TOKEN", "secret", "sk-ant", "hunter2"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        let long = Argv::from_args(&["a".repeat(900)]);
+        assert_eq!(long.redacted(100).chars().count(), 101, "cut, with an ellipsis");
+    }
 
     /// Every character that must never be printed as itself: what each output escapes.
     const HOSTILE: &[char] = &[
