@@ -375,6 +375,7 @@ impl Pipeline {
             queued_queries: Vec::new(),
             last_lost: 0,
             pressure_reaping: false,
+            scanning: false,
         };
         let tree_task = tokio::spawn(owner.run(events_rx, queries_rx));
         Ok(Self {
@@ -474,6 +475,9 @@ struct TreeOwner {
     last_lost: u64,
     /// A decision made because memory was short is out: wait for it before the next.
     pressure_reaping: bool,
+    /// A `/proc` scan runs: timer and loss scans wait for it (one at a time, however fast
+    /// losses come).
+    scanning: bool,
 }
 
 impl Query {
@@ -581,7 +585,7 @@ impl TreeOwner {
                         self.start_scan(&scans_tx, None);
                     }
                 }
-                Some(scan) = scans.recv() => match scan.snapshot {
+                Some(scan) = scans.recv() => match self.scanned(scan.snapshot) {
                     Ok(snapshot) => {
                         // A newer scan supersedes one still waiting for its flush.
                         let stale: Vec<u64> = self
@@ -726,7 +730,19 @@ impl TreeOwner {
         }
     }
 
-    fn start_scan(&self, scans: &mpsc::Sender<ScanResult>, reply: Option<oneshot::Sender<Corrections>>) {
+    /// A scan is back: the next timer or loss scan may start.
+    fn scanned<T>(&mut self, snapshot: T) -> T {
+        self.scanning = false;
+        snapshot
+    }
+
+    fn start_scan(&mut self, scans: &mpsc::Sender<ScanResult>, reply: Option<oneshot::Sender<Corrections>>) {
+        // Single flight: a scan asked for by the timer or by losses while one runs is the
+        // same scan. (An explicit request, which waits for its answer, gets its own.)
+        if reply.is_none() && self.scanning {
+            return;
+        }
+        self.scanning = true;
         let scans = scans.clone();
         tokio::spawn(async move {
             let start_ticks = clock::boot_ticks();
@@ -824,6 +840,10 @@ impl TreeOwner {
                 .with_label_values(&[view.rule.as_str(), view.verdict.state()])
                 .inc();
         }
+        let deferred = self.detector.rate_limit_deferrals();
+        self.metrics
+            .rate_limit_deferrals
+            .inc_by(deferred.saturating_sub(self.metrics.rate_limit_deferrals.get()));
         let (states, kinds) = self.detector.session_counts(now);
         for (state, n) in states {
             self.metrics.sessions.with_label_values(&[state]).set(n);

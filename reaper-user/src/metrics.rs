@@ -47,6 +47,7 @@ pub struct Metrics {
     pub leftover_kills: IntCounterVec,
     pub runaway_kills: IntCounter,
     pub pressure_kills: IntCounter,
+    pub rate_limit_deferrals: IntCounter,
     pub watch_failures: IntCounter,
     pub read_faults: IntCounterVec,
     /// 1 for the mode in force (`enforce` or `dry-run`), 0 for the other.
@@ -192,6 +193,10 @@ impl Metrics {
             runaway_kills: register!(IntCounter::new(
                 "reaper_runaway_kills_total",
                 "Agent CLIs ended because they lost their terminal and kept burning CPU."
+            )),
+            rate_limit_deferrals: register!(IntCounter::new(
+                "reaper_rate_limit_deferrals_total",
+                "Kills held back because max_kills_per_minute was reached."
             )),
             pressure_kills: register!(IntCounter::new(
                 "reaper_memory_pressure_kills_total",

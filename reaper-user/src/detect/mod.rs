@@ -334,6 +334,8 @@ pub struct FirstStep {
 pub struct RateLimit {
     per_minute: u32,
     recent: VecDeque<Nanos>,
+    /// Kills held back so far because the limit was reached.
+    deferred: u64,
 }
 
 const MINUTE: Nanos = 60_000_000_000;
@@ -343,6 +345,7 @@ impl RateLimit {
         Self {
             per_minute,
             recent: VecDeque::new(),
+            deferred: 0,
         }
     }
 
@@ -365,8 +368,16 @@ impl RateLimit {
                 self.recent.push_back(now);
                 Ok(())
             }
-            at => Err(at),
+            at => {
+                self.deferred += 1;
+                Err(at)
+            }
         }
+    }
+
+    /// Kills held back by the limit so far.
+    pub fn deferred(&self) -> u64 {
+        self.deferred
     }
 
     /// A new limit (SIGHUP) keeps the kills already made in the window.
@@ -436,6 +447,11 @@ impl Detector {
     pub fn publish_names(&self, host: &mut impl Host) {
         let names: Vec<&str> = self.rules.iter().flat_map(|r| r.comm.iter().map(String::as_str)).collect();
         host.watch_names(&names);
+    }
+
+    /// Kills the rate limit has held back so far.
+    pub fn rate_limit_deferrals(&self) -> u64 {
+        self.rate.deferred()
     }
 
     /// The memory pressure settings in force.

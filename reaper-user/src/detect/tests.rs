@@ -280,6 +280,7 @@ fn the_rate_limit_caps_kills() {
         w.spawn(pid, 10, SDK, S);
     }
     assert_eq!(w.tick(11 * S).len(), 3, "max_kills_per_minute = 3");
+    assert_eq!(w.det.rate_limit_deferrals(), 1, "the fourth waits (and the fifth with it)");
     assert!(w.tick(12 * S).is_empty());
     assert_eq!(w.tick(72 * S).len(), 2, "the rest a minute later");
 }
