@@ -664,8 +664,9 @@ fn sock_io(ctx: &BtfTracePointContext, recv: bool) {
                 (*record).activity.last_net_recv_ns = now;
             }
         },
-        // A process watched by its name from its exec on, not yet adopted by user space.
-        None => {
+        // A process watched by its name from its exec on, not yet adopted by user space (only
+        // the process itself: a child of one that user space unwatched must not recreate it).
+        None if target == tgid => {
             let _ = ACTIVITY.insert(
                 target,
                 ActivityRecord {
@@ -680,6 +681,7 @@ fn sock_io(ctx: &BtfTracePointContext, recv: bool) {
                 0,
             );
         }
+        None => {}
     }
 }
 
