@@ -104,6 +104,7 @@ fuzz_target!(|data: &[u8]| {
                 target: None,
                 first_step: None,
                 session: None,
+                attribution: None,
                 descendant_of: None,
             };
             let _ = cli::render_explanation(&explanation);

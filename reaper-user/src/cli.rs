@@ -56,12 +56,12 @@ pub fn render_tree(processes: &[Process], targets: &[TargetView]) -> String {
 /// `reaper sessions`: one line per agent session.
 pub fn render_sessions(sessions: &[crate::detect::session::SessionView]) -> String {
     let mut out = format!(
-        "{:>8} {:<14} {:>6} {:<16} {:>8} {:<20} {:>7} {:>5} {:>5} {:>9} {:>9}  {}\n",
-        "TARGET", "STATE", "UID", "PARENT", "QUIET", "RULE", "SERVERS", "TOOLS", "OTHER", "LEFTOVERS", "RSS", "COMM"
+        "{:>8} {:<14} {:>6} {:<16} {:>8} {:<20} {:>7} {:>5} {:>5} {:>9} {:>9}  {:<10} {}\n",
+        "TARGET", "STATE", "UID", "PARENT", "QUIET", "RULE", "SERVERS", "TOOLS", "OTHER", "LEFTOVERS", "RSS", "COMM", "WHERE"
     );
     for s in sessions {
         out.push_str(&format!(
-            "{:>8} {:<14} {:>6} {:<16} {:>7.0}s {:<20} {:>7} {:>5} {:>5} {:>9} {:>8.1}M  {}\n",
+            "{:>8} {:<14} {:>6} {:<16} {:>7.0}s {:<20} {:>7} {:>5} {:>5} {:>9} {:>8.1}M  {:<10} {}\n",
             s.target.pid,
             s.state,
             s.uid,
@@ -73,7 +73,8 @@ pub fn render_sessions(sessions: &[crate::detect::session::SessionView]) -> Stri
             s.descendants.other,
             s.leftovers,
             s.rss_bytes as f64 / (1024.0 * 1024.0),
-            word(&s.comm),
+            word(&s.comm).to_string(),
+            word(&s.attribution.short()),
         ));
     }
     if sessions.is_empty() {
@@ -215,6 +216,14 @@ pub fn render_explanation(e: &Explanation) -> String {
             if s.ended { "ended" } else { "live" },
             s.kind.map_or(String::new(), |k| format!(", a {}", k.as_str())),
             s.leftover,
+        ));
+    }
+    if let Some(a) = e.attribution.as_ref().filter(|a| **a != Default::default()) {
+        out.push_str(&format!(
+            "  runs in: unit {}, container {}, pod {}\n",
+            a.unit.as_deref().map_or("-".into(), |u| word(u).to_string()),
+            a.container.as_deref().unwrap_or("-"),
+            a.pod.as_deref().unwrap_or("-"),
         ));
     }
     if let Some(step) = &e.first_step {

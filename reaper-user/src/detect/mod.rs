@@ -229,6 +229,7 @@ struct Ended {
     parent_comm: String,
     at: Nanos,
     members: BTreeMap<u32, Member>,
+    attribution: Attribution,
 }
 
 /// An agent CLI re-parented after its parent exited, watched for burning CPU.
@@ -265,6 +266,8 @@ struct Target {
     last_word: Option<Nanos>,
     next_sample: Nanos,
     pending: Pending,
+    /// Where it runs (its unit, container, pod), read at adoption.
+    attribution: Attribution,
 }
 
 /// A target as shown by `reaper tree` and `reaper explain`.
@@ -297,6 +300,9 @@ pub struct Explanation {
     /// The session it belongs to, if any, and whether it is a leftover.
     #[serde(default)]
     pub session: Option<SessionOf>,
+    /// Where it runs: its systemd unit, container, pod (`/proc/PID/cgroup`).
+    #[serde(default)]
+    pub attribution: Option<Attribution>,
     /// Set when the process is watched as a target's descendant.
     pub descendant_of: Option<u32>,
 }
@@ -662,6 +668,7 @@ impl Detector {
                 parent_comm: comm_of(t.parent),
                 at,
                 members: t.members,
+                attribution: t.attribution,
             },
         );
         // Keep the newest few sessions with nothing left, for `reaper sessions`.
@@ -771,6 +778,7 @@ impl Detector {
             last_word: None,
             next_sample: now,
             pending: Pending::None,
+            attribution: host.cgroup(id.pid).map(|c| Attribution::from_cgroup(&c)).unwrap_or_default(),
         };
         sample(&mut target, rule_ref, tree, now, host, self.source, self.io_bytes_per_second);
         self.targets.insert(id.pid, target);
@@ -1260,6 +1268,7 @@ impl Detector {
                 descendants,
                 leftovers: 0,
                 rss_bytes: rss + host.rss_bytes(t.id).unwrap_or(0),
+                attribution: t.attribution.clone(),
             });
         }
         for e in self.ended.values() {
@@ -1276,6 +1285,7 @@ impl Detector {
                 descendants,
                 leftovers: descendants.total(),
                 rss_bytes: rss,
+                attribution: e.attribution.clone(),
             });
         }
         out.sort_by_key(|v| (v.target.start_ticks, v.target.pid));
@@ -1390,6 +1400,7 @@ impl Detector {
                 .map(|t| self.view(t, tree, now)),
             first_step,
             session: self.session_of(tree, pid, now, host),
+            attribution: host.cgroup(pid).map(|c| Attribution::from_cgroup(&c)),
             descendant_of: self.member_of.get(&pid).copied(),
             process,
             rules,

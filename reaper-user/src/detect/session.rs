@@ -115,6 +115,9 @@ pub struct SessionView {
     pub leftovers: usize,
     /// RSS of the target (if alive) and its live descendants.
     pub rss_bytes: u64,
+    /// Where the target runs (unit, container, pod); for an ended session, where it ran.
+    #[serde(default)]
+    pub attribution: Attribution,
 }
 
 /// Where a process runs, from its `/proc/PID/cgroup`: the systemd unit, the container, the
@@ -130,6 +133,16 @@ pub struct Attribution {
 }
 
 impl Attribution {
+    /// A short label for tables: the pod, else the container (12 digits), else the unit.
+    pub fn short(&self) -> String {
+        match (&self.pod, &self.container, &self.unit) {
+            (Some(pod), _, _) => format!("pod {pod}"),
+            (None, Some(c), _) => format!("container {}", &c[..12.min(c.len())]),
+            (None, None, Some(unit)) => unit.clone(),
+            (None, None, None) => "-".into(),
+        }
+    }
+
     /// Reads the text of `/proc/PID/cgroup`: the cgroup v2 line (`0::/…`) unless it is the
     /// root, as in a hybrid layout, where the `name=systemd` line says more.
     pub fn from_cgroup(text: &str) -> Self {
