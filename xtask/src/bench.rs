@@ -1612,7 +1612,7 @@ fn reap_latency(
         result: format!("p50 {}, p99 {}, max {}", secs(p50), secs(p99), secs(max)),
         target: "p99 ≤ 1 s".to_owned(),
         met: Some(p99 <= 1.0),
-        notes: "measured: idle deadline → process gone (`reaps.kill_delays`), SIGTERM".to_owned(),
+        notes: "measured: idle deadline → process gone (`reaps.kill_delays`); each ended by its first ladder step, its input closed".to_owned(),
     });
     for (label, period) in [("60 s", 60.0), ("5 min", 300.0)] {
         report.row(Row {
