@@ -372,7 +372,7 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     let uid = bpf_get_current_uid_gid() as u32;
     // SAFETY: a map lookup; nothing is kept from it.
-    if unsafe { WATCH_NAMES.get(&comm) }.is_some() {
+    if unsafe { WATCH_NAMES.get(comm) }.is_some() {
         // Its own target until user space decides; a descendant of a target stays that.
         let _ = WATCHED.insert(tgid, tgid, u64::from(BPF_NOEXIST));
     }

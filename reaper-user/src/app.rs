@@ -844,11 +844,11 @@ impl TreeOwner {
         self.metrics
             .rate_limit_deferrals
             .inc_by(deferred.saturating_sub(self.metrics.rate_limit_deferrals.get()));
-        let (states, kinds) = self.detector.session_counts(now);
-        for (state, n) in states {
+        let counts = self.detector.session_counts(now);
+        for (state, n) in counts.states {
             self.metrics.sessions.with_label_values(&[state]).set(n);
         }
-        for (kind, n) in kinds {
+        for (kind, n) in counts.leftovers {
             self.metrics.leftovers.with_label_values(&[kind.as_str()]).set(n);
         }
     }

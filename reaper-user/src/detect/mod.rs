@@ -243,6 +243,13 @@ struct Runaway {
     pending: Pending,
 }
 
+/// Sessions by state and leftovers by kind, for the gauges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionCounts {
+    pub states: Vec<(&'static str, i64)>,
+    pub leftovers: Vec<(Kind, i64)>,
+}
+
 /// Characters of argv a log line shows.
 const ARGV_SHOWN: usize = 512;
 
@@ -1303,7 +1310,7 @@ impl Detector {
 
     /// Sessions by state, and leftovers (members of ended sessions past their grace) by kind,
     /// for the gauges. Reads nothing from the host.
-    pub fn session_counts(&self, now: Nanos) -> (Vec<(&'static str, i64)>, Vec<(Kind, i64)>) {
+    pub fn session_counts(&self, now: Nanos) -> SessionCounts {
         let mut states: Vec<(&'static str, i64)> =
             ["active", "idle", "turn_in_flight", "leaked", "ended"].iter().map(|s| (*s, 0)).collect();
         let mut bump_state = |state: &str| {
@@ -1325,7 +1332,7 @@ impl Detector {
                 }
             }
         }
-        (states, kinds)
+        SessionCounts { states, leftovers: kinds }
     }
 
     fn view(&self, t: &Target, tree: &ProcessTree, now: Nanos) -> TargetView {

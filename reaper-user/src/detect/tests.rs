@@ -594,7 +594,7 @@ fn a_stdio_server_left_behind_is_reaped_after_the_leftover_grace_and_a_detached_
     let sessions = w.det.sessions(&w.tree, 100 * S, &w.host);
     assert_eq!(sessions.len(), 1);
     assert_eq!((sessions[0].state.as_str(), sessions[0].leftovers), ("ended", 2));
-    let (_, kinds) = w.det.session_counts(100 * S);
+    let kinds = w.det.session_counts(100 * S).leftovers;
     assert!(kinds.contains(&(session::Kind::Tool, 1)) && kinds.contains(&(session::Kind::StdioServer, 1)), "{kinds:?}");
 }
 
