@@ -83,10 +83,9 @@ fn megabytes_of_argv_in_many_processes_keep_the_daemon_small() {
 
     // Started after them: the start-up scan reads them all, then reconciles rescan every second.
     let dir = TempDir::new("argv");
-    let config = dir.write(
-        "reaper.toml",
-        &format!("reconcile_interval = \"1s\"\n{}", reaper::config::DEFAULT_TOML),
-    );
+    let every_second = reaper::config::DEFAULT_TOML.replace("reconcile_interval = \"60s\"", "reconcile_interval = \"1s\"");
+    assert_ne!(every_second, reaper::config::DEFAULT_TOML, "the built-in default sets reconcile_interval");
+    let config = dir.write("reaper.toml", &every_second);
     let daemon = Daemon::start(&dir, "daemon", ["--dry-run", "--config", config.to_str().unwrap()], metrics_addr());
     let pid = daemon.process.child.id();
     let start_peak = status_bytes(pid, "VmHWM");
