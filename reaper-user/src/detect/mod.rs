@@ -528,6 +528,13 @@ impl Detector {
                 None => self.drop_target(pid, host),
             }
         }
+        // Sessions whose rule is gone: their leftovers are reported from now on, no longer
+        // reaped (a reap of one already under way is cancelled before its first signal).
+        for e in self.ended.values_mut() {
+            if !self.rules.iter().any(|r| r.name == e.rule) {
+                e.policy = Leftovers::None;
+            }
+        }
         let pids: Vec<u32> = tree
             .processes()
             .map(|p| p.id.pid)

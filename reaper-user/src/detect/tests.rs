@@ -616,6 +616,30 @@ fn detached() -> session::Connections {
 }
 
 #[test]
+fn a_reload_without_the_rule_leaves_its_sessions_leftovers_alone() {
+    let mut w = World::new("leftover_grace = \"5s\"");
+    w.spawn(20, 10, SDK, S);
+    w.spawn(30, 20, &["/usr/bin/node", "server.js"], 2 * S);
+    w.exit(20, 10 * S);
+    let other = parse(
+        "leftover_grace = \"5s\"\n[[rule]]\nname = \"other\"\ncomm = [\"other\"]\n",
+        "test",
+        &Overrides::default(),
+    )
+    .unwrap();
+    w.det.reconfigure(&other, &w.tree, 11 * S, &mut w.host);
+    assert!(w.tick(16 * S).is_empty(), "its rule is gone: the leftover is only reported");
+    let s = w.det.explain(&w.tree, 30, 16 * S, &w.host).session.unwrap();
+    assert!(s.leftover.contains("left alone") || s.leftover.contains("only reported"), "{}", s.leftover);
+    // With the rule still there, the same leftover is reaped.
+    let mut w = World::new("leftover_grace = \"5s\"");
+    w.spawn(20, 10, SDK, S);
+    w.spawn(30, 20, &["/usr/bin/node", "server.js"], 2 * S);
+    w.exit(20, 10 * S);
+    assert_eq!(w.tick(16 * S).iter().map(|d| d.target.id.pid).collect::<Vec<_>>(), [30]);
+}
+
+#[test]
 fn a_stdio_server_left_behind_is_reaped_after_the_leftover_grace_and_a_detached_one_is_not() {
     let mut w = World::new("leftover_grace = \"5s\"");
     w.spawn(20, 10, SDK, S);
