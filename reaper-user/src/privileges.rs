@@ -131,7 +131,7 @@ impl Dropped {
     pub fn describe_given_up(&self) -> String {
         KEPT.iter()
             .filter(|k| self.dropped.contains(&k.cap))
-            .map(|k| format!("{} (needed {})", k.cap, k.when.as_str()))
+            .map(|k| format!("{} (needed in {})", k.cap, k.when.as_str()))
             .collect::<Vec<_>>()
             .join("; ")
     }
@@ -284,6 +284,6 @@ mod tests {
         let never = Dropped { kept: set(&[CAP_BPF]), dropped: CapsHashSet::new() };
         assert!(reload_allowed(&config("enforce"), &never).is_ok());
         assert!(dry.describe_kept().starts_with("CAP_BPF ("), "{}", dry.describe_kept());
-        assert!(dry.describe_given_up().contains("CAP_KILL (needed mode = \"enforce\" only)"));
+        assert!(dry.describe_given_up().contains("CAP_KILL (needed in mode = \"enforce\" only)"));
     }
 }

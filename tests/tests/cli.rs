@@ -605,7 +605,7 @@ fn each_mode_keeps_only_the_capabilities_it_uses_and_a_reload_needing_more_is_re
         assert!(log.contains("dropped every other capability"), "{mode}: {log}");
         assert!(log.contains("CAP_BPF (update the watched-process map"), "{mode}: the log says what is kept and why: {log}");
         if mode == "dry-run" {
-            assert!(log.contains("CAP_KILL (needed mode = "), "{mode}: and what is not: {log}");
+            assert!(log.contains("CAP_KILL (needed in mode = "), "{mode}: and what is not: {log}");
             // CAP_KILL is gone for good: a reload to enforce is refused, the dry run stays.
             write(&format!("mode = \"enforce\"\n{rule}"));
             kill(daemon.process.pid(), Signal::SIGHUP).unwrap();
