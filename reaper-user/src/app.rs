@@ -87,6 +87,8 @@ pub struct ReapStats {
     pub kill_delays: Vec<f64>,
     /// Orders not carried out because the pid named another process by then.
     pub identity_mismatches: u64,
+    /// Orders a reload cancelled before their first signal (dry-run, or their rule removed).
+    pub cancelled: u64,
 }
 
 fn bump<K: PartialEq>(counts: &mut Vec<(K, u64)>, key: K) {
@@ -136,6 +138,7 @@ impl ReapStats {
             }
             Outcome::IdentityMismatch => self.identity_mismatches += 1,
             Outcome::AlreadyGone => {}
+            Outcome::Cancelled => self.cancelled += 1,
         }
     }
 
@@ -358,6 +361,7 @@ impl Pipeline {
 
         let (queries_tx, queries_rx) = mpsc::channel(64);
         let (applied, _) = broadcast::channel(16 * 1024);
+        let policy = tokio::sync::watch::Sender::new(reap::Policy::new(0, settings));
         let owner = TreeOwner {
             applied: applied.clone(),
             detector,
@@ -376,6 +380,7 @@ impl Pipeline {
             last_lost: 0,
             pressure_reaping: false,
             scanning: false,
+            policy,
         };
         let tree_task = tokio::spawn(owner.run(events_rx, queries_rx));
         Ok(Self {
@@ -478,6 +483,9 @@ struct TreeOwner {
     /// A `/proc` scan runs: timer and loss scans wait for it (one at a time, however fast
     /// losses come).
     scanning: bool,
+    /// The mode and rules in force, by reload generation: a reap decided before a reload
+    /// checks them again before its first signal.
+    policy: tokio::sync::watch::Sender<reap::Policy>,
 }
 
 impl Query {
@@ -532,6 +540,8 @@ impl TreeOwner {
                         Outcome::WouldKill => Settled::WouldKill,
                         // Still alive after a failure: try again later, not in a loop.
                         Outcome::Failed | Outcome::Refused => Settled::RetryAt(clock::mono_ns() + 60_000_000_000),
+                        // Decided again under the configuration now in force (a dry run reports it).
+                        Outcome::Cancelled => Settled::RetryAt(clock::mono_ns()),
                         Outcome::Ended | Outcome::AlreadyGone | Outcome::IdentityMismatch => Settled::Gone,
                     };
                     self.detector.settle(decision.target.id, settled);
@@ -643,13 +653,13 @@ impl TreeOwner {
                 let now = clock::mono_ns();
                 let host = LiveHost { probes: &mut self.probes };
                 for decision in self.detector.decide(&self.tree, now, &host) {
-                    spawn_reap(decision, reports.clone());
+                    spawn_reap(decision, self.policy.subscribe(), reports.clone());
                 }
             }
             FlushFor::Pressure(reading) => {
                 let host = LiveHost { probes: &mut self.probes };
                 match self.detector.pressure_decision(&self.tree, clock::mono_ns(), &host, &reading) {
-                    Some(decision) => spawn_reap(decision, reports.clone()),
+                    Some(decision) => spawn_reap(decision, self.policy.subscribe(), reports.clone()),
                     None => {
                         self.pressure_reaping = false;
                         tracing::debug!(%reading, "memory is short, but no idle target or leftover to reap");
@@ -811,6 +821,9 @@ impl TreeOwner {
             targets = self.detector.target_count(),
             "configuration reloaded"
         );
+        // Reaps decided before now and not yet started see this before their first signal.
+        let generation = self.policy.borrow().generation + 1;
+        self.policy.send_replace(reap::Policy::new(generation, &config));
         self.config.config = config;
     }
 
@@ -878,10 +891,17 @@ impl TreeOwner {
     }
 }
 
-/// Carries out one decision on its own task and reports back.
-fn spawn_reap(decision: Decision, reports: mpsc::Sender<(Decision, ReapReport)>) {
+/// Carries out one decision on its own task and reports back. A reload (`policy` changes)
+/// between now and the first signal that switches to dry-run or removes the decision's rule
+/// cancels it.
+fn spawn_reap(
+    decision: Decision,
+    policy: tokio::sync::watch::Receiver<reap::Policy>,
+    reports: mpsc::Sender<(Decision, ReapReport)>,
+) {
+    let decided = policy.borrow().generation;
     tokio::spawn(async move {
-        let report = reap::execute(&Pidfds, &decision).await;
+        let report = reap::execute_unless(&Pidfds, &decision, |d| policy.borrow().cancels(decided, d)).await;
         log_report(&decision, &report);
         let _ = reports.send((decision, report)).await;
     });
@@ -923,6 +943,7 @@ fn log_report(d: &Decision, report: &ReapReport) {
         Outcome::WouldKill => line!(warn, "would reap (dry run)"),
         Outcome::Ended => line!(warn, "reaped"),
         Outcome::AlreadyGone | Outcome::IdentityMismatch => line!(info, "not reaped: gone or changed before the first step"),
+        Outcome::Cancelled => line!(info, "not reaped: a reload cancelled it before the first step"),
         Outcome::Refused | Outcome::Failed => line!(error, "reap failed"),
     }
 }

@@ -124,6 +124,7 @@ pub fn render_stats(stats: &serde_json::Value) -> String {
     let reaps = &stats["reaps"];
     rows.push(("reclaimed", format!("{} bytes", num(&reaps["reclaimed_bytes"]))));
     rows.push(("identity mismatches", num(&reaps["identity_mismatches"])));
+    rows.push(("reload-cancelled", num(&reaps["cancelled"])));
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let mut out: String = rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect();
 
@@ -304,9 +305,10 @@ mod tests {
             "mode": "enforce", "rules": ["claude-sdk"], "targets": 2,
             "reaps": {"kills": [[["claude-sdk", "idle", "closed"], 4]],
                       "failures": [[["claude-sdk", "orphaned"], 1]], "would_kill": [],
-                      "reclaimed_bytes": 1024, "identity_mismatches": 0}
+                      "reclaimed_bytes": 1024, "identity_mismatches": 0, "cancelled": 2}
         });
         let text = render_stats(&stats);
+        assert!(text.contains("reload-cancelled     2"), "{text}");
         assert!(text.contains("events               17 (fork 10, exec 7)"), "{text}");
         assert!(text.contains("mode                 enforce (/etc/reaper/reaper.toml)"), "{text}");
         assert!(text.contains("OUTCOME  RULE        REASON    STEP    COUNT"), "{text}");

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::probes::DEFAULT_RING_BYTES;
 
-/// The built-in default, also shipped as an example file (`deploy/reaper.toml`).
+/// The built-in default, also shipped as an example file (`deploy/reaper.toml`). The one place
+/// every global default is written: a file that leaves a key out gets the value here
+/// ([`File::or_builtin`]); only `ring_bytes` comes from the probes' `DEFAULT_RING_BYTES`.
 pub const DEFAULT_TOML: &str = r#"
 # What reaper does with the processes its rules match.
 mode = "enforce"                 # or "dry-run": decide, log and count, signal nothing
@@ -23,7 +25,7 @@ cpu_threshold_percent = 2.0      # "low CPU": below this share of one core
 orphan_grace = "60s"             # a target whose parent died is reaped after this
 eof_grace = "2s"                 # after the clean end (input closed, or SIGINT): SIGTERM after this
 grace = "5s"                     # SIGTERM, then SIGKILL after this
-max_kills_per_minute = 10        # so a wrong rule cannot wipe a host
+max_kills_per_minute = 10        # processes signalled (targets + descendants): a wrong rule cannot wipe a host
 metrics_addr = "127.0.0.1:9847"
 leftover_grace = "30s"           # a target's descendants still alive this long after it are leftovers
 runaway_cpu_percent = 50.0       # an agent CLI that lost its terminal and burns this much CPU…
@@ -33,6 +35,9 @@ memory_pressure_file = "/proc/pressure/memory"  # or a cgroup v2 memory.pressure
 memory_pressure_some_avg10 = 20.0                # short when PSI `some avg10` is at least this…
 memory_available_percent = 10.0                  # …or MemAvailable is below this share of MemTotal
 memory_pressure_min_idle = "60s" # under pressure, a target quiet this long counts as idle
+reconcile_interval = "60s"       # compare the tree with /proc this often
+activity_source = "auto"         # socket tracepoints (6.3+), else /proc/PID/io; or "socket", "proc-io"
+io_bytes_per_second = 256        # with proc-io: read+write bytes per second that count as activity
 
 # The CLI child an Agent SDK daemon spawns per query (streaming JSON on its stdio, no terminal).
 [[rule]]
@@ -89,20 +94,18 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
-    #[default]
     Enforce,
     DryRun,
 }
 
 /// Where per-target activity comes from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ActivitySource {
     /// Socket tracepoints where the kernel has them (6.3+), else `/proc/PID/io`.
-    #[default]
     Auto,
     /// `sock:sock_send_length` / `sock:sock_recv_length`, counted in the kernel for targets.
     Socket,
@@ -194,6 +197,72 @@ struct File {
     memory_pressure_min_idle: Option<Duration>,
     #[serde(default, rename = "rule")]
     rules: Option<Vec<RuleFile>>,
+}
+
+impl File {
+    /// The built-in default's global keys ([`DEFAULT_TOML`]; its rules are not used here).
+    fn builtin() -> &'static File {
+        static BUILTIN: std::sync::LazyLock<File> = std::sync::LazyLock::new(|| {
+            toml::from_str(DEFAULT_TOML).expect("the built-in default config is valid TOML")
+        });
+        &BUILTIN
+    }
+
+    /// Every global key this file leaves out, from the built-in default. Destructured in full,
+    /// so a new key cannot be forgotten here.
+    fn or_builtin(self) -> File {
+        let File {
+            mode,
+            idle_timeout,
+            cpu_threshold_percent,
+            orphan_grace,
+            grace,
+            eof_grace,
+            max_kills_per_minute,
+            metrics_addr,
+            reconcile_interval,
+            ring_bytes,
+            activity_source,
+            io_bytes_per_second,
+            leftover_grace,
+            runaway_cpu_percent,
+            runaway_for,
+            memory_pressure,
+            memory_pressure_file,
+            memory_pressure_some_avg10,
+            memory_available_percent,
+            memory_pressure_min_idle,
+            rules: _,
+        } = File::builtin().clone();
+        File {
+            mode: self.mode.or(mode),
+            idle_timeout: self.idle_timeout.or(idle_timeout),
+            cpu_threshold_percent: self.cpu_threshold_percent.or(cpu_threshold_percent),
+            orphan_grace: self.orphan_grace.or(orphan_grace),
+            grace: self.grace.or(grace),
+            eof_grace: self.eof_grace.or(eof_grace),
+            max_kills_per_minute: self.max_kills_per_minute.or(max_kills_per_minute),
+            metrics_addr: self.metrics_addr.or(metrics_addr),
+            reconcile_interval: self.reconcile_interval.or(reconcile_interval),
+            ring_bytes: self.ring_bytes.or(ring_bytes),
+            activity_source: self.activity_source.or(activity_source),
+            io_bytes_per_second: self.io_bytes_per_second.or(io_bytes_per_second),
+            leftover_grace: self.leftover_grace.or(leftover_grace),
+            runaway_cpu_percent: self.runaway_cpu_percent.or(runaway_cpu_percent),
+            runaway_for: self.runaway_for.or(runaway_for),
+            memory_pressure: self.memory_pressure.or(memory_pressure),
+            memory_pressure_file: self.memory_pressure_file.or(memory_pressure_file),
+            memory_pressure_some_avg10: self.memory_pressure_some_avg10.or(memory_pressure_some_avg10),
+            memory_available_percent: self.memory_available_percent.or(memory_available_percent),
+            memory_pressure_min_idle: self.memory_pressure_min_idle.or(memory_pressure_min_idle),
+            rules: self.rules,
+        }
+    }
+}
+
+/// A global key [`DEFAULT_TOML`] sets (a unit test checks that it sets them all).
+fn builtin<T>(value: Option<T>) -> T {
+    value.expect("DEFAULT_TOML sets every global key but ring_bytes")
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -451,6 +520,7 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
         path: origin.to_owned(),
         message: err.to_string().trim_end().replace('\n', " "),
     })?;
+    let file = file.or_builtin();
     let invalid = |key: &str, problem: String| ConfigError::Invalid {
         path: origin.to_owned(),
         key: key.to_owned(),
@@ -475,20 +545,19 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
         "idle_timeout",
         overrides
             .idle_timeout
-            .or(file.idle_timeout)
-            .unwrap_or(Duration::from_secs(15 * 60)),
+            .unwrap_or(builtin(file.idle_timeout)),
     )?;
-    let orphan_grace = file.orphan_grace.unwrap_or(Duration::from_secs(60));
+    let orphan_grace = builtin(file.orphan_grace);
     let cpu_threshold = percent(
         "cpu_threshold_percent",
-        file.cpu_threshold_percent.unwrap_or(2.0),
+        builtin(file.cpu_threshold_percent),
     )?;
     let grace = positive(
         "grace",
-        overrides.grace.or(file.grace).unwrap_or(Duration::from_secs(5)),
+        overrides.grace.unwrap_or(builtin(file.grace)),
     )?;
-    let eof_grace = positive("eof_grace", file.eof_grace.unwrap_or(Duration::from_secs(2)))?;
-    let max_kills_per_minute = file.max_kills_per_minute.unwrap_or(10);
+    let eof_grace = positive("eof_grace", builtin(file.eof_grace))?;
+    let max_kills_per_minute = builtin(file.max_kills_per_minute);
     if max_kills_per_minute == 0 {
         return Err(invalid(
             "max_kills_per_minute",
@@ -504,7 +573,7 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
     }
     let reconcile_interval = positive(
         "reconcile_interval",
-        file.reconcile_interval.unwrap_or(Duration::from_secs(60)),
+        builtin(file.reconcile_interval),
     )?;
 
     let Some(rule_files) = file.rules else {
@@ -568,36 +637,33 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
         mode: if overrides.dry_run {
             Mode::DryRun
         } else {
-            file.mode.unwrap_or_default()
+            builtin(file.mode)
         },
         eof_grace,
         grace,
         max_kills_per_minute,
-        metrics_addr: overrides
-            .metrics_addr
-            .or(file.metrics_addr)
-            .unwrap_or_else(|| ([127, 0, 0, 1], 9847).into()),
+        metrics_addr: overrides.metrics_addr.unwrap_or(builtin(file.metrics_addr)),
         reconcile_interval,
         ring_bytes,
-        activity_source: file.activity_source.unwrap_or_default(),
-        io_bytes_per_second: file.io_bytes_per_second.unwrap_or(256),
-        leftover_grace: positive("leftover_grace", file.leftover_grace.unwrap_or(Duration::from_secs(30)))?,
-        runaway_cpu: percent("runaway_cpu_percent", file.runaway_cpu_percent.unwrap_or(50.0))?,
-        runaway_for: positive("runaway_for", file.runaway_for.unwrap_or(Duration::from_secs(120)))?,
+        activity_source: builtin(file.activity_source),
+        io_bytes_per_second: builtin(file.io_bytes_per_second),
+        leftover_grace: positive("leftover_grace", builtin(file.leftover_grace))?,
+        runaway_cpu: percent("runaway_cpu_percent", builtin(file.runaway_cpu_percent))?,
+        runaway_for: positive("runaway_for", builtin(file.runaway_for))?,
         memory_pressure: MemoryPressure {
-            enabled: file.memory_pressure.unwrap_or(true),
-            file: file.memory_pressure_file.unwrap_or_else(|| "/proc/pressure/memory".into()),
-            some_avg10: match file.memory_pressure_some_avg10.unwrap_or(20.0) {
+            enabled: builtin(file.memory_pressure),
+            file: builtin(file.memory_pressure_file),
+            some_avg10: match builtin(file.memory_pressure_some_avg10) {
                 p if p.is_finite() && (0.0..=100.0).contains(&p) => p,
                 p => return Err(invalid("memory_pressure_some_avg10", format!("{p} is not a percentage"))),
             },
-            available_percent: match file.memory_available_percent.unwrap_or(10.0) {
+            available_percent: match builtin(file.memory_available_percent) {
                 p if p.is_finite() && (0.0..=100.0).contains(&p) => p,
                 p => return Err(invalid("memory_available_percent", format!("{p} is not a percentage"))),
             },
             min_idle: positive(
                 "memory_pressure_min_idle",
-                file.memory_pressure_min_idle.unwrap_or(Duration::from_secs(60)),
+                builtin(file.memory_pressure_min_idle),
             )?,
         },
         rules,
@@ -633,6 +699,18 @@ mod tests {
         assert_eq!(r.clean_end, CleanEnd::CloseInput);
         assert_eq!(c.max_kills_per_minute, 10);
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9847");
+    }
+
+    #[test]
+    fn a_file_that_sets_nothing_gets_exactly_the_builtin_defaults() {
+        // Every global default is written once, in DEFAULT_TOML: a file with a rule and no
+        // other key gets each of them (parse would panic on one it lacks), and nothing else.
+        let mut bare = parse(RULE, "t", &Overrides::default()).unwrap();
+        let builtin = Config::builtin();
+        bare.rules = builtin.rules.clone();
+        bare.source = builtin.source.clone();
+        assert_eq!(bare, builtin);
+        assert_eq!(builtin.ring_bytes, DEFAULT_RING_BYTES, "the probes' constant is the one default for it");
     }
 
     #[test]

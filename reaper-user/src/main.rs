@@ -89,8 +89,12 @@ enum Command {
     /// Validate a configuration file without running anything.
     CheckConfig { file: PathBuf },
     /// Inspect this host: privileges, BTF, tracepoints, ring buffer and pidfd support.
-    /// Exits non-zero when the daemon cannot run here.
-    Check,
+    /// Exits non-zero when the daemon cannot run here. Also lists the capabilities `reaper run`
+    /// keeps once started with this configuration (the built-in default without --config).
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Write the manual pages or print shell completions (for packagers: `cargo xtask dist`).
     #[command(hide = true)]
     Generate {
@@ -215,8 +219,10 @@ fn main_result() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Generate { what } => generate(what),
-            Command::Check => {
-                let report = reaper::check::inspect();
+            Command::Check { config } => {
+                let config = Config::resolve(config.as_deref(), &Overrides::default())?;
+                let mut report = reaper::check::inspect();
+                report.items.extend(reaper::check::kept_items(&config));
                 print!("{report}");
                 if !report.can_run() {
                     anyhow::bail!("reaper cannot run on this host: see the missing items above");
@@ -315,17 +321,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let http = reaper::http::bind(metrics_addr)?;
     let server = ipc::Server::bind(&args.socket)?;
     // Loaded, attached and bound: from here on only what running needs.
-    match reaper::privileges::drop_to_kept() {
-        Ok(kept) => {
-            let mut kept: Vec<String> = kept.iter().map(ToString::to_string).collect();
-            kept.sort();
+    // What the mode needs (reaper::privileges::KEPT); a SIGHUP that needs more is refused.
+    let dropped = match reaper::privileges::drop_to_kept(&config.config) {
+        Ok(dropped) => {
             tracing::info!(
-                kept = %kept.join(","),
+                mode = ?config.config.mode,
+                kept = %dropped.describe_kept(),
+                not_needed_in_this_mode = %dropped.describe_given_up(),
                 "dropped every other capability and set no_new_privs, before starting any other thread"
             );
+            dropped
         }
-        Err(err) => tracing::warn!(error = %err, "could not drop capabilities; running with more than needed"),
-    }
+        Err(err) => {
+            tracing::warn!(error = %err, "could not drop capabilities; running with more than needed");
+            reaper::privileges::Dropped::default()
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -345,7 +356,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         // endpoints bound: ready (Type=notify).
         service::notify_ready(&ready_status(mode, &rules));
         let watchdog = service::spawn_watchdog(pipeline.health());
-        wait_for_signals(signals, &args, &overrides, &pipeline).await?;
+        wait_for_signals(signals, &args, &overrides, &pipeline, &dropped).await?;
         service::notify_stopping();
         if let Some(watchdog) = watchdog {
             watchdog.abort();
@@ -386,6 +397,7 @@ async fn wait_for_signals(
     args: &RunArgs,
     overrides: &Overrides,
     pipeline: &Pipeline,
+    dropped: &reaper::privileges::Dropped,
 ) -> anyhow::Result<()> {
     let Signals {
         mut term,
@@ -399,7 +411,11 @@ async fn wait_for_signals(
             _ = hup.recv() => {
                 service::notify_reloading();
                 let metrics = pipeline.metrics();
-                match Config::resolve(args.config.as_deref(), overrides) {
+                let resolved = Config::resolve(args.config.as_deref(), overrides).map_err(anyhow::Error::from).and_then(|config| {
+                    reaper::privileges::reload_allowed(&config, dropped)?;
+                    Ok(config)
+                });
+                match resolved {
                     Ok(config) => {
                         let (mode, rules) = (config.mode, rule_names(&config));
                         pipeline.handle().reload(config).await;
@@ -409,7 +425,7 @@ async fn wait_for_signals(
                     }
                     Err(err) => {
                         tracing::error!(
-                            error = %err,
+                            error = %format!("{err:#}"),
                             "SIGHUP: refusing the new configuration; the running one stays in force"
                         );
                         metrics.reloaded(false);

@@ -65,6 +65,9 @@ pub enum Outcome {
     IdentityMismatch,
     /// A safety rule forbade it (pid 1, reaper itself): nothing was done.
     Refused,
+    /// A reload (SIGHUP) switched to dry-run or removed its rule after the decision and
+    /// before the first signal: nothing was done.
+    Cancelled,
     /// Signalling failed, or the process outlived SIGKILL.
     Failed,
 }
@@ -77,6 +80,7 @@ impl Outcome {
             Self::AlreadyGone => "already_gone",
             Self::IdentityMismatch => "identity_mismatch",
             Self::Refused => "refused",
+            Self::Cancelled => "cancelled",
             Self::Failed => "failed",
         }
     }
@@ -147,10 +151,59 @@ pub fn first_step(clean_end: CleanEnd, input: &Input) -> Step {
     }
 }
 
+/// The configuration in force as far as a reap already decided cares: a reload between the
+/// decision and the first signal may cancel it ([`Policy::cancels`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Bumped by every reload.
+    pub generation: u64,
+    pub dry_run: bool,
+    /// The rules' names.
+    pub rules: Vec<String>,
+}
+
+impl Policy {
+    pub fn new(generation: u64, config: &crate::config::Config) -> Self {
+        Self {
+            generation,
+            dry_run: config.mode == crate::config::Mode::DryRun,
+            rules: config.rules.iter().map(|r| r.name.clone()).collect(),
+        }
+    }
+
+    /// Why `d`, decided under generation `decided`, must not start now; `None`: go on. A reload
+    /// since that switched to dry-run, or removed the rule that chose the target (or the
+    /// session its leftover belongs to), cancels it. Runaways are no rule's: only dry-run
+    /// cancels them.
+    pub fn cancels(&self, decided: u64, d: &Decision) -> Option<String> {
+        if self.generation == decided || d.dry_run {
+            return None;
+        }
+        if self.dry_run {
+            return Some("a reload switched to dry-run before the first signal".into());
+        }
+        if d.reason != crate::detect::Reason::Runaway && !self.rules.contains(&d.rule) {
+            return Some(format!("a reload removed rule {:?} before the first signal", d.rule));
+        }
+        None
+    }
+}
+
 /// Carries out `d` and reports what happened. Never signals pid ≤ 1 or this process, never a
 /// process that is not the one decided on, never a descendant of another uid than the target,
 /// never a group or session.
 pub async fn execute<O: ProcessOps>(ops: &O, d: &Decision) -> ReapReport {
+    execute_unless(ops, d, |_| None).await
+}
+
+/// [`execute`], asking `cancelled` once more just before the first signal (after the pidfds
+/// are opened and the identities verified, which takes a while): `Some(why)` stops it there,
+/// with nothing done ([`Outcome::Cancelled`]).
+pub async fn execute_unless<O: ProcessOps>(
+    ops: &O,
+    d: &Decision,
+    cancelled: impl Fn(&Decision) -> Option<String>,
+) -> ReapReport {
     let mut report = ReapReport {
         outcome: Outcome::Failed,
         step: None,
@@ -200,6 +253,12 @@ pub async fn execute<O: ProcessOps>(ops: &O, d: &Decision) -> ReapReport {
     if d.dry_run {
         report.outcome = Outcome::WouldKill;
         report.step = Some(first);
+        return report;
+    }
+    if let Some(why) = cancelled(d) {
+        report.outcome = Outcome::Cancelled;
+        report.step = Some(first);
+        report.error = Some(why);
         return report;
     }
 
@@ -538,6 +597,41 @@ mod tests {
         assert_eq!((r.outcome, r.step), (Outcome::WouldKill, Some(Step::Closed)));
         assert!(ops.sent.lock().unwrap().is_empty());
         assert_eq!(r.rss_bytes, 1000);
+    }
+
+    #[tokio::test]
+    async fn a_reap_cancelled_before_its_first_signal_does_nothing() {
+        let ops = Fake::with(&[(100, 5, false), (101, 6, false)]).socket_stdin(100);
+        let d = decision(100, 5, &[(101, 6)], CleanEnd::CloseInput);
+        let r = execute_unless(&ops, &d, |_| Some("a reload switched to dry-run".into())).await;
+        assert_eq!((r.outcome, r.step), (Outcome::Cancelled, Some(Step::Closed)));
+        assert!(ops.sent.lock().unwrap().is_empty(), "nothing shut down or signalled");
+        assert!(r.error.unwrap().contains("dry-run"));
+        // Not cancelled: the same decision goes ahead.
+        let r = execute_unless(&ops, &d, |_| None).await;
+        assert_eq!(r.outcome, Outcome::Ended);
+        assert_eq!(ops.sent.lock().unwrap()[0], (100, 0));
+    }
+
+    #[test]
+    fn a_reload_to_dry_run_or_without_the_rule_cancels_what_it_finds_pending() {
+        let config = |text: &str| {
+            crate::config::parse(text, "t", &crate::config::Overrides::default()).unwrap()
+        };
+        let rule = |name: &str| format!("[[rule]]\nname = \"{name}\"\ncomm = [\"claude\"]\n");
+        let d = decision(100, 5, &[], CleanEnd::CloseInput); // rule "claude-sdk", enforcing
+        let decided = Policy::new(1, &config(&rule("claude-sdk")));
+        assert_eq!(decided.cancels(1, &d), None, "no reload since the decision");
+        let same = Policy::new(2, &config(&rule("claude-sdk")));
+        assert_eq!(same.cancels(1, &d), None, "a reload that keeps the mode and the rule");
+        let dry = Policy::new(2, &config(&format!("mode = \"dry-run\"\n{}", rule("claude-sdk"))));
+        assert!(dry.cancels(1, &d).unwrap().contains("dry-run"));
+        let other = Policy::new(2, &config(&rule("other")));
+        assert!(other.cancels(1, &d).unwrap().contains("removed rule \"claude-sdk\""));
+        let mut runaway = decision(100, 5, &[], CleanEnd::Interrupt);
+        (runaway.rule, runaway.reason) = ("runaway".into(), Reason::Runaway);
+        assert_eq!(other.cancels(1, &runaway), None, "runaways are no rule's");
+        assert!(dry.cancels(1, &runaway).is_some());
     }
 
     #[tokio::test]

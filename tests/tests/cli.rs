@@ -547,25 +547,25 @@ fn sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
     assert!(daemon.process.exited().is_none(), "still running");
 }
 
-#[test]
-fn the_daemon_keeps_only_the_capabilities_it_needs_and_clients_survive_closed_pipes() {
-    let dir = TempDir::new("caps");
-    let daemon = start_daemon(&dir);
-    let pid = daemon.process.child.id();
-    // CAP_DAC_READ_SEARCH 2, CAP_KILL 5, CAP_SYS_PTRACE 19, CAP_BPF 39.
-    let kept = (1 << 2) | (1 << 5) | (1 << 19) | (1u64 << 39);
-    // Capabilities and no_new_privs are per thread: every thread must hold the reduced set,
-    // tokio's workers and blocking threads (which serve the sockets and parse /proc) as much
-    // as the main one. (The daemon is serving: its runtime is up.)
-    assert!(daemon.request("stats").is_some());
+/// CAP_DAC_READ_SEARCH 2, CAP_KILL 5, CAP_SYS_PTRACE 19, CAP_BPF 39: what an enforcing daemon
+/// keeps (every mode reads other users' /proc/PID/fd links and exe; only enforcing signals).
+const ENFORCING_CAPS: u64 = (1 << 2) | (1 << 5) | (1 << 19) | (1u64 << 39);
+/// A dry run never signals: no CAP_KILL.
+const DRY_RUN_CAPS: u64 = ENFORCING_CAPS & !(1 << 5);
+
+/// Every thread of `pid` holds exactly `kept` (effective, permitted, bounding), nothing
+/// inheritable or ambient, under no_new_privs. Capabilities and no_new_privs are per thread:
+/// tokio's workers and blocking threads (which serve the sockets and parse /proc) as much as
+/// the main one.
+fn assert_every_thread_keeps(pid: u32, kept: u64, mode: &str) {
     let threads = thread_statuses(pid);
     let names: Vec<&str> = threads.iter().filter_map(|(_, s)| status_field(s, "Name")).collect();
     // Main, two workers, and the blocking thread that ran the start-up /proc scan.
-    assert!(threads.len() >= 3, "expected the runtime's threads too: {names:?}");
-    assert!(names.contains(&"tokio-rt-worker"), "no worker thread among {names:?}");
+    assert!(threads.len() >= 3, "{mode}: expected the runtime's threads too: {names:?}");
+    assert!(names.contains(&"tokio-rt-worker"), "{mode}: no worker thread among {names:?}");
     for (tid, status) in &threads {
         let name = status_field(status, "Name").unwrap_or("?");
-        let what = format!("thread {tid} ({name}) of the daemon");
+        let what = format!("{mode}: thread {tid} ({name}) of the daemon");
         assert_eq!(status_mask(status, "CapEff"), Some(kept), "{what}: CapEff\n{status}");
         assert_eq!(status_mask(status, "CapPrm"), Some(kept), "{what}: CapPrm");
         assert_eq!(status_mask(status, "CapBnd"), Some(kept), "{what}: CapBnd");
@@ -573,6 +573,63 @@ fn the_daemon_keeps_only_the_capabilities_it_needs_and_clients_survive_closed_pi
         assert_eq!(status_mask(status, "CapAmb"), Some(0), "{what}: CapAmb");
         assert_eq!(status_field(status, "NoNewPrivs"), Some("1"), "{what}: NoNewPrivs");
     }
+}
+
+/// The table the daemon keeps by ([`reaper::privileges::KEPT`]) agrees with the bits above.
+fn kept_bits(mode: reaper::config::Mode) -> u64 {
+    reaper::privileges::kept(mode).fold(0, |bits, k| bits | 1 << k.cap.index())
+}
+
+#[test]
+fn each_mode_keeps_only_the_capabilities_it_uses_and_a_reload_needing_more_is_refused() {
+    use reaper::config::Mode;
+    assert_eq!(kept_bits(Mode::Enforce), ENFORCING_CAPS);
+    assert_eq!(kept_bits(Mode::DryRun), DRY_RUN_CAPS);
+    let rule = "[[rule]]\nname = \"never\"\ncomm = [\"never-matches-caps\"]\n";
+    for (mode, head, kept) in [
+        ("enforce", "mode = \"enforce\"\n", ENFORCING_CAPS),
+        ("enforce, proc-io", "mode = \"enforce\"\nactivity_source = \"proc-io\"\n", ENFORCING_CAPS),
+        ("dry-run", "mode = \"dry-run\"\n", DRY_RUN_CAPS),
+    ] {
+        let dir = TempDir::new("caps-mode");
+        let config = dir.join("reaper.toml");
+        let write = |text: &str| {
+            std::fs::write(&config, text).unwrap();
+            std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        write(&format!("{head}{rule}"));
+        let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let daemon = Daemon::start(&dir, "daemon", ["--config", config.to_str().unwrap()], metrics);
+        assert_every_thread_keeps(daemon.process.child.id(), kept, mode);
+        let log = daemon.log();
+        assert!(log.contains("dropped every other capability"), "{mode}: {log}");
+        assert!(log.contains("CAP_BPF (update the watched-process map"), "{mode}: the log says what is kept and why: {log}");
+        if mode == "dry-run" {
+            assert!(log.contains("CAP_KILL (needed in mode = "), "{mode}: and what is not: {log}");
+            // CAP_KILL is gone for good: a reload to enforce is refused, the dry run stays.
+            write(&format!("mode = \"enforce\"\n{rule}"));
+            kill(daemon.process.pid(), Signal::SIGHUP).unwrap();
+            let deadline = Instant::now() + DEADLINE;
+            while !daemon.log().contains("refusing the new configuration") {
+                assert!(Instant::now() < deadline, "reload to enforce not refused:\n{}", daemon.log());
+                std::thread::sleep(POLL);
+            }
+            let log = daemon.log();
+            assert!(log.contains("needs CAP_KILL") && log.contains("restart reaper"), "{log}");
+            assert_eq!(stats_of(&daemon)["mode"], "DryRun", "the running configuration stays");
+            assert_every_thread_keeps(daemon.process.child.id(), kept, "dry-run after the refused reload");
+        }
+    }
+}
+
+#[test]
+fn the_daemon_keeps_only_the_capabilities_it_needs_and_clients_survive_closed_pipes() {
+    let dir = TempDir::new("caps");
+    let daemon = start_daemon(&dir);
+    let pid = daemon.process.child.id();
+    // (The daemon is serving: its runtime is up.)
+    assert!(daemon.request("stats").is_some());
+    assert_every_thread_keeps(pid, DRY_RUN_CAPS, "dry-run");
     let log = daemon.log();
     assert!(
         log.contains("dropped every other capability and set no_new_privs, before starting any other thread"),

@@ -549,11 +549,11 @@ fn reaper_runs_with_the_units_capabilities() {
         "{response}\n{log}"
     );
     // It starts with the unit's set (attaching needs CAP_PERFMON too), then keeps only what
-    // running needs: a subset of the unit's, exactly reaper::privileges::KEPT, dropped without
-    // a warning.
-    let kept_bits: u64 = reaper::privileges::KEPT
-        .iter()
-        .fold(0, |bits, (cap, _)| bits | 1 << cap.index());
+    // running needs: a subset of the unit's, exactly what reaper::privileges::KEPT lists for
+    // a dry run (no CAP_KILL), dropped without a warning.
+    let kept_bits: u64 = reaper::privileges::kept(reaper::config::Mode::DryRun)
+        .fold(0, |bits, k| bits | 1 << k.cap.index());
+    assert_eq!(kept_bits, (1 << 2) | (1 << 19) | (1u64 << 39), "dry run: CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_BPF");
     assert_eq!(kept_bits & !wanted_bits, 0, "KEPT is within the unit's capabilities");
     assert!(threads.len() >= 3, "the daemon's runtime threads: {threads:?}");
     for (tid, cap_eff, cap_prm, nnp) in &threads {

@@ -83,10 +83,9 @@ fn megabytes_of_argv_in_many_processes_keep_the_daemon_small() {
 
     // Started after them: the start-up scan reads them all, then reconciles rescan every second.
     let dir = TempDir::new("argv");
-    let config = dir.write(
-        "reaper.toml",
-        &format!("reconcile_interval = \"1s\"\n{}", reaper::config::DEFAULT_TOML),
-    );
+    let every_second = reaper::config::DEFAULT_TOML.replace("reconcile_interval = \"60s\"", "reconcile_interval = \"1s\"");
+    assert_ne!(every_second, reaper::config::DEFAULT_TOML, "the built-in default sets reconcile_interval");
+    let config = dir.write("reaper.toml", &every_second);
     let daemon = Daemon::start(&dir, "daemon", ["--dry-run", "--config", config.to_str().unwrap()], metrics_addr());
     let pid = daemon.process.child.id();
     let start_peak = status_bytes(pid, "VmHWM");
@@ -482,4 +481,311 @@ fn a_thousand_idle_connections_neither_block_healthz_nor_exhaust_fds() {
     assert!(after <= before + 2, "fds {before} before, {after} after: connections leaked");
     assert_eq!(get(addr, "/metrics", DEADLINE).as_deref(), Some("HTTP/1.1 200 OK"));
     assert!(daemon.process.exited().is_none(), "the daemon is still running");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A fork storm by another uid, in a pids cgroup of the test's own.
+
+/// The storm, as an unprivileged uid: fork as fast as it can for SECS seconds, each child
+/// exec'ing LINK (a link to `sleep`, so its name is the rule's) for 50 ms with a 3,000-byte
+/// argv[0] (exec records of ≈ 3.3 KiB: two in flight overflow an 8 KiB ring). A fork refused
+/// by `pids.max` (EAGAIN) is counted and retried. Every child is collected and how it ended
+/// counted: `signalled` is how many died of a signal. Then KEEP sleepers are started and left
+/// running until stdin closes; the storm ends them itself.
+const STORM: &str = r#"
+import os, signal, sys, time
+link, secs, keep = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+forks = eagain = signalled = failed = 0
+def collect(block):
+    global signalled, failed
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if os.WIFSIGNALED(status):
+            signalled += 1
+        elif os.WEXITSTATUS(status) != 0:
+            failed += 1
+pad = "s" * 3000
+end = time.monotonic() + secs
+while time.monotonic() < end:
+    try:
+        pid = os.fork()
+    except BlockingIOError:
+        eagain += 1
+        collect(False)
+        continue
+    if pid == 0:
+        try:
+            os.execv(link, [pad, "0.05"])
+        finally:
+            os._exit(127)
+    forks += 1
+    collect(False)
+collect(True)
+sleepers = []
+for _ in range(keep):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv(link, [link, "infinity"])
+        finally:
+            os._exit(127)
+    sleepers.append(pid)
+print(f"forks={forks}\neagain={eagain}\nsignalled={signalled}\nfailed={failed}", flush=True)
+print("sleepers=" + ",".join(map(str, sleepers)), flush=True)
+sys.stdin.read()
+for pid in sleepers:
+    os.kill(pid, signal.SIGTERM)
+collect(True)
+"#;
+
+const STORM_SECS: u32 = 8;
+const STORM_PIDS_MAX: u32 = 64;
+const SLEEPERS: usize = 5;
+
+/// A pids cgroup of the test's own with a `pids.max`: under `/sys/fs/cgroup/pids` (cgroup v1,
+/// as on this host), or directly under the v2 root (the kernel matrix's systemd machine).
+/// Dropped, it SIGKILLs whatever the test left in it (only the test's processes are there) and
+/// removes it.
+struct PidsCgroup(std::path::PathBuf);
+
+impl PidsCgroup {
+    fn new(name: &str, max: u32) -> Self {
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers");
+        let parent = if v2.exists() {
+            let controllers = std::fs::read_to_string(v2).unwrap();
+            assert!(
+                controllers.split_whitespace().any(|c| c == "pids"),
+                "cgroup v2 without the pids controller: {controllers}"
+            );
+            let subtree = std::path::Path::new("/sys/fs/cgroup/cgroup.subtree_control");
+            if !std::fs::read_to_string(subtree).unwrap().split_whitespace().any(|c| c == "pids") {
+                std::fs::write(subtree, "+pids").expect("enabling the pids controller for children");
+            }
+            std::path::PathBuf::from("/sys/fs/cgroup")
+        } else {
+            let v1 = std::path::PathBuf::from("/sys/fs/cgroup/pids");
+            assert!(
+                v1.join("cgroup.procs").exists(),
+                "no pids cgroup controller: neither cgroup v2 nor v1 at {}",
+                v1.display()
+            );
+            v1
+        };
+        let dir = parent.join(name);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        std::fs::write(dir.join("pids.max"), max.to_string()).expect("setting pids.max");
+        Self(dir)
+    }
+
+    fn procs_file(&self) -> String {
+        self.0.join("cgroup.procs").display().to_string()
+    }
+
+    fn procs(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.0.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = self.procs();
+            if left.is_empty() || Instant::now() > deadline {
+                break;
+            }
+            for pid in left {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+            std::thread::sleep(POLL);
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The unit's `MemoryMax=` (`deploy/reaper.service`), in bytes.
+fn unit_memory_max() -> u64 {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/reaper.service"))
+        .expect("deploy/reaper.service");
+    let value = unit
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("MemoryMax="))
+        .expect("a MemoryMax= line in the unit");
+    let (digits, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len()));
+    let n: u64 = digits.parse().expect("MemoryMax digits");
+    n << match unit {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        other => panic!("MemoryMax unit {other:?}"),
+    }
+}
+
+/// The live processes of `uid` by identity, from `/proc`.
+fn live_of_uid(uid: u32) -> BTreeSet<(u32, u64)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| reaper_tests::proc_uid(*pid) == Some(uid))
+        .filter_map(reaper_tests::proc_stat)
+        .filter(|s| s.state != 'Z')
+        .map(|s| (s.pid, s.start_ticks))
+        .collect()
+}
+
+/// The daemon's tree's processes of `uid` by identity.
+fn tree_of_uid(daemon: &Daemon, uid: u32) -> BTreeSet<(u32, u64)> {
+    let tree = daemon.request("tree").expect("the tree");
+    tree.as_array()
+        .expect("a list")
+        .iter()
+        .filter(|p| p["uid"] == uid)
+        .map(|p| (p["id"]["pid"].as_u64().unwrap() as u32, p["id"]["start_ticks"].as_u64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_fork_storm_of_another_uid_in_a_pids_cgroup_neither_blinds_nor_misleads_the_daemon() {
+    // A uid with no account, the test's own (nobody else's processes run as it).
+    let uid = 200_000 + std::process::id();
+    let name = format!("rstorm-{}", std::process::id() % 100_000);
+    // A link to sleep named as the rule's comm, where the storm's uid can reach it.
+    let bin = std::env::temp_dir().join(format!("reaper-storm-bin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&bin);
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let link = bin.join(&name);
+    let sleep = ["/usr/bin/sleep", "/bin/sleep"].into_iter().find(|p| std::path::Path::new(p).exists()).expect("sleep");
+    std::os::unix::fs::symlink(sleep, &link).unwrap();
+    let cgroup = PidsCgroup::new(&format!("reaper-test-storm-{}", std::process::id()), STORM_PIDS_MAX);
+
+    // Enforcing, with a rule that matches every process of the storm (each becomes a target and
+    // is watched) but lets none be due while the test runs; a small ring, so events are lost.
+    let dir = TempDir::new("storm");
+    let config = dir.write(
+        "reaper.toml",
+        &format!(
+            "mode = \"enforce\"\nring_bytes = 8192\nreconcile_interval = \"2s\"\n\
+             [[rule]]\nname = \"storm\"\ncomm = [\"{name}\"]\nidle_timeout = \"1h\"\norphan_grace = \"1h\"\n"
+        ),
+    );
+    let addr = metrics_addr();
+    let mut daemon = Daemon::start(&dir, "daemon", ["--config", config.to_str().unwrap()], addr);
+    let pid = daemon.process.child.id();
+    let before = stats(&daemon);
+    // A bystander of the test's own, outside the storm's cgroup.
+    let mut bystander = Helper::spawn(&["wait"]);
+    let bystander_pid = bystander.read_pid("pid");
+    let bystander_start = reaper_tests::proc_stat(bystander_pid).unwrap().start_ticks;
+
+    // /healthz, polled from another thread for as long as the storm runs.
+    let polling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let poller = {
+        let polling = polling.clone();
+        std::thread::spawn(move || {
+            let mut answers: Vec<(Option<String>, Duration)> = Vec::new();
+            while polling.load(std::sync::atomic::Ordering::Relaxed) {
+                let asked = Instant::now();
+                let status = get(addr, "/healthz", Duration::from_secs(5));
+                answers.push((status, asked.elapsed()));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            answers
+        })
+    };
+    // The shell joins the cgroup as root, then becomes the storm as the other uid.
+    let started = Instant::now();
+    let script = format!(
+        "echo $$ > {} && exec setpriv --reuid={uid} --regid={uid} --clear-groups /usr/bin/python3 -c \"$0\" \"$@\"",
+        cgroup.procs_file()
+    );
+    let mut storm = Helper::spawn_program(
+        std::path::Path::new("sh"),
+        &["-c", &script, STORM, link.to_str().unwrap(), &STORM_SECS.to_string(), &SLEEPERS.to_string()],
+    );
+    let storm_pid = storm.pid();
+    let sleepers: Vec<u32> = storm.read("sleepers").split(',').map(|p| p.parse().unwrap()).collect();
+    let stormed = started.elapsed();
+    polling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let answers = poller.join().unwrap();
+    let mut figure = |key: &str| -> u64 { storm.read(key).parse().unwrap() };
+    let (forks, eagain, signalled, failed) = (figure("forks"), figure("eagain"), figure("signalled"), figure("failed"));
+
+    // Healthy throughout.
+    let worst = answers.iter().map(|(_, took)| *took).max().unwrap_or_default();
+    let bad: Vec<_> = answers.iter().filter(|(s, _)| s.as_deref() != Some("HTTP/1.1 200 OK")).collect();
+    assert!(answers.len() >= 10, "only {} /healthz polls during the storm", answers.len());
+    assert!(bad.is_empty(), "/healthz during the storm: {bad:?}\n{}", daemon.log());
+    // The storm really was one: it ran into pids.max, and its uid is what ran it.
+    assert!(forks > 1000, "only {forks} forks in {STORM_SECS} s");
+    assert!(eagain > 0, "pids.max {STORM_PIDS_MAX} never refused a fork ({forks} forks)");
+    assert_eq!(reaper_tests::proc_uid(storm_pid), Some(uid), "the storm runs as uid {uid}");
+    assert_eq!(failed, 0, "storm children that failed to exec {link:?}");
+
+    // Nothing wrongly signalled: no child of the storm died of a signal, the sleepers and the
+    // bystander live, and the daemon counts no kill, would-kill or failure.
+    assert_eq!(signalled, 0, "storm children killed by a signal");
+    for p in &sleepers {
+        let s = reaper_tests::proc_stat(*p).unwrap_or_else(|| panic!("sleeper {p} is gone"));
+        assert_ne!(s.state, 'Z', "sleeper {p} died");
+    }
+    let b = reaper_tests::proc_stat(bystander_pid).expect("the bystander lives");
+    assert_eq!((b.start_ticks, b.state != 'Z'), (bystander_start, true), "the bystander lives");
+
+    // Losses counted, then repaired: once the storm is over, a reconcile that started after
+    // it makes the tree's processes of that uid exactly /proc's (the storm and its sleepers).
+    let storm_over = stats(&daemon)["reconciles"].as_u64().unwrap();
+    let after = wait_for("two reconciles after the storm", || {
+        let s = stats(&daemon);
+        (s["reconciles"].as_u64()? >= storm_over + 2).then_some(s)
+    });
+    let lost = after["lost_total"].as_u64().unwrap() - before["lost_total"].as_u64().unwrap();
+    assert!(lost > 0, "no events lost with an 8 KiB ring in a storm of {forks} forks: {}", after["lost"]);
+    let live = live_of_uid(uid);
+    assert_eq!(live.len(), 1 + SLEEPERS, "the storm and its sleepers: {live:?}");
+    assert_eq!(tree_of_uid(&daemon, uid), live, "the tree equals /proc for uid {uid} after a reconcile");
+    let reaps = &after["reaps"];
+    assert_eq!(reaps["kills"], serde_json::json!([]), "{reaps}");
+    assert_eq!(reaps["would_kill"], serde_json::json!([]), "{reaps}");
+    assert_eq!(reaps["failures"], serde_json::json!([]), "{reaps}");
+    assert_eq!(reaps["identity_mismatches"], 0, "{reaps}");
+
+    // Memory stays under what the unit allows.
+    let peak = status_bytes(pid, "VmHWM");
+    let limit = unit_memory_max();
+    eprintln!(
+        "fork storm as uid {uid}, pids.max {STORM_PIDS_MAX}: {forks} forks in {:.1} s ({eagain} refused by \
+         pids.max, {signalled} killed by a signal); /healthz {} × 200, slowest {:.0} ms; {lost} events lost, \
+         {} reconciles after; tree = /proc for the uid ({} processes); daemon peak RSS {:.1} MiB (unit MemoryMax {} MiB)",
+        stormed.as_secs_f64(),
+        answers.len(),
+        worst.as_secs_f64() * 1000.0,
+        after["reconciles"].as_u64().unwrap() - storm_over,
+        live.len(),
+        peak as f64 / (1 << 20) as f64,
+        limit >> 20,
+    );
+    assert!(peak < limit, "peak RSS {peak} over the unit's MemoryMax {limit}");
+    assert!(daemon.process.exited().is_none(), "the daemon is still running");
+
+    // The storm ends its sleepers itself and exits.
+    storm.finish();
+    let deadline = Instant::now() + DEADLINE;
+    while storm.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the storm did not end");
+        std::thread::sleep(POLL);
+    }
+    bystander.finish();
+    drop(cgroup);
+    let _ = std::fs::remove_dir_all(&bin);
 }

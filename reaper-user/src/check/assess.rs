@@ -140,13 +140,13 @@ fn capability_items(caps: u64) -> Vec<CheckItem> {
         CheckItem::new(
             "CAP_SYS_PTRACE",
             Status::Ok,
-            "read /proc/PID/exe and /proc/PID/io of any user",
+            "read any user's /proc/PID/exe, fd links and io; pidfd_getfd",
         )
     } else {
         CheckItem::new(
             "CAP_SYS_PTRACE",
             Status::Missing,
-            "cannot read other users' /proc/PID/exe and /proc/PID/io",
+            "cannot read other users' /proc/PID/exe, fd links and io, nor close their input",
         )
         .fix(CAPABILITY_FIX)
     });
@@ -154,13 +154,13 @@ fn capability_items(caps: u64) -> Vec<CheckItem> {
         CheckItem::new(
             "CAP_DAC_READ_SEARCH",
             Status::Ok,
-            "read /proc entries regardless of file modes",
+            "enter any user's /proc/PID/fd (0500), open /proc/PID/io (0400)",
         )
     } else {
         CheckItem::new(
             "CAP_DAC_READ_SEARCH",
             Status::Warn,
-            "/proc entries with owner-only modes may be unreadable",
+            "other users' /proc/PID/fd and io unreadable: stdin/stdout of sessions and the io fallback unknown",
         )
         .fix(CAPABILITY_FIX)
     });

@@ -34,6 +34,30 @@ pub fn inspect() -> CheckReport {
     assess(&Facts::gather())
 }
 
+/// What `reaper run` keeps once started with `config`, and why (one row per row of
+/// [`crate::privileges::KEPT`]): kept, or given up because this mode does not use it.
+pub fn kept_items(config: &crate::config::Config) -> Vec<CheckItem> {
+    crate::privileges::KEPT
+        .iter()
+        .map(|k| {
+            let item = format!("keeps {}", k.cap);
+            if k.when.applies(config.mode) {
+                CheckItem::new(item, Status::Info, format!("after start-up, in {}: {}", k.when.as_str(), k.why))
+            } else {
+                CheckItem::new(
+                    item,
+                    Status::Info,
+                    format!(
+                        "no: dropped at start-up in mode {:?} (needed in {}); a reload that needs it is refused: restart",
+                        config.mode,
+                        k.when.as_str()
+                    ),
+                )
+            }
+        })
+        .collect()
+}
+
 /// How an item stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {

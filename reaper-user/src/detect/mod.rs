@@ -342,13 +342,21 @@ pub struct FirstStep {
     pub step: String,
 }
 
-/// At most `per_minute` kills in any 60 s: a wrong rule cannot wipe a host. Pure: `now` in.
+/// At most `per_minute` processes signalled in any 60 s: a wrong rule cannot wipe a host. Every
+/// process a reap signals counts, the target and each descendant that goes with it: a target
+/// with two children takes three slots. A reap that would signal more than `per_minute` waits
+/// for a minute with no kill at all and then goes alone (else it could never go). Pure: `now`
+/// in.
 #[derive(Debug)]
 pub struct RateLimit {
     per_minute: u32,
+    /// One entry per process signalled, oldest first.
     recent: VecDeque<Nanos>,
     /// Kills held back so far because the limit was reached.
     deferred: u64,
+    /// A reap held back waits until then: nothing smaller jumps the queue meanwhile, and the
+    /// detector sleeps until then instead of asking again and again.
+    waiting_until: Nanos,
 }
 
 const MINUTE: Nanos = 60_000_000_000;
@@ -359,30 +367,47 @@ impl RateLimit {
             per_minute,
             recent: VecDeque::new(),
             deferred: 0,
+            waiting_until: 0,
         }
     }
 
-    /// When a slot is free: `now` if one is, else when the oldest kill leaves the window.
+    /// When a slot is free (for a reap of one process, or the one held back): `now` if one
+    /// is, else when enough kills leave the window.
     pub fn free_at(&mut self, now: Nanos) -> Nanos {
+        self.free_at_for(now, 1)
+    }
+
+    /// When `n` slots are free at once (all of them once the window is empty, for `n` over
+    /// the limit).
+    fn free_at_for(&mut self, now: Nanos, n: usize) -> Nanos {
         while self.recent.front().is_some_and(|t| now.saturating_sub(*t) >= MINUTE) {
             self.recent.pop_front();
         }
-        if self.recent.len() < self.per_minute as usize {
+        let limit = self.per_minute as usize;
+        let n = n.clamp(1, limit);
+        let len = self.recent.len();
+        let at = if len + n <= limit {
             now
         } else {
-            self.recent[self.recent.len() - self.per_minute as usize] + MINUTE
-        }
+            self.recent[len + n - limit - 1] + MINUTE
+        };
+        at.max(self.waiting_until)
     }
 
-    /// Takes a slot if one is free at `now`; otherwise says when the next one frees.
-    pub fn take(&mut self, now: Nanos) -> Result<(), Nanos> {
-        match self.free_at(now) {
+    /// Takes `n` slots (a reap signalling `n` processes) if they are free at `now`; otherwise
+    /// says when they will be.
+    pub fn take(&mut self, now: Nanos, n: usize) -> Result<(), Nanos> {
+        match self.free_at_for(now, n) {
             at if at <= now => {
-                self.recent.push_back(now);
+                // Over the limit, the window is full for a minute either way.
+                let counted = n.clamp(1, self.per_minute as usize);
+                self.recent.extend(std::iter::repeat_n(now, counted));
+                self.waiting_until = 0;
                 Ok(())
             }
             at => {
                 self.deferred += 1;
+                self.waiting_until = at;
                 Err(at)
             }
         }
@@ -396,6 +421,7 @@ impl RateLimit {
     /// A new limit (SIGHUP) keeps the kills already made in the window.
     fn set_per_minute(&mut self, per_minute: u32) {
         self.per_minute = per_minute;
+        self.waiting_until = 0;
     }
 }
 
@@ -500,6 +526,13 @@ impl Detector {
                     }
                 }
                 None => self.drop_target(pid, host),
+            }
+        }
+        // Sessions whose rule is gone: their leftovers are reported from now on, no longer
+        // reaped (a reap of one already under way is cancelled before its first signal).
+        for e in self.ended.values_mut() {
+            if !self.rules.iter().any(|r| r.name == e.rule) {
+                e.policy = Leftovers::None;
             }
         }
         let pids: Vec<u32> = tree
@@ -951,10 +984,11 @@ impl Detector {
                     t.evidence.last_activity.saturating_add(nanos(rule.idle_timeout)),
                 ),
             };
-            if !take_slot(&mut self.rate, now, pid, &rule.name) {
+            let decision = self.target_decision(t, p, tree, host, reason, deadline_ns, now);
+            if !take_slot(&mut self.rate, now, &decision) {
                 return decisions;
             }
-            decisions.push(self.target_decision(t, p, tree, host, reason, deadline_ns, now));
+            decisions.push(decision);
             self.targets.get_mut(&pid).expect("listed above").pending = Pending::Reaping;
         }
         self.decide_leftovers(tree, now, host, &mut decisions);
@@ -1082,10 +1116,11 @@ impl Detector {
                         (Pending::LeftAlone, None)
                     }
                     Ok(()) => {
-                        if !take_slot(&mut self.rate, now, m.id.pid, &e.rule) {
+                        let decision = self.leftover_decision(e, p, host, kind, Reason::Leftover, deadline_of(e), now);
+                        if !take_slot(&mut self.rate, now, &decision) {
                             return;
                         }
-                        (Pending::Reaping, Some(self.leftover_decision(e, p, host, kind, Reason::Leftover, deadline_of(e), now)))
+                        (Pending::Reaping, Some(decision))
                     }
                 };
                 let member = self
@@ -1111,9 +1146,6 @@ impl Detector {
         for pid in due {
             let r = self.runaways[&pid];
             let Some(p) = tree.get_id(r.id) else { continue };
-            if !take_slot(&mut self.rate, now, pid, "runaway") {
-                return;
-            }
             let mut descendants: Vec<Victim> = descendants(tree, pid)
                 .into_iter()
                 .filter(|d| d.uid == p.uid)
@@ -1121,7 +1153,7 @@ impl Detector {
                 .collect();
             descendants.sort_by_key(|v| (v.id.start_ticks, v.id.pid));
             let since = r.burning_since.unwrap_or(now);
-            decisions.push(Decision {
+            let decision = Decision {
                 target: Victim::of(p),
                 descendants,
                 other_uid: 0,
@@ -1143,7 +1175,11 @@ impl Detector {
                     self.runaway_cpu * 100.0,
                     secs(now.saturating_sub(since))
                 ),
-            });
+            };
+            if !take_slot(&mut self.rate, now, &decision) {
+                return;
+            }
+            decisions.push(decision);
             self.runaways.get_mut(&pid).expect("listed above").pending = Pending::Reaping;
         }
     }
@@ -1196,12 +1232,10 @@ impl Detector {
             Pick::Target(pid) => {
                 let t = &self.targets[&pid];
                 let p = tree.get_id(t.id)?;
-                let name = self.rules[t.rule].name.clone();
-                if !take_slot(&mut self.rate, now, pid, &name) {
+                let mut d = self.target_decision(t, p, tree, host, Reason::MemoryPressure, now, now);
+                if !take_slot(&mut self.rate, now, &d) {
                     return None;
                 }
-                let t = &self.targets[&pid];
-                let mut d = self.target_decision(t, p, tree, host, Reason::MemoryPressure, now, now);
                 d.note = note;
                 self.targets.get_mut(&pid).expect("found above").pending = Pending::Reaping;
                 Some(d)
@@ -1209,12 +1243,10 @@ impl Detector {
             Pick::Leftover(session, pid, kind) => {
                 let e = &self.ended[&session];
                 let p = tree.get_id(e.members[&pid].id)?;
-                let rule = e.rule.clone();
-                if !take_slot(&mut self.rate, now, pid, &rule) {
+                let mut d = self.leftover_decision(e, p, host, kind, Reason::MemoryPressure, now, now);
+                if !take_slot(&mut self.rate, now, &d) {
                     return None;
                 }
-                let e = &self.ended[&session];
-                let mut d = self.leftover_decision(e, p, host, kind, Reason::MemoryPressure, now, now);
                 d.note = format!("{note}; {}", d.note);
                 let m = self.ended.get_mut(&session)?.members.get_mut(&pid)?;
                 m.pending = Pending::Reaping;
@@ -1415,14 +1447,17 @@ impl Detector {
     }
 }
 
-/// Takes a kill slot, or says that the rate limit holds `pid` back.
-fn take_slot(rate: &mut RateLimit, now: Nanos, pid: u32, rule: &str) -> bool {
-    match rate.take(now) {
+/// Takes a kill slot for every process `d` would signal (its target and descendants), or says
+/// that the rate limit holds it back.
+fn take_slot(rate: &mut RateLimit, now: Nanos, d: &Decision) -> bool {
+    let processes = 1 + d.descendants.len();
+    match rate.take(now, processes) {
         Ok(()) => true,
         Err(until) => {
             tracing::warn!(
-                pid,
-                rule,
+                pid = d.target.id.pid,
+                rule = d.rule,
+                processes,
                 retry_in_secs = secs(until.saturating_sub(now)),
                 "kill rate limit reached; waiting"
             );

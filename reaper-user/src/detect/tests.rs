@@ -286,6 +286,54 @@ fn the_rate_limit_caps_kills() {
 }
 
 #[test]
+fn the_rate_limit_counts_every_process_a_reap_signals() {
+    // max_kills_per_minute = 3: a target with two descendants takes all three slots.
+    let mut w = World::new("");
+    w.spawn(20, 10, SDK, S);
+    w.spawn(30, 20, &["/bin/sh"], S);
+    w.spawn(31, 20, &["/usr/bin/node"], S);
+    w.spawn(21, 10, SDK, S);
+    let orders = w.tick(11 * S);
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    assert_eq!((orders[0].target.id.pid, orders[0].descendants.len()), (20, 2));
+    assert_eq!(w.det.rate_limit_deferrals(), 1, "21 waits: its target and descendants filled the minute");
+    assert!(w.tick(70 * S).is_empty(), "21 waits for the minute");
+    assert_eq!(w.tick(71 * S).iter().map(|d| d.target.id.pid).collect::<Vec<_>>(), [21]);
+}
+
+#[test]
+fn a_reap_larger_than_the_limit_waits_for_an_empty_minute_and_goes_alone() {
+    let mut w = World::new("");
+    w.spawn(20, 10, SDK, S);
+    w.spawn(25, 10, SDK, S);
+    for child in 30..34 {
+        w.spawn(child, 25, &["/bin/sh"], S);
+    }
+    w.spawn(26, 10, SDK, 2 * S);
+    // 20 goes; 25 (five processes, over the limit of 3) waits for a minute without kills,
+    // and 26, due later, does not jump the queue meanwhile.
+    assert_eq!(w.tick(11 * S).iter().map(|d| d.target.id.pid).collect::<Vec<_>>(), [20]);
+    assert!(w.tick(12 * S).is_empty(), "26 is not due before 12 s, and then waits behind 25");
+    // Woken only for samples meanwhile (no spinning), and nothing goes before the minute.
+    let mut now = 12 * S;
+    let mut wakes = 0;
+    while now < 71 * S {
+        now = w.det.next_wakeup(now).unwrap().max(now + 1).min(71 * S - 1);
+        assert!(w.tick(now).is_empty(), "something went at {now} before the window emptied");
+        wakes += 1;
+        if now == 71 * S - 1 {
+            break;
+        }
+    }
+    assert!(wakes < 60, "{wakes} wake-ups in a minute: it spins");
+    let orders = w.tick(71 * S);
+    assert_eq!(orders.iter().map(|d| d.target.id.pid).collect::<Vec<_>>(), [25], "alone: {orders:?}");
+    assert_eq!(orders[0].descendants.len(), 4);
+    assert!(w.tick(72 * S).is_empty(), "the window is full again");
+    assert_eq!(w.tick(131 * S).iter().map(|d| d.target.id.pid).collect::<Vec<_>>(), [26]);
+}
+
+#[test]
 fn matching_follows_comm_changes() {
     let mut w = World::new("");
     // A runtime that sets its title to "claude" after exec (exe basename is "cli-main").
@@ -565,6 +613,30 @@ fn detached() -> session::Connections {
         session_leader: true,
         uid: None,
     }
+}
+
+#[test]
+fn a_reload_without_the_rule_leaves_its_sessions_leftovers_alone() {
+    let mut w = World::new("leftover_grace = \"5s\"");
+    w.spawn(20, 10, SDK, S);
+    w.spawn(30, 20, &["/usr/bin/node", "server.js"], 2 * S);
+    w.exit(20, 10 * S);
+    let other = parse(
+        "leftover_grace = \"5s\"\n[[rule]]\nname = \"other\"\ncomm = [\"other\"]\n",
+        "test",
+        &Overrides::default(),
+    )
+    .unwrap();
+    w.det.reconfigure(&other, &w.tree, 11 * S, &mut w.host);
+    assert!(w.tick(16 * S).is_empty(), "its rule is gone: the leftover is only reported");
+    let s = w.det.explain(&w.tree, 30, 16 * S, &w.host).session.unwrap();
+    assert!(s.leftover.contains("left alone") || s.leftover.contains("only reported"), "{}", s.leftover);
+    // With the rule still there, the same leftover is reaped.
+    let mut w = World::new("leftover_grace = \"5s\"");
+    w.spawn(20, 10, SDK, S);
+    w.spawn(30, 20, &["/usr/bin/node", "server.js"], 2 * S);
+    w.exit(20, 10 * S);
+    assert_eq!(w.tick(16 * S).iter().map(|d| d.target.id.pid).collect::<Vec<_>>(), [30]);
 }
 
 #[test]

@@ -246,10 +246,11 @@ fn service_privileges() -> anyhow::Result<String> {
         names.sort();
         names
     };
-    // Exactly what the daemon says it keeps once attached (reaper::privileges::KEPT).
-    let mut kept: Vec<String> = reaper::privileges::KEPT
-        .iter()
-        .map(|(cap, _)| cap.to_string().to_lowercase())
+    // Exactly what the daemon says it keeps once attached in the installed config's mode
+    // (reaper::privileges::KEPT).
+    let config = reaper::config::Config::load(std::path::Path::new(CONFIG), &Default::default())?;
+    let mut kept: Vec<String> = reaper::privileges::kept(config.mode)
+        .map(|k| k.cap.to_string().to_lowercase())
         .collect();
     kept.sort();
     let threads = reaper_tests::thread_statuses(pid.parse().context("MainPID")?);
