@@ -4,11 +4,13 @@
 //! `bpf-linker` built against nightly's own libLLVM in `<workspace>/.tools`); every other verb runs
 //! it first, so a fresh checkout only needs `cargo xtask build` / `run` / `test`.
 mod bench;
+mod clippy;
 mod cmd;
 mod dist;
 mod e2e;
 mod fuzz;
 mod setup;
+mod test;
 mod vm;
 
 use std::ffi::OsString;
@@ -291,86 +293,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             setup::require_root("test")?;
             setup::setup(&ctx)?;
-            // The command-line tests (tests/tests/cli.rs) run target/<profile>/reaper, which
-            // `cargo test` does not build: build it first, with the tests' profile.
-            ctx.build_daemon(!release)?;
-            let mut cmd = ctx.cargo();
-            // tests/tests/ship.rs checks what operators install: build it first (warm: seconds;
-            // the static build is the one the kernel matrix uses). A failure fails those tests,
-            // not the others.
-            match dist::run(&ctx) {
-                Ok(artifacts) => {
-                    cmd.env("REAPER_DIST_DIR", &artifacts.dir);
-                }
-                Err(err) => {
-                    eprintln!("xtask: cargo xtask dist failed: {err:#}");
-                    cmd.env("REAPER_DIST_ERROR", format!("{err:#}"));
-                }
-            }
-            cmd.arg("test");
-            // The end-to-end tests drive the real SDKs and CLI: install them first. If that
-            // fails, say why once and run the tests anyway: the e2e tests fail with the reason.
-            if package.is_empty() || package.iter().any(|p| p == "reaper-tests") {
-                cmd.env("REAPER_E2E_DIR", e2e::dir(&ctx));
-                if let Err(err) = e2e::setup(&ctx) {
-                    eprintln!("xtask: error: {err:#}");
-                    cmd.env("REAPER_E2E_ERROR", format!("{err:#}"));
-                }
-            }
-            if package.is_empty() {
-                cmd.args(["--workspace", "--exclude", "reaper-ebpf"]);
-            } else {
-                for p in &package {
-                    cmd.args(["--package", p]);
-                }
-            }
-            if release {
-                cmd.arg("--release");
-            }
-            // Run every test binary even after one fails; the exit status still reports failure.
-            cmd.args(["--no-fail-fast", "--"]);
-            // The integration tests share kernel state: one test at a time, unless the caller
-            // chose a thread count (libtest rejects the option given twice).
-            let threads_given = args
-                .iter()
-                .any(|a| a.to_str().is_some_and(|a| a.starts_with("--test-threads")));
-            if !threads_given {
-                cmd.arg("--test-threads=1");
-            }
-            cmd.args(&args);
-            println!("xtask: {}", describe(&cmd));
-            let (st, mut totals) = cmd::status_counting_tests(&mut cmd)?;
-            if !st.success() {
-                eprintln!("xtask: tests failed ({st})");
-            }
-            // A full run also runs the lifecycle and reaping checks on other kernels in QEMU.
-            let mut vm_ok = true;
-            if package.is_empty() && args.is_empty() && !no_vm {
-                match vm::run(&ctx, &vm::Opts::default()) {
-                    Ok(outcome) => {
-                        vm_ok = outcome.failed == 0;
-                        totals.passed += outcome.passed;
-                        totals.failed += outcome.failed;
-                    }
-                    Err(err) => {
-                        eprintln!("xtask: the kernel matrix could not run: {err:#}");
-                        vm_ok = false;
-                        totals.failed += 1;
-                    }
-                }
-            }
-            // One closing line over every test binary (cargo's own last line is a doc-test
-            // summary, often "0 passed").
-            println!(
-                "xtask: {} passed, {} failed, {} skipped",
-                totals.passed, totals.failed, totals.ignored
-            );
-            if !st.success() {
-                return Ok(exit_code(st));
-            }
-            if !vm_ok {
-                return Ok(ExitCode::FAILURE);
-            }
+            return test::run(&ctx, &package, release, no_vm, &args);
         }
         Verb::Bench { opts } => {
             setup::require_root("bench")?;
@@ -392,46 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Verb::Clippy => {
             setup::setup(&ctx)?;
-            let mut cmd = ctx.cargo();
-            cmd.args([
-                "clippy",
-                "--workspace",
-                "--exclude",
-                "reaper-ebpf",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]);
-            println!("xtask: {}", describe(&cmd));
-            let st = status(&mut cmd)?;
-            if !st.success() {
-                eprintln!("xtask: clippy failed ({st})");
-                return Ok(exit_code(st));
-            }
-            // The eBPF crate builds only for the BPF target, with nightly's build-std (as
-            // aya-build does); its own target dir keeps it apart from the host build.
-            setup::ensure_nightly_component("clippy")?;
-            let mut cmd = ctx.nightly_cargo();
-            cmd.args([
-                "clippy",
-                "--package",
-                "reaper-ebpf",
-                "-Z",
-                "build-std=core",
-                "--target",
-                "bpfel-unknown-none",
-                "--release",
-                "--target-dir",
-            ])
-            .arg(ctx.target_dir.join("ebpf-clippy"))
-            .args(["--", "-D", "warnings"]);
-            println!("xtask: {}", describe(&cmd));
-            let st = status(&mut cmd)?;
-            if !st.success() {
-                eprintln!("xtask: clippy on the eBPF crate failed ({st})");
-                return Ok(exit_code(st));
-            }
+            return clippy::run(&ctx);
         }
     }
     Ok(ExitCode::SUCCESS)
