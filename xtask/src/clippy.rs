@@ -57,7 +57,11 @@ pub(crate) fn run(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let machete = ensure_machete(ctx)?;
     let mut unused = Command::new(machete);
     unused.current_dir(&ctx.workspace);
-    check(&mut unused, "the unused-dependency check (cargo-machete)", &mut failed)?;
+    check(
+        &mut unused,
+        "the unused-dependency check (cargo-machete)",
+        &mut failed,
+    )?;
 
     if failed.is_empty() {
         return Ok(ExitCode::SUCCESS);
@@ -67,7 +71,11 @@ pub(crate) fn run(ctx: &Ctx) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs `cmd`, noting `what` in `failed` if it fails.
-fn check(cmd: &mut Command, what: &'static str, failed: &mut Vec<&'static str>) -> anyhow::Result<()> {
+fn check(
+    cmd: &mut Command,
+    what: &'static str,
+    failed: &mut Vec<&'static str>,
+) -> anyhow::Result<()> {
     println!("xtask: {}", describe(cmd));
     let st = status(cmd)?;
     if !st.success() {
@@ -89,7 +97,14 @@ fn ensure_machete(ctx: &Ctx) -> anyhow::Result<PathBuf> {
         .env("PATH", &ctx.path)
         // cargo install uses its own temporary target dir unless told otherwise.
         .env_remove("CARGO_TARGET_DIR")
-        .args(["install", "cargo-machete", "--locked", "--version", MACHETE_VERSION, "--root"])
+        .args([
+            "install",
+            "cargo-machete",
+            "--locked",
+            "--version",
+            MACHETE_VERSION,
+            "--root",
+        ])
         .arg(&ctx.tools);
     println!("xtask: {}", describe(&cmd));
     let st = status(&mut cmd)?;
@@ -98,7 +113,10 @@ fn ensure_machete(ctx: &Ctx) -> anyhow::Result<PathBuf> {
     }
     match installed_version(&bin) {
         Some(v) if v == MACHETE_VERSION => Ok(bin),
-        other => bail!("{} reports version {other:?} after installing {MACHETE_VERSION}", bin.display()),
+        other => bail!(
+            "{} reports version {other:?} after installing {MACHETE_VERSION}",
+            bin.display()
+        ),
     }
 }
 

@@ -16,7 +16,7 @@ use reaper::{
 };
 use tokio::sync::broadcast;
 
-use crate::{DEADLINE, Harness, Helper, helper_path, matches_proc, program, proc_stat};
+use crate::{DEADLINE, Harness, Helper, helper_path, matches_proc, proc_stat, program};
 
 /// The comm the rename scenario gives the helper (15 bytes: the whole of a comm).
 pub const RENAMED: &str = "renamed-by-test";
@@ -49,9 +49,15 @@ pub async fn fork_exec_exit(h: &mut Harness) -> anyhow::Result<String> {
     // In the VM, PID 1's zombie collector may reap it first: then wait has no status.
     let waited = child.wait().ok();
     let own = std::process::id();
-    ensure!(fork_parent == Some(own), "fork event parent {fork_parent:?}, expected {own}");
+    ensure!(
+        fork_parent == Some(own),
+        "fork event parent {fork_parent:?}, expected {own}"
+    );
     let argv = exec_argv.context("no exec event before the exit")?;
-    ensure!(argv.get(1..) == Some(&["exit".to_owned(), "3".to_owned()][..]), "exec argv {argv:?}");
+    ensure!(
+        argv.get(1..) == Some(&["exit".to_owned(), "3".to_owned()][..]),
+        "exec argv {argv:?}"
+    );
     ensure!(
         status.code() == Some(3) && status.signal().is_none(),
         "exit status {status}, expected code 3"
@@ -59,11 +65,24 @@ pub async fn fork_exec_exit(h: &mut Harness) -> anyhow::Result<String> {
     if let Some(code) = waited.and_then(|w| w.code()) {
         ensure!(code == 3, "wait(2) says code {code}, the exit event code 3");
     }
-    let gone = h.handle.exited(id).await.context("the exited process is not kept")?;
-    ensure!(gone.exit.and_then(ExitStatus::code) == Some(3), "kept exit status {:?}", gone.exit);
+    let gone = h
+        .handle
+        .exited(id)
+        .await
+        .context("the exited process is not kept")?;
+    ensure!(
+        gone.exit.and_then(ExitStatus::code) == Some(3),
+        "kept exit status {:?}",
+        gone.exit
+    );
     let now = h.handle.process(pid).await;
-    ensure!(now.as_ref().is_none_or(|p| p.id != id), "still live in the tree: {now:?}");
-    Ok(format!("pid {pid}: fork (parent {own}), exec {argv:?}, exit code 3"))
+    ensure!(
+        now.as_ref().is_none_or(|p| p.id != id),
+        "still live in the tree: {now:?}"
+    );
+    Ok(format!(
+        "pid {pid}: fork (parent {own}), exec {argv:?}, exit code 3"
+    ))
 }
 
 /// A process whose main thread exits first is alive while its other threads run (a zombie
@@ -77,19 +96,36 @@ pub async fn leader_exits_first(h: &mut Harness) -> anyhow::Result<String> {
     // Wait until the kernel shows the main thread as exited…
     let started = Instant::now();
     while proc_stat(pid).is_none_or(|s| s.state != 'Z') {
-        ensure!(started.elapsed() < DEADLINE, "the leader thread never exited");
+        ensure!(
+            started.elapsed() < DEADLINE,
+            "the leader thread never exited"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // …then apply everything the kernel emitted: the process must still be alive, from the
     // events alone…
     h.flush().await?;
-    let p = h.handle.process(pid).await.context("left the tree while its threads live")?;
-    ensure!(p.exit.is_none(), "marked exited while its threads live: {:?}", p.exit);
+    let p = h
+        .handle
+        .process(pid)
+        .await
+        .context("left the tree while its threads live")?;
+    ensure!(
+        p.exit.is_none(),
+        "marked exited while its threads live: {:?}",
+        p.exit
+    );
     // …and a reconcile must not take the zombie leader for a dead process either.
     let fixed = h.reconcile().await?;
-    ensure!(fixed.removed == 0, "the reconcile removed a process: {fixed:?}");
+    ensure!(
+        fixed.removed == 0,
+        "the reconcile removed a process: {fixed:?}"
+    );
     let still = h.handle.process(pid).await;
-    ensure!(still.as_ref().is_some_and(|q| q.id == p.id), "gone after the reconcile: {still:?}");
+    ensure!(
+        still.as_ref().is_some_and(|q| q.id == p.id),
+        "gone after the reconcile: {still:?}"
+    );
     helper.finish();
     let status = h
         .try_wait_event("the process's exit", |e| match e {
@@ -97,7 +133,10 @@ pub async fn leader_exits_first(h: &mut Harness) -> anyhow::Result<String> {
             _ => None,
         })
         .await?;
-    ensure!(status.code() == Some(7), "exit status {status}, expected the group's code 7");
+    ensure!(
+        status.code() == Some(7),
+        "exit status {status}, expected the group's code 7"
+    );
     // Whatever else the kernel emitted for it by now.
     let _ = helper.child.wait();
     h.flush().await?;
@@ -108,7 +147,9 @@ pub async fn leader_exits_first(h: &mut Harness) -> anyhow::Result<String> {
         }
     }
     ensure!(more == 0, "{} exit events for one process", more + 1);
-    Ok(format!("pid {pid}: one exit, code 7, after its leader thread exited first"))
+    Ok(format!(
+        "pid {pid}: one exit, code 7, after its leader thread exited first"
+    ))
 }
 
 /// Waits until `pid`'s parent in the tree is what `/proc` says and not `not`; returns it.
@@ -138,9 +179,16 @@ pub async fn orphans_reparented(h: &mut Harness) -> anyhow::Result<String> {
     for &child in &children {
         let new_parent = settled_parent(h, child, parent).await?;
         if std::process::id() == 1 {
-            ensure!(new_parent == 1, "PID 1 is the child reaper here, but the parent is {new_parent}");
+            ensure!(
+                new_parent == 1,
+                "PID 1 is the child reaper here, but the parent is {new_parent}"
+            );
         }
-        let p = h.handle.process(child).await.context("the child left the tree")?;
+        let p = h
+            .handle
+            .process(child)
+            .await
+            .context("the child left the tree")?;
         matches_proc(&p)?;
         let adoptive = h
             .handle
@@ -155,7 +203,9 @@ pub async fn orphans_reparented(h: &mut Harness) -> anyhow::Result<String> {
         parents.push(new_parent);
     }
     helper.finish();
-    Ok(format!("children {children:?} of exited {parent} re-parented to {parents:?} as the kernel did"))
+    Ok(format!(
+        "children {children:?} of exited {parent} re-parented to {parents:?} as the kernel did"
+    ))
 }
 
 /// A process renames itself (prctl): one rename event, and the tree matches `/proc`.
@@ -164,7 +214,9 @@ pub async fn rename(h: &mut Harness) -> anyhow::Result<String> {
     let mut helper = Helper::spawn(&["rename", RENAMED]);
     let pid = helper.try_read_pid("pid")?;
     let p = h
-        .try_wait_process(pid, "the new comm", |p| p.filter(|p| p.comm == RENAMED).cloned())
+        .try_wait_process(pid, "the new comm", |p| {
+            p.filter(|p| p.comm == RENAMED).cloned()
+        })
         .await?;
     matches_proc(&p)?;
     // The tree showed the new comm, so the rename event was applied and sent: it is in the tap.
@@ -176,7 +228,9 @@ pub async fn rename(h: &mut Harness) -> anyhow::Result<String> {
     }
     ensure!(renames == 1, "{renames} rename events for pid {pid}");
     helper.finish();
-    Ok(format!("pid {pid}: task_rename to {RENAMED} seen, tree matches /proc"))
+    Ok(format!(
+        "pid {pid}: task_rename to {RENAMED} seen, tree matches /proc"
+    ))
 }
 
 /// Processes with several live threads killed at once: every thread runs do_exit() at the same
@@ -205,9 +259,12 @@ pub async fn thread_group_exit(h: &mut Harness) -> anyhow::Result<String> {
             let _ = std::io::BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx.recv_timeout(DEADLINE).context("no init line from claude")?;
+        let line = rx
+            .recv_timeout(DEADLINE)
+            .context("no init line from claude")?;
         ensure!(line.contains("init"), "claude's first line: {line:?}");
-        let threads = std::fs::read_dir(format!("/proc/{}/task", child.id())).map_or(0, |d| d.count());
+        let threads =
+            std::fs::read_dir(format!("/proc/{}/task", child.id())).map_or(0, |d| d.count());
         ensure!(threads > 1, "claude {} has {threads} threads", child.id());
         child.kill().context("SIGKILL our own child")?;
         pids.push(child.id());
@@ -244,7 +301,9 @@ pub async fn thread_group_exit(h: &mut Harness) -> anyhow::Result<String> {
         dup.len(),
         dup.join(" ")
     );
-    Ok(format!("{ROUNDS} SIGKILLed 7-thread processes, one exit event each"))
+    Ok(format!(
+        "{ROUNDS} SIGKILLed 7-thread processes, one exit event each"
+    ))
 }
 
 /// Over the pipeline's life so far: the kernel lost nothing, every record decoded, and a
@@ -253,9 +312,19 @@ pub async fn no_losses(h: &mut Harness) -> anyhow::Result<String> {
     let fixed = h.reconcile().await?;
     let s = h.handle.stats().await.context("pipeline stopped")?;
     ensure!(s.lost_total == 0, "the kernel lost events: {:?}", s.lost);
-    ensure!(s.decode_errors == 0, "{} records could not be decoded", s.decode_errors);
-    ensure!(fixed.total() == 0, "the reconcile corrected the tree, so events were missed: {fixed:?}");
-    Ok(format!("{} events, none lost or undecodable; a reconcile corrected nothing", s.events_total))
+    ensure!(
+        s.decode_errors == 0,
+        "{} records could not be decoded",
+        s.decode_errors
+    );
+    ensure!(
+        fixed.total() == 0,
+        "the reconcile corrected the tree, so events were missed: {fixed:?}"
+    );
+    Ok(format!(
+        "{} events, none lost or undecodable; a reconcile corrected nothing",
+        s.events_total
+    ))
 }
 
 /// Counts exit events per process from when it starts, for [`ExitAudit::check`].
@@ -309,16 +378,25 @@ impl ExitAudit {
             bail!("the exit audit missed {lagged} events (its tap lagged)");
         }
         let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let mut dup: Vec<(Identity, u32)> =
-            counts.iter().filter(|(_, n)| **n > 1).map(|(i, n)| (*i, *n)).collect();
+        let mut dup: Vec<(Identity, u32)> = counts
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(i, n)| (*i, *n))
+            .collect();
         dup.sort();
         ensure!(
             dup.is_empty(),
             "{} of {} exited processes had several exit events: {}",
             dup.len(),
             counts.len(),
-            dup.iter().map(|(i, n)| format!("{i}×{n}")).collect::<Vec<_>>().join(" ")
+            dup.iter()
+                .map(|(i, n)| format!("{i}×{n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
-        Ok(format!("{} exited processes, one exit event each", counts.len()))
+        Ok(format!(
+            "{} exited processes, one exit event each",
+            counts.len()
+        ))
     }
 }

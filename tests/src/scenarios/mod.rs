@@ -55,7 +55,10 @@ pub async fn stats_until(
             return Ok(s);
         }
         if started.elapsed() > DEADLINE {
-            bail!("timed out after {DEADLINE:?} waiting for {what}: {:?}", s.reaps);
+            bail!(
+                "timed out after {DEADLINE:?} waiting for {what}: {:?}",
+                s.reaps
+            );
         }
         tokio::time::sleep(POLL).await;
     }

@@ -25,7 +25,12 @@ pub fn config(extra: &str) -> String {
 
 /// Targets ended by `step`, all rules and reasons.
 pub fn kills_by(s: &PipelineStats, step: &str) -> u64 {
-    s.reaps.kills.iter().filter(|((_, _, st), _)| st == step).map(|(_, n)| n).sum()
+    s.reaps
+        .kills
+        .iter()
+        .filter(|((_, _, st), _)| st == step)
+        .map(|(_, n)| n)
+        .sum()
 }
 
 /// An agent leaks an idle child with an idle tool under it: the child is ended by closing its
@@ -40,7 +45,11 @@ pub async fn reap_leaked(h: &mut Harness) -> anyhow::Result<String> {
     a.try_read("ready")?;
     let ready = Instant::now();
     let target = wait_target(h, claude).await?;
-    ensure!(target.rule == RULE, "a target of rule {}, not {RULE}", target.rule);
+    ensure!(
+        target.rule == RULE,
+        "a target of rule {}, not {RULE}",
+        target.rule
+    );
     let exits = exits_of(h, &[claude, tool]).await?;
     let took = ready.elapsed().as_secs_f64();
     ensure!(
@@ -48,16 +57,27 @@ pub async fn reap_leaked(h: &mut Harness) -> anyhow::Result<String> {
         "claude {claude} ended with {}, not by itself after its input was closed",
         exits[&claude]
     );
-    ensure!(exits[&tool].signal().is_some(), "its tool did not end with it: {}", exits[&tool]);
+    ensure!(
+        exits[&tool].signal().is_some(),
+        "its tool did not end with it: {}",
+        exits[&tool]
+    );
     let kills = before.reaps.kills_total() + 1;
     let s = stats_until(h, "the kill counted", |s| s.reaps.kills_total() >= kills).await?;
-    ensure!(s.reaps.kills_total() == kills, "{} kills counted, expected one", s.reaps.kills_total() - kills + 1);
+    ensure!(
+        s.reaps.kills_total() == kills,
+        "{} kills counted, expected one",
+        s.reaps.kills_total() - kills + 1
+    );
     ensure!(
         kills_by(&s, "closed") == kills_by(&before, "closed") + 1,
         "not ended by closing its input: {:?}",
         s.reaps
     );
-    ensure!(s.reaps.reclaimed_bytes > before.reaps.reclaimed_bytes, "no memory counted as reclaimed");
+    ensure!(
+        s.reaps.reclaimed_bytes > before.reaps.reclaimed_bytes,
+        "no memory counted as reclaimed"
+    );
     // What the agent saw: its child exited 0, as after its own close().
     let seen = a.try_read("exit")?;
     ensure!(seen == format!("{claude}:code:0"), "the agent saw {seen}");
@@ -79,7 +99,9 @@ pub async fn spare_chatting(h: &mut Harness) -> anyhow::Result<String> {
     let claude = a.try_read_pid("claude")?;
     a.try_read("ready")?;
     let long = Duration::from_secs(8);
-    stays_alive(claude, long).await.context("the chatting claude")?;
+    stays_alive(claude, long)
+        .await
+        .context("the chatting claude")?;
     let after = stats(h).await?;
     ensure!(
         after.reaps.kills_total() == before.reaps.kills_total(),
@@ -93,7 +115,11 @@ pub async fn spare_chatting(h: &mut Harness) -> anyhow::Result<String> {
         .context("pipeline stopped")?
         .target
         .with_context(|| format!("claude {claude} is not a target"))?;
-    ensure!(target.verdict.state() == "active", "verdict {:?}", target.verdict);
+    ensure!(
+        target.verdict.state() == "active",
+        "verdict {:?}",
+        target.verdict
+    );
     let kind = target.evidence.last_activity_kind;
     let socket = target.evidence.last_socket_byte;
     // The last sign may be CPU (a turn is work, more so under emulation); the conversation's

@@ -46,4 +46,3 @@ pub(crate) fn ensure_tool(tool: &str, package: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

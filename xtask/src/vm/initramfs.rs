@@ -16,7 +16,10 @@ const HOST_TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
 /// Where [`build_static`] leaves its programs.
 pub(crate) fn static_dir(ctx: &Ctx) -> PathBuf {
-    ctx.target_dir.join("vm-build").join(HOST_TRIPLE).join("release")
+    ctx.target_dir
+        .join("vm-build")
+        .join(HOST_TRIPLE)
+        .join("release")
 }
 
 /// Builds the guest's programs statically; returns their paths in [`PROGRAMS`]' order.
@@ -73,7 +76,14 @@ pub(crate) fn build_static(ctx: &Ctx) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// One newc cpio entry.
-pub(super) fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+pub(super) fn cpio_entry(
+    out: &mut Vec<u8>,
+    ino: u32,
+    name: &str,
+    mode: u32,
+    rdev: (u32, u32),
+    data: &[u8],
+) {
     let fields = [
         ino,
         mode,
@@ -130,7 +140,6 @@ pub(super) fn write(path: &Path, bins: &[PathBuf]) -> anyhow::Result<()> {
     cpio_entry(&mut out, 0, "TRAILER!!!", 0, (0, 0), &[]);
     fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -105,8 +105,12 @@ pub(super) fn choose(vm_dir: &Path, wanted: &[String]) -> anyhow::Result<Vec<Vec
     };
     // A machine image's apt lists can be months old and miss a whole series (bookworm's
     // 6.12 cloud kernels came with a point release): refresh them once a day.
-    if which("apt-get").is_some() && apt_lists_age().is_none_or(|age| age > Duration::from_secs(24 * 3600)) {
-        println!("xtask: apt's package lists are missing or older than a day; running apt-get update");
+    if which("apt-get").is_some()
+        && apt_lists_age().is_none_or(|age| age > Duration::from_secs(24 * 3600))
+    {
+        println!(
+            "xtask: apt's package lists are missing or older than a day; running apt-get update"
+        );
         apt_get(&["update"])?;
     }
     let mut found = if which("apt-cache").is_some() {
@@ -120,7 +124,11 @@ pub(super) fn choose(vm_dir: &Path, wanted: &[String]) -> anyhow::Result<Vec<Vec
         found = search(&[])?;
     }
     // Debian 11's archive only when a 5.x series may be wanted.
-    if wanted.is_empty() || wanted.iter().any(|w| w.starts_with(&format!("{OLDER_SERIES_MAJOR}."))) {
+    if wanted.is_empty()
+        || wanted
+            .iter()
+            .any(|w| w.starts_with(&format!("{OLDER_SERIES_MAJOR}.")))
+    {
         found.extend(older_kernels(vm_dir, &search));
     }
     // Whatever was downloaded before stands in for what the archives no longer list.
@@ -221,10 +229,15 @@ fn older_kernels(
         // Refreshed once a day at most.
         let fresh = fs::metadata(state.join("updated"))
             .and_then(|m| m.modified())
-            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < Duration::from_secs(86_400)));
+            .is_ok_and(|t| {
+                t.elapsed()
+                    .is_ok_and(|age| age < Duration::from_secs(86_400))
+            });
         if !fresh {
             let mut cmd = Command::new("apt-get");
-            cmd.args(&options).args(["-q", "update"]).stdin(Stdio::null());
+            cmd.args(&options)
+                .args(["-q", "update"])
+                .stdin(Stdio::null());
             output(&mut cmd)?;
             fs::write(state.join("updated"), "")?;
         }
@@ -236,7 +249,9 @@ fn older_kernels(
             .filter(|p| p.numbers[0] == OLDER_SERIES_MAJOR)
             .collect(),
         Err(err) => {
-            println!("xtask: Debian 11's archive is out of reach ({err:#}); no new 5.x kernel this run");
+            println!(
+                "xtask: Debian 11's archive is out of reach ({err:#}); no new 5.x kernel this run"
+            );
             Vec::new()
         }
     }
@@ -251,7 +266,10 @@ pub(super) fn fetch_series(vm_dir: &Path, candidates: &[KernelPackage]) -> anyho
         match fetch_kernel(vm_dir, package) {
             Ok(kernel) => return Ok(kernel),
             Err(err) => {
-                println!("xtask: {}: {err:#}; trying the next older package", package.name);
+                println!(
+                    "xtask: {}: {err:#}; trying the next older package",
+                    package.name
+                );
                 errors.push(format!("{}: {err:#}", package.name));
             }
         }
@@ -309,7 +327,11 @@ fn fetch_kernel(vm_dir: &Path, package: &KernelPackage) -> anyhow::Result<Kernel
     let shown = format!(
         "apt-get download {}{}",
         package.name,
-        if package.apt_options.is_empty() { "" } else { " (Debian 11 archive, apt state in target/vm/apt-debian11)" }
+        if package.apt_options.is_empty() {
+            ""
+        } else {
+            " (Debian 11 archive, apt state in target/vm/apt-debian11)"
+        }
     );
     println!("xtask: {shown} (in {})", work.display());
     let st = status(&mut cmd)?;
@@ -353,7 +375,6 @@ fn fetch_kernel(vm_dir: &Path, package: &KernelPackage) -> anyhow::Result<Kernel
         .with_context(|| format!("no vmlinuz-* in {} after unpacking", dir.display()))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,7 +389,10 @@ mod tests {
         assert_eq!(new.numbers, [6, 12, 117, 12]);
         assert_eq!(new.series(), "6.12");
         let five = KernelPackage::from_name("linux-image-5.10.0-32-cloud-amd64-unsigned").unwrap();
-        assert_eq!((five.numbers.as_slice(), five.series().as_str()), (&[5, 10, 0, 32][..], "5.10"));
+        assert_eq!(
+            (five.numbers.as_slice(), five.series().as_str()),
+            (&[5, 10, 0, 32][..], "5.10")
+        );
         assert!(KernelPackage::from_name("linux-image-cloud-amd64-unsigned").is_none());
         assert!(KernelPackage::from_name("linux-image-6.1.0-56-cloud-amd64-dbg").is_none());
     }

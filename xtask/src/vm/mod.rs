@@ -133,7 +133,13 @@ pub(crate) fn run(ctx: &Ctx, opts: &Opts) -> anyhow::Result<Outcome> {
             "xtask: booting {} ({} {}) in QEMU (software emulation, limit {}s)",
             kernel.release, kernel.package, kernel.version, opts.timeout
         );
-        let run = qemu::boot(&vm_dir, kernel, &initramfs, opts, &Machine::matrix(kernel, opts))?;
+        let run = qemu::boot(
+            &vm_dir,
+            kernel,
+            &initramfs,
+            opts,
+            &Machine::matrix(kernel, opts),
+        )?;
         println!(
             "xtask: {}: {} in {:.1}s (boot {}), log {}",
             kernel.release,
@@ -186,4 +192,3 @@ pub(crate) fn run(ctx: &Ctx, opts: &Opts) -> anyhow::Result<Outcome> {
         failed: (failed as u64).max(u64::from(!all_ok)),
     })
 }
-

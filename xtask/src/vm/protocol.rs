@@ -147,7 +147,6 @@ pub(super) fn strip_escapes(text: &str) -> String {
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,7 +156,10 @@ mod tests {
         assert_eq!(parse_result("10 passed, 0 failed"), Some((10, 0)));
         assert_eq!(parse_result("garbled"), None);
         let mut run = Run {
-            checks: vec![("a".into(), true, String::new()), ("b".into(), true, String::new())],
+            checks: vec![
+                ("a".into(), true, String::new()),
+                ("b".into(), true, String::new()),
+            ],
             result: Some("2 passed, 0 failed".into()),
             ..Run::default()
         };

@@ -30,7 +30,10 @@ impl Machine {
         Self {
             label: kernel.release.clone(),
             memory_mb: 1024,
-            append: format!("VM_DEADLINE_SECS={guest_deadline} {}", opts.guest_env.join(" ")),
+            append: format!(
+                "VM_DEADLINE_SECS={guest_deadline} {}",
+                opts.guest_env.join(" ")
+            ),
             ready_marker: "vm-runner: started",
         }
     }
@@ -48,21 +51,17 @@ pub(crate) fn boot(
     let mut log =
         fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.arg("-m").arg(machine.memory_mb.to_string()).args([
-        "-smp",
-        "2",
-        "-nographic",
-        "-no-reboot",
-        "-kernel",
-    ])
-    .arg(&kernel.vmlinuz)
-    .arg("-initrd")
-    .arg(initramfs)
-    .arg("-append")
-    .arg(format!("console=ttyS0 panic=-1 quiet {}", machine.append))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.arg("-m")
+        .arg(machine.memory_mb.to_string())
+        .args(["-smp", "2", "-nographic", "-no-reboot", "-kernel"])
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(initramfs)
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet {}", machine.append))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     writeln!(log, "# {}", describe(&cmd))?;
     let started = Instant::now();
     let mut child = cmd
@@ -150,4 +149,3 @@ pub(crate) fn boot(
     }
     Ok(run)
 }
-

@@ -122,4 +122,3 @@ pub(super) fn print(
     }
     println!();
 }
-
