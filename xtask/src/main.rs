@@ -153,7 +153,9 @@ enum Verb {
 
     /// Set up, then run clippy with warnings denied: on the host crates
     /// (`cargo clippy --workspace --exclude reaper-ebpf --all-targets -- -D warnings`), then on
-    /// the eBPF crate with nightly for bpfel-unknown-none (installs nightly's clippy if missing).
+    /// the eBPF crate with nightly for bpfel-unknown-none (installs nightly's clippy if missing);
+    /// then `cargo fmt --all --check` and cargo-machete for unused dependencies (installed into
+    /// .tools/ the first time). Every check runs; fails if any did.
     Clippy,
 }
 
