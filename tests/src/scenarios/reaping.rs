@@ -35,13 +35,29 @@ pub fn kills_by(s: &PipelineStats, step: &str) -> u64 {
 
 /// An agent leaks an idle child with an idle tool under it: the child is ended by closing its
 /// input (it exits 0, as after the SDK's `close()`), the tool ends with it, the agent lives on.
+///
+/// With activity from `/proc/PID/io` (kernels before 6.3) the child gets no tool: bytes are
+/// sampled, so the model's last word is only known to within a sample interval, and a tool
+/// forked in that interval counts as the turn's and holds it open while it lives (`sample()`
+/// and `turn_in_flight()` in detect/mod.rs). In the VM (emulated, slow) the child was not
+/// reaped within 20 s so on 5.10 and 6.1; on the host it was, by timing.
 pub async fn reap_leaked(h: &mut Harness) -> anyhow::Result<String> {
     h.resubscribe();
     let before = stats(h).await?;
-    let mut a = agent(AGENT, &["--leak", "--message", "tool:idle"]);
+    let with_tool = before.activity_source == Some(Source::Socket);
+    let args: &[&str] = if with_tool {
+        &["--leak", "--message", "tool:idle"]
+    } else {
+        &["--leak"]
+    };
+    let mut a = agent(AGENT, args);
     let agent_pid = a.try_read_pid("agent")?;
     let claude = a.try_read_pid("claude")?;
-    let tool = a.try_read_pid("tool")?;
+    let tool = if with_tool {
+        Some(a.try_read_pid("tool")?)
+    } else {
+        None
+    };
     a.try_read("ready")?;
     let ready = Instant::now();
     let target = wait_target(h, claude).await?;
@@ -50,18 +66,21 @@ pub async fn reap_leaked(h: &mut Harness) -> anyhow::Result<String> {
         "a target of rule {}, not {RULE}",
         target.rule
     );
-    let exits = exits_of(h, &[claude, tool]).await?;
+    let pids: Vec<u32> = std::iter::once(claude).chain(tool).collect();
+    let exits = exits_of(h, &pids).await?;
     let took = ready.elapsed().as_secs_f64();
     ensure!(
         exits[&claude].code() == Some(0),
         "claude {claude} ended with {}, not by itself after its input was closed",
         exits[&claude]
     );
-    ensure!(
-        exits[&tool].signal().is_some(),
-        "its tool did not end with it: {}",
-        exits[&tool]
-    );
+    if let Some(tool) = tool {
+        ensure!(
+            exits[&tool].signal().is_some(),
+            "its tool did not end with it: {}",
+            exits[&tool]
+        );
+    }
     let kills = before.reaps.kills_total() + 1;
     let s = stats_until(h, "the kill counted", |s| s.reaps.kills_total() >= kills).await?;
     ensure!(
@@ -85,8 +104,9 @@ pub async fn reap_leaked(h: &mut Harness) -> anyhow::Result<String> {
     finish_agent(a, agent_pid).await;
     Ok(format!(
         "leaked claude {claude} ended by closing its input {took:.1}s after its agent was ready \
-         (idle_timeout 3s, activity source {}), its tool {tool} with it; agent {agent_pid} survived",
-        s.activity_source.map_or("none", Source::as_str)
+         (idle_timeout 3s, activity source {}), {}; agent {agent_pid} survived",
+        s.activity_source.map_or("none", Source::as_str),
+        tool.map_or("no tool".to_owned(), |t| format!("its tool {t} with it")),
     ))
 }
 
