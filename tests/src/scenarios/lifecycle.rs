@@ -115,16 +115,15 @@ pub async fn leader_exits_first(h: &mut Harness) -> anyhow::Result<String> {
         "marked exited while its threads live: {:?}",
         p.exit
     );
-    // …and a reconcile must not take the zombie leader for a dead process either.
+    // …and a reconcile must not take the zombie leader for a dead process either. (Whether it
+    // removed others is not this scenario's business: the host's processes come and go.)
     let fixed = h.reconcile().await?;
-    ensure!(
-        fixed.removed == 0,
-        "the reconcile removed a process: {fixed:?}"
-    );
     let still = h.handle.process(pid).await;
     ensure!(
-        still.as_ref().is_some_and(|q| q.id == p.id),
-        "gone after the reconcile: {still:?}"
+        still
+            .as_ref()
+            .is_some_and(|q| q.id == p.id && q.exit.is_none()),
+        "the reconcile ({fixed:?}) removed it: {still:?}"
     );
     helper.finish();
     let status = h
