@@ -10,14 +10,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::{Context as _, bail};
 use reaper::{
     app::{Pipeline, PipelineConfig, PipelineHandle},
     events::Event,
-    tree::Process,
+    tree::{Corrections, Process},
 };
 use tokio::sync::broadcast;
 
 mod daemon;
+pub mod scenarios;
 pub use daemon::{CliOutput, Daemon, Running, reaper_cli, reaper_ok};
 
 /// Generous: CI machines are shared and slow.
@@ -72,44 +74,77 @@ impl Harness {
         &self,
         pid: u32,
         what: &str,
-        mut check: impl FnMut(Option<&Process>) -> Option<T>,
+        check: impl FnMut(Option<&Process>) -> Option<T>,
     ) -> T {
+        self.try_wait_process(pid, what, check).await.unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// [`Self::wait_process`], failing with an error after [`DEADLINE`].
+    pub async fn try_wait_process<T>(
+        &self,
+        pid: u32,
+        what: &str,
+        mut check: impl FnMut(Option<&Process>) -> Option<T>,
+    ) -> anyhow::Result<T> {
         let started = Instant::now();
         loop {
             let p = self.handle.process(pid).await;
             if let Some(found) = check(p.as_ref()) {
-                return found;
+                return Ok(found);
             }
-            assert!(
-                started.elapsed() < DEADLINE,
-                "timed out after {DEADLINE:?} waiting for {what}; last seen: {p:#?}"
-            );
+            if started.elapsed() > DEADLINE {
+                bail!("timed out after {DEADLINE:?} waiting for {what}; last seen: {p:#?}");
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
     /// Waits for an event matching `check` on the tap.
-    pub async fn wait_event<T>(&mut self, what: &str, mut check: impl FnMut(&Event) -> Option<T>) -> T {
+    pub async fn wait_event<T>(&mut self, what: &str, check: impl FnMut(&Event) -> Option<T>) -> T {
+        self.try_wait_event(what, check).await.unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// [`Self::wait_event`], failing with an error after [`DEADLINE`] or when the tap lagged.
+    pub async fn try_wait_event<T>(
+        &mut self,
+        what: &str,
+        mut check: impl FnMut(&Event) -> Option<T>,
+    ) -> anyhow::Result<T> {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
                 Ok(Ok(event)) => {
                     if let Some(found) = check(&event) {
-                        return found;
+                        return Ok(found);
                     }
                 }
                 Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
-                    panic!("the test's event tap lagged by {n} events while waiting for {what}")
+                    bail!("the test's event tap lagged by {n} events while waiting for {what}")
                 }
-                Ok(Err(broadcast::error::RecvError::Closed)) => panic!("pipeline stopped"),
-                Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+                Ok(Err(broadcast::error::RecvError::Closed)) => bail!("pipeline stopped"),
+                Err(_) => bail!("timed out after {DEADLINE:?} waiting for {what}"),
             }
         }
     }
 
-    /// Everything up to now was applied: a reconcile flushes the ring buffer before it returns.
-    pub async fn settle(&self) -> reaper::tree::Corrections {
-        self.handle.reconcile().await.expect("pipeline alive")
+    /// Every event the kernel emitted before this call is applied to the tree, and nothing
+    /// else happens: no `/proc` scan, so a lost event stays visible. (A tree query waits for
+    /// a flush of the ring buffer before it is answered: `Query::needs_flush` in app.rs.)
+    pub async fn flush(&self) -> anyhow::Result<()> {
+        self.handle.snapshot().await.context("pipeline stopped")?;
+        Ok(())
+    }
+
+    /// A reconcile with `/proc` now (it flushes the ring buffer first); what it corrected.
+    /// Comparing the tree with `/proc` after this proves nothing unless the corrections are
+    /// checked too: use [`Self::flush`] for that.
+    pub async fn reconcile(&self) -> anyhow::Result<Corrections> {
+        self.handle.reconcile().await.context("pipeline stopped")
+    }
+
+    /// A fresh tap on the events, from now on (a shared harness's old tap may lag).
+    pub fn resubscribe(&mut self) {
+        self.events = self.handle.subscribe();
     }
 }
 
@@ -121,17 +156,41 @@ pub fn runtime_dir() -> std::path::PathBuf {
     dir
 }
 
-/// The lifecycle helper binary. Cargo builds it for this package's integration tests and puts
-/// it in the profile directory, one level above the test executables (`deps/`).
+/// Where this package's programs (`lifecycle-helper`, `claude`, `fake-agent`, …) are, unless
+/// [`set_programs_dir`] said otherwise: cargo puts them in the profile directory, one level above
+/// the test executables (`deps/`), and next to `vm-runner`.
+static PROGRAMS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Where the programs are when they are not next to the running executable (the VM's `/bin`).
+/// Only the first call counts.
+pub fn set_programs_dir(dir: std::path::PathBuf) {
+    let _ = PROGRAMS.set(dir);
+}
+
+/// The directory of this package's programs.
+pub fn programs_dir() -> &'static std::path::Path {
+    PROGRAMS.get_or_init(|| {
+        let exe = std::env::current_exe().expect("own path");
+        let dir = exe
+            .ancestors()
+            .skip(1)
+            .take(2)
+            .find(|dir| dir.join("lifecycle-helper").exists());
+        dir.unwrap_or_else(|| {
+            panic!("no lifecycle-helper beside {}: run through cargo test", exe.display())
+        })
+        .to_path_buf()
+    })
+}
+
+/// One of this package's programs.
+pub fn program(name: &str) -> std::path::PathBuf {
+    programs_dir().join(name)
+}
+
+/// The lifecycle helper binary.
 pub fn helper_path() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps")
-        .join("lifecycle-helper");
-    assert!(path.exists(), "{} is missing: run through cargo test", path.display());
-    path
+    program("lifecycle-helper")
 }
 
 /// A running `lifecycle-helper`: its stdin keeps it (and its waiting children) alive.
@@ -182,36 +241,51 @@ impl Helper {
 
     /// Reads lines until `key` was printed; returns its (last) value.
     pub fn read(&mut self, key: &str) -> String {
+        self.try_read(key).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// [`Self::read`], failing with an error after [`DEADLINE`].
+    pub fn try_read(&mut self, key: &str) -> anyhow::Result<String> {
         loop {
             if let Some(v) = self.values.get(key).and_then(|v| v.last()) {
-                return v.clone();
+                return Ok(v.clone());
             }
             let line = match self.lines.recv_timeout(DEADLINE) {
                 Ok(line) => line,
-                Err(err) => panic!("no {key} from the helper ({err}); got {:?}", self.values),
+                Err(err) => bail!("no {key} from the helper ({err}); got {:?}", self.values),
             };
-            let (k, v) = line.split_once('=').expect("key=value line");
+            let (k, v) = line.split_once('=').context("a key=value line")?;
             self.values.entry(k.to_owned()).or_default().push(v.to_owned());
         }
     }
 
     pub fn read_pid(&mut self, key: &str) -> u32 {
-        self.read(key).parse().expect("a pid")
+        self.try_read_pid(key).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    pub fn try_read_pid(&mut self, key: &str) -> anyhow::Result<u32> {
+        let value = self.try_read(key)?;
+        value.parse().with_context(|| format!("{key}={value} is not a pid"))
     }
 
     /// Every value printed for `key` once the helper has closed its stdout.
     pub fn all(&mut self, key: &str) -> Vec<String> {
+        self.try_all(key).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// [`Self::all`], failing with an error if the output does not end within [`DEADLINE`].
+    pub fn try_all(&mut self, key: &str) -> anyhow::Result<Vec<String>> {
         loop {
             match self.lines.recv_timeout(DEADLINE) {
                 Ok(line) => {
-                    let (k, v) = line.split_once('=').expect("key=value line");
+                    let (k, v) = line.split_once('=').context("a key=value line")?;
                     self.values.entry(k.to_owned()).or_default().push(v.to_owned());
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(err) => panic!("helper output never ended ({err}); got {:?}", self.values),
+                Err(err) => bail!("helper output never ended ({err}); got {:?}", self.values),
             }
         }
-        self.values.get(key).cloned().unwrap_or_default()
+        Ok(self.values.get(key).cloned().unwrap_or_default())
     }
 
     /// Writes `line` and a newline to the helper's stdin.
@@ -330,15 +404,34 @@ pub fn proc_identities() -> Vec<(u32, u64)> {
 
 /// The tree's view of `pid` agrees with `/proc` on identity, parent, uid, comm and argv.
 pub fn assert_matches_proc(p: &Process) {
+    matches_proc(p).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// [`assert_matches_proc`] as an error.
+pub fn matches_proc(p: &Process) -> anyhow::Result<()> {
     let pid = p.id.pid;
-    let stat = proc_stat(pid).unwrap_or_else(|| panic!("{pid} is not in /proc"));
-    assert_eq!(p.id.start_ticks, stat.start_ticks, "start time of {pid}");
-    assert_eq!(p.ppid, stat.ppid, "parent of {pid}");
-    assert_eq!(p.comm, stat.comm, "comm of {pid}");
-    assert_eq!(Some(p.uid), proc_uid(pid), "uid of {pid}");
-    if !p.argv_truncated {
-        assert_eq!(Some(p.argv.raw().to_vec()), proc_cmdline(pid), "argv of {pid}");
+    let stat = proc_stat(pid).with_context(|| format!("{pid} is not in /proc"))?;
+    let differ = |what: &str, tree: &dyn std::fmt::Debug, proc: &dyn std::fmt::Debug| {
+        anyhow::anyhow!("{what} of {pid}: the tree says {tree:?}, /proc {proc:?}")
+    };
+    if p.id.start_ticks != stat.start_ticks {
+        return Err(differ("start time", &p.id.start_ticks, &stat.start_ticks));
     }
+    if p.ppid != stat.ppid {
+        return Err(differ("parent", &p.ppid, &stat.ppid));
+    }
+    if p.comm != stat.comm {
+        return Err(differ("comm", &p.comm, &stat.comm));
+    }
+    let uid = proc_uid(pid);
+    if Some(p.uid) != uid {
+        return Err(differ("uid", &p.uid, &uid));
+    }
+    let cmdline = proc_cmdline(pid);
+    if !p.argv_truncated && Some(p.argv.raw().to_vec()) != cmdline {
+        return Err(differ("argv", &p.argv, &cmdline.map(|c| String::from_utf8_lossy(&c).into_owned())));
+    }
+    Ok(())
 }
 
 /// The `reaper` binary the command-line tests run: `target/<profile>/reaper`, next to
@@ -510,10 +603,26 @@ pub fn agent_comm(prefix: &str) -> String {
 pub fn agent(prefix: &str, args: &[&str]) -> Helper {
     let link = std::env::temp_dir().join(agent_comm(prefix));
     if !link.exists() {
-        std::os::unix::fs::symlink(helper_path().with_file_name("fake-agent"), &link)
+        std::os::unix::fs::symlink(program("fake-agent"), &link)
             .expect("symlink to fake-agent");
     }
     Helper::spawn_program(&link, args)
+}
+
+/// The top-level settings the reaping tests start from: short timeouts, so a leaked double is
+/// reaped within seconds; a rate limit that never gets in the way; reconciles only when a test
+/// asks for one.
+pub const REAPING_DEFAULTS: [(&str, &str); 5] = [
+    ("idle_timeout", "\"3s\""),
+    ("orphan_grace", "\"3s\""),
+    ("grace", "\"2s\""),
+    ("max_kills_per_minute", "100"),
+    ("reconcile_interval", "\"1h\""),
+];
+
+/// [`test_config`] with [`REAPING_DEFAULTS`], each replaced by a line of `extra` with its key.
+pub fn reaping_config(rule: &str, extra: &str, parents: &[String]) -> String {
+    test_config(rule, &REAPING_DEFAULTS, extra, parents)
 }
 
 /// Configuration text: `defaults` top-level settings, each replaced by a line of `extra` with

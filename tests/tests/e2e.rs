@@ -692,18 +692,7 @@ fn exited_unreaped(child: &Child) -> bool {
 /// `reaper run --config` with one rule: the built-in claude-sdk rule, plus the parent's comm
 /// being one of this run's parents.
 fn start_reaper(dir: &TempDir, extra: &str) -> Daemon {
-    let text = reaper_tests::test_config(
-        "e2e-claude",
-        &[
-            ("idle_timeout", "\"3s\""),
-            ("orphan_grace", "\"3s\""),
-            ("grace", "\"2s\""),
-            ("max_kills_per_minute", "100"),
-            ("reconcile_interval", "\"1h\""),
-        ],
-        extra,
-        &Runtime::all_comms(),
-    );
+    let text = reaper_tests::reaping_config("e2e-claude", extra, &Runtime::all_comms());
     let config = dir.write("reaper.toml", &text);
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
     let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -992,13 +981,7 @@ fn leaked(case: &Leak) {
         diag()
     );
     assert_eq!(field(&reaped[0], "step"), Some(case.step), "{}", reaped[0]);
-    // Within a second of its idle deadline, and not before it.
-    assert!(
-        delay <= IDLE + REAP_SLACK,
-        "the leaked CLI was gone {:.3} s after it became idle: more than the idle timeout \
-         {IDLE:?} + {REAP_SLACK:?}",
-        delay.as_secs_f64()
-    );
+    // Not before its idle deadline. (How soon after it is the benchmark's business.)
     assert!(
         gone.duration_since(result) >= IDLE,
         "the leaked CLI was gone {:.3} s after its result, before the idle timeout {IDLE:?}",

@@ -4,36 +4,17 @@ use std::time::Duration;
 use reaper::events::Event;
 use reaper_common::ARGV_LEN;
 use reaper_tests::{
-    DEADLINE, Harness, Helper, assert_matches_proc, helper_path, proc_identities, proc_stat,
+    DEADLINE, Harness, Helper, assert_matches_proc, helper_path, proc_identities,
+    scenarios::{
+        expect,
+        lifecycle::{self, settled_parent},
+    },
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fork_exec_exit_report_exit_codes() {
     let mut h = Harness::start().await;
-    let mut child = std::process::Command::new(helper_path())
-        .args(["exit", "3"])
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let exec = h
-        .wait_event("exec of the helper", |e| match e {
-            Event::Exec { id, argv, .. } if id.pid == pid => Some(argv.to_strings()),
-            _ => None,
-        })
-        .await;
-    assert_eq!(exec[1..], ["exit", "3"]);
-    let (id, status) = h
-        .wait_event("exit of the helper", |e| match e {
-            Event::Exit { id, status, .. } if id.pid == pid => Some((*id, *status)),
-            _ => None,
-        })
-        .await;
-    assert_eq!(status.code(), Some(3));
-    assert_eq!(status.signal(), None);
-    assert_eq!(child.wait().unwrap().code(), Some(3));
-    let gone = h.handle.exited(id).await.expect("kept with its exit status");
-    assert_eq!(gone.exit.unwrap().code(), Some(3));
-    assert!(h.handle.process(pid).await.is_none_or(|p| p.id != id));
+    expect(lifecycle::fork_exec_exit(&mut h).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,37 +41,13 @@ async fn death_by_signal_is_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_exiting_before_its_threads_is_one_exit_when_the_last_goes() {
     let mut h = Harness::start().await;
-    let mut helper = Helper::spawn(&["leader-exits-first"]);
-    let pid = helper.read_pid("pid");
-    helper.read("leader");
-    // Wait until the kernel shows the main thread as exited…
-    let started = std::time::Instant::now();
-    while proc_stat(pid).is_none_or(|s| s.state != 'Z') {
-        assert!(started.elapsed() < DEADLINE, "leader thread never exited");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    // …then flush everything the kernel emitted: the process must still be alive.
-    let fixed = h.settle().await;
-    let p = h.handle.process(pid).await.expect("still alive with its threads");
-    assert!(p.exit.is_none());
-    assert_eq!(fixed.removed, 0, "the reconcile must not take a zombie leader for a dead process");
-    let mut exits = 0;
-    helper.finish();
-    let status = h
-        .wait_event("the process's exit", |e| match e {
-            Event::Exit { id, status, .. } if *id == p.id => Some(*status),
-            _ => None,
-        })
-        .await;
-    exits += 1;
-    assert_eq!(status.code(), Some(7), "the group's exit code");
-    h.settle().await;
-    while let Ok(e) = h.events.try_recv() {
-        if matches!(e, Event::Exit { id, .. } if id == p.id) {
-            exits += 1;
-        }
-    }
-    assert_eq!(exits, 1, "one exit event per process");
+    expect(lifecycle::leader_exits_first(&mut h).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thread_group_killed_at_once_is_one_exit() {
+    let mut h = Harness::start().await;
+    expect(lifecycle::thread_group_exit(&mut h).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +57,7 @@ async fn threads_are_not_processes() {
     let pid = helper.read_pid("pid");
     let tids: Vec<u32> = helper.read("tids").split(',').map(|t| t.parse().unwrap()).collect();
     assert_eq!(tids.len(), 8);
-    h.settle().await;
+    h.flush().await.unwrap();
     let p = h.handle.process(pid).await.expect("helper in the tree");
     assert_matches_proc(&p);
     assert!(p.children.is_empty(), "threads are not children: {:?}", p.children);
@@ -114,35 +71,10 @@ async fn threads_are_not_processes() {
     }
 }
 
-/// Waits until `pid`'s parent in the tree is what `/proc` says, and returns it.
-async fn settled_parent(h: &Harness, pid: u32, not: u32) -> u32 {
-    h.wait_process(pid, "re-parenting", |p| {
-        let p = p?;
-        let stat = proc_stat(pid)?;
-        (p.ppid == stat.ppid && p.ppid != not).then_some(p.ppid)
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_are_reparented_like_the_kernel_does() {
-    let h = Harness::start().await;
-    let mut helper = Helper::spawn(&["orphan", "2"]);
-    let parent = helper.read_pid("pid");
-    helper.child.wait().unwrap(); // the parent exits by itself, after printing its children
-    let children: Vec<u32> = helper.all("child").iter().map(|c| c.parse().unwrap()).collect();
-    assert!(!children.is_empty());
-    for child in &children {
-        let new_parent = settled_parent(&h, *child, parent).await;
-        // Where there is no subreaper above the test, the kernel picks init.
-        let expected = proc_stat(*child).unwrap().ppid;
-        assert_eq!(new_parent, expected);
-        let p = h.handle.process(*child).await.unwrap();
-        assert_matches_proc(&p);
-        let adoptive = h.handle.process(new_parent).await.expect("the new parent is in the tree");
-        assert!(adoptive.children.contains(child));
-    }
-    helper.finish();
+    let mut h = Harness::start().await;
+    expect(lifecycle::orphans_reparented(&mut h).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,7 +87,7 @@ async fn orphans_go_to_the_nearest_child_subreaper() {
     let children: Vec<u32> = helper.values["child"].iter().map(|c| c.parse().unwrap()).collect();
     assert_eq!(children.len(), 2);
     for child in &children {
-        let new_parent = settled_parent(&h, *child, middle).await;
+        let new_parent = settled_parent(&h, *child, middle).await.unwrap();
         assert_eq!(new_parent, subreaper, "the subreaper adopts, not init");
         assert_matches_proc(&h.handle.process(*child).await.unwrap());
     }
@@ -170,8 +102,7 @@ async fn a_double_forked_daemon_is_followed() {
     let mut helper = Helper::spawn(&["double-fork"]);
     let first = helper.read_pid("first");
     let daemon = helper.read_pid("daemon");
-    let new_parent = settled_parent(&h, daemon, first).await;
-    assert_eq!(new_parent, proc_stat(daemon).unwrap().ppid);
+    settled_parent(&h, daemon, first).await.unwrap();
     assert_matches_proc(&h.handle.process(daemon).await.unwrap());
     h.wait_process(first, "the first child gone", |p| p.is_none().then_some(())).await;
     helper.finish();
@@ -200,14 +131,8 @@ async fn an_exec_is_not_also_reported_as_a_rename() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_comm_rename_is_seen() {
-    let h = Harness::start().await;
-    let mut helper = Helper::spawn(&["rename", "renamed-by-test"]);
-    let pid = helper.read_pid("pid");
-    let p = h
-        .wait_process(pid, "the new comm", |p| p.filter(|p| p.comm == "renamed-by-test").cloned())
-        .await;
-    assert_matches_proc(&p);
-    helper.finish();
+    let mut h = Harness::start().await;
+    expect(lifecycle::rename(&mut h).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +172,12 @@ async fn argv_past_the_bound_is_truncated_and_flagged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spawn_storm_loses_nothing_and_the_tree_equals_proc() {
     const N: usize = 10_000;
-    let h = Harness::start().await;
+    let mut h = Harness::start().await;
+    // Other processes on the host may come and go during the start, which can leave ended ones
+    // for the first reconcile (a_start_during_a_spawn_storm_leaves_no_stale_process): clear
+    // them, so what follows is the events' work alone.
+    h.reconcile().await.unwrap();
+    let audit = lifecycle::ExitAudit::start(&h.handle);
     let before = h.handle.stats().await.unwrap();
     let out = tokio::task::spawn_blocking(|| {
         std::process::Command::new(helper_path())
@@ -259,10 +189,10 @@ async fn a_spawn_storm_loses_nothing_and_the_tree_equals_proc() {
     .unwrap();
     assert!(out.status.success(), "storm failed: {out:?}");
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
-    let fixed = h.settle().await;
+    // Only the events: a reconcile here would hide what they missed.
+    h.flush().await.unwrap();
     let after = h.handle.stats().await.unwrap();
     let events = after.events_total - before.events_total;
-    let lost = after.lost_total - before.lost_total;
     let seconds: f64 = report
         .lines()
         .find_map(|l| l.strip_prefix("seconds="))
@@ -270,17 +200,12 @@ async fn a_spawn_storm_loses_nothing_and_the_tree_equals_proc() {
         .parse()
         .unwrap();
     eprintln!(
-        "storm: {N} processes in {seconds:.2} s; {events} events ({:.0}/s), {lost} lost, \
-         decode errors {}, reconcile corrections after: {fixed:?}",
+        "storm: {N} processes in {seconds:.2} s; {events} events ({:.0}/s)",
         events as f64 / seconds,
-        after.decode_errors - before.decode_errors,
     );
-    assert_eq!(lost, 0, "reserve failures with the default ring size");
     assert!(events as usize >= 3 * N, "fork+exec+exit for each of {N}: got {events}");
-    assert_eq!(after.decode_errors, before.decode_errors);
-    assert_eq!(fixed.total(), 0, "tree and /proc disagreed after the storm: {fixed:?}");
 
-    // And an independent comparison with /proc, read directly, until they agree.
+    // An independent comparison with /proc, read directly, until they agree.
     let started = std::time::Instant::now();
     loop {
         let tree: std::collections::BTreeSet<(u32, u64)> = h
@@ -305,6 +230,9 @@ async fn a_spawn_storm_loses_nothing_and_the_tree_equals_proc() {
         // Processes may start or end between the two reads; read both again.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Nothing lost, nothing to correct, and one exit per process.
+    expect(lifecycle::no_losses(&mut h).await);
+    expect(audit.check(&h).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,4 +249,27 @@ async fn a_query_sees_every_event_that_happened_before_it_was_asked() {
         assert_eq!(p.argv.to_strings()[1..], ["wait"]);
         helper.finish();
     }
+}
+
+/// Processes that come and go while the pipeline starts (its `/proc` scan races their fork and
+/// exit events) leave nothing behind: once the events are applied, a reconcile has nothing to
+/// remove.
+///
+/// Fails today: 50 to 150 of the storm's children stay in the tree after they ended, as the
+/// start-up scan read them (before their exec, the helper's argv), re-parented to 1 when the
+/// storm ended, until the first reconcile removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails today: a start during process churn keeps ended processes until the first reconcile"]
+async fn a_start_during_a_spawn_storm_leaves_no_stale_process() {
+    let mut storm = std::process::Command::new(helper_path())
+        .args(["storm", "3000", "4"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let h = Harness::start().await;
+    let status = tokio::task::spawn_blocking(move || storm.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "storm failed: {status}");
+    h.flush().await.unwrap();
+    let fixed = h.reconcile().await.unwrap();
+    assert_eq!(fixed.total(), 0, "the start-up left the tree wrong: {fixed:?}");
 }

