@@ -5,18 +5,24 @@
 //! 1. **Spawn-storm overhead.** `lifecycle-helper storm N 1` (fork, exec `/bin/true`, wait, N
 //!    times) and `bench-load threads T` (create and join T threads), each run under
 //!    `bench-load rusage` (wall time, and the CPU time of the storm and every process it waited
-//!    for), with no tracer, with reaper, and with `bench/execsnoop.bt` under bpftrace. The three
-//!    are interleaved round by round (A B C A B C …), so drift on a shared machine hits all three
-//!    alike; the result is the median of the per-round ratios to no tracer, with min–max.
+//!    for), with no tracer, with reaper, and with each peer that runs on this kernel
+//!    ([`peers`]: bpftrace with `bench/execsnoop.bt`, bcc's execsnoop + exitsnoop, auditd with an
+//!    execve rule, process-exporter). They are interleaved round by round (A B C … A B C …), so
+//!    drift on a shared machine hits all alike; the result is the median of the per-round
+//!    ratios to no tracer, with min–max; a peer that cannot run gets a row saying why.
 //! 2. **Throughput and loss.** Several storms in parallel with reaper running: events handled
-//!    per second, kernel reserve failures, and the tree compared with `/proc` afterwards.
+//!    per second, the daemon's CPU per event, reaper's accounted CPU per spawn, kernel reserve
+//!    failures, and the tree compared with `/proc` afterwards.
 //! 3. **Reap latency.** Leaked `claude` doubles under an enforcing daemon whose rule names this
 //!    run's agent as the only possible parent: idle deadline → process gone, p50/p99/max, beside
 //!    the computed bound of a `ps` poller.
-//! 4. **Footprint.** Daemon RSS and CPU with 10,000 live processes tracked, and CPU on a quiet
-//!    host with 20 watched idle targets.
+//! 4. **Footprint.** Daemon RSS and CPU with 10,000 live processes tracked, process-exporter's
+//!    beside it, and the daemon's CPU on a quiet host with 20 watched idle targets.
 //! 5. **Start-up.** `reaper run` exec → first `reaper stats` answer, with the host as it is and
 //!    with 10,000 extra processes.
+//! 6. **Per program.** Each of reaper's lifecycle programs against the bench's floor program on
+//!    the same tracepoint (reaper-ebpf/src/floor.rs), attached in turn, never together: the
+//!    kernel's `run_time_ns / run_cnt` ([`progs`]).
 //!
 //! Benchmarks are not tests: no number fails the verb; a benchmark that cannot run does. Every
 //! daemon runs with `--dry-run` and the built-in rule, except the reap-latency one, whose rule can

@@ -15,6 +15,7 @@ use anyhow::{Context as _, bail};
 use super::READY_DEADLINE;
 use super::daemon::free_port;
 use super::env::{Bins, Scratch};
+use super::procfs::CpuSample;
 use super::procs::{send_signal, tail, wait_or_kill};
 use crate::cmd::{describe, output};
 
@@ -89,6 +90,16 @@ impl Running {
         }
     }
 
+    /// The tool's CPU seconds over `wall` seconds where it is better taken from its rate than
+    /// measured: process-exporter works only when scraped, every 15 s, so a few-second storm
+    /// holds one scrape or none; its cost is one scrape's CPU × `wall` / interval.
+    pub(super) fn amortized(&self, wall: f64) -> Option<f64> {
+        match self {
+            Self::Exporter(e) => Some(e.scrape_cpu * wall / EXPORTER_SCRAPE.as_secs_f64()),
+            _ => None,
+        }
+    }
+
     /// Returns once the tool has handled what was traced before this call, where it can say.
     pub(super) fn barrier(&mut self) -> anyhow::Result<()> {
         match self {
@@ -102,7 +113,7 @@ impl Running {
         match self {
             Self::Snoopers(s) => {
                 for mut s in s {
-                    s.stop();
+                    let _ = s.stop();
                 }
                 Ok(())
             }
@@ -148,7 +159,7 @@ pub(super) struct Snooper {
     pid: u32,
     name: &'static str,
     log: PathBuf,
-    drain: Option<JoinHandle<()>>,
+    drain: Option<JoinHandle<Vec<String>>>,
     marker: PathBuf,
     seen: mpsc::Receiver<()>,
 }
@@ -168,17 +179,20 @@ impl Snooper {
         let pid = child.id();
         let stdout = child.stdout.take().context("the tracer's stdout")?;
         let (seen_tx, seen) = mpsc::channel();
-        // Reads (and drops) everything the tool prints, reporting each marker line.
+        // Reads (and drops) everything the tool prints, reporting each marker line; returns
+        // the first lines (where a tool that cannot start says why: bcc prints it on stdout).
         let drain = std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
             let mut line = String::new();
+            let mut first = Vec::new();
             loop {
                 line.clear();
                 match reader.read_line(&mut line) {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => return first,
                     Ok(_) if line.contains(&marker_name) => {
                         let _ = seen_tx.send(());
                     }
+                    Ok(_) if first.len() < 20 => first.push(line.trim_end().to_owned()),
                     Ok(_) => {}
                 }
             }
@@ -198,11 +212,15 @@ impl Snooper {
             match tracer.seen.recv_timeout(Duration::from_millis(100)) {
                 Ok(()) => return Ok(tracer),
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    tracer.stop();
-                    bail!("{name} ended before tracing:\n{}", tail(&tracer.log, 60));
+                    let printed = tracer.stop();
+                    bail!(
+                        "{name} ended before tracing:\n{}\n{}",
+                        printed.join("\n"),
+                        tail(&tracer.log, 20)
+                    );
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > deadline => {
-                    tracer.stop();
+                    let _ = tracer.stop();
                     bail!(
                         "{name} did not trace an exec within {READY_DEADLINE:?}:\n{}",
                         tail(&tracer.log, 20)
@@ -234,20 +252,22 @@ impl Snooper {
         }
     }
 
-    fn stop(&mut self) {
+    /// Stops the tool; returns the first lines it printed.
+    fn stop(&mut self) -> Vec<String> {
         if let Some(mut child) = self.child.take() {
             send_signal(self.pid, "INT");
             wait_or_kill(&mut child, Duration::from_secs(15));
         }
-        if let Some(drain) = self.drain.take() {
-            let _ = drain.join();
-        }
+        self.drain
+            .take()
+            .and_then(|d| d.join().ok())
+            .unwrap_or_default()
     }
 }
 
 impl Drop for Snooper {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.stop();
     }
 }
 
@@ -435,6 +455,8 @@ pub(super) struct ProcessExporter {
     scraper: Option<JoinHandle<u64>>,
     /// Scrapes done, once stopped.
     pub(super) scrapes: u64,
+    /// CPU seconds of one scrape, measured at start.
+    pub(super) scrape_cpu: f64,
 }
 
 impl ProcessExporter {
@@ -471,6 +493,10 @@ impl ProcessExporter {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        // One more scrape, timed: its CPU, spread over the interval, is what a spawn storm pays.
+        let before = CpuSample::read(pid)?;
+        scrape(port)?;
+        let scrape_cpu = CpuSample::read(pid)?.since(&before);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let scraper = std::thread::spawn(move || {
@@ -493,6 +519,7 @@ impl ProcessExporter {
             stop,
             scraper: Some(scraper),
             scrapes: 0,
+            scrape_cpu,
         })
     }
 

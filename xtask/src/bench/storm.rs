@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use super::Opts;
 use super::daemon::Daemon;
 use super::env::{Bins, Scratch};
-use super::peers::{Peer, Running, reason};
+use super::peers::{EXPORTER_SCRAPE, Peer, Running, reason};
 use super::procfs::{cpu_of, cpu_since, foreign_tracers};
 use super::procs::{Usage, measure};
 use super::report::{Report, Row};
@@ -110,7 +110,7 @@ pub(super) fn storm_overhead(
     // process but ours held a lifecycle tracer does not count, and another round is run (up
     // to twice as many in all).
     let mut rounds: Vec<Vec<Round>> = Vec::new();
-    let mut discarded: Vec<BTreeSet<u32>> = Vec::new();
+    let mut discarded: Vec<(BTreeSet<u32>, Vec<Round>)> = Vec::new();
     let max_rounds = opts.rounds * 2;
     for r in 0.. {
         if rounds.len() >= opts.rounds || r >= max_rounds {
@@ -134,7 +134,11 @@ pub(super) fn storm_overhead(
                 let mut usage = measure(bins, args)?;
                 foreign.extend(foreign_tracers(&ours));
                 let events = started.caught_up()? - events_before;
-                usage.tracer_cpu = cpu_since(&cpu_of(&ours)?, &before);
+                usage.tracer_cpu = match &started {
+                    Started::Peer(p) => p.amortized(usage.wall),
+                    _ => None,
+                }
+                .unwrap_or(cpu_since(&cpu_of(&ours)?, &before));
                 Ok((usage, events))
             };
             let (procs, procs_events) = traced(&[&helper, "storm", &storm_n, "1"])?;
@@ -174,25 +178,36 @@ pub(super) fn storm_overhead(
                  lifecycle tracepoint programs attached meanwhile",
                 r + 1
             );
-            discarded.push(foreign);
+            discarded.push((foreign, this));
         }
     }
-    if rounds.len() < opts.rounds.min(3) {
-        bail!(
-            "only {} of {} spawn-storm rounds ran without another lifecycle tracer on the \
-             machine (processes {discarded:?}); run again when it is quieter",
-            rounds.len(),
-            opts.rounds
+    // On a machine where other tests attach lifecycle programs all the time, too few clean
+    // rounds may run: the table then uses the others too and says so.
+    let mut kept = 0;
+    while rounds.len() < opts.rounds.min(3) && !discarded.is_empty() {
+        let (foreign, round) = discarded.remove(0);
+        println!(
+            "xtask: bench: too few clean rounds; keeping one run beside processes {foreign:?}"
         );
+        rounds.push(round);
+        kept += 1;
     }
-    let discarded_note = if discarded.is_empty() {
-        String::new()
-    } else {
-        format!(
+    if rounds.is_empty() {
+        bail!("no spawn-storm round ran");
+    }
+    let mut discarded_note = String::new();
+    if !discarded.is_empty() {
+        discarded_note = format!(
             "; {} round(s) discarded: another process had lifecycle tracepoint programs attached",
             discarded.len()
-        )
-    };
+        );
+    }
+    if kept > 0 {
+        discarded_note += &format!(
+            "; {kept} round(s) kept although another process had lifecycle tracepoint programs \
+             attached meanwhile (too few clean rounds ran)"
+        );
+    }
 
     let bench = "1 spawn storm";
     let mut raw = serde_json::Map::new();
@@ -303,6 +318,12 @@ pub(super) fn storm_overhead(
                             } else {
                                 ""
                             }
+                        )
+                    } else if tracer == Tracer::Peer(Peer::ProcessExporter) {
+                        format!(
+                            " (one scrape's CPU × the run's wall time / {} s: it reads /proc only \
+                             when scraped, and sees none of the storm's short-lived processes)",
+                            EXPORTER_SCRAPE.as_secs()
                         )
                     } else {
                         String::new()
