@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use super::READY_DEADLINE;
 use super::daemon::free_port;
 use super::env::{Bins, Scratch};
-use super::procfs::CpuSample;
+use super::procfs::{CpuSample, pids, stat_fields};
 use super::procs::{send_signal, tail, wait_or_kill};
 use crate::cmd::{describe, output};
 
@@ -437,12 +437,10 @@ impl Drop for Auditd {
 
 /// The pid of a kernel thread (a child of kthreadd, pid 2) by its comm.
 fn kernel_thread(comm: &str) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-        let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
-        let ppid = rest.split_whitespace().nth(1)?;
-        (name == comm && ppid == "2").then_some(pid)
+    pids().find(|&pid| {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // stat_fields()[1] is field 4, the parent's pid.
+        name.trim_end() == comm && stat_fields(pid).is_some_and(|f| f[1] == "2")
     })
 }
 

@@ -93,20 +93,19 @@ pub(super) fn status_kb(pid: u32, key: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("no {key} in /proc/{pid}/status"))
 }
 
+/// The pids in `/proc` now.
+pub(super) fn pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+}
+
 /// Every live (not zombie) process in `/proc`, as (pid, start time in ticks).
 pub(super) fn proc_identities() -> BTreeSet<(u32, u64)> {
     let mut out = BTreeSet::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in pids() {
         if let Some(f) = stat_fields(pid)
             && f[0] != "Z"
             && f[0] != "X"
@@ -138,21 +137,11 @@ pub(super) fn foreign_tracers(ours: &[u32]) -> BTreeSet<u32> {
         return found;
     }
     let me = std::process::id();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in pids() {
         if pid == me || ours.contains(&pid) {
             continue;
         }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fdinfo")) else {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
             continue;
         };
         for fd in fds.flatten() {
