@@ -338,13 +338,14 @@ impl Auditd {
             ),
         )?;
         let log = scratch.path("auditd.log");
+        let out = std::fs::File::create(&log)?;
         let mut cmd = Command::new("auditd");
         cmd.arg("-n")
             .arg("-c")
             .arg(&dir)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(std::fs::File::create(&log)?);
+            .stdout(out.try_clone()?)
+            .stderr(out);
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
@@ -467,13 +468,14 @@ impl ProcessExporter {
         )?;
         let port = free_port()?;
         let log = scratch.path("process-exporter.log");
+        let out = std::fs::File::create(&log)?;
         let mut cmd = Command::new("prometheus-process-exporter");
         cmd.arg("-config.path")
             .arg(&config)
             .args(["-web.listen-address", &format!("127.0.0.1:{port}")])
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(std::fs::File::create(&log)?);
+            .stdout(out.try_clone()?)
+            .stderr(out);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;

@@ -274,7 +274,7 @@ pub(super) fn storm_overhead(
                     "wall {}; CPU {}; CPU with the tracer's own {}",
                     overhead_spread(&wall),
                     overhead_spread(&cpu),
-                    overhead_spread(&total)
+                    overhead_spread(total)
                 ),
                 target,
                 met,
