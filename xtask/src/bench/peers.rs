@@ -556,3 +556,23 @@ fn scrape(port: u16) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_is_the_line_that_says_why() {
+        let err = anyhow::anyhow!(
+            "execsnoop ended before tracing:\nUnable to find kernel headers. Try rebuilding.\n\
+             sh: 1: modprobe: not found\nTraceback (most recent call last):\n\
+             raise Exception(\"Failed to compile BPF module\")"
+        );
+        assert_eq!(
+            reason(&err),
+            "Unable to find kernel headers. Try rebuilding."
+        );
+        let plain = anyhow::anyhow!("first\nlast words");
+        assert_eq!(reason(&plain), "last words");
+    }
+}

@@ -166,9 +166,12 @@ pub(super) fn foreign_tracers(ours: &[u32]) -> BTreeSet<u32> {
 /// `bpf_get_prog_name`, <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/core.c>).
 /// Identical programs share a tag, and so a name.
 pub(super) fn bpf_prog_names() -> HashMap<String, String> {
-    let Ok(kallsyms) = std::fs::read_to_string("/proc/kallsyms") else {
-        return HashMap::new();
-    };
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+    prog_names_in(&kallsyms)
+}
+
+/// [`bpf_prog_names`] of a `/proc/kallsyms` text.
+fn prog_names_in(kallsyms: &str) -> HashMap<String, String> {
     kallsyms
         .lines()
         .filter_map(|l| l.split_whitespace().nth(2)?.strip_prefix("bpf_prog_"))
@@ -274,4 +277,27 @@ pub(super) fn cpu_since(after: &[CpuSample], before: &[CpuSample]) -> f64 {
         .iter()
         .zip(before)
         .fold(0.0, |sum, (a, b)| sum + a.since(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_names_by_tag() {
+        let text = "ffffffffc0012345 t bpf_prog_6deef7357e7b4530_sched_process_fork	[bpf]\n\
+                    ffffffffc0023456 t bpf_prog_0123456789abcdef_floor_task_rename	[bpf]\n\
+                    ffffffff81000000 T _stext\n\
+                    ffffffffc0034567 t bpf_prog_short	[bpf]\n";
+        let names = prog_names_in(text);
+        assert_eq!(
+            names.get("6deef7357e7b4530").map(String::as_str),
+            Some("sched_process_fork")
+        );
+        assert_eq!(
+            names.get("0123456789abcdef").map(String::as_str),
+            Some("floor_task_rename")
+        );
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
 }
