@@ -15,3 +15,8 @@ pub mod probes;
 pub mod reap;
 pub mod service;
 pub mod tree;
+
+/// `cargo xtask bench`'s floor programs (reaper-ebpf/src/floor.rs), built beside reaper's own by
+/// build.rs; loaded only by `bench-load floor`. The daemon never refers to them.
+pub static BENCH_FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-floor"));

@@ -10,6 +10,10 @@
 //! - `park N`: forks N children that block reading a pipe (no exec: they share the parent's
 //!   pages), prints `parked=N` and `ready=1`, then waits for stdin to close (or for the bench to
 //!   die); closing the pipe ends the children, which it reaps before exiting.
+//! - `floor`: loads the bench's floor programs (reaper-ebpf/src/floor.rs: a header-sized
+//!   ring-buffer record per event on reaper's four lifecycle tracepoints, nothing else),
+//!   attaches them, prints `ready=1`, drains their ring buffer every few milliseconds until
+//!   stdin closes, then detaches them by exiting.
 use std::{
     io::{Read as _, Write as _},
     process::{Command, exit},
@@ -129,6 +133,52 @@ fn park(n: usize) {
     }
 }
 
+/// `bench-load floor`: see the module doc.
+fn floor() {
+    use aya::{maps::RingBuf, programs::BtfTracePoint};
+    use reaper_common::LIFECYCLE_TRACEPOINTS;
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+        eprintln!("bench-load floor: {what}: {e}");
+        exit(1)
+    };
+    let mut ebpf = aya::Ebpf::load(reaper::BENCH_FLOOR_OBJECT)
+        .unwrap_or_else(|e| fail("loading the floor object", &e));
+    let btf = aya::Btf::from_sys_fs().unwrap_or_else(|e| fail("reading the kernel's BTF", &e));
+    for tracepoint in LIFECYCLE_TRACEPOINTS {
+        let name = format!("floor_{tracepoint}");
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(&name)
+            .unwrap_or_else(|| fail("no program", &name))
+            .try_into()
+            .unwrap_or_else(|e| fail(&name, &e));
+        prog.load(tracepoint, &btf)
+            .unwrap_or_else(|e| fail(&format!("loading {name}"), &e));
+        prog.attach()
+            .unwrap_or_else(|e| fail(&format!("attaching {name}"), &e));
+    }
+    let mut ring = RingBuf::try_from(
+        ebpf.take_map("FLOOR_EVENTS")
+            .unwrap_or_else(|| fail("no map", &"FLOOR_EVENTS")),
+    )
+    .unwrap_or_else(|e| fail("FLOOR_EVENTS", &e));
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&closed);
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    say("ready", 1);
+    let mut records = 0u64;
+    while !closed.load(std::sync::atomic::Ordering::Relaxed) {
+        while ring.next().is_some() {
+            records += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    say("records", records);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let count = |i: usize| -> usize {
@@ -140,8 +190,9 @@ fn main() {
         Some("rusage") => rusage(&args[1..]),
         Some("threads") => threads(count(1)),
         Some("park") => park(count(1)),
+        Some("floor") => floor(),
         other => usage(&format!(
-            "unknown mode {other:?} (rusage | threads N | park N)"
+            "unknown mode {other:?} (rusage | threads N | park N | floor)"
         )),
     }
 }
