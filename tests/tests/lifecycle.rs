@@ -255,23 +255,24 @@ async fn a_query_sees_every_event_that_happened_before_it_was_asked() {
 /// exit events) leave nothing behind: once the events are applied, a reconcile has nothing to
 /// remove.
 ///
-/// With the exit program attached after the fork and exec programs, 18 to 135 of the storm's
+/// With the exit program attached after the fork and exec programs, 17 to 135 of the storm's
 /// children stayed: their fork (or exec) was seen and their exit, before the exit program was
 /// attached, was not (see `probes::lifecycle_attach_order`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_during_a_spawn_storm_leaves_no_stale_process() {
-    let mut storm = std::process::Command::new(helper_path())
-        .args(["storm", "3000", "4"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // `/bin/true` from four threads, from before the start until it is done.
+    let mut storm = Helper::spawn(&["storm-until-eof", "4"]);
+    storm.read("storming");
     let h = Harness::start().await;
-    assert!(
-        storm.try_wait().unwrap().is_none(),
-        "the storm ended before the start: nothing raced it"
-    );
-    let status = tokio::task::spawn_blocking(move || storm.wait()).await.unwrap().unwrap();
+    storm.finish();
+    let (spawned, status) = tokio::task::spawn_blocking(move || {
+        let spawned = storm.all("spawned");
+        (spawned, storm.child.wait().unwrap())
+    })
+    .await
+    .unwrap();
     assert!(status.success(), "storm failed: {status}");
+    eprintln!("storm: {spawned:?} processes");
     h.flush().await.unwrap();
     let fixed = h.reconcile().await.unwrap();
     assert_eq!(fixed.total(), 0, "the start-up left the tree wrong: {fixed:?}");

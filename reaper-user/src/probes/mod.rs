@@ -477,7 +477,7 @@ async fn forward_logs(logger: EbpfLogger<LogTracer>) {
 /// attached sees nothing. Attached after the fork and exec programs, the exit program missed
 /// the end of every process that forked or exec'd under them and ended before it was: entries
 /// the start-up scan could not correct (those processes were gone by then) and only a
-/// reconcile removed (measured: 18–135 in a start during a four-thread spawn storm). With the
+/// reconcile removed (measured: 17–135 in a start during a four-thread spawn storm). With the
 /// exit program first, a process whose fork or exec is seen has its exit seen too; a fork, exec
 /// or rename missed before its program is attached happened before the scan, which reads its
 /// result from `/proc`.
