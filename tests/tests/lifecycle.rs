@@ -173,10 +173,6 @@ async fn argv_past_the_bound_is_truncated_and_flagged() {
 async fn a_spawn_storm_loses_nothing_and_the_tree_equals_proc() {
     const N: usize = 10_000;
     let mut h = Harness::start().await;
-    // Other processes on the host may come and go during the start, which can leave ended ones
-    // for the first reconcile (a_start_during_a_spawn_storm_leaves_no_stale_process): clear
-    // them, so what follows is the events' work alone.
-    h.reconcile().await.unwrap();
     let audit = lifecycle::ExitAudit::start(&h.handle);
     let before = h.handle.stats().await.unwrap();
     let out = tokio::task::spawn_blocking(|| {
