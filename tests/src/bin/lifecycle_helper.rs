@@ -268,6 +268,36 @@ fn main() {
             say("seconds", format!("{secs:.3}"));
             say("per_second", format!("{:.0}", n as f64 / secs));
         }
+        // Fork+exec `/bin/true` from W threads until stdin closes (the test's cue); print
+        // `storming` once the first has ended, and how many were spawned at the end.
+        "storm-until-eof" => {
+            use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+            let workers: usize = arg(1).parse().unwrap_or(2);
+            let stop = std::sync::Arc::new(AtomicBool::new(false));
+            let spawned = std::sync::Arc::new(AtomicUsize::new(0));
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    let (stop, spawned) = (stop.clone(), spawned.clone());
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            let status = std::process::Command::new("/bin/true")
+                                .status()
+                                .expect("spawn /bin/true");
+                            assert!(status.success());
+                            if spawned.fetch_add(1, Ordering::Relaxed) == 0 {
+                                say("storming", 1);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            wait_stdin();
+            stop.store(true, Ordering::Relaxed);
+            for h in handles {
+                h.join().expect("storm worker");
+            }
+            say("spawned", spawned.load(Ordering::Relaxed));
+        }
         other => {
             eprintln!("unknown mode {other:?}");
             exit(2);
