@@ -442,15 +442,16 @@ enum FlushFor {
     /// Queries that read the tree.
     Queries(Vec<Query>),
     /// A reconcile: diff with its scan once every older event is applied.
+    /// `replies`: whoever asked for this scan, and for the older ones it superseded.
     Reconcile {
         snapshot: Vec<Snapshot>,
         scan_start_ticks: u64,
-        reply: Option<oneshot::Sender<Corrections>>,
+        replies: Vec<oneshot::Sender<Corrections>>,
     },
     /// A reconcile found dead processes in the tree: their exits may still be in the ring.
     Confirm {
         fixed: Corrections,
-        reply: Option<oneshot::Sender<Corrections>>,
+        replies: Vec<oneshot::Sender<Corrections>>,
     },
     /// Targets are due: decide on an up-to-date tree.
     Decide,
@@ -597,19 +598,22 @@ impl TreeOwner {
                 }
                 Some(scan) = scans.recv() => match self.scanned(scan.snapshot) {
                     Ok(snapshot) => {
-                        // A newer scan supersedes one still waiting for its flush.
+                        // A newer scan supersedes one still waiting for its flush: whoever asked
+                        // for the older one gets this one's corrections (what it would have
+                        // found, and more), not an empty answer.
                         let stale: Vec<u64> = self
                             .flushes
                             .iter()
                             .filter(|(_, f)| matches!(f, FlushFor::Reconcile { .. }))
                             .map(|(token, _)| *token)
                             .collect();
+                        let mut replies: Vec<_> = scan.reply.into_iter().collect();
                         for token in stale {
-                            if let Some(FlushFor::Reconcile { reply: Some(reply), .. }) = self.flushes.remove(&token) {
-                                let _ = reply.send(Corrections::default());
+                            if let Some(FlushFor::Reconcile { replies: older, .. }) = self.flushes.remove(&token) {
+                                replies.extend(older);
                             }
                         }
-                        let waiter = FlushFor::Reconcile { snapshot, scan_start_ticks: scan.start_ticks, reply: scan.reply };
+                        let waiter = FlushFor::Reconcile { snapshot, scan_start_ticks: scan.start_ticks, replies };
                         if !self.request_flush(waiter) {
                             return;
                         }
@@ -669,19 +673,19 @@ impl TreeOwner {
             FlushFor::Reconcile {
                 snapshot,
                 scan_start_ticks,
-                reply,
+                replies,
             } => {
                 let fixed = self.tree.reconcile(snapshot, scan_start_ticks, scan::alive);
                 if !self.tree.has_gone_candidates() {
-                    self.reconciled(fixed, reply);
+                    self.reconciled(fixed, replies);
                 } else {
                     // Dead processes still in the tree: their exit events may be in the ring yet.
-                    return self.request_flush(FlushFor::Confirm { fixed, reply });
+                    return self.request_flush(FlushFor::Confirm { fixed, replies });
                 }
             }
-            FlushFor::Confirm { mut fixed, reply } => {
+            FlushFor::Confirm { mut fixed, replies } => {
                 fixed.removed = self.tree.confirm_gone();
-                self.reconciled(fixed, reply);
+                self.reconciled(fixed, replies);
             }
         }
         true
@@ -770,7 +774,7 @@ impl TreeOwner {
     }
 
     /// Bookkeeping once a reconcile is complete.
-    fn reconciled(&mut self, fixed: Corrections, reply: Option<oneshot::Sender<Corrections>>) {
+    fn reconciled(&mut self, fixed: Corrections, replies: Vec<oneshot::Sender<Corrections>>) {
         self.reconciles += 1;
         self.metrics.reconciles.inc();
         for (kind, n) in fixed.by_kind() {
@@ -791,7 +795,7 @@ impl TreeOwner {
         } else {
             tracing::debug!(processes = self.tree.len(), "tree matches /proc");
         }
-        if let Some(reply) = reply {
+        for reply in replies {
             let _ = reply.send(fixed);
         }
     }
