@@ -1,6 +1,6 @@
 //! What a process controls about itself: its argv (`/proc/PID/cmdline`, exec records), its
 //! comm and its executable's path, and its parent's comm. Through `reaper::events::Argv`, the
-//! rule matcher (`reaper::detect::targets::check`) with the built-in rule and a parent rule, and
+//! rule matcher (`reaper::detect::targets::matches`) with the built-in rule and a parent rule, and
 //! the `reaper tree` / `reaper explain` renderings: no panic, and a match really is a match.
 //!
 //! Input: fields separated by 0x1e (record separator): comm, exe, argv (NUL-separated, as in
@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 
 use libfuzzer_sys::fuzz_target;
 use reaper::{
-    cli,
+    render,
     config::{Config, Overrides, parse},
     detect::{Explanation, RuleCheck, targets},
     events::{Argv, Identity},
@@ -76,7 +76,7 @@ fuzz_target!(|data: &[u8]| {
     let p = process(42, 41, comm, exe, raw);
     for config in configs() {
         for rule in &config.rules {
-            let result = targets::check(rule, &p, Some(&parent), || tty_nr);
+            let result = targets::matches(rule, &p, Some(&parent), || tty_nr);
             if result.is_ok() {
                 let base = p.exe.rsplit('/').next().unwrap_or_default();
                 assert!(rule.comm.iter().any(|c| *c == p.comm || c == base), "{p:?}");
@@ -107,8 +107,8 @@ fuzz_target!(|data: &[u8]| {
                 attribution: None,
                 descendant_of: None,
             };
-            let _ = cli::render_explanation(&explanation);
+            let _ = render::render_explanation(&explanation);
         }
     }
-    let _ = cli::render_tree(&[parent, p], &[]);
+    let _ = render::render_tree(&[parent, p], &[]);
 });

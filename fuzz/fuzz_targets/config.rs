@@ -8,7 +8,7 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use reaper::{
     config::{Mode, Overrides, parse},
-    detect::{Detector, Source},
+    detect::{Detector, ActivityMeter},
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
         }
         let _ = serde_json::to_string(&config).expect("a config serialises");
         // What the daemon builds from it.
-        let mut detector = Detector::new(&config, Source::ProcIo);
+        let mut detector = Detector::new(&config, ActivityMeter::ProcIo);
         assert_eq!(detector.target_count(), 0);
         assert_eq!(detector.next_wakeup(0), None);
     }

@@ -1,7 +1,7 @@
 //! Wires the stages together; the one place to read first.
 //!
 //! ```text
-//! probes (BTF tracepoints) ─► ring buffer ─► events::source ─► tree task ─► queries
+//! probes (BTF tracepoints) ─► ring buffer ─► events::ring ─► tree task ─► queries
 //!                                                  ▲            │  tree + detector
 //!                                   flush marker ──┘            ├─ /proc reconcile
 //!                                                               └─ reap orders ─► reap tasks
@@ -16,7 +16,7 @@
 //! Start-up has no gap: the probes attach first, then `/proc` is scanned, then the events
 //! buffered meanwhile are applied on top of the scan (deduplicated by identity).
 //! Reconciliation scans `/proc` on a timer and right after the kernel reports lost events;
-//! before diffing, it asks the source to flush the ring buffer, so every event older than the
+//! before diffing, it asks the ring reader to flush the ring buffer, so every event older than the
 //! scan has been applied. Queries about processes (`tree`, `explain`, targets) flush it too
 //! before they are answered: they see every fork, exec and exit that happened before they
 //! were asked, although the reader otherwise drains the ring only every 0.1–1.6 s.
@@ -33,12 +33,12 @@ use crate::{
     clock,
     config::{ActivitySource, Config},
     detect::{
-        Decision, Detector, Explanation, Reason, Settled, Source, TargetView,
+        Decision, Detector, Explanation, Reason, Settled, ActivityMeter, TargetView,
         session::{Pressure, SessionView},
     },
     events::{
         Event, Identity,
-        source::{self, SourceMsg},
+        ring::{self, RingMsg},
     },
     host::{LiveHost, Pidfds},
     http::Health,
@@ -166,9 +166,9 @@ pub struct PipelineStats {
     /// Events from the start-up overlap that the scan already reflected.
     pub bootstrap_duplicates: u64,
     /// Where target activity comes from.
-    pub activity_source: Option<Source>,
+    pub activity_source: Option<ActivityMeter>,
     /// Where the configuration in force came from, its mode and rules.
-    pub config_source: String,
+    pub config_origin: String,
     pub mode: String,
     pub rules: Vec<String>,
     pub targets: usize,
@@ -285,8 +285,8 @@ impl Pipeline {
         let settings = &config.config;
         let ring = probes.take_ring().expect("ring buffer taken once")?;
         let activity = match (settings.activity_source, probes.socket_activity()) {
-            (ActivitySource::ProcIo, _) | (ActivitySource::Auto, false) => Source::ProcIo,
-            (_, true) => Source::Socket,
+            (ActivitySource::ProcIo, _) | (ActivitySource::Auto, false) => ActivityMeter::ProcIo,
+            (_, true) => ActivityMeter::Socket,
             (ActivitySource::Socket, false) => anyhow::bail!(
                 "activity_source = \"socket\" needs the sock:sock_send_length tracepoint \
                  (kernel 6.3+), which this kernel lacks; use \"auto\" or \"proc-io\""
@@ -295,8 +295,8 @@ impl Pipeline {
         tracing::info!(
             ring_bytes = settings.ring_bytes,
             activity = match activity {
-                Source::Socket => "socket bytes (sock:sock_send_length/sock_recv_length, in kernel)",
-                Source::ProcIo => "read/write bytes from /proc/PID/io (fallback: no socket tracepoints, or configured)",
+                ActivityMeter::Socket => "socket bytes (sock:sock_send_length/sock_recv_length, in kernel)",
+                ActivityMeter::ProcIo => "read/write bytes from /proc/PID/io (fallback: no socket tracepoints, or configured)",
             },
             "attached to {}", crate::probes::LIFECYCLE_TRACEPOINTS.join(", ")
         );
@@ -305,19 +305,19 @@ impl Pipeline {
         let health = Arc::new(Health::default());
         // Healthy from the start: the tree task beats every second from now on.
         health.beat(clock::mono_ns());
-        // Bounded: if the tree falls behind, the source waits and the kernel counts losses,
+        // Bounded: if the tree falls behind, the ring reader waits and the kernel counts losses,
         // rather than memory growing without limit.
         let (events_tx, mut events_rx) = mpsc::channel(256);
-        // Unbounded, so the tree task never waits on the source (which may itself be waiting
+        // Unbounded, so the tree task never waits on the ring reader (which may itself be waiting
         // to hand the tree events); only a few tokens are ever outstanding.
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         let ring_bytes = settings.ring_bytes as usize;
         health.set_reading(true);
-        let source = tokio::spawn({
+        let reader = tokio::spawn({
             let metrics = metrics.clone();
             let health = health.clone();
             async move {
-                if let Err(err) = source::run(ring, ring_bytes, events_tx, flush_rx, metrics).await {
+                if let Err(err) = ring::run(ring, ring_bytes, events_tx, flush_rx, metrics).await {
                     tracing::error!(%err, "ring buffer reader failed");
                 }
                 health.set_reading(false);
@@ -330,7 +330,7 @@ impl Pipeline {
         let mut tree = ProcessTree::from_scan(snapshot);
         let mut duplicates = 0;
         while let Ok(msg) = events_rx.try_recv() {
-            if let SourceMsg::Events(batch) = msg {
+            if let RingMsg::Events(batch) = msg {
                 for event in &batch {
                     if tree.apply(event) == crate::tree::Applied::AlreadyKnown {
                         duplicates += 1;
@@ -342,8 +342,8 @@ impl Pipeline {
         metrics
             .activity_source
             .with_label_values(&[match activity {
-                Source::Socket => "socket",
-                Source::ProcIo => "proc-io",
+                ActivityMeter::Socket => "socket",
+                ActivityMeter::ProcIo => "proc-io",
             }])
             .set(1);
         detector.publish_names(&mut LiveHost { probes: &mut probes });
@@ -388,7 +388,7 @@ impl Pipeline {
                 queries: queries_tx,
                 applied,
             },
-            tasks: vec![source, tree_task],
+            tasks: vec![reader, tree_task],
             metrics,
             health,
         })
@@ -410,7 +410,7 @@ impl Pipeline {
 
     /// Stops following events and detaches the probes.
     pub async fn shutdown(mut self) {
-        // The tree task first, and gone before the source stops: else it may see the event
+        // The tree task first, and gone before the ring reader stops: else it may see the event
         // channel close and log that the tree is no longer followed, at every stop.
         let tasks = std::mem::take(&mut self.tasks);
         for task in tasks.into_iter().rev() {
@@ -436,7 +436,7 @@ struct ScanResult {
     reply: Option<oneshot::Sender<Corrections>>,
 }
 
-/// What a flush of the ring buffer was asked for: once the source answers with its token,
+/// What a flush of the ring buffer was asked for: once the ring reader answers with its token,
 /// every event committed before the request has been applied.
 enum FlushFor {
     /// Queries that read the tree.
@@ -505,7 +505,7 @@ impl Query {
 }
 
 impl TreeOwner {
-    async fn run(mut self, mut events: mpsc::Receiver<SourceMsg>, mut queries: mpsc::Receiver<Query>) {
+    async fn run(mut self, mut events: mpsc::Receiver<RingMsg>, mut queries: mpsc::Receiver<Query>) {
         let mut reconcile_timer = tokio::time::interval(self.config.config.reconcile_interval);
         reconcile_timer.tick().await; // the first tick is immediate; start-up just scanned
         let mut loss_timer = tokio::time::interval(self.config.loss_check_interval);
@@ -548,7 +548,7 @@ impl TreeOwner {
                     self.detector.settle(decision.target.id, settled);
                 }
                 msg = events.recv() => match msg {
-                    Some(SourceMsg::Events(batch)) => {
+                    Some(RingMsg::Events(batch)) => {
                         let tapped = self.applied.receiver_count() > 0;
                         let mut host = LiveHost { probes: &mut self.probes };
                         for event in batch {
@@ -560,14 +560,14 @@ impl TreeOwner {
                         }
                         self.metrics.processes.set(self.tree.len() as i64);
                     }
-                    Some(SourceMsg::Flushed(token)) => {
+                    Some(RingMsg::Flushed(token)) => {
                         if let Some(waiter) = self.flushes.remove(&token)
                             && !self.flushed(waiter, &scans_tx, &reports_tx) {
                                 return;
                             }
                     }
                     None => {
-                        tracing::error!("event source stopped; the tree is no longer followed");
+                        tracing::error!("ring reader stopped; the tree is no longer followed");
                         return;
                     }
                 },
@@ -624,7 +624,7 @@ impl TreeOwner {
         }
     }
 
-    /// Asks the source for a flush on behalf of `waiter`. False if the source is gone.
+    /// Asks the ring reader for a flush on behalf of `waiter`. False if the ring reader is gone.
     fn request_flush(&mut self, waiter: FlushFor) -> bool {
         self.next_token += 1;
         self.flushes.insert(self.next_token, waiter);
@@ -636,7 +636,7 @@ impl TreeOwner {
     }
 
     /// A flush has completed: every event committed before it was requested is applied. False
-    /// if the source is gone.
+    /// if the ring reader is gone.
     fn flushed(
         &mut self,
         waiter: FlushFor,
@@ -701,7 +701,7 @@ impl TreeOwner {
             return self.queued_queries.push(query);
         }
         if !self.request_flush(FlushFor::Queries(vec![query])) {
-            // The source is gone: answer from the tree as it is.
+            // The ring reader is gone: answer from the tree as it is.
             let token = self.next_token;
             if let Some(FlushFor::Queries(queries)) = self.flushes.remove(&token) {
                 for query in queries {
@@ -819,7 +819,7 @@ impl TreeOwner {
             &mut LiveHost { probes: &mut self.probes },
         );
         tracing::info!(
-            source = %config.source,
+            origin = %config.origin,
             mode = ?config.mode,
             rules = %config.rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(","),
             targets = self.detector.target_count(),
@@ -832,7 +832,7 @@ impl TreeOwner {
     }
 
     /// Reads the memory pressure source; when memory is short, asks for one reap (after a
-    /// flush). False if the event source is gone.
+    /// flush). False if the ring reader is gone.
     fn check_memory(&mut self) -> bool {
         let mp = self.detector.memory_pressure();
         if !mp.enabled || self.pressure_reaping {
@@ -885,8 +885,8 @@ impl TreeOwner {
             corrections: self.tree.corrections(),
             reconciles: self.reconciles,
             bootstrap_duplicates: self.bootstrap_duplicates,
-            activity_source: Some(self.detector.source()),
-            config_source: self.config.config.source.clone(),
+            activity_source: Some(self.detector.meter()),
+            config_origin: self.config.config.origin.clone(),
             mode: format!("{:?}", self.config.config.mode),
             rules: self.config.config.rules.iter().map(|r| r.name.clone()).collect(),
             targets: self.detector.target_count(),

@@ -349,7 +349,7 @@ pub struct Config {
     pub memory_pressure: MemoryPressure,
     pub rules: Vec<Rule>,
     /// Where it came from ("built-in default" or a path).
-    pub source: String,
+    pub origin: String,
 }
 
 /// Command-line flags that override the file.
@@ -667,7 +667,7 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
             )?,
         },
         rules,
-        source: origin.to_owned(),
+        origin: origin.to_owned(),
     })
 }
 
@@ -708,7 +708,7 @@ mod tests {
         let mut bare = parse(RULE, "t", &Overrides::default()).unwrap();
         let builtin = Config::builtin();
         bare.rules = builtin.rules.clone();
-        bare.source = builtin.source.clone();
+        bare.origin = builtin.origin.clone();
         assert_eq!(bare, builtin);
         assert_eq!(builtin.ring_bytes, DEFAULT_RING_BYTES, "the probes' constant is the one default for it");
     }

@@ -1,7 +1,6 @@
 //! reaper: watches every process's life through eBPF and reaps leaked AI-agent children.
 pub mod app;
 pub mod check;
-pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod detect;
@@ -13,6 +12,7 @@ pub mod metrics;
 pub mod privileges;
 pub mod probes;
 pub mod reap;
+pub mod render;
 pub mod service;
 pub mod tree;
 

@@ -5,10 +5,10 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use reaper::{
     app::{Pipeline, PipelineConfig},
-    cli,
+    render,
     config::{Config, ConfigError, Overrides},
     detect::{Explanation, TargetView},
-    events::{self, source::SourceMsg},
+    events::{self, ring::RingMsg},
     ipc,
     probes::{ProbeOptions, Probes},
     service,
@@ -176,14 +176,14 @@ fn main_result() -> anyhow::Result<()> {
             Command::Tree { socket, json } => {
                 let value = ipc::request(&socket, ipc::Request::Tree).await?;
                 if json {
-                    println!("{}", cli::json(&value, true)?);
+                    println!("{}", render::json(&value, true)?);
                 } else {
                     let processes: Vec<Process> = serde_json::from_value(value)
                         .context("unexpected tree from the daemon")?;
                     let targets: Vec<TargetView> =
                         serde_json::from_value(ipc::request(&socket, ipc::Request::Targets).await?)
                             .unwrap_or_default();
-                    print!("{}", cli::render_tree(&processes, &targets));
+                    print!("{}", render::render_tree(&processes, &targets));
                 }
                 Ok(())
             }
@@ -192,29 +192,29 @@ fn main_result() -> anyhow::Result<()> {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&value)?);
                 } else {
-                    print!("{}", cli::render_stats(&value));
+                    print!("{}", render::render_stats(&value));
                 }
                 Ok(())
             }
             Command::Sessions { socket, json } => {
                 let value = ipc::request(&socket, ipc::Request::Sessions).await?;
                 if json {
-                    println!("{}", cli::json(&value, true)?);
+                    println!("{}", render::json(&value, true)?);
                 } else {
                     let sessions: Vec<reaper::detect::session::SessionView> =
                         serde_json::from_value(value).context("unexpected sessions from the daemon")?;
-                    print!("{}", cli::render_sessions(&sessions));
+                    print!("{}", render::render_sessions(&sessions));
                 }
                 Ok(())
             }
             Command::Explain { pid, socket, json } => {
                 let value = ipc::request(&socket, ipc::Request::Explain(pid)).await?;
                 if json {
-                    println!("{}", cli::json(&value, true)?);
+                    println!("{}", render::json(&value, true)?);
                 } else {
                     let e: Explanation = serde_json::from_value(value)
                         .context("unexpected explanation from the daemon")?;
-                    print!("{}", cli::render_explanation(&e));
+                    print!("{}", render::render_explanation(&e));
                 }
                 Ok(())
             }
@@ -297,7 +297,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let config = Config::resolve(args.config.as_deref(), &overrides)?;
     tracing::info!(
-        source = %config.source,
+        origin = %config.origin,
         mode = ?config.mode,
         rules = %config.rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(","),
         "configuration loaded"
@@ -454,7 +454,7 @@ async fn stream_events(json: bool) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let (_flush_tx, flush_rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = std::sync::Arc::new(reaper::metrics::Metrics::new());
-    let reader = tokio::spawn(events::source::run(ring, ring_bytes, tx, flush_rx, metrics));
+    let reader = tokio::spawn(events::ring::run(ring, ring_bytes, tx, flush_rx, metrics));
     eprintln!("following fork/exec/exit/rename; Ctrl-C to stop");
     // Registered once: a signal arriving while a batch is printed is not lost.
     use tokio::signal::unix::{SignalKind, signal};
@@ -464,11 +464,11 @@ async fn stream_events(json: bool) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             msg = rx.recv() => {
-                let Some(SourceMsg::Events(batch)) = msg else { break };
+                let Some(RingMsg::Events(batch)) = msg else { break };
                 for event in batch {
                     use std::io::Write as _;
                     let written = if json {
-                        writeln!(stdout, "{}", cli::json(&event, false)?)
+                        writeln!(stdout, "{}", render::json(&event, false)?)
                     } else {
                         writeln!(stdout, "{event}")
                     };

@@ -904,7 +904,7 @@ fn the_dashboard_queries_only_reaper_metrics() {
 
 fn same_as_builtin(config: Config) -> Config {
     Config {
-        source: Config::builtin().source,
+        origin: Config::builtin().origin,
         ..config
     }
 }

@@ -100,7 +100,7 @@ async fn a_child_in_a_live_conversation_is_never_reaped() {
 }
 
 async fn s_is_proc_io(h: &Harness) -> bool {
-    matches!(stats(h).await.activity_source, Some(reaper::detect::Source::ProcIo))
+    matches!(stats(h).await.activity_source, Some(reaper::detect::ActivityMeter::ProcIo))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

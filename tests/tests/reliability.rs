@@ -924,10 +924,10 @@ async fn non_utf8_argv_and_comm_are_followed() {
     let json = serde_json::to_string(&all).expect("the tree as JSON");
     let back: Vec<reaper::tree::Process> = serde_json::from_str(&json).expect("and back");
     assert!(back.iter().any(|q| q.id == p.id && q.comm == p.comm));
-    let text = reaper::cli::render_tree(&all, &[]);
+    let text = reaper::render::render_tree(&all, &[]);
     assert!(text.contains(&p.comm));
     let e = h.handle.explain(pid).await.unwrap();
-    assert!(reaper::cli::render_explanation(&e).contains(&p.comm));
+    assert!(reaper::render::render_explanation(&e).contains(&p.comm));
 
     drop(keep);
     // SAFETY: waiting for the child this test forked, which exits once the pipe closes.

@@ -72,14 +72,14 @@ pub trait Host {
 /// Where activity evidence comes from, as resolved at start-up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Source {
+pub enum ActivityMeter {
     /// Socket bytes counted in the kernel (`sock:sock_{send,recv}_length`).
     Socket,
     /// `/proc/PID/io` rchar + wchar, sampled.
     ProcIo,
 }
 
-impl Source {
+impl ActivityMeter {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Socket => "socket",
@@ -430,7 +430,7 @@ pub struct Detector {
     mode: Mode,
     eof_grace: Duration,
     grace: Duration,
-    source: Source,
+    meter: ActivityMeter,
     io_bytes_per_second: u64,
     targets: HashMap<u32, Target>,
     /// Descendant pid → the target pid it counts for (an index into `Target::members`).
@@ -461,13 +461,13 @@ fn sample_interval(rule: &Rule) -> Duration {
 }
 
 impl Detector {
-    pub fn new(config: &Config, source: Source) -> Self {
+    pub fn new(config: &Config, meter: ActivityMeter) -> Self {
         Self {
             rules: config.rules.clone(),
             mode: config.mode,
             eof_grace: config.eof_grace,
             grace: config.grace,
-            source,
+            meter,
             io_bytes_per_second: config.io_bytes_per_second,
             targets: HashMap::new(),
             member_of: HashMap::new(),
@@ -545,8 +545,8 @@ impl Detector {
         }
     }
 
-    pub fn source(&self) -> Source {
-        self.source
+    pub fn meter(&self) -> ActivityMeter {
+        self.meter
     }
 
     pub fn target_count(&self) -> usize {
@@ -751,7 +751,7 @@ impl Detector {
         let matched = self
             .rules
             .iter()
-            .position(|rule| targets::check(rule, p, parent, || host.tty_nr(pid)).is_ok());
+            .position(|rule| targets::matches(rule, p, parent, || host.tty_nr(pid)).is_ok());
         let current = self.targets.get(&pid).filter(|t| t.id == p.id).map(|t| t.rule);
         match (current, matched) {
             (Some(_), Some(_)) => {}
@@ -820,7 +820,7 @@ impl Detector {
             pending: Pending::None,
             attribution: host.cgroup(id.pid).map(|c| Attribution::from_cgroup(&c)).unwrap_or_default(),
         };
-        sample(&mut target, rule_ref, tree, now, host, self.source, self.io_bytes_per_second);
+        sample(&mut target, rule_ref, tree, now, host, self.meter, self.io_bytes_per_second);
         self.targets.insert(id.pid, target);
     }
 
@@ -889,7 +889,7 @@ impl Detector {
                 continue;
             }
             let rule = &self.rules[t.rule];
-            sample(t, rule, tree, now, host, self.source, self.io_bytes_per_second);
+            sample(t, rule, tree, now, host, self.meter, self.io_bytes_per_second);
         }
         let interval = (self.runaway_for / 8).clamp(Duration::from_millis(250), Duration::from_secs(15));
         let threshold = self.runaway_cpu;
@@ -919,7 +919,7 @@ impl Detector {
 
     fn verdict(&self, t: &Target, now: Nanos) -> Verdict {
         let rule = &self.rules[t.rule];
-        verdict::check(&t.evidence, now, rule.idle_timeout, rule.orphan_grace)
+        verdict::judge(&t.evidence, now, rule.idle_timeout, rule.orphan_grace)
     }
 
     /// Whether something is due now (then the owner brings the tree up to date and calls
@@ -969,7 +969,7 @@ impl Detector {
         due.sort_unstable();
         for pid in &due {
             let t = self.targets.get_mut(pid).expect("listed above");
-            sample(t, &self.rules[t.rule], tree, now, host, self.source, self.io_bytes_per_second);
+            sample(t, &self.rules[t.rule], tree, now, host, self.meter, self.io_bytes_per_second);
         }
         due.retain(|pid| self.ready(&self.targets[pid], now));
         let mut decisions = Vec::new();
@@ -1189,7 +1189,7 @@ impl Detector {
     pub fn pressure_decision(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host, reading: &Pressure) -> Option<Decision> {
         // Fresh evidence first: samples are up to 10 s apart, "quiet" here is finer.
         for t in self.targets.values_mut().filter(|t| t.pending == Pending::None) {
-            sample(t, &self.rules[t.rule], tree, now, host, self.source, self.io_bytes_per_second);
+            sample(t, &self.rules[t.rule], tree, now, host, self.meter, self.io_bytes_per_second);
         }
         let min_idle = nanos(self.memory_pressure.min_idle);
         let rss = |ids: &mut dyn Iterator<Item = Identity>| -> u64 { ids.filter_map(|id| host.rss_bytes(id)).sum() };
@@ -1400,7 +1400,7 @@ impl Detector {
                 self.rules
                     .iter()
                     .map(|rule| {
-                        let result: Result<(), Mismatch> = targets::check(rule, p, parent, || host.tty_nr(pid));
+                        let result: Result<(), Mismatch> = targets::matches(rule, p, parent, || host.tty_nr(pid));
                         if result.is_ok() && first_match.is_none() {
                             first_match = Some(rule.clean_end);
                         }
@@ -1564,14 +1564,14 @@ fn sample(
     tree: &ProcessTree,
     now: Nanos,
     host: &impl Host,
-    source: Source,
+    meter: ActivityMeter,
     io_bytes_per_second: u64,
 ) {
     let family: Vec<Identity> = std::iter::once(t.id).chain(t.members.values().map(|m| m.id)).collect();
     let interval = sample_interval(rule);
 
     t.evidence.watch_failed |= host.watch_incomplete(t.id.pid);
-    if source == Source::Socket {
+    if meter == ActivityMeter::Socket {
         if let Some(a) = host.sock_activity(t.id.pid) {
             if a.bytes > t.sock_bytes {
                 t.sock_bytes = a.bytes;

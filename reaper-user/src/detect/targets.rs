@@ -68,7 +68,7 @@ pub fn argv_matches(rule: &Rule, p: &Process) -> bool {
 
 /// Checks every part of `rule` against `p`. The cheap checks come first; `tty_nr` (read from
 /// `/proc` by the caller) is only consulted when name and argv already match.
-pub fn check(
+pub fn matches(
     rule: &Rule,
     p: &Process,
     parent: Option<&Process>,
@@ -146,12 +146,12 @@ mod tests {
     #[test]
     fn the_sdk_spawned_cli_is_a_target() {
         let p = process("claude", SDK_ARGV[0], SDK_ARGV);
-        assert_eq!(check(&rule(), &p, None, || Some(0)), Ok(()));
+        assert_eq!(matches(&rule(), &p, None, || Some(0)), Ok(()));
         // Through the package's claude.exe, and through a symlink named claude.
         let p = process("claude.exe", "/x/bin/claude.exe", SDK_ARGV);
-        assert_eq!(check(&rule(), &p, None, || Some(0)), Ok(()));
+        assert_eq!(matches(&rule(), &p, None, || Some(0)), Ok(()));
         let p = process("claude", "/x/bin/claude.exe", SDK_ARGV);
-        assert_eq!(check(&rule(), &p, None, || Some(0)), Ok(()));
+        assert_eq!(matches(&rule(), &p, None, || Some(0)), Ok(()));
     }
 
     #[test]
@@ -169,10 +169,10 @@ mod tests {
     #[test]
     fn an_interactive_claude_in_a_terminal_is_not_a_target() {
         let p = process("claude", SDK_ARGV[0], SDK_ARGV);
-        assert_eq!(check(&rule(), &p, None, || Some(34816)), Err(Mismatch::Tty { tty_nr: 34816 }));
-        assert_eq!(check(&rule(), &p, None, || None), Err(Mismatch::TtyUnknown));
+        assert_eq!(matches(&rule(), &p, None, || Some(34816)), Err(Mismatch::Tty { tty_nr: 34816 }));
+        assert_eq!(matches(&rule(), &p, None, || None), Err(Mismatch::TtyUnknown));
         let interactive = process("claude", "/b/claude", &["claude"]);
-        assert!(matches!(check(&rule(), &interactive, None, || Some(0)), Err(Mismatch::Argv { .. })));
+        assert!(matches!(matches(&rule(), &interactive, None, || Some(0)), Err(Mismatch::Argv { .. })));
     }
 
     #[test]
@@ -181,11 +181,11 @@ mod tests {
             let mut argv = SDK_ARGV.to_vec();
             argv[0] = exe;
             let p = process(comm, exe, &argv);
-            assert!(matches!(check(&rule(), &p, None, || Some(0)), Err(Mismatch::Name { .. })), "{comm}");
+            assert!(matches!(matches(&rule(), &p, None, || Some(0)), Err(Mismatch::Name { .. })), "{comm}");
         }
         // node with "claude" all over its argv.
         let p = process("node", "/usr/bin/node", &["node", "/opt/claude/cli.js", "--input-format=stream-json"]);
-        assert!(check(&rule(), &p, None, || Some(0)).is_err());
+        assert!(matches(&rule(), &p, None, || Some(0)).is_err());
     }
 
     #[test]
@@ -195,16 +195,16 @@ mod tests {
         let p = process("claude", SDK_ARGV[0], SDK_ARGV);
         let node = process("node", "/usr/bin/node", &["node", "server.js"]);
         let bash = process("bash", "/bin/bash", &["bash"]);
-        assert_eq!(check(&r, &p, Some(&node), || Some(0)), Ok(()));
-        assert!(matches!(check(&r, &p, Some(&bash), || Some(0)), Err(Mismatch::Parent { .. })));
-        assert!(matches!(check(&r, &p, None, || Some(0)), Err(Mismatch::Parent { .. })));
+        assert_eq!(matches(&r, &p, Some(&node), || Some(0)), Ok(()));
+        assert!(matches!(matches(&r, &p, Some(&bash), || Some(0)), Err(Mismatch::Parent { .. })));
+        assert!(matches!(matches(&r, &p, None, || Some(0)), Err(Mismatch::Parent { .. })));
     }
 
     #[test]
     fn the_terminal_is_read_only_for_candidates() {
         let p = process("bash", "/bin/bash", &["bash"]);
         let mut asked = false;
-        let _ = check(&rule(), &p, None, || {
+        let _ = matches(&rule(), &p, None, || {
             asked = true;
             Some(0)
         });

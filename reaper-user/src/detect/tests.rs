@@ -109,7 +109,7 @@ impl World {
     fn new(extra: &str) -> Self {
         Self {
             tree: world(),
-            det: Detector::new(&config(extra), Source::Socket),
+            det: Detector::new(&config(extra), ActivityMeter::Socket),
             host: FakeHost::default(),
         }
     }
@@ -586,7 +586,7 @@ fn explain_names_the_first_step_of_the_ladder() {
     w.spawn(20, 10, SDK, S);
     let e = w.det.explain(&w.tree, 20, 2 * S, &w.host);
     assert_eq!(e.attribution.as_ref().and_then(|a| a.unit.as_deref()), Some("agent.service"));
-    assert!(crate::cli::render_explanation(&e).contains("runs in: unit agent.service"));
+    assert!(crate::render::render_explanation(&e).contains("runs in: unit agent.service"));
     let step = e.first_step.unwrap();
     assert_eq!(step.clean_end, crate::config::CleanEnd::CloseInput);
     assert!(step.step.starts_with("close input"), "{}", step.step);
@@ -688,7 +688,7 @@ fn a_rule_can_reap_every_leftover_or_none() {
              argv_any = [\"--input-format=stream-json\"]\nleftovers = \"{policy}\"\n"
         );
         let mut w = World::new("");
-        w.det = Detector::new(&parse(&text, "test", &Overrides::default()).unwrap(), Source::Socket);
+        w.det = Detector::new(&parse(&text, "test", &Overrides::default()).unwrap(), ActivityMeter::Socket);
         w.spawn(20, 10, SDK, S);
         w.spawn(40, 20, &["/bin/bash", "-c", "npm run dev"], 3 * S);
         w.host.conns.insert(40, detached());
@@ -709,7 +709,7 @@ fn the_sessions_view_shows_state_kinds_and_rss() {
     assert_eq!(s.descendants.stdio_server, 1);
     assert_eq!(s.rss_bytes, 220 << 20);
     assert_eq!(s.attribution.unit.as_deref(), Some("agent.service"));
-    let table = crate::cli::render_sessions(&w.det.sessions(&w.tree, 3 * S, &w.host));
+    let table = crate::render::render_sessions(&w.det.sessions(&w.tree, 3 * S, &w.host));
     assert!(table.lines().nth(1).unwrap().ends_with("agent.service"), "{table}");
     // Quiet for more than a minute, but under its timeout (10 s here → leaked at once).
     assert_eq!(w.det.sessions(&w.tree, 12 * S, &w.host)[0].state, "leaked");

@@ -97,7 +97,7 @@ pub fn deadline(e: &Evidence, idle_timeout: Duration, orphan_grace: Duration) ->
 
 /// The verdict at `now`. An orphan is reaped after its grace whatever its activity (nobody is
 /// left to read its answer); a turn in flight is never idle.
-pub fn check(e: &Evidence, now: Nanos, idle_timeout: Duration, orphan_grace: Duration) -> Verdict {
+pub fn judge(e: &Evidence, now: Nanos, idle_timeout: Duration, orphan_grace: Duration) -> Verdict {
     if let Some(since) = e.orphaned_since
         && now >= since.saturating_add(nanos(orphan_grace)) {
             return Verdict::Orphaned { since };
@@ -138,17 +138,17 @@ mod tests {
     #[test]
     fn idle_after_the_timeout_and_not_before() {
         let e = evidence(100 * S);
-        assert_eq!(check(&e, 100 * S, IDLE, GRACE), Verdict::Active { deadline: 1000 * S });
-        assert_eq!(check(&e, 999 * S, IDLE, GRACE), Verdict::Active { deadline: 1000 * S });
-        assert_eq!(check(&e, 1000 * S, IDLE, GRACE), Verdict::Idle { since: 100 * S });
-        assert!(check(&e, 5000 * S, IDLE, GRACE).due());
+        assert_eq!(judge(&e, 100 * S, IDLE, GRACE), Verdict::Active { deadline: 1000 * S });
+        assert_eq!(judge(&e, 999 * S, IDLE, GRACE), Verdict::Active { deadline: 1000 * S });
+        assert_eq!(judge(&e, 1000 * S, IDLE, GRACE), Verdict::Idle { since: 100 * S });
+        assert!(judge(&e, 5000 * S, IDLE, GRACE).due());
     }
 
     #[test]
     fn activity_pushes_the_deadline() {
         let mut e = evidence(100 * S);
         e.last_activity = 950 * S;
-        assert_eq!(check(&e, 1000 * S, IDLE, GRACE), Verdict::Active { deadline: 1850 * S });
+        assert_eq!(judge(&e, 1000 * S, IDLE, GRACE), Verdict::Active { deadline: 1850 * S });
     }
 
     #[test]
@@ -156,8 +156,8 @@ mod tests {
         let mut e = evidence(500 * S);
         e.orphaned_since = Some(490 * S);
         assert_eq!(deadline(&e, IDLE, GRACE), 550 * S);
-        assert_eq!(check(&e, 549 * S, IDLE, GRACE), Verdict::Active { deadline: 550 * S });
-        assert_eq!(check(&e, 550 * S, IDLE, GRACE), Verdict::Orphaned { since: 490 * S });
+        assert_eq!(judge(&e, 549 * S, IDLE, GRACE), Verdict::Active { deadline: 550 * S });
+        assert_eq!(judge(&e, 550 * S, IDLE, GRACE), Verdict::Orphaned { since: 490 * S });
     }
 
     #[test]
@@ -165,12 +165,12 @@ mod tests {
         let mut e = evidence(100 * S);
         e.turn = Some(Waiting { pid: 7, since: 101 * S });
         assert_eq!(deadline(&e, IDLE, GRACE), Nanos::MAX);
-        let v = check(&e, 100_000 * S, IDLE, GRACE);
+        let v = judge(&e, 100_000 * S, IDLE, GRACE);
         assert_eq!(v, Verdict::TurnInFlight { waiting_on: 7, since: 101 * S });
         assert!(!v.due());
         // An orphan's grace still ends it: nobody is left to read the turn's answer.
         e.orphaned_since = Some(200 * S);
-        assert_eq!(check(&e, 260 * S, IDLE, GRACE), Verdict::Orphaned { since: 200 * S });
+        assert_eq!(judge(&e, 260 * S, IDLE, GRACE), Verdict::Orphaned { since: 200 * S });
     }
 
     #[test]
@@ -178,6 +178,6 @@ mod tests {
         let mut e = evidence(0);
         e.orphaned_since = Some(899 * S);
         assert_eq!(deadline(&e, IDLE, GRACE), 900 * S);
-        assert_eq!(check(&e, 900 * S, IDLE, GRACE), Verdict::Idle { since: 0 });
+        assert_eq!(judge(&e, 900 * S, IDLE, GRACE), Verdict::Idle { since: 0 });
     }
 }

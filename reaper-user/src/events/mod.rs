@@ -1,7 +1,7 @@
 //! Lifecycle events as the daemon sees them: decoded from ring buffer records
 //! ([`decode`]), read off the ring buffer ([`source`]).
 pub mod decode;
-pub mod source;
+pub mod ring;
 
 use std::fmt;
 

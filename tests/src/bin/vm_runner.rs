@@ -39,7 +39,7 @@ use anyhow::{Context as _, ensure};
 use reaper::{
     app::{Pipeline, PipelineConfig},
     config::{Overrides, parse},
-    detect::Source,
+    detect::ActivityMeter,
     probes::layout,
 };
 use reaper_tests::{
@@ -404,7 +404,7 @@ async fn attach(
     let events = handle.subscribe();
     let stats = handle.stats().await.context("pipeline stopped")?;
     let source = stats.activity_source;
-    let expected = if sock { Source::Socket } else { Source::ProcIo };
+    let expected = if sock { ActivityMeter::Socket } else { ActivityMeter::ProcIo };
     *shared.lock().await = Some(Harness {
         pipeline,
         handle,
@@ -417,7 +417,7 @@ async fn attach(
     Ok(format!(
         "pipeline started in {took:.1}s, {} processes, activity source {}",
         stats.processes,
-        source.map_or("none", Source::as_str)
+        source.map_or("none", ActivityMeter::as_str)
     ))
 }
 

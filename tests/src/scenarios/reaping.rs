@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use reaper::{
     app::PipelineStats,
-    detect::{Source, verdict::ActivityKind},
+    detect::{ActivityMeter, verdict::ActivityKind},
 };
 
 use super::{exits_of, finish_agent, stats, stats_until, stays_alive, wait_target};
@@ -44,7 +44,7 @@ pub fn kills_by(s: &PipelineStats, step: &str) -> u64 {
 pub async fn reap_leaked(h: &mut Harness) -> anyhow::Result<String> {
     h.resubscribe();
     let before = stats(h).await?;
-    let with_tool = before.activity_source == Some(Source::Socket);
+    let with_tool = before.activity_source == Some(ActivityMeter::Socket);
     let args: &[&str] = if with_tool {
         &["--leak", "--message", "tool:idle"]
     } else {
@@ -105,7 +105,7 @@ pub async fn reap_leaked(h: &mut Harness) -> anyhow::Result<String> {
     Ok(format!(
         "leaked claude {claude} ended by closing its input {took:.1}s after its agent was ready \
          (idle_timeout 3s, activity source {}), {}; agent {agent_pid} survived",
-        s.activity_source.map_or("none", Source::as_str),
+        s.activity_source.map_or("none", ActivityMeter::as_str),
         tool.map_or("no tool".to_owned(), |t| format!("its tool {t} with it")),
     ))
 }
@@ -145,11 +145,11 @@ pub async fn spare_chatting(h: &mut Harness) -> anyhow::Result<String> {
     // The last sign may be CPU (a turn is work, more so under emulation); the conversation's
     // bytes must have been seen all the same, by the source in use.
     match after.activity_source {
-        Some(Source::Socket) => ensure!(
+        Some(ActivityMeter::Socket) => ensure!(
             socket.is_some(),
             "no socket byte seen with activity source socket (last activity {kind:?})"
         ),
-        Some(Source::ProcIo) => ensure!(
+        Some(ActivityMeter::ProcIo) => ensure!(
             matches!(kind, ActivityKind::Io | ActivityKind::Cpu),
             "last activity {kind:?}, expected Io (or Cpu) with activity source proc-io"
         ),
@@ -162,7 +162,7 @@ pub async fn spare_chatting(h: &mut Harness) -> anyhow::Result<String> {
         "chatting claude {claude} alive after {}s, active, activity source {}, last activity \
          {kind:?} {}, last socket byte {}",
         long.as_secs(),
-        after.activity_source.map_or("none", Source::as_str),
+        after.activity_source.map_or("none", ActivityMeter::as_str),
         ago(target.evidence.last_activity),
         socket.map_or("none".into(), ago)
     ))

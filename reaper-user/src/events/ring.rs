@@ -30,7 +30,7 @@ pub const POLL_MAX: std::time::Duration = std::time::Duration::from_millis(1600)
 
 /// What the source sends downstream, in ring buffer order.
 #[derive(Debug)]
-pub enum SourceMsg {
+pub enum RingMsg {
     Events(Vec<Event>),
     /// Everything committed to the ring buffer before the flush request with this token was
     /// sent has been forwarded.
@@ -47,7 +47,7 @@ pub enum SourceMsg {
 pub async fn run(
     ring: RingBuf<MapData>,
     ring_bytes: usize,
-    tx: mpsc::Sender<SourceMsg>,
+    tx: mpsc::Sender<RingMsg>,
     mut flush: mpsc::UnboundedReceiver<u64>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
@@ -78,7 +78,7 @@ pub async fn run(
             token = flush.recv() => {
                 let Some(token) = token else { return Ok(()) };
                 if drain(fd.get_mut(), &tx, &metrics, limit).await.is_none()
-                    || tx.send(SourceMsg::Flushed(token)).await.is_err()
+                    || tx.send(RingMsg::Flushed(token)).await.is_err()
                 {
                     return Ok(());
                 }
@@ -91,7 +91,7 @@ pub async fn run(
 /// once the receiver is gone.
 async fn drain(
     ring: &mut RingBuf<MapData>,
-    tx: &mpsc::Sender<SourceMsg>,
+    tx: &mpsc::Sender<RingMsg>,
     metrics: &Metrics,
     limit: usize,
 ) -> Option<usize> {
@@ -113,7 +113,7 @@ async fn drain(
         }
         let full = batch.len() == MAX_BATCH && forwarded + batch.len() < limit;
         forwarded += batch.len();
-        if !batch.is_empty() && tx.send(SourceMsg::Events(batch)).await.is_err() {
+        if !batch.is_empty() && tx.send(RingMsg::Events(batch)).await.is_err() {
             return None;
         }
         if !full {

@@ -99,7 +99,7 @@ pub fn render_stats(stats: &serde_json::Value) -> String {
         if parts.is_empty() { "-".into() } else { parts.join(", ") }
     };
     let mut rows: Vec<(&str, String)> = vec![
-        ("mode", format!("{} ({})", stats["mode"].as_str().unwrap_or("?"), stats["config_source"].as_str().unwrap_or("?"))),
+        ("mode", format!("{} ({})", stats["mode"].as_str().unwrap_or("?"), stats["config_origin"].as_str().unwrap_or("?"))),
         (
             "rules",
             stats["rules"].as_array().map_or("-".into(), |r| {
@@ -301,7 +301,7 @@ mod tests {
             "processes": 79, "events": [["fork", 10], ["exec", 7]], "events_total": 17,
             "lost": [["fork", 0]], "lost_total": 0, "decode_errors": 0,
             "corrections": {"added": 1, "removed": 0}, "reconciles": 3,
-            "activity_source": "socket", "config_source": "/etc/reaper/reaper.toml",
+            "activity_source": "socket", "config_origin": "/etc/reaper/reaper.toml",
             "mode": "enforce", "rules": ["claude-sdk"], "targets": 2,
             "reaps": {"kills": [[["claude-sdk", "idle", "closed"], 4]],
                       "failures": [[["claude-sdk", "orphaned"], 1]], "would_kill": [],
