@@ -58,6 +58,14 @@ pub const PID_MAX_DEFAULT: u32 = 32768;
 /// Where the kernel says how high pids go.
 pub const PID_MAX_PATH: &str = "/proc/sys/kernel/pid_max";
 
+/// Bytes a CPU submits before it wakes the reader: an eighth of the ring shared among the
+/// possible CPUs (`None`: unknown, taken as one), so that all of them together leave at most
+/// about an eighth of the ring unannounced.
+pub fn wakeup_bytes(ring_bytes: u32, possible_cpus: Option<usize>) -> u64 {
+    let cpus = possible_cpus.unwrap_or(1).max(1) as u64;
+    (u64::from(ring_bytes) / 8 / cpus).max(1)
+}
+
 /// `max_entries` of the per-pid maps for this `kernel.pid_max` (`None`: unreadable).
 pub fn per_pid_entries(pid_max: Option<u32>) -> u32 {
     pid_max
@@ -177,8 +185,9 @@ impl Probes {
         drop(btf);
         tracing::debug!(?offsets, ?features, "kernel layout from BTF");
 
-        // Wake the reader once an eighth of the ring is full; below that its timer collects.
-        let wakeup_bytes = u64::from(bytes / 8);
+        // Wake the reader once an eighth of the ring may be full: each CPU wakes it after
+        // submitting its share of that; below it the reader's timer collects.
+        let wakeup_bytes = wakeup_bytes(bytes, aya::util::nr_cpus().ok());
         let pid_max = read_pid_max();
         let per_pid_entries = options
             .per_pid_entries
@@ -566,6 +575,13 @@ fn raise_memlock_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_cpu_wakes_the_reader_after_its_share_of_an_eighth_of_the_ring() {
+        assert_eq!(wakeup_bytes(1 << 20, Some(2)), 65536);
+        assert_eq!(wakeup_bytes(1 << 20, None), 131072);
+        assert_eq!(wakeup_bytes(4096, Some(4096)), 1);
+    }
 
     #[test]
     fn per_pid_maps_follow_pid_max_up_to_the_cap() {
