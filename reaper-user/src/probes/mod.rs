@@ -32,11 +32,13 @@ pub use reaper_common::{LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
 /// The compiled eBPF object, built by build.rs from the `reaper-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reaper"));
 
-/// Default ring buffer size, 4 MiB. Exec records carry only the argv present (≈ 400 bytes for
-/// a typical exec, 4.4 KiB at most), so a process's fork+exec+exit+rename is ≈ 0.5 KiB: this
-/// holds a backlog of ≈ 8,000 processes. A 10,000-process storm loses nothing even with 1 MiB
-/// (measured); the consumer maps the data pages twice, so this costs 8 MiB of RSS.
-pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+/// Default ring buffer size, 1 MiB. Exec records carry only the path and argv present (≈ 100
+/// bytes for `/bin/true`, 4.4 KiB at most), so a process's fork+exec+exit is ≈ 0.2 KiB: this
+/// holds a backlog of ≈ 5,000 processes, and each CPU wakes the reader after its share of an
+/// eighth of it. A 10,000-process storm loses nothing with it (measured); the consumer maps
+/// the data pages twice, so this costs 2 MiB of RSS (4 MiB cost 8), and a smaller ring keeps
+/// the programs' writes in fewer cold pages.
+pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
 
 /// Most entries the per-pid maps (`WATCHED`, and `EXIT_CLAIMED` where it is used) get,
 /// whatever `kernel.pid_max` says. Sized to `pid_max` a map cannot fill: its keys are tgids in
