@@ -625,7 +625,11 @@ fn find_new_reaper(task: *const u8, signal: *const u8) -> Result<u32, i32> {
         }
     }
     // task_active_pid_ns(): pid->numbers[pid->level].ns, at an offset known only at run time,
-    // so read with the helper (and what it reads is untyped: the rest too).
+    // so read with the helper (and what it reads is untyped: the rest too). The verifier
+    // refuses arithmetic with an unbounded value on a typed pointer (6.1: "math between ptr_
+    // pointer and register with unbounded min value"), so the address comes as a plain
+    // number from the helper.
+    let thread_pid: *const u8 = read(task, off!(task_thread_pid))?;
     let upid = thread_pid
         .wrapping_add(off!(pid_numbers) as usize)
         .wrapping_add((level as usize) * (off!(upid_size) as usize));
