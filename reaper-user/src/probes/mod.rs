@@ -260,13 +260,9 @@ impl Probes {
             source,
         })?;
         drop(btf);
-        // Parsing the kernel's BTF (twice: for the layout and for attaching) took ~25 MB that
-        // is free now; glibc keeps freed memory in the process unless asked to return it.
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        // Parsing the kernel's BTF (three times: btf-rs for the layout, aya in
+        // EbpfLoader::new() and for attaching) took ~25 MB that is free now.
+        crate::tree::scan::give_back_free_memory();
         Ok(Self {
             ebpf,
             _logs: logs,
