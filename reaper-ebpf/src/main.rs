@@ -432,11 +432,11 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let Some(ev) = EXEC_SCRATCH.get_ptr_mut(0) else {
         return Ok(());
     };
-    // SAFETY: `ev` points at this CPU's scratch record; the comm goes straight into it and is
-    // the watch-name lookup's key there (a map value can be a key).
+    // SAFETY: `ev` points at this CPU's scratch record; the comm goes straight into it (the
+    // watch-name lookup takes a copy as its key).
     unsafe {
         current_comm(&raw mut (*ev).head.comm);
-        if WATCH_NAMES.get(&(*ev).head.comm).is_some() {
+        if WATCH_NAMES.get((*ev).head.comm).is_some() {
             // Its own target until user space decides; a descendant of a target stays that.
             let _ = WATCHED.insert(tgid, tgid, u64::from(BPF_NOEXIST));
         }
