@@ -221,8 +221,10 @@ fn wakeup_flags(bytes: u64) -> u64 {
     let Some(pending) = UNANNOUNCED.get_ptr_mut(0) else {
         return u64::from(BPF_RB_FORCE_WAKEUP);
     };
-    // SAFETY: this CPU's slot; programs do not preempt each other on a CPU mid-update (one
-    // more wake-up than needed is all a lost update could cost).
+    // SAFETY: this CPU's slot. Programs run with migration disabled, not always with
+    // preemption disabled, so another run on this CPU can interleave and lose an update: one
+    // wake-up more than needed, or one record's bytes not counted; the reader's timer
+    // collects the ring either way.
     unsafe {
         let total = *pending + bytes;
         if total >= threshold {
