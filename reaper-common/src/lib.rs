@@ -137,9 +137,10 @@ pub struct ForkEvent {
     pub comm: [u8; COMM_LEN],
 }
 
-/// The fixed part of an exec record: everything before argv. On the wire an exec record is
-/// this, then [`ExecHead::argv_len`] bytes of argv (the eBPF side sends only the used prefix of
-/// an [`ExecEvent`]); both sides read and write these fields by name.
+/// The fixed part of an exec record. On the wire an exec record is this, then
+/// [`ExecHead::filename_len`] bytes of the path, then [`ExecHead::argv_len`] bytes of argv (the
+/// eBPF side sends only the used prefix of an [`ExecEvent`]); both sides read and write these
+/// fields by name.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExecHead {
@@ -150,25 +151,26 @@ pub struct ExecHead {
     pub uid: u32,
     /// `EXEC_*` flags.
     pub flags: u32,
-    /// Valid bytes in `filename`.
+    /// Bytes of the path given to execve (`linux_binprm::filename`, at most
+    /// [`FILENAME_LEN`] - 1, not NUL-terminated) that follow this head.
     pub filename_len: u32,
-    /// Valid bytes of argv that follow this head.
+    /// Bytes of argv (at most [`ARGV_LEN`]) that follow the path.
     pub argv_len: u32,
     pub _pad: u32,
     /// `comm` after the exec (the basename of the exec'd path).
     pub comm: [u8; COMM_LEN],
-    /// The path given to execve (`linux_binprm::filename`), not NUL-terminated.
-    pub filename: [u8; FILENAME_LEN],
 }
 
-/// A process replaced its image: `sched_process_exec`. Built whole in a per-CPU scratch
-/// slot; only `head` and the first `head.argv_len` bytes of `argv` are sent.
+/// A process replaced its image: `sched_process_exec`. Built in a per-CPU scratch slot; only
+/// `head`, then the `head.filename_len` bytes of the path and the `head.argv_len` bytes of
+/// argv that follow it in `data`, are sent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExecEvent {
     pub head: ExecHead,
-    /// argv as NUL-separated strings, as in `/proc/PID/cmdline`.
-    pub argv: [u8; ARGV_LEN],
+    /// The path, then argv as NUL-separated strings (as in `/proc/PID/cmdline`) from the
+    /// path's last byte on.
+    pub data: [u8; FILENAME_LEN + ARGV_LEN],
 }
 
 /// The last thread of a process exited (`sched_process_exit` with `signal->live == 0`).
@@ -194,9 +196,9 @@ pub struct RenameEvent {
 
 const _: () = assert!(size_of::<Header>() == 24);
 const _: () = assert!(size_of::<ForkEvent>() == 56);
-const _: () = assert!(size_of::<ExecHead>() == 48 + COMM_LEN + FILENAME_LEN);
-const _: () = assert!(core::mem::offset_of!(ExecEvent, argv) == size_of::<ExecHead>());
-const _: () = assert!(size_of::<ExecEvent>() == size_of::<ExecHead>() + ARGV_LEN);
+const _: () = assert!(size_of::<ExecHead>() == 48 + COMM_LEN);
+const _: () = assert!(core::mem::offset_of!(ExecEvent, data) == size_of::<ExecHead>());
+const _: () = assert!(size_of::<ExecEvent>() == size_of::<ExecHead>() + FILENAME_LEN + ARGV_LEN);
 const _: () = assert!(size_of::<ExitEvent>() == 32);
 const _: () = assert!(size_of::<RenameEvent>() == 40);
 const _: () = assert!(ARGV_LEN.is_power_of_two() && FILENAME_LEN.is_power_of_two());

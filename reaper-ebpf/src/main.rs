@@ -13,9 +13,9 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated,
     },
     macros::{btf_tracepoint, map},
@@ -70,12 +70,19 @@ static FEATURES: KernelFeatures = KernelFeatures {
     has_in_execve: 0,
 };
 
-/// Wake the reader only once this many bytes wait in the ring (set by user space at load
-/// time); below it, records are submitted without a wake-up and the reader's timer collects
-/// them. A fast reader is always "caught up", so the kernel's default would wake it for every
-/// record: one context switch per event in a fork storm.
+/// Wake the reader once a CPU has submitted this many bytes since it last did (set by user
+/// space at load time: an eighth of the ring shared among the possible CPUs, so at most about
+/// an eighth of the ring waits unannounced); below it, records are submitted without a wake-up
+/// and the reader's timer collects them. A fast reader is always "caught up", so the kernel's
+/// default would wake it for every record: one context switch per event in a fork storm.
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 0;
+
+/// Bytes this CPU submitted since it last woke the reader. Counted per CPU, not asked of the
+/// ring (`bpf_ringbuf_query(BPF_RB_AVAIL_DATA)` reads the consumer position, a cache line the
+/// reader writes from another CPU: a miss on most submits).
+#[map]
+static UNANNOUNCED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The one ring buffer all events go through. Its size is set by user space at load time.
 #[map]
@@ -139,20 +146,46 @@ static LOGGED_AT: Array<u64> = Array::with_max_entries(REPORT_SLOTS, 0);
 /// the namespace's init).
 const MAX_ANCESTORS: usize = 24;
 
-#[inline(always)]
-fn offsets() -> KernelOffsets {
-    // SAFETY: OFFSETS is a plain global; the volatile read stops the compiler from folding
-    // the all-zero initializer into the code, since user space rewrites it before loading.
-    unsafe { core::ptr::read_volatile(&raw const OFFSETS) }
+/// One field of [`OFFSETS`], read alone where it is used (not the whole struct copied to the
+/// stack first). The volatile read stops the compiler from folding the all-zero initializer
+/// into the code, since user space rewrites it before loading. The map is read-only for the
+/// programs and frozen before they load, so the verifier knows the value as a constant
+/// (`bpf_map_direct_read()` in check_mem_access():
+/// <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/verifier.c>) and the direct
+/// loads through typed pointers below ([`load`]) see a constant field offset.
+macro_rules! off {
+    ($field:ident) => {
+        // SAFETY: a plain global of u32 fields, read by address.
+        unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) }
+    };
 }
 
-#[inline(always)]
-fn features() -> KernelFeatures {
-    // SAFETY: as for OFFSETS.
-    unsafe { core::ptr::read_volatile(&raw const FEATURES) }
+/// One field of [`FEATURES`], read like [`off!`]; the verifier knows it as a constant too, so
+/// the branch a kernel does not take is dead code.
+macro_rules! feature {
+    ($field:ident) => {
+        // SAFETY: as for `off!`.
+        unsafe { core::ptr::read_volatile(&raw const FEATURES.$field) }
+    };
 }
 
-/// Reads a `T` at `base + off` in kernel memory.
+/// Loads a `T` at `base + off` straight from kernel memory: no helper call. `base` must be a
+/// pointer whose BTF type the verifier knows (a BTF tracepoint's `struct` argument, or a
+/// pointer member loaded from one this way) and `off` a field of that type at a constant
+/// offset: the verifier checks the access against the kernel's BTF (check_ptr_to_btf_access()
+/// → btf_struct_access()) and marks it `BPF_PROBE_MEM`, so the JIT emits a plain load that
+/// yields 0 instead of faulting (ex_handler_bpf()): <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/verifier.c>,
+/// <https://github.com/torvalds/linux/blob/v6.18/arch/x86/net/bpf_jit_comp.c>. A loaded
+/// struct pointer is typed again, so chains (`task->real_parent->tgid`) stay direct.
+#[inline(always)]
+fn load<T>(base: *const u8, off: u32) -> T {
+    // SAFETY: see above; the kernel makes a faulting load read 0.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize).cast::<T>()) }
+}
+
+/// Reads a `T` at `base + off` with `bpf_probe_read_kernel`, for what [`load`] cannot reach:
+/// bit fields (read as the u32 that holds them, which BTF does not describe as one member) and
+/// offsets known only at run time.
 #[inline(always)]
 fn read<T>(base: *const u8, off: u32) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
@@ -179,15 +212,41 @@ fn header(kind: EventKind, tgid: u32, start_time_ns: u64) -> Header {
     }
 }
 
-/// Submit flags: a wake-up only when enough is waiting.
+/// Submit flags for a record of `bytes`: a wake-up only once this CPU has submitted enough
+/// since its last one.
 #[inline(always)]
-fn wakeup_flags() -> u64 {
+fn wakeup_flags(bytes: u64) -> u64 {
     // SAFETY: a plain global, read volatile so the zero initializer is not folded in.
     let threshold = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
-    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= threshold {
-        u64::from(BPF_RB_FORCE_WAKEUP)
-    } else {
-        u64::from(BPF_RB_NO_WAKEUP)
+    let Some(pending) = UNANNOUNCED.get_ptr_mut(0) else {
+        return u64::from(BPF_RB_FORCE_WAKEUP);
+    };
+    // SAFETY: this CPU's slot. Programs run with migration disabled, not always with
+    // preemption disabled, so another run on this CPU can interleave and lose an update: one
+    // wake-up more than needed, or one record's bytes not counted; the reader's timer
+    // collects the ring either way.
+    unsafe {
+        let total = *pending + bytes;
+        if total >= threshold {
+            *pending = 0;
+            u64::from(BPF_RB_FORCE_WAKEUP)
+        } else {
+            *pending = total;
+            u64::from(BPF_RB_NO_WAKEUP)
+        }
+    }
+}
+
+/// The current task's comm into `buf` (`bpf_get_current_comm` writes the whole buffer:
+/// the name NUL-padded, or zeros).
+///
+/// # Safety
+/// `buf` must be writable for [`COMM_LEN`] bytes.
+#[inline(always)]
+unsafe fn current_comm(buf: *mut [u8; COMM_LEN]) {
+    // SAFETY: the caller's promise; the helper writes at most COMM_LEN bytes.
+    unsafe {
+        generated::bpf_get_current_comm(buf.cast(), COMM_LEN as u32);
     }
 }
 
@@ -272,9 +331,9 @@ fn watch_refused(ctx: &BtfTracePointContext, pid: u32, target: u32) {
 /// The process's start time: its group leader's `start_boottime`, which `/proc/PID/stat`
 /// reports in clock ticks (fs/proc/array.c, do_task_stat).
 #[inline(always)]
-fn process_start(o: &KernelOffsets, task: *const u8) -> Result<u64, i32> {
-    let leader: *const u8 = read(task, o.task_group_leader)?;
-    read(leader, o.task_start_boottime)
+fn process_start(task: *const u8) -> u64 {
+    let leader: *const u8 = load(task, off!(task_group_leader));
+    load(leader, off!(task_start_boottime))
 }
 
 #[inline(always)]
@@ -296,26 +355,24 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
-    let o = offsets();
-    if o.ready == 0 {
+    if off!(ready) == 0 {
         return Ok(());
     }
     let child: *const u8 = ctx.arg(1);
-    let pid: i32 = read(child, o.task_pid)?;
-    let tgid: i32 = read(child, o.task_tgid)?;
+    let pid: i32 = load(child, off!(task_pid));
+    let tgid: i32 = load(child, off!(task_tgid));
     if pid != tgid {
         // CLONE_THREAD: a new thread of an existing process, not a process.
         return Ok(());
     }
-    let start: u64 = read(child, o.task_start_boottime)?;
-    let parent: *const u8 = read(child, o.task_real_parent)?;
-    let parent_tgid: i32 = read(parent, o.task_tgid)?;
-    let parent_start = process_start(&o, parent)?;
-    // The child copies the forking thread's comm and credentials.
-    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    let start: u64 = load(child, off!(task_start_boottime));
+    let parent: *const u8 = load(child, off!(task_real_parent));
+    let parent_tgid: i32 = load(parent, off!(task_tgid));
+    let parent_start = process_start(parent);
+    // The child copies the forking thread's credentials (and comm, below).
     let uid = bpf_get_current_uid_gid() as u32;
 
-    if features().exit_has_group_dead == 0 {
+    if feature!(exit_has_group_dead) == 0 {
         let _ = EXIT_CLAIMED.remove(tgid as u32);
     }
     // A descendant of a watched process is watched for the same target, from birth.
@@ -330,14 +387,18 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         ring_full(ctx, EventKind::Fork);
         return Ok(());
     };
-    entry.write(ForkEvent {
-        header: header(EventKind::Fork, tgid as u32, start),
-        parent_tgid: parent_tgid as u32,
-        uid,
-        parent_start_time_ns: parent_start,
-        comm,
-    });
-    entry.submit(wakeup_flags());
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at the reserved record; every field is written before the submit.
+    unsafe {
+        (*ev).header = header(EventKind::Fork, tgid as u32, start);
+        (*ev).parent_tgid = parent_tgid as u32;
+        (*ev).uid = uid;
+        (*ev).parent_start_time_ns = parent_start;
+        // The forking thread's comm, written straight into the record (NUL-padded, zeroed if
+        // there were no current task).
+        current_comm(&raw mut (*ev).comm);
+    }
+    entry.submit(wakeup_flags(size_of::<ForkEvent>() as u64));
     Ok(())
 }
 
@@ -355,37 +416,44 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
-    let o = offsets();
-    if o.ready == 0 {
+    if off!(ready) == 0 {
         return Ok(());
     }
     let task: *const u8 = ctx.arg(0);
     let bprm: *const u8 = ctx.arg(2);
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let start = process_start(&o, task)?;
-    let parent: *const u8 = read(task, o.task_real_parent)?;
-    let parent_tgid: i32 = read(parent, o.task_tgid)?;
-    let filename: *const u8 = read(bprm, o.binprm_filename)?;
-    let mm: *const u8 = read(task, o.task_mm)?;
-    let arg_start: u64 = read(mm, o.mm_arg_start)?;
-    let arg_end: u64 = read(mm, o.mm_arg_end)?;
-    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    let tgid: u32 = load(task, off!(task_tgid));
+    let start = process_start(task);
+    let parent: *const u8 = load(task, off!(task_real_parent));
+    let parent_tgid: i32 = load(parent, off!(task_tgid));
+    let filename: *const u8 = load(bprm, off!(binprm_filename));
+    let mm: *const u8 = load(task, off!(task_mm));
+    let arg_start: u64 = load(mm, off!(mm_arg_start));
+    let arg_end: u64 = load(mm, off!(mm_arg_end));
     let uid = bpf_get_current_uid_gid() as u32;
-    // SAFETY: a map lookup; nothing is kept from it.
-    if unsafe { WATCH_NAMES.get(comm) }.is_some() {
-        // Its own target until user space decides; a descendant of a target stays that.
-        let _ = WATCHED.insert(tgid, tgid, u64::from(BPF_NOEXIST));
-    }
 
     let Some(ev) = EXEC_SCRATCH.get_ptr_mut(0) else {
         return Ok(());
     };
+    // SAFETY: `ev` points at this CPU's scratch record; the comm goes straight into it (the
+    // watch-name lookup takes a copy as its key).
+    unsafe {
+        current_comm(&raw mut (*ev).head.comm);
+        if WATCH_NAMES.get((*ev).head.comm).is_some() {
+            // Its own target until user space decides; a descendant of a target stays that.
+            let _ = WATCHED.insert(tgid, tgid, u64::from(BPF_NOEXIST));
+        }
+    }
     let mut flags = 0u32;
 
+    // The path first, then argv right after its last byte: the record carries only the bytes
+    // present (≈ 80 bytes for `/bin/true`), not the arrays' full sizes.
     // SAFETY: `ev` points at this CPU's scratch record of size_of::<ExecEvent>().
     let filename_len = unsafe {
-        match bpf_probe_read_kernel_str_bytes(filename, &mut (*ev).head.filename) {
-            Ok(bytes) => bytes.len() as u32,
+        let path = core::slice::from_raw_parts_mut((&raw mut (*ev).data).cast::<u8>(), FILENAME_LEN);
+        match bpf_probe_read_kernel_str_bytes(filename, path) {
+            // The mask keeps the length provably below FILENAME_LEN for the verifier (the
+            // helper returns at most FILENAME_LEN - 1 bytes before the NUL).
+            Ok(bytes) => (bytes.len() as u32) & (FILENAME_LEN as u32 - 1),
             Err(_) => 0,
         }
     };
@@ -404,10 +472,14 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
         // The mask keeps the length provably below ARGV_LEN for the verifier.
         (total as u32) & (ARGV_LEN as u32 - 1)
     };
-    // SAFETY: reads at most ARGV_LEN bytes of user memory into the record's argv array.
+    // SAFETY: reads at most ARGV_LEN bytes of user memory into the record's data array, at
+    // most FILENAME_LEN - 1 bytes in: within its FILENAME_LEN + ARGV_LEN bytes.
     let rc = unsafe {
         generated::bpf_probe_read_user(
-            (&raw mut (*ev).argv).cast(),
+            (&raw mut (*ev).data)
+                .cast::<u8>()
+                .add(filename_len as usize)
+                .cast(),
             argv_len,
             arg_start as *const core::ffi::c_void,
         )
@@ -429,13 +501,16 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
         (*head).filename_len = filename_len;
         (*head).argv_len = argv_len;
         (*head)._pad = 0;
-        (*head).comm = comm;
     }
-    // Only the used part goes into the ring: ~300 bytes for a typical exec, not 4.4 KiB.
-    let size = size_of::<ExecHead>() + argv_len as usize;
-    // SAFETY: `size` ≤ size_of::<ExecEvent>() (argv_len ≤ ARGV_LEN): a prefix of the record.
+    // Only the used part goes into the ring: ~100 bytes for a typical exec, not 4.4 KiB.
+    let size = size_of::<ExecHead>() + filename_len as usize + argv_len as usize;
+    // SAFETY: `size` ≤ size_of::<ExecEvent>() (filename_len < FILENAME_LEN, argv_len ≤
+    // ARGV_LEN): a prefix of the record.
     let used = unsafe { core::slice::from_raw_parts(ev.cast::<u8>(), size) };
-    if EVENTS.output::<[u8]>(used, wakeup_flags()).is_err() {
+    if EVENTS
+        .output::<[u8]>(used, wakeup_flags(size as u64))
+        .is_err()
+    {
         ring_full(ctx, EventKind::Exec);
     }
     Ok(())
@@ -456,26 +531,25 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
-    let o = offsets();
-    if o.ready == 0 {
+    if off!(ready) == 0 {
         return Ok(());
     }
     let task: *const u8 = ctx.arg(0);
-    let signal: *const u8 = read(task, o.task_signal)?;
-    let f = features();
-    let group_dead = if f.exit_has_group_dead != 0 {
+    let signal: *const u8 = load(task, off!(task_signal));
+    let has_group_dead = feature!(exit_has_group_dead) != 0;
+    let group_dead = if has_group_dead {
         let arg: u64 = ctx.arg(1);
         arg & 0xff != 0
     } else {
-        let live: i32 = read(signal, o.signal_live)?;
+        let live: i32 = load(signal, off!(signal_live));
         live == 0
     };
     if !group_dead {
         return Ok(());
     }
-    let tgid: i32 = read(task, o.task_tgid)?;
-    let start = process_start(&o, task)?;
-    if f.exit_has_group_dead == 0
+    let tgid: i32 = load(task, off!(task_tgid));
+    let start = process_start(task);
+    if !has_group_dead
         && EXIT_CLAIMED
             .insert(tgid as u32, start, u64::from(BPF_NOEXIST))
             .is_err()
@@ -483,20 +557,24 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
         // Another thread of this process already reported its exit.
         return Ok(());
     }
+    // One lookup for every process; only a watched one pays for the deletes (each takes its
+    // bucket's lock).
     // SAFETY: a map lookup; the value is copied out at once.
-    if unsafe { WATCHED.get(tgid as u32) }.copied() == Some(tgid as u32) {
-        // A target (or a process watched by its name): its activity goes with it.
-        let _ = ACTIVITY.remove(tgid as u32);
+    if let Some(target) = unsafe { WATCHED.get(tgid as u32) }.copied() {
+        if target == tgid as u32 {
+            // A target (or a process watched by its name): its activity goes with it.
+            let _ = ACTIVITY.remove(tgid as u32);
+        }
+        let _ = WATCHED.remove(tgid as u32);
     }
-    let _ = WATCHED.remove(tgid as u32);
     // What wait(2) reports: wait_task_zombie() in kernel/exit.c.
-    let signal_flags: u32 = read(signal, o.signal_flags)?;
+    let signal_flags: u32 = load(signal, off!(signal_flags));
     let exit_status: i32 = if signal_flags & SIGNAL_GROUP_EXIT != 0 {
-        read(signal, o.signal_group_exit_code)?
+        load(signal, off!(signal_group_exit_code))
     } else {
-        read(task, o.task_exit_code)?
+        load(task, off!(task_exit_code))
     };
-    let reaper_tgid = find_new_reaper(&o, task, signal).unwrap_or(0);
+    let reaper_tgid = find_new_reaper(task, signal).unwrap_or(0);
 
     let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
         ring_full(ctx, EventKind::Exit);
@@ -507,7 +585,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
         exit_status: exit_status as u32,
         reaper_tgid,
     });
-    entry.submit(wakeup_flags());
+    entry.submit(wakeup_flags(size_of::<ExitEvent>() as u64));
     Ok(())
 }
 
@@ -516,45 +594,53 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
 /// the nearest ancestor in the same pid namespace that is a live child subreaper, else the
 /// namespace's init (`pid_namespace::child_reaper`).
 #[inline(always)]
-fn find_new_reaper(o: &KernelOffsets, task: *const u8, signal: *const u8) -> Result<u32, i32> {
-    let thread_pid: *const u8 = read(task, o.task_thread_pid)?;
-    let level: u32 = read(thread_pid, o.pid_level)?;
+fn find_new_reaper(task: *const u8, signal: *const u8) -> Result<u32, i32> {
+    let thread_pid: *const u8 = load(task, off!(task_thread_pid));
+    let level: u32 = load(thread_pid, off!(pid_level));
     if bit(
-        o.signal_has_subreaper_word,
-        o.signal_has_subreaper_bit,
+        off!(signal_has_subreaper_word),
+        off!(signal_has_subreaper_bit),
         signal,
     )? {
-        let mut reaper: *const u8 = read(task, o.task_real_parent)?;
+        // The walk reads with the helper: direct loads here cost the verifier ~150 ms at load
+        // time on 6.18 (each typed load is checked against task_struct's BTF, in each of
+        // the 24 iterations), for a loop that runs only under a subreaper.
+        let mut reaper: *const u8 = read(task, off!(task_real_parent))?;
         for _ in 0..MAX_ANCESTORS {
-            let reaper_pid: *const u8 = read(reaper, o.task_thread_pid)?;
-            let reaper_level: u32 = read(reaper_pid, o.pid_level)?;
-            let pid: i32 = read(reaper, o.task_pid)?;
+            let reaper_pid: *const u8 = read(reaper, off!(task_thread_pid))?;
+            let reaper_level: u32 = read(reaper_pid, off!(pid_level))?;
+            let pid: i32 = read(reaper, off!(task_pid))?;
             if reaper_level != level || pid == 0 {
                 // Left the namespace, or reached init_task (pid 0).
                 break;
             }
-            let reaper_signal: *const u8 = read(reaper, o.task_signal)?;
+            let reaper_signal: *const u8 = read(reaper, off!(task_signal))?;
             if bit(
-                o.signal_is_subreaper_word,
-                o.signal_is_subreaper_bit,
+                off!(signal_is_subreaper_word),
+                off!(signal_is_subreaper_bit),
                 reaper_signal,
             )? {
-                let live: i32 = read(reaper_signal, o.signal_live)?;
+                let live: i32 = read(reaper_signal, off!(signal_live))?;
                 if live > 0 {
-                    let tgid: i32 = read(reaper, o.task_tgid)?;
+                    let tgid: i32 = read(reaper, off!(task_tgid))?;
                     return Ok(tgid as u32);
                 }
             }
-            reaper = read(reaper, o.task_real_parent)?;
+            reaper = read(reaper, off!(task_real_parent))?;
         }
     }
-    // task_active_pid_ns(): pid->numbers[pid->level].ns
+    // task_active_pid_ns(): pid->numbers[pid->level].ns, at an offset known only at run time,
+    // so read with the helper (and what it reads is untyped: the rest too). The verifier
+    // refuses arithmetic with an unbounded value on a typed pointer (6.1: "math between ptr_
+    // pointer and register with unbounded min value"), so the address comes as a plain
+    // number from the helper.
+    let thread_pid: *const u8 = read(task, off!(task_thread_pid))?;
     let upid = thread_pid
-        .wrapping_add(o.pid_numbers as usize)
-        .wrapping_add((level as usize) * (o.upid_size as usize));
-    let ns: *const u8 = read(upid, o.upid_ns)?;
-    let child_reaper: *const u8 = read(ns, o.pid_ns_child_reaper)?;
-    let tgid: i32 = read(child_reaper, o.task_tgid)?;
+        .wrapping_add(off!(pid_numbers) as usize)
+        .wrapping_add((level as usize) * (off!(upid_size) as usize));
+    let ns: *const u8 = read(upid, off!(upid_ns))?;
+    let child_reaper: *const u8 = read(ns, off!(pid_ns_child_reaper))?;
+    let tgid: i32 = read(child_reaper, off!(task_tgid))?;
     Ok(tgid as u32)
 }
 
@@ -577,24 +663,23 @@ pub fn task_rename(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
-    let o = offsets();
-    if o.ready == 0 {
+    if off!(ready) == 0 {
         return Ok(());
     }
     let task: *const u8 = ctx.arg(0);
     let new_comm: *const u8 = ctx.arg(1);
-    let pid: i32 = read(task, o.task_pid)?;
-    let tgid: i32 = read(task, o.task_tgid)?;
+    let pid: i32 = load(task, off!(task_pid));
+    let tgid: i32 = load(task, off!(task_tgid));
     if pid != tgid {
         return Ok(());
     }
     // An unreadable bit counts as "not in exec": better a redundant rename than a lost one.
-    if features().has_in_execve != 0
-        && bit(o.task_in_execve_word, o.task_in_execve_bit, task).unwrap_or(false)
+    if feature!(has_in_execve) != 0
+        && bit(off!(task_in_execve_word), off!(task_in_execve_bit), task).unwrap_or(false)
     {
         return Ok(());
     }
-    let start: u64 = read(task, o.task_start_boottime)?;
+    let start: u64 = load(task, off!(task_start_boottime));
     let mut comm = [0u8; COMM_LEN];
     // SAFETY: reads a kernel string into a stack buffer of COMM_LEN bytes.
     unsafe {
@@ -609,7 +694,7 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
         header: header(EventKind::Rename, tgid as u32, start),
         comm,
     });
-    entry.submit(wakeup_flags());
+    entry.submit(wakeup_flags(size_of::<RenameEvent>() as u64));
     Ok(())
 }
 
@@ -652,7 +737,7 @@ fn sock_io(ctx: &BtfTracePointContext, recv: bool) {
     // tracepoint's `struct sock *` (first argument), offset from BTF.
     let net_recv = recv && tgid == target && {
         let sk: *const u8 = ctx.arg(0);
-        matches!(read::<u16>(sk, offsets().sock_family), Ok(AF_INET | AF_INET6))
+        matches!(load::<u16>(sk, off!(sock_family)), AF_INET | AF_INET6)
     };
     match ACTIVITY.get_ptr_mut(target) {
         // SAFETY: a pointer into the map value; concurrent updates from other CPUs can only

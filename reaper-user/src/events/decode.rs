@@ -82,7 +82,7 @@ fn bounded(field: &'static str, len: u32, max: usize) -> Result<usize, DecodeErr
 }
 
 /// Decodes one ring buffer record. Fork, exit and rename records have exactly their struct's
-/// size; exec records are their fixed part plus the argv bytes they carry.
+/// size; exec records are their fixed part plus the path and argv bytes they carry.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: Header = read(bytes).ok_or(DecodeError::NoHeader { len: bytes.len() })?;
     let kind = EventKind::try_from(header.kind)?;
@@ -100,8 +100,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             }
         }
         EventKind::Exec => {
-            // Variable length: the fixed head, then only the argv bytes present (the kernel
-            // copies just the used prefix of the record).
+            // Variable length: the fixed head, then only the path and argv bytes present (the
+            // kernel copies just the used prefix of the record).
             let head: ExecHead = read(bytes).ok_or(DecodeError::Length {
                 kind,
                 len: bytes.len(),
@@ -109,7 +109,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             })?;
             let filename_len = bounded("filename", head.filename_len, FILENAME_LEN)?;
             let argv_len = bounded("argv", head.argv_len, ARGV_LEN)?;
-            let argv_at = size_of::<ExecHead>();
+            let filename_at = size_of::<ExecHead>();
+            let argv_at = filename_at + filename_len;
             if bytes.len() != argv_at + argv_len {
                 return Err(DecodeError::Length {
                     kind,
@@ -123,7 +124,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 parent_pid: head.parent_tgid,
                 uid: head.uid,
                 comm: c_str(&head.comm),
-                filename: c_str(&head.filename[..filename_len]),
+                filename: c_str(&bytes[filename_at..argv_at]),
                 argv: Argv::new(Bytes::copy_from_slice(&bytes[argv_at..])),
                 argv_truncated: head.flags & EXEC_ARGV_TRUNCATED != 0,
                 filename_truncated: head.flags & EXEC_FILENAME_TRUNCATED != 0,
@@ -177,8 +178,6 @@ mod tests {
     }
 
     fn exec_record(argv: &[u8], argv_len: u32, flags: u32) -> Vec<u8> {
-        let mut filename = [0; FILENAME_LEN];
-        filename[..9].copy_from_slice(b"/bin/true");
         let head = ExecHead {
             header: header(EventKind::Exec, 42),
             parent_tgid: 7,
@@ -188,12 +187,12 @@ mod tests {
             argv_len,
             _pad: 0,
             comm: comm("true"),
-            filename,
         };
-        // As the kernel sends it: the head and the argv bytes it claims.
+        // As the kernel sends it: the head, the path and the argv bytes it claims.
         let mut bytes = as_bytes(&head);
+        bytes.extend_from_slice(b"/bin/true");
         bytes.extend_from_slice(argv);
-        bytes.resize(size_of::<ExecHead>() + (argv_len as usize).min(ARGV_LEN), 0);
+        bytes.resize(size_of::<ExecHead>() + 9 + (argv_len as usize).min(ARGV_LEN), 0);
         bytes
     }
 
@@ -284,9 +283,9 @@ mod tests {
         let mut short = exec_record(b"abc\0", 4, 0);
         short.pop();
         assert!(matches!(decode(&short), Err(DecodeError::Length { .. })));
-        // An exec with an empty argv is just the fixed part.
+        // An exec with an empty argv is just the fixed part and the path.
         let empty = exec_record(b"", 0, 0);
-        assert_eq!(empty.len(), size_of::<ExecHead>());
+        assert_eq!(empty.len(), size_of::<ExecHead>() + 9);
         assert!(decode(&empty).is_ok());
     }
 

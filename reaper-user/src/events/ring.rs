@@ -4,8 +4,9 @@
 //! batched: by default the kernel wakes a reader whenever it has caught up (bpf_ringbuf_commit()
 //! in <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/ringbuf.c>), which for a fast
 //! reader is every record — measured: ≈ 1.25 context switches per event in a fork storm. So the
-//! programs submit with `BPF_RB_NO_WAKEUP` until an eighth of the ring is waiting (then
-//! `BPF_RB_FORCE_WAKEUP`), and this reader also drains on a timer ([`POLL_MIN`] while events
+//! programs submit with `BPF_RB_NO_WAKEUP` until their CPU has submitted its share of an eighth
+//! of the ring since it last woke the reader (then `BPF_RB_FORCE_WAKEUP`), and this reader also
+//! drains on a timer ([`POLL_MIN`] while events
 //! flow, backing off to [`POLL_MAX`] when quiet). Each drain forwards everything there is as one
 //! `Vec`.
 use std::sync::Arc;

@@ -38,12 +38,17 @@ struct Position {
     bitfield: bool,
 }
 
-/// Parses the running kernel's BTF.
+/// Opens the running kernel's BTF. Mapped where the kernel allows it (btf_sysfs_vmlinux_mmap()
+/// in <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/sysfs_btf.c>; 6.12 and older
+/// have no mmap there), so only the types looked up are parsed; read and parsed whole
+/// elsewhere.
 pub fn vmlinux() -> Result<Btf, LayoutError> {
-    Btf::from_file(VMLINUX_BTF).map_err(|source| LayoutError::Read {
-        path: VMLINUX_BTF.to_owned(),
-        source,
-    })
+    Btf::from_file_with_backend(VMLINUX_BTF, btf_rs::Backend::Mmap)
+        .or_else(|_| Btf::from_file(VMLINUX_BTF))
+        .map_err(|source| LayoutError::Read {
+            path: VMLINUX_BTF.to_owned(),
+            source,
+        })
 }
 
 /// What the eBPF programs are handed at load time: where the fields they read are, and what

@@ -32,11 +32,13 @@ pub use reaper_common::{LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
 /// The compiled eBPF object, built by build.rs from the `reaper-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reaper"));
 
-/// Default ring buffer size, 4 MiB. Exec records carry only the argv present (≈ 400 bytes for
-/// a typical exec, 4.4 KiB at most), so a process's fork+exec+exit+rename is ≈ 0.5 KiB: this
-/// holds a backlog of ≈ 8,000 processes. A 10,000-process storm loses nothing even with 1 MiB
-/// (measured); the consumer maps the data pages twice, so this costs 8 MiB of RSS.
-pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+/// Default ring buffer size, 1 MiB. Exec records carry only the path and argv present (≈ 100
+/// bytes for `/bin/true`, 4.4 KiB at most), so a process's fork+exec+exit is ≈ 0.2 KiB: this
+/// holds a backlog of ≈ 5,000 processes, and each CPU wakes the reader after its share of an
+/// eighth of it. A 10,000-process storm loses nothing with it (measured); the consumer maps
+/// the data pages twice, so this costs 2 MiB of RSS (4 MiB cost 8), and a smaller ring keeps
+/// the programs' writes in fewer cold pages.
+pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
 
 /// Most entries the per-pid maps (`WATCHED`, and `EXIT_CLAIMED` where it is used) get,
 /// whatever `kernel.pid_max` says. Sized to `pid_max` a map cannot fill: its keys are tgids in
@@ -57,6 +59,14 @@ pub const PID_MAX_DEFAULT: u32 = 32768;
 
 /// Where the kernel says how high pids go.
 pub const PID_MAX_PATH: &str = "/proc/sys/kernel/pid_max";
+
+/// Bytes a CPU submits before it wakes the reader: an eighth of the ring shared among the
+/// possible CPUs (`None`: unknown, taken as one), so that all of them together leave at most
+/// about an eighth of the ring unannounced.
+pub fn wakeup_bytes(ring_bytes: u32, possible_cpus: Option<usize>) -> u64 {
+    let cpus = possible_cpus.unwrap_or(1).max(1) as u64;
+    (u64::from(ring_bytes) / 8 / cpus).max(1)
+}
 
 /// `max_entries` of the per-pid maps for this `kernel.pid_max` (`None`: unreadable).
 pub fn per_pid_entries(pid_max: Option<u32>) -> u32 {
@@ -177,8 +187,9 @@ impl Probes {
         drop(btf);
         tracing::debug!(?offsets, ?features, "kernel layout from BTF");
 
-        // Wake the reader once an eighth of the ring is full; below that its timer collects.
-        let wakeup_bytes = u64::from(bytes / 8);
+        // Wake the reader once an eighth of the ring may be full: each CPU wakes it after
+        // submitting its share of that; below it the reader's timer collects.
+        let wakeup_bytes = wakeup_bytes(bytes, aya::util::nr_cpus().ok());
         let pid_max = read_pid_max();
         let per_pid_entries = options
             .per_pid_entries
@@ -249,13 +260,9 @@ impl Probes {
             source,
         })?;
         drop(btf);
-        // Parsing the kernel's BTF (twice: for the layout and for attaching) took ~25 MB that
-        // is free now; glibc keeps freed memory in the process unless asked to return it.
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        // Parsing the kernel's BTF (three times: btf-rs for the layout, aya in
+        // EbpfLoader::new() and for attaching) took ~25 MB that is free now.
+        crate::tree::scan::give_back_free_memory();
         Ok(Self {
             ebpf,
             _logs: logs,
@@ -582,6 +589,13 @@ fn raise_memlock_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_cpu_wakes_the_reader_after_its_share_of_an_eighth_of_the_ring() {
+        assert_eq!(wakeup_bytes(1 << 20, Some(2)), 65536);
+        assert_eq!(wakeup_bytes(1 << 20, None), 131072);
+        assert_eq!(wakeup_bytes(4096, Some(4096)), 1);
+    }
 
     #[test]
     fn per_pid_maps_follow_pid_max_up_to_the_cap() {

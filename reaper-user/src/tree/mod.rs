@@ -186,6 +186,7 @@ impl ProcessTree {
             tree.live.insert(s.id.pid, s.into());
         }
         tree.rebuild_children();
+        scan::give_back_free_memory();
         tree
     }
 
@@ -493,6 +494,7 @@ impl ProcessTree {
             .filter(|id| !alive(*id))
             .collect();
         self.corrections.add(&fixed);
+        scan::give_back_free_memory();
         fixed
     }
 
