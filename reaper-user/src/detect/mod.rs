@@ -751,7 +751,11 @@ impl Detector {
         let matched = self
             .rules
             .iter()
-            .position(|rule| targets::matches(rule, p, parent, || host.tty_nr(pid)).is_ok());
+            // The name first: a mismatch's explanation (`Mismatch::Name`) copies the names, and
+            // nearly every exec on a host is one.
+            .position(|rule| {
+                targets::name_matches(rule, p) && targets::matches(rule, p, parent, || host.tty_nr(pid)).is_ok()
+            });
         let current = self.targets.get(&pid).filter(|t| t.id == p.id).map(|t| t.rule);
         match (current, matched) {
             (Some(_), Some(_)) => {}
