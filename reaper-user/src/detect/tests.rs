@@ -779,3 +779,34 @@ fn the_kernel_watches_the_rules_names_from_exec_and_a_non_target_is_unwatched() 
     assert_eq!(w.det.target_count(), 0);
     assert!(!w.host.watched.contains_key(&20), "unwatched once it is known not to be a target");
 }
+
+// --- the last word under /proc/PID/io ----------------------------------------------------
+
+/// Activity from `/proc/PID/io` (kernels before 6.3), the last word stamped in the kernel by
+/// `tcp:tcp_rcv_space_adjust`: `stamp` is the target's last TCP receive, its tool forked at 2 s.
+fn proc_io_with_tool(stamp: Nanos) -> World {
+    let mut w = World::new("");
+    w.det = Detector::new(&config(""), ActivityMeter::ProcIo);
+    w.spawn(20, 10, SDK, S);
+    w.spawn(30, 20, &["/bin/bash", "-c", "sleep 1000"], 2 * S);
+    w.host.sock.insert(20, SockActivity { last_ns: 0, bytes: 0, last_net_recv_ns: stamp });
+    w
+}
+
+#[test]
+fn under_proc_io_a_tool_started_before_the_stamped_last_word_does_not_hold_the_turn() {
+    // The model answered half a second after the tool started (in the same sample interval).
+    let mut w = proc_io_with_tool(2 * S + S / 2);
+    assert!(w.tick(3 * S).is_empty());
+    assert_eq!(w.det.views(&w.tree, 3 * S)[0].verdict.state(), "active");
+    assert_eq!(w.tick(13 * S).len(), 1, "idle since the fork at 2 s: reaped");
+}
+
+#[test]
+fn under_proc_io_a_tool_started_after_the_stamped_last_word_holds_the_turn() {
+    let mut w = proc_io_with_tool(2 * S - S / 2);
+    for second in 3..60 {
+        assert!(w.tick(second * S).is_empty(), "killed mid-turn at {second}s");
+    }
+    assert_eq!(w.det.views(&w.tree, 60 * S)[0].verdict.state(), "turn_in_flight");
+}
