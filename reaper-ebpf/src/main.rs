@@ -804,11 +804,26 @@ pub fn tcp_rcv_space_adjust(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let now = now_ns();
-    // A missing record (a target watched from its exec on, not yet adopted) is left to user
-    // space: under `/proc/PID/io` its first sample has no earlier bound anyway.
-    if let Some(record) = ACTIVITY.get_ptr_mut(target) {
+    match ACTIVITY.get_ptr_mut(target) {
         // SAFETY: a pointer into the map value; a plain store of a u64.
-        unsafe { (*record).activity.last_net_recv_ns = now };
+        Some(record) => unsafe { (*record).activity.last_net_recv_ns = now },
+        // A process watched by its name from its exec on, not yet adopted by user space: its
+        // first turn may come before that (user space keeps the record it finds).
+        None => {
+            let _ = ACTIVITY.insert(
+                target,
+                ActivityRecord {
+                    activity: SockActivity {
+                        last_ns: 0,
+                        bytes: 0,
+                        last_net_recv_ns: now,
+                    },
+                    flags: 0,
+                    _pad: 0,
+                },
+                0,
+            );
+        }
     }
     0
 }
