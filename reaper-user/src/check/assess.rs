@@ -394,10 +394,14 @@ fn btf_items(btf: &BtfFacts) -> Vec<CheckItem> {
     let last_word = "model's last word";
     let present = |name: &str| arity(name).map(|args| args.is_some());
     items.push(match (present("sock_recv_length"), present(LAST_WORD_TRACEPOINTS[0])) {
-        (Some(true), _) => CheckItem::new(
+        (Some(true), tcp) => CheckItem::new(
             last_word,
             Status::Ok,
-            "sock:sock_recv_length, stamped in the kernel",
+            if tcp == Some(true) {
+                "sock:sock_recv_length, stamped in the kernel (tcp:tcp_rcv_space_adjust with activity_source = \"proc-io\")"
+            } else {
+                "sock:sock_recv_length, stamped in the kernel"
+            },
         ),
         (_, Some(true)) => CheckItem::new(
             last_word,
