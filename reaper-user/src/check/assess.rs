@@ -393,7 +393,7 @@ fn btf_items(btf: &BtfFacts) -> Vec<CheckItem> {
     // child it started afterwards is a tool its turn waits on.
     let last_word = "model's last word";
     let present = |name: &str| arity(name).map(|args| args.is_some());
-    items.push(match (present("sock_recv_length"), present(LAST_WORD_TRACEPOINTS[0])) {
+    items.push(match (present(SOCKET_TRACEPOINTS[1]), present(LAST_WORD_TRACEPOINTS[0])) {
         (Some(true), tcp) => CheckItem::new(
             last_word,
             Status::Ok,
