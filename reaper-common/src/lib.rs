@@ -38,6 +38,11 @@ pub const LIFECYCLE_TRACEPOINTS: [&str; 4] = [
 /// both tracepoints; elsewhere target activity comes from `/proc/PID/io`.
 pub const SOCKET_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
 
+/// The program that stamps the model's last word (the target's last TCP receive) where the
+/// socket programs are not attached (kernels before 6.3, or `/proc/PID/io` configured): named
+/// after `tcp:tcp_rcv_space_adjust` (kernel 4.16+). Without it the last word is sampled.
+pub const LAST_WORD_TRACEPOINTS: [&str; 1] = ["tcp_rcv_space_adjust"];
+
 /// Pinned numeric ids of the event kinds. Never renumber: they are the wire format and the
 /// index of the per-kind loss counters.
 #[repr(u32)]
@@ -252,9 +257,12 @@ pub struct KernelOffsets {
     pub task_in_execve_bit: u32,
     /// Byte offset of `sock_common::skc_family` within `struct sock` (`__sk_common` first).
     pub sock_family: u32,
+    /// Byte offset of `socket_lock_t::owned` within `struct sock` (`sk_lock`): non-zero while
+    /// a task holds the socket with lock_sock().
+    pub sock_owned: u32,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 28 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 29 * 4);
 
 /// What the running kernel's tracepoints and structs offer beyond a layout, found in its BTF
 /// at load time and handed to the programs as a read-only global beside [`KernelOffsets`].

@@ -61,6 +61,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     task_in_execve_word: 0,
     task_in_execve_bit: 0,
     sock_family: 0,
+    sock_owned: 0,
 };
 
 /// What the running kernel offers, written by user space at load time (read-only global).
@@ -768,6 +769,63 @@ fn sock_io(ctx: &BtfTracePointContext, recv: bool) {
         }
         None => {}
     }
+}
+
+/// The model's last word where `sock:sock_recv_length` is missing (kernels 4.16 to 6.2, e.g.
+/// Debian 11's 5.10 and 12's 6.1): `trace_tcp_rcv_space_adjust(sk)` opens
+/// tcp_rcv_space_adjust(), which tcp_recvmsg() calls, under lock_sock(), right after copying
+/// each chunk of received bytes to the reader, in the reader's context:
+/// <https://github.com/torvalds/linux/blob/v5.10/net/ipv4/tcp.c> (tcp_recvmsg()),
+/// <https://github.com/torvalds/linux/blob/v6.1/net/ipv4/tcp.c> (tcp_recvmsg_locked(), under
+/// lock_sock() in tcp_recvmsg()); the tracepoint:
+/// <https://github.com/torvalds/linux/blob/v6.1/net/ipv4/tcp_input.c> (tcp_rcv_space_adjust()),
+/// <https://github.com/torvalds/linux/blob/v6.1/include/trace/events/tcp.h>.
+/// tcp_read_sock() calls it too, from softirq for strparser, kTLS and sockmap receivers, where
+/// the current task is whoever was interrupted; there the socket is not owned by a user
+/// (bh_lock_sock() only: the softirq path queues to the backlog while a task owns it), so
+/// `sk->sk_lock.owned` tells the receiving task's calls apart. Attached only where user space
+/// meters activity from `/proc/PID/io`; it stamps only `last_net_recv_ns` (bytes and last
+/// activity come from there).
+#[btf_tracepoint(function = "tcp_rcv_space_adjust")]
+pub fn tcp_rcv_space_adjust(ctx: BtfTracePointContext) -> i32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a map lookup; the value is copied out at once.
+    let Some(target) = (unsafe { WATCHED.get(tgid) }).copied() else {
+        return 0;
+    };
+    // Only the target itself hears its model, and only in its own recvmsg (socket owned).
+    if target != tgid {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    if load::<i32>(sk, off!(sock_owned)) == 0
+        || !matches!(load::<u16>(sk, off!(sock_family)), AF_INET | AF_INET6)
+    {
+        return 0;
+    }
+    let now = now_ns();
+    match ACTIVITY.get_ptr_mut(target) {
+        // SAFETY: a pointer into the map value; a plain store of a u64.
+        Some(record) => unsafe { (*record).activity.last_net_recv_ns = now },
+        // A process watched by its name from its exec on, not yet adopted by user space: its
+        // first turn may come before that (user space keeps the record it finds).
+        None => {
+            let _ = ACTIVITY.insert(
+                target,
+                ActivityRecord {
+                    activity: SockActivity {
+                        last_ns: 0,
+                        bytes: 0,
+                        last_net_recv_ns: now,
+                    },
+                    flags: 0,
+                    _pad: 0,
+                },
+                0,
+            );
+        }
+    }
+    0
 }
 
 #[cfg(not(test))]

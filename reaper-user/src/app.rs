@@ -298,6 +298,11 @@ impl Pipeline {
                 ActivityMeter::Socket => "socket bytes (sock:sock_send_length/sock_recv_length, in kernel)",
                 ActivityMeter::ProcIo => "read/write bytes from /proc/PID/io (fallback: no socket tracepoints, or configured)",
             },
+            last_word = match (activity, probes.last_word_in_kernel()) {
+                (ActivityMeter::Socket, _) => "sock:sock_recv_length (in kernel)",
+                (ActivityMeter::ProcIo, true) => "tcp:tcp_rcv_space_adjust (in kernel)",
+                (ActivityMeter::ProcIo, false) => "sampled from /proc/PID/io",
+            },
             "attached to {}", crate::probes::LIFECYCLE_TRACEPOINTS.join(", ")
         );
 

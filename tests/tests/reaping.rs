@@ -99,6 +99,15 @@ async fn a_child_in_a_live_conversation_is_never_reaped() {
     expect(reaping::spare_chatting(&mut h).await);
 }
 
+/// Under `/proc/PID/io` the model's last word is stamped in the kernel (tcp_rcv_space_adjust),
+/// so the tool started just before it does not hold the leaked child's turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_proc_io_a_leaked_child_with_a_tool_is_reaped_too() {
+    let mut h = start("activity_source = \"proc-io\"").await;
+    assert!(s_is_proc_io(&h).await);
+    expect(reaping::reap_leaked(&mut h).await);
+}
+
 async fn s_is_proc_io(h: &Harness) -> bool {
     matches!(stats(h).await.activity_source, Some(reaper::detect::ActivityMeter::ProcIo))
 }

@@ -4,7 +4,9 @@ use super::{
     CAP_SYS_RESOURCE, CAPABILITY_FIX, Call, CheckItem, CheckReport, Facts, ReapFacts, Status,
     parse_kernel_version,
 };
-use crate::probes::{DEFAULT_RING_BYTES, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS, layout};
+use crate::probes::{
+    DEFAULT_RING_BYTES, LAST_WORD_TRACEPOINTS, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS, layout,
+};
 
 fn has(caps: u64, cap: u32) -> bool {
     caps & (1u64 << cap) != 0
@@ -387,6 +389,33 @@ fn btf_items(btf: &BtfFacts) -> Vec<CheckItem> {
                 .fix("none needed: activity falls back to /proc/PID/io"),
         });
     }
+    // The model's last word (the target's last network receive), which decides whether a
+    // child it started afterwards is a tool its turn waits on.
+    let last_word = "model's last word";
+    let present = |name: &str| arity(name).map(|args| args.is_some());
+    items.push(match (present(SOCKET_TRACEPOINTS[1]), present(LAST_WORD_TRACEPOINTS[0])) {
+        (Some(true), tcp) => CheckItem::new(
+            last_word,
+            Status::Ok,
+            if tcp == Some(true) {
+                "sock:sock_recv_length, stamped in the kernel (tcp:tcp_rcv_space_adjust with activity_source = \"proc-io\")"
+            } else {
+                "sock:sock_recv_length, stamped in the kernel"
+            },
+        ),
+        (_, Some(true)) => CheckItem::new(
+            last_word,
+            Status::Ok,
+            "tcp:tcp_rcv_space_adjust, stamped in the kernel (also when activity_source = \"proc-io\")",
+        ),
+        (Some(false), Some(false)) => CheckItem::new(
+            last_word,
+            Status::Warn,
+            "sampled from /proc/PID/io: no sock:sock_recv_length or tcp:tcp_rcv_space_adjust",
+        )
+        .fix("none needed; a tool started in the same sample as the model's answer is taken for one the turn waits on"),
+        _ => CheckItem::new(last_word, Status::Warn, "not checked: no kernel BTF").fix(BTF_FIX),
+    });
     items
 }
 
@@ -442,6 +471,7 @@ mod tests {
         LIFECYCLE_TRACEPOINTS
             .iter()
             .chain(&SOCKET_TRACEPOINTS)
+            .chain(&LAST_WORD_TRACEPOINTS)
             .map(|&n| (n.to_owned(), present.contains(&n).then_some(2)))
             .collect()
     }
@@ -642,6 +672,9 @@ mod tests {
             ..good()
         });
         assert!(report.can_run(), "{report}");
+        let row = report.get("model's last word").unwrap();
+        assert_eq!(row.status, Status::Warn);
+        assert!(row.detail.starts_with("sampled from /proc/PID/io"), "{}", row.detail);
         for name in SOCKET_TRACEPOINTS {
             let row = report.get(&format!("tracepoint {name}")).unwrap();
             assert_eq!(row.status, Status::Warn);
@@ -651,6 +684,21 @@ mod tests {
                 row.fix
             );
         }
+        assert!(report.to_string().ends_with("can run here (3 warnings).\n"));
+
+        // 4.16 to 6.2 (Debian 11, 12): the last word stamped from tcp_rcv_space_adjust.
+        let mut present = LIFECYCLE_TRACEPOINTS.to_vec();
+        present.extend(LAST_WORD_TRACEPOINTS);
+        let report = assess(&Facts {
+            btf: BtfFacts::Parsed {
+                offsets: Ok(()),
+                tracepoints: tracepoints(&present),
+            },
+            ..good()
+        });
+        let row = report.get("model's last word").unwrap();
+        assert_eq!(row.status, Status::Ok);
+        assert!(row.detail.starts_with("tcp:tcp_rcv_space_adjust"), "{}", row.detail);
         assert!(report.to_string().ends_with("can run here (2 warnings).\n"));
 
         let no_exec = assess(&Facts {

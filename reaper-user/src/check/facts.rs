@@ -11,7 +11,7 @@ use std::{
     },
 };
 
-use crate::probes::{LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS, layout};
+use crate::probes::{LAST_WORD_TRACEPOINTS, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS, layout};
 
 /// What the kernel's BTF told us.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -290,6 +290,7 @@ fn gather_btf() -> BtfFacts {
     let tracepoints = LIFECYCLE_TRACEPOINTS
         .iter()
         .chain(&SOCKET_TRACEPOINTS)
+        .chain(&LAST_WORD_TRACEPOINTS)
         .map(|&name| (name.to_owned(), layout::tracepoint_arity(&btf, name).ok()))
         .collect();
     BtfFacts::Parsed {

@@ -1587,14 +1587,28 @@ fn sample(
             }
         }
     } else {
+        // Stamped in the kernel by `tcp:tcp_rcv_space_adjust` where it is attached (in place
+        // of the socket programs): exact, and only the target's own TCP receives.
+        let stamped = host
+            .sock_activity(t.id.pid)
+            .map_or(0, |a| a.last_net_recv_ns);
         let bytes: u64 = family.iter().filter_map(|id| host.io_bytes(*id)).sum();
         if let Some((at, before)) = t.io {
             let dt = secs(now.saturating_sub(at));
             if dt > 0.0 && bytes.saturating_sub(before) as f64 / dt > io_bytes_per_second as f64 {
                 bump(t, ActivityKind::Io, now);
-                // Sampled: the bytes moved some time in the last interval.
-                t.last_word = Some(at.saturating_sub(nanos(interval)));
+                // Sampled: the bytes moved after the previous sample read the counters (`at`),
+                // so `at` is a lower bound of the last word, and a child forked after the real
+                // last word was forked after it too (kept: a turn in flight). The counters grow
+                // when a read returns, after its bytes arrived; a fork in between would need
+                // another thread of the target forking during that read.
+                if stamped == 0 {
+                    t.last_word = Some(at);
+                }
             }
+        }
+        if stamped != 0 {
+            t.last_word = Some(stamped);
         }
         t.io = Some((now, bytes));
     }

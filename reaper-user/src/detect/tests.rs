@@ -14,6 +14,7 @@ struct FakeHost {
     tty: Map<u32, i32>,
     cpu: Map<u32, u64>,
     sock: Map<u32, SockActivity>,
+    io: Map<u32, u64>,
     watched: Map<u32, u32>,
     /// The kernel's watch map holds this many pids at most.
     watch_capacity: Option<usize>,
@@ -29,8 +30,8 @@ impl Host for FakeHost {
     fn cpu_ticks(&self, id: Identity) -> Option<u64> {
         Some(self.cpu.get(&id.pid).copied().unwrap_or(0))
     }
-    fn io_bytes(&self, _id: Identity) -> Option<u64> {
-        Some(0)
+    fn io_bytes(&self, id: Identity) -> Option<u64> {
+        Some(self.io.get(&id.pid).copied().unwrap_or(0))
     }
     fn sock_activity(&self, target: u32) -> Option<SockActivity> {
         self.sock.get(&target).copied()
@@ -778,4 +779,58 @@ fn the_kernel_watches_the_rules_names_from_exec_and_a_non_target_is_unwatched() 
     w.spawn(20, 10, SDK, S);
     assert_eq!(w.det.target_count(), 0);
     assert!(!w.host.watched.contains_key(&20), "unwatched once it is known not to be a target");
+}
+
+// --- the last word under /proc/PID/io ----------------------------------------------------
+
+/// Activity from `/proc/PID/io` (kernels before 6.3): the target forks a tool at 2 s and its
+/// I/O counters move at 2.2 s (seen by the sample after); `stamp` is its last TCP receive as
+/// stamped in the kernel by `tcp:tcp_rcv_space_adjust` (0: none). Ticks every 100 ms up to
+/// 30 s; returns when the target was first ordered reaped, and its states seen before.
+fn proc_io_with_tool(stamp: Nanos) -> (Option<Nanos>, Vec<&'static str>) {
+    let mut w = World::new("");
+    w.det = Detector::new(&config(""), ActivityMeter::ProcIo);
+    w.spawn(20, 10, SDK, S);
+    w.spawn(30, 20, &["/bin/bash", "-c", "sleep 1000"], 2 * S);
+    w.host.sock.insert(20, SockActivity { last_ns: 0, bytes: 0, last_net_recv_ns: stamp });
+    let mut states = Vec::new();
+    for tenth in 11..300 {
+        let now = tenth * S / 10;
+        if now == 22 * S / 10 {
+            w.host.io.insert(20, 10 << 20);
+        }
+        if !w.tick(now).is_empty() {
+            return (Some(now), states);
+        }
+        let state = w.det.views(&w.tree, now)[0].verdict.state();
+        if states.last() != Some(&state) {
+            states.push(state);
+        }
+    }
+    (None, states)
+}
+
+#[test]
+fn under_proc_io_a_tool_started_before_the_stamped_last_word_does_not_hold_the_turn() {
+    // The model answered half a second after the tool started: in the same sample interval,
+    // where the sampled bound (the sample before the bytes) would hold the turn.
+    let (reaped, states) = proc_io_with_tool(2 * S + S / 2);
+    assert_eq!(states, ["active"]);
+    let at = reaped.expect("reaped");
+    assert!((12 * S..=16 * S).contains(&at), "reaped at {at}: idle 10 s after the bytes were seen");
+}
+
+#[test]
+fn under_proc_io_a_tool_started_after_the_stamped_last_word_holds_the_turn() {
+    let (reaped, states) = proc_io_with_tool(2 * S - S / 2);
+    assert_eq!(reaped, None);
+    assert_eq!(states.last(), Some(&"turn_in_flight"));
+}
+
+#[test]
+fn under_proc_io_without_a_stamp_the_last_word_is_the_sample_before_the_bytes() {
+    // The bytes moved after the sample before 2.2 s: the tool forked at 2 s may be the turn's.
+    let (reaped, states) = proc_io_with_tool(0);
+    assert_eq!(reaped, None);
+    assert_eq!(states.last(), Some(&"turn_in_flight"));
 }

@@ -70,6 +70,8 @@ pub fn kernel_layout(btf: &Btf) -> Result<KernelLayout, LayoutError> {
     let pid_ns = find_struct(btf, "pid_namespace")?;
     let sock = find_struct(btf, "sock")?;
     let sock_common = find_struct(btf, "sock_common")?;
+    // `socket_lock_t` is a typedef of an anonymous struct: found through `sock::sk_lock`.
+    let socket_lock = member_struct(btf, &sock, "sock", "sk_lock")?;
 
     let byte = |s: &Struct, name: &str, field: &str| -> Result<u32, LayoutError> {
         let pos = member(btf, s, name, field)?;
@@ -125,6 +127,7 @@ pub fn kernel_layout(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         task_in_execve_word: in_execve.map_or(0, |(word, _)| word),
         task_in_execve_bit: in_execve.map_or(0, |(_, bit)| bit),
         sock_family: byte(&sock, "sock", "__sk_common")? + byte(&sock_common, "sock_common", "skc_family")?,
+        sock_owned: byte(&sock, "sock", "sk_lock")? + byte(&socket_lock, "socket_lock_t", "owned")?,
     };
     let features = KernelFeatures {
         exit_has_group_dead: u32::from(tracepoint_arity(btf, "sched_process_exit")? >= 2),
@@ -173,6 +176,23 @@ fn find_struct(btf: &Btf, name: &str) -> Result<Struct, LayoutError> {
 
 fn member(btf: &Btf, s: &Struct, strukt: &str, field: &str) -> Result<Position, LayoutError> {
     find_member(btf, s, field, 0)?.ok_or_else(|| LayoutError::NoField {
+        strukt: strukt.to_owned(),
+        field: field.to_owned(),
+    })
+}
+
+/// The struct (or union) type of `strukt`'s direct member `field`.
+fn member_struct(btf: &Btf, s: &Struct, strukt: &str, field: &str) -> Result<Struct, LayoutError> {
+    for m in &s.members {
+        if btf.resolve_name(m).unwrap_or_default() == field {
+            return aggregate(btf, btf.resolve_chained_type(m)?)?.ok_or_else(|| {
+                LayoutError::NoStruct {
+                    name: format!("{strukt}.{field}"),
+                }
+            });
+        }
+    }
+    Err(LayoutError::NoField {
         strukt: strukt.to_owned(),
         field: field.to_owned(),
     })
@@ -259,6 +279,8 @@ mod tests {
         .expect("in_execve");
         assert!(found.bitfield);
         assert_eq!(features.has_in_execve, 1);
+        // socket_lock_t { spinlock_t slock; int owned; ... }: `owned` follows the lock.
+        assert!(o.sock_owned > 0, "sk_lock.owned follows the spinlock");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use aya_log::EbpfLogger;
 use tracing_log::LogTracer;
 
 use reaper_common::{ACTIVITY_MAX, ActivityRecord, COMM_LEN, EventKind, SockActivity, WATCH_NAMES_MAX};
-pub use reaper_common::{LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
+pub use reaper_common::{LAST_WORD_TRACEPOINTS, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
 
 /// The compiled eBPF object, built by build.rs from the `reaper-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reaper"));
@@ -163,6 +163,8 @@ pub struct Probes {
     activity: HashMap<MapData, u32, ActivityRecord>,
     watch_names: HashMap<MapData, [u8; COMM_LEN], u32>,
     socket_activity: bool,
+    /// Whether `tcp:tcp_rcv_space_adjust` stamps the last word (socket programs not attached).
+    last_word_tracepoint: bool,
     /// Targets a [`Probes::watch`] failed for, until they are unwatched.
     unwatched_targets: HashSet<u32>,
     /// [`Probes::watch`] calls that failed.
@@ -184,6 +186,10 @@ impl Probes {
         let layout::KernelLayout { offsets, features } = layout::kernel_layout(&btf)?;
         let socket_activity =
             options.socket_activity && layout::has_tracepoints(&btf, &SOCKET_TRACEPOINTS);
+        // Without the socket programs, the last word comes from the TCP receive path if the
+        // kernel has its tracepoint (4.16+); else user space samples it.
+        let last_word_tracepoint =
+            !socket_activity && layout::has_tracepoints(&btf, &LAST_WORD_TRACEPOINTS);
         drop(btf);
         tracing::debug!(?offsets, ?features, "kernel layout from BTF");
 
@@ -219,6 +225,8 @@ impl Probes {
         let btf = aya::Btf::from_sys_fs().map_err(ProbeError::Btf)?;
         let socket_programs: &[_] = if socket_activity {
             &SOCKET_TRACEPOINTS
+        } else if last_word_tracepoint {
+            &LAST_WORD_TRACEPOINTS
         } else {
             &[]
         };
@@ -273,6 +281,7 @@ impl Probes {
             activity,
             watch_names,
             socket_activity,
+            last_word_tracepoint,
             unwatched_targets: HashSet::new(),
             user_watch_failures: 0,
         })
@@ -281,6 +290,12 @@ impl Probes {
     /// Whether socket activity is counted in the kernel (`sock:sock_{send,recv}_length`).
     pub fn socket_activity(&self) -> bool {
         self.socket_activity
+    }
+
+    /// Whether the kernel stamps the target's last network receive (`last_net_recv_ns`): by
+    /// the socket programs, or by `tcp:tcp_rcv_space_adjust` in their place.
+    pub fn last_word_in_kernel(&self) -> bool {
+        self.socket_activity || self.last_word_tracepoint
     }
 
     /// The process names watched from their exec on (the rules' `comm`s): replaces the set.

@@ -445,6 +445,14 @@ unsafe fn tool_main(
                 let mut b = [0u8; 1];
                 loop {
                     let n = libc::read(0, b.as_mut_ptr().cast(), 1);
+                    // The double's death closes the pipe (exit_files()) before it sends the
+                    // death signal (exit_notify()): an idle tool waits for that, as the real
+                    // CLI's tools die by SIGKILL with it, instead of racing it with exit 0.
+                    if n == 0 && matches!(kind, ToolKind::Idle) {
+                        loop {
+                            libc::pause();
+                        }
+                    }
                     if n == 0 || (n < 0 && *libc::__errno_location() != libc::EINTR) {
                         libc::_exit(0);
                     }

@@ -35,29 +35,19 @@ pub fn kills_by(s: &PipelineStats, step: &str) -> u64 {
 
 /// An agent leaks an idle child with an idle tool under it: the child is ended by closing its
 /// input (it exits 0, as after the SDK's `close()`), the tool ends with it, the agent lives on.
+/// The model answers right after the tool starts, so the tool is not one the turn waits on.
 ///
-/// With activity from `/proc/PID/io` (kernels before 6.3) the child gets no tool: bytes are
-/// sampled, so the model's last word is only known to within a sample interval, and a tool
-/// forked in that interval counts as the turn's and holds it open while it lives (`sample()`
-/// and `turn_in_flight()` in detect/mod.rs). In the VM (emulated, slow) the child was not
-/// reaped within 20 s so on 5.10 and 6.1; on the host it was, by timing.
+/// With activity from `/proc/PID/io` (kernels before 6.3) too: there the model's last word is
+/// stamped in the kernel by `tcp:tcp_rcv_space_adjust` (4.16+, so every kernel reaper runs on),
+/// not sampled; sampled, the tool forked in the same interval would hold the turn open while
+/// it lives (`sample()` and `turn_in_flight()` in detect/mod.rs).
 pub async fn reap_leaked(h: &mut Harness) -> anyhow::Result<String> {
     h.resubscribe();
     let before = stats(h).await?;
-    let with_tool = before.activity_source == Some(ActivityMeter::Socket);
-    let args: &[&str] = if with_tool {
-        &["--leak", "--message", "tool:idle"]
-    } else {
-        &["--leak"]
-    };
-    let mut a = agent(AGENT, args);
+    let mut a = agent(AGENT, &["--leak", "--message", "tool:idle"]);
     let agent_pid = a.try_read_pid("agent")?;
     let claude = a.try_read_pid("claude")?;
-    let tool = if with_tool {
-        Some(a.try_read_pid("tool")?)
-    } else {
-        None
-    };
+    let tool = a.try_read_pid("tool")?;
     a.try_read("ready")?;
     let ready = Instant::now();
     let target = wait_target(h, claude).await?;
@@ -66,7 +56,7 @@ pub async fn reap_leaked(h: &mut Harness) -> anyhow::Result<String> {
         "a target of rule {}, not {RULE}",
         target.rule
     );
-    let pids: Vec<u32> = std::iter::once(claude).chain(tool).collect();
+    let pids = [claude, tool];
     let exits = exits_of(h, &pids).await?;
     let took = ready.elapsed().as_secs_f64();
     ensure!(
@@ -74,13 +64,11 @@ pub async fn reap_leaked(h: &mut Harness) -> anyhow::Result<String> {
         "claude {claude} ended with {}, not by itself after its input was closed",
         exits[&claude]
     );
-    if let Some(tool) = tool {
-        ensure!(
-            exits[&tool].signal().is_some(),
-            "its tool did not end with it: {}",
-            exits[&tool]
-        );
-    }
+    ensure!(
+        exits[&tool].signal().is_some(),
+        "its tool did not end with it: {}",
+        exits[&tool]
+    );
     let kills = before.reaps.kills_total() + 1;
     let s = stats_until(h, "the kill counted", |s| s.reaps.kills_total() >= kills).await?;
     ensure!(
@@ -104,9 +92,9 @@ pub async fn reap_leaked(h: &mut Harness) -> anyhow::Result<String> {
     finish_agent(a, agent_pid).await;
     Ok(format!(
         "leaked claude {claude} ended by closing its input {took:.1}s after its agent was ready \
-         (idle_timeout 3s, activity source {}), {}; agent {agent_pid} survived",
+         (idle_timeout 3s, activity source {}), its tool {tool} with it; agent {agent_pid} \
+         survived",
         s.activity_source.map_or("none", ActivityMeter::as_str),
-        tool.map_or("no tool".to_owned(), |t| format!("its tool {t} with it")),
     ))
 }
 
