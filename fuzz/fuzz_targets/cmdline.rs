@@ -11,10 +11,10 @@ use std::collections::BTreeSet;
 
 use libfuzzer_sys::fuzz_target;
 use reaper::{
-    render,
     config::{Config, Overrides, parse},
     detect::{Explanation, RuleCheck, targets},
     events::{Argv, Identity},
+    render,
     tree::Process,
 };
 

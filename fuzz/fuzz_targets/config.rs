@@ -8,7 +8,7 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use reaper::{
     config::{Mode, Overrides, parse},
-    detect::{Detector, ActivityMeter},
+    detect::{ActivityMeter, Detector},
 };
 
 fuzz_target!(|data: &[u8]| {

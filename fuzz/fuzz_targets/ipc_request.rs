@@ -35,7 +35,10 @@ fuzz_target!(|data: &[u8]| {
             // The daemon answers it with a JSON error document.
             let answer = serde_json::json!({ "error": unknown.to_string() });
             let text = serde_json::to_string(&answer).expect("serialises");
-            assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), answer);
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+                answer
+            );
         }
     }
 });

@@ -25,11 +25,20 @@ struct Input {
 
 fuzz_target!(|i: Input| {
     // Any text at all: no panic, and the answer is the character after the last ") ".
-    let expected = i.free.rfind(") ").and_then(|at| i.free[at + 2..].chars().next());
+    let expected = i
+        .free
+        .rfind(") ")
+        .and_then(|at| i.free[at + 2..].chars().next());
     assert_eq!(task_state(&i.free), expected, "{:?}", i.free);
 
     // Kernel-shaped, with a hostile comm: the real state, and procfs agrees on what reaper uses.
-    let comm: Vec<u8> = i.comm.iter().copied().filter(|b| *b != 0).take(15).collect();
+    let comm: Vec<u8> = i
+        .comm
+        .iter()
+        .copied()
+        .filter(|b| *b != 0)
+        .take(15)
+        .collect();
     let state = STATES[usize::from(i.state) % STATES.len()] as char;
     let pid = (i.pid % (1 << 22)).max(1);
     let ppid = i.ppid % (1 << 22);

@@ -15,8 +15,8 @@
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, generated,
     },
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -450,7 +450,8 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // present (≈ 80 bytes for `/bin/true`), not the arrays' full sizes.
     // SAFETY: `ev` points at this CPU's scratch record of size_of::<ExecEvent>().
     let filename_len = unsafe {
-        let path = core::slice::from_raw_parts_mut((&raw mut (*ev).data).cast::<u8>(), FILENAME_LEN);
+        let path =
+            core::slice::from_raw_parts_mut((&raw mut (*ev).data).cast::<u8>(), FILENAME_LEN);
         match bpf_probe_read_kernel_str_bytes(filename, path) {
             // The mask keeps the length provably below FILENAME_LEN for the verifier (the
             // helper returns at most FILENAME_LEN - 1 bytes before the NUL).

@@ -33,7 +33,7 @@ use crate::{
     clock,
     config::{ActivitySource, Config},
     detect::{
-        Decision, Detector, Explanation, Reason, Settled, ActivityMeter, TargetView,
+        ActivityMeter, Decision, Detector, Explanation, Reason, Settled, TargetView,
         session::{Pressure, SessionView},
     },
     events::{
@@ -105,12 +105,18 @@ impl ReapStats {
         let reason = decision.reason.as_str().to_owned();
         match report.outcome {
             Outcome::WouldKill => {
-                metrics.would_kill.with_label_values(&[&rule, &reason]).inc();
+                metrics
+                    .would_kill
+                    .with_label_values(&[&rule, &reason])
+                    .inc();
                 bump(&mut self.would_kill, (rule, reason));
             }
             Outcome::Ended => {
                 let step = report.step.map_or("terminated", |s| s.as_str());
-                metrics.kills.with_label_values(&[&rule, &reason, step]).inc();
+                metrics
+                    .kills
+                    .with_label_values(&[&rule, &reason, step])
+                    .inc();
                 match decision.reason {
                     Reason::Leftover => {
                         let kind = decision.kind.map_or("other", |k| k.as_str());
@@ -133,7 +139,10 @@ impl ReapStats {
                 }
             }
             Outcome::Failed | Outcome::Refused => {
-                metrics.kill_failures.with_label_values(&[&rule, &reason]).inc();
+                metrics
+                    .kill_failures
+                    .with_label_values(&[&rule, &reason])
+                    .inc();
                 bump(&mut self.failures, (rule, reason));
             }
             Outcome::IdentityMismatch => self.identity_mismatches += 1,
@@ -279,7 +288,10 @@ impl Pipeline {
     }
 
     /// Bootstraps from `/proc` and starts following events, with probes from [`Pipeline::attach`].
-    pub async fn start_attached(config: PipelineConfig, mut probes: Probes) -> anyhow::Result<Self> {
+    pub async fn start_attached(
+        config: PipelineConfig,
+        mut probes: Probes,
+    ) -> anyhow::Result<Self> {
         probes.forward_logs();
         let started = std::time::Instant::now();
         let settings = &config.config;
@@ -295,15 +307,18 @@ impl Pipeline {
         tracing::info!(
             ring_bytes = settings.ring_bytes,
             activity = match activity {
-                ActivityMeter::Socket => "socket bytes (sock:sock_send_length/sock_recv_length, in kernel)",
-                ActivityMeter::ProcIo => "read/write bytes from /proc/PID/io (fallback: no socket tracepoints, or configured)",
+                ActivityMeter::Socket =>
+                    "socket bytes (sock:sock_send_length/sock_recv_length, in kernel)",
+                ActivityMeter::ProcIo =>
+                    "read/write bytes from /proc/PID/io (fallback: no socket tracepoints, or configured)",
             },
             last_word = match (activity, probes.last_word_in_kernel()) {
                 (ActivityMeter::Socket, _) => "sock:sock_recv_length (in kernel)",
                 (ActivityMeter::ProcIo, true) => "tcp:tcp_rcv_space_adjust (in kernel)",
                 (ActivityMeter::ProcIo, false) => "sampled from /proc/PID/io",
             },
-            "attached to {}", crate::probes::LIFECYCLE_TRACEPOINTS.join(", ")
+            "attached to {}",
+            crate::probes::LIFECYCLE_TRACEPOINTS.join(", ")
         );
 
         let metrics = Arc::new(Metrics::new());
@@ -353,8 +368,16 @@ impl Pipeline {
                 ActivityMeter::ProcIo => "proc-io",
             }])
             .set(1);
-        detector.publish_names(&mut LiveHost { probes: &mut probes });
-        detector.adopt_all(&tree, clock::mono_ns(), &mut LiveHost { probes: &mut probes });
+        detector.publish_names(&mut LiveHost {
+            probes: &mut probes,
+        });
+        detector.adopt_all(
+            &tree,
+            clock::mono_ns(),
+            &mut LiveHost {
+                probes: &mut probes,
+            },
+        );
         tracing::info!(
             processes = tree.len(),
             scanned,
@@ -515,7 +538,11 @@ impl Query {
 }
 
 impl TreeOwner {
-    async fn run(mut self, mut events: mpsc::Receiver<RingMsg>, mut queries: mpsc::Receiver<Query>) {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<RingMsg>,
+        mut queries: mpsc::Receiver<Query>,
+    ) {
         let mut reconcile_timer = tokio::time::interval(self.config.config.reconcile_interval);
         reconcile_timer.tick().await; // the first tick is immediate; start-up just scanned
         let mut loss_timer = tokio::time::interval(self.config.loss_check_interval);
@@ -530,7 +557,12 @@ impl TreeOwner {
             };
             let until_due = async move {
                 match wake {
-                    Some(at) => tokio::time::sleep(Duration::from_nanos(at.saturating_sub(clock::mono_ns()))).await,
+                    Some(at) => {
+                        tokio::time::sleep(Duration::from_nanos(
+                            at.saturating_sub(clock::mono_ns()),
+                        ))
+                        .await
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -666,15 +698,24 @@ impl TreeOwner {
             }
             FlushFor::Decide => {
                 let now = clock::mono_ns();
-                let host = LiveHost { probes: &mut self.probes };
+                let host = LiveHost {
+                    probes: &mut self.probes,
+                };
                 for decision in self.detector.decide(&self.tree, now, &host) {
                     spawn_reap(decision, self.policy.subscribe(), reports.clone());
                 }
             }
             FlushFor::Pressure(reading) => {
-                let host = LiveHost { probes: &mut self.probes };
-                match self.detector.pressure_decision(&self.tree, clock::mono_ns(), &host, &reading) {
-                    Some(decision) => spawn_reap(decision, self.policy.subscribe(), reports.clone()),
+                let host = LiveHost {
+                    probes: &mut self.probes,
+                };
+                match self
+                    .detector
+                    .pressure_decision(&self.tree, clock::mono_ns(), &host, &reading)
+                {
+                    Some(decision) => {
+                        spawn_reap(decision, self.policy.subscribe(), reports.clone())
+                    }
                     None => {
                         self.pressure_reaping = false;
                         tracing::debug!(%reading, "memory is short, but no idle target or leftover to reap");
@@ -708,7 +749,11 @@ impl TreeOwner {
         if !query.needs_flush() {
             return self.answer(query, scans);
         }
-        if self.flushes.values().any(|f| matches!(f, FlushFor::Queries(_))) {
+        if self
+            .flushes
+            .values()
+            .any(|f| matches!(f, FlushFor::Queries(_)))
+        {
             return self.queued_queries.push(query);
         }
         if !self.request_flush(FlushFor::Queries(vec![query])) {
@@ -741,7 +786,9 @@ impl TreeOwner {
                 let _ = reply.send(self.detector.views(&self.tree, clock::mono_ns()));
             }
             Query::Sessions(reply) => {
-                let host = LiveHost { probes: &mut self.probes };
+                let host = LiveHost {
+                    probes: &mut self.probes,
+                };
                 let _ = reply.send(self.detector.sessions(&self.tree, clock::mono_ns(), &host));
             }
             Query::Reload(config, reply) => {
@@ -749,8 +796,13 @@ impl TreeOwner {
                 let _ = reply.send(());
             }
             Query::Explain(pid, reply) => {
-                let host = LiveHost { probes: &mut self.probes };
-                let _ = reply.send(self.detector.explain(&self.tree, pid, clock::mono_ns(), &host));
+                let host = LiveHost {
+                    probes: &mut self.probes,
+                };
+                let _ = reply.send(
+                    self.detector
+                        .explain(&self.tree, pid, clock::mono_ns(), &host),
+                );
             }
         }
     }
@@ -761,7 +813,11 @@ impl TreeOwner {
         snapshot
     }
 
-    fn start_scan(&mut self, scans: &mpsc::Sender<ScanResult>, reply: Option<oneshot::Sender<Corrections>>) {
+    fn start_scan(
+        &mut self,
+        scans: &mpsc::Sender<ScanResult>,
+        reply: Option<oneshot::Sender<Corrections>>,
+    ) {
         // Single flight: a scan asked for by the timer or by losses while one runs is the
         // same scan. (An explicit request, which waits for its answer, gets its own.)
         if reply.is_none() && self.scanning {
@@ -790,7 +846,10 @@ impl TreeOwner {
         self.metrics.reconciles.inc();
         for (kind, n) in fixed.by_kind() {
             if n > 0 {
-                self.metrics.corrections.with_label_values(&[kind]).inc_by(n);
+                self.metrics
+                    .corrections
+                    .with_label_values(&[kind])
+                    .inc_by(n);
             }
         }
         self.metrics.processes.set(self.tree.len() as i64);
@@ -799,10 +858,16 @@ impl TreeOwner {
             &self.tree,
             &renewed,
             clock::mono_ns(),
-            &mut LiveHost { probes: &mut self.probes },
+            &mut LiveHost {
+                probes: &mut self.probes,
+            },
         );
         if fixed.total() > 0 {
-            tracing::info!(?fixed, processes = self.tree.len(), "reconciled the tree with /proc");
+            tracing::info!(
+                ?fixed,
+                processes = self.tree.len(),
+                "reconciled the tree with /proc"
+            );
         } else {
             tracing::debug!(processes = self.tree.len(), "tree matches /proc");
         }
@@ -815,19 +880,30 @@ impl TreeOwner {
         let old = &self.config.config;
         for (what, changed) in [
             ("ring_bytes", old.ring_bytes != config.ring_bytes),
-            ("activity_source", old.activity_source != config.activity_source),
+            (
+                "activity_source",
+                old.activity_source != config.activity_source,
+            ),
             ("metrics_addr", old.metrics_addr != config.metrics_addr),
-            ("reconcile_interval", old.reconcile_interval != config.reconcile_interval),
+            (
+                "reconcile_interval",
+                old.reconcile_interval != config.reconcile_interval,
+            ),
         ] {
             if changed {
-                tracing::warn!(key = what, "changed in the new configuration; takes effect at the next restart");
+                tracing::warn!(
+                    key = what,
+                    "changed in the new configuration; takes effect at the next restart"
+                );
             }
         }
         self.detector.reconfigure(
             &config,
             &self.tree,
             clock::mono_ns(),
-            &mut LiveHost { probes: &mut self.probes },
+            &mut LiveHost {
+                probes: &mut self.probes,
+            },
         );
         tracing::info!(
             origin = %config.origin,
@@ -838,7 +914,8 @@ impl TreeOwner {
         );
         // Reaps decided before now and not yet started see this before their first signal.
         let generation = self.policy.borrow().generation + 1;
-        self.policy.send_replace(reap::Policy::new(generation, &config));
+        self.policy
+            .send_replace(reap::Policy::new(generation, &config));
         self.config.config = config;
     }
 
@@ -877,7 +954,10 @@ impl TreeOwner {
             self.metrics.sessions.with_label_values(&[state]).set(n);
         }
         for (kind, n) in counts.leftovers {
-            self.metrics.leftovers.with_label_values(&[kind.as_str()]).set(n);
+            self.metrics
+                .leftovers
+                .with_label_values(&[kind.as_str()])
+                .set(n);
         }
     }
 
@@ -890,7 +970,10 @@ impl TreeOwner {
                 .map(|k| (k.name(), self.metrics.events(*k)))
                 .collect(),
             events_total: self.metrics.events_total(),
-            lost: EventKind::ALL.iter().map(|k| (k.name(), lost.get(*k))).collect(),
+            lost: EventKind::ALL
+                .iter()
+                .map(|k| (k.name(), lost.get(*k)))
+                .collect(),
             lost_total: lost.total(),
             decode_errors: self.metrics.decode_errors.get(),
             corrections: self.tree.corrections(),
@@ -899,7 +982,13 @@ impl TreeOwner {
             activity_source: Some(self.detector.meter()),
             config_origin: self.config.config.origin.clone(),
             mode: format!("{:?}", self.config.config.mode),
-            rules: self.config.config.rules.iter().map(|r| r.name.clone()).collect(),
+            rules: self
+                .config
+                .config
+                .rules
+                .iter()
+                .map(|r| r.name.clone())
+                .collect(),
             targets: self.detector.target_count(),
             reaps: self.reap_stats.clone(),
         }
@@ -916,7 +1005,8 @@ fn spawn_reap(
 ) {
     let decided = policy.borrow().generation;
     tokio::spawn(async move {
-        let report = reap::execute_unless(&Pidfds, &decision, |d| policy.borrow().cancels(decided, d)).await;
+        let report =
+            reap::execute_unless(&Pidfds, &decision, |d| policy.borrow().cancels(decided, d)).await;
         log_report(&decision, &report);
         let _ = reports.send((decision, report)).await;
     });
@@ -924,7 +1014,12 @@ fn spawn_reap(
 
 /// One structured line per kill or would-kill.
 fn log_report(d: &Decision, report: &ReapReport) {
-    let steps = report.steps.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",");
+    let steps = report
+        .steps
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
     let descendants = d.descendants.len();
     macro_rules! line {
         ($level:ident, $msg:literal) => {
@@ -957,8 +1052,13 @@ fn log_report(d: &Decision, report: &ReapReport) {
     match report.outcome {
         Outcome::WouldKill => line!(warn, "would reap (dry run)"),
         Outcome::Ended => line!(warn, "reaped"),
-        Outcome::AlreadyGone | Outcome::IdentityMismatch => line!(info, "not reaped: gone or changed before the first step"),
-        Outcome::Cancelled => line!(info, "not reaped: a reload cancelled it before the first step"),
+        Outcome::AlreadyGone | Outcome::IdentityMismatch => {
+            line!(info, "not reaped: gone or changed before the first step")
+        }
+        Outcome::Cancelled => line!(
+            info,
+            "not reaped: a reload cancelled it before the first step"
+        ),
         Outcome::Refused | Outcome::Failed => line!(error, "reap failed"),
     }
 }

@@ -62,7 +62,9 @@ pub enum ConfigError {
     },
     #[error("config {path} is a directory, not a file")]
     IsDirectory { path: PathBuf },
-    #[error("config {path} is not a regular file (a FIFO, device or socket could block or never end)")]
+    #[error(
+        "config {path} is not a regular file (a FIFO, device or socket could block or never end)"
+    )]
     NotAFile { path: PathBuf },
     #[error("config {path} is {size} bytes; refusing anything over 1 MiB")]
     TooLarge { path: PathBuf, size: u64 },
@@ -252,7 +254,9 @@ impl File {
             runaway_for: self.runaway_for.or(runaway_for),
             memory_pressure: self.memory_pressure.or(memory_pressure),
             memory_pressure_file: self.memory_pressure_file.or(memory_pressure_file),
-            memory_pressure_some_avg10: self.memory_pressure_some_avg10.or(memory_pressure_some_avg10),
+            memory_pressure_some_avg10: self
+                .memory_pressure_some_avg10
+                .or(memory_pressure_some_avg10),
             memory_available_percent: self.memory_available_percent.or(memory_available_percent),
             memory_pressure_min_idle: self.memory_pressure_min_idle.or(memory_pressure_min_idle),
             rules: self.rules,
@@ -437,30 +441,39 @@ fn read_secure_at(path: &Path, asked: &Path, links: u32) -> Result<String, Confi
                 mode,
             });
         }
-        let Some(next) = real_parent.strip_prefix(&walked).ok().and_then(|rest| rest.components().next())
+        let Some(next) = real_parent
+            .strip_prefix(&walked)
+            .ok()
+            .and_then(|rest| rest.components().next())
         else {
             break;
         };
         walked.push(next);
-        dir = rustix::fs::openat(&dir, next.as_os_str(), walk, Mode::empty()).map_err(|e| ConfigError::Read {
-            path: path.to_owned(),
-            source: std::io::Error::other(format!(
-                "{} changed while its directories were checked: {e}",
-                walked.display()
-            )),
+        dir = rustix::fs::openat(&dir, next.as_os_str(), walk, Mode::empty()).map_err(|e| {
+            ConfigError::Read {
+                path: path.to_owned(),
+                source: std::io::Error::other(format!(
+                    "{} changed while its directories were checked: {e}",
+                    walked.display()
+                )),
+            }
         })?;
     }
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let flags =
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
     let file = match rustix::fs::openat(&dir, name, flags, Mode::empty()) {
         Ok(fd) => std::fs::File::from(fd),
         // A symbolic link, in a directory only root (or reaper's user) can change, as a
         // Kubernetes ConfigMap volume makes them: its target is checked the same way, its
         // directories and the file itself.
         Err(rustix::io::Errno::LOOP) if links < MAX_SYMLINKS => {
-            let target = rustix::fs::readlinkat(&dir, name, Vec::new()).map_err(|e| read_err(e.into()))?;
-            let target = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(
-                target.into_bytes(),
-            ));
+            let target =
+                rustix::fs::readlinkat(&dir, name, Vec::new()).map_err(|e| read_err(e.into()))?;
+            let target = PathBuf::from(
+                <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(
+                    target.into_bytes(),
+                ),
+            );
             return read_secure_at(&real_parent.join(target), asked, links + 1);
         }
         Err(rustix::io::Errno::LOOP) => {
@@ -537,25 +550,20 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
         if p.is_finite() && p > 0.0 && p <= 100.0 * 1024.0 {
             Ok(p / 100.0)
         } else {
-            Err(invalid(key, format!("{p} is not a percentage of a core above 0")))
+            Err(invalid(
+                key,
+                format!("{p} is not a percentage of a core above 0"),
+            ))
         }
     };
 
     let idle_timeout = positive(
         "idle_timeout",
-        overrides
-            .idle_timeout
-            .unwrap_or(builtin(file.idle_timeout)),
+        overrides.idle_timeout.unwrap_or(builtin(file.idle_timeout)),
     )?;
     let orphan_grace = builtin(file.orphan_grace);
-    let cpu_threshold = percent(
-        "cpu_threshold_percent",
-        builtin(file.cpu_threshold_percent),
-    )?;
-    let grace = positive(
-        "grace",
-        overrides.grace.unwrap_or(builtin(file.grace)),
-    )?;
+    let cpu_threshold = percent("cpu_threshold_percent", builtin(file.cpu_threshold_percent))?;
+    let grace = positive("grace", overrides.grace.unwrap_or(builtin(file.grace)))?;
     let eof_grace = positive("eof_grace", builtin(file.eof_grace))?;
     let max_kills_per_minute = builtin(file.max_kills_per_minute);
     if max_kills_per_minute == 0 {
@@ -571,10 +579,7 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
             format!("{ring_bytes} is not a power of two of at least 4096"),
         ));
     }
-    let reconcile_interval = positive(
-        "reconcile_interval",
-        builtin(file.reconcile_interval),
-    )?;
+    let reconcile_interval = positive("reconcile_interval", builtin(file.reconcile_interval))?;
 
     let Some(rule_files) = file.rules else {
         return Err(invalid(
@@ -607,10 +612,16 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
             ));
         }
         if let Some(bad) = r.argv_any.iter().find(|a| a.trim().is_empty()) {
-            return Err(invalid(&key("argv_any"), format!("{bad:?} matches nothing")));
+            return Err(invalid(
+                &key("argv_any"),
+                format!("{bad:?} matches nothing"),
+            ));
         }
         if let Some(bad) = r.parent_comm.iter().find(|c| c.is_empty()) {
-            return Err(invalid(&key("parent_comm"), format!("{bad:?} matches nothing")));
+            return Err(invalid(
+                &key("parent_comm"),
+                format!("{bad:?} matches nothing"),
+            ));
         }
         let rule_idle = match overrides.idle_timeout {
             Some(d) => d,
@@ -655,11 +666,21 @@ pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, 
             file: builtin(file.memory_pressure_file),
             some_avg10: match builtin(file.memory_pressure_some_avg10) {
                 p if p.is_finite() && (0.0..=100.0).contains(&p) => p,
-                p => return Err(invalid("memory_pressure_some_avg10", format!("{p} is not a percentage"))),
+                p => {
+                    return Err(invalid(
+                        "memory_pressure_some_avg10",
+                        format!("{p} is not a percentage"),
+                    ));
+                }
             },
             available_percent: match builtin(file.memory_available_percent) {
                 p if p.is_finite() && (0.0..=100.0).contains(&p) => p,
-                p => return Err(invalid("memory_available_percent", format!("{p} is not a percentage"))),
+                p => {
+                    return Err(invalid(
+                        "memory_available_percent",
+                        format!("{p} is not a percentage"),
+                    ));
+                }
             },
             min_idle: positive(
                 "memory_pressure_min_idle",
@@ -710,7 +731,10 @@ mod tests {
         bare.rules = builtin.rules.clone();
         bare.origin = builtin.origin.clone();
         assert_eq!(bare, builtin);
-        assert_eq!(builtin.ring_bytes, DEFAULT_RING_BYTES, "the probes' constant is the one default for it");
+        assert_eq!(
+            builtin.ring_bytes, DEFAULT_RING_BYTES,
+            "the probes' constant is the one default for it"
+        );
     }
 
     #[test]
@@ -721,7 +745,12 @@ mod tests {
             dry_run: true,
             metrics_addr: Some("127.0.0.1:1".parse().unwrap()),
         };
-        let c = parse(&format!("idle_timeout = \"1h\"\n{RULE}idle_timeout = \"2h\"\n"), "t", &o).unwrap();
+        let c = parse(
+            &format!("idle_timeout = \"1h\"\n{RULE}idle_timeout = \"2h\"\n"),
+            "t",
+            &o,
+        )
+        .unwrap();
         assert_eq!(c.mode, Mode::DryRun);
         assert_eq!(c.rules[0].idle_timeout, Duration::from_secs(90));
         assert_eq!(c.grace, Duration::from_secs(1));
@@ -731,7 +760,9 @@ mod tests {
     #[test]
     fn human_durations_and_rule_level_settings() {
         let c = parse(
-            &format!("idle_timeout = \"90s\"\norphan_grace = \"2m\"\n{RULE}cpu_threshold_percent = 5\n"),
+            &format!(
+                "idle_timeout = \"90s\"\norphan_grace = \"2m\"\n{RULE}cpu_threshold_percent = 5\n"
+            ),
             "t",
             &Overrides::default(),
         )
@@ -743,17 +774,25 @@ mod tests {
 
     #[test]
     fn bad_input_is_refused_naming_the_key() {
-        assert!(err(&format!("idle_timout = \"5m\"\n{RULE}")).contains("idle_timout"), "unknown key");
+        assert!(
+            err(&format!("idle_timout = \"5m\"\n{RULE}")).contains("idle_timout"),
+            "unknown key"
+        );
         assert!(err(&format!("idle_timeout = \"5 parsecs\"\n{RULE}")).contains("idle_timeout"));
         assert!(err(&format!("idle_timeout = \"0s\"\n{RULE}")).contains("`idle_timeout`"));
         assert!(err("mode = \"enforce\"\n").contains("`rule`"), "no rules");
         assert!(err("rule = []\n").contains("`rule`"));
         assert!(err("[[rule]]\nname = \"r\"\ncomm = []\n").contains("`rule[0].comm`"));
         assert!(err("[[rule]]\nname = \"r\"\ncomm = [\"/bin/claude\"]\n").contains("rule[0].comm"));
-        assert!(err(&format!("{RULE}{RULE}")).contains("`rule[1].name`"), "duplicate name");
+        assert!(
+            err(&format!("{RULE}{RULE}")).contains("`rule[1].name`"),
+            "duplicate name"
+        );
         assert!(err(&format!("{RULE}bogus = 1\n")).contains("bogus"));
         assert!(err(&format!("mode = \"kill-all\"\n{RULE}")).contains("mode"));
-        assert!(err(&format!("cpu_threshold_percent = -1\n{RULE}")).contains("cpu_threshold_percent"));
+        assert!(
+            err(&format!("cpu_threshold_percent = -1\n{RULE}")).contains("cpu_threshold_percent")
+        );
         assert!(err(&format!("max_kills_per_minute = 0\n{RULE}")).contains("max_kills_per_minute"));
         assert!(err(&format!("ring_bytes = 1000\n{RULE}")).contains("ring_bytes"));
         assert!(err("").contains("`rule`"), "empty file");
@@ -764,7 +803,8 @@ mod tests {
 
     impl Scratch {
         fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("reaper-config-{name}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("reaper-config-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir(&dir).unwrap();
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -797,7 +837,10 @@ mod tests {
         match std::os::unix::fs::lchown(path, Some(uid), None) {
             Ok(()) => true,
             Err(e) => {
-                eprintln!("skipped: cannot chown {} ({e}); run as root (cargo xtask test)", path.display());
+                eprintln!(
+                    "skipped: cannot chown {} ({e}); run as root (cargo xtask test)",
+                    path.display()
+                );
                 false
             }
         }
@@ -817,8 +860,14 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         if chown(&path, OTHER_UID) {
             let e = load(&path).unwrap_err();
-            assert!(matches!(e, ConfigError::Insecure { uid: OTHER_UID, .. }), "{e}");
-            assert!(e.to_string().contains(&format!("owner uid {OTHER_UID}")), "{e}");
+            assert!(
+                matches!(e, ConfigError::Insecure { uid: OTHER_UID, .. }),
+                "{e}"
+            );
+            assert!(
+                e.to_string().contains(&format!("owner uid {OTHER_UID}")),
+                "{e}"
+            );
         }
         let e = load(&dir.0).unwrap_err();
         assert!(matches!(e, ConfigError::IsDirectory { .. }), "{e}");
@@ -845,7 +894,10 @@ mod tests {
         // Its target in a directory others can write: they could switch the file.
         std::fs::set_permissions(&version, std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = load(&link).unwrap_err();
-        assert!(matches!(&e, ConfigError::InsecureDirectory { dir, .. } if *dir == version), "{e}");
+        assert!(
+            matches!(&e, ConfigError::InsecureDirectory { dir, .. } if *dir == version),
+            "{e}"
+        );
         // A loop ends with one clear error.
         let a = dir.0.join("a.toml");
         let b = dir.0.join("b.toml");
@@ -862,7 +914,10 @@ mod tests {
         std::fs::create_dir(&sub).unwrap();
         let path = Scratch::file(&sub, "reaper.toml");
         std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(load(&path).is_ok(), "root's 0755 directories, under the sticky temp dir");
+        assert!(
+            load(&path).is_ok(),
+            "root's 0755 directories, under the sticky temp dir"
+        );
         for mode in [0o777, 0o775, 0o757] {
             std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(mode)).unwrap();
             let e = load(&path).unwrap_err();
@@ -870,7 +925,10 @@ mod tests {
                 matches!(&e, ConfigError::InsecureDirectory { dir, .. } if *dir == sub),
                 "{mode:o}: {e}"
             );
-            assert!(e.to_string().contains(&sub.display().to_string()), "names the directory: {e}");
+            assert!(
+                e.to_string().contains(&sub.display().to_string()),
+                "names the directory: {e}"
+            );
         }
         // Sticky (as /tmp): others may add entries but not replace root's.
         std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o1777)).unwrap();
@@ -879,14 +937,23 @@ mod tests {
         // Owned by someone else: refused even while not writable (they can chmod it).
         if chown(&sub, OTHER_UID) {
             let e = load(&path).unwrap_err();
-            assert!(matches!(e, ConfigError::InsecureDirectory { uid: OTHER_UID, .. }), "{e}");
+            assert!(
+                matches!(e, ConfigError::InsecureDirectory { uid: OTHER_UID, .. }),
+                "{e}"
+            );
             // Also when reached through a symlink: the real directory is what is checked.
             let link = dir.0.join("link");
             std::os::unix::fs::symlink(&sub, &link).unwrap();
             let e = load(&link.join("reaper.toml")).unwrap_err();
-            assert!(matches!(&e, ConfigError::InsecureDirectory { dir, .. } if *dir == sub), "{e}");
+            assert!(
+                matches!(&e, ConfigError::InsecureDirectory { dir, .. } if *dir == sub),
+                "{e}"
+            );
             assert!(chown(&sub, 0));
-            assert!(load(&link.join("reaper.toml")).is_ok(), "a symlinked directory chain of root's");
+            assert!(
+                load(&link.join("reaper.toml")).is_ok(),
+                "a symlinked directory chain of root's"
+            );
         }
     }
 
@@ -899,7 +966,11 @@ mod tests {
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         for path in [fifo.as_path(), Path::new("/dev/null")] {
             let e = load(path).unwrap_err();
-            assert!(matches!(e, ConfigError::NotAFile { .. }), "{}: {e}", path.display());
+            assert!(
+                matches!(e, ConfigError::NotAFile { .. }),
+                "{}: {e}",
+                path.display()
+            );
             assert!(e.to_string().contains("not a regular file"), "{e}");
         }
     }

@@ -147,7 +147,10 @@ impl reap::ProcessOps for Pidfds {
             })
         };
         if stat.starttime != v.id.start_ticks {
-            return mismatch(format!("start time {} ≠ {}", stat.starttime, v.id.start_ticks));
+            return mismatch(format!(
+                "start time {} ≠ {}",
+                stat.starttime, v.id.start_ticks
+            ));
         }
         // A zombie (ended, not yet collected by its parent) is gone already.
         if !scan::alive(v.id) {
@@ -193,7 +196,9 @@ impl reap::ProcessOps for Pidfds {
     fn close_input(&self, handle: &OwnedFd) -> std::io::Result<()> {
         let fd = rustix::process::pidfd_getfd(handle, 0, PidfdGetfdFlags::empty())?;
         if rustix::net::sockopt::socket_type(&fd)? != SocketType::STREAM {
-            return Err(std::io::Error::other("its stdin is no longer a stream socket"));
+            return Err(std::io::Error::other(
+                "its stdin is no longer a stream socket",
+            ));
         }
         // SHUT_RD on an AF_UNIX stream socket: the owner's reads return 0 (EOF) from now on
         // (`unix_shutdown()`, <https://github.com/torvalds/linux/blob/v6.18/net/unix/af_unix.c>).
@@ -204,12 +209,19 @@ impl reap::ProcessOps for Pidfds {
 
     async fn wait_exit(&self, handle: &OwnedFd, timeout: Duration) -> bool {
         // A pidfd polls readable once the process has exited.
-        let Ok(dup) = handle.as_fd().try_clone_to_owned() else { return false };
-        // SAFETY: the AsyncFd owns this duplicate fd for its whole life and closes it on drop.
-        let Ok(fd) = (unsafe { tokio::io::unix::AsyncFd::register_with_interest(dup, tokio::io::Interest::READABLE) }) else {
+        let Ok(dup) = handle.as_fd().try_clone_to_owned() else {
             return false;
         };
-        matches!(tokio::time::timeout(timeout, fd.readable()).await, Ok(Ok(_)))
+        // SAFETY: the AsyncFd owns this duplicate fd for its whole life and closes it on drop.
+        let Ok(fd) = (unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(dup, tokio::io::Interest::READABLE)
+        }) else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(timeout, fd.readable()).await,
+            Ok(Ok(_))
+        )
     }
 
     fn rss_bytes(&self, v: &Victim) -> Option<u64> {

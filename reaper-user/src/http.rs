@@ -115,7 +115,10 @@ impl Endpoint {
             };
             errors.accepted();
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::debug!(max = MAX_CONNECTIONS, "metrics endpoint full: closed a new connection");
+                tracing::debug!(
+                    max = MAX_CONNECTIONS,
+                    "metrics endpoint full: closed a new connection"
+                );
                 continue; // dropping the stream closes it
             };
             let service = hyper_util::service::TowerToHyperService::new(app.clone());
@@ -145,7 +148,10 @@ async fn metrics_page(State(s): State<Shared>) -> impl IntoResponse {
 async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
     match s.health.healthy(crate::clock::mono_ns()) {
         Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {why}\n")),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        ),
     }
 }
 

@@ -88,7 +88,8 @@ impl Server {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 anyhow::bail!("another reaper is already listening on {}", path.display());
             }
-            std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale {}", path.display()))?;
         }
         let listener = std::os::unix::net::UnixListener::bind(path)
             .with_context(|| format!("binding {}", path.display()))?;
@@ -153,9 +154,9 @@ impl AcceptErrors {
         if !scarce {
             return None;
         }
-        let delay = self
-            .delay
-            .map_or(Duration::from_millis(10), |d| (d * 2).min(Duration::from_secs(1)));
+        let delay = self.delay.map_or(Duration::from_millis(10), |d| {
+            (d * 2).min(Duration::from_secs(1))
+        });
         self.delay = Some(delay);
         Some(delay)
     }
@@ -191,7 +192,9 @@ async fn answer(mut stream: UnixStream, pipeline: &PipelineHandle) -> anyhow::Re
     let mut line = String::new();
     tokio::time::timeout(
         REQUEST_TIMEOUT,
-        BufReader::new(&mut stream).take(MAX_REQUEST).read_line(&mut line),
+        BufReader::new(&mut stream)
+            .take(MAX_REQUEST)
+            .read_line(&mut line),
     )
     .await
     .context("no request line in time")??;
@@ -216,7 +219,9 @@ pub async fn request(path: &Path, request: Request) -> anyhow::Result<serde_json
             path.display()
         )
     })?;
-    stream.write_all(format!("{}\n", request.line()).as_bytes()).await?;
+    stream
+        .write_all(format!("{}\n", request.line()).as_bytes())
+        .await?;
     let mut body = Vec::new();
     stream.read_to_end(&mut body).await?;
     serde_json::from_slice(&body).context("the daemon's answer is not JSON")
@@ -228,11 +233,30 @@ mod tests {
 
     #[test]
     fn requests_parse_and_round_trip() {
-        for request in [Request::Tree, Request::Stats, Request::Targets, Request::Explain(0), Request::Explain(u32::MAX)] {
-            assert_eq!(Request::parse(&format!("{}\n", request.line())), Ok(request));
+        for request in [
+            Request::Tree,
+            Request::Stats,
+            Request::Targets,
+            Request::Explain(0),
+            Request::Explain(u32::MAX),
+        ] {
+            assert_eq!(
+                Request::parse(&format!("{}\n", request.line())),
+                Ok(request)
+            );
         }
         assert_eq!(Request::parse("  explain\t42 \n"), Ok(Request::Explain(42)));
-        for bad in ["", "\n", "tree x", "explain", "explain -1", "explain 4294967296", "explain 1 2", "TREE", "kill 1"] {
+        for bad in [
+            "",
+            "\n",
+            "tree x",
+            "explain",
+            "explain -1",
+            "explain 4294967296",
+            "explain 1 2",
+            "TREE",
+            "kill 1",
+        ] {
             let err = Request::parse(bad).unwrap_err();
             assert_eq!(err.0, bad.trim());
         }
@@ -242,13 +266,26 @@ mod tests {
     fn only_scarce_resources_back_off_and_the_delay_is_bounded() {
         let mut errors = AcceptErrors::new("test");
         let reset = std::io::Error::from_raw_os_error(libc::ECONNABORTED);
-        assert_eq!(errors.next_delay(&reset), None, "a peer that went away: retry at once");
+        assert_eq!(
+            errors.next_delay(&reset),
+            None,
+            "a peer that went away: retry at once"
+        );
         let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
-        let delays: Vec<_> = (0..10).map(|_| errors.next_delay(&emfile).unwrap()).collect();
+        let delays: Vec<_> = (0..10)
+            .map(|_| errors.next_delay(&emfile).unwrap())
+            .collect();
         assert_eq!(delays[0], Duration::from_millis(10));
         assert_eq!(delays[1], Duration::from_millis(20));
-        assert_eq!(*delays.last().unwrap(), Duration::from_secs(1), "{delays:?}");
+        assert_eq!(
+            *delays.last().unwrap(),
+            Duration::from_secs(1),
+            "{delays:?}"
+        );
         errors.accepted();
-        assert_eq!(errors.next_delay(&std::io::Error::from_raw_os_error(libc::ENFILE)), Some(Duration::from_millis(10)));
+        assert_eq!(
+            errors.next_delay(&std::io::Error::from_raw_os_error(libc::ENFILE)),
+            Some(Duration::from_millis(10))
+        );
     }
 }

@@ -5,13 +5,12 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use reaper::{
     app::{Pipeline, PipelineConfig},
-    render,
     config::{Config, ConfigError, Overrides},
     detect::{Explanation, TargetView},
     events::{self, ring::RingMsg},
     ipc,
     probes::{ProbeOptions, Probes},
-    service,
+    render, service,
     tree::Process,
 };
 
@@ -178,8 +177,8 @@ fn main_result() -> anyhow::Result<()> {
                 if json {
                     println!("{}", render::json(&value, true)?);
                 } else {
-                    let processes: Vec<Process> = serde_json::from_value(value)
-                        .context("unexpected tree from the daemon")?;
+                    let processes: Vec<Process> =
+                        serde_json::from_value(value).context("unexpected tree from the daemon")?;
                     let targets: Vec<TargetView> =
                         serde_json::from_value(ipc::request(&socket, ipc::Request::Targets).await?)
                             .unwrap_or_default();
@@ -202,7 +201,8 @@ fn main_result() -> anyhow::Result<()> {
                     println!("{}", render::json(&value, true)?);
                 } else {
                     let sessions: Vec<reaper::detect::session::SessionView> =
-                        serde_json::from_value(value).context("unexpected sessions from the daemon")?;
+                        serde_json::from_value(value)
+                            .context("unexpected sessions from the daemon")?;
                     print!("{}", render::render_sessions(&sessions));
                 }
                 Ok(())
@@ -239,7 +239,11 @@ fn main_result() -> anyhow::Result<()> {
                     config
                         .rules
                         .iter()
-                        .map(|r| format!("{} (idle {})", r.name, humantime::format_duration(r.idle_timeout)))
+                        .map(|r| format!(
+                            "{} (idle {})",
+                            r.name,
+                            humantime::format_duration(r.idle_timeout)
+                        ))
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
@@ -276,7 +280,9 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(service::Stderr { journal: service::stderr_is_journal() });
+        .with_writer(service::Stderr {
+            journal: service::stderr_is_journal(),
+        });
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -452,7 +458,10 @@ fn rule_names(config: &Config) -> Vec<String> {
 
 /// `systemctl status` shows this.
 fn ready_status(mode: reaper::config::Mode, rules: &[String]) -> String {
-    format!("following every process; mode {mode:?}, rules {}", rules.join(", "))
+    format!(
+        "following every process; mode {mode:?}, rules {}",
+        rules.join(", ")
+    )
 }
 
 async fn stream_events(json: bool) -> anyhow::Result<()> {
@@ -463,7 +472,13 @@ async fn stream_events(json: bool) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let (_flush_tx, flush_rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = std::sync::Arc::new(reaper::metrics::Metrics::new());
-    let reader = tokio::spawn(events::ring::run(ring, ring_bytes, tx, flush_rx, Default::default()));
+    let reader = tokio::spawn(events::ring::run(
+        ring,
+        ring_bytes,
+        tx,
+        flush_rx,
+        Default::default(),
+    ));
     eprintln!("following fork/exec/exit/rename; Ctrl-C to stop");
     // Registered once: a signal arriving while a batch is printed is not lost.
     use tokio::signal::unix::{SignalKind, signal};

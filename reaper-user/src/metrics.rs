@@ -70,11 +70,15 @@ impl Metrics {
             }};
         }
         let events_vec = register!(IntCounterVec::new(
-            Opts::new("reaper_events_total", "Lifecycle events received from the kernel, by kind."),
+            Opts::new(
+                "reaper_events_total",
+                "Lifecycle events received from the kernel, by kind."
+            ),
             &["kind"],
         ));
         let events = EventKind::ALL.map(|k| events_vec.with_label_values(&[k.name()]));
-        let kill_delay = register!(HistogramVec::new(
+        let kill_delay =
+            register!(HistogramVec::new(
             HistogramOpts::new(
                 "reaper_kill_delay_seconds",
                 "From a target's idle (or orphan) deadline to the process being gone, by the step \
@@ -119,7 +123,9 @@ impl Metrics {
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
         // process_start_time_seconds, …: the names every Prometheus client exports.
         registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("process metrics registered once");
         Self {
             events,
@@ -133,7 +139,10 @@ impl Metrics {
                 "Processes in the live process tree."
             )),
             targets: register!(IntGaugeVec::new(
-                Opts::new("reaper_targets", "Processes matching a rule, by rule and verdict."),
+                Opts::new(
+                    "reaper_targets",
+                    "Processes matching a rule, by rule and verdict."
+                ),
                 &["rule", "state"],
             )),
             kills: register!(IntCounterVec::new(
@@ -145,7 +154,10 @@ impl Metrics {
                 &["rule", "reason", "step"],
             )),
             kill_failures: register!(IntCounterVec::new(
-                Opts::new("reaper_kill_failures_total", "Kills that failed, by rule and reason."),
+                Opts::new(
+                    "reaper_kill_failures_total",
+                    "Kills that failed, by rule and reason."
+                ),
                 &["rule", "reason"],
             )),
             would_kill: register!(IntCounterVec::new(
@@ -216,7 +228,10 @@ impl Metrics {
             )),
             read_faults,
             mode: register!(IntGaugeVec::new(
-                Opts::new("reaper_mode", "1 for the mode in force: enforce or dry-run."),
+                Opts::new(
+                    "reaper_mode",
+                    "1 for the mode in force: enforce or dry-run."
+                ),
                 &["mode"],
             )),
             reload_successful: register!(IntGauge::new(
@@ -246,7 +261,9 @@ impl Metrics {
     /// rather than a new series that `increase()` and `rate()` cannot see.
     pub fn configured(&self, mode: Mode, rules: &[&str]) {
         for m in [Mode::Enforce, Mode::DryRun] {
-            self.mode.with_label_values(&[mode_name(m)]).set(i64::from(m == mode));
+            self.mode
+                .with_label_values(&[mode_name(m)])
+                .set(i64::from(m == mode));
         }
         for step in Step::ALL {
             self.kill_delay.with_label_values(&[step.as_str()]);
@@ -309,9 +326,15 @@ mod tests {
     fn renders_every_fixed_family() {
         let m = Metrics::new();
         m.event(EventKind::Exec);
-        m.kills.with_label_values(&["claude-sdk", "idle", "closed"]).inc();
-        m.kill_failures.with_label_values(&["claude-sdk", "idle"]).inc();
-        m.would_kill.with_label_values(&["claude-sdk", "idle"]).inc();
+        m.kills
+            .with_label_values(&["claude-sdk", "idle", "closed"])
+            .inc();
+        m.kill_failures
+            .with_label_values(&["claude-sdk", "idle"])
+            .inc();
+        m.would_kill
+            .with_label_values(&["claude-sdk", "idle"])
+            .inc();
         m.targets.with_label_values(&["claude-sdk", "idle"]).set(2);
         m.corrections.with_label_values(&["added"]).inc();
         m.kill_delay.with_label_values(&["closed"]).observe(0.2);
@@ -328,7 +351,7 @@ mod tests {
             "reaper_reclaimed_bytes_total 0",
             "reaper_reconcile_corrections_total{kind=\"added\"} 1",
             "reaper_kill_delay_seconds_count{step=\"closed\"} 1",
-                        "reaper_watch_failures_total 0",
+            "reaper_watch_failures_total 0",
             "reaper_kernel_read_faults_total{kind=\"exit\"} 0",
             "reaper_build_info{revision=",
             "process_start_time_seconds ",
@@ -347,8 +370,14 @@ mod tests {
         m.sync_probe_failures(5, &faults);
         let text = m.render();
         assert!(text.contains("reaper_watch_failures_total 5"), "{text}");
-        assert!(text.contains("reaper_kernel_read_faults_total{kind=\"exec\"} 3"), "{text}");
-        assert!(text.contains("reaper_kernel_read_faults_total{kind=\"fork\"} 0"), "{text}");
+        assert!(
+            text.contains("reaper_kernel_read_faults_total{kind=\"exec\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("reaper_kernel_read_faults_total{kind=\"fork\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -364,11 +393,15 @@ mod tests {
                     );
                     assert!(text.contains(&line), "missing {line}");
                 }
-                let line = format!("reaper_kill_failures_total{{reason=\"{reason}\",rule=\"{rule}\"}} 0");
+                let line =
+                    format!("reaper_kill_failures_total{{reason=\"{reason}\",rule=\"{rule}\"}} 0");
                 assert!(text.contains(&line), "missing {line}");
             }
         }
-        assert!(text.contains("reaper_kill_delay_seconds_count{step=\"killed\"} 0"), "{text}");
+        assert!(
+            text.contains("reaper_kill_delay_seconds_count{step=\"killed\"} 0"),
+            "{text}"
+        );
         assert!(text.contains("reaper_mode{mode=\"dry-run\"} 1"), "{text}");
         assert!(text.contains("reaper_mode{mode=\"enforce\"} 0"), "{text}");
         m.configured(Mode::Enforce, &["claude-sdk"]);
@@ -376,6 +409,9 @@ mod tests {
         assert!(text.contains("reaper_mode{mode=\"enforce\"} 1"), "{text}");
         assert!(text.contains("reaper_mode{mode=\"dry-run\"} 0"), "{text}");
         m.reloaded(false);
-        assert!(m.render().contains("reaper_config_last_reload_successful 0"));
+        assert!(
+            m.render()
+                .contains("reaper_config_last_reload_successful 0")
+        );
     }
 }

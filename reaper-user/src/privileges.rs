@@ -152,12 +152,18 @@ pub struct NeedsRestart {
 /// capability that was dropped (a dry-run daemon reloaded to enforce needs CAP_KILL back). A
 /// capability the daemon never had is not this check's business: start-up said so already.
 pub fn reload_allowed(config: &Config, dropped: &Dropped) -> Result<(), NeedsRestart> {
-    let missing: Vec<&Kept> = kept(config.mode).filter(|k| dropped.dropped.contains(&k.cap)).collect();
+    let missing: Vec<&Kept> = kept(config.mode)
+        .filter(|k| dropped.dropped.contains(&k.cap))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     Err(NeedsRestart {
-        caps: missing.iter().map(|k| k.cap.to_string()).collect::<Vec<_>>().join(", "),
+        caps: missing
+            .iter()
+            .map(|k| k.cap.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         why: missing
             .iter()
             .map(|k| format!("{}: {}, {}", k.cap, k.when.as_str(), k.why))
@@ -188,7 +194,11 @@ pub fn drop_to_kept(config: &Config) -> Result<Dropped, DropError> {
     if threads > 1 {
         return Err(DropError {
             what: "other threads",
-            source: format!("{} other threads were running already and keep every capability", threads - 1).into(),
+            source: format!(
+                "{} other threads were running already and keep every capability",
+                threads - 1
+            )
+            .into(),
         });
     }
     Ok(dropped)
@@ -200,7 +210,12 @@ fn thread_count() -> std::io::Result<usize> {
 }
 
 fn drop_on_this_thread(keep: &CapsHashSet) -> Result<Dropped, DropError> {
-    let err = |what| move |e: caps::errors::CapsError| DropError { what, source: Box::new(e) };
+    let err = |what| {
+        move |e: caps::errors::CapsError| DropError {
+            what,
+            source: Box::new(e),
+        }
+    };
     // The bounding set first: dropping from it needs CAP_SETPCAP, itself dropped below. A
     // supervisor that already bounded the set (systemd's CapabilityBoundingSet= leaves out
     // CAP_SETPCAP) chose it; what remains there cannot come back once the permitted set is
@@ -235,8 +250,12 @@ mod tests {
     use crate::config::{Overrides, parse};
 
     fn config(mode: &str) -> Config {
-        parse(&format!("mode = \"{mode}\"\n[[rule]]\nname = \"r\"\ncomm = [\"c\"]\n"), "t", &Overrides::default())
-            .unwrap()
+        parse(
+            &format!("mode = \"{mode}\"\n[[rule]]\nname = \"r\"\ncomm = [\"c\"]\n"),
+            "t",
+            &Overrides::default(),
+        )
+        .unwrap()
     }
 
     fn set(caps: &[Capability]) -> CapsHashSet {
@@ -250,7 +269,10 @@ mod tests {
             needed(&config("enforce")),
             set(&[CAP_BPF, CAP_KILL, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH])
         );
-        assert_eq!(needed(&config("dry-run")), set(&[CAP_BPF, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH]));
+        assert_eq!(
+            needed(&config("dry-run")),
+            set(&[CAP_BPF, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH])
+        );
         // The /proc/PID/io fallback needs nothing more: the fd links need the same two.
         let proc_io = parse(
             "activity_source = \"proc-io\"\n[[rule]]\nname = \"r\"\ncomm = [\"c\"]\n",
@@ -270,9 +292,14 @@ mod tests {
             dropped: set(&[CAP_KILL, CAP_SYS_ADMIN, CAP_PERFMON]),
         };
         assert!(reload_allowed(&config("dry-run"), &dry).is_ok());
-        let e = reload_allowed(&config("enforce"), &dry).unwrap_err().to_string();
+        let e = reload_allowed(&config("enforce"), &dry)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("CAP_KILL") && e.contains("restart"), "{e}");
-        assert!(!e.contains("CAP_SYS_ADMIN"), "only what the new mode needs: {e}");
+        assert!(
+            !e.contains("CAP_SYS_ADMIN"),
+            "only what the new mode needs: {e}"
+        );
         // Started enforcing: any reload is fine.
         let enforcing = Dropped {
             kept: set(&[CAP_BPF, CAP_KILL, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH]),
@@ -281,9 +308,19 @@ mod tests {
         assert!(reload_allowed(&config("dry-run"), &enforcing).is_ok());
         assert!(reload_allowed(&config("enforce"), &enforcing).is_ok());
         // Never had CAP_KILL (a container without it): not a reason to refuse.
-        let never = Dropped { kept: set(&[CAP_BPF]), dropped: CapsHashSet::new() };
+        let never = Dropped {
+            kept: set(&[CAP_BPF]),
+            dropped: CapsHashSet::new(),
+        };
         assert!(reload_allowed(&config("enforce"), &never).is_ok());
-        assert!(dry.describe_kept().starts_with("CAP_BPF ("), "{}", dry.describe_kept());
-        assert!(dry.describe_given_up().contains("CAP_KILL (needed in mode = \"enforce\" only)"));
+        assert!(
+            dry.describe_kept().starts_with("CAP_BPF ("),
+            "{}",
+            dry.describe_kept()
+        );
+        assert!(
+            dry.describe_given_up()
+                .contains("CAP_KILL (needed in mode = \"enforce\" only)")
+        );
     }
 }

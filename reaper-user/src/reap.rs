@@ -40,7 +40,12 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 4] = [Self::Closed, Self::Interrupted, Self::Terminated, Self::Killed];
+    pub const ALL: [Step; 4] = [
+        Self::Closed,
+        Self::Interrupted,
+        Self::Terminated,
+        Self::Killed,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -137,7 +142,11 @@ pub trait ProcessOps: Send + Sync + 'static {
     /// of its fd 0): its next read returns EOF.
     fn close_input(&self, handle: &Self::Handle) -> std::io::Result<()>;
     /// Waits up to `timeout` for the process to exit; true if it did.
-    fn wait_exit(&self, handle: &Self::Handle, timeout: Duration) -> impl Future<Output = bool> + Send;
+    fn wait_exit(
+        &self,
+        handle: &Self::Handle,
+        timeout: Duration,
+    ) -> impl Future<Output = bool> + Send;
     fn rss_bytes(&self, v: &Victim) -> Option<u64>;
     fn now_ns(&self) -> Nanos;
 }
@@ -183,7 +192,10 @@ impl Policy {
             return Some("a reload switched to dry-run before the first signal".into());
         }
         if d.reason != crate::detect::Reason::Runaway && !self.rules.contains(&d.rule) {
-            return Some(format!("a reload removed rule {:?} before the first signal", d.rule));
+            return Some(format!(
+                "a reload removed rule {:?} before the first signal",
+                d.rule
+            ));
         }
         None
     }
@@ -352,7 +364,12 @@ fn gone<O: ProcessOps>(mut report: ReapReport, ops: &O) -> ReapReport {
 }
 
 /// SIGTERM → `grace` → SIGKILL for the descendants still alive, deepest first.
-async fn terminate<O: ProcessOps>(ops: &O, descendants: &[O::Handle], grace: Duration, steps: &mut Vec<Step>) {
+async fn terminate<O: ProcessOps>(
+    ops: &O,
+    descendants: &[O::Handle],
+    grace: Duration,
+    steps: &mut Vec<Step>,
+) {
     let mut alive = Vec::new();
     for h in descendants.iter().rev() {
         if ops.signal(h, libc::SIGTERM).unwrap_or(false) {
@@ -409,13 +426,26 @@ mod tests {
         fn with(procs: &[(u32, u64, bool)]) -> Self {
             let f = Self::default();
             for (pid, start, stubborn) in procs {
-                f.procs.lock().unwrap().insert(*pid, Proc { start: *start, alive: true, stubborn: *stubborn, socket_stdin: false });
+                f.procs.lock().unwrap().insert(
+                    *pid,
+                    Proc {
+                        start: *start,
+                        alive: true,
+                        stubborn: *stubborn,
+                        socket_stdin: false,
+                    },
+                );
             }
             f
         }
 
         fn socket_stdin(self, pid: u32) -> Self {
-            self.procs.lock().unwrap().get_mut(&pid).unwrap().socket_stdin = true;
+            self.procs
+                .lock()
+                .unwrap()
+                .get_mut(&pid)
+                .unwrap()
+                .socket_stdin = true;
             self
         }
 
@@ -435,7 +465,10 @@ mod tests {
         fn open(&self, v: &Victim) -> Result<u32, OpenError> {
             match self.procs.lock().unwrap().get(&v.id.pid) {
                 Some(p) if p.alive && p.start == v.id.start_ticks => Ok(v.id.pid),
-                Some(p) if p.alive => Err(OpenError::Mismatch { pid: v.id.pid, what: format!("start {}", p.start) }),
+                Some(p) if p.alive => Err(OpenError::Mismatch {
+                    pid: v.id.pid,
+                    what: format!("start {}", p.start),
+                }),
                 _ => Err(OpenError::Gone),
             }
         }
@@ -451,7 +484,11 @@ mod tests {
             Ok(p.alive)
         }
         fn input(&self, pid: &u32) -> Input {
-            if self.procs.lock().unwrap()[pid].socket_stdin { Input::StreamSocket } else { Input::Other }
+            if self.procs.lock().unwrap()[pid].socket_stdin {
+                Input::StreamSocket
+            } else {
+                Input::Other
+            }
         }
         fn close_input(&self, pid: &u32) -> std::io::Result<()> {
             self.sent.lock().unwrap().push((*pid, 0));
@@ -473,7 +510,14 @@ mod tests {
     }
 
     fn victim(pid: u32, start: u64) -> Victim {
-        Victim { id: Identity { pid, start_ticks: start }, comm: "claude".into(), uid: 1000 }
+        Victim {
+            id: Identity {
+                pid,
+                start_ticks: start,
+            },
+            comm: "claude".into(),
+            uid: 1000,
+        }
     }
 
     fn decision(pid: u32, start: u64, descendants: &[(u32, u64)], clean_end: CleanEnd) -> Decision {
@@ -506,7 +550,11 @@ mod tests {
         let r = execute(&ops, &decision(100, 5, &[(101, 6)], CleanEnd::CloseInput)).await;
         assert_eq!((r.outcome, r.step), (Outcome::Ended, Some(Step::Closed)));
         assert_eq!(r.steps, [Step::Closed]);
-        assert_eq!(*ops.sent.lock().unwrap(), [(100, 0)], "only the input was shut down");
+        assert_eq!(
+            *ops.sent.lock().unwrap(),
+            [(100, 0)],
+            "only the input was shut down"
+        );
         assert_eq!(r.rss_bytes, 2000);
     }
 
@@ -514,19 +562,31 @@ mod tests {
     async fn a_pipe_stdin_gets_sigint() {
         let ops = Fake::with(&[(100, 5, false)]);
         let r = execute(&ops, &decision(100, 5, &[], CleanEnd::CloseInput)).await;
-        assert_eq!((r.outcome, r.step), (Outcome::Ended, Some(Step::Interrupted)));
+        assert_eq!(
+            (r.outcome, r.step),
+            (Outcome::Ended, Some(Step::Interrupted))
+        );
         assert_eq!(*ops.sent.lock().unwrap(), [(100, libc::SIGINT)]);
     }
 
     #[tokio::test]
     async fn descendants_left_after_a_clean_end_continue_down_the_ladder_deepest_first() {
         let ops = Fake::with(&[(100, 5, false), (101, 6, false), (102, 7, true)]).socket_stdin(100);
-        let r = execute(&ops, &decision(100, 5, &[(101, 6), (102, 7)], CleanEnd::CloseInput)).await;
+        let r = execute(
+            &ops,
+            &decision(100, 5, &[(101, 6), (102, 7)], CleanEnd::CloseInput),
+        )
+        .await;
         assert_eq!(r.step, Some(Step::Closed));
         assert_eq!(r.steps, [Step::Closed, Step::Terminated, Step::Killed]);
         assert_eq!(
             *ops.sent.lock().unwrap(),
-            [(100, 0), (102, libc::SIGTERM), (101, libc::SIGTERM), (102, libc::SIGKILL)]
+            [
+                (100, 0),
+                (102, libc::SIGTERM),
+                (101, libc::SIGTERM),
+                (102, libc::SIGKILL)
+            ]
         );
     }
 
@@ -538,19 +598,36 @@ mod tests {
         assert_eq!(r.steps, [Step::Closed, Step::Terminated, Step::Killed]);
         assert_eq!(
             *ops.sent.lock().unwrap(),
-            [(100, 0), (101, libc::SIGTERM), (100, libc::SIGTERM), (100, libc::SIGKILL)]
+            [
+                (100, 0),
+                (101, libc::SIGTERM),
+                (100, libc::SIGTERM),
+                (100, libc::SIGKILL)
+            ]
         );
     }
 
     #[tokio::test]
     async fn a_rule_without_a_clean_end_starts_with_sigterm_descendants_first() {
-        let ops = Fake::with(&[(100, 5, false), (101, 6, false), (102, 7, false)]).socket_stdin(100);
+        let ops =
+            Fake::with(&[(100, 5, false), (101, 6, false), (102, 7, false)]).socket_stdin(100);
         // `descendants` come parents first: 101 is the child, 102 the grandchild.
-        let r = execute(&ops, &decision(100, 5, &[(101, 6), (102, 7)], CleanEnd::None)).await;
-        assert_eq!((r.outcome, r.step), (Outcome::Ended, Some(Step::Terminated)));
+        let r = execute(
+            &ops,
+            &decision(100, 5, &[(101, 6), (102, 7)], CleanEnd::None),
+        )
+        .await;
+        assert_eq!(
+            (r.outcome, r.step),
+            (Outcome::Ended, Some(Step::Terminated))
+        );
         assert_eq!(
             *ops.sent.lock().unwrap(),
-            [(102, libc::SIGTERM), (101, libc::SIGTERM), (100, libc::SIGTERM)]
+            [
+                (102, libc::SIGTERM),
+                (101, libc::SIGTERM),
+                (100, libc::SIGTERM)
+            ]
         );
     }
 
@@ -580,7 +657,11 @@ mod tests {
         let me = std::process::id();
         let ops = Fake::with(&[(1, 1, false), (me, 3, false), (200, 4, false)]);
         for pid in [0, 1, me] {
-            let r = execute(&ops, &decision(pid, if pid == me { 3 } else { 1 }, &[], CleanEnd::None)).await;
+            let r = execute(
+                &ops,
+                &decision(pid, if pid == me { 3 } else { 1 }, &[], CleanEnd::None),
+            )
+            .await;
             assert_eq!(r.outcome, Outcome::Refused, "pid {pid}");
         }
         // …also as someone's descendant.
@@ -594,7 +675,10 @@ mod tests {
         let mut d = decision(100, 5, &[], CleanEnd::CloseInput);
         d.dry_run = true;
         let r = execute(&ops, &d).await;
-        assert_eq!((r.outcome, r.step), (Outcome::WouldKill, Some(Step::Closed)));
+        assert_eq!(
+            (r.outcome, r.step),
+            (Outcome::WouldKill, Some(Step::Closed))
+        );
         assert!(ops.sent.lock().unwrap().is_empty());
         assert_eq!(r.rss_bytes, 1000);
     }
@@ -604,8 +688,14 @@ mod tests {
         let ops = Fake::with(&[(100, 5, false), (101, 6, false)]).socket_stdin(100);
         let d = decision(100, 5, &[(101, 6)], CleanEnd::CloseInput);
         let r = execute_unless(&ops, &d, |_| Some("a reload switched to dry-run".into())).await;
-        assert_eq!((r.outcome, r.step), (Outcome::Cancelled, Some(Step::Closed)));
-        assert!(ops.sent.lock().unwrap().is_empty(), "nothing shut down or signalled");
+        assert_eq!(
+            (r.outcome, r.step),
+            (Outcome::Cancelled, Some(Step::Closed))
+        );
+        assert!(
+            ops.sent.lock().unwrap().is_empty(),
+            "nothing shut down or signalled"
+        );
         assert!(r.error.unwrap().contains("dry-run"));
         // Not cancelled: the same decision goes ahead.
         let r = execute_unless(&ops, &d, |_| None).await;
@@ -623,11 +713,23 @@ mod tests {
         let decided = Policy::new(1, &config(&rule("claude-sdk")));
         assert_eq!(decided.cancels(1, &d), None, "no reload since the decision");
         let same = Policy::new(2, &config(&rule("claude-sdk")));
-        assert_eq!(same.cancels(1, &d), None, "a reload that keeps the mode and the rule");
-        let dry = Policy::new(2, &config(&format!("mode = \"dry-run\"\n{}", rule("claude-sdk"))));
+        assert_eq!(
+            same.cancels(1, &d),
+            None,
+            "a reload that keeps the mode and the rule"
+        );
+        let dry = Policy::new(
+            2,
+            &config(&format!("mode = \"dry-run\"\n{}", rule("claude-sdk"))),
+        );
         assert!(dry.cancels(1, &d).unwrap().contains("dry-run"));
         let other = Policy::new(2, &config(&rule("other")));
-        assert!(other.cancels(1, &d).unwrap().contains("removed rule \"claude-sdk\""));
+        assert!(
+            other
+                .cancels(1, &d)
+                .unwrap()
+                .contains("removed rule \"claude-sdk\"")
+        );
         let mut runaway = decision(100, 5, &[], CleanEnd::Interrupt);
         (runaway.rule, runaway.reason) = ("runaway".into(), Reason::Runaway);
         assert_eq!(other.cancels(1, &runaway), None, "runaways are no rule's");
@@ -644,10 +746,25 @@ mod tests {
 
     #[test]
     fn the_first_step_follows_the_rule_and_the_input() {
-        assert_eq!(first_step(CleanEnd::CloseInput, &Input::StreamSocket), Step::Closed);
-        assert_eq!(first_step(CleanEnd::CloseInput, &Input::Other), Step::Interrupted);
-        assert_eq!(first_step(CleanEnd::CloseInput, &Input::Unreachable("ENOSYS".into())), Step::Interrupted);
-        assert_eq!(first_step(CleanEnd::Interrupt, &Input::StreamSocket), Step::Interrupted);
-        assert_eq!(first_step(CleanEnd::None, &Input::StreamSocket), Step::Terminated);
+        assert_eq!(
+            first_step(CleanEnd::CloseInput, &Input::StreamSocket),
+            Step::Closed
+        );
+        assert_eq!(
+            first_step(CleanEnd::CloseInput, &Input::Other),
+            Step::Interrupted
+        );
+        assert_eq!(
+            first_step(CleanEnd::CloseInput, &Input::Unreachable("ENOSYS".into())),
+            Step::Interrupted
+        );
+        assert_eq!(
+            first_step(CleanEnd::Interrupt, &Input::StreamSocket),
+            Step::Interrupted
+        );
+        assert_eq!(
+            first_step(CleanEnd::None, &Input::StreamSocket),
+            Step::Terminated
+        );
     }
 }

@@ -29,7 +29,12 @@ pub fn render_tree(processes: &[Process], targets: &[TargetView]) -> String {
             argv = argv.chars().take(ARGV_SHOWN).collect::<String>() + "…";
         }
         let mark = marks.get(&p.id.pid).map_or(String::new(), |t| {
-            format!("  [target {}: {} {:.0}s]", t.rule, t.verdict.state(), t.idle_secs)
+            format!(
+                "  [target {}: {} {:.0}s]",
+                t.rule,
+                t.verdict.state(),
+                t.idle_secs
+            )
         });
         out.push_str(&format!(
             "{:>7} {:>7} {:>10} {:>6}  {}{}{}{}{}\n",
@@ -38,16 +43,25 @@ pub fn render_tree(processes: &[Process], targets: &[TargetView]) -> String {
             p.id.start_ticks,
             p.uid,
             "  ".repeat(depth),
-            if p.placeholder { "?".into() } else { word(&p.comm).to_string() },
-            if argv.is_empty() { String::new() } else { format!("  {argv}") },
+            if p.placeholder {
+                "?".into()
+            } else {
+                word(&p.comm).to_string()
+            },
+            if argv.is_empty() {
+                String::new()
+            } else {
+                format!("  {argv}")
+            },
             if p.argv_truncated { " …" } else { "" },
             mark,
         ));
         for child in p.children.iter().rev() {
             if let Some(c) = by_pid.get(child)
-                && c.id.pid != p.id.pid {
-                    stack.push((c, depth + 1));
-                }
+                && c.id.pid != p.id.pid
+            {
+                stack.push((c, depth + 1));
+            }
         }
     }
     out
@@ -57,7 +71,19 @@ pub fn render_tree(processes: &[Process], targets: &[TargetView]) -> String {
 pub fn render_sessions(sessions: &[crate::detect::session::SessionView]) -> String {
     let mut out = format!(
         "{:>8} {:<14} {:>6} {:<16} {:>8} {:<20} {:>7} {:>5} {:>5} {:>9} {:>9}  {:<10} {}\n",
-        "TARGET", "STATE", "UID", "PARENT", "QUIET", "RULE", "SERVERS", "TOOLS", "OTHER", "LEFTOVERS", "RSS", "COMM", "WHERE"
+        "TARGET",
+        "STATE",
+        "UID",
+        "PARENT",
+        "QUIET",
+        "RULE",
+        "SERVERS",
+        "TOOLS",
+        "OTHER",
+        "LEFTOVERS",
+        "RSS",
+        "COMM",
+        "WHERE"
     );
     for s in sessions {
         out.push_str(&format!(
@@ -96,21 +122,48 @@ pub fn render_stats(stats: &serde_json::Value) -> String {
             .flatten()
             .filter_map(|p| Some(format!("{} {}", p.get(0)?.as_str()?, num(p.get(1)?))))
             .collect();
-        if parts.is_empty() { "-".into() } else { parts.join(", ") }
+        if parts.is_empty() {
+            "-".into()
+        } else {
+            parts.join(", ")
+        }
     };
     let mut rows: Vec<(&str, String)> = vec![
-        ("mode", format!("{} ({})", stats["mode"].as_str().unwrap_or("?"), stats["config_origin"].as_str().unwrap_or("?"))),
+        (
+            "mode",
+            format!(
+                "{} ({})",
+                stats["mode"].as_str().unwrap_or("?"),
+                stats["config_origin"].as_str().unwrap_or("?")
+            ),
+        ),
         (
             "rules",
             stats["rules"].as_array().map_or("-".into(), |r| {
-                r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")
+                r.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }),
         ),
-        ("activity source", stats["activity_source"].as_str().unwrap_or("-").to_owned()),
+        (
+            "activity source",
+            stats["activity_source"].as_str().unwrap_or("-").to_owned(),
+        ),
         ("processes", num(&stats["processes"])),
         ("targets", num(&stats["targets"])),
-        ("events", format!("{} ({})", num(&stats["events_total"]), pairs(&stats["events"]))),
-        ("events lost", format!("{} ({})", num(&stats["lost_total"]), pairs(&stats["lost"]))),
+        (
+            "events",
+            format!(
+                "{} ({})",
+                num(&stats["events_total"]),
+                pairs(&stats["events"])
+            ),
+        ),
+        (
+            "events lost",
+            format!("{} ({})", num(&stats["lost_total"]), pairs(&stats["lost"])),
+        ),
         ("decode errors", num(&stats["decode_errors"])),
         ("reconciles", num(&stats["reconciles"])),
     ];
@@ -122,15 +175,25 @@ pub fn render_stats(stats: &serde_json::Value) -> String {
         .collect();
     rows.push(("corrections", corrections.join(", ")));
     let reaps = &stats["reaps"];
-    rows.push(("reclaimed", format!("{} bytes", num(&reaps["reclaimed_bytes"]))));
+    rows.push((
+        "reclaimed",
+        format!("{} bytes", num(&reaps["reclaimed_bytes"])),
+    ));
     rows.push(("identity mismatches", num(&reaps["identity_mismatches"])));
     rows.push(("reload-cancelled", num(&reaps["cancelled"])));
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    let mut out: String = rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect();
+    let mut out: String = rows
+        .iter()
+        .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+        .collect();
 
     // (rule, reason[, step]) → count, for kills, failures and dry-run decisions.
     let mut table: Vec<[String; 5]> = Vec::new();
-    for (what, key) in [("killed", "kills"), ("failed", "failures"), ("would kill", "would_kill")] {
+    for (what, key) in [
+        ("killed", "kills"),
+        ("failed", "failures"),
+        ("would kill", "would_kill"),
+    ] {
         for entry in reaps[key].as_array().into_iter().flatten() {
             let labels: Vec<String> = entry[0]
                 .as_array()
@@ -149,14 +212,27 @@ pub fn render_stats(stats: &serde_json::Value) -> String {
     }
     let header = ["OUTCOME", "RULE", "REASON", "STEP", "COUNT"].map(String::from);
     let widths: Vec<usize> = (0..5)
-        .map(|i| table.iter().chain([&header]).map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .map(|i| {
+            table
+                .iter()
+                .chain([&header])
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     for row in [&header].into_iter().chain(&table) {
         let line: Vec<String> = row
             .iter()
             .zip(&widths)
             .enumerate()
-            .map(|(i, (cell, w))| if i == 4 { format!("{cell:>w$}") } else { format!("{cell:<w$}") })
+            .map(|(i, (cell, w))| {
+                if i == 4 {
+                    format!("{cell:>w$}")
+                } else {
+                    format!("{cell:<w$}")
+                }
+            })
             .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
@@ -168,14 +244,23 @@ pub fn render_stats(stats: &serde_json::Value) -> String {
 pub fn render_explanation(e: &Explanation) -> String {
     let mut out = String::new();
     let Some(p) = &e.process else {
-        return format!("pid {}: not in the daemon's process tree (no such process?)\n", e.pid);
+        return format!(
+            "pid {}: not in the daemon's process tree (no such process?)\n",
+            e.pid
+        );
     };
     out.push_str(&format!(
         "pid {} ({}), parent {}, started at tick {}\n  argv: {}\n",
-        p.id.pid, word(&p.comm), p.ppid, p.id.start_ticks, p.argv
+        p.id.pid,
+        word(&p.comm),
+        p.ppid,
+        p.id.start_ticks,
+        p.argv
     ));
     if let Some(target) = e.descendant_of {
-        out.push_str(&format!("  counted as activity of target {target} (a descendant)\n"));
+        out.push_str(&format!(
+            "  counted as activity of target {target} (a descendant)\n"
+        ));
     }
     for r in &e.rules {
         match &r.why_not {
@@ -215,14 +300,17 @@ pub fn render_explanation(e: &Explanation) -> String {
             "  session of target {} ({}){}: {}\n",
             s.target,
             if s.ended { "ended" } else { "live" },
-            s.kind.map_or(String::new(), |k| format!(", a {}", k.as_str())),
+            s.kind
+                .map_or(String::new(), |k| format!(", a {}", k.as_str())),
             s.leftover,
         ));
     }
     if let Some(a) = e.attribution.as_ref().filter(|a| **a != Default::default()) {
         out.push_str(&format!(
             "  runs in: unit {}, container {}, pod {}\n",
-            a.unit.as_deref().map_or("-".into(), |u| word(u).to_string()),
+            a.unit
+                .as_deref()
+                .map_or("-".into(), |u| word(u).to_string()),
             a.container.as_deref().unwrap_or("-"),
             a.pod.as_deref().unwrap_or("-"),
         ));
@@ -246,10 +334,16 @@ pub fn render_explanation(e: &Explanation) -> String {
 pub fn json(value: &impl serde::Serialize, pretty: bool) -> serde_json::Result<String> {
     let mut out = Vec::new();
     if pretty {
-        let mut ser = serde_json::Serializer::with_formatter(&mut out, Escaping(serde_json::ser::PrettyFormatter::new()));
+        let mut ser = serde_json::Serializer::with_formatter(
+            &mut out,
+            Escaping(serde_json::ser::PrettyFormatter::new()),
+        );
         value.serialize(&mut ser)?;
     } else {
-        let mut ser = serde_json::Serializer::with_formatter(&mut out, Escaping(serde_json::ser::CompactFormatter));
+        let mut ser = serde_json::Serializer::with_formatter(
+            &mut out,
+            Escaping(serde_json::ser::CompactFormatter),
+        );
         value.serialize(&mut ser)?;
     }
     Ok(String::from_utf8(out).expect("serde_json writes UTF-8"))
@@ -272,7 +366,11 @@ impl<F: serde_json::ser::Formatter> serde_json::ser::Formatter for Escaping<F> {
         begin_object, end_object, begin_object_key(first: bool), begin_object_value, end_object_value,
     );
 
-    fn write_string_fragment<W: ?Sized + std::io::Write>(&mut self, w: &mut W, fragment: &str) -> std::io::Result<()> {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
         let mut start = 0;
         for (at, c) in fragment.char_indices() {
             if hidden(c) {
@@ -309,17 +407,35 @@ mod tests {
         });
         let text = render_stats(&stats);
         assert!(text.contains("reload-cancelled     2"), "{text}");
-        assert!(text.contains("events               17 (fork 10, exec 7)"), "{text}");
-        assert!(text.contains("mode                 enforce (/etc/reaper/reaper.toml)"), "{text}");
-        assert!(text.contains("OUTCOME  RULE        REASON    STEP    COUNT"), "{text}");
-        assert!(text.contains("killed   claude-sdk  idle      closed      4"), "{text}");
-        assert!(text.contains("failed   claude-sdk  orphaned  -           1"), "{text}");
+        assert!(
+            text.contains("events               17 (fork 10, exec 7)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mode                 enforce (/etc/reaper/reaper.toml)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("OUTCOME  RULE        REASON    STEP    COUNT"),
+            "{text}"
+        );
+        assert!(
+            text.contains("killed   claude-sdk  idle      closed      4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("failed   claude-sdk  orphaned  -           1"),
+            "{text}"
+        );
     }
 
     #[test]
     fn indents_children_under_parents() {
         let snap = |pid, ppid, comm: &str| Snapshot {
-            id: Identity { pid, start_ticks: u64::from(pid) },
+            id: Identity {
+                pid,
+                start_ticks: u64::from(pid),
+            },
             ppid,
             uid: 0,
             comm: comm.into(),
@@ -327,7 +443,12 @@ mod tests {
             argv: Argv::from_args(&[comm, "-x"]),
             argv_truncated: false,
         };
-        let tree = ProcessTree::from_scan(vec![snap(1, 0, "init"), snap(5, 1, "sshd"), snap(9, 5, "bash"), snap(7, 1, "cron")]);
+        let tree = ProcessTree::from_scan(vec![
+            snap(1, 0, "init"),
+            snap(5, 1, "sshd"),
+            snap(9, 5, "bash"),
+            snap(7, 1, "cron"),
+        ]);
         let processes: Vec<_> = tree.processes().cloned().collect();
         let text = render_tree(&processes, &[]);
         let lines: Vec<&str> = text.lines().collect();
@@ -341,7 +462,10 @@ mod tests {
     #[test]
     fn a_multi_line_argv_or_comm_stays_on_one_line() {
         let snap = Snapshot {
-            id: Identity { pid: 4, start_ticks: 4 },
+            id: Identity {
+                pid: 4,
+                start_ticks: 4,
+            },
             ppid: 0,
             uid: 0,
             comm: "we\nird".into(),
@@ -349,7 +473,10 @@ mod tests {
             argv: Argv::from_args(&["bash", "-c", "X='#!/bin/bash\necho hi'\t\u{1b}[31m"]),
             argv_truncated: false,
         };
-        let processes: Vec<_> = ProcessTree::from_scan(vec![snap]).processes().cloned().collect();
+        let processes: Vec<_> = ProcessTree::from_scan(vec![snap])
+            .processes()
+            .cloned()
+            .collect();
         let text = render_tree(&processes, &[]);
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(
@@ -367,9 +494,16 @@ mod tests {
                 !text.chars().any(|c| hidden(c) && c != '\n'),
                 "a hidden character printed as itself: {text:?}"
             );
-            assert!(text.contains(r"a\u202eb\u200b\ufeff\udb40\udc01\n\u001b"), "{text}");
+            assert!(
+                text.contains(r"a\u202eb\u200b\ufeff\udb40\udc01\n\u001b"),
+                "{text}"
+            );
             assert!(text.contains("日本"), "ordinary text is left alone: {text}");
-            assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), value, "same value");
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+                value,
+                "same value"
+            );
             assert_eq!(text.contains('\n'), pretty);
         }
     }

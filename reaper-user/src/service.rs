@@ -1,11 +1,7 @@
 //! Living under a service manager: log priorities the journal understands, and systemd's
 //! notification protocol (`Type=notify`: `READY=1`, `RELOADING=1`, `STOPPING=1`, the watchdog).
 //! Outside systemd (no `NOTIFY_SOCKET`, stderr not the journal) all of it does nothing.
-use std::{
-    io::Write as _,
-    sync::Arc,
-    time::Duration,
-};
+use std::{io::Write as _, sync::Arc, time::Duration};
 
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
@@ -20,13 +16,19 @@ pub const EX_CONFIG: u8 = 78;
 /// the stream it connects, which must still be our stderr (not inherited by a child whose
 /// stderr was redirected).
 pub fn stderr_is_journal() -> bool {
-    let Some(value) = std::env::var_os("JOURNAL_STREAM") else { return false };
-    let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else { return false };
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else {
+        return false;
+    };
     journal_stream_matches(&value.to_string_lossy(), stat.st_dev, stat.st_ino)
 }
 
 fn journal_stream_matches(value: &str, dev: u64, ino: u64) -> bool {
-    let Some((d, i)) = value.split_once(':') else { return false };
+    let Some((d, i)) = value.split_once(':') else {
+        return false;
+    };
     d.parse() == Ok(dev) && i.parse() == Ok(ino)
 }
 
@@ -68,7 +70,10 @@ pub struct RecordWriter {
 
 impl RecordWriter {
     fn new(priority: Option<u8>) -> Self {
-        Self { priority, buf: Vec::new() }
+        Self {
+            priority,
+            buf: Vec::new(),
+        }
     }
 }
 
@@ -153,7 +158,10 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 pub fn spawn_watchdog(health: Arc<Health>) -> Option<tokio::task::JoinHandle<()>> {
     let period = sd_notify::watchdog_enabled()?;
     let every = (period / 2).max(Duration::from_millis(100));
-    tracing::info!(watchdog_secs = period.as_secs_f64(), "systemd watchdog enabled");
+    tracing::info!(
+        watchdog_secs = period.as_secs_f64(),
+        "systemd watchdog enabled"
+    );
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -76,7 +76,9 @@ impl Harness {
         what: &str,
         check: impl FnMut(Option<&Process>) -> Option<T>,
     ) -> T {
-        self.try_wait_process(pid, what, check).await.unwrap_or_else(|e| panic!("{e:#}"))
+        self.try_wait_process(pid, what, check)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// [`Self::wait_process`], failing with an error after [`DEADLINE`].
@@ -101,7 +103,9 @@ impl Harness {
 
     /// Waits for an event matching `check` on the tap.
     pub async fn wait_event<T>(&mut self, what: &str, check: impl FnMut(&Event) -> Option<T>) -> T {
-        self.try_wait_event(what, check).await.unwrap_or_else(|e| panic!("{e:#}"))
+        self.try_wait_event(what, check)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// [`Self::wait_event`], failing with an error after [`DEADLINE`] or when the tap lagged.
@@ -177,7 +181,10 @@ pub fn programs_dir() -> &'static std::path::Path {
             .take(2)
             .find(|dir| dir.join("lifecycle-helper").exists());
         dir.unwrap_or_else(|| {
-            panic!("no lifecycle-helper beside {}: run through cargo test", exe.display())
+            panic!(
+                "no lifecycle-helper beside {}: run through cargo test",
+                exe.display()
+            )
         })
         .to_path_buf()
     })
@@ -255,7 +262,10 @@ impl Helper {
                 Err(err) => bail!("no {key} from the helper ({err}); got {:?}", self.values),
             };
             let (k, v) = line.split_once('=').context("a key=value line")?;
-            self.values.entry(k.to_owned()).or_default().push(v.to_owned());
+            self.values
+                .entry(k.to_owned())
+                .or_default()
+                .push(v.to_owned());
         }
     }
 
@@ -265,7 +275,9 @@ impl Helper {
 
     pub fn try_read_pid(&mut self, key: &str) -> anyhow::Result<u32> {
         let value = self.try_read(key)?;
-        value.parse().with_context(|| format!("{key}={value} is not a pid"))
+        value
+            .parse()
+            .with_context(|| format!("{key}={value} is not a pid"))
     }
 
     /// Every value printed for `key` once the helper has closed its stdout.
@@ -279,7 +291,10 @@ impl Helper {
             match self.lines.recv_timeout(DEADLINE) {
                 Ok(line) => {
                     let (k, v) = line.split_once('=').context("a key=value line")?;
-                    self.values.entry(k.to_owned()).or_default().push(v.to_owned());
+                    self.values
+                        .entry(k.to_owned())
+                        .or_default()
+                        .push(v.to_owned());
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(err) => bail!("helper output never ended ({err}); got {:?}", self.values),
@@ -375,7 +390,9 @@ pub fn thread_statuses(pid: u32) -> Vec<(u32, String)> {
 
 /// A hexadecimal mask field of a `/proc/PID/status` text (`CapEff`, `CapPrm`, …).
 pub fn status_mask(status: &str, field: &str) -> Option<u64> {
-    let value = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    let value = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
     u64::from_str_radix(value.trim(), 16).ok()
 }
 
@@ -391,13 +408,19 @@ pub fn status_field<'a>(status: &'a str, field: &str) -> Option<&'a str> {
 pub fn proc_identities() -> Vec<(u32, u64)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         if let Some(stat) = proc_stat(pid)
-            && stat.state != 'Z' && stat.state != 'X' {
-                out.push((pid, stat.start_ticks));
-            }
+            && stat.state != 'Z'
+            && stat.state != 'X'
+        {
+            out.push((pid, stat.start_ticks));
+        }
     }
     out
 }
@@ -429,7 +452,11 @@ pub fn matches_proc(p: &Process) -> anyhow::Result<()> {
     }
     let cmdline = proc_cmdline(pid);
     if !p.argv_truncated && Some(p.argv.raw().to_vec()) != cmdline {
-        return Err(differ("argv", &p.argv, &cmdline.map(|c| String::from_utf8_lossy(&c).into_owned())));
+        return Err(differ(
+            "argv",
+            &p.argv,
+            &cmdline.map(|c| String::from_utf8_lossy(&c).into_owned()),
+        ));
     }
     Ok(())
 }
@@ -558,7 +585,6 @@ pub fn ensure_tool(tool: &str, package: &str) {
     );
 }
 
-
 /// The YAML documents of a file, as JSON (through Debian's python3-yaml, installed if missing).
 pub fn yaml_documents(path: &std::path::Path) -> Vec<serde_json::Value> {
     ensure_tool("python3", "python3");
@@ -603,8 +629,7 @@ pub fn agent_comm(prefix: &str) -> String {
 pub fn agent(prefix: &str, args: &[&str]) -> Helper {
     let link = std::env::temp_dir().join(agent_comm(prefix));
     if !link.exists() {
-        std::os::unix::fs::symlink(program("fake-agent"), &link)
-            .expect("symlink to fake-agent");
+        std::os::unix::fs::symlink(program("fake-agent"), &link).expect("symlink to fake-agent");
     }
     Helper::spawn_program(&link, args)
 }
@@ -628,7 +653,12 @@ pub fn reaping_config(rule: &str, extra: &str, parents: &[String]) -> String {
 /// Configuration text: `defaults` top-level settings, each replaced by a line of `extra` with
 /// the same key, then one SDK-style rule named `rule` that also requires one of `parents` as
 /// the parent's comm.
-pub fn test_config(rule: &str, defaults: &[(&str, &str)], extra: &str, parents: &[String]) -> String {
+pub fn test_config(
+    rule: &str,
+    defaults: &[(&str, &str)],
+    extra: &str,
+    parents: &[String],
+) -> String {
     let mut top: Vec<(&str, &str)> = defaults.to_vec();
     for line in extra.lines() {
         if let Some((key, value)) = line.split_once(" = ") {
@@ -648,9 +678,18 @@ pub fn test_config(rule: &str, defaults: &[(&str, &str)], extra: &str, parents: 
 
 /// A decision to end `id` alone (no descendants, enforce mode, SIGTERM first), as the detector
 /// would hand it to the reaper; `comm` and `uid` are what the reaper re-checks.
-pub fn decision(id: reaper::events::Identity, comm: &str, uid: u32, rule: &str) -> reaper::detect::Decision {
+pub fn decision(
+    id: reaper::events::Identity,
+    comm: &str,
+    uid: u32,
+    rule: &str,
+) -> reaper::detect::Decision {
     reaper::detect::Decision {
-        target: reaper::detect::Victim { id, comm: comm.into(), uid },
+        target: reaper::detect::Victim {
+            id,
+            comm: comm.into(),
+            uid,
+        },
         descendants: vec![],
         other_uid: 0,
         rule: rule.into(),
@@ -682,8 +721,8 @@ impl TempDir {
     pub fn new(test: &str) -> Self {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir()
-            .join(format!("reaper-tests-{}-{test}-{n}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("reaper-tests-{}-{test}-{n}", std::process::id()));
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
         Self(path)
     }

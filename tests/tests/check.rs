@@ -179,13 +179,20 @@ fn the_report_says_which_capabilities_the_configs_mode_keeps() {
     let dir = reaper_tests::TempDir::new("check-kept");
     let rule = "[[rule]]\nname = \"r\"\ncomm = [\"never-matches\"]\n";
     for (mode, kill_kept) in [("enforce", true), ("dry-run", false)] {
-        let config = dir.write(&format!("{mode}.toml"), &format!("mode = \"{mode}\"\n{rule}"));
+        let config = dir.write(
+            &format!("{mode}.toml"),
+            &format!("mode = \"{mode}\"\n{rule}"),
+        );
         let out = Command::new(reaper_bin())
             .args(["check", "--config", config.to_str().unwrap()])
             .output()
             .expect("run reaper check");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{mode}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{mode}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let row = |cap: &str| {
             text.lines()
                 .find(|l| l.starts_with(&format!("keeps {cap} ")))
@@ -193,9 +200,23 @@ fn the_report_says_which_capabilities_the_configs_mode_keeps() {
                 .to_owned()
         };
         for cap in ["CAP_BPF", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"] {
-            assert!(row(cap).contains("after start-up, in every mode"), "{mode}: {}", row(cap));
+            assert!(
+                row(cap).contains("after start-up, in every mode"),
+                "{mode}: {}",
+                row(cap)
+            );
         }
-        assert_eq!(row("CAP_KILL").contains("after start-up"), kill_kept, "{mode}: {}", row("CAP_KILL"));
-        assert_eq!(row("CAP_KILL").contains("no: dropped at start-up"), !kill_kept, "{mode}: {}", row("CAP_KILL"));
+        assert_eq!(
+            row("CAP_KILL").contains("after start-up"),
+            kill_kept,
+            "{mode}: {}",
+            row("CAP_KILL")
+        );
+        assert_eq!(
+            row("CAP_KILL").contains("no: dropped at start-up"),
+            !kill_kept,
+            "{mode}: {}",
+            row("CAP_KILL")
+        );
     }
 }

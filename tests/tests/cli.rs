@@ -111,7 +111,9 @@ fn tree_shows_this_test_and_the_child_it_spawned() {
     };
     let (row, child_row) = (&rows[mine], &rows[theirs]);
     assert!(
-        child_row.line.ends_with(r#"wait "script='#!/bin/sh\necho hi'""#),
+        child_row
+            .line
+            .ends_with(r#"wait "script='#!/bin/sh\necho hi'""#),
         "the newline is shown escaped: {child_row:?}"
     );
     assert_eq!(row.ppid, my_stat.ppid, "this test's parent: {row:?}");
@@ -397,7 +399,12 @@ fn metrics_are_valid_prometheus_and_health_is_ok() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run promtool");
-    check.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
     let out = check.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -427,7 +434,10 @@ fn a_real_prometheus_scrapes_the_daemon() {
     let mut prometheus = Running::new(
         Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={web}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -440,7 +450,10 @@ fn a_real_prometheus_scrapes_the_daemon() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let processes = loop {
         if let Some(status) = prometheus.exited() {
-            panic!("prometheus exited ({status}): {}", std::fs::read_to_string(&log).unwrap_or_default());
+            panic!(
+                "prometheus exited ({status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
         }
         let (status, body) = http_get(web, "/api/v1/query?query=reaper_processes");
         if status == 200 {
@@ -482,7 +495,13 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let body = match text.split_once("\r\n\r\n") {
-        Some((head, body)) if head.to_ascii_lowercase().contains("transfer-encoding: chunked") => dechunk(body),
+        Some((head, body))
+            if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked") =>
+        {
+            dechunk(body)
+        }
         Some((_, body)) => body.to_owned(),
         None => String::new(),
     };
@@ -492,7 +511,9 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -509,7 +530,11 @@ fn stats_of(daemon: &Daemon) -> Value {
         .args(["stats", "--json", "--socket", daemon.socket_arg()])
         .output()
         .expect("reaper stats");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("stats JSON")
 }
 
@@ -522,7 +547,8 @@ fn sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
         std::fs::write(&config, text).unwrap();
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
     };
-    let rule = |name: &str| format!("[[rule]]\nname = \"{name}\"\ncomm = [\"never-matches-{name}\"]\n");
+    let rule =
+        |name: &str| format!("[[rule]]\nname = \"{name}\"\ncomm = [\"never-matches-{name}\"]\n");
     write(&rule("first"));
     let mut daemon = start_daemon_with(&dir, &["--config", config.to_str().unwrap()]);
     assert_eq!(stats_of(&daemon)["rules"], serde_json::json!(["first"]));
@@ -531,7 +557,11 @@ fn sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
     kill(daemon.process.pid(), Signal::SIGHUP).unwrap();
     let deadline = Instant::now() + DEADLINE;
     while stats_of(&daemon)["rules"] != serde_json::json!(["second"]) {
-        assert!(Instant::now() < deadline, "not reloaded; log:\n{}", daemon.log());
+        assert!(
+            Instant::now() < deadline,
+            "not reloaded; log:\n{}",
+            daemon.log()
+        );
         std::thread::sleep(POLL);
     }
 
@@ -539,11 +569,22 @@ fn sighup_reloads_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
     kill(daemon.process.pid(), Signal::SIGHUP).unwrap();
     let deadline = Instant::now() + DEADLINE;
     while !daemon.log().contains("refusing the new configuration") {
-        assert!(Instant::now() < deadline, "bad config not refused; log:\n{}", daemon.log());
+        assert!(
+            Instant::now() < deadline,
+            "bad config not refused; log:\n{}",
+            daemon.log()
+        );
         std::thread::sleep(POLL);
     }
-    assert!(daemon.log().contains("idle_timeout"), "the refusal names the key");
-    assert_eq!(stats_of(&daemon)["rules"], serde_json::json!(["second"]), "the old config stays");
+    assert!(
+        daemon.log().contains("idle_timeout"),
+        "the refusal names the key"
+    );
+    assert_eq!(
+        stats_of(&daemon)["rules"],
+        serde_json::json!(["second"]),
+        "the old config stays"
+    );
     assert!(daemon.process.exited().is_none(), "still running");
 }
 
@@ -559,19 +600,36 @@ const DRY_RUN_CAPS: u64 = ENFORCING_CAPS & !(1 << 5);
 /// the main one.
 fn assert_every_thread_keeps(pid: u32, kept: u64, mode: &str) {
     let threads = thread_statuses(pid);
-    let names: Vec<&str> = threads.iter().filter_map(|(_, s)| status_field(s, "Name")).collect();
+    let names: Vec<&str> = threads
+        .iter()
+        .filter_map(|(_, s)| status_field(s, "Name"))
+        .collect();
     // Main, two workers, and the blocking thread that ran the start-up /proc scan.
-    assert!(threads.len() >= 3, "{mode}: expected the runtime's threads too: {names:?}");
-    assert!(names.contains(&"tokio-rt-worker"), "{mode}: no worker thread among {names:?}");
+    assert!(
+        threads.len() >= 3,
+        "{mode}: expected the runtime's threads too: {names:?}"
+    );
+    assert!(
+        names.contains(&"tokio-rt-worker"),
+        "{mode}: no worker thread among {names:?}"
+    );
     for (tid, status) in &threads {
         let name = status_field(status, "Name").unwrap_or("?");
         let what = format!("{mode}: thread {tid} ({name}) of the daemon");
-        assert_eq!(status_mask(status, "CapEff"), Some(kept), "{what}: CapEff\n{status}");
+        assert_eq!(
+            status_mask(status, "CapEff"),
+            Some(kept),
+            "{what}: CapEff\n{status}"
+        );
         assert_eq!(status_mask(status, "CapPrm"), Some(kept), "{what}: CapPrm");
         assert_eq!(status_mask(status, "CapBnd"), Some(kept), "{what}: CapBnd");
         assert_eq!(status_mask(status, "CapInh"), Some(0), "{what}: CapInh");
         assert_eq!(status_mask(status, "CapAmb"), Some(0), "{what}: CapAmb");
-        assert_eq!(status_field(status, "NoNewPrivs"), Some("1"), "{what}: NoNewPrivs");
+        assert_eq!(
+            status_field(status, "NoNewPrivs"),
+            Some("1"),
+            "{what}: NoNewPrivs"
+        );
     }
 }
 
@@ -588,7 +646,11 @@ fn each_mode_keeps_only_the_capabilities_it_uses_and_a_reload_needing_more_is_re
     let rule = "[[rule]]\nname = \"never\"\ncomm = [\"never-matches-caps\"]\n";
     for (mode, head, kept) in [
         ("enforce", "mode = \"enforce\"\n", ENFORCING_CAPS),
-        ("enforce, proc-io", "mode = \"enforce\"\nactivity_source = \"proc-io\"\n", ENFORCING_CAPS),
+        (
+            "enforce, proc-io",
+            "mode = \"enforce\"\nactivity_source = \"proc-io\"\n",
+            ENFORCING_CAPS,
+        ),
         ("dry-run", "mode = \"dry-run\"\n", DRY_RUN_CAPS),
     ] {
         let dir = TempDir::new("caps-mode");
@@ -599,25 +661,54 @@ fn each_mode_keeps_only_the_capabilities_it_uses_and_a_reload_needing_more_is_re
         };
         write(&format!("{head}{rule}"));
         let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let daemon = Daemon::start(&dir, "daemon", ["--config", config.to_str().unwrap()], metrics);
+        let daemon = Daemon::start(
+            &dir,
+            "daemon",
+            ["--config", config.to_str().unwrap()],
+            metrics,
+        );
         assert_every_thread_keeps(daemon.process.child.id(), kept, mode);
         let log = daemon.log();
-        assert!(log.contains("dropped every other capability"), "{mode}: {log}");
-        assert!(log.contains("CAP_BPF (update the watched-process map"), "{mode}: the log says what is kept and why: {log}");
+        assert!(
+            log.contains("dropped every other capability"),
+            "{mode}: {log}"
+        );
+        assert!(
+            log.contains("CAP_BPF (update the watched-process map"),
+            "{mode}: the log says what is kept and why: {log}"
+        );
         if mode == "dry-run" {
-            assert!(log.contains("CAP_KILL (needed in mode = "), "{mode}: and what is not: {log}");
+            assert!(
+                log.contains("CAP_KILL (needed in mode = "),
+                "{mode}: and what is not: {log}"
+            );
             // CAP_KILL is gone for good: a reload to enforce is refused, the dry run stays.
             write(&format!("mode = \"enforce\"\n{rule}"));
             kill(daemon.process.pid(), Signal::SIGHUP).unwrap();
             let deadline = Instant::now() + DEADLINE;
             while !daemon.log().contains("refusing the new configuration") {
-                assert!(Instant::now() < deadline, "reload to enforce not refused:\n{}", daemon.log());
+                assert!(
+                    Instant::now() < deadline,
+                    "reload to enforce not refused:\n{}",
+                    daemon.log()
+                );
                 std::thread::sleep(POLL);
             }
             let log = daemon.log();
-            assert!(log.contains("needs CAP_KILL") && log.contains("restart reaper"), "{log}");
-            assert_eq!(stats_of(&daemon)["mode"], "DryRun", "the running configuration stays");
-            assert_every_thread_keeps(daemon.process.child.id(), kept, "dry-run after the refused reload");
+            assert!(
+                log.contains("needs CAP_KILL") && log.contains("restart reaper"),
+                "{log}"
+            );
+            assert_eq!(
+                stats_of(&daemon)["mode"],
+                "DryRun",
+                "the running configuration stays"
+            );
+            assert_every_thread_keeps(
+                daemon.process.child.id(),
+                kept,
+                "dry-run after the refused reload",
+            );
         }
     }
 }
@@ -632,7 +723,9 @@ fn the_daemon_keeps_only_the_capabilities_it_needs_and_clients_survive_closed_pi
     assert_every_thread_keeps(pid, DRY_RUN_CAPS, "dry-run");
     let log = daemon.log();
     assert!(
-        log.contains("dropped every other capability and set no_new_privs, before starting any other thread"),
+        log.contains(
+            "dropped every other capability and set no_new_privs, before starting any other thread"
+        ),
         "{log}"
     );
     assert!(!log.contains("could not drop capabilities"), "{log}");
@@ -642,21 +735,44 @@ fn the_daemon_keeps_only_the_capabilities_it_needs_and_clients_survive_closed_pi
     let deadline = Instant::now() + DEADLINE;
     loop {
         let tree: Value = serde_json::from_slice(
-            &Command::new(reaper_bin()).args(["tree", "--json", "--socket", daemon.socket_arg()]).output().unwrap().stdout,
+            &Command::new(reaper_bin())
+                .args(["tree", "--json", "--socket", daemon.socket_arg()])
+                .output()
+                .unwrap()
+                .stdout,
         )
         .unwrap();
-        if tree.as_array().unwrap().iter().any(|p| p["id"]["pid"] == pid) {
+        if tree
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"]["pid"] == pid)
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "the helper never showed up after the drop");
+        assert!(
+            Instant::now() < deadline,
+            "the helper never showed up after the drop"
+        );
         std::thread::sleep(POLL);
     }
     helper.finish();
     // A client whose reader goes away early ends quietly, without a panic.
     let out = Command::new("sh")
-        .args(["-c", &format!("{} tree --socket {} | head -1", reaper_bin().display(), daemon.socket_arg())])
+        .args([
+            "-c",
+            &format!(
+                "{} tree --socket {} | head -1",
+                reaper_bin().display(),
+                daemon.socket_arg()
+            ),
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -145,7 +145,6 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
-
 fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null())
         .output()
@@ -553,9 +552,20 @@ fn reaper_runs_with_the_units_capabilities() {
     // a dry run (no CAP_KILL), dropped without a warning.
     let kept_bits: u64 = reaper::privileges::kept(reaper::config::Mode::DryRun)
         .fold(0, |bits, k| bits | 1 << k.cap.index());
-    assert_eq!(kept_bits, (1 << 2) | (1 << 19) | (1u64 << 39), "dry run: CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_BPF");
-    assert_eq!(kept_bits & !wanted_bits, 0, "KEPT is within the unit's capabilities");
-    assert!(threads.len() >= 3, "the daemon's runtime threads: {threads:?}");
+    assert_eq!(
+        kept_bits,
+        (1 << 2) | (1 << 19) | (1u64 << 39),
+        "dry run: CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_BPF"
+    );
+    assert_eq!(
+        kept_bits & !wanted_bits,
+        0,
+        "KEPT is within the unit's capabilities"
+    );
+    assert!(
+        threads.len() >= 3,
+        "the daemon's runtime threads: {threads:?}"
+    );
     for (tid, cap_eff, cap_prm, nnp) in &threads {
         assert_eq!(
             (*cap_eff, *cap_prm),
@@ -764,7 +774,10 @@ fn broken_alerting_rules_are_rejected() {
     for (from, to) in [
         (r#"up{job="reaper"} == 0"#, r#"up{job="reaper" == 0"#), // PromQL syntax
         ("for: 5m", "for: 5 minutes"),                           // bad duration
-        ("$labels.instance }} lost kernel", "$labels.instance } lost kernel"), // template
+        (
+            "$labels.instance }} lost kernel",
+            "$labels.instance } lost kernel",
+        ), // template
     ] {
         assert!(rules.contains(from), "{from:?}");
         let out = check(&rules.replacen(from, to, 1));
@@ -1179,7 +1192,10 @@ fn the_daemonset_runs_reaper_as_the_unit_does() {
 /// Cargo's target directory (the test executable is `<target>/<profile>/deps/<name>`).
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("own path");
-    exe.ancestors().nth(3).expect("<target>/<profile>/deps/<exe>").to_owned()
+    exe.ancestors()
+        .nth(3)
+        .expect("<target>/<profile>/deps/<exe>")
+        .to_owned()
 }
 
 /// `kubernetes-validate` (PyPI), in a virtualenv under the target directory, installed once.
@@ -1206,9 +1222,16 @@ fn kubernetes_validate() -> PathBuf {
     let out = run(Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
         .arg(format!("kubernetes-validate=={VERSION}")));
-    assert!(out.status.success(), "pip install kubernetes-validate: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "pip install kubernetes-validate: {}",
+        text(&out)
+    );
     std::fs::write(&stamp, "").expect("the stamp");
-    eprintln!("installed kubernetes-validate {VERSION} in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "installed kubernetes-validate {VERSION} in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     bin
 }
 
@@ -1218,7 +1241,11 @@ fn validate_manifest(path: &Path, version: &str) -> Result<String, String> {
     let out = run(Command::new(kubernetes_validate())
         .args(["--strict", "--kubernetes-version", version])
         .arg(path));
-    if out.status.success() { Ok(text(&out)) } else { Err(text(&out)) }
+    if out.status.success() {
+        Ok(text(&out))
+    } else {
+        Err(text(&out))
+    }
 }
 
 #[test]
@@ -1226,16 +1253,28 @@ fn the_manifests_pass_the_kubernetes_schemas() {
     // 1.30 is the first with securityContext.appArmorProfile; 1.37 the newest the tool knows.
     let path = deploy("kubernetes/daemonset.yaml");
     for version in ["1.30.0", "1.37.0"] {
-        let report = validate_manifest(&path, version).unwrap_or_else(|e| panic!("Kubernetes {version}:\n{e}"));
-        for kind in ["namespace/reaper-system", "serviceaccount/reaper", "configmap/reaper-config", "daemonset/reaper"] {
-            assert!(report.contains(&format!("passed for resource {kind}")), "{report}");
+        let report = validate_manifest(&path, version)
+            .unwrap_or_else(|e| panic!("Kubernetes {version}:\n{e}"));
+        for kind in [
+            "namespace/reaper-system",
+            "serviceaccount/reaper",
+            "configmap/reaper-config",
+            "daemonset/reaper",
+        ] {
+            assert!(
+                report.contains(&format!("passed for resource {kind}")),
+                "{report}"
+            );
         }
     }
     // A field in the wrong place and a wrongly typed one are refused.
     let dir = TempDir::new("k8s");
     for (from, to) in [
         ("      hostPID: true", "      hostPid: true"),
-        ("              containerPort: 9847", "              containerPort: \"9847\""),
+        (
+            "              containerPort: 9847",
+            "              containerPort: \"9847\"",
+        ),
     ] {
         let yaml = read(&path);
         assert!(yaml.contains(from), "{from:?}");
@@ -1248,7 +1287,10 @@ fn the_manifests_pass_the_kubernetes_schemas() {
 #[test]
 fn the_daemonset_runs_the_built_image_on_linux_amd64_nodes() {
     let docs = yaml_documents(&deploy("kubernetes/daemonset.yaml"));
-    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
     let pod = &ds["spec"]["template"]["spec"];
     // `cargo xtask dist` names the image localhost/reaper:<workspace version>.
     assert_eq!(
@@ -1263,32 +1305,48 @@ fn the_daemonset_runs_the_built_image_on_linux_amd64_nodes() {
 fn the_prometheus_operator_resources_match_the_plain_files() {
     // The PrometheusRule's groups are alerts.yml's, which promtool checks and tests.
     let rule = yaml_documents(&deploy("kubernetes/prometheusrule.yaml"));
-    let [rule] = rule.as_slice() else { panic!("one document") };
+    let [rule] = rule.as_slice() else {
+        panic!("one document")
+    };
     assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
     assert_eq!(rule["kind"], "PrometheusRule");
     assert_eq!(rule["metadata"]["namespace"], "reaper-system");
     let alerts = yaml_documents(&deploy("prometheus/alerts.yml"));
-    assert_eq!(rule["spec"]["groups"], alerts[0]["groups"], "prometheusrule.yaml and alerts.yml differ");
+    assert_eq!(
+        rule["spec"]["groups"], alerts[0]["groups"],
+        "prometheusrule.yaml and alerts.yml differ"
+    );
 
     // The PodMonitor selects the DaemonSet's pods, scrapes its named port, and names the job
     // "reaper" (what ReaperDown looks for).
     let monitor = yaml_documents(&deploy("kubernetes/podmonitor.yaml"));
-    let [monitor] = monitor.as_slice() else { panic!("one document") };
+    let [monitor] = monitor.as_slice() else {
+        panic!("one document")
+    };
     assert_eq!(monitor["kind"], "PodMonitor");
     assert_eq!(monitor["metadata"]["namespace"], "reaper-system");
     let docs = yaml_documents(&deploy("kubernetes/daemonset.yaml"));
     let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
     let labels = &ds["spec"]["template"]["metadata"]["labels"];
-    for (key, value) in monitor["spec"]["selector"]["matchLabels"].as_object().expect("matchLabels") {
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels")
+    {
         assert_eq!(&labels[key], value, "the PodMonitor selects on {key}");
     }
     let job_label = monitor["spec"]["jobLabel"].as_str().expect("jobLabel");
     assert_eq!(labels[job_label], "reaper", "the job is named reaper");
     let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
-    assert_eq!(endpoint["port"], ds["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"]);
+    assert_eq!(
+        endpoint["port"],
+        ds["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"]
+    );
     assert_eq!(endpoint["path"], "/metrics");
     let rules = read(&deploy("prometheus/alerts.yml"));
-    assert!(rules.contains("up{job=\"reaper\"}") && rules.contains("absent("), "ReaperDown");
+    assert!(
+        rules.contains("up{job=\"reaper\"}") && rules.contains("absent("),
+        "ReaperDown"
+    );
 }
 
 #[test]
@@ -1298,10 +1356,22 @@ fn every_alert_has_a_runbook_section() {
     let mut seen = 0;
     for rule in alerts[0]["groups"][0]["rules"].as_array().unwrap() {
         let name = rule["alert"].as_str().unwrap();
-        let url = rule["annotations"]["runbook_url"].as_str().unwrap_or_else(|| panic!("{name} has no runbook_url"));
-        assert_eq!(url, format!("deploy/prometheus/runbook.md#{}", name.to_lowercase()));
-        assert!(runbook.contains(&format!("\n## {name}\n")), "runbook.md has no section {name}");
+        let url = rule["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} has no runbook_url"));
+        assert_eq!(
+            url,
+            format!("deploy/prometheus/runbook.md#{}", name.to_lowercase())
+        );
+        assert!(
+            runbook.contains(&format!("\n## {name}\n")),
+            "runbook.md has no section {name}"
+        );
         seen += 1;
     }
-    assert_eq!(seen, runbook.matches("\n## ").count(), "a runbook section per alert, no more");
+    assert_eq!(
+        seen,
+        runbook.matches("\n## ").count(),
+        "a runbook section per alert, no more"
+    );
 }

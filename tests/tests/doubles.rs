@@ -878,7 +878,11 @@ fn the_signals_a_reaper_sends_each_end_a_leaked_double_promptly() {
         let sent = Instant::now();
         signal(c, sig);
         // SIGINT is the CLI's own clean exit (status 0); SIGTERM and SIGHUP kill it.
-        let expected = if sig == libc::SIGINT { ("code".to_owned(), 0) } else { ("signal".to_owned(), sig) };
+        let expected = if sig == libc::SIGINT {
+            ("code".to_owned(), 0)
+        } else {
+            ("signal".to_owned(), sig)
+        };
         assert_eq!(agent.exit_of(c), expected, "ends on signal {sig}");
         eprintln!("signal {sig} → reaped by the agent in {:?}", sent.elapsed());
         assert!(sent.elapsed() < Duration::from_secs(1));

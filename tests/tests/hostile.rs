@@ -26,7 +26,8 @@ fn metrics_addr() -> SocketAddr {
 
 /// A `/proc/PID/status` field in kB, as bytes.
 fn status_bytes(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the daemon's status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the daemon's status");
     let kb: u64 = status_field(&status, field)
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no {field} in\n{status}"));
@@ -44,7 +45,10 @@ fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         if let Some(found) = check() {
             return found;
         }
-        assert!(Instant::now() < deadline, "timed out after {DEADLINE:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
         std::thread::sleep(POLL);
     }
 }
@@ -66,7 +70,9 @@ const RUNNING_RSS_BOUND: u64 = 48 << 20;
 
 #[test]
 fn megabytes_of_argv_in_many_processes_keep_the_daemon_small() {
-    let args: Vec<String> = (0..8).map(|i| char::from(b'a' + i).to_string().repeat(ARG_BYTES)).collect();
+    let args: Vec<String> = (0..8)
+        .map(|i| char::from(b'a' + i).to_string().repeat(ARG_BYTES))
+        .collect();
     let mut helper_args = vec!["fork-wait".to_owned(), (PROCESSES - 1).to_string()];
     helper_args.extend(args.iter().cloned());
     let helper_args: Vec<&str> = helper_args.iter().map(String::as_str).collect();
@@ -79,14 +85,30 @@ fn megabytes_of_argv_in_many_processes_keep_the_daemon_small() {
         pids.push(child);
     }
     let cmdline = std::fs::read(format!("/proc/{parent}/cmdline")).unwrap();
-    assert!(cmdline.len() > 8 * ARG_BYTES, "the helper's argv is {} bytes", cmdline.len());
+    assert!(
+        cmdline.len() > 8 * ARG_BYTES,
+        "the helper's argv is {} bytes",
+        cmdline.len()
+    );
 
     // Started after them: the start-up scan reads them all, then reconciles rescan every second.
     let dir = TempDir::new("argv");
-    let every_second = reaper::config::DEFAULT_TOML.replace("reconcile_interval = \"60s\"", "reconcile_interval = \"1s\"");
-    assert_ne!(every_second, reaper::config::DEFAULT_TOML, "the built-in default sets reconcile_interval");
+    let every_second = reaper::config::DEFAULT_TOML.replace(
+        "reconcile_interval = \"60s\"",
+        "reconcile_interval = \"1s\"",
+    );
+    assert_ne!(
+        every_second,
+        reaper::config::DEFAULT_TOML,
+        "the built-in default sets reconcile_interval"
+    );
     let config = dir.write("reaper.toml", &every_second);
-    let daemon = Daemon::start(&dir, "daemon", ["--dry-run", "--config", config.to_str().unwrap()], metrics_addr());
+    let daemon = Daemon::start(
+        &dir,
+        "daemon",
+        ["--dry-run", "--config", config.to_str().unwrap()],
+        metrics_addr(),
+    );
     let pid = daemon.process.child.id();
     let start_peak = status_bytes(pid, "VmHWM");
     let started = status_bytes(pid, "VmRSS");
@@ -107,9 +129,19 @@ fn megabytes_of_argv_in_many_processes_keep_the_daemon_small() {
         mib(start_peak),
         mib(running_peak),
     );
-    assert!(start_peak < PEAK_RSS_BOUND, "peak RSS {start_peak} over {PEAK_RSS_BOUND}:\n{}", daemon.log());
-    assert!(started < RUNNING_RSS_BOUND, "RSS {started} after start-up over {RUNNING_RSS_BOUND}");
-    assert!(running_peak < RUNNING_RSS_BOUND, "RSS {running_peak} while reconciling over {RUNNING_RSS_BOUND}");
+    assert!(
+        start_peak < PEAK_RSS_BOUND,
+        "peak RSS {start_peak} over {PEAK_RSS_BOUND}:\n{}",
+        daemon.log()
+    );
+    assert!(
+        started < RUNNING_RSS_BOUND,
+        "RSS {started} after start-up over {RUNNING_RSS_BOUND}"
+    );
+    assert!(
+        running_peak < RUNNING_RSS_BOUND,
+        "RSS {running_peak} while reconciling over {RUNNING_RSS_BOUND}"
+    );
 
     // In the tree: the first ARGV_LEN bytes, flagged, for every one of them.
     let tree: Vec<Value> = serde_json::from_value(daemon.request("tree").unwrap()).unwrap();
@@ -121,7 +153,10 @@ fn megabytes_of_argv_in_many_processes_keep_the_daemon_small() {
             .unwrap_or_else(|| panic!("{p} is not in the tree"));
         assert_eq!(entry["argv_truncated"], true, "{p}: the cut is flagged");
         let argv: Vec<String> = serde_json::from_value(entry["argv"].clone()).unwrap();
-        assert_eq!(argv, want, "{p}: the argv kept is the first {ARGV_LEN} bytes");
+        assert_eq!(
+            argv, want,
+            "{p}: the argv kept is the first {ARGV_LEN} bytes"
+        );
     }
 
     helper.finish();
@@ -146,7 +181,9 @@ const EVIL_ARGS: [&str; 6] = [
 
 /// The characters no output may carry as themselves (a newline only ends a line).
 fn hidden_chars(text: &str) -> Vec<char> {
-    text.chars().filter(|c| *c != '\n' && reaper::events::hidden(*c)).collect()
+    text.chars()
+        .filter(|c| *c != '\n' && reaper::events::hidden(*c))
+        .collect()
 }
 
 /// Splits a text log line's fields (after the message) into `key=value` pairs, values either
@@ -240,7 +277,9 @@ fn forged_comm_and_argv_are_escaped_in_logs_tree_explain_and_events() {
     let mut events = Running::new(events, "reaper events");
     // It attached once it says it follows.
     let mut banner = [0u8; 9];
-    stderr.read_exact(&mut banner).expect("reaper events' banner");
+    stderr
+        .read_exact(&mut banner)
+        .expect("reaper events' banner");
 
     // The parent renames itself to EVIL_COMM and starts the claude double with EVIL_ARGS: an
     // SDK-style target of the built-in rule, idle, so the daemons log "would reap" with its
@@ -273,10 +312,18 @@ fn forged_comm_and_argv_are_escaped_in_logs_tree_explain_and_events() {
     // Text log: no hidden character, every line a log line, the would-reap line's fields are
     // exactly the daemon's (none added by the process), with the values as the process set them.
     let log = raw_log(&text_daemon);
-    assert_eq!(hidden_chars(&log), [] as [char; 0], "raw control/bidi characters in the log:\n{log}");
+    assert_eq!(
+        hidden_chars(&log),
+        [] as [char; 0],
+        "raw control/bidi characters in the log:\n{log}"
+    );
     for line in log.lines() {
         assert!(
-            line.len() > 20 && line.starts_with("20") && [" INFO ", " WARN ", " ERROR ", " DEBUG "].iter().any(|l| line.contains(l)),
+            line.len() > 20
+                && line.starts_with("20")
+                && [" INFO ", " WARN ", " ERROR ", " DEBUG "]
+                    .iter()
+                    .any(|l| line.contains(l)),
             "not a log line (injected?): {line:?}"
         );
     }
@@ -289,17 +336,45 @@ fn forged_comm_and_argv_are_escaped_in_logs_tree_explain_and_events() {
     assert_eq!(
         keys,
         [
-            "pid", "start_time", "uid", "ppid", "parent_comm", "argv", "rule", "reason", "idle_secs",
-            "rss_bytes", "descendants", "other_uid", "unit", "container", "pod", "kind", "note", "step",
-            "steps", "outcome", "error"
+            "pid",
+            "start_time",
+            "uid",
+            "ppid",
+            "parent_comm",
+            "argv",
+            "rule",
+            "reason",
+            "idle_secs",
+            "rss_bytes",
+            "descendants",
+            "other_uid",
+            "unit",
+            "container",
+            "pod",
+            "kind",
+            "note",
+            "step",
+            "steps",
+            "outcome",
+            "error"
         ],
         "{line}"
     );
-    let value = |key: &str| found.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap();
+    let value = |key: &str| {
+        found
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
     assert_eq!(value("outcome"), "would_kill", "{line}");
     assert_eq!(value("rule"), "claude-sdk", "{line}");
     // Unescaped once (the log's quoting), the values are the printable() forms.
-    assert_eq!(value("parent_comm"), reaper::events::printable(EVIL_COMM), "{line}");
+    assert_eq!(
+        value("parent_comm"),
+        reaper::events::printable(EVIL_COMM),
+        "{line}"
+    );
     assert!(value("argv").contains("outcome=killed"), "{line}");
     assert!(value("argv").contains(r"\\u{202e}gnp.exe"), "{line}");
 
@@ -312,7 +387,11 @@ fn forged_comm_and_argv_are_escaped_in_logs_tree_explain_and_events() {
         let mut all = Vec::new();
         strings(&v, &mut all);
         for s in &all {
-            assert_eq!(hidden_chars(s), [] as [char; 0], "in the JSON log, decoded: {s:?}");
+            assert_eq!(
+                hidden_chars(s),
+                [] as [char; 0],
+                "in the JSON log, decoded: {s:?}"
+            );
         }
         if v["fields"]["pid"] == child && v["fields"]["message"] == "would reap (dry run)" {
             seen = true;
@@ -329,18 +408,45 @@ fn forged_comm_and_argv_are_escaped_in_logs_tree_explain_and_events() {
     let socket = text_daemon.socket_arg().to_owned();
     let tree = reaper_ok(["tree", "--socket", &socket]);
     assert_eq!(hidden_chars(&tree), [] as [char; 0], "{tree}");
-    let processes = text_daemon.request("tree").unwrap().as_array().unwrap().len();
+    let processes = text_daemon
+        .request("tree")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len();
     let rows = tree.lines().count() - 1;
     // Processes come and go between the two requests; an injected row would add many.
-    assert!(rows.abs_diff(processes) < 20, "{rows} rows for {processes} processes:\n{tree}");
+    assert!(
+        rows.abs_diff(processes) < 20,
+        "{rows} rows for {processes} processes:\n{tree}"
+    );
     for line in tree.lines().skip(1) {
-        let numbers = line.split_whitespace().take(4).filter(|w| w.parse::<u64>().is_ok()).count();
-        assert_eq!(numbers, 4, "a row without PID PPID START UID (injected?): {line:?}");
+        let numbers = line
+            .split_whitespace()
+            .take(4)
+            .filter(|w| w.parse::<u64>().is_ok())
+            .count();
+        assert_eq!(
+            numbers, 4,
+            "a row without PID PPID START UID (injected?): {line:?}"
+        );
     }
-    let parent_row = tree.lines().find(|l| l.trim_start().starts_with(&format!("{parent} "))).unwrap();
-    assert!(parent_row.contains(r#""a\nb\u{1b}[31m\u{202e}cd""#), "{parent_row}");
-    let child_row = tree.lines().find(|l| l.trim_start().starts_with(&format!("{child} "))).unwrap();
-    assert!(child_row.contains(r#" "--x\n2025-01-01T00:00:00.000000Z  WARN reaper:"#), "{child_row}");
+    let parent_row = tree
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{parent} ")))
+        .unwrap();
+    assert!(
+        parent_row.contains(r#""a\nb\u{1b}[31m\u{202e}cd""#),
+        "{parent_row}"
+    );
+    let child_row = tree
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{child} ")))
+        .unwrap();
+    assert!(
+        child_row.contains(r#" "--x\n2025-01-01T00:00:00.000000Z  WARN reaper:"#),
+        "{child_row}"
+    );
     let tree_json = reaper_ok(["tree", "--json", "--socket", &socket]);
     assert_eq!(hidden_chars(&tree_json), [] as [char; 0], "tree --json");
     assert!(tree_json.contains(r"\u202egnp.exe"), "escaped as JSON");
@@ -349,7 +455,11 @@ fn forged_comm_and_argv_are_escaped_in_logs_tree_explain_and_events() {
     for pid in [parent, child] {
         let out = reaper_ok(["explain", &pid.to_string(), "--socket", &socket]);
         assert_eq!(hidden_chars(&out), [] as [char; 0], "{out}");
-        assert!(out.lines().all(|l| l.starts_with("pid ") || l.starts_with("  ")), "{out}");
+        assert!(
+            out.lines()
+                .all(|l| l.starts_with("pid ") || l.starts_with("  ")),
+            "{out}"
+        );
         let out = reaper_ok(["explain", &pid.to_string(), "--json", "--socket", &socket]);
         assert_eq!(hidden_chars(&out), [] as [char; 0], "{out}");
     }
@@ -360,7 +470,9 @@ fn forged_comm_and_argv_are_escaped_in_logs_tree_explain_and_events() {
     let (mut rename, mut exec) = (None, None);
     while rename.is_none() || exec.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines.recv_timeout(left).unwrap_or_else(|e| panic!("{e}: events so far:\n{}", got.join("\n")));
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("{e}: events so far:\n{}", got.join("\n")));
         if line.contains(&format!("rename pid={parent} ")) {
             rename = Some(line.clone());
         }
@@ -372,14 +484,24 @@ fn forged_comm_and_argv_are_escaped_in_logs_tree_explain_and_events() {
     for line in &got {
         assert_eq!(hidden_chars(line), [] as [char; 0], "{line:?}");
         let kind = line.split_whitespace().nth(1).unwrap_or_default();
-        assert!(["fork", "exec", "exit", "rename"].contains(&kind), "not an event line (injected?): {line:?}");
+        assert!(
+            ["fork", "exec", "exit", "rename"].contains(&kind),
+            "not an event line (injected?): {line:?}"
+        );
     }
     let rename = rename.unwrap();
-    assert!(rename.ends_with(r#" comm="a\nb\u{1b}[31m\u{202e}cd""#), "{rename}");
+    assert!(
+        rename.ends_with(r#" comm="a\nb\u{1b}[31m\u{202e}cd""#),
+        "{rename}"
+    );
     let exec = exec.unwrap();
     let exec_fields = fields(exec.split_once(" exec   ").unwrap().1);
     let keys: BTreeSet<&str> = exec_fields.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(keys, BTreeSet::from(["pid", "ppid", "uid", "file", "argv"]), "{exec}");
+    assert_eq!(
+        keys,
+        BTreeSet::from(["pid", "ppid", "uid", "file", "argv"]),
+        "{exec}"
+    );
 
     events.stop(nix::sys::signal::Signal::SIGINT);
     helper.finish();
@@ -398,7 +520,11 @@ fn fd_count(pid: u32) -> usize {
 fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout).ok()?;
     stream.set_read_timeout(Some(timeout)).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
     text.lines().next().map(str::to_owned)
@@ -407,7 +533,8 @@ fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Option<String> {
 #[test]
 fn a_thousand_idle_connections_neither_block_healthz_nor_exhaust_fds() {
     // The test holds the connections: raise its own open-file limit (soft, up to the hard one).
-    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
     let want = (IDLE_CONNECTIONS as u64 + 256).min(hard);
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, want, hard).unwrap();
 
@@ -415,7 +542,10 @@ fn a_thousand_idle_connections_neither_block_healthz_nor_exhaust_fds() {
     let addr = metrics_addr();
     let mut daemon = Daemon::start(&dir, "daemon", ["--dry-run"], addr);
     let pid = daemon.process.child.id();
-    assert_eq!(get(addr, "/healthz", DEADLINE).as_deref(), Some("HTTP/1.1 200 OK"));
+    assert_eq!(
+        get(addr, "/healthz", DEADLINE).as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
     let before = fd_count(pid);
 
     // Connect and send nothing.
@@ -438,7 +568,11 @@ fn a_thousand_idle_connections_neither_block_healthz_nor_exhaust_fds() {
         if get(addr, "/healthz", Duration::from_secs(2)).as_deref() == Some("HTTP/1.1 200 OK") {
             break asked.elapsed();
         }
-        assert!(asked.elapsed() < DEADLINE, "/healthz did not answer 200 within {DEADLINE:?}; log:\n{}", daemon.log());
+        assert!(
+            asked.elapsed() < DEADLINE,
+            "/healthz did not answer 200 within {DEADLINE:?}; log:\n{}",
+            daemon.log()
+        );
         std::thread::sleep(POLL);
     };
 
@@ -461,7 +595,11 @@ fn a_thousand_idle_connections_neither_block_healthz_nor_exhaust_fds() {
             }
         });
         std::thread::sleep(POLL);
-        assert!(Instant::now() < deadline, "{} idle connections still open after {DEADLINE:?}", open.len());
+        assert!(
+            Instant::now() < deadline,
+            "{} idle connections still open after {DEADLINE:?}",
+            open.len()
+        );
     }
     let all_closed = started.elapsed();
     let after = fd_count(pid);
@@ -478,9 +616,18 @@ fn a_thousand_idle_connections_neither_block_healthz_nor_exhaust_fds() {
         peak_fds <= before + limit + 8,
         "daemon fds rose from {before} to {peak_fds}, more than the {limit}-connection limit"
     );
-    assert!(after <= before + 2, "fds {before} before, {after} after: connections leaked");
-    assert_eq!(get(addr, "/metrics", DEADLINE).as_deref(), Some("HTTP/1.1 200 OK"));
-    assert!(daemon.process.exited().is_none(), "the daemon is still running");
+    assert!(
+        after <= before + 2,
+        "fds {before} before, {after} after: connections leaked"
+    );
+    assert_eq!(
+        get(addr, "/metrics", DEADLINE).as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+    assert!(
+        daemon.process.exited().is_none(),
+        "the daemon is still running"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -563,8 +710,13 @@ impl PidsCgroup {
                 "cgroup v2 without the pids controller: {controllers}"
             );
             let subtree = std::path::Path::new("/sys/fs/cgroup/cgroup.subtree_control");
-            if !std::fs::read_to_string(subtree).unwrap().split_whitespace().any(|c| c == "pids") {
-                std::fs::write(subtree, "+pids").expect("enabling the pids controller for children");
+            if !std::fs::read_to_string(subtree)
+                .unwrap()
+                .split_whitespace()
+                .any(|c| c == "pids")
+            {
+                std::fs::write(subtree, "+pids")
+                    .expect("enabling the pids controller for children");
             }
             std::path::PathBuf::from("/sys/fs/cgroup")
         } else {
@@ -604,7 +756,10 @@ impl Drop for PidsCgroup {
                 break;
             }
             for pid in left {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             std::thread::sleep(POLL);
         }
@@ -614,13 +769,20 @@ impl Drop for PidsCgroup {
 
 /// The unit's `MemoryMax=` (`deploy/reaper.service`), in bytes.
 fn unit_memory_max() -> u64 {
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/reaper.service"))
-        .expect("deploy/reaper.service");
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/reaper.service"
+    ))
+    .expect("deploy/reaper.service");
     let value = unit
         .lines()
         .find_map(|l| l.trim().strip_prefix("MemoryMax="))
         .expect("a MemoryMax= line in the unit");
-    let (digits, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len()));
+    let (digits, unit) = value.split_at(
+        value
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(value.len()),
+    );
     let n: u64 = digits.parse().expect("MemoryMax digits");
     n << match unit {
         "" => 0,
@@ -650,7 +812,12 @@ fn tree_of_uid(daemon: &Daemon, uid: u32) -> BTreeSet<(u32, u64)> {
         .expect("a list")
         .iter()
         .filter(|p| p["uid"] == uid)
-        .map(|p| (p["id"]["pid"].as_u64().unwrap() as u32, p["id"]["start_ticks"].as_u64().unwrap()))
+        .map(|p| {
+            (
+                p["id"]["pid"].as_u64().unwrap() as u32,
+                p["id"]["start_ticks"].as_u64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -665,9 +832,15 @@ fn a_fork_storm_of_another_uid_in_a_pids_cgroup_neither_blinds_nor_misleads_the_
     std::fs::create_dir(&bin).unwrap();
     std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let link = bin.join(&name);
-    let sleep = ["/usr/bin/sleep", "/bin/sleep"].into_iter().find(|p| std::path::Path::new(p).exists()).expect("sleep");
+    let sleep = ["/usr/bin/sleep", "/bin/sleep"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("sleep");
     std::os::unix::fs::symlink(sleep, &link).unwrap();
-    let cgroup = PidsCgroup::new(&format!("reaper-test-storm-{}", std::process::id()), STORM_PIDS_MAX);
+    let cgroup = PidsCgroup::new(
+        &format!("reaper-test-storm-{}", std::process::id()),
+        STORM_PIDS_MAX,
+    );
 
     // Enforcing, with a rule that matches every process of the storm (each becomes a target and
     // is watched) but lets none be due while the test runs; a small ring, so events are lost.
@@ -711,25 +884,63 @@ fn a_fork_storm_of_another_uid_in_a_pids_cgroup_neither_blinds_nor_misleads_the_
     );
     let mut storm = Helper::spawn_program(
         std::path::Path::new("sh"),
-        &["-c", &script, STORM, link.to_str().unwrap(), &STORM_SECS.to_string(), &SLEEPERS.to_string()],
+        &[
+            "-c",
+            &script,
+            STORM,
+            link.to_str().unwrap(),
+            &STORM_SECS.to_string(),
+            &SLEEPERS.to_string(),
+        ],
     );
     let storm_pid = storm.pid();
-    let sleepers: Vec<u32> = storm.read("sleepers").split(',').map(|p| p.parse().unwrap()).collect();
+    let sleepers: Vec<u32> = storm
+        .read("sleepers")
+        .split(',')
+        .map(|p| p.parse().unwrap())
+        .collect();
     let stormed = started.elapsed();
     polling.store(false, std::sync::atomic::Ordering::Relaxed);
     let answers = poller.join().unwrap();
     let mut figure = |key: &str| -> u64 { storm.read(key).parse().unwrap() };
-    let (forks, eagain, signalled, failed) = (figure("forks"), figure("eagain"), figure("signalled"), figure("failed"));
+    let (forks, eagain, signalled, failed) = (
+        figure("forks"),
+        figure("eagain"),
+        figure("signalled"),
+        figure("failed"),
+    );
 
     // Healthy throughout.
-    let worst = answers.iter().map(|(_, took)| *took).max().unwrap_or_default();
-    let bad: Vec<_> = answers.iter().filter(|(s, _)| s.as_deref() != Some("HTTP/1.1 200 OK")).collect();
-    assert!(answers.len() >= 10, "only {} /healthz polls during the storm", answers.len());
-    assert!(bad.is_empty(), "/healthz during the storm: {bad:?}\n{}", daemon.log());
+    let worst = answers
+        .iter()
+        .map(|(_, took)| *took)
+        .max()
+        .unwrap_or_default();
+    let bad: Vec<_> = answers
+        .iter()
+        .filter(|(s, _)| s.as_deref() != Some("HTTP/1.1 200 OK"))
+        .collect();
+    assert!(
+        answers.len() >= 10,
+        "only {} /healthz polls during the storm",
+        answers.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "/healthz during the storm: {bad:?}\n{}",
+        daemon.log()
+    );
     // The storm really was one: it ran into pids.max, and its uid is what ran it.
     assert!(forks > 1000, "only {forks} forks in {STORM_SECS} s");
-    assert!(eagain > 0, "pids.max {STORM_PIDS_MAX} never refused a fork ({forks} forks)");
-    assert_eq!(reaper_tests::proc_uid(storm_pid), Some(uid), "the storm runs as uid {uid}");
+    assert!(
+        eagain > 0,
+        "pids.max {STORM_PIDS_MAX} never refused a fork ({forks} forks)"
+    );
+    assert_eq!(
+        reaper_tests::proc_uid(storm_pid),
+        Some(uid),
+        "the storm runs as uid {uid}"
+    );
     assert_eq!(failed, 0, "storm children that failed to exec {link:?}");
 
     // Nothing wrongly signalled: no child of the storm died of a signal, the sleepers and the
@@ -740,7 +951,11 @@ fn a_fork_storm_of_another_uid_in_a_pids_cgroup_neither_blinds_nor_misleads_the_
         assert_ne!(s.state, 'Z', "sleeper {p} died");
     }
     let b = reaper_tests::proc_stat(bystander_pid).expect("the bystander lives");
-    assert_eq!((b.start_ticks, b.state != 'Z'), (bystander_start, true), "the bystander lives");
+    assert_eq!(
+        (b.start_ticks, b.state != 'Z'),
+        (bystander_start, true),
+        "the bystander lives"
+    );
 
     // Losses counted, then repaired: once the storm is over, a reconcile that started after
     // it makes the tree's processes of that uid exactly /proc's (the storm and its sleepers).
@@ -750,10 +965,22 @@ fn a_fork_storm_of_another_uid_in_a_pids_cgroup_neither_blinds_nor_misleads_the_
         (s["reconciles"].as_u64()? >= storm_over + 2).then_some(s)
     });
     let lost = after["lost_total"].as_u64().unwrap() - before["lost_total"].as_u64().unwrap();
-    assert!(lost > 0, "no events lost with an 8 KiB ring in a storm of {forks} forks: {}", after["lost"]);
+    assert!(
+        lost > 0,
+        "no events lost with an 8 KiB ring in a storm of {forks} forks: {}",
+        after["lost"]
+    );
     let live = live_of_uid(uid);
-    assert_eq!(live.len(), 1 + SLEEPERS, "the storm and its sleepers: {live:?}");
-    assert_eq!(tree_of_uid(&daemon, uid), live, "the tree equals /proc for uid {uid} after a reconcile");
+    assert_eq!(
+        live.len(),
+        1 + SLEEPERS,
+        "the storm and its sleepers: {live:?}"
+    );
+    assert_eq!(
+        tree_of_uid(&daemon, uid),
+        live,
+        "the tree equals /proc for uid {uid} after a reconcile"
+    );
     let reaps = &after["reaps"];
     assert_eq!(reaps["kills"], serde_json::json!([]), "{reaps}");
     assert_eq!(reaps["would_kill"], serde_json::json!([]), "{reaps}");
@@ -775,8 +1002,14 @@ fn a_fork_storm_of_another_uid_in_a_pids_cgroup_neither_blinds_nor_misleads_the_
         peak as f64 / (1 << 20) as f64,
         limit >> 20,
     );
-    assert!(peak < limit, "peak RSS {peak} over the unit's MemoryMax {limit}");
-    assert!(daemon.process.exited().is_none(), "the daemon is still running");
+    assert!(
+        peak < limit,
+        "peak RSS {peak} over the unit's MemoryMax {limit}"
+    );
+    assert!(
+        daemon.process.exited().is_none(),
+        "the daemon is still running"
+    );
 
     // The storm ends its sleepers itself and exits.
     storm.finish();

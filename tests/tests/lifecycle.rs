@@ -22,7 +22,11 @@ async fn death_by_signal_is_reported() {
     let mut h = Harness::start().await;
     let mut helper = Helper::spawn(&["wait"]);
     let pid = helper.read_pid("pid");
-    let p = h.wait_process(pid, "the helper in the tree", |p| p.filter(|p| p.comm == "lifecycle-helpe").cloned()).await;
+    let p = h
+        .wait_process(pid, "the helper in the tree", |p| {
+            p.filter(|p| p.comm == "lifecycle-helpe").cloned()
+        })
+        .await;
     assert_matches_proc(&p);
     helper.child.kill().unwrap(); // SIGKILL to our own child
     let status = h
@@ -34,8 +38,10 @@ async fn death_by_signal_is_reported() {
     assert_eq!(status.signal(), Some(libc::SIGKILL as u8));
     assert_eq!(status.code(), None);
     let id = p.id;
-    h.wait_process(pid, "removal from the tree", |p| p.is_none_or(|q| q.id != id).then_some(()))
-        .await;
+    h.wait_process(pid, "removal from the tree", |p| {
+        p.is_none_or(|q| q.id != id).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,14 +61,28 @@ async fn threads_are_not_processes() {
     let mut h = Harness::start().await;
     let mut helper = Helper::spawn(&["threads", "8"]);
     let pid = helper.read_pid("pid");
-    let tids: Vec<u32> = helper.read("tids").split(',').map(|t| t.parse().unwrap()).collect();
+    let tids: Vec<u32> = helper
+        .read("tids")
+        .split(',')
+        .map(|t| t.parse().unwrap())
+        .collect();
     assert_eq!(tids.len(), 8);
     h.flush().await.unwrap();
     let p = h.handle.process(pid).await.expect("helper in the tree");
     assert_matches_proc(&p);
-    assert!(p.children.is_empty(), "threads are not children: {:?}", p.children);
+    assert!(
+        p.children.is_empty(),
+        "threads are not children: {:?}",
+        p.children
+    );
     for tid in &tids {
-        assert!(h.handle.process(*tid).await.is_none_or(|t| t.id.pid != *tid || t.ppid != pid), "thread {tid} became a process");
+        assert!(
+            h.handle
+                .process(*tid)
+                .await
+                .is_none_or(|t| t.id.pid != *tid || t.ppid != pid),
+            "thread {tid} became a process"
+        );
     }
     while let Ok(e) = h.events.try_recv() {
         if let Event::Fork { id, .. } = e {
@@ -84,7 +104,10 @@ async fn orphans_go_to_the_nearest_child_subreaper() {
     let subreaper = helper.read_pid("pid");
     helper.read("done");
     let middle = helper.read_pid("middle");
-    let children: Vec<u32> = helper.values["child"].iter().map(|c| c.parse().unwrap()).collect();
+    let children: Vec<u32> = helper.values["child"]
+        .iter()
+        .map(|c| c.parse().unwrap())
+        .collect();
     assert_eq!(children.len(), 2);
     for child in &children {
         let new_parent = settled_parent(&h, *child, middle).await.unwrap();
@@ -92,7 +115,11 @@ async fn orphans_go_to_the_nearest_child_subreaper() {
         assert_matches_proc(&h.handle.process(*child).await.unwrap());
     }
     let sub = h.handle.process(subreaper).await.unwrap();
-    assert!(children.iter().all(|c| sub.children.contains(c)), "{:?}", sub.children);
+    assert!(
+        children.iter().all(|c| sub.children.contains(c)),
+        "{:?}",
+        sub.children
+    );
     helper.finish();
 }
 
@@ -104,7 +131,8 @@ async fn a_double_forked_daemon_is_followed() {
     let daemon = helper.read_pid("daemon");
     settled_parent(&h, daemon, first).await.unwrap();
     assert_matches_proc(&h.handle.process(daemon).await.unwrap());
-    h.wait_process(first, "the first child gone", |p| p.is_none().then_some(())).await;
+    h.wait_process(first, "the first child gone", |p| p.is_none().then_some(()))
+        .await;
     helper.finish();
 }
 
@@ -140,10 +168,18 @@ async fn processes_alive_before_start_are_bootstrapped() {
     let mut helper = Helper::spawn(&["wait"]);
     let pid = helper.read_pid("pid");
     let h = Harness::start().await;
-    let p = h.handle.process(pid).await.expect("found by the start-up scan");
+    let p = h
+        .handle
+        .process(pid)
+        .await
+        .expect("found by the start-up scan");
     assert_matches_proc(&p);
     assert!(!p.placeholder);
-    let parent = h.handle.process(p.ppid).await.expect("the test process is there too");
+    let parent = h
+        .handle
+        .process(p.ppid)
+        .await
+        .expect("the test process is there too");
     assert!(parent.children.contains(&pid));
     helper.finish();
 }
@@ -154,20 +190,32 @@ async fn argv_past_the_bound_is_truncated_and_flagged() {
     let long = "x".repeat(ARGV_LEN + 1000);
     let mut helper = Helper::spawn(&["wait", "--", &long]);
     let pid = helper.read_pid("pid");
-    let p = h.wait_process(pid, "the long argv", |p| p.filter(|p| p.argv_truncated).cloned()).await;
+    let p = h
+        .wait_process(pid, "the long argv", |p| {
+            p.filter(|p| p.argv_truncated).cloned()
+        })
+        .await;
     let real = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     assert_eq!(p.argv.raw().len(), ARGV_LEN);
-    assert_eq!(p.argv.raw()[..], real[..ARGV_LEN], "a prefix of the real argv");
+    assert_eq!(
+        p.argv.raw()[..],
+        real[..ARGV_LEN],
+        "a prefix of the real argv"
+    );
     // A short argv is not flagged.
     let mut short = Helper::spawn(&["wait", "short"]);
     let short_pid = short.read_pid("pid");
-    let s = h.wait_process(short_pid, "short argv", |p| p.filter(|p| p.argv.to_strings().last().map(String::as_str) == Some("short")).cloned()).await;
+    let s = h
+        .wait_process(short_pid, "short argv", |p| {
+            p.filter(|p| p.argv.to_strings().last().map(String::as_str) == Some("short"))
+                .cloned()
+        })
+        .await;
     assert!(!s.argv_truncated);
     assert_matches_proc(&s);
     helper.finish();
     short.finish();
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spawn_storm_loses_nothing_and_the_tree_equals_proc() {
@@ -199,7 +247,10 @@ async fn a_spawn_storm_loses_nothing_and_the_tree_equals_proc() {
         "storm: {N} processes in {seconds:.2} s; {events} events ({:.0}/s)",
         events as f64 / seconds,
     );
-    assert!(events as usize >= 3 * N, "fork+exec+exit for each of {N}: got {events}");
+    assert!(
+        events as usize >= 3 * N,
+        "fork+exec+exit for each of {N}: got {events}"
+    );
 
     // An independent comparison with /proc, read directly, until they agree.
     let started = std::time::Instant::now();
@@ -271,5 +322,9 @@ async fn a_start_during_a_spawn_storm_leaves_no_stale_process() {
     eprintln!("storm: {spawned:?} processes");
     h.flush().await.unwrap();
     let fixed = h.reconcile().await.unwrap();
-    assert_eq!(fixed.total(), 0, "the start-up left the tree wrong: {fixed:?}");
+    assert_eq!(
+        fixed.total(),
+        0,
+        "the start-up left the tree wrong: {fixed:?}"
+    );
 }

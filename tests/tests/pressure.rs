@@ -42,8 +42,14 @@ impl LimitedCgroup {
         let root = cgroup2_root();
         let v2 = root.join(&name);
         std::fs::create_dir_all(&v2).expect("create a cgroup v2 directory");
-        assert!(v2.join("memory.pressure").exists(), "no memory.pressure in {}: the kernel lacks PSI", v2.display());
-        let v2_memory = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default().contains("memory");
+        assert!(
+            v2.join("memory.pressure").exists(),
+            "no memory.pressure in {}: the kernel lacks PSI",
+            v2.display()
+        );
+        let v2_memory = std::fs::read_to_string(root.join("cgroup.controllers"))
+            .unwrap_or_default()
+            .contains("memory");
         if v2_memory {
             let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory");
             std::fs::write(v2.join("memory.high"), limit.to_string()).expect("set memory.high");
@@ -53,7 +59,8 @@ impl LimitedCgroup {
         std::fs::create_dir_all(&v1).expect(
             "cgroup v2 has no memory controller and cgroup v1's memory controller is not at /sys/fs/cgroup/memory",
         );
-        std::fs::write(v1.join("memory.limit_in_bytes"), limit.to_string()).expect("set the v1 memory limit");
+        std::fs::write(v1.join("memory.limit_in_bytes"), limit.to_string())
+            .expect("set the v1 memory limit");
         Self { v2, v1: Some(v1) }
     }
 
@@ -90,17 +97,35 @@ async fn under_real_memory_pressure_idle_targets_go_largest_first_and_an_active_
             ("memory_available_percent", "0.0"),
             ("memory_pressure_min_idle", "\"1s\""),
         ],
-        &format!("memory_pressure_file = {:?}", pressure.display().to_string()),
+        &format!(
+            "memory_pressure_file = {:?}",
+            pressure.display().to_string()
+        ),
         &[reaper_tests::agent_comm("fp")],
     );
     let config = parse(&config, "test", &Overrides::default()).expect("test config");
     let mut h = Harness::start_with(PipelineConfig::new(config)).await;
 
     // Three leaked CLIs of different sizes, and a larger one in a live conversation.
-    let leak = |mb: &str| reaper_tests::agent("fp", &["--leak", "--claude-arg", "--rss-mb", "--claude-arg", mb]);
+    let leak = |mb: &str| {
+        reaper_tests::agent(
+            "fp",
+            &["--leak", "--claude-arg", "--rss-mb", "--claude-arg", mb],
+        )
+    };
     let mut agents: Vec<Helper> = ["40", "120", "80"].into_iter().map(leak).collect();
     let leaked: Vec<u32> = agents.iter_mut().map(|a| a.read_pid("claude")).collect();
-    let mut chat = reaper_tests::agent("fp", &["--chat-every", "300", "--claude-arg", "--rss-mb", "--claude-arg", "160"]);
+    let mut chat = reaper_tests::agent(
+        "fp",
+        &[
+            "--chat-every",
+            "300",
+            "--claude-arg",
+            "--rss-mb",
+            "--claude-arg",
+            "160",
+        ],
+    );
     let chatting = chat.read_pid("claude");
     for a in agents.iter_mut().chain([&mut chat]) {
         a.read("ready");
@@ -135,11 +160,24 @@ async fn under_real_memory_pressure_idle_targets_go_largest_first_and_an_active_
     }
     let took = started.elapsed();
     let reading = std::fs::read_to_string(&pressure).unwrap_or_default();
-    eprintln!("pressure reaped {order:?} within {took:?} of the thrashing ({})", reading.lines().next().unwrap_or(""));
-    assert_eq!(order, [leaked[1], leaked[2], leaked[0]], "largest RSS first");
+    eprintln!(
+        "pressure reaped {order:?} within {took:?} of the thrashing ({})",
+        reading.lines().next().unwrap_or("")
+    );
+    assert_eq!(
+        order,
+        [leaked[1], leaked[2], leaked[0]],
+        "largest RSS first"
+    );
     assert!(alive(chatting), "the active CLI was reaped under pressure");
     let stats = h.handle.stats().await.unwrap();
-    let by_pressure: u64 = stats.reaps.kills.iter().filter(|((_, r, _), _)| r == "memory_pressure").map(|(_, n)| n).sum();
+    let by_pressure: u64 = stats
+        .reaps
+        .kills
+        .iter()
+        .filter(|((_, r, _), _)| r == "memory_pressure")
+        .map(|(_, n)| n)
+        .sum();
     assert_eq!(by_pressure, 3, "{:?}", stats.reaps);
     assert!(took < DEADLINE, "{took:?}");
     drop(thrasher);

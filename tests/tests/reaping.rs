@@ -18,7 +18,7 @@ use reaper::{
     reap::{self, Outcome, ProcessOps as _},
 };
 use reaper_tests::{
-    DEADLINE, Harness, Helper, alive, program, proc_stat, reaper_bin,
+    DEADLINE, Harness, Helper, alive, proc_stat, program, reaper_bin,
     scenarios::{
         self, expect,
         reaping::{self, AGENT, RULE, kills_by},
@@ -27,7 +27,10 @@ use reaper_tests::{
 
 /// This test binary's comm, so processes it spawns directly can be targets too.
 fn own_comm() -> String {
-    std::fs::read_to_string("/proc/self/comm").unwrap().trim().to_owned()
+    std::fs::read_to_string("/proc/self/comm")
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 /// The scenarios' rule, whose parent may also be this test process (for the doubles it starts
@@ -51,30 +54,47 @@ fn agent(args: &[&str]) -> Helper {
 }
 
 async fn exits_of(h: &mut Harness, pids: &[u32]) -> HashMap<u32, ExitStatus> {
-    scenarios::exits_of(h, pids).await.unwrap_or_else(|e| panic!("{e:#}"))
+    scenarios::exits_of(h, pids)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 async fn exit_of(h: &mut Harness, pid: u32) -> ExitStatus {
     exits_of(h, &[pid]).await[&pid]
 }
 
-async fn stats_until(h: &Harness, what: &str, check: impl Fn(&PipelineStats) -> bool) -> PipelineStats {
-    scenarios::stats_until(h, what, check).await.unwrap_or_else(|e| panic!("{e:#}"))
+async fn stats_until(
+    h: &Harness,
+    what: &str,
+    check: impl Fn(&PipelineStats) -> bool,
+) -> PipelineStats {
+    scenarios::stats_until(h, what, check)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Asserts `pid` stays alive for `long`, and nothing is reaped.
 async fn stays_alive(h: &Harness, pid: u32, long: Duration) {
     stays_alive_only(pid, long).await;
     let stats = h.handle.stats().await.unwrap();
-    assert_eq!(stats.reaps.kills_total(), 0, "nothing may be reaped: {:?}", stats.reaps);
+    assert_eq!(
+        stats.reaps.kills_total(),
+        0,
+        "nothing may be reaped: {:?}",
+        stats.reaps
+    );
 }
 
 async fn stays_alive_only(pid: u32, long: Duration) {
-    scenarios::stays_alive(pid, long).await.unwrap_or_else(|e| panic!("{e:#}"));
+    scenarios::stays_alive(pid, long)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 async fn wait_target(h: &Harness, pid: u32) -> reaper::detect::TargetView {
-    scenarios::wait_target(h, pid).await.unwrap_or_else(|e| panic!("{e:#}"))
+    scenarios::wait_target(h, pid)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 async fn stats(h: &Harness) -> PipelineStats {
@@ -109,7 +129,10 @@ async fn under_proc_io_a_leaked_child_with_a_tool_is_reaped_too() {
 }
 
 async fn s_is_proc_io(h: &Harness) -> bool {
-    matches!(stats(h).await.activity_source, Some(reaper::detect::ActivityMeter::ProcIo))
+    matches!(
+        stats(h).await.activity_source,
+        Some(reaper::detect::ActivityMeter::ProcIo)
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +148,10 @@ async fn the_proc_io_fallback_reaps_the_idle_and_spares_the_chatting() {
     assert!(ended_cleanly(exit_of(&mut h, leaked).await));
     let took = started.elapsed();
     // (How soon after is the benchmark's business; here: not before its idle timeout.)
-    assert!(took >= Duration::from_secs(3), "idle timeout 3 s, reaped after {took:?}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "idle timeout 3 s, reaped after {took:?}"
+    );
     let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
         assert!(alive(chatting), "the chatting child was killed");
@@ -133,7 +159,10 @@ async fn the_proc_io_fallback_reaps_the_idle_and_spares_the_chatting() {
     }
     let target = h.handle.explain(chatting).await.unwrap().target.unwrap();
     assert_eq!(target.verdict.state(), "active");
-    assert_eq!(target.evidence.last_activity_kind, reaper::detect::verdict::ActivityKind::Io);
+    assert_eq!(
+        target.evidence.last_activity_kind,
+        reaper::detect::verdict::ActivityKind::Io
+    );
     chat.finish();
     leak.finish();
 }
@@ -148,7 +177,11 @@ async fn a_child_whose_descendant_is_busy_is_never_reaped() {
     stays_alive(&h, claude, Duration::from_secs(8)).await;
     assert!(alive(tool));
     let target = h.handle.explain(claude).await.unwrap().target.unwrap();
-    assert!(target.evidence.cpu_rate.unwrap() > 0.02, "{:?}", target.evidence);
+    assert!(
+        target.evidence.cpu_rate.unwrap() > 0.02,
+        "{:?}",
+        target.evidence
+    );
     a.finish();
 }
 
@@ -156,10 +189,16 @@ async fn a_child_whose_descendant_is_busy_is_never_reaped() {
 fn spawn_double(exe: &Path, with_tty: bool) -> std::process::Child {
     use std::os::unix::process::CommandExt as _;
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(["--output-format", "stream-json", "--verbose", "--input-format", "stream-json"])
-        .env("XDG_RUNTIME_DIR", reaper_tests::runtime_dir())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null());
+    cmd.args([
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--input-format",
+        "stream-json",
+    ])
+    .env("XDG_RUNTIME_DIR", reaper_tests::runtime_dir())
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null());
     if with_tty {
         let pty = nix::pty::openpty(None, None).expect("openpty");
         let slave = std::os::fd::AsRawFd::as_raw_fd(&pty.slave);
@@ -197,10 +236,24 @@ async fn a_child_with_a_terminal_is_never_reaped() {
     // clean end is SIGINT.
     let status = exit_of(&mut h, plain_pid).await;
     assert!(ended_cleanly(status), "{status}");
-    assert_eq!(kills_by(&stats_until(&h, "the kill counted", |s| s.reaps.kills_total() == 1).await, "interrupted"), 1);
+    assert_eq!(
+        kills_by(
+            &stats_until(&h, "the kill counted", |s| s.reaps.kills_total() == 1).await,
+            "interrupted"
+        ),
+        1
+    );
     let e = h.handle.explain(tty_pid).await.unwrap();
     assert!(e.target.is_none());
-    assert!(e.rules[0].why_not.as_deref().unwrap_or("").contains("terminal"), "{:?}", e.rules);
+    assert!(
+        e.rules[0]
+            .why_not
+            .as_deref()
+            .unwrap_or("")
+            .contains("terminal"),
+        "{:?}",
+        e.rules
+    );
     stays_alive_only(tty_pid, Duration::from_secs(2)).await;
 }
 
@@ -222,7 +275,10 @@ async fn lookalike_names_are_never_reaped() {
     std::os::unix::fs::symlink(&exe, link_dir.join("claude")).unwrap();
     let real = Reap(spawn_double(&exe, false));
     let linked = Reap(spawn_double(&link_dir.join("claude"), false));
-    for status in exits_of(&mut h, &[real.0.id(), linked.0.id()]).await.values() {
+    for status in exits_of(&mut h, &[real.0.id(), linked.0.id()])
+        .await
+        .values()
+    {
         assert!(ended_cleanly(*status), "{status}");
     }
     stats_until(&h, "both kills counted", |s| s.reaps.kills_total() == 2).await;
@@ -254,11 +310,19 @@ async fn dry_run_signals_nothing_and_counts() {
         if s.reaps.would_kill_total() == 1 {
             break;
         }
-        assert!(started.elapsed() < DEADLINE, "no would-kill counted: {:?}", s.reaps);
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no would-kill counted: {:?}",
+            s.reaps
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stays_alive(&h, claude, Duration::from_secs(2)).await;
-    assert_eq!(stats(&h).await.reaps.would_kill_total(), 1, "counted once, not every tick");
+    assert_eq!(
+        stats(&h).await.reaps.would_kill_total(),
+        1,
+        "counted once, not every tick"
+    );
     a.finish();
 }
 
@@ -270,9 +334,15 @@ async fn a_pid_held_by_another_process_is_never_signalled() {
     let start = proc_stat(pid).unwrap().start_ticks;
     // …and a decision for a target that held the same pid before (an older start time).
     let comm = proc_stat(pid).unwrap().comm;
-    let stale = Identity { pid, start_ticks: start - 1 };
+    let stale = Identity {
+        pid,
+        start_ticks: start - 1,
+    };
     let order = reaper_tests::decision(stale, &comm, 0, "test-claude");
-    assert!(matches!(Pidfds.open(&order.target), Err(reap::OpenError::Mismatch { .. })));
+    assert!(matches!(
+        Pidfds.open(&order.target),
+        Err(reap::OpenError::Mismatch { .. })
+    ));
     let report = reap::execute(&Pidfds, &order).await;
     assert_eq!(report.outcome, Outcome::IdentityMismatch);
     assert!(report.steps.is_empty());
@@ -281,17 +351,26 @@ async fn a_pid_held_by_another_process_is_never_signalled() {
     let mut renamed = order.clone();
     renamed.target.id.start_ticks = start;
     renamed.target.comm = "claude".into();
-    assert_eq!(reap::execute(&Pidfds, &renamed).await.outcome, Outcome::IdentityMismatch);
+    assert_eq!(
+        reap::execute(&Pidfds, &renamed).await.outcome,
+        Outcome::IdentityMismatch
+    );
     let mut other_uid = renamed.clone();
     other_uid.target.comm = comm.clone();
     other_uid.target.uid = 1000;
-    assert_eq!(reap::execute(&Pidfds, &other_uid).await.outcome, Outcome::IdentityMismatch);
+    assert_eq!(
+        reap::execute(&Pidfds, &other_uid).await.outcome,
+        Outcome::IdentityMismatch
+    );
     stays_alive_only(pid, Duration::from_millis(300)).await;
     // The same decision with the right identity does signal: the checks are what stopped it.
     let mut right = order.clone();
     right.target.id.start_ticks = start;
     let report = reap::execute(&Pidfds, &right).await;
-    assert_eq!((report.outcome, report.step), (Outcome::Ended, Some(reap::Step::Terminated)));
+    assert_eq!(
+        (report.outcome, report.step),
+        (Outcome::Ended, Some(reap::Step::Terminated))
+    );
     other.finish();
 }
 
@@ -299,8 +378,11 @@ async fn a_pid_held_by_another_process_is_never_signalled() {
 async fn an_orphaned_target_is_reaped_after_the_orphan_grace() {
     // This test process adopts orphans (as `systemd --user` does), so the orphaned double is
     // re-parented to it, not to init. Long idle timeout: only the orphan rule can fire.
-    // SAFETY: prctl with integer arguments.
-    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+    assert_eq!(
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
+        0
+    );
     let mut h = start("idle_timeout = \"10m\"\norphan_grace = \"2s\"").await;
     let mut a = agent(&["--leak", "--orphanable"]);
     let claude = a.read_pid("claude");
@@ -317,7 +399,10 @@ async fn an_orphaned_target_is_reaped_after_the_orphan_grace() {
     let status = exit_of(&mut h, claude).await;
     assert!(ended_cleanly(status), "{status}");
     stats_until(&h, "an orphan kill", |s| {
-        s.reaps.kills.iter().any(|((_, reason, _), n)| reason == "orphaned" && *n == 1)
+        s.reaps
+            .kills
+            .iter()
+            .any(|((_, reason, _), n)| reason == "orphaned" && *n == 1)
     })
     .await;
     // Collect what we adopted.
@@ -334,7 +419,10 @@ async fn twenty_leaked_doubles_are_each_reaped_cleanly() {
     let mut a = agent(&["--leak", "--count", &N.to_string()]);
     let agent_pid = a.read_pid("agent");
     a.read("ready");
-    let claudes: Vec<u32> = a.values["claude"].iter().map(|c| c.parse().unwrap()).collect();
+    let claudes: Vec<u32> = a.values["claude"]
+        .iter()
+        .map(|c| c.parse().unwrap())
+        .collect();
     assert_eq!(claudes.len(), N);
     let exits = exits_of(&mut h, &claudes).await;
     assert!(exits.values().all(|s| ended_cleanly(*s)), "{exits:?}");
@@ -369,7 +457,11 @@ async fn a_turn_waiting_on_a_silent_tool_is_never_reaped_and_its_result_arrives(
         if let reaper::detect::verdict::Verdict::TurnInFlight { waiting_on, .. } = t.verdict {
             break (waiting_on, t.waiting_on_comm);
         }
-        assert!(started.elapsed() < DEADLINE, "never a turn in flight: {:?}", t.verdict);
+        assert!(
+            started.elapsed() < DEADLINE,
+            "never a turn in flight: {:?}",
+            t.verdict
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(in_flight.1.as_deref(), Some("tool-wait"), "{in_flight:?}");
@@ -377,8 +469,15 @@ async fn a_turn_waiting_on_a_silent_tool_is_never_reaped_and_its_result_arrives(
     assert_eq!(a.read_pid("claude"), claude);
     let tool = a.read_pid("tool");
     assert_eq!(tool, in_flight.0);
-    assert!(started.elapsed() > Duration::from_secs(3 + 1), "the turn outlived the idle timeout");
-    assert_eq!(stats(&h).await.reaps.kills_total(), 0, "nothing reaped during the turn");
+    assert!(
+        started.elapsed() > Duration::from_secs(3 + 1),
+        "the turn outlived the idle timeout"
+    );
+    assert_eq!(
+        stats(&h).await.reaps.kills_total(),
+        0,
+        "nothing reaped during the turn"
+    );
     a.read("ready");
     // Leaked after its turn: reaped like any other, and cleanly.
     assert!(ended_cleanly(exit_of(&mut h, claude).await));
@@ -420,10 +519,17 @@ async fn a_target_that_ignores_the_end_of_its_input_gets_sigterm_after_the_eof_g
     let claude = a.read_pid("claude");
     a.read("ready");
     wait_target(&h, claude).await;
-    assert_eq!(exit_of(&mut h, claude).await.signal(), Some(libc::SIGTERM as u8));
+    assert_eq!(
+        exit_of(&mut h, claude).await.signal(),
+        Some(libc::SIGTERM as u8)
+    );
     let s = stats_until(&h, "the kill counted", |s| s.reaps.kills_total() == 1).await;
     assert_eq!(kills_by(&s, "terminated"), 1, "{:?}", s.reaps);
-    assert!(s.reaps.kill_delays[0] >= 1.0, "SIGTERM only after the eof_grace: {:?}", s.reaps.kill_delays);
+    assert!(
+        s.reaps.kill_delays[0] >= 1.0,
+        "SIGTERM only after the eof_grace: {:?}",
+        s.reaps.kill_delays
+    );
     assert!(alive(agent_pid));
     a.finish();
 }
@@ -432,25 +538,49 @@ async fn a_target_that_ignores_the_end_of_its_input_gets_sigterm_after_the_eof_g
 fn a_bad_config_is_refused_naming_the_key() {
     let dir = tempdir("bad-config");
     let cases = [
-        ("idle_timout = \"5m\"\n[[rule]]\nname = \"r\"\ncomm = [\"claude\"]\n", "idle_timout"),
-        ("idle_timeout = \"5 fortnights\"\n[[rule]]\nname = \"r\"\ncomm = [\"claude\"]\n", "idle_timeout"),
+        (
+            "idle_timout = \"5m\"\n[[rule]]\nname = \"r\"\ncomm = [\"claude\"]\n",
+            "idle_timout",
+        ),
+        (
+            "idle_timeout = \"5 fortnights\"\n[[rule]]\nname = \"r\"\ncomm = [\"claude\"]\n",
+            "idle_timeout",
+        ),
         ("[[rule]]\nname = \"r\"\ncomm = []\n", "rule[0].comm"),
         ("mode = \"enforce\"\n", "rule"),
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad{i}.toml"));
         std::fs::write(&path, text).unwrap();
-        for args in [vec!["check-config", path.to_str().unwrap()], vec!["run", "--config", path.to_str().unwrap(), "--socket", "/nonexistent/never.sock"]] {
-            let out = std::process::Command::new(reaper_bin()).args(&args).output().unwrap();
+        for args in [
+            vec!["check-config", path.to_str().unwrap()],
+            vec![
+                "run",
+                "--config",
+                path.to_str().unwrap(),
+                "--socket",
+                "/nonexistent/never.sock",
+            ],
+        ] {
+            let out = std::process::Command::new(reaper_bin())
+                .args(&args)
+                .output()
+                .unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{args:?} accepted {text:?}");
-            assert!(stderr.contains(key), "{args:?}: {stderr:?} does not name {key}");
+            assert!(
+                stderr.contains(key),
+                "{args:?}: {stderr:?} does not name {key}"
+            );
             assert!(!stderr.contains("panicked"), "{stderr}");
         }
     }
     let good = dir.join("good.toml");
     std::fs::write(&good, reaper::config::DEFAULT_TOML).unwrap();
-    let out = std::process::Command::new(reaper_bin()).args(["check-config", good.to_str().unwrap()]).output().unwrap();
+    let out = std::process::Command::new(reaper_bin())
+        .args(["check-config", good.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -56,7 +56,6 @@ async fn start(extra: &str) -> Harness {
     Harness::start_with(PipelineConfig::new(config)).await
 }
 
-
 async fn stats(h: &Harness) -> PipelineStats {
     h.handle.stats().await.expect("pipeline alive")
 }
@@ -583,16 +582,22 @@ async fn a_reused_pid_is_never_mistaken_for_the_target_that_held_it() {
 
 /// `reaper explain PID` says it is a target.
 fn is_target(daemon: &Daemon, pid: u32) -> bool {
-    let CliOutput { status, stdout: out, stderr: err } =
-        reaper_cli(["explain", &pid.to_string(), "--socket", daemon.socket_arg()]);
+    let CliOutput {
+        status,
+        stdout: out,
+        stderr: err,
+    } = reaper_cli(["explain", &pid.to_string(), "--socket", daemon.socket_arg()]);
     assert!(status.success(), "reaper explain failed: {err}");
     out.contains("target of rule rl-claude")
 }
 
 /// `reaper stats`: (kills, kill failures), summed over rules and reasons.
 fn kills(daemon: &Daemon) -> (u64, u64) {
-    let CliOutput { status, stdout: out, stderr: err } =
-        reaper_cli(["stats", "--json", "--socket", daemon.socket_arg()]);
+    let CliOutput {
+        status,
+        stdout: out,
+        stderr: err,
+    } = reaper_cli(["stats", "--json", "--socket", daemon.socket_arg()]);
     assert!(status.success(), "reaper stats failed: {err}");
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     let sum = |key: &str| {
@@ -913,7 +918,11 @@ async fn non_utf8_argv_and_comm_are_followed() {
         assert_eq!(scanned.argv.raw()[..], proc_cmdline(pid).unwrap()[..]);
     }
     let fixed = h.reconcile().await.unwrap();
-    assert_eq!(fixed.total(), 0, "the events missed something /proc has: {fixed:?}");
+    assert_eq!(
+        fixed.total(),
+        0,
+        "the events missed something /proc has: {fixed:?}"
+    );
     eprintln!(
         "non-UTF-8: comm {:?} and {:?} followed; reconcile corrections {fixed:?} (after the \
          start-up: {at_start:?})",
@@ -963,12 +972,20 @@ async fn a_megabyte_argv_is_truncated_and_flagged() {
     // The scan reads the same bound and flags the same cut (a scan of whole argvs let any user
     // blow up the daemon's memory: tests/tests/hostile.rs).
     let scanned = scan::read_pid(pid).expect("the scan reads it");
-    assert_eq!(scanned.argv.raw()[..], real[..ARGV_LEN], "the scan keeps the same prefix");
+    assert_eq!(
+        scanned.argv.raw()[..],
+        real[..ARGV_LEN],
+        "the scan keeps the same prefix"
+    );
     assert!(scanned.argv_truncated, "and flags the cut");
     let e = h.handle.explain(pid).await.unwrap();
     assert!(e.target.is_none());
     let fixed = h.reconcile().await.unwrap();
-    assert_eq!(fixed.total(), 0, "the events missed something /proc has: {fixed:?}");
+    assert_eq!(
+        fixed.total(),
+        0,
+        "the events missed something /proc has: {fixed:?}"
+    );
     eprintln!(
         "1 MB argv: {} bytes in /proc, {} in the event (truncated flag set), reconcile {fixed:?}",
         real.len(),
@@ -993,7 +1010,8 @@ fn scanning_proc_during_a_storm_never_fails() {
     let helper_argv = exec_cmdline(storm_pid);
     let mut storm = Running::new(storm, "the storm");
     let own_uid = nix::unistd::getuid().as_raw();
-    let (mut scans, mut seen, mut children, mut rechecked, mut vanished) = (0u64, 0usize, 0u64, 0u64, 0u64);
+    let (mut scans, mut seen, mut children, mut rechecked, mut vanished) =
+        (0u64, 0usize, 0u64, 0u64, 0u64);
     let started = Instant::now();
     loop {
         let snapshot = scan::scan().expect("a scan while processes come and go");
@@ -1004,7 +1022,10 @@ fn scanning_proc_during_a_storm_never_fails() {
         for child in snapshot.iter().filter(|s| s.ppid == storm_pid) {
             children += 1;
             assert_eq!(child.uid, own_uid, "{child:?}");
-            assert!(["lifecycle-helpe", "true"].contains(&child.comm.as_str()), "{child:?}");
+            assert!(
+                ["lifecycle-helpe", "true"].contains(&child.comm.as_str()),
+                "{child:?}"
+            );
             let argv = child.argv.raw();
             assert!(
                 argv.is_empty() || argv[..] == b"/bin/true\0"[..] || argv[..] == helper_argv[..],
@@ -1030,7 +1051,10 @@ fn scanning_proc_during_a_storm_never_fails() {
     let status = storm.wait_until(Instant::now()).expect("finished");
     assert!(status.success(), "storm failed: {status}");
     assert!(scans > 1, "the scan ran during the storm");
-    assert!(children > 0, "no scan caught a storm child in {scans} scans");
+    assert!(
+        children > 0,
+        "no scan caught a storm child in {scans} scans"
+    );
     eprintln!(
         "scan during a storm: {scans} scans in {:.2} s (up to {seen} processes, {children} storm \
          children read whole), {rechecked} re-reads of which {vanished} had vanished — no error",
@@ -1157,7 +1181,11 @@ async fn a_lost_exec_is_repaired_by_the_reconcile() {
         "lost exec: {:?}, this reconcile {fixed:?}, all reconciles {:?}, tree comm {:?} argv {:?}",
         after.lost, after.corrections, p.comm, p.argv
     );
-    assert!(after.lost.iter().any(|(k, n)| *k == "exec" && *n > 0), "{:?}", after.lost);
+    assert!(
+        after.lost.iter().any(|(k, n)| *k == "exec" && *n > 0),
+        "{:?}",
+        after.lost
+    );
     assert!(
         after.corrections.refreshed > 0,
         "no reconcile refreshed the image: {:?}",

@@ -36,8 +36,11 @@ fn config(extra: &str) -> String {
 }
 
 async fn start(extra: &str) -> Harness {
-    // SAFETY: prctl with integer arguments.
-    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+    assert_eq!(
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
+        0
+    );
     let config = parse(&config(extra), "test", &Overrides::default()).expect("test config");
     Harness::start_with(PipelineConfig::new(config)).await
 }
@@ -52,7 +55,12 @@ async fn exits(h: &mut Harness, pids: &[u32]) -> HashMap<u32, (ExitStatus, u64)>
     while seen.len() < pids.len() {
         let (pid, status, at) = h
             .wait_event(&format!("exits of {pids:?} (seen {seen:?})"), |e| match e {
-                Event::Exit { id, status, time_ns, .. } if pids.contains(&id.pid) => Some((id.pid, *status, *time_ns)),
+                Event::Exit {
+                    id,
+                    status,
+                    time_ns,
+                    ..
+                } if pids.contains(&id.pid) => Some((id.pid, *status, *time_ns)),
                 _ => None,
             })
             .await;
@@ -107,7 +115,8 @@ fn collect_zombies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_a_cli_leaves_behind_is_reaped_when_connected_and_left_alone_when_detached_or_foreign() {
+async fn what_a_cli_leaves_behind_is_reaped_when_connected_and_left_alone_when_detached_or_foreign()
+{
     // A long idle timeout: the CLIs end by their daemons' close(), not by reaper.
     let mut h = start("idle_timeout = \"10m\"").await;
     // One CLI with two stdio MCP servers that ignore EOF (its direct children, ended by it
@@ -128,7 +137,10 @@ async fn what_a_cli_leaves_behind_is_reaped_when_connected_and_left_alone_when_d
     let agent_pid = a.read_pid("agent");
     let claude = a.read_pid("claude");
     a.read("ready");
-    let tools: Vec<u32> = a.values["tool"].iter().map(|t| t.parse().unwrap()).collect();
+    let tools: Vec<u32> = a.values["tool"]
+        .iter()
+        .map(|t| t.parse().unwrap())
+        .collect();
     let (stay, dev, foreign) = (tools[0], tools[1], tools[2]);
     let servers: Vec<u32> = a.values["mcp"].iter().map(|t| t.parse().unwrap()).collect();
     assert_eq!(servers.len(), 2);
@@ -163,34 +175,72 @@ async fn what_a_cli_leaves_behind_is_reaped_when_connected_and_left_alone_when_d
     }
     let after = |pid: u32, cli: u32| (ends[&pid].1.saturating_sub(ends[&cli].1)) as f64 / 1e9;
     for server in &servers {
-        assert!(after(*server, claude) <= 1.0, "a direct MCP server ends with its CLI");
+        assert!(
+            after(*server, claude) <= 1.0,
+            "a direct MCP server ends with its CLI"
+        );
     }
     for (leftover, cli) in [(stay, claude), (wrapped, claude_b)] {
         let took = after(leftover, cli);
         eprintln!("leftover {leftover} ended {took:.2} s after its CLI (leftover_grace {GRACE:?})");
-        assert!(took >= GRACE.as_secs_f64() - 0.05, "not before the grace: {took:.2} s");
-        assert!(took <= GRACE.as_secs_f64() + 1.0, "within the grace + 1 s: {took:.2} s");
-        assert_eq!(ends[&leftover].0.signal(), Some(libc::SIGTERM as u8), "by reaper's SIGTERM");
+        assert!(
+            took >= GRACE.as_secs_f64() - 0.05,
+            "not before the grace: {took:.2} s"
+        );
+        assert!(
+            took <= GRACE.as_secs_f64() + 1.0,
+            "within the grace + 1 s: {took:.2} s"
+        );
+        assert_eq!(
+            ends[&leftover].0.signal(),
+            Some(libc::SIGTERM as u8),
+            "by reaper's SIGTERM"
+        );
     }
     collect_zombies();
 
     // The dev server and the other uid's child are still there a while later, reported.
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
-        assert!(alive(dev) && alive(foreign), "a detached or foreign leftover was signalled");
+        assert!(
+            alive(dev) && alive(foreign),
+            "a detached or foreign leftover was signalled"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let e = h.handle.explain(dev).await.unwrap();
-    let s = e.session.expect("the dev server belongs to the first CLI's session");
+    let s = e
+        .session
+        .expect("the dev server belongs to the first CLI's session");
     assert_eq!((s.target.pid, s.ended), (claude, true));
     assert!(s.leftover.contains("left alone"), "{}", s.leftover);
-    let why = h.handle.explain(foreign).await.unwrap().session.unwrap().leftover;
+    let why = h
+        .handle
+        .explain(foreign)
+        .await
+        .unwrap()
+        .session
+        .unwrap()
+        .leftover;
     assert!(why.contains("another uid"), "{why}");
     let sessions = h.handle.sessions().await.unwrap();
-    let first = sessions.iter().find(|s| s.target.pid == claude).expect("the ended session is listed");
-    assert_eq!((first.state.as_str(), first.leftovers), ("ended", 2), "{first:?}");
+    let first = sessions
+        .iter()
+        .find(|s| s.target.pid == claude)
+        .expect("the ended session is listed");
+    assert_eq!(
+        (first.state.as_str(), first.leftovers),
+        ("ended", 2),
+        "{first:?}"
+    );
     let s = stats(&h).await;
-    let leftover_kills: u64 = s.reaps.kills.iter().filter(|((_, r, _), _)| r == "leftover").map(|(_, n)| n).sum();
+    let leftover_kills: u64 = s
+        .reaps
+        .kills
+        .iter()
+        .filter(|((_, r, _), _)| r == "leftover")
+        .map(|(_, n)| n)
+        .sum();
     assert_eq!(leftover_kills, 2, "{:?}", s.reaps);
     assert!(alive(agent_pid));
     a.finish();
@@ -216,17 +266,35 @@ async fn a_cli_that_lost_its_parent_and_burns_cpu_is_reaped_and_a_plain_orphan_i
         .env("XDG_RUNTIME_DIR", reaper_tests::runtime_dir())
         .output()
         .expect("run sh");
-    let pids: Vec<u32> = String::from_utf8(out.stdout).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    let pids: Vec<u32> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
     let (cli, sleeper) = (pids[0], pids[1]);
     let _adopted = Adopted(vec![cli, sleeper]);
     let started = Instant::now();
     let (status, _) = exits(&mut h, &[cli]).await[&cli];
     let took = started.elapsed();
     eprintln!("runaway CLI ended {took:?} after its shell exited (runaway_for 3 s)");
-    assert_eq!(status.code(), Some(0), "ended by SIGINT, its clean exit: {status}");
-    assert!(took >= Duration::from_secs(3), "not before runaway_for: {took:?}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "ended by SIGINT, its clean exit: {status}"
+    );
+    assert!(
+        took >= Duration::from_secs(3),
+        "not before runaway_for: {took:?}"
+    );
     let s = stats(&h).await;
-    assert!(s.reaps.kills.iter().any(|((_, r, _), n)| r == "runaway" && *n == 1), "{:?}", s.reaps);
+    assert!(
+        s.reaps
+            .kills
+            .iter()
+            .any(|((_, r, _), n)| r == "runaway" && *n == 1),
+        "{:?}",
+        s.reaps
+    );
     assert!(alive(sleeper), "a plain orphan is never touched");
     let e = h.handle.explain(sleeper).await.unwrap();
     assert!(e.target.is_none() && e.session.is_none(), "{e:?}");

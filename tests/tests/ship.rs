@@ -56,13 +56,20 @@ fn text(out: &Output) -> String {
 /// Runs, requires success, returns stdout.
 fn ok(cmd: &mut Command) -> String {
     let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?} failed ({}):\n{}", out.status, text(&out));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        text(&out)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Every file under `dir`, relative, sorted.
 fn files_under(dir: &Path) -> BTreeSet<String> {
-    let out = ok(Command::new("find").arg(dir).args(["-type", "f", "-printf", "%P\\n"]));
+    let out = ok(Command::new("find")
+        .arg(dir)
+        .args(["-type", "f", "-printf", "%P\\n"]));
     out.lines().map(str::to_owned).collect()
 }
 
@@ -82,7 +89,10 @@ fn the_tarball_holds_the_static_binary_its_docs_and_their_checksums() {
     let dist = dist();
     // target/dist/SHA256SUMS covers the three artifacts.
     let sums = std::fs::read_to_string(dist.join("SHA256SUMS")).expect("target/dist/SHA256SUMS");
-    let named: BTreeSet<&str> = sums.lines().filter_map(|l| l.split_whitespace().nth(1)).collect();
+    let named: BTreeSet<&str> = sums
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
     let tar_name = format!("reaper-{VERSION}-x86_64-linux.tar.gz");
     let deb_name = format!("reaper_{VERSION}_amd64.deb");
     let oci_name = format!("reaper-{VERSION}.oci.tar");
@@ -91,21 +101,32 @@ fn the_tarball_holds_the_static_binary_its_docs_and_their_checksums() {
         BTreeSet::from([tar_name.as_str(), deb_name.as_str(), oci_name.as_str()]),
         "{sums}"
     );
-    ok(Command::new("sha256sum").args(["--check", "--strict", "SHA256SUMS"]).current_dir(&dist));
+    ok(Command::new("sha256sum")
+        .args(["--check", "--strict", "SHA256SUMS"])
+        .current_dir(&dist));
 
     // Every entry owned by root, under one top directory.
-    let listing = ok(Command::new("tar").args(["--numeric-owner", "-tvzf"]).arg(dist.join(&tar_name)));
+    let listing = ok(Command::new("tar")
+        .args(["--numeric-owner", "-tvzf"])
+        .arg(dist.join(&tar_name)));
     let top = format!("reaper-{VERSION}-x86_64-linux");
     for line in listing.lines() {
         let mut fields = line.split_whitespace();
         let owner = fields.nth(1).unwrap_or_default();
         let path = line.split_whitespace().last().unwrap_or_default();
         assert_eq!(owner, "0/0", "{line}");
-        assert!(path.starts_with(&format!("{top}/")) || path == top, "{line}");
+        assert!(
+            path.starts_with(&format!("{top}/")) || path == top,
+            "{line}"
+        );
     }
 
     let dir = TempDir::new("tarball");
-    ok(Command::new("tar").arg("-xzf").arg(dist.join(&tar_name)).arg("-C").arg(&dir.0));
+    ok(Command::new("tar")
+        .arg("-xzf")
+        .arg(dist.join(&tar_name))
+        .arg("-C")
+        .arg(&dir.0));
     let root = dir.join(&top);
     let files = files_under(&root);
     for wanted in [
@@ -121,16 +142,22 @@ fn the_tarball_holds_the_static_binary_its_docs_and_their_checksums() {
         "completions/_reaper",
         "completions/reaper.fish",
     ] {
-        assert!(files.contains(wanted), "{wanted} is not in the tarball: {files:?}");
+        assert!(
+            files.contains(wanted),
+            "{wanted} is not in the tarball: {files:?}"
+        );
     }
     // The docs and deploy/ are the repository's, byte for byte.
     let deploy = files_under(&repo().join("deploy"));
     assert!(deploy.contains("reaper.service") && deploy.contains("kubernetes/daemonset.yaml"));
-    for file in deploy.iter().map(|f| format!("deploy/{f}")).chain(
-        ["LICENSE-MIT", "LICENSE-APACHE", "README.md"].map(String::from),
-    ) {
+    for file in deploy
+        .iter()
+        .map(|f| format!("deploy/{f}"))
+        .chain(["LICENSE-MIT", "LICENSE-APACHE", "README.md"].map(String::from))
+    {
         assert_eq!(
-            std::fs::read(root.join(&file)).unwrap_or_else(|e| panic!("{file} in the tarball: {e}")),
+            std::fs::read(root.join(&file))
+                .unwrap_or_else(|e| panic!("{file} in the tarball: {e}")),
             std::fs::read(repo().join(&file)).unwrap(),
             "{file} differs from the repository's"
         );
@@ -145,22 +172,37 @@ fn the_tarball_holds_the_static_binary_its_docs_and_their_checksums() {
     let mut others = files.clone();
     others.remove("SHA256SUMS");
     assert_eq!(listed, others, "SHA256SUMS lists every file but itself");
-    ok(Command::new("sha256sum").args(["--check", "--strict", "--quiet", "SHA256SUMS"]).current_dir(&root));
+    ok(Command::new("sha256sum")
+        .args(["--check", "--strict", "--quiet", "SHA256SUMS"])
+        .current_dir(&root));
     std::fs::OpenOptions::new()
         .append(true)
         .open(root.join("README.md"))
         .and_then(|mut f| f.write_all(b"tampered\n"))
         .unwrap();
-    let tampered = run(Command::new("sha256sum").args(["--check", "--quiet", "SHA256SUMS"]).current_dir(&root));
-    assert!(!tampered.status.success(), "a changed README still verified");
-    assert!(text(&tampered).contains("README.md: FAILED"), "{}", text(&tampered));
+    let tampered = run(Command::new("sha256sum")
+        .args(["--check", "--quiet", "SHA256SUMS"])
+        .current_dir(&root));
+    assert!(
+        !tampered.status.success(),
+        "a changed README still verified"
+    );
+    assert!(
+        text(&tampered).contains("README.md: FAILED"),
+        "{}",
+        text(&tampered)
+    );
 
     // The binary: static, stripped, executable, and saying what it is.
     let bin = root.join("reaper");
-    assert_eq!(std::fs::metadata(&bin).unwrap().permissions().mode() & 0o777, 0o755);
+    assert_eq!(
+        std::fs::metadata(&bin).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
     let what = ok(Command::new("file").arg("-b").arg(&bin));
     assert!(
-        (what.contains("statically linked") || what.contains("static-pie linked")) && what.contains("stripped"),
+        (what.contains("statically linked") || what.contains("static-pie linked"))
+            && what.contains("stripped"),
         "{what}"
     );
     assert!(!what.contains("not stripped"), "{what}");
@@ -175,17 +217,43 @@ fn the_tarball_holds_the_static_binary_its_docs_and_their_checksums() {
 
     // Man pages and completions, generated from the parser: every subcommand is there.
     // roff escapes hyphens (`\-`).
-    let page = std::fs::read_to_string(root.join("man/reaper.1")).unwrap().replace("\\-", "-");
-    assert!(page.starts_with(".ie") || page.contains(".TH reaper 1"), "{page}");
-    for sub in ["run", "tree", "stats", "explain", "events", "check", "check-config"] {
+    let page = std::fs::read_to_string(root.join("man/reaper.1"))
+        .unwrap()
+        .replace("\\-", "-");
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH reaper 1"),
+        "{page}"
+    );
+    for sub in [
+        "run",
+        "tree",
+        "stats",
+        "explain",
+        "events",
+        "check",
+        "check-config",
+    ] {
         assert!(page.contains(sub), "reaper.1 names {sub}");
-        assert!(files.contains(&format!("man/reaper-{sub}.1")), "man/reaper-{sub}.1");
+        assert!(
+            files.contains(&format!("man/reaper-{sub}.1")),
+            "man/reaper-{sub}.1"
+        );
     }
-    assert!(!page.contains("generate"), "the packagers' subcommand stays hidden");
+    assert!(
+        !page.contains("generate"),
+        "the packagers' subcommand stays hidden"
+    );
     ensure_tool("man", "man-db");
-    let out = run(Command::new("man").args(["--warnings", "-l", "-Tutf8"]).arg(root.join("man/reaper-run.1")).env("MANWIDTH", "100"));
+    let out = run(Command::new("man")
+        .args(["--warnings", "-l", "-Tutf8"])
+        .arg(root.join("man/reaper-run.1"))
+        .env("MANWIDTH", "100"));
     assert!(out.status.success(), "{}", text(&out));
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"), "groff: {}", text(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "groff: {}",
+        text(&out)
+    );
     // Without a terminal, man marks bold and underline by overstriking: `X\bX`.
     let mut rendered = String::new();
     for c in String::from_utf8_lossy(&out.stdout).chars() {
@@ -195,11 +263,19 @@ fn the_tarball_holds_the_static_binary_its_docs_and_their_checksums() {
             rendered.push(c);
         }
     }
-    assert!(rendered.contains("--config") && rendered.contains("--dry-run"), "{rendered}");
-    let bash = ok(Command::new("bash").arg("-n").arg(root.join("completions/reaper")));
+    assert!(
+        rendered.contains("--config") && rendered.contains("--dry-run"),
+        "{rendered}"
+    );
+    let bash = ok(Command::new("bash")
+        .arg("-n")
+        .arg(root.join("completions/reaper")));
     assert!(bash.is_empty());
     let completion = std::fs::read_to_string(root.join("completions/reaper")).unwrap();
-    assert!(completion.contains("check-config") && completion.contains("--dry-run"), "{completion}");
+    assert!(
+        completion.contains("check-config") && completion.contains("--dry-run"),
+        "{completion}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -231,7 +307,10 @@ fn the_deb_is_lintian_clean_of_errors() {
     ok(Command::new("dpkg-deb").arg("-R").arg(deb()).arg(&tree));
     std::fs::remove_file(tree.join("usr/share/doc/reaper/copyright")).unwrap();
     let broken = dir.join("broken.deb");
-    ok(Command::new("dpkg-deb").args(["--root-owner-group", "-Zgzip", "--build"]).arg(&tree).arg(&broken));
+    ok(Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Zgzip", "--build"])
+        .arg(&tree)
+        .arg(&broken));
     let (passed, report) = lintian(&broken);
     assert!(!passed && report.contains("no-copyright-file"), "{report}");
 }
@@ -239,7 +318,11 @@ fn the_deb_is_lintian_clean_of_errors() {
 #[test]
 fn the_deb_installs_the_binary_the_unit_and_a_conffile_and_enables_the_service() {
     let deb = deb();
-    let field = |name: &str| ok(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(name)).trim().to_owned();
+    let field = |name: &str| {
+        ok(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(name))
+            .trim()
+            .to_owned()
+    };
     assert_eq!(field("Package"), "reaper");
     assert_eq!(field("Version"), VERSION);
     assert_eq!(field("Architecture"), "amd64");
@@ -261,14 +344,23 @@ fn the_deb_installs_the_binary_the_unit_and_a_conffile_and_enables_the_service()
         ("usr/share/man/man1/reaper-run.1.gz", "-rw-r--r--"),
         ("usr/share/bash-completion/completions/reaper", "-rw-r--r--"),
         ("usr/share/zsh/vendor-completions/_reaper", "-rw-r--r--"),
-        ("usr/share/fish/vendor_completions.d/reaper.fish", "-rw-r--r--"),
+        (
+            "usr/share/fish/vendor_completions.d/reaper.fish",
+            "-rw-r--r--",
+        ),
         ("usr/share/doc/reaper/copyright", "-rw-r--r--"),
         ("usr/share/doc/reaper/changelog.gz", "-rw-r--r--"),
     ] {
         let line = entry(path);
-        assert!(line.starts_with(mode) && line.contains(" root/root "), "{line}");
+        assert!(
+            line.starts_with(mode) && line.contains(" root/root "),
+            "{line}"
+        );
     }
-    assert!(!listing.contains("./usr/local"), "nothing in /usr/local:\n{listing}");
+    assert!(
+        !listing.contains("./usr/local"),
+        "nothing in /usr/local:\n{listing}"
+    );
 
     // The control area: a conffile, and debhelper's systemd snippets.
     let dir = TempDir::new("deb");
@@ -280,16 +372,32 @@ fn the_deb_installs_the_binary_the_unit_and_a_conffile_and_enables_the_service()
     );
     let script = |name: &str| std::fs::read_to_string(control.join(name)).unwrap();
     for (name, needles) in [
-        ("postinst", &["deb-systemd-helper enable 'reaper.service'", "deb-systemd-invoke $_dh_action 'reaper.service'"][..]),
+        (
+            "postinst",
+            &[
+                "deb-systemd-helper enable 'reaper.service'",
+                "deb-systemd-invoke $_dh_action 'reaper.service'",
+            ][..],
+        ),
         ("prerm", &["deb-systemd-invoke stop 'reaper.service'"][..]),
-        ("postrm", &["deb-systemd-helper purge 'reaper.service'", "daemon-reload"][..]),
+        (
+            "postrm",
+            &["deb-systemd-helper purge 'reaper.service'", "daemon-reload"][..],
+        ),
     ] {
         let body = script(name);
         for needle in needles {
             assert!(body.contains(needle), "{name} lacks {needle:?}:\n{body}");
         }
         ok(Command::new("sh").arg("-n").arg(control.join(name)));
-        assert!(std::fs::metadata(control.join(name)).unwrap().permissions().mode() & 0o111 != 0);
+        assert!(
+            std::fs::metadata(control.join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o111
+                != 0
+        );
     }
 
     // The unit is deploy/reaper.service with the binary at /usr/bin; the conffile is
@@ -299,21 +407,30 @@ fn the_deb_installs_the_binary_the_unit_and_a_conffile_and_enables_the_service()
     let unit = std::fs::read_to_string(files.join("lib/systemd/system/reaper.service")).unwrap();
     let ours = std::fs::read_to_string(repo().join("deploy/reaper.service")).unwrap();
     let settings = |text: &str| -> Vec<String> {
-        text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).map(str::to_owned).collect()
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect()
     };
     let expected: Vec<String> = settings(&ours)
         .into_iter()
         .map(|l| l.replace("/usr/local/bin/reaper", "/usr/bin/reaper"))
         .collect();
     assert_eq!(settings(&unit), expected);
-    assert!(unit.contains("ExecStart=/usr/bin/reaper run --config /etc/reaper/reaper.toml"), "{unit}");
+    assert!(
+        unit.contains("ExecStart=/usr/bin/reaper run --config /etc/reaper/reaper.toml"),
+        "{unit}"
+    );
     assert!(unit.contains("[Install]") && unit.contains("WantedBy=multi-user.target"));
     assert_eq!(
         std::fs::read(files.join("etc/reaper/reaper.toml")).unwrap(),
         std::fs::read(repo().join("deploy/reaper.toml")).unwrap()
     );
     let version = ok(Command::new(files.join("usr/bin/reaper")).arg("--version"));
-    assert!(version.starts_with(&format!("reaper {VERSION} (git ")), "{version}");
+    assert!(
+        version.starts_with(&format!("reaper {VERSION} (git ")),
+        "{version}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -343,7 +460,14 @@ impl Podman {
             .arg(self.store.join("root"))
             .arg("--runroot")
             .arg(self.store.join("run"))
-            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "none"])
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "none",
+            ])
             .arg("--runtime")
             .arg(&self.runtime);
         cmd
@@ -358,7 +482,11 @@ struct Container<'a> {
 
 impl Drop for Container<'_> {
     fn drop(&mut self) {
-        let _ = self.podman.cmd().args(["rm", "--force", "--time", "5", &self.name]).output();
+        let _ = self
+            .podman
+            .cmd()
+            .args(["rm", "--force", "--time", "5", &self.name])
+            .output();
     }
 }
 
@@ -371,7 +499,11 @@ fn http_in_netns(pid: u32, port: u16, path: &str) -> Option<String> {
         nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
         let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;
         Some(response)
@@ -401,16 +533,32 @@ fn the_image_runs_as_the_daemonset_runs_it() {
     eprintln!("podman load: {}", loaded.trim());
 
     let docs = yaml_documents(&repo().join("deploy/kubernetes/daemonset.yaml"));
-    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap_or_else(|| panic!("a {k}"));
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == k)
+            .unwrap_or_else(|| panic!("a {k}"))
+    };
     let pod = &kind("DaemonSet")["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
     let image = c["image"].as_str().expect("image");
-    assert_eq!(image, format!("localhost/reaper:{VERSION}"), "the DaemonSet names the built image");
-    assert!(loaded.contains(image), "podman load gave {loaded}, the DaemonSet wants {image}");
+    assert_eq!(
+        image,
+        format!("localhost/reaper:{VERSION}"),
+        "the DaemonSet names the built image"
+    );
+    assert!(
+        loaded.contains(image),
+        "podman load gave {loaded}, the DaemonSet wants {image}"
+    );
 
     // The pod's settings, as podman options.
     let name = format!("reaper-ship-{}", std::process::id());
-    let mut args: Vec<String> = vec!["run".into(), "--detach".into(), "--name".into(), name.clone()];
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--detach".into(),
+        "--name".into(),
+        name.clone(),
+    ];
     // The pod network is the cluster's business: loopback only here, reached through setns.
     args.push("--network=none".into());
     if pod["hostPID"] == true {
@@ -443,7 +591,11 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         args.push("--security-opt=apparmor=unconfined".into());
     }
     for env in c["env"].as_array().into_iter().flatten() {
-        args.push(format!("--env={}={}", env["name"].as_str().unwrap(), env["value"].as_str().unwrap()));
+        args.push(format!(
+            "--env={}={}",
+            env["name"].as_str().unwrap(),
+            env["value"].as_str().unwrap()
+        ));
     }
     if let Some(memory) = c["resources"]["limits"]["memory"].as_str() {
         args.push(format!("--memory={}", podman_size(memory)));
@@ -451,8 +603,15 @@ fn the_image_runs_as_the_daemonset_runs_it() {
     // podman's default ulimits exceed what runc may set on this host (the pod spec has none):
     // the test's own open-file limit, and 4096 processes (runc is refused anything near the
     // host's hard nproc limit here).
-    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-    let show = |v: u64| if v == nix::sys::resource::RLIM_INFINITY { "-1".to_owned() } else { v.to_string() };
+    let (soft, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let show = |v: u64| {
+        if v == nix::sys::resource::RLIM_INFINITY {
+            "-1".to_owned()
+        } else {
+            v.to_string()
+        }
+    };
     args.push(format!("--ulimit=nofile={}:{}", show(soft), show(hard)));
     args.push("--ulimit=nproc=4096:4096".into());
 
@@ -462,7 +621,12 @@ fn the_image_runs_as_the_daemonset_runs_it() {
     // parent, and the idle timeout is 3 s.
     let agent_comm = reaper_tests::agent_comm("ship");
     let volumes: Vec<&Value> = pod["volumes"].as_array().unwrap().iter().collect();
-    let volume = |name: &str| *volumes.iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("volume {name}"));
+    let volume = |name: &str| {
+        *volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("volume {name}"))
+    };
     let scratch = TempDir::new("pod");
     for mount in c["volumeMounts"].as_array().unwrap() {
         let path = mount["mountPath"].as_str().unwrap();
@@ -475,17 +639,24 @@ fn the_image_runs_as_the_daemonset_runs_it() {
             let dir = scratch.join(map_name);
             let data = dir.join("..2026_01_01_00_00_00.000000000");
             std::fs::create_dir_all(&data).unwrap();
-            let mode = map.get("defaultMode").and_then(Value::as_u64).unwrap_or(0o644) as u32;
+            let mode = map
+                .get("defaultMode")
+                .and_then(Value::as_u64)
+                .unwrap_or(0o644) as u32;
             for (file, content) in cm["data"].as_object().unwrap() {
                 let mut content = content.as_str().unwrap().to_owned();
                 if file == "reaper.toml" {
                     assert!(content.contains("idle_timeout = \"15m\""), "{content}");
                     content = content.replace("idle_timeout = \"15m\"", "idle_timeout = \"3s\"");
-                    assert!(content.trim_end().ends_with("require_no_tty = true"), "the rule ends the file: {content}");
+                    assert!(
+                        content.trim_end().ends_with("require_no_tty = true"),
+                        "the rule ends the file: {content}"
+                    );
                     content.push_str(&format!("parent_comm = [\"{agent_comm}\"]\n"));
                 }
                 std::fs::write(data.join(file), content).unwrap();
-                std::fs::set_permissions(data.join(file), std::fs::Permissions::from_mode(mode)).unwrap();
+                std::fs::set_permissions(data.join(file), std::fs::Permissions::from_mode(mode))
+                    .unwrap();
                 std::os::unix::fs::symlink(format!("..data/{file}"), dir.join(file)).unwrap();
             }
             std::os::unix::fs::symlink(data.file_name().unwrap(), dir.join("..data")).unwrap();
@@ -493,7 +664,10 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         } else if let Some(host) = v["hostPath"]["path"].as_str() {
             args.push(format!("--volume={host}:{path}{ro}"));
         } else if let Some(empty) = v["emptyDir"].as_object() {
-            let size = empty.get("sizeLimit").and_then(Value::as_str).map(podman_size);
+            let size = empty
+                .get("sizeLimit")
+                .and_then(Value::as_str)
+                .map(podman_size);
             let mut opts = vec!["rw".to_owned(), "mode=0777".to_owned()];
             if let Some(size) = size {
                 opts.push(format!("size={size}"));
@@ -504,17 +678,28 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         }
     }
     args.push(image.to_owned());
-    args.extend(c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()));
+    args.extend(
+        c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned()),
+    );
     let port = c["ports"][0]["containerPort"].as_u64().unwrap() as u16;
 
     eprintln!("podman {}", args.join(" "));
     ok(podman.cmd().args(&args));
-    let container = Container { podman: &podman, name: name.clone() };
+    let container = Container {
+        podman: &podman,
+        name: name.clone(),
+    };
     let logs = || text(&run(podman.cmd().args(["logs", &container.name])));
-    let pid: u32 = ok(podman.cmd().args(["inspect", "--format", "{{.State.Pid}}", &name]))
-        .trim()
-        .parse()
-        .expect("the container's pid");
+    let pid: u32 = ok(podman
+        .cmd()
+        .args(["inspect", "--format", "{{.State.Pid}}", &name]))
+    .trim()
+    .parse()
+    .expect("the container's pid");
 
     // /healthz, as the probes ask it.
     let started = Instant::now();
@@ -524,23 +709,44 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         {
             break r;
         }
-        assert!(started.elapsed() < DEADLINE, "no 200 from /healthz:\n{}", logs());
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no 200 from /healthz:\n{}",
+            logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
-    eprintln!("/healthz after {:.1}s: {}", started.elapsed().as_secs_f64(), healthz.lines().next().unwrap());
+    eprintln!(
+        "/healthz after {:.1}s: {}",
+        started.elapsed().as_secs_f64(),
+        healthz.lines().next().unwrap()
+    );
 
     // A process started on the host shows in `reaper explain`, asked inside the container as
     // `kubectl exec` would.
     let mut helper = Helper::spawn(&["wait"]);
     let host_pid = helper.read_pid("pid");
-    let explain = |pid: u32| run(podman.cmd().args(["exec", &name, "/usr/local/bin/reaper", "explain", &pid.to_string()]));
+    let explain = |pid: u32| {
+        run(podman.cmd().args([
+            "exec",
+            &name,
+            "/usr/local/bin/reaper",
+            "explain",
+            &pid.to_string(),
+        ]))
+    };
     let started = Instant::now();
     loop {
         let out = explain(host_pid);
         if out.status.success() && text(&out).contains("lifecycle-helper wait") {
             break;
         }
-        assert!(started.elapsed() < DEADLINE, "pid {host_pid} not followed:\n{}\n{}", text(&out), logs());
+        assert!(
+            started.elapsed() < DEADLINE,
+            "pid {host_pid} not followed:\n{}\n{}",
+            text(&out),
+            logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     helper.finish();
@@ -551,7 +757,11 @@ fn the_image_runs_as_the_daemonset_runs_it() {
     agent.read("ready");
     let started = Instant::now();
     while alive(claude) {
-        assert!(started.elapsed() < DEADLINE, "the leaked claude {claude} was not reaped:\n{}", logs());
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the leaked claude {claude} was not reaped:\n{}",
+            logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(alive(agent.pid()), "the agent survives its child's reaping");
@@ -568,18 +778,31 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         if kills == 1.0 {
             break;
         }
-        assert!(started.elapsed() < DEADLINE, "the kill was never counted:\n{metrics}");
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the kill was never counted:\n{metrics}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     agent.finish();
 
     // The kubelet's stop: SIGTERM, a clean exit within the grace period.
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
-    ok(podman.cmd().args(["stop", "--time", &grace.to_string(), &name]));
-    let code = ok(podman.cmd().args(["inspect", "--format", "{{.State.ExitCode}}", &name]));
+    ok(podman
+        .cmd()
+        .args(["stop", "--time", &grace.to_string(), &name]));
+    let code = ok(podman
+        .cmd()
+        .args(["inspect", "--format", "{{.State.ExitCode}}", &name]));
     let log = logs();
     assert_eq!(code.trim(), "0", "exit status after SIGTERM:\n{log}");
-    assert!(log.contains("\"stopped\""), "a final `stopped` line:\n{log}");
-    assert!(!log.contains("could not drop capabilities"), "the DaemonSet's capabilities suffice:\n{log}");
+    assert!(
+        log.contains("\"stopped\""),
+        "a final `stopped` line:\n{log}"
+    );
+    assert!(
+        !log.contains("could not drop capabilities"),
+        "the DaemonSet's capabilities suffice:\n{log}"
+    );
     drop(container);
 }

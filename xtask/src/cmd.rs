@@ -85,10 +85,14 @@ impl Totals {
     /// Adds one libtest summary line, e.g.
     /// `test result: ok. 11 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; …`.
     pub(crate) fn add_line(&mut self, line: &str) {
-        let Some(rest) = line.trim().strip_prefix("test result: ") else { return };
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
         for part in rest.split(';') {
             let mut words = part.split_whitespace().rev();
-            let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
             let Ok(n) = n.parse::<u64>() else { continue };
             match what {
                 "passed" => self.passed += n,
@@ -132,6 +136,13 @@ mod tests {
         t.add_line("test result: ok. 11 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 8.85s");
         t.add_line("test result: FAILED. 6 passed; 4 failed; 0 ignored; 0 measured; 0 filtered out; finished in 99.04s");
         t.add_line("running 3 tests");
-        assert_eq!(t, Totals { passed: 17, failed: 4, ignored: 2 });
+        assert_eq!(
+            t,
+            Totals {
+                passed: 17,
+                failed: 4,
+                ignored: 2
+            }
+        );
     }
 }

@@ -65,7 +65,11 @@ pub(crate) fn run(ctx: &Ctx) -> anyhow::Result<Artifacts> {
     run_ok(Command::new("strip").arg(&binary))?;
     let what = output(Command::new("file").arg("-b").arg(&binary))?;
     if !(what.contains("statically linked") || what.contains("static-pie linked")) {
-        bail!("{} is not statically linked: {}", binary.display(), what.trim());
+        bail!(
+            "{} is not statically linked: {}",
+            binary.display(),
+            what.trim()
+        );
     }
     let revision = output(Command::new(&binary).arg("--version"))?;
     println!("xtask: dist: {}", revision.trim());
@@ -108,7 +112,11 @@ pub(crate) fn run(ctx: &Ctx) -> anyhow::Result<Artifacts> {
 }
 
 /// (clap_complete shell, file name as each shell looks for it).
-const COMPLETIONS: [(&str, &str); 3] = [("bash", "reaper"), ("zsh", "_reaper"), ("fish", "reaper.fish")];
+const COMPLETIONS: [(&str, &str); 3] = [
+    ("bash", "reaper"),
+    ("zsh", "_reaper"),
+    ("fish", "reaper.fish"),
+];
 
 fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
     let st = status(cmd)?;
@@ -130,7 +138,10 @@ fn reset_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// The commit's time (so the same commit packs the same bytes), else 0.
 fn source_date_epoch(ctx: &Ctx) -> u64 {
-    if let Some(epoch) = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()) {
+    if let Some(epoch) = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         return epoch;
     }
     output(
@@ -148,7 +159,8 @@ fn copy_file(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
     if let Some(dir) = to.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     fs::set_permissions(to, fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", to.display()))
 }
@@ -216,9 +228,11 @@ fn tarball(
 
 /// RFC 2822 date for the Debian changelog.
 fn rfc2822(epoch: u64) -> anyhow::Result<String> {
-    Ok(output(Command::new("date").args(["-u", "-R", "-d", &format!("@{epoch}")]))?
-        .trim()
-        .to_owned())
+    Ok(
+        output(Command::new("date").args(["-u", "-R", "-d", &format!("@{epoch}")]))?
+            .trim()
+            .to_owned(),
+    )
 }
 
 fn gzip_to(data: &[u8], out: &Path) -> anyhow::Result<()> {
@@ -229,7 +243,11 @@ fn gzip_to(data: &[u8], out: &Path) -> anyhow::Result<()> {
         .stdout(fs::File::create(out).with_context(|| format!("creating {}", out.display()))?)
         .spawn()
         .context("running gzip")?;
-    child.stdin.take().context("gzip's stdin")?.write_all(data)?;
+    child
+        .stdin
+        .take()
+        .context("gzip's stdin")?
+        .write_all(data)?;
     let st = child.wait()?;
     if !st.success() {
         bail!("gzip into {} failed ({st})", out.display());
@@ -268,11 +286,20 @@ fn deb(
     copy_file(binary, &root.join("usr/bin/reaper"), 0o755)?;
     let unit = root.join("lib/systemd/system/reaper.service");
     fs::create_dir_all(unit.parent().unwrap())?;
-    fs::write(&unit, packaged_unit(&read(&ctx.workspace.join("deploy/reaper.service"))?))?;
-    copy_file(&ctx.workspace.join("deploy/reaper.toml"), &root.join("etc/reaper/reaper.toml"), 0o644)?;
+    fs::write(
+        &unit,
+        packaged_unit(&read(&ctx.workspace.join("deploy/reaper.service"))?),
+    )?;
+    copy_file(
+        &ctx.workspace.join("deploy/reaper.toml"),
+        &root.join("etc/reaper/reaper.toml"),
+        0o644,
+    )?;
     let man_dir = root.join("usr/share/man/man1");
     fs::create_dir_all(&man_dir)?;
-    let mut pages: Vec<PathBuf> = fs::read_dir(man)?.map(|e| Ok(e?.path())).collect::<anyhow::Result<_>>()?;
+    let mut pages: Vec<PathBuf> = fs::read_dir(man)?
+        .map(|e| Ok(e?.path()))
+        .collect::<anyhow::Result<_>>()?;
     pages.sort();
     for page in pages {
         let name = format!("{}.gz", page.file_name().unwrap().to_string_lossy());
@@ -281,14 +308,21 @@ fn deb(
     for (from, to) in [
         ("reaper", "usr/share/bash-completion/completions/reaper"),
         ("_reaper", "usr/share/zsh/vendor-completions/_reaper"),
-        ("reaper.fish", "usr/share/fish/vendor_completions.d/reaper.fish"),
+        (
+            "reaper.fish",
+            "usr/share/fish/vendor_completions.d/reaper.fish",
+        ),
     ] {
         copy_file(&completions.join(from), &root.join(to), 0o644)?;
     }
     let doc = root.join("usr/share/doc/reaper");
     copy_file(&debian.join("copyright"), &doc.join("copyright"), 0o644)?;
     // The alerts' runbook_url sections.
-    copy_file(&ctx.workspace.join("deploy/prometheus/runbook.md"), &doc.join("runbook.md"), 0o644)?;
+    copy_file(
+        &ctx.workspace.join("deploy/prometheus/runbook.md"),
+        &doc.join("runbook.md"),
+        0o644,
+    )?;
     let revision = output(
         Command::new("git")
             .args(["rev-parse", "--short=12", "HEAD"])
@@ -309,16 +343,24 @@ fn deb(
     // DEBIAN/: control with the size, conffiles, maintainer scripts, md5sums.
     let control_dir = root.join("DEBIAN");
     fs::create_dir_all(&control_dir)?;
-    let size_kib = output(Command::new("du").args(["-s", "-k", "--apparent-size"]).arg(&root))?
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse::<u64>().ok())
-        .context("du's size")?;
+    let size_kib = output(
+        Command::new("du")
+            .args(["-s", "-k", "--apparent-size"])
+            .arg(&root),
+    )?
+    .split_whitespace()
+    .next()
+    .and_then(|n| n.parse::<u64>().ok())
+    .context("du's size")?;
     let control = read(&debian.join("control"))?
         .replace("@VERSION@", VERSION)
         .replace("@INSTALLED_SIZE@", &size_kib.to_string());
     fs::write(control_dir.join("control"), control)?;
-    copy_file(&debian.join("conffiles"), &control_dir.join("conffiles"), 0o644)?;
+    copy_file(
+        &debian.join("conffiles"),
+        &control_dir.join("conffiles"),
+        0o644,
+    )?;
     for script in ["postinst", "prerm", "postrm"] {
         copy_file(&debian.join(script), &control_dir.join(script), 0o755)?;
     }
@@ -328,7 +370,11 @@ fn deb(
         .current_dir(&root);
     run_ok(&mut cmd)?;
     // Directories 0755 whatever the umask.
-    run_ok(Command::new("find").arg(&root).args(["-type", "d", "-exec", "chmod", "0755", "{}", "+"]))?;
+    run_ok(
+        Command::new("find")
+            .arg(&root)
+            .args(["-type", "d", "-exec", "chmod", "0755", "{}", "+"]),
+    )?;
 
     let out = dist.join(format!("reaper_{VERSION}_amd64.deb"));
     let mut cmd = Command::new("dpkg-deb");
@@ -371,13 +417,20 @@ fn oci(ctx: &Ctx, dist: &Path, work: &Path, binary: &Path, epoch: u64) -> anyhow
     // An image of the same name from a previous run would only be left dangling.
     let _ = buildah(dist).args(["rmi", "--force", &image]).output();
     let mut cmd = buildah(dist);
-    cmd.args(["bud", "--quiet", "--format", "oci", "--timestamp", &epoch.to_string()])
-        .args(["--build-arg", &format!("VERSION={VERSION}")])
-        .args(["--build-arg", &format!("REVISION={revision}")])
-        .arg("--file")
-        .arg(ctx.workspace.join("deploy/container/Containerfile"))
-        .args(["--tag", &image])
-        .arg(&context);
+    cmd.args([
+        "bud",
+        "--quiet",
+        "--format",
+        "oci",
+        "--timestamp",
+        &epoch.to_string(),
+    ])
+    .args(["--build-arg", &format!("VERSION={VERSION}")])
+    .args(["--build-arg", &format!("REVISION={revision}")])
+    .arg("--file")
+    .arg(ctx.workspace.join("deploy/container/Containerfile"))
+    .args(["--tag", &image])
+    .arg(&context);
     run_ok(cmd.stdout(std::process::Stdio::null()))?;
     let out = dist.join(format!("reaper-{VERSION}.oci.tar"));
     let _ = fs::remove_file(&out);

@@ -58,7 +58,9 @@ macro_rules! fuzz_target {
 
 /// The committed corpus of `target`.
 fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus").join(target)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../corpus")
+        .join(target)
 }
 
 /// Every file of the corpus, sorted by name.
@@ -74,7 +76,10 @@ fn corpus(target: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(format!("{} is empty: commit a few seed inputs", dir.display()));
+        return Err(format!(
+            "{} is empty: commit a few seed inputs",
+            dir.display()
+        ));
     }
     Ok(files)
 }
@@ -98,8 +103,23 @@ impl Rng {
 /// Bytes that tend to matter to parsers: separators, bounds, and the characters the
 /// escaping code must catch.
 const INTERESTING: &[&[u8]] = &[
-    b"\0", b"\n", b" ", b"(", b")", b") ", b"=", b"\"", b"\\", b"\x1b[", b"\x1e", b"\xff",
-    "\u{202e}".as_bytes(), "\u{200b}".as_bytes(), b"4294967296", b"-1", b"0",
+    b"\0",
+    b"\n",
+    b" ",
+    b"(",
+    b")",
+    b") ",
+    b"=",
+    b"\"",
+    b"\\",
+    b"\x1b[",
+    b"\x1e",
+    b"\xff",
+    "\u{202e}".as_bytes(),
+    "\u{200b}".as_bytes(),
+    b"4294967296",
+    b"-1",
+    b"0",
 ];
 
 /// One input derived from `seed` (and `other`, for splicing).
@@ -177,7 +197,9 @@ pub fn replay(target: &str, run: fn(&[u8])) -> i32 {
             return 0;
         }
         Selection::FilteredOut => {
-            println!("\nrunning 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out; finished in 0.00s\n");
+            println!(
+                "\nrunning 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out; finished in 0.00s\n"
+            );
             return 0;
         }
         Selection::Run => {}
@@ -213,7 +235,10 @@ pub fn replay(target: &str, run: fn(&[u8])) -> i32 {
         let (_, a) = &corpus[rng.below(corpus.len())];
         let (_, b) = &corpus[rng.below(corpus.len())];
         let input = mutate(&mut rng, a, b);
-        if let Err(err) = attempt(&format!("a mutated input (run {runs}, seed {seed})"), &input) {
+        if let Err(err) = attempt(
+            &format!("a mutated input (run {runs}, seed {seed})"),
+            &input,
+        ) {
             return finish(target, started, Err(err));
         }
         runs += 1;
@@ -221,7 +246,10 @@ pub fn replay(target: &str, run: fn(&[u8])) -> i32 {
     finish(
         target,
         started,
-        Ok(format!("{} corpus inputs, {runs} mutated inputs (seed {seed})", corpus.len())),
+        Ok(format!(
+            "{} corpus inputs, {runs} mutated inputs (seed {seed})",
+            corpus.len()
+        )),
     )
 }
 
@@ -251,8 +279,16 @@ fn selected(name: &str, args: impl Iterator<Item = String>) -> Selection {
             _ => filters.push(arg),
         }
     }
-    let matches = |f: &String| if exact { name == f } else { name.contains(f.as_str()) };
-    if (!filters.is_empty() && !filters.iter().any(matches)) || skips.iter().any(|s| name.contains(s.as_str())) {
+    let matches = |f: &String| {
+        if exact {
+            name == f
+        } else {
+            name.contains(f.as_str())
+        }
+    };
+    if (!filters.is_empty() && !filters.iter().any(matches))
+        || skips.iter().any(|s| name.contains(s.as_str()))
+    {
         Selection::FilteredOut
     } else if list {
         Selection::List
@@ -266,12 +302,16 @@ fn finish(target: &str, started: Instant, outcome: Result<String, String>) -> i3
     match outcome {
         Ok(what) => {
             println!("test fuzz_target::{target} ... ok ({what})");
-            println!("\ntest result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in {secs:.2}s\n");
+            println!(
+                "\ntest result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in {secs:.2}s\n"
+            );
             0
         }
         Err(err) => {
             println!("test fuzz_target::{target} ... FAILED\n{err}");
-            println!("\ntest result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in {secs:.2}s\n");
+            println!(
+                "\ntest result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in {secs:.2}s\n"
+            );
             101
         }
     }
@@ -283,7 +323,8 @@ mod tests {
 
     /// `[[name]]` sections' `name = "…"` values of a Cargo.toml.
     fn declared(manifest: &str, section: &str) -> Vec<String> {
-        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(manifest)).unwrap();
+        let text =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(manifest)).unwrap();
         let mut names = Vec::new();
         let mut inside = false;
         for line in text.lines().map(str::trim) {
@@ -303,12 +344,26 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz_targets");
         let mut targets: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".rs").map(str::to_owned))
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".rs")
+                    .map(str::to_owned)
+            })
             .collect();
         targets.sort();
         assert!(targets.len() >= 6, "{targets:?}");
-        assert_eq!(declared("Cargo.toml", "test"), targets, "fuzz/replay/Cargo.toml's [[test]]s");
-        assert_eq!(declared("../Cargo.toml", "bin"), targets, "fuzz/Cargo.toml's [[bin]]s");
+        assert_eq!(
+            declared("Cargo.toml", "test"),
+            targets,
+            "fuzz/replay/Cargo.toml's [[test]]s"
+        );
+        assert_eq!(
+            declared("../Cargo.toml", "bin"),
+            targets,
+            "fuzz/Cargo.toml's [[bin]]s"
+        );
         for t in &targets {
             assert!(corpus(t).is_ok(), "{t}: {:?}", corpus(t).err());
         }
@@ -316,15 +371,25 @@ mod tests {
 
     #[test]
     fn name_filters_work_as_in_libtest() {
-        let sel = |args: &[&str]| selected("fuzz_target::decode", args.iter().map(|a| (*a).to_owned()));
+        let sel =
+            |args: &[&str]| selected("fuzz_target::decode", args.iter().map(|a| (*a).to_owned()));
         assert!(matches!(sel(&[]), Selection::Run));
-        assert!(matches!(sel(&["--test-threads=1", "--nocapture"]), Selection::Run));
+        assert!(matches!(
+            sel(&["--test-threads=1", "--nocapture"]),
+            Selection::Run
+        ));
         assert!(matches!(sel(&["--test-threads", "1"]), Selection::Run));
         assert!(matches!(sel(&["tree_"]), Selection::FilteredOut));
         assert!(matches!(sel(&["tree_", "decode"]), Selection::Run));
         assert!(matches!(sel(&["fuzz_target"]), Selection::Run));
-        assert!(matches!(sel(&["decode", "--exact"]), Selection::FilteredOut));
-        assert!(matches!(sel(&["--exact", "fuzz_target::decode"]), Selection::Run));
+        assert!(matches!(
+            sel(&["decode", "--exact"]),
+            Selection::FilteredOut
+        ));
+        assert!(matches!(
+            sel(&["--exact", "fuzz_target::decode"]),
+            Selection::Run
+        ));
         assert!(matches!(sel(&["--skip", "fuzz"]), Selection::FilteredOut));
         assert!(matches!(sel(&["--list"]), Selection::List));
         assert!(matches!(sel(&["--list", "tree_"]), Selection::FilteredOut));
@@ -334,7 +399,9 @@ mod tests {
     fn mutations_stay_within_the_length_limit_and_vary() {
         let mut rng = Rng(7);
         let seed = vec![b'x'; MAX_LEN];
-        let outputs: Vec<Vec<u8>> = (0..200).map(|_| mutate(&mut rng, &seed, b"tree\n")).collect();
+        let outputs: Vec<Vec<u8>> = (0..200)
+            .map(|_| mutate(&mut rng, &seed, b"tree\n"))
+            .collect();
         assert!(outputs.iter().all(|o| o.len() <= MAX_LEN));
         assert!(outputs.iter().any(|o| *o != seed));
         assert!(mutate(&mut rng, b"", b"").len() <= 16);

@@ -674,7 +674,11 @@ mod tests {
         assert!(report.can_run(), "{report}");
         let row = report.get("model's last word").unwrap();
         assert_eq!(row.status, Status::Warn);
-        assert!(row.detail.starts_with("sampled from /proc/PID/io"), "{}", row.detail);
+        assert!(
+            row.detail.starts_with("sampled from /proc/PID/io"),
+            "{}",
+            row.detail
+        );
         for name in SOCKET_TRACEPOINTS {
             let row = report.get(&format!("tracepoint {name}")).unwrap();
             assert_eq!(row.status, Status::Warn);
@@ -698,7 +702,11 @@ mod tests {
         });
         let row = report.get("model's last word").unwrap();
         assert_eq!(row.status, Status::Ok);
-        assert!(row.detail.starts_with("tcp:tcp_rcv_space_adjust"), "{}", row.detail);
+        assert!(
+            row.detail.starts_with("tcp:tcp_rcv_space_adjust"),
+            "{}",
+            row.detail
+        );
         assert!(report.to_string().ends_with("can run here (2 warnings).\n"));
 
         let no_exec = assess(&Facts {

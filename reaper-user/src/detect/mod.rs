@@ -105,7 +105,13 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 5] = [Self::Idle, Self::Orphaned, Self::Leftover, Self::Runaway, Self::MemoryPressure];
+    pub const ALL: [Reason; 5] = [
+        Self::Idle,
+        Self::Orphaned,
+        Self::Leftover,
+        Self::Runaway,
+        Self::MemoryPressure,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -380,7 +386,11 @@ impl RateLimit {
     /// When `n` slots are free at once (all of them once the window is empty, for `n` over
     /// the limit).
     fn free_at_for(&mut self, now: Nanos, n: usize) -> Nanos {
-        while self.recent.front().is_some_and(|t| now.saturating_sub(*t) >= MINUTE) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.saturating_sub(*t) >= MINUTE)
+        {
             self.recent.pop_front();
         }
         let limit = self.per_minute as usize;
@@ -484,7 +494,11 @@ impl Detector {
 
     /// Tells the kernel which process names to watch from their exec on: the rules' `comm`s.
     pub fn publish_names(&self, host: &mut impl Host) {
-        let names: Vec<&str> = self.rules.iter().flat_map(|r| r.comm.iter().map(String::as_str)).collect();
+        let names: Vec<&str> = self
+            .rules
+            .iter()
+            .flat_map(|r| r.comm.iter().map(String::as_str))
+            .collect();
         host.watch_names(&names);
     }
 
@@ -501,7 +515,13 @@ impl Detector {
     /// Takes a new configuration (SIGHUP). Targets keep their evidence while their rule (by
     /// name) still exists and still matches; new matches are adopted, the rest dropped. The
     /// kills already made this minute still count against the (new) rate limit.
-    pub fn reconfigure(&mut self, config: &Config, tree: &ProcessTree, now: Nanos, host: &mut impl Host) {
+    pub fn reconfigure(
+        &mut self,
+        config: &Config,
+        tree: &ProcessTree,
+        now: Nanos,
+        host: &mut impl Host,
+    ) {
         let old_rules = std::mem::replace(&mut self.rules, config.rules.clone());
         let mode_changed = self.mode != config.mode;
         self.mode = config.mode;
@@ -564,7 +584,13 @@ impl Detector {
 
     /// Re-checks what a reconcile changed: `renewed` pids (added, filled or refreshed from
     /// `/proc`), and targets that vanished without an exit event.
-    pub fn classify_new(&mut self, tree: &ProcessTree, renewed: &[u32], now: Nanos, host: &mut impl Host) {
+    pub fn classify_new(
+        &mut self,
+        tree: &ProcessTree,
+        renewed: &[u32],
+        now: Nanos,
+        host: &mut impl Host,
+    ) {
         let unknown: Vec<u32> = renewed
             .iter()
             .copied()
@@ -588,7 +614,12 @@ impl Detector {
     /// Updates after the tree applied `event`.
     pub fn on_event(&mut self, tree: &ProcessTree, event: &Event, host: &mut impl Host) {
         match event {
-            Event::Fork { id, parent, time_ns, .. } => {
+            Event::Fork {
+                id,
+                parent,
+                time_ns,
+                ..
+            } => {
                 if let Some(session) = self.left_of.get(&parent.pid).copied() {
                     // A leftover's child belongs to the same (ended) session.
                     self.left_of.insert(id.pid, session);
@@ -637,7 +668,11 @@ impl Detector {
                 for t in self.targets.values_mut() {
                     if t.parent == *id && t.evidence.orphaned_since.is_none() {
                         t.evidence.orphaned_since = Some(*time_ns);
-                        tracing::info!(pid = t.id.pid, parent = id.pid, "target orphaned: its parent exited");
+                        tracing::info!(
+                            pid = t.id.pid,
+                            parent = id.pid,
+                            "target orphaned: its parent exited"
+                        );
                     }
                 }
                 self.watch_orphaned_clis(tree, *id, *time_ns);
@@ -648,7 +683,9 @@ impl Detector {
     /// The children `gone` left behind that are agent CLIs (by a rule's name) but not targets
     /// (interactive ones): watched for burning CPU once they lost their terminal.
     fn watch_orphaned_clis(&mut self, tree: &ProcessTree, gone: Identity, now: Nanos) {
-        let Some(exited) = tree.exited(gone) else { return };
+        let Some(exited) = tree.exited(gone) else {
+            return;
+        };
         for pid in &exited.children {
             let Some(p) = tree.get(*pid) else { continue };
             if self.targets.contains_key(pid)
@@ -754,9 +791,14 @@ impl Detector {
             // The name first: a mismatch's explanation (`Mismatch::Name`) copies the names, and
             // nearly every exec on a host is one.
             .position(|rule| {
-                targets::name_matches(rule, p) && targets::matches(rule, p, parent, || host.tty_nr(pid)).is_ok()
+                targets::name_matches(rule, p)
+                    && targets::matches(rule, p, parent, || host.tty_nr(pid)).is_ok()
             });
-        let current = self.targets.get(&pid).filter(|t| t.id == p.id).map(|t| t.rule);
+        let current = self
+            .targets
+            .get(&pid)
+            .filter(|t| t.id == p.id)
+            .map(|t| t.rule);
         match (current, matched) {
             (Some(_), Some(_)) => {}
             (Some(_), None) => {
@@ -765,12 +807,21 @@ impl Detector {
             }
             (None, Some(rule)) => self.adopt(tree, p.id, rule, now, host),
             // Watched by its name from its exec on, but not a target after all.
-            (None, None) if self.rules.iter().any(|r| targets::name_matches(r, p)) => host.unwatch(pid, &[]),
+            (None, None) if self.rules.iter().any(|r| targets::name_matches(r, p)) => {
+                host.unwatch(pid, &[])
+            }
             (None, None) => {}
         }
     }
 
-    fn adopt(&mut self, tree: &ProcessTree, id: Identity, rule: usize, now: Nanos, host: &mut impl Host) {
+    fn adopt(
+        &mut self,
+        tree: &ProcessTree,
+        id: Identity,
+        rule: usize,
+        now: Nanos,
+        host: &mut impl Host,
+    ) {
         if self.targets.contains_key(&id.pid) {
             self.drop_target(id.pid, host);
         }
@@ -780,7 +831,10 @@ impl Detector {
         for d in descendants(tree, id.pid) {
             watch_failed |= !host.watch(d.id.pid, id.pid);
             self.member_of.insert(d.id.pid, id.pid);
-            members.insert(d.id.pid, Member::new(d.id, crate::clock::start_mono_ns(d.id.start_ticks)));
+            members.insert(
+                d.id.pid,
+                Member::new(d.id, crate::clock::start_mono_ns(d.id.start_ticks)),
+            );
         }
         let rule_ref = &self.rules[rule];
         // A target found already under init or a subreaper is not an orphan: orphaned means
@@ -808,7 +862,10 @@ impl Detector {
             "watching a target"
         );
         if watch_failed {
-            tracing::warn!(pid = id.pid, "the kernel's watch map is full: this target's activity is not fully seen, so it is never reaped as idle");
+            tracing::warn!(
+                pid = id.pid,
+                "the kernel's watch map is full: this target's activity is not fully seen, so it is never reaped as idle"
+            );
         }
         let mut target = Target {
             id,
@@ -822,9 +879,20 @@ impl Detector {
             last_word: None,
             next_sample: now,
             pending: Pending::None,
-            attribution: host.cgroup(id.pid).map(|c| Attribution::from_cgroup(&c)).unwrap_or_default(),
+            attribution: host
+                .cgroup(id.pid)
+                .map(|c| Attribution::from_cgroup(&c))
+                .unwrap_or_default(),
         };
-        sample(&mut target, rule_ref, tree, now, host, self.meter, self.io_bytes_per_second);
+        sample(
+            &mut target,
+            rule_ref,
+            tree,
+            now,
+            host,
+            self.meter,
+            self.io_bytes_per_second,
+        );
         self.targets.insert(id.pid, target);
     }
 
@@ -849,7 +917,13 @@ impl Detector {
     /// before the rate limit lets a due process go.
     pub fn next_wakeup(&mut self, now: Nanos) -> Option<Nanos> {
         let free_at = self.rate.free_at(now);
-        let limited = |due: Nanos| if due == Nanos::MAX { due } else { due.max(free_at) };
+        let limited = |due: Nanos| {
+            if due == Nanos::MAX {
+                due
+            } else {
+                due.max(free_at)
+            }
+        };
         let targets = self
             .targets
             .values()
@@ -877,7 +951,9 @@ impl Detector {
             .values()
             .filter(|r| r.pending == Pending::None)
             .map(|r| {
-                let due = r.burning_since.map_or(Nanos::MAX, |s| s.saturating_add(runaway_for));
+                let due = r
+                    .burning_since
+                    .map_or(Nanos::MAX, |s| s.saturating_add(runaway_for));
                 r.next_sample.min(due)
             });
         targets
@@ -893,9 +969,18 @@ impl Detector {
                 continue;
             }
             let rule = &self.rules[t.rule];
-            sample(t, rule, tree, now, host, self.meter, self.io_bytes_per_second);
+            sample(
+                t,
+                rule,
+                tree,
+                now,
+                host,
+                self.meter,
+                self.io_bytes_per_second,
+            );
         }
-        let interval = (self.runaway_for / 8).clamp(Duration::from_millis(250), Duration::from_secs(15));
+        let interval =
+            (self.runaway_for / 8).clamp(Duration::from_millis(250), Duration::from_secs(15));
         let threshold = self.runaway_cpu;
         self.runaways.retain(|pid, r| {
             if r.pending != Pending::None || now < r.next_sample {
@@ -905,10 +990,14 @@ impl Detector {
             if host.tty_nr(*pid) != Some(0) {
                 return false;
             }
-            let Some(ticks) = host.cpu_ticks(r.id) else { return false };
+            let Some(ticks) = host.cpu_ticks(r.id) else {
+                return false;
+            };
             if let Some((at, before)) = r.cpu {
                 let dt = secs(now.saturating_sub(at));
-                let rate = ticks.saturating_sub(before) as f64 / crate::events::ticks_per_second() as f64 / dt.max(1e-9);
+                let rate = ticks.saturating_sub(before) as f64
+                    / crate::events::ticks_per_second() as f64
+                    / dt.max(1e-9);
                 if rate >= threshold {
                     r.burning_since.get_or_insert(at);
                 } else {
@@ -930,13 +1019,18 @@ impl Detector {
     /// [`Detector::decide`]).
     pub fn any_due(&self, now: Nanos) -> bool {
         self.targets.values().any(|t| self.ready(t, now))
-            || self.ended.values().any(|e| self.leftovers_due(e, now).next().is_some())
+            || self
+                .ended
+                .values()
+                .any(|e| self.leftovers_due(e, now).next().is_some())
             || self.runaways.values().any(|r| self.runaway_due(r, now))
     }
 
     fn ready(&self, t: &Target, now: Nanos) -> bool {
         match t.pending {
-            Pending::Reaping | Pending::Done | Pending::WouldKillReported | Pending::LeftAlone => false,
+            Pending::Reaping | Pending::Done | Pending::WouldKillReported | Pending::LeftAlone => {
+                false
+            }
             Pending::RetryAt(at) if now < at => false,
             _ => self.verdict(t, now).due(),
         }
@@ -973,7 +1067,15 @@ impl Detector {
         due.sort_unstable();
         for pid in &due {
             let t = self.targets.get_mut(pid).expect("listed above");
-            sample(t, &self.rules[t.rule], tree, now, host, self.meter, self.io_bytes_per_second);
+            sample(
+                t,
+                &self.rules[t.rule],
+                tree,
+                now,
+                host,
+                self.meter,
+                self.io_bytes_per_second,
+            );
         }
         due.retain(|pid| self.ready(&self.targets[pid], now));
         let mut decisions = Vec::new();
@@ -982,10 +1084,15 @@ impl Detector {
             let Some(p) = tree.get_id(t.id) else { continue };
             let rule = &self.rules[t.rule];
             let (reason, deadline_ns) = match self.verdict(t, now) {
-                Verdict::Orphaned { since } => (Reason::Orphaned, since.saturating_add(nanos(rule.orphan_grace))),
+                Verdict::Orphaned { since } => (
+                    Reason::Orphaned,
+                    since.saturating_add(nanos(rule.orphan_grace)),
+                ),
                 _ => (
                     Reason::Idle,
-                    t.evidence.last_activity.saturating_add(nanos(rule.idle_timeout)),
+                    t.evidence
+                        .last_activity
+                        .saturating_add(nanos(rule.idle_timeout)),
                 ),
             };
             let decision = self.target_decision(t, p, tree, host, reason, deadline_ns, now);
@@ -1018,10 +1125,18 @@ impl Detector {
         let (descendants, other_uid): (Vec<_>, Vec<_>) = t
             .members
             .values()
-            .filter_map(|m| Some((tree.get_id(m.id)?, host.connections(m.id.pid).unwrap_or_default())))
+            .filter_map(|m| {
+                Some((
+                    tree.get_id(m.id)?,
+                    host.connections(m.id.pid).unwrap_or_default(),
+                ))
+            })
             .filter(|(_, c)| session::reapable(rule.leftovers, Kind::of(c)).is_ok())
             .partition(|(d, c)| c.uid.unwrap_or(d.uid) == p.uid);
-        let mut descendants: Vec<Victim> = descendants.into_iter().map(|(d, _)| Victim::of(d)).collect();
+        let mut descendants: Vec<Victim> = descendants
+            .into_iter()
+            .map(|(d, _)| Victim::of(d))
+            .collect();
         // Parents before their children: a parent always starts first.
         descendants.sort_by_key(|v| (v.id.start_ticks, v.id.pid));
         Decision {
@@ -1036,12 +1151,18 @@ impl Detector {
             idle_secs: secs(now.saturating_sub(t.evidence.last_activity)),
             deadline_ns,
             ppid: p.ppid,
-            parent_comm: tree.get(p.ppid).map(|pp| pp.comm.clone()).unwrap_or_default(),
+            parent_comm: tree
+                .get(p.ppid)
+                .map(|pp| pp.comm.clone())
+                .unwrap_or_default(),
             argv: p.argv.redacted(ARGV_SHOWN),
             dry_run: self.mode == Mode::DryRun,
             kind: None,
             note: String::new(),
-            attribution: host.cgroup(p.id.pid).map(|c| Attribution::from_cgroup(&c)).unwrap_or_default(),
+            attribution: host
+                .cgroup(p.id.pid)
+                .map(|c| Attribution::from_cgroup(&c))
+                .unwrap_or_default(),
         }
     }
 
@@ -1074,14 +1195,28 @@ impl Detector {
             argv: p.argv.redacted(ARGV_SHOWN),
             dry_run: self.mode == Mode::DryRun,
             kind: Some(kind),
-            attribution: host.cgroup(p.id.pid).map(|c| Attribution::from_cgroup(&c)).unwrap_or_default(),
-            note: format!("leftover of session {} ({}), which ended {:.0}s ago", e.target, crate::events::quoted(&e.comm), secs(now.saturating_sub(e.at))),
+            attribution: host
+                .cgroup(p.id.pid)
+                .map(|c| Attribution::from_cgroup(&c))
+                .unwrap_or_default(),
+            note: format!(
+                "leftover of session {} ({}), which ended {:.0}s ago",
+                e.target,
+                crate::events::quoted(&e.comm),
+                secs(now.saturating_sub(e.at))
+            ),
         }
     }
 
     /// Leftovers past their grace: the connected ones (per the rule) become decisions, the
     /// rest are reported once and left alone.
-    fn decide_leftovers(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host, decisions: &mut Vec<Decision>) {
+    fn decide_leftovers(
+        &mut self,
+        tree: &ProcessTree,
+        now: Nanos,
+        host: &impl Host,
+        decisions: &mut Vec<Decision>,
+    ) {
         let mut sessions: Vec<Identity> = self
             .ended
             .values()
@@ -1120,7 +1255,15 @@ impl Detector {
                         (Pending::LeftAlone, None)
                     }
                     Ok(()) => {
-                        let decision = self.leftover_decision(e, p, host, kind, Reason::Leftover, deadline_of(e), now);
+                        let decision = self.leftover_decision(
+                            e,
+                            p,
+                            host,
+                            kind,
+                            Reason::Leftover,
+                            deadline_of(e),
+                            now,
+                        );
                         if !take_slot(&mut self.rate, now, &decision) {
                             return;
                         }
@@ -1139,7 +1282,13 @@ impl Detector {
         }
     }
 
-    fn decide_runaways(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host, decisions: &mut Vec<Decision>) {
+    fn decide_runaways(
+        &mut self,
+        tree: &ProcessTree,
+        now: Nanos,
+        host: &impl Host,
+        decisions: &mut Vec<Decision>,
+    ) {
         let mut due: Vec<u32> = self
             .runaways
             .values()
@@ -1169,11 +1318,17 @@ impl Detector {
                 idle_secs: 0.0,
                 deadline_ns: since.saturating_add(nanos(self.runaway_for)),
                 ppid: p.ppid,
-                parent_comm: tree.get(p.ppid).map(|pp| pp.comm.clone()).unwrap_or_default(),
+                parent_comm: tree
+                    .get(p.ppid)
+                    .map(|pp| pp.comm.clone())
+                    .unwrap_or_default(),
                 argv: p.argv.redacted(ARGV_SHOWN),
                 dry_run: self.mode == Mode::DryRun,
                 kind: None,
-                attribution: host.cgroup(pid).map(|c| Attribution::from_cgroup(&c)).unwrap_or_default(),
+                attribution: host
+                    .cgroup(pid)
+                    .map(|c| Attribution::from_cgroup(&c))
+                    .unwrap_or_default(),
                 note: format!(
                     "lost its terminal, re-parented, above {:.0}% of a core for {:.0}s",
                     self.runaway_cpu * 100.0,
@@ -1190,13 +1345,33 @@ impl Detector {
 
     /// Memory is short: the one idle target or leftover with the largest RSS, ended at once
     /// without waiting for its timeout. Never an active target or a turn in flight.
-    pub fn pressure_decision(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host, reading: &Pressure) -> Option<Decision> {
+    pub fn pressure_decision(
+        &mut self,
+        tree: &ProcessTree,
+        now: Nanos,
+        host: &impl Host,
+        reading: &Pressure,
+    ) -> Option<Decision> {
         // Fresh evidence first: samples are up to 10 s apart, "quiet" here is finer.
-        for t in self.targets.values_mut().filter(|t| t.pending == Pending::None) {
-            sample(t, &self.rules[t.rule], tree, now, host, self.meter, self.io_bytes_per_second);
+        for t in self
+            .targets
+            .values_mut()
+            .filter(|t| t.pending == Pending::None)
+        {
+            sample(
+                t,
+                &self.rules[t.rule],
+                tree,
+                now,
+                host,
+                self.meter,
+                self.io_bytes_per_second,
+            );
         }
         let min_idle = nanos(self.memory_pressure.min_idle);
-        let rss = |ids: &mut dyn Iterator<Item = Identity>| -> u64 { ids.filter_map(|id| host.rss_bytes(id)).sum() };
+        let rss = |ids: &mut dyn Iterator<Item = Identity>| -> u64 {
+            ids.filter_map(|id| host.rss_bytes(id)).sum()
+        };
         enum Pick {
             Target(u32),
             Leftover(Identity, u32, Kind),
@@ -1221,7 +1396,8 @@ impl Detector {
                 let Some(p) = tree.get_id(m.id) else { continue };
                 let conns = host.connections(m.id.pid).unwrap_or_default();
                 let kind = Kind::of(&conns);
-                if conns.uid.unwrap_or(p.uid) != e.uid || session::reapable(e.policy, kind).is_err() {
+                if conns.uid.unwrap_or(p.uid) != e.uid || session::reapable(e.policy, kind).is_err()
+                {
                     continue;
                 }
                 let bytes = rss(&mut std::iter::once(m.id));
@@ -1231,12 +1407,15 @@ impl Detector {
             }
         }
         let (bytes, pick) = best?;
-        let note = format!("memory is short ({reading}); largest idle target or leftover: {bytes} bytes RSS");
+        let note = format!(
+            "memory is short ({reading}); largest idle target or leftover: {bytes} bytes RSS"
+        );
         match pick {
             Pick::Target(pid) => {
                 let t = &self.targets[&pid];
                 let p = tree.get_id(t.id)?;
-                let mut d = self.target_decision(t, p, tree, host, Reason::MemoryPressure, now, now);
+                let mut d =
+                    self.target_decision(t, p, tree, host, Reason::MemoryPressure, now, now);
                 if !take_slot(&mut self.rate, now, &d) {
                     return None;
                 }
@@ -1247,7 +1426,8 @@ impl Detector {
             Pick::Leftover(session, pid, kind) => {
                 let e = &self.ended[&session];
                 let p = tree.get_id(e.members[&pid].id)?;
-                let mut d = self.leftover_decision(e, p, host, kind, Reason::MemoryPressure, now, now);
+                let mut d =
+                    self.leftover_decision(e, p, host, kind, Reason::MemoryPressure, now, now);
                 if !take_slot(&mut self.rate, now, &d) {
                     return None;
                 }
@@ -1279,7 +1459,11 @@ impl Detector {
             .filter(|m| m.id == target)
         {
             m.pending = pending;
-        } else if let Some(r) = self.runaways.get_mut(&target.pid).filter(|r| r.id == target) {
+        } else if let Some(r) = self
+            .runaways
+            .get_mut(&target.pid)
+            .filter(|r| r.id == target)
+        {
             r.pending = pending;
         }
     }
@@ -1290,7 +1474,10 @@ impl Detector {
             let mut counts = KindCounts::default();
             let mut rss = 0;
             for m in members.filter(|m| tree.get_id(m.id).is_some()) {
-                counts.add(m.kind.unwrap_or_else(|| host.connections(m.id.pid).map_or(Kind::Other, |c| Kind::of(&c))));
+                counts.add(m.kind.unwrap_or_else(|| {
+                    host.connections(m.id.pid)
+                        .map_or(Kind::Other, |c| Kind::of(&c))
+                }));
                 rss += host.rss_bytes(m.id).unwrap_or(0);
             }
             (counts, rss)
@@ -1306,7 +1493,10 @@ impl Detector {
                 state: self.session_state(t, now).into(),
                 uid: p.uid,
                 parent: p.ppid,
-                parent_comm: tree.get(p.ppid).map(|pp| pp.comm.clone()).unwrap_or_default(),
+                parent_comm: tree
+                    .get(p.ppid)
+                    .map(|pp| pp.comm.clone())
+                    .unwrap_or_default(),
                 quiet_secs: secs(now.saturating_sub(t.evidence.last_activity)),
                 descendants,
                 leftovers: 0,
@@ -1339,7 +1529,11 @@ impl Detector {
         match self.verdict(t, now) {
             Verdict::TurnInFlight { .. } => "turn_in_flight",
             Verdict::Idle { .. } | Verdict::Orphaned { .. } => "leaked",
-            Verdict::Active { .. } if now.saturating_sub(t.evidence.last_activity) >= 60_000_000_000 => "idle",
+            Verdict::Active { .. }
+                if now.saturating_sub(t.evidence.last_activity) >= 60_000_000_000 =>
+            {
+                "idle"
+            }
             Verdict::Active { .. } => "active",
         }
     }
@@ -1348,7 +1542,10 @@ impl Detector {
     /// for the gauges. Reads nothing from the host.
     pub fn session_counts(&self, now: Nanos) -> SessionCounts {
         let mut states: Vec<(&'static str, i64)> =
-            ["active", "idle", "turn_in_flight", "leaked", "ended"].iter().map(|s| (*s, 0)).collect();
+            ["active", "idle", "turn_in_flight", "leaked", "ended"]
+                .iter()
+                .map(|s| (*s, 0))
+                .collect();
         let mut bump_state = |state: &str| {
             if let Some((_, n)) = states.iter_mut().find(|(s, _)| *s == state) {
                 *n += 1;
@@ -1368,7 +1565,10 @@ impl Detector {
                 }
             }
         }
-        SessionCounts { states, leftovers: kinds }
+        SessionCounts {
+            states,
+            leftovers: kinds,
+        }
     }
 
     fn view(&self, t: &Target, tree: &ProcessTree, now: Nanos) -> TargetView {
@@ -1389,13 +1589,23 @@ impl Detector {
     }
 
     pub fn views(&self, tree: &ProcessTree, now: Nanos) -> Vec<TargetView> {
-        let mut views: Vec<_> = self.targets.values().map(|t| self.view(t, tree, now)).collect();
+        let mut views: Vec<_> = self
+            .targets
+            .values()
+            .map(|t| self.view(t, tree, now))
+            .collect();
         views.sort_by_key(|v| v.id.pid);
         views
     }
 
     /// Why `pid` is or is not a target.
-    pub fn explain(&self, tree: &ProcessTree, pid: u32, now: Nanos, host: &impl Host) -> Explanation {
+    pub fn explain(
+        &self,
+        tree: &ProcessTree,
+        pid: u32,
+        now: Nanos,
+        host: &impl Host,
+    ) -> Explanation {
         let process = tree.get(pid).cloned();
         let mut first_match = None;
         let rules = match &process {
@@ -1404,7 +1614,8 @@ impl Detector {
                 self.rules
                     .iter()
                     .map(|rule| {
-                        let result: Result<(), Mismatch> = targets::matches(rule, p, parent, || host.tty_nr(pid));
+                        let result: Result<(), Mismatch> =
+                            targets::matches(rule, p, parent, || host.tty_nr(pid));
                         if result.is_ok() && first_match.is_none() {
                             first_match = Some(rule.clean_end);
                         }
@@ -1418,11 +1629,16 @@ impl Detector {
             }
             None => Vec::new(),
         };
-        let is_target = self.targets.get(&pid).is_some_and(|t| process.as_ref().is_some_and(|p| p.id == t.id));
+        let is_target = self
+            .targets
+            .get(&pid)
+            .is_some_and(|t| process.as_ref().is_some_and(|p| p.id == t.id));
         let first_step = first_match.filter(|_| is_target).map(|clean_end| {
             let stdin = host.connections(pid).and_then(|c| c.stdin);
             let step = match clean_end {
-                CleanEnd::CloseInput if stdin.as_deref().is_some_and(|s| s.starts_with("socket:")) => {
+                CleanEnd::CloseInput
+                    if stdin.as_deref().is_some_and(|s| s.starts_with("socket:")) =>
+                {
                     "close input (shutdown of its stdin socket, as the SDK's close() does)"
                 }
                 CleanEnd::CloseInput | CleanEnd::Interrupt => "SIGINT (the CLI's own clean exit)",
@@ -1472,12 +1688,22 @@ fn take_slot(rate: &mut RateLimit, now: Nanos, d: &Decision) -> bool {
 
 /// The comm of a leftover's parent: its agent's, if the parent is the session's parent.
 fn tree_comm(ppid: u32, e: &Ended) -> String {
-    if ppid == e.target.pid { e.comm.clone() } else { String::new() }
+    if ppid == e.target.pid {
+        e.comm.clone()
+    } else {
+        String::new()
+    }
 }
 
 impl Detector {
     /// The session `pid` belongs to by lineage, and why it is or is not a leftover reaped.
-    fn session_of(&self, tree: &ProcessTree, pid: u32, now: Nanos, host: &impl Host) -> Option<SessionOf> {
+    fn session_of(
+        &self,
+        tree: &ProcessTree,
+        pid: u32,
+        now: Nanos,
+        host: &impl Host,
+    ) -> Option<SessionOf> {
         let p = tree.get(pid)?;
         let conns = host.connections(pid);
         let kind = || conns.as_ref().map(Kind::of);
@@ -1492,7 +1718,9 @@ impl Detector {
         let e = self.ended.get(self.left_of.get(&pid)?)?;
         let m = e.members.get(&pid).filter(|m| m.id == p.id)?;
         let kind = m.kind.or_else(kind);
-        let grace_left = e.at.saturating_add(nanos(self.leftover_grace)).saturating_sub(now);
+        let grace_left =
+            e.at.saturating_add(nanos(self.leftover_grace))
+                .saturating_sub(now);
         let verdict = if conns.as_ref().and_then(|c| c.uid).unwrap_or(p.uid) != e.uid {
             Err("it runs as another uid than its agent: never signalled")
         } else {
@@ -1571,7 +1799,9 @@ fn sample(
     meter: ActivityMeter,
     io_bytes_per_second: u64,
 ) {
-    let family: Vec<Identity> = std::iter::once(t.id).chain(t.members.values().map(|m| m.id)).collect();
+    let family: Vec<Identity> = std::iter::once(t.id)
+        .chain(t.members.values().map(|m| m.id))
+        .collect();
     let interval = sample_interval(rule);
 
     t.evidence.watch_failed |= host.watch_incomplete(t.id.pid);
@@ -1617,7 +1847,8 @@ fn sample(
     if let Some((at, before)) = t.cpu {
         let dt = secs(now.saturating_sub(at));
         if dt > 0.0 {
-            let rate = ticks.saturating_sub(before) as f64 / crate::events::ticks_per_second() as f64 / dt;
+            let rate =
+                ticks.saturating_sub(before) as f64 / crate::events::ticks_per_second() as f64 / dt;
             t.evidence.cpu_rate = Some(rate);
             if rate >= rule.cpu_threshold {
                 bump(t, ActivityKind::Cpu, now);

@@ -150,7 +150,10 @@ impl Attribution {
             .lines()
             .find_map(|l| l.strip_prefix("0::"))
             .filter(|p| *p != "/")
-            .or_else(|| text.lines().find_map(|l| l.split_once(":name=systemd:").map(|(_, p)| p)))
+            .or_else(|| {
+                text.lines()
+                    .find_map(|l| l.split_once(":name=systemd:").map(|(_, p)| p))
+            })
             .unwrap_or("");
         let mut a = Self::default();
         for part in path.split('/').filter(|p| !p.is_empty()) {
@@ -220,7 +223,9 @@ impl Pressure {
     /// Whether this reading says memory is short.
     pub fn short(&self, mp: &crate::config::MemoryPressure) -> bool {
         self.some_avg10.is_some_and(|p| p >= mp.some_avg10)
-            || self.available_percent.is_some_and(|a| a < mp.available_percent)
+            || self
+                .available_percent
+                .is_some_and(|a| a < mp.available_percent)
     }
 }
 
@@ -249,10 +254,23 @@ mod tests {
             session_leader: leader,
             uid: None,
         };
-        assert_eq!(Kind::of(&c("pipe:[7]", "pipe:[8]", false)), Kind::StdioServer);
-        assert_eq!(Kind::of(&c("/dev/null", "socket:[9]", false)), Kind::StdioServer);
-        assert_eq!(Kind::of(&c("/dev/null", "/tmp/x/tasks/1.output", true)), Kind::Tool);
-        assert_eq!(Kind::of(&c("pipe:[7]", "pipe:[8]", true)), Kind::Tool, "setsid wins");
+        assert_eq!(
+            Kind::of(&c("pipe:[7]", "pipe:[8]", false)),
+            Kind::StdioServer
+        );
+        assert_eq!(
+            Kind::of(&c("/dev/null", "socket:[9]", false)),
+            Kind::StdioServer
+        );
+        assert_eq!(
+            Kind::of(&c("/dev/null", "/tmp/x/tasks/1.output", true)),
+            Kind::Tool
+        );
+        assert_eq!(
+            Kind::of(&c("pipe:[7]", "pipe:[8]", true)),
+            Kind::Tool,
+            "setsid wins"
+        );
         assert_eq!(Kind::of(&c("/dev/null", "/var/log/x", false)), Kind::Other);
         assert!(reapable(Leftovers::Connected, Kind::StdioServer).is_ok());
         assert!(reapable(Leftovers::Connected, Kind::Tool).is_err());
@@ -271,16 +289,24 @@ mod tests {
         );
         let a = Attribution::from_cgroup(&k8s);
         assert_eq!(a.container.as_deref(), Some(id.as_str()));
-        assert_eq!(a.pod.as_deref(), Some("1b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d"));
+        assert_eq!(
+            a.pod.as_deref(),
+            Some("1b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d")
+        );
         // Hybrid (this host's) layout: the name=systemd line.
-        let hybrid = "4:memory:/x\n1:name=systemd:/user.slice/user-1000.slice/session-3.scope\n0::/\n";
-        assert_eq!(Attribution::from_cgroup(hybrid).unit.as_deref(), Some("session-3.scope"));
+        let hybrid =
+            "4:memory:/x\n1:name=systemd:/user.slice/user-1000.slice/session-3.scope\n0::/\n";
+        assert_eq!(
+            Attribution::from_cgroup(hybrid).unit.as_deref(),
+            Some("session-3.scope")
+        );
     }
 
     #[test]
     fn pressure_is_read_from_psi_and_meminfo() {
         let psi = "some avg10=31.50 avg60=12.00 avg300=3.00 total=12345\nfull avg10=1.00 avg60=0.00 avg300=0.00 total=1\n";
-        let meminfo = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:    1200000 kB\n";
+        let meminfo =
+            "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:    1200000 kB\n";
         let p = Pressure::parse(Some(psi), Some(meminfo));
         assert_eq!(p.some_avg10, Some(31.5));
         assert!((p.available_percent.unwrap() - 5.0).abs() < 1e-9);

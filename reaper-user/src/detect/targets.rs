@@ -7,11 +7,22 @@ use crate::{config::Rule, tree::Process};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum Mismatch {
-    Name { comm: String, exe: String, wanted: Vec<String> },
-    Argv { wanted_any: Vec<String> },
-    Tty { tty_nr: i32 },
+    Name {
+        comm: String,
+        exe: String,
+        wanted: Vec<String>,
+    },
+    Argv {
+        wanted_any: Vec<String>,
+    },
+    Tty {
+        tty_nr: i32,
+    },
     TtyUnknown,
-    Parent { parent_comm: Option<String>, wanted: Vec<String> },
+    Parent {
+        parent_comm: Option<String>,
+        wanted: Vec<String>,
+    },
 }
 
 impl std::fmt::Display for Mismatch {
@@ -28,10 +39,15 @@ impl std::fmt::Display for Mismatch {
             }
             Self::Tty { tty_nr } => write!(f, "has a controlling terminal (tty_nr {tty_nr})"),
             Self::TtyUnknown => write!(f, "its terminal could not be read"),
-            Self::Parent { parent_comm, wanted } => write!(
+            Self::Parent {
+                parent_comm,
+                wanted,
+            } => write!(
                 f,
                 "parent {} is not one of {}",
-                parent_comm.as_deref().map_or("(unknown)".into(), crate::events::printable),
+                parent_comm
+                    .as_deref()
+                    .map_or("(unknown)".into(), crate::events::printable),
                 wanted.join(", ")
             ),
         }
@@ -45,7 +61,9 @@ fn basename(path: &str) -> &str {
 /// The name part: `comm` or the executable's basename is one of the rule's names.
 pub fn name_matches(rule: &Rule, p: &Process) -> bool {
     let exe = basename(&p.exe);
-    rule.comm.iter().any(|c| *c == p.comm || (!exe.is_empty() && c == exe))
+    rule.comm
+        .iter()
+        .any(|c| *c == p.comm || (!exe.is_empty() && c == exe))
 }
 
 /// The argv part: one of the flags is present, `--flag=value` or `--flag value`.
@@ -60,7 +78,8 @@ pub fn argv_matches(rule: &Rule, p: &Process) -> bool {
         args.iter().enumerate().any(|(i, arg)| {
             *arg == want
                 || split.is_some_and(|at| {
-                    *arg == &want[..at] && args.get(i + 1).is_some_and(|next| *next == &want[at + 1..])
+                    *arg == &want[..at]
+                        && args.get(i + 1).is_some_and(|next| *next == &want[at + 1..])
                 })
         })
     })
@@ -86,7 +105,8 @@ pub fn matches(
             wanted_any: rule.argv_any.clone(),
         });
     }
-    if !rule.parent_comm.is_empty() && !parent.is_some_and(|pp| rule.parent_comm.contains(&pp.comm)) {
+    if !rule.parent_comm.is_empty() && !parent.is_some_and(|pp| rule.parent_comm.contains(&pp.comm))
+    {
         return Err(Mismatch::Parent {
             parent_comm: parent.map(|pp| pp.comm.clone()),
             wanted: rule.parent_comm.clone(),
@@ -112,7 +132,10 @@ mod tests {
 
     fn process(comm: &str, exe: &str, argv: &[&str]) -> Process {
         Process {
-            id: Identity { pid: 42, start_ticks: 7 },
+            id: Identity {
+                pid: 42,
+                start_ticks: 7,
+            },
             ppid: 41,
             uid: 1000,
             comm: comm.into(),
@@ -156,9 +179,21 @@ mod tests {
 
     #[test]
     fn both_flag_forms_match() {
-        let spaced = process("claude", "/b/claude", &["claude", "--input-format", "stream-json"]);
-        let equals = process("claude", "/b/claude", &["claude", "--output-format=stream-json"]);
-        let other = process("claude", "/b/claude", &["claude", "--output-format", "text"]);
+        let spaced = process(
+            "claude",
+            "/b/claude",
+            &["claude", "--input-format", "stream-json"],
+        );
+        let equals = process(
+            "claude",
+            "/b/claude",
+            &["claude", "--output-format=stream-json"],
+        );
+        let other = process(
+            "claude",
+            "/b/claude",
+            &["claude", "--output-format", "text"],
+        );
         let dangling = process("claude", "/b/claude", &["claude", "--input-format"]);
         assert!(argv_matches(&rule(), &spaced));
         assert!(argv_matches(&rule(), &equals));
@@ -169,22 +204,45 @@ mod tests {
     #[test]
     fn an_interactive_claude_in_a_terminal_is_not_a_target() {
         let p = process("claude", SDK_ARGV[0], SDK_ARGV);
-        assert_eq!(matches(&rule(), &p, None, || Some(34816)), Err(Mismatch::Tty { tty_nr: 34816 }));
-        assert_eq!(matches(&rule(), &p, None, || None), Err(Mismatch::TtyUnknown));
+        assert_eq!(
+            matches(&rule(), &p, None, || Some(34816)),
+            Err(Mismatch::Tty { tty_nr: 34816 })
+        );
+        assert_eq!(
+            matches(&rule(), &p, None, || None),
+            Err(Mismatch::TtyUnknown)
+        );
         let interactive = process("claude", "/b/claude", &["claude"]);
-        assert!(matches!(matches(&rule(), &interactive, None, || Some(0)), Err(Mismatch::Argv { .. })));
+        assert!(matches!(
+            matches(&rule(), &interactive, None, || Some(0)),
+            Err(Mismatch::Argv { .. })
+        ));
     }
 
     #[test]
     fn lookalikes_are_not_targets() {
-        for (comm, exe) in [("claude-foo", "/b/claude-foo"), ("claudex", "/b/claudex"), ("node", "/usr/bin/node")] {
+        for (comm, exe) in [
+            ("claude-foo", "/b/claude-foo"),
+            ("claudex", "/b/claudex"),
+            ("node", "/usr/bin/node"),
+        ] {
             let mut argv = SDK_ARGV.to_vec();
             argv[0] = exe;
             let p = process(comm, exe, &argv);
-            assert!(matches!(matches(&rule(), &p, None, || Some(0)), Err(Mismatch::Name { .. })), "{comm}");
+            assert!(
+                matches!(
+                    matches(&rule(), &p, None, || Some(0)),
+                    Err(Mismatch::Name { .. })
+                ),
+                "{comm}"
+            );
         }
         // node with "claude" all over its argv.
-        let p = process("node", "/usr/bin/node", &["node", "/opt/claude/cli.js", "--input-format=stream-json"]);
+        let p = process(
+            "node",
+            "/usr/bin/node",
+            &["node", "/opt/claude/cli.js", "--input-format=stream-json"],
+        );
         assert!(matches(&rule(), &p, None, || Some(0)).is_err());
     }
 
@@ -196,8 +254,14 @@ mod tests {
         let node = process("node", "/usr/bin/node", &["node", "server.js"]);
         let bash = process("bash", "/bin/bash", &["bash"]);
         assert_eq!(matches(&r, &p, Some(&node), || Some(0)), Ok(()));
-        assert!(matches!(matches(&r, &p, Some(&bash), || Some(0)), Err(Mismatch::Parent { .. })));
-        assert!(matches!(matches(&r, &p, None, || Some(0)), Err(Mismatch::Parent { .. })));
+        assert!(matches!(
+            matches(&r, &p, Some(&bash), || Some(0)),
+            Err(Mismatch::Parent { .. })
+        ));
+        assert!(matches!(
+            matches(&r, &p, None, || Some(0)),
+            Err(Mismatch::Parent { .. })
+        ));
     }
 
     #[test]

@@ -37,7 +37,10 @@ impl Host for FakeHost {
         self.sock.get(&target).copied()
     }
     fn watch(&mut self, pid: u32, target: u32) -> bool {
-        if self.watch_capacity.is_some_and(|cap| self.watched.len() >= cap) {
+        if self
+            .watch_capacity
+            .is_some_and(|cap| self.watched.len() >= cap)
+        {
             return false;
         }
         self.watched.insert(pid, target);
@@ -59,12 +62,17 @@ impl Host for FakeHost {
         self.names = names.iter().map(|n| n.to_string()).collect();
     }
     fn connections(&self, pid: u32) -> Option<session::Connections> {
-        Some(self.conns.get(&pid).cloned().unwrap_or(session::Connections {
-            stdin: Some("socket:[4242]".into()),
-            stdout: Some("socket:[4243]".into()),
-            session_leader: false,
-            uid: None,
-        }))
+        Some(
+            self.conns
+                .get(&pid)
+                .cloned()
+                .unwrap_or(session::Connections {
+                    stdin: Some("socket:[4242]".into()),
+                    stdout: Some("socket:[4243]".into()),
+                    session_leader: false,
+                    uid: None,
+                }),
+        )
     }
     fn rss_bytes(&self, id: Identity) -> Option<u64> {
         Some(self.rss.get(&id.pid).copied().unwrap_or(1000))
@@ -81,10 +89,19 @@ fn config(extra: &str) -> Config {
 }
 
 fn id(pid: u32) -> Identity {
-    Identity { pid, start_ticks: u64::from(pid) }
+    Identity {
+        pid,
+        start_ticks: u64::from(pid),
+    }
 }
 
-const SDK: &[&str] = &["/opt/claude", "--output-format", "stream-json", "--input-format", "stream-json"];
+const SDK: &[&str] = &[
+    "/opt/claude",
+    "--output-format",
+    "stream-json",
+    "--input-format",
+    "stream-json",
+];
 
 /// init(1) → node(10); the test execs claude children under node.
 fn world() -> ProcessTree {
@@ -125,7 +142,13 @@ impl World {
     }
 
     fn spawn_as(&mut self, pid: u32, ppid: u32, argv: &[&str], at: Nanos, uid: u32) {
-        self.apply(Event::Fork { id: id(pid), time_ns: at, parent: id(ppid), uid, comm: "node".into() });
+        self.apply(Event::Fork {
+            id: id(pid),
+            time_ns: at,
+            parent: id(ppid),
+            uid,
+            comm: "node".into(),
+        });
         self.apply(Event::Exec {
             id: id(pid),
             time_ns: at,
@@ -140,7 +163,12 @@ impl World {
     }
 
     fn exit(&mut self, pid: u32, at: Nanos) {
-        self.apply(Event::Exit { id: id(pid), time_ns: at, status: ExitStatus(0), reaper_pid: 1 });
+        self.apply(Event::Exit {
+            id: id(pid),
+            time_ns: at,
+            status: ExitStatus(0),
+            reaper_pid: 1,
+        });
     }
 
     /// What the owner does at a wake-up: sample, then decide (after a flush).
@@ -151,7 +179,14 @@ impl World {
 
     /// The model's answer reached the target at `at` (and `bytes` have been counted so far).
     fn model_said(&mut self, target: u32, at: Nanos, bytes: u64) {
-        self.host.sock.insert(target, SockActivity { last_ns: at, bytes, last_net_recv_ns: at });
+        self.host.sock.insert(
+            target,
+            SockActivity {
+                last_ns: at,
+                bytes,
+                last_net_recv_ns: at,
+            },
+        );
     }
 }
 
@@ -159,7 +194,12 @@ impl World {
 fn an_sdk_child_becomes_a_watched_target_and_a_shell_does_not() {
     let mut w = World::new("");
     w.spawn(20, 10, SDK, S);
-    w.spawn(21, 10, &["/bin/bash", "-c", "claude --input-format stream-json"], S);
+    w.spawn(
+        21,
+        10,
+        &["/bin/bash", "-c", "claude --input-format stream-json"],
+        S,
+    );
     assert_eq!(w.det.target_count(), 1);
     assert_eq!(w.host.watched.get(&20), Some(&20));
     assert!(!w.host.watched.contains_key(&21));
@@ -176,8 +216,15 @@ fn an_idle_target_is_due_at_its_deadline_not_before() {
     let orders = w.tick(11 * S);
     assert_eq!(orders.len(), 1);
     let o = &orders[0];
-    assert_eq!((o.target.id, o.reason, o.ppid, o.parent_comm.as_str()), (id(20), Reason::Idle, 10, "node"));
-    assert_eq!(o.attribution.unit.as_deref(), Some("agent.service"), "whose agent it was");
+    assert_eq!(
+        (o.target.id, o.reason, o.ppid, o.parent_comm.as_str()),
+        (id(20), Reason::Idle, 10, "node")
+    );
+    assert_eq!(
+        o.attribution.unit.as_deref(),
+        Some("agent.service"),
+        "whose agent it was"
+    );
     assert_eq!(o.deadline_ns, 11 * S);
     assert!(!o.dry_run);
     assert!(w.tick(12 * S).is_empty(), "one order at a time");
@@ -188,7 +235,14 @@ fn socket_bytes_keep_a_target_alive() {
     let mut w = World::new("");
     w.spawn(20, 10, SDK, S);
     for second in 2..30 {
-        w.host.sock.insert(20, SockActivity { last_ns: second * S, bytes: second * 100, last_net_recv_ns: 0 });
+        w.host.sock.insert(
+            20,
+            SockActivity {
+                last_ns: second * S,
+                bytes: second * 100,
+                last_net_recv_ns: 0,
+            },
+        );
         assert!(w.tick(second * S + S / 2).is_empty(), "at {second}s");
     }
     let v = &w.det.views(&w.tree, 30 * S)[0];
@@ -217,7 +271,10 @@ fn cpu_above_the_threshold_is_activity_and_below_is_not() {
         orders = w.tick(t);
     }
     let idle_for = secs(t) - 21.0;
-    assert!((9.0..=11.5).contains(&idle_for), "reaped {idle_for:.2}s after the CPU stopped");
+    assert!(
+        (9.0..=11.5).contains(&idle_for),
+        "reaped {idle_for:.2}s after the CPU stopped"
+    );
 }
 
 #[test]
@@ -243,7 +300,11 @@ fn a_busy_descendant_keeps_its_target_alive() {
     }
     let orders = w.tick(40 * S);
     assert_eq!(orders.len(), 1);
-    assert_eq!(orders[0].descendants.len(), 1, "the descendant goes with it");
+    assert_eq!(
+        orders[0].descendants.len(),
+        1,
+        "the descendant goes with it"
+    );
     assert_eq!(orders[0].descendants[0].id, id(30));
 }
 
@@ -253,7 +314,14 @@ fn an_orphan_is_due_after_the_grace_whatever_its_activity() {
     w.spawn(20, 10, SDK, S);
     w.exit(10, 2 * S);
     assert_eq!(w.tree.get(20).unwrap().ppid, 1);
-    w.host.sock.insert(20, SockActivity { last_ns: 4 * S, bytes: 10, last_net_recv_ns: 0 });
+    w.host.sock.insert(
+        20,
+        SockActivity {
+            last_ns: 4 * S,
+            bytes: 10,
+            last_net_recv_ns: 0,
+        },
+    );
     assert!(w.tick(4 * S).is_empty());
     let orders = w.tick(5 * S);
     assert_eq!(orders.len(), 1);
@@ -269,7 +337,14 @@ fn dry_run_reports_once_until_new_activity() {
     w.det.settle(id(20), Settled::WouldKill);
     assert!(w.tick(12 * S).is_empty());
     assert!(w.tick(100 * S).is_empty());
-    w.host.sock.insert(20, SockActivity { last_ns: 101 * S, bytes: 5, last_net_recv_ns: 0 });
+    w.host.sock.insert(
+        20,
+        SockActivity {
+            last_ns: 101 * S,
+            bytes: 5,
+            last_net_recv_ns: 0,
+        },
+    );
     assert!(w.tick(101 * S).is_empty());
     assert_eq!(w.tick(112 * S).len(), 1, "idle again after new activity");
 }
@@ -281,7 +356,11 @@ fn the_rate_limit_caps_kills() {
         w.spawn(pid, 10, SDK, S);
     }
     assert_eq!(w.tick(11 * S).len(), 3, "max_kills_per_minute = 3");
-    assert_eq!(w.det.rate_limit_deferrals(), 1, "the fourth waits (and the fifth with it)");
+    assert_eq!(
+        w.det.rate_limit_deferrals(),
+        1,
+        "the fourth waits (and the fifth with it)"
+    );
     assert!(w.tick(12 * S).is_empty());
     assert_eq!(w.tick(72 * S).len(), 2, "the rest a minute later");
 }
@@ -296,10 +375,23 @@ fn the_rate_limit_counts_every_process_a_reap_signals() {
     w.spawn(21, 10, SDK, S);
     let orders = w.tick(11 * S);
     assert_eq!(orders.len(), 1, "{orders:?}");
-    assert_eq!((orders[0].target.id.pid, orders[0].descendants.len()), (20, 2));
-    assert_eq!(w.det.rate_limit_deferrals(), 1, "21 waits: its target and descendants filled the minute");
+    assert_eq!(
+        (orders[0].target.id.pid, orders[0].descendants.len()),
+        (20, 2)
+    );
+    assert_eq!(
+        w.det.rate_limit_deferrals(),
+        1,
+        "21 waits: its target and descendants filled the minute"
+    );
     assert!(w.tick(70 * S).is_empty(), "21 waits for the minute");
-    assert_eq!(w.tick(71 * S).iter().map(|d| d.target.id.pid).collect::<Vec<_>>(), [21]);
+    assert_eq!(
+        w.tick(71 * S)
+            .iter()
+            .map(|d| d.target.id.pid)
+            .collect::<Vec<_>>(),
+        [21]
+    );
 }
 
 #[test]
@@ -313,14 +405,26 @@ fn a_reap_larger_than_the_limit_waits_for_an_empty_minute_and_goes_alone() {
     w.spawn(26, 10, SDK, 2 * S);
     // 20 goes; 25 (five processes, over the limit of 3) waits for a minute without kills,
     // and 26, due later, does not jump the queue meanwhile.
-    assert_eq!(w.tick(11 * S).iter().map(|d| d.target.id.pid).collect::<Vec<_>>(), [20]);
-    assert!(w.tick(12 * S).is_empty(), "26 is not due before 12 s, and then waits behind 25");
+    assert_eq!(
+        w.tick(11 * S)
+            .iter()
+            .map(|d| d.target.id.pid)
+            .collect::<Vec<_>>(),
+        [20]
+    );
+    assert!(
+        w.tick(12 * S).is_empty(),
+        "26 is not due before 12 s, and then waits behind 25"
+    );
     // Woken only for samples meanwhile (no spinning), and nothing goes before the minute.
     let mut now = 12 * S;
     let mut wakes = 0;
     while now < 71 * S {
         now = w.det.next_wakeup(now).unwrap().max(now + 1).min(71 * S - 1);
-        assert!(w.tick(now).is_empty(), "something went at {now} before the window emptied");
+        assert!(
+            w.tick(now).is_empty(),
+            "something went at {now} before the window emptied"
+        );
         wakes += 1;
         if now == 71 * S - 1 {
             break;
@@ -328,10 +432,20 @@ fn a_reap_larger_than_the_limit_waits_for_an_empty_minute_and_goes_alone() {
     }
     assert!(wakes < 60, "{wakes} wake-ups in a minute: it spins");
     let orders = w.tick(71 * S);
-    assert_eq!(orders.iter().map(|d| d.target.id.pid).collect::<Vec<_>>(), [25], "alone: {orders:?}");
+    assert_eq!(
+        orders.iter().map(|d| d.target.id.pid).collect::<Vec<_>>(),
+        [25],
+        "alone: {orders:?}"
+    );
     assert_eq!(orders[0].descendants.len(), 4);
     assert!(w.tick(72 * S).is_empty(), "the window is full again");
-    assert_eq!(w.tick(131 * S).iter().map(|d| d.target.id.pid).collect::<Vec<_>>(), [26]);
+    assert_eq!(
+        w.tick(131 * S)
+            .iter()
+            .map(|d| d.target.id.pid)
+            .collect::<Vec<_>>(),
+        [26]
+    );
 }
 
 #[test]
@@ -341,14 +455,26 @@ fn matching_follows_comm_changes() {
     let argv = ["/opt/cli-main", "--input-format=stream-json"];
     w.spawn(20, 10, &argv, S);
     assert_eq!(w.det.target_count(), 0);
-    w.apply(Event::Rename { id: id(20), time_ns: 2 * S, comm: "claude".into() });
+    w.apply(Event::Rename {
+        id: id(20),
+        time_ns: 2 * S,
+        comm: "claude".into(),
+    });
     assert_eq!(w.det.target_count(), 1, "became a target by its new comm");
-    w.apply(Event::Rename { id: id(20), time_ns: 3 * S, comm: "worker".into() });
+    w.apply(Event::Rename {
+        id: id(20),
+        time_ns: 3 * S,
+        comm: "worker".into(),
+    });
     assert_eq!(w.det.target_count(), 0, "renamed away: no longer a target");
     assert!(w.host.watched.is_empty());
     // The executable's basename still counts when comm changes.
     w.spawn(21, 10, SDK, S);
-    w.apply(Event::Rename { id: id(21), time_ns: 3 * S, comm: "worker".into() });
+    w.apply(Event::Rename {
+        id: id(21),
+        time_ns: 3 * S,
+        comm: "worker".into(),
+    });
     assert_eq!(w.det.target_count(), 1);
 }
 
@@ -367,7 +493,12 @@ fn a_target_that_exits_is_forgotten_and_unwatched() {
 #[test]
 fn explain_says_why_not() {
     let mut w = World::new("");
-    w.spawn(21, 10, &["/usr/bin/claudex", "--input-format=stream-json"], S);
+    w.spawn(
+        21,
+        10,
+        &["/usr/bin/claudex", "--input-format=stream-json"],
+        S,
+    );
     let e = w.det.explain(&w.tree, 21, 2 * S, &w.host);
     assert!(!e.rules[0].matches);
     assert!(e.rules[0].why_not.as_ref().unwrap().contains("claudex"));
@@ -382,7 +513,14 @@ fn explain_says_why_not() {
 fn a_reload_keeps_evidence_and_applies_new_rules() {
     let mut w = World::new("mode = \"dry-run\"");
     w.spawn(20, 10, SDK, S);
-    w.host.sock.insert(20, SockActivity { last_ns: 5 * S, bytes: 1, last_net_recv_ns: 0 });
+    w.host.sock.insert(
+        20,
+        SockActivity {
+            last_ns: 5 * S,
+            bytes: 1,
+            last_net_recv_ns: 0,
+        },
+    );
     assert!(w.tick(5 * S).is_empty());
     // A longer timeout and enforce mode: the target stays, its last activity (5 s) too.
     let mut longer = config("mode = \"enforce\"");
@@ -428,12 +566,26 @@ fn a_turn_waiting_on_a_silent_tool_is_never_idle_and_its_end_restarts_the_clock(
     w.spawn(20, 10, SDK, S);
     // The model asks for a tool at 2 s; the CLI starts bash right after, which stays silent.
     w.model_said(20, 2 * S, 500);
-    w.spawn(30, 20, &["/bin/bash", "-c", "timeout 50 tail -f /dev/null"], 2 * S + 5_000_000);
+    w.spawn(
+        30,
+        20,
+        &["/bin/bash", "-c", "timeout 50 tail -f /dev/null"],
+        2 * S + 5_000_000,
+    );
     for second in 3..100 {
-        assert!(w.tick(second * S).is_empty(), "killed mid-turn at {second}s");
+        assert!(
+            w.tick(second * S).is_empty(),
+            "killed mid-turn at {second}s"
+        );
     }
     let v = &w.det.views(&w.tree, 100 * S)[0];
-    assert_eq!(v.verdict, Verdict::TurnInFlight { waiting_on: 30, since: 2 * S + 5_000_000 });
+    assert_eq!(
+        v.verdict,
+        Verdict::TurnInFlight {
+            waiting_on: 30,
+            since: 2 * S + 5_000_000
+        }
+    );
     assert_eq!(v.waiting_on_comm.as_deref(), Some("bash"));
     // The tool ends at 100 s: the turn is over, the target idle 10 s later.
     w.exit(30, 100 * S);
@@ -453,7 +605,11 @@ fn children_older_than_the_models_last_word_do_not_hold_a_turn() {
     assert!(w.tick(4 * S).is_empty());
     assert_eq!(w.det.views(&w.tree, 4 * S)[0].verdict.state(), "active");
     let orders = w.tick(13 * S);
-    assert_eq!(orders.len(), 1, "a leaked CLI with its MCP servers is still reaped");
+    assert_eq!(
+        orders.len(),
+        1,
+        "a leaked CLI with its MCP servers is still reaped"
+    );
     assert_eq!(orders[0].descendants.len(), 2);
 }
 
@@ -472,14 +628,20 @@ fn a_background_task_started_mid_turn_does_not_hold_the_target_once_the_model_an
     w.model_said(20, 2 * S, 100);
     w.spawn(30, 20, &["/bin/bash", "-c", "npm run dev"], 2 * S + 1);
     assert!(w.tick(4 * S).is_empty());
-    assert_eq!(w.det.views(&w.tree, 4 * S)[0].verdict.state(), "turn_in_flight");
+    assert_eq!(
+        w.det.views(&w.tree, 4 * S)[0].verdict.state(),
+        "turn_in_flight"
+    );
     // The CLI tells the model the task runs in the background; the model answers.
     w.model_said(20, 5 * S, 200);
     assert!(w.tick(7 * S).is_empty());
     assert_eq!(w.det.views(&w.tree, 7 * S)[0].verdict.state(), "active");
     // Its dev server's own children (grandchildren of the target) do not hold it either.
     w.spawn(40, 30, &["/usr/bin/node", "server.js"], 8 * S);
-    assert!(w.tick(17 * S).is_empty(), "the grandchild's exec was activity at 8 s");
+    assert!(
+        w.tick(17 * S).is_empty(),
+        "the grandchild's exec was activity at 8 s"
+    );
     assert_eq!(w.tick(18 * S).len(), 1);
 }
 
@@ -498,13 +660,26 @@ fn a_target_found_under_init_at_start_up_is_reaped_only_when_idle() {
         argv_truncated: false,
     };
     let mut w = World::new("");
-    w.tree = ProcessTree::from_scan(vec![snap(1, 0, "init", &["init"]), snap(20, 1, "claude", SDK)]);
+    w.tree = ProcessTree::from_scan(vec![
+        snap(1, 0, "init", &["init"]),
+        snap(20, 1, "claude", SDK),
+    ]);
     w.det.adopt_all(&w.tree, S, &mut w.host);
     assert_eq!(w.det.target_count(), 1);
     // Busy with the network every second, for far longer than orphan_grace (3 s).
     for second in 2..30 {
-        w.host.sock.insert(20, SockActivity { last_ns: second * S, bytes: second, last_net_recv_ns: second * S });
-        assert!(w.tick(second * S).is_empty(), "reaped while busy at {second}s");
+        w.host.sock.insert(
+            20,
+            SockActivity {
+                last_ns: second * S,
+                bytes: second,
+                last_net_recv_ns: second * S,
+            },
+        );
+        assert!(
+            w.tick(second * S).is_empty(),
+            "reaped while busy at {second}s"
+        );
     }
     assert_eq!(w.tick(40 * S).len(), 1, "idle: reaped");
 }
@@ -514,12 +689,24 @@ fn children_forked_before_adoption_are_watched_in_the_kernel() {
     let mut w = World::new("");
     // The runtime renames itself to "claude" after exec; a child forked meanwhile.
     w.spawn(20, 10, &["/opt/cli-main", "--input-format=stream-json"], S);
-    w.apply(Event::Rename { id: id(20), time_ns: 2 * S, comm: "claude".into() });
+    w.apply(Event::Rename {
+        id: id(20),
+        time_ns: 2 * S,
+        comm: "claude".into(),
+    });
     assert_eq!(w.det.target_count(), 1);
     w.spawn(30, 20, &["/bin/sh"], 3 * S);
-    assert_eq!(w.host.watched.get(&30), Some(&20), "a fork of a target is watched");
+    assert_eq!(
+        w.host.watched.get(&30),
+        Some(&20),
+        "a fork of a target is watched"
+    );
     w.spawn(31, 30, &["/bin/cat"], 4 * S);
-    assert_eq!(w.host.watched.get(&31), Some(&20), "and a fork of its descendant");
+    assert_eq!(
+        w.host.watched.get(&31),
+        Some(&20),
+        "and a fork of its descendant"
+    );
 }
 
 #[test]
@@ -543,7 +730,14 @@ fn descendants_of_another_uid_are_left_out_of_the_decision() {
     w.spawn_as(31, 30, &["/usr/bin/sudo", "dpkg"], 3 * S, 0);
     let orders = w.tick(20 * S);
     assert_eq!(orders.len(), 1);
-    assert_eq!(orders[0].descendants.iter().map(|v| v.id.pid).collect::<Vec<_>>(), [30]);
+    assert_eq!(
+        orders[0]
+            .descendants
+            .iter()
+            .map(|v| v.id.pid)
+            .collect::<Vec<_>>(),
+        [30]
+    );
     assert_eq!(orders[0].other_uid, 1);
 }
 
@@ -578,7 +772,10 @@ fn a_reload_keeps_the_kills_of_the_last_minute() {
     assert_eq!(w.tick(11 * S).len(), 3);
     let same = config("");
     w.det.reconfigure(&same, &w.tree, 12 * S, &mut w.host);
-    assert!(w.tick(12 * S).is_empty(), "a SIGHUP does not reset the rate limit");
+    assert!(
+        w.tick(12 * S).is_empty(),
+        "a SIGHUP does not reset the rate limit"
+    );
 }
 
 #[test]
@@ -586,7 +783,10 @@ fn explain_names_the_first_step_of_the_ladder() {
     let mut w = World::new("");
     w.spawn(20, 10, SDK, S);
     let e = w.det.explain(&w.tree, 20, 2 * S, &w.host);
-    assert_eq!(e.attribution.as_ref().and_then(|a| a.unit.as_deref()), Some("agent.service"));
+    assert_eq!(
+        e.attribution.as_ref().and_then(|a| a.unit.as_deref()),
+        Some("agent.service")
+    );
     assert!(crate::render::render_explanation(&e).contains("runs in: unit agent.service"));
     let step = e.first_step.unwrap();
     assert_eq!(step.clean_end, crate::config::CleanEnd::CloseInput);
@@ -599,9 +799,19 @@ fn bytes_since_the_last_sample_stop_the_decision() {
     w.spawn(20, 10, SDK, S);
     assert!(w.tick(9 * S).is_empty()); // sampled at 9 s; the next sample is due at 11.5 s
     // Just before the deadline (11 s) the daemon sends a new message; no sample since.
-    w.host.sock.insert(20, SockActivity { last_ns: 10 * S + S / 2, bytes: 300, last_net_recv_ns: 0 });
+    w.host.sock.insert(
+        20,
+        SockActivity {
+            last_ns: 10 * S + S / 2,
+            bytes: 300,
+            last_net_recv_ns: 0,
+        },
+    );
     assert!(w.tick(11 * S).is_empty(), "decided on stale evidence");
-    assert_eq!(w.det.views(&w.tree, 11 * S)[0].evidence.last_activity, 10 * S + S / 2);
+    assert_eq!(
+        w.det.views(&w.tree, 11 * S)[0].evidence.last_activity,
+        10 * S + S / 2
+    );
 }
 
 // --- sessions, leftovers, runaways, memory pressure -----------------------------------------
@@ -629,15 +839,28 @@ fn a_reload_without_the_rule_leaves_its_sessions_leftovers_alone() {
     )
     .unwrap();
     w.det.reconfigure(&other, &w.tree, 11 * S, &mut w.host);
-    assert!(w.tick(16 * S).is_empty(), "its rule is gone: the leftover is only reported");
+    assert!(
+        w.tick(16 * S).is_empty(),
+        "its rule is gone: the leftover is only reported"
+    );
     let s = w.det.explain(&w.tree, 30, 16 * S, &w.host).session.unwrap();
-    assert!(s.leftover.contains("left alone") || s.leftover.contains("only reported"), "{}", s.leftover);
+    assert!(
+        s.leftover.contains("left alone") || s.leftover.contains("only reported"),
+        "{}",
+        s.leftover
+    );
     // With the rule still there, the same leftover is reaped.
     let mut w = World::new("leftover_grace = \"5s\"");
     w.spawn(20, 10, SDK, S);
     w.spawn(30, 20, &["/usr/bin/node", "server.js"], 2 * S);
     w.exit(20, 10 * S);
-    assert_eq!(w.tick(16 * S).iter().map(|d| d.target.id.pid).collect::<Vec<_>>(), [30]);
+    assert_eq!(
+        w.tick(16 * S)
+            .iter()
+            .map(|d| d.target.id.pid)
+            .collect::<Vec<_>>(),
+        [30]
+    );
 }
 
 #[test]
@@ -657,18 +880,35 @@ fn a_stdio_server_left_behind_is_reaped_after_the_leftover_grace_and_a_detached_
     let orders = w.tick(15 * S);
     assert_eq!(orders.len(), 1, "{orders:?}");
     let o = &orders[0];
-    assert_eq!((o.target.id, o.reason, o.kind), (id(31), Reason::Leftover, Some(session::Kind::StdioServer)));
-    assert_eq!(o.clean_end, crate::config::CleanEnd::None, "SIGTERM first: nobody is left to close its input");
-    assert!(w.tick(100 * S).is_empty(), "the detached one is only reported");
+    assert_eq!(
+        (o.target.id, o.reason, o.kind),
+        (id(31), Reason::Leftover, Some(session::Kind::StdioServer))
+    );
+    assert_eq!(
+        o.clean_end,
+        crate::config::CleanEnd::None,
+        "SIGTERM first: nobody is left to close its input"
+    );
+    assert!(
+        w.tick(100 * S).is_empty(),
+        "the detached one is only reported"
+    );
     let e = w.det.explain(&w.tree, 40, 100 * S, &w.host);
     let s = e.session.unwrap();
     assert_eq!((s.target, s.ended), (id(20), true));
     assert!(s.leftover.contains("left alone"), "{}", s.leftover);
     let sessions = w.det.sessions(&w.tree, 100 * S, &w.host);
     assert_eq!(sessions.len(), 1);
-    assert_eq!((sessions[0].state.as_str(), sessions[0].leftovers), ("ended", 2));
+    assert_eq!(
+        (sessions[0].state.as_str(), sessions[0].leftovers),
+        ("ended", 2)
+    );
     let kinds = w.det.session_counts(100 * S).leftovers;
-    assert!(kinds.contains(&(session::Kind::Tool, 1)) && kinds.contains(&(session::Kind::StdioServer, 1)), "{kinds:?}");
+    assert!(
+        kinds.contains(&(session::Kind::Tool, 1))
+            && kinds.contains(&(session::Kind::StdioServer, 1)),
+        "{kinds:?}"
+    );
 }
 
 #[test]
@@ -678,7 +918,14 @@ fn a_leftover_of_another_uid_is_never_signalled() {
     w.spawn_as(30, 20, &["/usr/bin/sudo", "mcp"], 2 * S, 0);
     w.exit(20, 10 * S);
     assert!(w.tick(20 * S).is_empty());
-    assert!(w.det.explain(&w.tree, 30, 20 * S, &w.host).session.unwrap().leftover.contains("another uid"));
+    assert!(
+        w.det
+            .explain(&w.tree, 30, 20 * S, &w.host)
+            .session
+            .unwrap()
+            .leftover
+            .contains("another uid")
+    );
 }
 
 #[test]
@@ -689,7 +936,10 @@ fn a_rule_can_reap_every_leftover_or_none() {
              argv_any = [\"--input-format=stream-json\"]\nleftovers = \"{policy}\"\n"
         );
         let mut w = World::new("");
-        w.det = Detector::new(&parse(&text, "test", &Overrides::default()).unwrap(), ActivityMeter::Socket);
+        w.det = Detector::new(
+            &parse(&text, "test", &Overrides::default()).unwrap(),
+            ActivityMeter::Socket,
+        );
         w.spawn(20, 10, SDK, S);
         w.spawn(40, 20, &["/bin/bash", "-c", "npm run dev"], 3 * S);
         w.host.conns.insert(40, detached());
@@ -706,12 +956,18 @@ fn the_sessions_view_shows_state_kinds_and_rss() {
     w.host.rss.insert(20, 180 << 20);
     w.host.rss.insert(30, 40 << 20);
     let s = &w.det.sessions(&w.tree, 3 * S, &w.host)[0];
-    assert_eq!((s.target, s.state.as_str(), s.parent, s.parent_comm.as_str()), (id(20), "active", 10, "node"));
+    assert_eq!(
+        (s.target, s.state.as_str(), s.parent, s.parent_comm.as_str()),
+        (id(20), "active", 10, "node")
+    );
     assert_eq!(s.descendants.stdio_server, 1);
     assert_eq!(s.rss_bytes, 220 << 20);
     assert_eq!(s.attribution.unit.as_deref(), Some("agent.service"));
     let table = crate::render::render_sessions(&w.det.sessions(&w.tree, 3 * S, &w.host));
-    assert!(table.lines().nth(1).unwrap().ends_with("agent.service"), "{table}");
+    assert!(
+        table.lines().nth(1).unwrap().ends_with("agent.service"),
+        "{table}"
+    );
     // Quiet for more than a minute, but under its timeout (10 s here → leaked at once).
     assert_eq!(w.det.sessions(&w.tree, 12 * S, &w.host)[0].state, "leaked");
 }
@@ -739,8 +995,15 @@ fn a_cli_that_lost_its_terminal_and_burns_cpu_is_a_runaway_and_one_with_a_termin
         orders = w.tick(t);
     }
     assert_eq!(orders.len(), 1, "{orders:?}");
-    assert_eq!((orders[0].target.id, orders[0].reason), (id(51), Reason::Runaway));
-    assert!((10 * S..=13 * S).contains(&t), "reaped at {}s, burning from ~2.5s, runaway_for 8s", t / S);
+    assert_eq!(
+        (orders[0].target.id, orders[0].reason),
+        (id(51), Reason::Runaway)
+    );
+    assert!(
+        (10 * S..=13 * S).contains(&t),
+        "reaped at {}s, burning from ~2.5s, runaway_for 8s",
+        t / S
+    );
 }
 
 #[test]
@@ -757,15 +1020,36 @@ fn under_memory_pressure_the_largest_quiet_target_goes_first_and_never_a_turn_in
     w.model_said(21, 2 * S, 10);
     w.spawn(31, 21, &["/bin/bash", "-c", "make"], 2 * S + 1);
     assert!(w.tick(3 * S).is_empty());
-    let reading = session::Pressure { some_avg10: Some(40.0), available_percent: Some(50.0) };
-    w.host.sock.insert(23, SockActivity { last_ns: 9 * S, bytes: 99, last_net_recv_ns: 0 });
+    let reading = session::Pressure {
+        some_avg10: Some(40.0),
+        available_percent: Some(50.0),
+    };
+    w.host.sock.insert(
+        23,
+        SockActivity {
+            last_ns: 9 * S,
+            bytes: 99,
+            last_net_recv_ns: 0,
+        },
+    );
     w.det.sample_due(&w.tree, 9 * S + S / 2, &w.host);
-    let d = w.det.pressure_decision(&w.tree, 10 * S, &w.host, &reading).unwrap();
+    let d = w
+        .det
+        .pressure_decision(&w.tree, 10 * S, &w.host, &reading)
+        .unwrap();
     assert_eq!((d.target.id, d.reason), (id(22), Reason::MemoryPressure));
     assert!(d.note.contains("avg10=40.00"), "{}", d.note);
-    let d = w.det.pressure_decision(&w.tree, 10 * S, &w.host, &reading).unwrap();
+    let d = w
+        .det
+        .pressure_decision(&w.tree, 10 * S, &w.host, &reading)
+        .unwrap();
     assert_eq!(d.target.id, id(20), "then the next largest");
-    assert!(w.det.pressure_decision(&w.tree, 10 * S, &w.host, &reading).is_none(), "never 21 or 23");
+    assert!(
+        w.det
+            .pressure_decision(&w.tree, 10 * S, &w.host, &reading)
+            .is_none(),
+        "never 21 or 23"
+    );
 }
 
 #[test]
@@ -778,7 +1062,10 @@ fn the_kernel_watches_the_rules_names_from_exec_and_a_non_target_is_unwatched() 
     w.host.tty.insert(20, 34816);
     w.spawn(20, 10, SDK, S);
     assert_eq!(w.det.target_count(), 0);
-    assert!(!w.host.watched.contains_key(&20), "unwatched once it is known not to be a target");
+    assert!(
+        !w.host.watched.contains_key(&20),
+        "unwatched once it is known not to be a target"
+    );
 }
 
 // --- the last word under /proc/PID/io ----------------------------------------------------
@@ -792,7 +1079,14 @@ fn proc_io_with_tool(stamp: Nanos) -> (Option<Nanos>, Vec<&'static str>) {
     w.det = Detector::new(&config(""), ActivityMeter::ProcIo);
     w.spawn(20, 10, SDK, S);
     w.spawn(30, 20, &["/bin/bash", "-c", "sleep 1000"], 2 * S);
-    w.host.sock.insert(20, SockActivity { last_ns: 0, bytes: 0, last_net_recv_ns: stamp });
+    w.host.sock.insert(
+        20,
+        SockActivity {
+            last_ns: 0,
+            bytes: 0,
+            last_net_recv_ns: stamp,
+        },
+    );
     let mut states = Vec::new();
     for tenth in 11..300 {
         let now = tenth * S / 10;
@@ -817,7 +1111,10 @@ fn under_proc_io_a_tool_started_before_the_stamped_last_word_does_not_hold_the_t
     let (reaped, states) = proc_io_with_tool(2 * S + S / 2);
     assert_eq!(states, ["active"]);
     let at = reaped.expect("reaped");
-    assert!((12 * S..=16 * S).contains(&at), "reaped at {at}: idle 10 s after the bytes were seen");
+    assert!(
+        (12 * S..=16 * S).contains(&at),
+        "reaped at {at}: idle 10 s after the bytes were seen"
+    );
 }
 
 #[test]

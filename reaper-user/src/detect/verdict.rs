@@ -99,11 +99,15 @@ pub fn deadline(e: &Evidence, idle_timeout: Duration, orphan_grace: Duration) ->
 /// left to read its answer); a turn in flight is never idle.
 pub fn judge(e: &Evidence, now: Nanos, idle_timeout: Duration, orphan_grace: Duration) -> Verdict {
     if let Some(since) = e.orphaned_since
-        && now >= since.saturating_add(nanos(orphan_grace)) {
-            return Verdict::Orphaned { since };
-        }
+        && now >= since.saturating_add(nanos(orphan_grace))
+    {
+        return Verdict::Orphaned { since };
+    }
     if let Some(w) = e.turn {
-        return Verdict::TurnInFlight { waiting_on: w.pid, since: w.since };
+        return Verdict::TurnInFlight {
+            waiting_on: w.pid,
+            since: w.since,
+        };
     }
     if e.watch_failed {
         return Verdict::Active {
@@ -138,9 +142,18 @@ mod tests {
     #[test]
     fn idle_after_the_timeout_and_not_before() {
         let e = evidence(100 * S);
-        assert_eq!(judge(&e, 100 * S, IDLE, GRACE), Verdict::Active { deadline: 1000 * S });
-        assert_eq!(judge(&e, 999 * S, IDLE, GRACE), Verdict::Active { deadline: 1000 * S });
-        assert_eq!(judge(&e, 1000 * S, IDLE, GRACE), Verdict::Idle { since: 100 * S });
+        assert_eq!(
+            judge(&e, 100 * S, IDLE, GRACE),
+            Verdict::Active { deadline: 1000 * S }
+        );
+        assert_eq!(
+            judge(&e, 999 * S, IDLE, GRACE),
+            Verdict::Active { deadline: 1000 * S }
+        );
+        assert_eq!(
+            judge(&e, 1000 * S, IDLE, GRACE),
+            Verdict::Idle { since: 100 * S }
+        );
         assert!(judge(&e, 5000 * S, IDLE, GRACE).due());
     }
 
@@ -148,7 +161,10 @@ mod tests {
     fn activity_pushes_the_deadline() {
         let mut e = evidence(100 * S);
         e.last_activity = 950 * S;
-        assert_eq!(judge(&e, 1000 * S, IDLE, GRACE), Verdict::Active { deadline: 1850 * S });
+        assert_eq!(
+            judge(&e, 1000 * S, IDLE, GRACE),
+            Verdict::Active { deadline: 1850 * S }
+        );
     }
 
     #[test]
@@ -156,21 +172,39 @@ mod tests {
         let mut e = evidence(500 * S);
         e.orphaned_since = Some(490 * S);
         assert_eq!(deadline(&e, IDLE, GRACE), 550 * S);
-        assert_eq!(judge(&e, 549 * S, IDLE, GRACE), Verdict::Active { deadline: 550 * S });
-        assert_eq!(judge(&e, 550 * S, IDLE, GRACE), Verdict::Orphaned { since: 490 * S });
+        assert_eq!(
+            judge(&e, 549 * S, IDLE, GRACE),
+            Verdict::Active { deadline: 550 * S }
+        );
+        assert_eq!(
+            judge(&e, 550 * S, IDLE, GRACE),
+            Verdict::Orphaned { since: 490 * S }
+        );
     }
 
     #[test]
     fn a_turn_in_flight_is_never_idle_however_long_it_is_silent() {
         let mut e = evidence(100 * S);
-        e.turn = Some(Waiting { pid: 7, since: 101 * S });
+        e.turn = Some(Waiting {
+            pid: 7,
+            since: 101 * S,
+        });
         assert_eq!(deadline(&e, IDLE, GRACE), Nanos::MAX);
         let v = judge(&e, 100_000 * S, IDLE, GRACE);
-        assert_eq!(v, Verdict::TurnInFlight { waiting_on: 7, since: 101 * S });
+        assert_eq!(
+            v,
+            Verdict::TurnInFlight {
+                waiting_on: 7,
+                since: 101 * S
+            }
+        );
         assert!(!v.due());
         // An orphan's grace still ends it: nobody is left to read the turn's answer.
         e.orphaned_since = Some(200 * S);
-        assert_eq!(judge(&e, 260 * S, IDLE, GRACE), Verdict::Orphaned { since: 200 * S });
+        assert_eq!(
+            judge(&e, 260 * S, IDLE, GRACE),
+            Verdict::Orphaned { since: 200 * S }
+        );
     }
 
     #[test]

@@ -192,7 +192,10 @@ mod tests {
         let mut bytes = as_bytes(&head);
         bytes.extend_from_slice(b"/bin/true");
         bytes.extend_from_slice(argv);
-        bytes.resize(size_of::<ExecHead>() + 9 + (argv_len as usize).min(ARGV_LEN), 0);
+        bytes.resize(
+            size_of::<ExecHead>() + 9 + (argv_len as usize).min(ARGV_LEN),
+            0,
+        );
         bytes
     }
 
@@ -206,7 +209,16 @@ mod tests {
             comm: comm("bash"),
         };
         let decoded = decode(&as_bytes(&ev)).unwrap();
-        let Event::Fork { id, parent, uid, comm, .. } = decoded else { panic!("{decoded:?}") };
+        let Event::Fork {
+            id,
+            parent,
+            uid,
+            comm,
+            ..
+        } = decoded
+        else {
+            panic!("{decoded:?}")
+        };
         assert_eq!(id, Identity::from_ns(42, 1_234_567_890));
         assert_eq!(parent, Identity::from_ns(7, 20_000_000));
         assert_eq!((uid, comm.as_str()), (1000, "bash"));
@@ -214,8 +226,22 @@ mod tests {
 
     #[test]
     fn decodes_exec_with_argv_and_flags() {
-        let decoded = decode(&exec_record(b"/bin/true\0-x\0\xff\0", 15, EXEC_ARGV_TRUNCATED)).unwrap();
-        let Event::Exec { id, parent_pid, filename, argv, argv_truncated, filename_truncated, comm, .. } = decoded
+        let decoded = decode(&exec_record(
+            b"/bin/true\0-x\0\xff\0",
+            15,
+            EXEC_ARGV_TRUNCATED,
+        ))
+        .unwrap();
+        let Event::Exec {
+            id,
+            parent_pid,
+            filename,
+            argv,
+            argv_truncated,
+            filename_truncated,
+            comm,
+            ..
+        } = decoded
         else {
             panic!("not exec")
         };
@@ -235,10 +261,16 @@ mod tests {
             exit_status: 3 << 8,
             reaper_tgid: 1,
         };
-        let Event::Exit { status, reaper_pid, .. } = decode(&as_bytes(&ev)).unwrap() else {
+        let Event::Exit {
+            status, reaper_pid, ..
+        } = decode(&as_bytes(&ev)).unwrap()
+        else {
             panic!("not exit")
         };
-        assert_eq!((status.code(), status.signal(), reaper_pid), (Some(3), None, 1));
+        assert_eq!(
+            (status.code(), status.signal(), reaper_pid),
+            (Some(3), None, 1)
+        );
         assert_eq!(ExitStatus(9).signal(), Some(9));
         assert_eq!(ExitStatus(9).code(), None);
         assert_eq!(ExitStatus(0x80 | 11).to_string(), "signal 11 (core)");
@@ -254,7 +286,10 @@ mod tests {
         for len in 0..full.len() {
             let err = decode(&full[..len]).unwrap_err();
             assert!(
-                matches!(err, DecodeError::NoHeader { .. } | DecodeError::Length { .. }),
+                matches!(
+                    err,
+                    DecodeError::NoHeader { .. } | DecodeError::Length { .. }
+                ),
                 "len {len}: {err}"
             );
         }
@@ -275,11 +310,17 @@ mod tests {
     #[test]
     fn rejects_lengths_past_their_arrays() {
         let err = decode(&exec_record(b"", ARGV_LEN as u32 + 1, 0)).unwrap_err();
-        assert!(matches!(err, DecodeError::FieldLength { field: "argv", .. }), "{err}");
+        assert!(
+            matches!(err, DecodeError::FieldLength { field: "argv", .. }),
+            "{err}"
+        );
         // A record longer or shorter than its argv length says.
         let mut oversized = exec_record(b"a\0", 2, 0);
         oversized.push(0);
-        assert!(matches!(decode(&oversized), Err(DecodeError::Length { .. })));
+        assert!(matches!(
+            decode(&oversized),
+            Err(DecodeError::Length { .. })
+        ));
         let mut short = exec_record(b"abc\0", 4, 0);
         short.pop();
         assert!(matches!(decode(&short), Err(DecodeError::Length { .. })));

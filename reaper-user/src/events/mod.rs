@@ -148,7 +148,10 @@ fn looks_secret(s: &str) -> bool {
         || ["api_key=", "apikey=", "token=", "secret=", "password="]
             .iter()
             .any(|k| lower.contains(k))
-        || (s.len() >= 32 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_+/=".contains(c)) && s.chars().any(|c| c.is_ascii_digit()))
+        || (s.len() >= 32
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_+/=".contains(c))
+            && s.chars().any(|c| c.is_ascii_digit()))
 }
 
 impl fmt::Debug for Argv {
@@ -242,7 +245,11 @@ pub fn word(s: &str) -> impl fmt::Display + '_ {
                     .0
                     .chars()
                     .any(|c| c.is_whitespace() || c == '"' || c == '\\' || hidden(c));
-            if plain { f.write_str(self.0) } else { write!(f, "{}", quoted(self.0)) }
+            if plain {
+                f.write_str(self.0)
+            } else {
+                write!(f, "{}", quoted(self.0))
+            }
         }
     }
     Word(s)
@@ -286,7 +293,11 @@ impl fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.code(), self.signal()) {
             (Some(code), _) => write!(f, "exit {code}"),
-            (None, Some(sig)) => write!(f, "signal {sig}{}", if self.core_dumped() { " (core)" } else { "" }),
+            (None, Some(sig)) => write!(
+                f,
+                "signal {sig}{}",
+                if self.core_dumped() { " (core)" } else { "" }
+            ),
             (None, None) => write!(f, "status {:#x}", self.0),
         }
     }
@@ -387,17 +398,54 @@ impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let t = self.time_ns() as f64 / 1e9;
         match self {
-            Self::Fork { id, parent, uid, comm, .. } => {
-                write!(f, "{t:>12.6} fork   pid={} ppid={} uid={uid} comm={}", id.pid, parent.pid, quoted(comm))
+            Self::Fork {
+                id,
+                parent,
+                uid,
+                comm,
+                ..
+            } => {
+                write!(
+                    f,
+                    "{t:>12.6} fork   pid={} ppid={} uid={uid} comm={}",
+                    id.pid,
+                    parent.pid,
+                    quoted(comm)
+                )
             }
-            Self::Exec { id, parent_pid, uid, filename, argv, argv_truncated, .. } => {
-                write!(f, "{t:>12.6} exec   pid={} ppid={parent_pid} uid={uid} file={} argv={}{}",
-                    id.pid, quoted(filename), quoted(&argv.to_string()), if *argv_truncated { " (truncated)" } else { "" })
+            Self::Exec {
+                id,
+                parent_pid,
+                uid,
+                filename,
+                argv,
+                argv_truncated,
+                ..
+            } => {
+                write!(
+                    f,
+                    "{t:>12.6} exec   pid={} ppid={parent_pid} uid={uid} file={} argv={}{}",
+                    id.pid,
+                    quoted(filename),
+                    quoted(&argv.to_string()),
+                    if *argv_truncated { " (truncated)" } else { "" }
+                )
             }
-            Self::Exit { id, status, reaper_pid, .. } => {
-                write!(f, "{t:>12.6} exit   pid={} {status} children→{reaper_pid}", id.pid)
+            Self::Exit {
+                id,
+                status,
+                reaper_pid,
+                ..
+            } => {
+                write!(
+                    f,
+                    "{t:>12.6} exit   pid={} {status} children→{reaper_pid}",
+                    id.pid
+                )
             }
-            Self::Rename { id, comm, .. } => write!(f, "{t:>12.6} rename pid={} comm={}", id.pid, quoted(comm)),
+            Self::Rename { id, comm, .. } => {
+                write!(f, "{t:>12.6} rename pid={} comm={}", id.pid, quoted(comm))
+            }
         }
     }
 }
@@ -430,18 +478,47 @@ mod tests {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
         let long = Argv::from_args(&["a".repeat(900)]);
-        assert_eq!(long.redacted(100).chars().count(), 101, "cut, with an ellipsis");
+        assert_eq!(
+            long.redacted(100).chars().count(),
+            101,
+            "cut, with an ellipsis"
+        );
     }
 
     /// Every character that must never be printed as itself: what each output escapes.
     const HOSTILE: &[char] = &[
-        '\n', '\r', '\t', '\x1b', '\x07', '\x7f', '\u{85}', '\u{9b}', // C0, DEL, C1 (NEL, CSI)
-        '\u{ad}', '\u{61c}', '\u{180e}', // soft hyphen, Arabic letter mark, Mongolian vowel separator
-        '\u{200b}', '\u{200c}', '\u{200d}', '\u{200e}', '\u{200f}', // zero-width, LRM, RLM
-        '\u{202a}', '\u{202b}', '\u{202c}', '\u{202d}', '\u{202e}', // bidi embeddings, overrides
-        '\u{2028}', '\u{2029}', // line and paragraph separators
-        '\u{2060}', '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}', // word joiner, isolates
-        '\u{feff}', '\u{fff9}', '\u{e0001}', '\u{e0041}', // BOM, annotation anchor, tags
+        '\n',
+        '\r',
+        '\t',
+        '\x1b',
+        '\x07',
+        '\x7f',
+        '\u{85}',
+        '\u{9b}', // C0, DEL, C1 (NEL, CSI)
+        '\u{ad}',
+        '\u{61c}',
+        '\u{180e}', // soft hyphen, Arabic letter mark, Mongolian vowel separator
+        '\u{200b}',
+        '\u{200c}',
+        '\u{200d}',
+        '\u{200e}',
+        '\u{200f}', // zero-width, LRM, RLM
+        '\u{202a}',
+        '\u{202b}',
+        '\u{202c}',
+        '\u{202d}',
+        '\u{202e}', // bidi embeddings, overrides
+        '\u{2028}',
+        '\u{2029}', // line and paragraph separators
+        '\u{2060}',
+        '\u{2066}',
+        '\u{2067}',
+        '\u{2068}',
+        '\u{2069}', // word joiner, isolates
+        '\u{feff}',
+        '\u{fff9}',
+        '\u{e0001}',
+        '\u{e0041}', // BOM, annotation anchor, tags
     ];
 
     #[test]
@@ -450,35 +527,59 @@ mod tests {
             let s = format!("a{c}b");
             let shown = printable(&s);
             assert!(!shown.contains(c), "{c:?} shown as itself: {shown:?}");
-            assert!(shown.starts_with("a\\") && shown.ends_with('b'), "{c:?}: {shown:?}");
+            assert!(
+                shown.starts_with("a\\") && shown.ends_with('b'),
+                "{c:?}: {shown:?}"
+            );
             assert!(!quoted(&s).to_string().contains(c), "{c:?} in quoted()");
             assert!(!word(&s).to_string().contains(c), "{c:?} in word()");
         }
-        assert_eq!(printable("line\nnext\t\u{1b}[31m"), "line\\nnext\\t\\u{1b}[31m");
+        assert_eq!(
+            printable("line\nnext\t\u{1b}[31m"),
+            "line\\nnext\\t\\u{1b}[31m"
+        );
         assert_eq!(printable("\u{202e}txt.exe"), "\\u{202e}txt.exe");
         // A backslash is doubled, so an escape a process wrote itself cannot pass for one of ours.
         assert_eq!(printable("a\\nb"), "a\\\\nb");
         assert_ne!(printable("a\\nb"), printable("a\nb"));
         // Ordinary text, in any script, is left alone and not copied.
-        for plain in ["claude", "--input-format=stream-json", "é ü 日本語 ☃", "a'b"] {
-            assert!(matches!(printable(plain), std::borrow::Cow::Borrowed(_)), "{plain}");
+        for plain in [
+            "claude",
+            "--input-format=stream-json",
+            "é ü 日本語 ☃",
+            "a'b",
+        ] {
+            assert!(
+                matches!(printable(plain), std::borrow::Cow::Borrowed(_)),
+                "{plain}"
+            );
         }
     }
 
     #[test]
     fn quoted_values_cannot_add_fields() {
         assert_eq!(quoted("claude").to_string(), "\"claude\"");
-        assert_eq!(quoted("x\" outcome=\"killed").to_string(), "\"x\\\" outcome=\\\"killed\"");
+        assert_eq!(
+            quoted("x\" outcome=\"killed").to_string(),
+            "\"x\\\" outcome=\\\"killed\""
+        );
         assert_eq!(quoted("").to_string(), "\"\"");
         assert_eq!(word("--print").to_string(), "--print");
         assert_eq!(word("a b").to_string(), "\"a b\"");
         assert_eq!(word("").to_string(), "\"\"");
-        assert_eq!(word("a\u{a0}b").to_string(), "\"a\u{a0}b\"", "a no-break space is whitespace");
+        assert_eq!(
+            word("a\u{a0}b").to_string(),
+            "\"a\u{a0}b\"",
+            "a no-break space is whitespace"
+        );
         let argv = Argv::from_args(&["sh", "-c", "echo hi", "outcome=killed", ""]);
         assert_eq!(argv.to_string(), "sh -c \"echo hi\" outcome=killed \"\"");
         // In key=value output the whole argv is one quoted value.
         let line = Event::Exec {
-            id: Identity { pid: 7, start_ticks: 1 },
+            id: Identity {
+                pid: 7,
+                start_ticks: 1,
+            },
             time_ns: 0,
             parent_pid: 1,
             uid: 0,

@@ -64,8 +64,9 @@ impl Batch {
     /// counted, logged and skipped.
     pub fn events<'a>(&'a self, metrics: &'a Metrics) -> impl Iterator<Item = Event> + 'a {
         let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts.zip(self.ends.iter().copied()).filter_map(move |(start, end)| {
-            match decode(&self.bytes[start..end]) {
+        starts
+            .zip(self.ends.iter().copied())
+            .filter_map(move |(start, end)| match decode(&self.bytes[start..end]) {
                 Ok(event) => {
                     metrics.event(event.kind());
                     Some(event)
@@ -75,8 +76,7 @@ impl Batch {
                     tracing::warn!(%err, "dropped an undecodable ring buffer record");
                     None
                 }
-            }
-        })
+            })
     }
 }
 
@@ -101,7 +101,10 @@ impl Batches {
     pub fn give_back(&self, mut batch: Batch) {
         batch.bytes.clear();
         batch.ends.clear();
-        let mut kept = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut kept = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if kept.len() < Self::KEPT {
             kept.push(batch);
         }

@@ -126,7 +126,8 @@ pub fn kernel_layout(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         pid_ns_child_reaper: byte(&pid_ns, "pid_namespace", "child_reaper")?,
         task_in_execve_word: in_execve.map_or(0, |(word, _)| word),
         task_in_execve_bit: in_execve.map_or(0, |(_, bit)| bit),
-        sock_family: byte(&sock, "sock", "__sk_common")? + byte(&sock_common, "sock_common", "skc_family")?,
+        sock_family: byte(&sock, "sock", "__sk_common")?
+            + byte(&sock_common, "sock_common", "skc_family")?,
         sock_owned: byte(&sock, "sock", "sk_lock")? + byte(&socket_lock, "socket_lock_t", "owned")?,
     };
     let features = KernelFeatures {

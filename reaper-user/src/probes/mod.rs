@@ -26,7 +26,9 @@ use std::collections::HashSet;
 use aya_log::EbpfLogger;
 use tracing_log::LogTracer;
 
-use reaper_common::{ACTIVITY_MAX, ActivityRecord, COMM_LEN, EventKind, SockActivity, WATCH_NAMES_MAX};
+use reaper_common::{
+    ACTIVITY_MAX, ActivityRecord, COMM_LEN, EventKind, SockActivity, WATCH_NAMES_MAX,
+};
 pub use reaper_common::{LAST_WORD_TRACEPOINTS, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
 
 /// The compiled eBPF object, built by build.rs from the `reaper-ebpf` crate.

@@ -398,7 +398,9 @@ impl ProcessTree {
     }
 
     fn set_parent(&mut self, pid: u32, ppid: u32) {
-        let Some(p) = self.live.get_mut(&pid) else { return };
+        let Some(p) = self.live.get_mut(&pid) else {
+            return;
+        };
         let old = std::mem::replace(&mut p.ppid, ppid);
         if let Some(old_parent) = self.live.get_mut(&old) {
             old_parent.children.remove(&pid);

@@ -5,7 +5,7 @@
 //! their parent has not collected them yet. A zombie *leader* whose other threads still run is
 //! a live process (its main thread called pthread_exit): `/proc/PID/stat` shows the leader's
 //! state, so the threads in `/proc/PID/task` decide.
-use procfs::process::{Process as ProcProcess, ProcState};
+use procfs::process::{ProcState, Process as ProcProcess};
 use reaper_common::ARGV_LEN;
 
 use super::Snapshot;
@@ -55,19 +55,26 @@ pub fn scan() -> std::io::Result<Vec<Snapshot>> {
         // A reader that panicked would have panicked the scan anyway: pass it on.
         parts
             .into_iter()
-            .flat_map(|part| part.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .flat_map(|part| {
+                part.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
             .collect()
     }))
 }
 
 /// One process by pid, if it is alive (not a zombie).
 pub fn read_pid(pid: u32) -> Option<Snapshot> {
-    ProcProcess::new(i32::try_from(pid).ok()?).ok().and_then(|p| read(&p))
+    ProcProcess::new(i32::try_from(pid).ok()?)
+        .ok()
+        .and_then(|p| read(&p))
 }
 
 /// Whether the process with this identity is alive now.
 pub fn alive(id: Identity) -> bool {
-    let Ok(pid) = i32::try_from(id.pid) else { return false };
+    let Ok(pid) = i32::try_from(id.pid) else {
+        return false;
+    };
     let Ok(stat) = ProcProcess::new(pid).and_then(|p| p.stat()) else {
         return false;
     };
@@ -97,7 +104,8 @@ fn exited(pid: i32, stat: &procfs::process::Stat) -> bool {
 /// hold `") Z"` itself; what the kernel prints after the comm has no parenthesis
 /// (do_task_stat() in <https://github.com/torvalds/linux/blob/v6.18/fs/proc/array.c>).
 pub fn task_state(stat: &str) -> Option<char> {
-    stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next())
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
 }
 
 fn read(p: &ProcProcess) -> Option<Snapshot> {
@@ -134,7 +142,10 @@ fn read(p: &ProcProcess) -> Option<Snapshot> {
 /// to 221 MB of RSS). Reads one byte past the bound to know whether there is more, never the
 /// rest.
 pub fn read_cmdline(pid: i32) -> std::io::Result<(Vec<u8>, bool)> {
-    read_bounded(std::fs::File::open(format!("/proc/{pid}/cmdline"))?, ARGV_LEN)
+    read_bounded(
+        std::fs::File::open(format!("/proc/{pid}/cmdline"))?,
+        ARGV_LEN,
+    )
 }
 
 /// At most `limit` bytes of `r`, and whether it had more.
@@ -148,7 +159,6 @@ fn read_bounded(r: impl std::io::Read, limit: usize) -> std::io::Result<(Vec<u8>
     Ok((bytes, truncated))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,13 +166,25 @@ mod tests {
     #[test]
     fn cmdline_is_cut_at_the_exec_events_bound_and_flagged() {
         let long = vec![b'a'; 3 * ARGV_LEN];
-        assert_eq!(read_bounded(&long[..], ARGV_LEN).unwrap(), (long[..ARGV_LEN].to_vec(), true));
+        assert_eq!(
+            read_bounded(&long[..], ARGV_LEN).unwrap(),
+            (long[..ARGV_LEN].to_vec(), true)
+        );
         let exact = vec![b'b'; ARGV_LEN];
-        assert_eq!(read_bounded(&exact[..], ARGV_LEN).unwrap(), (exact.clone(), false));
-        assert_eq!(read_bounded(&b"sleep\x009\0"[..], ARGV_LEN).unwrap(), (b"sleep\x009\0".to_vec(), false));
+        assert_eq!(
+            read_bounded(&exact[..], ARGV_LEN).unwrap(),
+            (exact.clone(), false)
+        );
+        assert_eq!(
+            read_bounded(&b"sleep\x009\0"[..], ARGV_LEN).unwrap(),
+            (b"sleep\x009\0".to_vec(), false)
+        );
         // This process's own, through /proc.
         let (own, truncated) = read_cmdline(std::process::id() as i32).unwrap();
         assert!(!own.is_empty() && own.len() <= ARGV_LEN);
-        assert_eq!(truncated, std::fs::read("/proc/self/cmdline").unwrap().len() > ARGV_LEN);
+        assert_eq!(
+            truncated,
+            std::fs::read("/proc/self/cmdline").unwrap().len() > ARGV_LEN
+        );
     }
 }

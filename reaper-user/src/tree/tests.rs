@@ -23,7 +23,13 @@ fn exec(who: Identity, ppid: u32, args: &[&str]) -> Event {
         time_ns: 0,
         parent_pid: ppid,
         uid: 1000,
-        comm: args[0].rsplit('/').next().unwrap().chars().take(15).collect(),
+        comm: args[0]
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .chars()
+            .take(15)
+            .collect(),
         filename: args[0].into(),
         argv: Argv::from_args(args),
         argv_truncated: false,
@@ -54,19 +60,33 @@ fn snap(who: Identity, ppid: u32, comm: &str) -> Snapshot {
 
 /// init(1) → shell(100)
 fn base() -> ProcessTree {
-    ProcessTree::from_scan(vec![snap(id(1, 1), 0, "init"), snap(id(100, 50), 1, "bash")])
+    ProcessTree::from_scan(vec![
+        snap(id(1, 1), 0, "init"),
+        snap(id(100, 50), 1, "bash"),
+    ])
 }
 
 /// Every child link matches a ppid and vice versa.
 fn assert_consistent(tree: &ProcessTree) {
     for p in tree.processes() {
         for child in &p.children {
-            assert_eq!(tree.get(*child).map(|c| c.ppid), Some(p.id.pid), "{child} under {}", p.id);
+            assert_eq!(
+                tree.get(*child).map(|c| c.ppid),
+                Some(p.id.pid),
+                "{child} under {}",
+                p.id
+            );
         }
         if let Some(parent) = tree.get(p.ppid)
-            && p.ppid != p.id.pid {
-                assert!(parent.children.contains(&p.id.pid), "{} missing under {}", p.id, p.ppid);
-            }
+            && p.ppid != p.id.pid
+        {
+            assert!(
+                parent.children.contains(&p.id.pid),
+                "{} missing under {}",
+                p.id,
+                p.ppid
+            );
+        }
     }
 }
 
@@ -75,15 +95,26 @@ fn fork_exec_exit_follow_the_process() {
     let mut tree = base();
     let child = id(200, 90);
     assert_eq!(tree.apply(&fork(child, id(100, 50))), Applied::Changed);
-    assert_eq!(tree.get(200).unwrap().argv.to_strings(), ["bash"], "inherits argv");
+    assert_eq!(
+        tree.get(200).unwrap().argv.to_strings(),
+        ["bash"],
+        "inherits argv"
+    );
     assert!(tree.get(100).unwrap().children.contains(&200));
 
     tree.apply(&exec(child, 100, &["/bin/sleep", "5"]));
     let p = tree.get(200).unwrap();
-    assert_eq!((p.comm.as_str(), p.exe.as_str(), p.uid), ("sleep", "/bin/sleep", 1000));
+    assert_eq!(
+        (p.comm.as_str(), p.exe.as_str(), p.uid),
+        ("sleep", "/bin/sleep", 1000)
+    );
     assert_eq!(p.argv.to_strings(), ["/bin/sleep", "5"]);
 
-    tree.apply(&Event::Rename { id: child, time_ns: 0, comm: "napper".into() });
+    tree.apply(&Event::Rename {
+        id: child,
+        time_ns: 0,
+        comm: "napper".into(),
+    });
     assert_eq!(tree.get(200).unwrap().comm, "napper");
 
     assert_eq!(tree.apply(&exit(child, 3 << 8, 1)), Applied::Changed);
@@ -123,7 +154,14 @@ fn out_of_order_events_never_fail() {
     assert_eq!(tree.get(11).unwrap().ppid, 7);
     tree.apply(&fork(id(12, 8), id(11, 6)));
     assert_eq!(tree.get(12).unwrap().comm, "sh");
-    assert_eq!(tree.apply(&Event::Rename { id: id(99, 1), time_ns: 0, comm: "x".into() }), Applied::Unknown);
+    assert_eq!(
+        tree.apply(&Event::Rename {
+            id: id(99, 1),
+            time_ns: 0,
+            comm: "x".into()
+        }),
+        Applied::Unknown
+    );
     assert_consistent(&tree);
 }
 
@@ -146,7 +184,11 @@ fn a_reused_pid_replaces_the_stale_entry() {
     assert_eq!((p.id.start_ticks, p.ppid), (95, 1));
     assert!(!tree.get(100).unwrap().children.contains(&300));
     // A late event for the old identity does not touch the new process.
-    tree.apply(&Event::Rename { id: id(300, 70), time_ns: 0, comm: "old".into() });
+    tree.apply(&Event::Rename {
+        id: id(300, 70),
+        time_ns: 0,
+        comm: "old".into(),
+    });
     assert_eq!(tree.get(300).unwrap().comm, "sh");
     assert_consistent(&tree);
 }
@@ -158,15 +200,24 @@ fn events_overlapping_the_startup_scan_are_deduplicated() {
         snap(id(1, 1), 0, "init"),
         snap(id(400, 80), 1, "worker"),
     ]);
-    assert_eq!(tree.apply(&fork(id(400, 80), id(1, 1))), Applied::AlreadyKnown);
+    assert_eq!(
+        tree.apply(&fork(id(400, 80), id(1, 1))),
+        Applied::AlreadyKnown
+    );
     tree.apply(&exec(id(400, 80), 1, &["/usr/bin/worker", "-v"]));
     assert_eq!(tree.len(), 2);
-    assert_eq!(tree.get(400).unwrap().argv.to_strings(), ["/usr/bin/worker", "-v"]);
+    assert_eq!(
+        tree.get(400).unwrap().argv.to_strings(),
+        ["/usr/bin/worker", "-v"]
+    );
     // An exit applied twice counts once.
     assert_eq!(tree.apply(&exit(id(400, 80), 0, 1)), Applied::Changed);
     assert_eq!(tree.apply(&exit(id(400, 80), 0, 1)), Applied::AlreadyKnown);
     // ...and a stale fork does not bring it back.
-    assert_eq!(tree.apply(&fork(id(400, 80), id(1, 1))), Applied::AlreadyKnown);
+    assert_eq!(
+        tree.apply(&fork(id(400, 80), id(1, 1))),
+        Applied::AlreadyKnown
+    );
     assert!(tree.get(400).is_none());
 }
 
@@ -190,7 +241,14 @@ fn reconcile_repairs_every_kind_of_drift() {
     let fixed = tree.reconcile(snapshot, 90, |_| true);
     assert_eq!(
         fixed,
-        Corrections { added: 1, removed: 0, replaced: 1, reparented: 1, filled: 1, refreshed: 2 },
+        Corrections {
+            added: 1,
+            removed: 0,
+            replaced: 1,
+            reparented: 1,
+            filled: 1,
+            refreshed: 2
+        },
         "500 is alive per the closure, so it stays; 502 and 503 show /proc's argv, not bash's"
     );
     let fixed = tree.reconcile(
@@ -227,7 +285,11 @@ fn reconcile_does_not_resurrect_what_exited_meanwhile() {
     tree.apply(&exit(id(800, 20), 0, 1));
     // The scan ran before the exit: it still lists 800.
     let fixed = tree.reconcile(
-        vec![snap(id(1, 1), 0, "init"), snap(id(100, 50), 1, "bash"), snap(id(800, 20), 100, "sh")],
+        vec![
+            snap(id(1, 1), 0, "init"),
+            snap(id(100, 50), 1, "bash"),
+            snap(id(800, 20), 100, "sh"),
+        ],
         90,
         |_| true,
     );
@@ -235,7 +297,11 @@ fn reconcile_does_not_resurrect_what_exited_meanwhile() {
     assert!(tree.get(800).is_none());
     // Nor one the scan saw that has died since, with the exit lost.
     let fixed = tree.reconcile(
-        vec![snap(id(1, 1), 0, "init"), snap(id(100, 50), 1, "bash"), snap(id(801, 21), 100, "sh")],
+        vec![
+            snap(id(1, 1), 0, "init"),
+            snap(id(100, 50), 1, "bash"),
+            snap(id(801, 21), 100, "sh"),
+        ],
         90,
         |_| false,
     );
@@ -271,7 +337,12 @@ fn reconcile_refreshes_the_image_of_a_fork_whose_exec_was_lost() {
     let mut titled = snap(id(901, 21), 100, "worker");
     titled.argv = Argv::from_args(&["worker: idle"]); // rewrote its own argv: not a repair
     let fixed = tree.reconcile(
-        vec![snap(id(1, 1), 0, "init"), snap(id(100, 50), 1, "bash"), claude, titled],
+        vec![
+            snap(id(1, 1), 0, "init"),
+            snap(id(100, 50), 1, "bash"),
+            claude,
+            titled,
+        ],
         90,
         |_| true,
     );
@@ -279,9 +350,15 @@ fn reconcile_refreshes_the_image_of_a_fork_whose_exec_was_lost() {
     assert_eq!(fixed.total(), 1);
     let p = tree.get(900).unwrap();
     assert_eq!(p.comm, "claude");
-    assert_eq!(p.argv.to_strings(), ["claude", "--input-format", "stream-json"]);
+    assert_eq!(
+        p.argv.to_strings(),
+        ["claude", "--input-format", "stream-json"]
+    );
     assert!(!p.inherited_image);
-    assert_eq!(tree.get(901).unwrap().argv.to_strings(), ["/usr/bin/worker"]);
+    assert_eq!(
+        tree.get(901).unwrap().argv.to_strings(),
+        ["/usr/bin/worker"]
+    );
     assert_eq!(tree.take_renewed(), [900]);
     assert_consistent(&tree);
 }
@@ -291,7 +368,11 @@ fn a_dead_process_whose_exit_arrives_late_is_not_a_correction() {
     let mut tree = base();
     tree.apply(&fork(id(950, 20), id(100, 50)));
     // The scan missed it and /proc says it is dead: a candidate, not yet removed…
-    tree.reconcile(vec![snap(id(1, 1), 0, "init"), snap(id(100, 50), 1, "bash")], 90, |_| false);
+    tree.reconcile(
+        vec![snap(id(1, 1), 0, "init"), snap(id(100, 50), 1, "bash")],
+        90,
+        |_| false,
+    );
     assert!(tree.has_gone_candidates());
     // …and its exit event arrives before the second flush completes.
     tree.apply(&exit(id(950, 20), 0, 1));

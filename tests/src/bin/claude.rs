@@ -276,7 +276,9 @@ enum ToolKind {
     /// A turn's foreground tool, silent for this many seconds.
     Wait(u32),
     /// A stdio MCP server (stdin and stdout pipes to the double).
-    Mcp { ignore_eof: bool },
+    Mcp {
+        ignore_eof: bool,
+    },
     /// A stdio MCP server started through a wrapper (`npm exec` style) that dies with the
     /// double without passing anything on: the server (ignoring EOF) is left behind.
     WrappedMcp,
@@ -380,7 +382,11 @@ unsafe fn tool_main(
     parent: libc::pid_t,
     fds: ToolFds,
 ) -> ! {
-    let ToolFds { devnull, pipe_r, out_w } = fds;
+    let ToolFds {
+        devnull,
+        pipe_r,
+        out_w,
+    } = fds;
     // SAFETY: (for the whole body) raw syscalls with valid arguments, per the contract above.
     unsafe {
         // The real CLI's tools die by SIGKILL with it; its MCP servers are sent a signal.
@@ -404,7 +410,10 @@ unsafe fn tool_main(
         libc::dup2(devnull, 0);
         libc::dup2(devnull, 1);
         libc::dup2(devnull, 2);
-        if matches!(kind, ToolKind::Idle | ToolKind::Mcp { .. } | ToolKind::WrappedMcp | ToolKind::Stay(_)) {
+        if matches!(
+            kind,
+            ToolKind::Idle | ToolKind::Mcp { .. } | ToolKind::WrappedMcp | ToolKind::Stay(_)
+        ) {
             libc::dup2(pipe_r, 0);
         }
         if matches!(kind, ToolKind::Mcp { .. } | ToolKind::WrappedMcp) {
@@ -415,7 +424,11 @@ unsafe fn tool_main(
         }
         if matches!(kind, ToolKind::Detached) {
             let log = c"/tmp/reaper-double-dev-server.log";
-            let fd = libc::open(log.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o600);
+            let fd = libc::open(
+                log.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+                0o600,
+            );
             if fd >= 0 {
                 libc::dup2(fd, 1);
                 libc::dup2(fd, 2);
@@ -730,7 +743,10 @@ impl Claude {
                     match w {
                         "tool:stay" => Some(ToolKind::Stay(None)),
                         "tool:detached" => Some(ToolKind::Detached),
-                        _ => w.strip_prefix("tool:stay-as:").and_then(|v| v.parse().ok()).map(|uid| ToolKind::Stay(Some(uid))),
+                        _ => w
+                            .strip_prefix("tool:stay-as:")
+                            .and_then(|v| v.parse().ok())
+                            .map(|uid| ToolKind::Stay(Some(uid))),
                     }
                 }
             };
@@ -767,7 +783,10 @@ impl Claude {
         if let Some(secs) = wait_secs {
             match spawn_tool(ToolKind::Wait(secs)) {
                 Ok(tool) => {
-                    self.emit(&assistant(format!("running a tool for {secs}s (pid {})", tool.pid)));
+                    self.emit(&assistant(format!(
+                        "running a tool for {secs}s (pid {})",
+                        tool.pid
+                    )));
                     // The result waits for the tool (see `tick`).
                     self.waiting = Some((tool, started, self.turns));
                     return;
@@ -883,7 +902,11 @@ impl Claude {
         {
             let (tool, started, turn) = self.waiting.take().expect("checked above");
             ask_model(self.model); // the tool's result goes to the model, which answers
-            self.result(started, format!("tool {} done (turn {turn})", tool.pid), &[tool.pid]);
+            self.result(
+                started,
+                format!("tool {} done (turn {turn})", tool.pid),
+                &[tool.pid],
+            );
         }
         // Reap tools that died (killed by a test, say) so they do not linger as zombies.
         self.tools.retain(|t| {
@@ -1053,7 +1076,9 @@ fn main() {
             let kind = if args.mcp_wrapper {
                 ToolKind::WrappedMcp
             } else {
-                ToolKind::Mcp { ignore_eof: args.mcp_ignore_eof }
+                ToolKind::Mcp {
+                    ignore_eof: args.mcp_ignore_eof,
+                }
             };
             spawn_tool(kind).ok()
         })

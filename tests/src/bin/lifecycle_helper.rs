@@ -63,7 +63,14 @@ fn main() {
             // mapping is only read, and never unmapped while in use (the process exits).
             let base = unsafe {
                 libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0)
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                )
             };
             assert_ne!(base, libc::MAP_FAILED, "mmap");
             std::thread::spawn(|| {
@@ -79,7 +86,8 @@ fn main() {
                 x ^= x >> 7;
                 x ^= x << 17;
                 // SAFETY: an offset inside the mapping.
-                sum = sum.wrapping_add(unsafe { *base.cast::<u8>().add((x as usize % pages) * 4096) });
+                sum = sum
+                    .wrapping_add(unsafe { *base.cast::<u8>().add((x as usize % pages) * 4096) });
                 std::hint::black_box(sum);
             }
         }
@@ -99,7 +107,13 @@ fn main() {
                 })
                 .collect();
             say("pid", getpid());
-            say("tids", tids.iter().map(ToString::to_string).collect::<Vec<_>>().join(","));
+            say(
+                "tids",
+                tids.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
             wait_stdin();
         }
         // The main thread exits first; two threads keep the process alive until stdin closes.
@@ -131,8 +145,11 @@ fn main() {
         }
         // Become a child subreaper, start `orphan N` below, report, then wait.
         "subreaper" => {
-            // SAFETY: prctl with integer arguments.
-            assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+            assert_eq!(
+                // SAFETY: prctl with integer arguments.
+                unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
+                0
+            );
             say("pid", getpid());
             let n = arg(1).to_owned();
             let exe = std::env::current_exe().expect("own path");
@@ -143,7 +160,12 @@ fn main() {
                 .spawn()
                 .expect("spawn middle");
             let mut text = String::new();
-            middle.stdout.take().unwrap().read_to_string(&mut text).unwrap();
+            middle
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut text)
+                .unwrap();
             middle.wait().unwrap();
             for line in text.lines() {
                 let (key, value) = line.split_once('=').unwrap();
@@ -179,7 +201,9 @@ fn main() {
                 ForkResult::Parent { child } => {
                     drop(write_end);
                     let mut text = String::new();
-                    std::fs::File::from(read_end).read_to_string(&mut text).unwrap();
+                    std::fs::File::from(read_end)
+                        .read_to_string(&mut text)
+                        .unwrap();
                     let _ = waitpid(child, None);
                     say("first", child);
                     say("daemon", text.trim());
@@ -190,8 +214,11 @@ fn main() {
         // Rename the main thread with prctl(PR_SET_NAME), then wait.
         "rename" => {
             let name = CString::new(arg(1)).unwrap();
-            // SAFETY: prctl with a NUL-terminated string that outlives the call.
-            assert_eq!(unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) }, 0);
+            assert_eq!(
+                // SAFETY: prctl with a NUL-terminated string that outlives the call.
+                unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) },
+                0
+            );
             say("pid", getpid());
             wait_stdin();
         }
@@ -209,8 +236,11 @@ fn main() {
         // start PROGRAM ARGS… as its child (stdin inherited), print both pids and wait.
         "spawn-as" => {
             let name = CString::new(arg(1)).expect("a name without NUL");
-            // SAFETY: prctl with a NUL-terminated string that outlives the call.
-            assert_eq!(unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) }, 0);
+            assert_eq!(
+                // SAFETY: prctl with a NUL-terminated string that outlives the call.
+                unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) },
+                0
+            );
             let mut child = std::process::Command::new(arg(2))
                 .args(&args[3..])
                 .stdin(std::process::Stdio::inherit())
@@ -252,9 +282,7 @@ fn main() {
                             if pad > 0 {
                                 cmd.arg(&padding);
                             }
-                            let status = cmd
-                                .status()
-                                .expect("spawn /bin/true");
+                            let status = cmd.status().expect("spawn /bin/true");
                             assert!(status.success());
                         }
                     })

@@ -25,7 +25,13 @@ const REAPER: &str = "/usr/bin/reaper";
 const DEB: &str = "/root/reaper.deb";
 const CONFIG: &str = "/etc/reaper/reaper.toml";
 /// The unit's CapabilityBoundingSet; the daemon keeps a subset of it after attaching.
-const BOUNDING: [&str; 5] = ["cap_bpf", "cap_perfmon", "cap_kill", "cap_sys_ptrace", "cap_dac_read_search"];
+const BOUNDING: [&str; 5] = [
+    "cap_bpf",
+    "cap_perfmon",
+    "cap_kill",
+    "cap_sys_ptrace",
+    "cap_dac_read_search",
+];
 
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
@@ -90,7 +96,12 @@ fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn show(property: &str) -> anyhow::Result<String> {
-    Ok(run("systemctl", &["show", "--property", property, "--value", UNIT])?.trim().to_owned())
+    Ok(run(
+        "systemctl",
+        &["show", "--property", property, "--value", UNIT],
+    )?
+    .trim()
+    .to_owned())
 }
 
 /// Polls `check` until it returns Some or the deadline passes.
@@ -123,7 +134,10 @@ fn service_active() -> anyhow::Result<String> {
     );
     // Type=notify: active only once the daemon said READY=1, with its status line.
     let status = show("StatusText")?;
-    ensure!(status.starts_with("following every process"), "StatusText {status:?}");
+    ensure!(
+        status.starts_with("following every process"),
+        "StatusText {status:?}"
+    );
     let version = run("systemctl", &["--version"])?;
     Ok(format!(
         "active (READY=1, status {status:?}), main pid {}, under {}",
@@ -137,13 +151,26 @@ fn service_active() -> anyhow::Result<String> {
 fn deb_installs_and_enables() -> anyhow::Result<String> {
     let out = run("dpkg", &["-i", DEB])?;
     let enabled = run("systemctl", &["is-enabled", UNIT]).unwrap_or_default();
-    ensure!(enabled.trim() == "enabled", "is-enabled: {enabled:?}; dpkg said:\n{out}");
+    ensure!(
+        enabled.trim() == "enabled",
+        "is-enabled: {enabled:?}; dpkg said:\n{out}"
+    );
     let conffiles = run("dpkg-query", &["-W", "-f=${Conffiles}", "reaper"])?;
     ensure!(conffiles.contains(CONFIG), "conffiles: {conffiles:?}");
-    let unit = run("systemctl", &["show", "--property", "FragmentPath", "--value", UNIT])?;
-    ensure!(unit.trim() == "/lib/systemd/system/reaper.service", "FragmentPath {unit:?}");
+    let unit = run(
+        "systemctl",
+        &["show", "--property", "FragmentPath", "--value", UNIT],
+    )?;
+    ensure!(
+        unit.trim() == "/lib/systemd/system/reaper.service",
+        "FragmentPath {unit:?}"
+    );
     let version = run(REAPER, &["--version"])?;
-    Ok(format!("installed {}, enabled, unit {}", version.trim(), unit.trim()))
+    Ok(format!(
+        "installed {}, enabled, unit {}",
+        version.trim(),
+        unit.trim()
+    ))
 }
 
 /// The daemon pets the watchdog (WatchdogSec=30s: every 15 s) while healthy: systemd's record
@@ -156,7 +183,9 @@ fn service_watchdog() -> anyhow::Result<String> {
         let now = show("WatchdogTimestampMonotonic").ok()?;
         (now != first).then_some(now)
     })?;
-    Ok(format!("WatchdogUSec {usec}; last ping moved from {first} to {next} (µs since boot)"))
+    Ok(format!(
+        "WatchdogUSec {usec}; last ping moved from {first} to {next} (µs since boot)"
+    ))
 }
 
 /// The metric reaper_config_last_reload_success_timestamp_seconds.
@@ -176,14 +205,21 @@ fn service_reloads() -> anyhow::Result<String> {
     let before = reload_time()?;
     let pid = show("MainPID")?;
     run("systemctl", &["reload", UNIT])?;
-    let after = wait_for("a newer reload timestamp", || reload_time().ok().filter(|t| *t > before))?;
+    let after = wait_for("a newer reload timestamp", || {
+        reload_time().ok().filter(|t| *t > before)
+    })?;
     let log = wait_for("\"configuration reloaded\" in the journal", || {
         let log = run("journalctl", &["--no-pager", "-o", "cat", "-u", UNIT]).ok()?;
         log.contains("configuration reloaded").then_some(log)
     })?;
     let _ = log;
-    ensure!(show("ActiveState")? == "active" && show("MainPID")? == pid, "not the same running daemon after reload");
-    Ok(format!("reloaded (timestamp {before} → {after}), same main pid {pid}"))
+    ensure!(
+        show("ActiveState")? == "active" && show("MainPID")? == pid,
+        "not the same running daemon after reload"
+    );
+    Ok(format!(
+        "reloaded (timestamp {before} → {after}), same main pid {pid}"
+    ))
 }
 
 /// A configuration that cannot be used: the daemon exits 78 (EX_CONFIG), systemd does not
@@ -194,19 +230,40 @@ fn service_bad_config_exits_78() -> anyhow::Result<String> {
     std::fs::write(CONFIG, format!("{good}\nno_such_key = 1\n"))?;
     let started = run("systemctl", &["start", UNIT]);
     let result = (|| -> anyhow::Result<String> {
-        ensure!(started.is_err(), "systemctl start succeeded with a bad config");
+        ensure!(
+            started.is_err(),
+            "systemctl start succeeded with a bad config"
+        );
         let status = wait_for("the failed start", || {
             let status = show("ExecMainStatus").ok()?;
             (status != "0").then_some(status)
         })?;
-        ensure!(status == "78", "ExecMainStatus {status} (the failing command may be `reaper check`)");
+        ensure!(
+            status == "78",
+            "ExecMainStatus {status} (the failing command may be `reaper check`)"
+        );
         // Restart=on-failure would try again after RestartSec=5s: give it twice that.
         std::thread::sleep(Duration::from_secs(10));
         let (state, restarts) = (show("ActiveState")?, show("NRestarts")?);
-        ensure!(state == "failed" && restarts == "0", "ActiveState={state} NRestarts={restarts}");
-        let errors = run("journalctl", &["--no-pager", "-o", "cat", "-p", "err", "-u", UNIT])?;
-        ensure!(errors.contains("no_such_key"), "journalctl -p err shows no reason:\n{errors}");
-        Ok(format!("exit 78, not restarted, `journalctl -p err` shows: {}", errors.lines().find(|l| l.contains("no_such_key")).unwrap_or_default()))
+        ensure!(
+            state == "failed" && restarts == "0",
+            "ActiveState={state} NRestarts={restarts}"
+        );
+        let errors = run(
+            "journalctl",
+            &["--no-pager", "-o", "cat", "-p", "err", "-u", UNIT],
+        )?;
+        ensure!(
+            errors.contains("no_such_key"),
+            "journalctl -p err shows no reason:\n{errors}"
+        );
+        Ok(format!(
+            "exit 78, not restarted, `journalctl -p err` shows: {}",
+            errors
+                .lines()
+                .find(|l| l.contains("no_such_key"))
+                .unwrap_or_default()
+        ))
     })();
     std::fs::write(CONFIG, good)?;
     let _ = run("systemctl", &["reset-failed", UNIT]);
@@ -217,18 +274,32 @@ fn service_bad_config_exits_78() -> anyhow::Result<String> {
 /// conffile; `dpkg -P` removes it and the enablement.
 fn deb_removes_and_purges() -> anyhow::Result<String> {
     run("systemctl", &["start", UNIT])?;
-    wait_for("reaper.service active again", || (show("ActiveState").ok()? == "active").then_some(()))?;
+    wait_for("reaper.service active again", || {
+        (show("ActiveState").ok()? == "active").then_some(())
+    })?;
     run("dpkg", &["-r", "reaper"])?;
     let state = show("ActiveState")?;
     ensure!(state == "inactive", "after dpkg -r: ActiveState={state}");
     for gone in [REAPER, "/lib/systemd/system/reaper.service"] {
-        ensure!(!std::path::Path::new(gone).exists(), "{gone} is still there after dpkg -r");
+        ensure!(
+            !std::path::Path::new(gone).exists(),
+            "{gone} is still there after dpkg -r"
+        );
     }
-    ensure!(std::path::Path::new(CONFIG).exists(), "the conffile went with dpkg -r");
+    ensure!(
+        std::path::Path::new(CONFIG).exists(),
+        "the conffile went with dpkg -r"
+    );
     run("dpkg", &["-P", "reaper"])?;
-    ensure!(!std::path::Path::new(CONFIG).exists(), "{CONFIG} is still there after dpkg -P");
+    ensure!(
+        !std::path::Path::new(CONFIG).exists(),
+        "{CONFIG} is still there after dpkg -P"
+    );
     let wants = "/etc/systemd/system/multi-user.target.wants/reaper.service";
-    ensure!(std::fs::symlink_metadata(wants).is_err(), "{wants} is still there after dpkg -P");
+    ensure!(
+        std::fs::symlink_metadata(wants).is_err(),
+        "{wants} is still there after dpkg -P"
+    );
     Ok("dpkg -r stopped it and removed binary and unit, kept the conffile; dpkg -P removed the rest".into())
 }
 
@@ -254,23 +325,40 @@ fn service_privileges() -> anyhow::Result<String> {
         .collect();
     kept.sort();
     let threads = reaper_tests::thread_statuses(pid.parse().context("MainPID")?);
-    ensure!(threads.len() >= 3, "only {} thread(s) in /proc/{pid}/task: no runtime?", threads.len());
+    ensure!(
+        threads.len() >= 3,
+        "only {} thread(s) in /proc/{pid}/task: no runtime?",
+        threads.len()
+    );
     let mut bounding = Vec::new();
     for (tid, status) in &threads {
         let name = reaper_tests::status_field(status, "Name").unwrap_or("?");
         let field = |field: &str| -> anyhow::Result<u64> {
-            reaper_tests::status_mask(status, field).with_context(|| format!("no {field} for thread {tid} ({name})"))
+            reaper_tests::status_mask(status, field)
+                .with_context(|| format!("no {field} for thread {tid} ({name})"))
         };
         let nnp = reaper_tests::status_field(status, "NoNewPrivs");
-        ensure!(nnp == Some("1"), "thread {tid} ({name}): NoNewPrivs is {nnp:?}");
+        ensure!(
+            nnp == Some("1"),
+            "thread {tid} ({name}): NoNewPrivs is {nnp:?}"
+        );
         bounding = names(field("CapBnd")?);
         for cap in &bounding {
-            ensure!(BOUNDING.contains(&cap.as_str()), "thread {tid} ({name}): {cap} is in the bounding set {bounding:?}");
+            ensure!(
+                BOUNDING.contains(&cap.as_str()),
+                "thread {tid} ({name}): {cap} is in the bounding set {bounding:?}"
+            );
         }
         let effective = names(field("CapEff")?);
         let permitted = names(field("CapPrm")?);
-        ensure!(effective == kept, "thread {tid} ({name}): effective {effective:?}, expected {kept:?}");
-        ensure!(permitted == kept, "thread {tid} ({name}): permitted {permitted:?}, expected {kept:?}");
+        ensure!(
+            effective == kept,
+            "thread {tid} ({name}): effective {effective:?}, expected {kept:?}"
+        );
+        ensure!(
+            permitted == kept,
+            "thread {tid} ({name}): permitted {permitted:?}, expected {kept:?}"
+        );
     }
     Ok(format!(
         "all {} threads: no_new_privs, effective = permitted = {kept:?}, bounding {bounding:?}",
@@ -280,13 +368,20 @@ fn service_privileges() -> anyhow::Result<String> {
 
 /// `GET path` on the metrics address: (status line, body).
 fn http_get(path: &str) -> anyhow::Result<(String, String)> {
-    let mut stream = std::net::TcpStream::connect(METRICS).context("connecting to the metrics endpoint")?;
+    let mut stream =
+        std::net::TcpStream::connect(METRICS).context("connecting to the metrics endpoint")?;
     stream.set_read_timeout(Some(WAIT))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {METRICS}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {METRICS}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
     let (head, body) = text.split_once("\r\n\r\n").context("an HTTP response")?;
-    Ok((head.lines().next().unwrap_or_default().to_owned(), body.to_owned()))
+    Ok((
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    ))
 }
 
 /// /healthz says ok and /metrics counts the host's processes. (The port is bound before the
@@ -314,7 +409,9 @@ fn service_http() -> anyhow::Result<String> {
         .trim()
         .parse()?;
     ensure!(processes > 0.0, "reaper_processes {processes}");
-    Ok(format!("/healthz 200, /metrics 200 with reaper_processes {processes}"))
+    Ok(format!(
+        "/healthz 200, /metrics 200 with reaper_processes {processes}"
+    ))
 }
 
 /// `reaper stats` over the unit's socket.
@@ -369,7 +466,10 @@ fn service_journal_clean() -> anyhow::Result<String> {
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("panicked"))
         .collect();
     ensure!(bad.is_empty(), "the daemon logged:\n{}", bad.join("\n"));
-    Ok(format!("{} journal lines, none a warning or an error", log.lines().count()))
+    Ok(format!(
+        "{} journal lines, none a warning or an error",
+        log.lines().count()
+    ))
 }
 
 /// `systemctl stop`: SIGTERM, a clean exit (status 0), the runtime directory removed.
@@ -377,16 +477,26 @@ fn service_stops_cleanly() -> anyhow::Result<String> {
     let started = Instant::now();
     run("systemctl", &["stop", UNIT])?;
     let took = started.elapsed().as_secs_f64();
-    let (state, result, status) = (show("ActiveState")?, show("Result")?, show("ExecMainStatus")?);
+    let (state, result, status) = (
+        show("ActiveState")?,
+        show("Result")?,
+        show("ExecMainStatus")?,
+    );
     ensure!(
         state == "inactive" && result == "success" && status == "0",
         "after stop: ActiveState={state} Result={result} ExecMainStatus={status}"
     );
-    ensure!(!std::path::Path::new("/run/reaper").exists(), "/run/reaper is still there");
+    ensure!(
+        !std::path::Path::new("/run/reaper").exists(),
+        "/run/reaper is still there"
+    );
     let log = run("journalctl", &["--no-pager", "-o", "cat", "-u", UNIT])?;
     ensure!(
-        log.lines().any(|l| l.trim_end().ends_with("INFO reaper: stopped")),
+        log.lines()
+            .any(|l| l.trim_end().ends_with("INFO reaper: stopped")),
         "no final `stopped` line in the journal"
     );
-    Ok(format!("stopped in {took:.1}s, exit status 0, /run/reaper removed"))
+    Ok(format!(
+        "stopped in {took:.1}s, exit status 0, /run/reaper removed"
+    ))
 }

@@ -142,7 +142,9 @@ fn as_init() -> ! {
         }
     }
     if let Err(err) = loopback_up() {
-        say(&format!("vm-runner: bringing up the loopback interface failed: {err}"));
+        say(&format!(
+            "vm-runner: bringing up the loopback interface failed: {err}"
+        ));
     }
     let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
     say(&format!(
@@ -269,7 +271,9 @@ fn run_checks() -> u32 {
     scenario!("reap_leaked", reaping::reap_leaked);
     scenario!("spare_chatting", reaping::spare_chatting);
     scenario!("thread_group_exit", lifecycle::thread_group_exit);
-    check(&rt, "kill_path_syscalls", CHECK_DEADLINE, async { kill_path_syscalls() });
+    check(&rt, "kill_path_syscalls", CHECK_DEADLINE, async {
+        kill_path_syscalls()
+    });
     scenario!("no_losses", lifecycle::no_losses);
     check(&rt, "one_exit_per_process", CHECK_DEADLINE, {
         let shared = shared.clone();
@@ -404,7 +408,11 @@ async fn attach(
     let events = handle.subscribe();
     let stats = handle.stats().await.context("pipeline stopped")?;
     let source = stats.activity_source;
-    let expected = if sock { ActivityMeter::Socket } else { ActivityMeter::ProcIo };
+    let expected = if sock {
+        ActivityMeter::Socket
+    } else {
+        ActivityMeter::ProcIo
+    };
     *shared.lock().await = Some(Harness {
         pipeline,
         handle,

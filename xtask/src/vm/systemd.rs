@@ -82,7 +82,11 @@ pub(super) fn run(
     for (name, mode, data) in [
         ("root/reaper.deb", 0o100644, read(deb)?),
         ("usr/local/bin/service-check", 0o100755, read(&checker)?),
-        ("etc/systemd/system/reaper-vm-check.service", 0o100644, CHECK_UNIT.as_bytes().to_vec()),
+        (
+            "etc/systemd/system/reaper-vm-check.service",
+            0o100644,
+            CHECK_UNIT.as_bytes().to_vec(),
+        ),
     ] {
         cpio_entry(&mut overlay, next(), name, mode, (0, 0), &data);
     }
@@ -122,7 +126,9 @@ pub(super) fn run(
 /// Deleting a tree follows into what is mounted under it: a debootstrap killed half-way can
 /// leave its /proc or /sys mounted in the root. Refuses (naming the mounts) rather than delete.
 fn refuse_mounts_under(dir: &Path) -> anyhow::Result<()> {
-    let Ok(dir) = dir.canonicalize() else { return Ok(()) };
+    let Ok(dir) = dir.canonicalize() else {
+        return Ok(());
+    };
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let inside: Vec<&str> = mounts
         .lines()
@@ -151,15 +157,13 @@ fn base_archive(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         refuse_mounts_under(&partial)?;
         let _ = fs::remove_dir_all(&partial);
         let mut cmd = Command::new("debootstrap");
-        cmd.args([
-            "--variant=minbase",
-            "--include=systemd,systemd-sysv",
-            SUITE,
-        ])
-        .arg(&partial)
-        .arg(MIRROR);
+        cmd.args(["--variant=minbase", "--include=systemd,systemd-sysv", SUITE])
+            .arg(&partial)
+            .arg(MIRROR);
         println!("xtask: {} (once, about 30 s)", describe(&cmd));
-        let out = cmd.output().with_context(|| format!("running {}", describe(&cmd)))?;
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", describe(&cmd)))?;
         if !out.status.success() {
             let tail = |bytes: &[u8]| {
                 let text = String::from_utf8_lossy(bytes);
@@ -176,7 +180,13 @@ fn base_archive(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
             );
         }
         // Documentation and the package cache only make the archive bigger.
-        for sub in ["usr/share/doc", "usr/share/man", "usr/share/locale", "var/cache/apt", "var/lib/apt/lists"] {
+        for sub in [
+            "usr/share/doc",
+            "usr/share/man",
+            "usr/share/locale",
+            "var/cache/apt",
+            "var/lib/apt/lists",
+        ] {
             let _ = fs::remove_dir_all(partial.join(sub));
         }
         fs::write(partial.join(STAMP), &recipe)?;
