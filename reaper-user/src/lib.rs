@@ -5,6 +5,7 @@ pub mod clock;
 pub mod config;
 pub mod detect;
 pub mod events;
+pub mod heap;
 pub mod host;
 pub mod http;
 pub mod ipc;

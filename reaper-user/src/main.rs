@@ -295,15 +295,8 @@ fn init_logging(format: LogFormat) {
 /// then the privileges are dropped; only then is the runtime, and with it every other thread
 /// (tokio's workers and blocking pool), started. Each inherits the reduced set.
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    // One malloc arena for the whole daemon, before any thread starts: glibc gives each new
-    // thread an arena of its own (up to 8 per core), and memory freed in one stays there,
-    // out of malloc_trim's reach from the others. The daemon's threads allocate little and
-    // rarely at once, so they lose nothing by sharing.
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets an allocator parameter; no thread is running yet.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
+    // Before any thread starts.
+    reaper::heap::one_arena();
     let overrides = Overrides {
         idle_timeout: args.idle_timeout,
         grace: args.grace,

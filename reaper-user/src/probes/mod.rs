@@ -272,7 +272,7 @@ impl Probes {
         drop(btf);
         // Parsing the kernel's BTF (three times: btf-rs for the layout, aya in
         // EbpfLoader::new() and for attaching) took ~25 MB that is free now.
-        crate::tree::scan::give_back_free_memory();
+        crate::heap::give_back();
         Ok(Self {
             ebpf,
             _logs: logs,

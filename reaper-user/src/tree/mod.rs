@@ -194,7 +194,7 @@ impl ProcessTree {
             tree.live.insert(s.id.pid, s.into());
         }
         tree.rebuild_children();
-        scan::give_back_free_memory();
+        crate::heap::give_back();
         tree
     }
 
@@ -504,7 +504,7 @@ impl ProcessTree {
             .filter(|id| !alive(*id))
             .collect();
         self.corrections.add(&fixed);
-        scan::give_back_free_memory();
+        crate::heap::give_back();
         fixed
     }
 

@@ -11,18 +11,6 @@ use reaper_common::ARGV_LEN;
 use super::Snapshot;
 use crate::events::{Argv, Identity};
 
-/// Hands the heap's free memory back to the OS. glibc keeps freed memory in the process
-/// unless asked (`malloc_trim(3)` releases free pages anywhere in the heap, not only at its
-/// top); called after the spikes: parsing the kernel's BTF, and each `/proc` scan, whose
-/// snapshots (10,000 processes: several MB) are freed once the tree has taken what it keeps.
-pub fn give_back_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Most threads a scan reads `/proc` with.
 const SCAN_THREADS: usize = 4;
 
