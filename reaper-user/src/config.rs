@@ -963,7 +963,8 @@ mod tests {
         // end. Opening is non-blocking, so not even the open waits for a writer.
         let dir = Scratch::new("fifo");
         let fifo = dir.0.join("reaper.toml");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        use rustix::fs::{CWD, FileType, Mode};
+        rustix::fs::mknodat(CWD, &fifo, FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
         for path in [fifo.as_path(), Path::new("/dev/null")] {
             let e = load(path).unwrap_err();
             assert!(

@@ -234,7 +234,7 @@ fn drop_on_this_thread(keep: &CapsHashSet) -> Result<Dropped, DropError> {
     caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(err("inheritable set"))?;
     caps::set(None, CapSet::Effective, &kept).map_err(err("effective set"))?;
     caps::set(None, CapSet::Permitted, &kept).map_err(err("permitted set"))?;
-    nix::sys::prctl::set_no_new_privs().map_err(|e| DropError {
+    rustix::thread::set_no_new_privs(true).map_err(|e| DropError {
         what: "no_new_privs",
         source: Box::new(e),
     })?;

@@ -583,22 +583,18 @@ fn take_map<V: aya::Pod>(
 }
 
 fn page_size() -> u32 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .and_then(|size| u32::try_from(size).ok())
-        .unwrap_or(4096)
+    u32::try_from(rustix::param::page_size()).unwrap_or(4096)
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the memory cgroup.
 /// Raising it needs CAP_SYS_RESOURCE, which a hardened service may not have: log, go on.
 fn raise_memlock_limit() {
-    use nix::sys::resource::{Resource, setrlimit};
-    if let Err(err) = setrlimit(
-        Resource::RLIMIT_MEMLOCK,
-        libc::RLIM_INFINITY,
-        libc::RLIM_INFINITY,
-    ) {
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    let unlimited = Rlimit {
+        current: None,
+        maximum: None,
+    };
+    if let Err(err) = setrlimit(Resource::Memlock, unlimited) {
         tracing::debug!(%err, "could not raise RLIMIT_MEMLOCK (not needed on 5.11+)");
     }
 }
