@@ -236,7 +236,7 @@ impl PipelineHandle {
     }
 
     /// Every target with its verdict.
-    pub async fn targets(&self) -> Option<Vec<TargetView>> {
+    pub(crate) async fn targets(&self) -> Option<Vec<TargetView>> {
         self.ask(Query::Targets).await
     }
 

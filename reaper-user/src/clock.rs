@@ -14,7 +14,7 @@
 use rustix::time::ClockId;
 
 /// Nanoseconds of `CLOCK_MONOTONIC`: the detector's time.
-pub type Nanos = u64;
+pub(crate) type Nanos = u64;
 
 fn read(clock: ClockId) -> u64 {
     let ts = rustix::time::clock_gettime(clock);
@@ -27,14 +27,14 @@ pub fn mono_ns() -> Nanos {
 }
 
 /// Clock ticks since boot, suspend included (the unit of process start times in `/proc`).
-pub fn boot_ticks() -> u64 {
+pub(crate) fn boot_ticks() -> u64 {
     read(ClockId::Boottime) / (1_000_000_000 / crate::events::ticks_per_second())
 }
 
 /// When a process that started at `start_ticks` (boot-time clock ticks) started, on the
 /// monotonic clock. Exact unless the machine was suspended since; then it is earlier than the
 /// truth by the time suspended (never later), which only ever makes a process look older.
-pub fn start_mono_ns(start_ticks: u64) -> Nanos {
+pub(crate) fn start_mono_ns(start_ticks: u64) -> Nanos {
     let tick_ns = 1_000_000_000 / crate::events::ticks_per_second();
     let suspended = read(ClockId::Boottime).saturating_sub(mono_ns());
     (start_ticks * tick_ns).saturating_sub(suspended)

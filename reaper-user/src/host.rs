@@ -34,7 +34,7 @@ pub fn proc_start_ticks(pid: u32) -> Option<u64> {
 /// What the detector reads: `/proc` for the targets, the kernel's maps through the probes. It
 /// owns the probes, so its owner hands out `&mut host` (or `&host`) wherever the detector needs
 /// the host, and the probes' own counters are `host.probes`.
-pub struct LiveHost {
+pub(crate) struct LiveHost {
     pub probes: Probes,
 }
 

@@ -15,7 +15,7 @@ use crate::probes::{LAST_WORD_TRACEPOINTS, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPO
 
 /// What the kernel's BTF told us.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BtfFacts {
+pub(crate) enum BtfFacts {
     /// `/sys/kernel/btf/vmlinux` does not exist.
     Absent,
     /// It exists but could not be read or parsed.
@@ -30,7 +30,7 @@ pub enum BtfFacts {
 
 /// The raw facts [`super::assess`] judges. Gathered by [`Facts::gather`], or made up in tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Facts {
+pub(crate) struct Facts {
     pub euid: u32,
     /// Effective capability bits (`CapEff` of `/proc/self/status`), if readable.
     pub cap_eff: Option<u64>,
@@ -47,7 +47,7 @@ pub struct Facts {
 impl Facts {
     /// Reads this process's privileges and the running kernel's features, and tries the kill
     /// path's system calls on a child it forks. Never panics.
-    pub fn gather() -> Self {
+    pub(crate) fn gather() -> Self {
         let uname = rustix::system::uname();
         let text = |s: &std::ffi::CStr| s.to_string_lossy().into_owned();
         Self {
@@ -95,14 +95,6 @@ impl Call {
         Call::Fails {
             errno: err.raw_os_error().unwrap_or(0),
             error: err.to_string(),
-        }
-    }
-
-    /// The errno it failed with, if it was tried and failed.
-    pub fn errno(&self) -> Option<i32> {
-        match self {
-            Call::Fails { errno, .. } => Some(*errno),
-            _ => None,
         }
     }
 }
@@ -310,7 +302,7 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 /// The `CapEff:` bits of a `/proc/PID/status` text.
-pub fn parse_cap_eff(status: &str) -> Option<u64> {
+pub(crate) fn parse_cap_eff(status: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))

@@ -20,7 +20,7 @@ const ENDED_KEPT: usize = 64;
 impl Detector {
     /// Classifies every process (start-up, after a restart). Idle clocks start now: an
     /// adopted process's earlier inactivity cannot be proven.
-    pub fn adopt_all(&mut self, tree: &ProcessTree, now: Nanos, host: &mut impl Host) {
+    pub(crate) fn adopt_all(&mut self, tree: &ProcessTree, now: Nanos, host: &mut impl Host) {
         let pids: Vec<u32> = tree.processes().map(|p| p.id.pid).collect();
         for pid in pids {
             self.classify(tree, pid, now, host);
@@ -29,7 +29,7 @@ impl Detector {
 
     /// Re-checks what a reconcile changed: `renewed` pids (added, filled or refreshed from
     /// `/proc`), and targets that vanished without an exit event.
-    pub fn classify_new(
+    pub(crate) fn classify_new(
         &mut self,
         tree: &ProcessTree,
         renewed: &[u32],
@@ -57,7 +57,7 @@ impl Detector {
     }
 
     /// Updates after the tree applied `event`.
-    pub fn on_event(&mut self, tree: &ProcessTree, event: &Event, host: &mut impl Host) {
+    pub(crate) fn on_event(&mut self, tree: &ProcessTree, event: &Event, host: &mut impl Host) {
         match event {
             Event::Fork {
                 id,

@@ -36,7 +36,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 5] = [
+    pub(crate) const ALL: [Reason; 5] = [
         Self::Idle,
         Self::Orphaned,
         Self::Leftover,
@@ -44,7 +44,7 @@ impl Reason {
         Self::MemoryPressure,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Idle => "idle",
             Self::Orphaned => "orphaned",
@@ -105,7 +105,7 @@ pub struct Decision {
 
 /// What became of a decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Settled {
+pub(crate) enum Settled {
     /// Dry run: reported; reported again only after new activity.
     WouldKill,
     /// Gone (or the pid is someone else's now): never decided on again.
@@ -180,7 +180,7 @@ impl Detector {
 
     /// Whether something is due now (then the owner brings the tree up to date and calls
     /// [`Detector::decide`]).
-    pub fn any_due(&self, now: Nanos) -> bool {
+    pub(crate) fn any_due(&self, now: Nanos) -> bool {
         self.targets.values().any(|t| self.ready(t, now))
             || self
                 .ended
@@ -220,7 +220,12 @@ impl Detector {
     /// What is due now, on a tree that has every event up to now applied: idle and orphaned
     /// targets, leftovers, runaways. Each due target is sampled once more first: socket bytes
     /// or a tool started since its last sample keep it.
-    pub fn decide(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host) -> Vec<Decision> {
+    pub(crate) fn decide(
+        &mut self,
+        tree: &ProcessTree,
+        now: Nanos,
+        host: &impl Host,
+    ) -> Vec<Decision> {
         let mut due: Vec<u32> = self
             .targets
             .values()
@@ -500,7 +505,7 @@ impl Detector {
 
     /// Memory is short: the one idle target or leftover with the largest RSS, ended at once
     /// without waiting for its timeout. Never an active target or a turn in flight.
-    pub fn pressure_decision(
+    pub(crate) fn pressure_decision(
         &mut self,
         tree: &ProcessTree,
         now: Nanos,
@@ -588,7 +593,7 @@ impl Detector {
     }
 
     /// Takes what became of a decision into account.
-    pub fn settle(&mut self, target: Identity, settled: Settled) {
+    pub(crate) fn settle(&mut self, target: Identity, settled: Settled) {
         let pending = match settled {
             Settled::WouldKill => Pending::WouldKillReported,
             Settled::RetryAt(at) => Pending::RetryAt(at),

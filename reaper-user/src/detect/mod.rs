@@ -42,10 +42,10 @@ use std::{
 use reaper_common::SockActivity;
 use serde::{Deserialize, Serialize};
 
+pub(crate) use self::{decide::Settled, rate::RateLimit};
 pub use self::{
-    decide::{Decision, Reason, Settled, Victim},
-    rate::RateLimit,
-    report::{Explanation, FirstStep, RuleCheck, SessionCounts, SessionOf, TargetView},
+    decide::{Decision, Reason, Victim},
+    report::{Explanation, RuleCheck, TargetView},
 };
 use self::{
     sample::Sampling,
@@ -59,7 +59,7 @@ use crate::{
 };
 
 /// What the detector needs from the host: `/proc` reads and the kernel's activity maps.
-pub trait Host {
+pub(crate) trait Host {
     /// `tty_nr` from `/proc/PID/stat` (0: no controlling terminal).
     fn tty_nr(&self, pid: u32) -> Option<i32>;
     /// utime + stime in clock ticks, if `id` is still alive.
@@ -244,7 +244,7 @@ impl Detector {
     }
 
     /// Tells the kernel which process names to watch from their exec on: the rules' `comm`s.
-    pub fn publish_names(&self, host: &mut impl Host) {
+    pub(crate) fn publish_names(&self, host: &mut impl Host) {
         let names: Vec<&str> = self
             .sampling
             .rules
@@ -255,19 +255,19 @@ impl Detector {
     }
 
     /// Kills the rate limit has held back so far.
-    pub fn rate_limit_deferrals(&self) -> u64 {
+    pub(crate) fn rate_limit_deferrals(&self) -> u64 {
         self.rate.deferred()
     }
 
     /// The memory pressure settings in force.
-    pub fn memory_pressure(&self) -> &MemoryPressure {
+    pub(crate) fn memory_pressure(&self) -> &MemoryPressure {
         &self.memory_pressure
     }
 
     /// Takes a new configuration (SIGHUP). Targets keep their evidence while their rule (by
     /// name) still exists and still matches; new matches are adopted, the rest dropped. The
     /// kills already made this minute still count against the (new) rate limit.
-    pub fn reconfigure(
+    pub(crate) fn reconfigure(
         &mut self,
         config: &Config,
         tree: &ProcessTree,
@@ -317,7 +317,7 @@ impl Detector {
         }
     }
 
-    pub fn meter(&self) -> ActivityMeter {
+    pub(crate) fn meter(&self) -> ActivityMeter {
         self.sampling.meter
     }
 

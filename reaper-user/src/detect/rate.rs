@@ -9,7 +9,7 @@ use super::verdict::Nanos;
 /// for a minute with no kill at all and then goes alone (else it could never go). Pure: `now`
 /// in.
 #[derive(Debug)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     per_minute: u32,
     /// One entry per process signalled, oldest first.
     recent: VecDeque<Nanos>,
@@ -23,7 +23,7 @@ pub struct RateLimit {
 const MINUTE: Nanos = 60_000_000_000;
 
 impl RateLimit {
-    pub fn new(per_minute: u32) -> Self {
+    pub(crate) fn new(per_minute: u32) -> Self {
         Self {
             per_minute,
             recent: VecDeque::new(),
@@ -34,7 +34,7 @@ impl RateLimit {
 
     /// When a slot is free (for a reap of one process, or the one held back): `now` if one
     /// is, else when enough kills leave the window.
-    pub fn free_at(&mut self, now: Nanos) -> Nanos {
+    pub(crate) fn free_at(&mut self, now: Nanos) -> Nanos {
         self.free_at_for(now, 1)
     }
 
@@ -61,7 +61,7 @@ impl RateLimit {
 
     /// Takes `n` slots (a reap signalling `n` processes) if they are free at `now`; otherwise
     /// says when they will be.
-    pub fn take(&mut self, now: Nanos, n: usize) -> Result<(), Nanos> {
+    pub(crate) fn take(&mut self, now: Nanos, n: usize) -> Result<(), Nanos> {
         match self.free_at_for(now, n) {
             at if at <= now => {
                 // Over the limit, the window is full for a minute either way.
@@ -79,7 +79,7 @@ impl RateLimit {
     }
 
     /// Kills held back by the limit so far.
-    pub fn deferred(&self) -> u64 {
+    pub(crate) fn deferred(&self) -> u64 {
         self.deferred
     }
 

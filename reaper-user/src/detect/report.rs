@@ -15,7 +15,7 @@ use crate::{
 
 /// Sessions by state and leftovers by kind, for the gauges.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionCounts {
+pub(crate) struct SessionCounts {
     pub states: Vec<(&'static str, i64)>,
     pub leftovers: Vec<(Kind, i64)>,
 }
@@ -87,7 +87,12 @@ pub struct FirstStep {
 
 impl Detector {
     /// Every session: live targets and ended ones with what is left of them.
-    pub fn sessions(&self, tree: &ProcessTree, now: Nanos, host: &impl Host) -> Vec<SessionView> {
+    pub(crate) fn sessions(
+        &self,
+        tree: &ProcessTree,
+        now: Nanos,
+        host: &impl Host,
+    ) -> Vec<SessionView> {
         let kinds = |members: &mut dyn Iterator<Item = &Member>| -> (KindCounts, u64) {
             let mut counts = KindCounts::default();
             let mut rss = 0;
@@ -158,7 +163,7 @@ impl Detector {
 
     /// Sessions by state, and leftovers (members of ended sessions past their grace) by kind,
     /// for the gauges. Reads nothing from the host.
-    pub fn session_counts(&self, now: Nanos) -> SessionCounts {
+    pub(crate) fn session_counts(&self, now: Nanos) -> SessionCounts {
         let mut states: Vec<(&'static str, i64)> =
             ["active", "idle", "turn_in_flight", "leaked", "ended"]
                 .iter()
@@ -206,7 +211,7 @@ impl Detector {
         }
     }
 
-    pub fn views(&self, tree: &ProcessTree, now: Nanos) -> Vec<TargetView> {
+    pub(crate) fn views(&self, tree: &ProcessTree, now: Nanos) -> Vec<TargetView> {
         let mut views: Vec<_> = self
             .targets
             .values()
@@ -217,7 +222,7 @@ impl Detector {
     }
 
     /// Why `pid` is or is not a target.
-    pub fn explain(
+    pub(crate) fn explain(
         &self,
         tree: &ProcessTree,
         pid: u32,

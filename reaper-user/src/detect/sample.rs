@@ -25,7 +25,7 @@ fn sample_interval(rule: &Rule) -> Duration {
 
 impl Detector {
     /// Samples the targets (and watched runaway candidates) whose sample time has come.
-    pub fn sample_due(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host) {
+    pub(crate) fn sample_due(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host) {
         for t in self.targets.values_mut() {
             if matches!(t.pending, Pending::Reaping | Pending::Done) || now < t.next_sample {
                 continue;
