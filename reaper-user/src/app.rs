@@ -236,7 +236,7 @@ impl PipelineHandle {
     }
 
     /// Every target with its verdict.
-    pub async fn targets(&self) -> Option<Vec<TargetView>> {
+    pub(crate) async fn targets(&self) -> Option<Vec<TargetView>> {
         self.ask(Query::Targets).await
     }
 
@@ -358,6 +358,7 @@ impl Pipeline {
                 }
             }
         }
+        let mut host = LiveHost { probes };
         let mut detector = Detector::new(settings, activity);
         metrics
             .activity_source
@@ -366,16 +367,8 @@ impl Pipeline {
                 ActivityMeter::ProcIo => "proc-io",
             }])
             .set(1);
-        detector.publish_names(&mut LiveHost {
-            probes: &mut probes,
-        });
-        detector.adopt_all(
-            &tree,
-            clock::mono_ns(),
-            &mut LiveHost {
-                probes: &mut probes,
-            },
-        );
+        detector.publish_names(&mut host);
+        detector.adopt_all(&tree, clock::mono_ns(), &mut host);
         tracing::info!(
             processes = tree.len(),
             scanned,
@@ -395,7 +388,7 @@ impl Pipeline {
             detector,
             reap_stats: ReapStats::default(),
             tree,
-            probes,
+            host,
             metrics: metrics.clone(),
             health: health.clone(),
             flush: flush_tx,
@@ -493,7 +486,8 @@ struct TreeOwner {
     detector: Detector,
     reap_stats: ReapStats,
     applied: broadcast::Sender<Event>,
-    probes: Probes,
+    /// The probes, behind the detector's view of the host (`/proc` and the kernel's maps).
+    host: LiveHost,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     flush: mpsc::UnboundedSender<u64>,
@@ -564,7 +558,7 @@ impl TreeOwner {
             tokio::select! {
                 () = until_due => {
                     let now = clock::mono_ns();
-                    self.detector.sample_due(&self.tree, now, &LiveHost { probes: &mut self.probes });
+                    self.detector.sample_due(&self.tree, now, &self.host);
                     if self.detector.any_due(now) && !self.request_flush(FlushFor::Decide) {
                         return;
                     }
@@ -587,10 +581,9 @@ impl TreeOwner {
                 msg = events.recv() => match msg {
                     Some(RingMsg::Events(batch)) => {
                         let tapped = self.applied.receiver_count() > 0;
-                        let mut host = LiveHost { probes: &mut self.probes };
                         for event in batch {
                             self.tree.apply(&event);
-                            self.detector.on_event(&self.tree, &event, &mut host);
+                            self.detector.on_event(&self.tree, &event, &mut self.host);
                             if tapped {
                                 let _ = self.applied.send(event);
                             }
@@ -620,8 +613,8 @@ impl TreeOwner {
                     if !self.check_memory() {
                         return;
                     }
-                    self.metrics.sync_probe_failures(self.probes.watch_failures(), &self.probes.read_faults());
-                    let counts = self.probes.lost();
+                    self.metrics.sync_probe_failures(self.host.probes.watch_failures(), &self.host.probes.read_faults());
+                    let counts = self.host.probes.lost();
                     for kind in EventKind::ALL {
                         let counter = self.metrics.events_lost.with_label_values(&[kind.name()]);
                         counter.inc_by(counts.get(kind).saturating_sub(counter.get()));
@@ -692,21 +685,17 @@ impl TreeOwner {
             }
             FlushFor::Decide => {
                 let now = clock::mono_ns();
-                let host = LiveHost {
-                    probes: &mut self.probes,
-                };
-                for decision in self.detector.decide(&self.tree, now, &host) {
+                for decision in self.detector.decide(&self.tree, now, &self.host) {
                     spawn_reap(decision, self.policy.subscribe(), reports.clone());
                 }
             }
             FlushFor::Pressure(reading) => {
-                let host = LiveHost {
-                    probes: &mut self.probes,
-                };
-                match self
-                    .detector
-                    .pressure_decision(&self.tree, clock::mono_ns(), &host, &reading)
-                {
+                match self.detector.pressure_decision(
+                    &self.tree,
+                    clock::mono_ns(),
+                    &self.host,
+                    &reading,
+                ) {
                     Some(decision) => {
                         spawn_reap(decision, self.policy.subscribe(), reports.clone())
                     }
@@ -780,23 +769,23 @@ impl TreeOwner {
                 let _ = reply.send(self.detector.views(&self.tree, clock::mono_ns()));
             }
             Query::Sessions(reply) => {
-                let host = LiveHost {
-                    probes: &mut self.probes,
-                };
-                let _ = reply.send(self.detector.sessions(&self.tree, clock::mono_ns(), &host));
+                let _ = reply.send(self.detector.sessions(
+                    &self.tree,
+                    clock::mono_ns(),
+                    &self.host,
+                ));
             }
             Query::Reload(config, reply) => {
                 self.reload(*config);
                 let _ = reply.send(());
             }
             Query::Explain(pid, reply) => {
-                let host = LiveHost {
-                    probes: &mut self.probes,
-                };
-                let _ = reply.send(
-                    self.detector
-                        .explain(&self.tree, pid, clock::mono_ns(), &host),
-                );
+                let _ = reply.send(self.detector.explain(
+                    &self.tree,
+                    pid,
+                    clock::mono_ns(),
+                    &self.host,
+                ));
             }
         }
     }
@@ -848,14 +837,8 @@ impl TreeOwner {
         }
         self.metrics.processes.set(self.tree.len() as i64);
         let renewed = self.tree.take_renewed();
-        self.detector.classify_new(
-            &self.tree,
-            &renewed,
-            clock::mono_ns(),
-            &mut LiveHost {
-                probes: &mut self.probes,
-            },
-        );
+        self.detector
+            .classify_new(&self.tree, &renewed, clock::mono_ns(), &mut self.host);
         if fixed.total() > 0 {
             tracing::info!(
                 ?fixed,
@@ -891,14 +874,8 @@ impl TreeOwner {
                 );
             }
         }
-        self.detector.reconfigure(
-            &config,
-            &self.tree,
-            clock::mono_ns(),
-            &mut LiveHost {
-                probes: &mut self.probes,
-            },
-        );
+        self.detector
+            .reconfigure(&config, &self.tree, clock::mono_ns(), &mut self.host);
         tracing::info!(
             origin = %config.origin,
             mode = ?config.mode,
@@ -956,7 +933,7 @@ impl TreeOwner {
     }
 
     fn stats(&self) -> PipelineStats {
-        let lost: LostCounts = self.probes.lost();
+        let lost: LostCounts = self.host.probes.lost();
         PipelineStats {
             processes: self.tree.len(),
             events: EventKind::ALL

@@ -11,30 +11,31 @@
 //! count from boot including suspend (`CLOCK_BOOTTIME`), in clock ticks in `/proc`. They name
 //! processes ([`crate::events::Identity`]); [`boot_ticks`] is only for comparing with them.
 
-/// Nanoseconds of `CLOCK_MONOTONIC`: the detector's time.
-pub type Nanos = u64;
+use rustix::time::ClockId;
 
-fn read(clock: nix::time::ClockId) -> u64 {
-    nix::time::clock_gettime(clock)
-        .map(|ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
-        .unwrap_or(0)
+/// Nanoseconds of `CLOCK_MONOTONIC`: the detector's time.
+pub(crate) type Nanos = u64;
+
+fn read(clock: ClockId) -> u64 {
+    let ts = rustix::time::clock_gettime(clock);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `CLOCK_MONOTONIC` now, in ns: the clock of event timestamps, idle times and deadlines.
 pub fn mono_ns() -> Nanos {
-    read(nix::time::ClockId::CLOCK_MONOTONIC)
+    read(ClockId::Monotonic)
 }
 
 /// Clock ticks since boot, suspend included (the unit of process start times in `/proc`).
-pub fn boot_ticks() -> u64 {
-    read(nix::time::ClockId::CLOCK_BOOTTIME) / (1_000_000_000 / crate::events::ticks_per_second())
+pub(crate) fn boot_ticks() -> u64 {
+    read(ClockId::Boottime) / (1_000_000_000 / crate::events::ticks_per_second())
 }
 
 /// When a process that started at `start_ticks` (boot-time clock ticks) started, on the
 /// monotonic clock. Exact unless the machine was suspended since; then it is earlier than the
 /// truth by the time suspended (never later), which only ever makes a process look older.
-pub fn start_mono_ns(start_ticks: u64) -> Nanos {
+pub(crate) fn start_mono_ns(start_ticks: u64) -> Nanos {
     let tick_ns = 1_000_000_000 / crate::events::ticks_per_second();
-    let suspended = read(nix::time::ClockId::CLOCK_BOOTTIME).saturating_sub(mono_ns());
+    let suspended = read(ClockId::Boottime).saturating_sub(mono_ns());
     (start_ticks * tick_ns).saturating_sub(suspended)
 }

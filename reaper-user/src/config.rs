@@ -130,7 +130,7 @@ pub enum CleanEnd {
 }
 
 impl CleanEnd {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::CloseInput => "close-input",
             Self::Interrupt => "interrupt",
@@ -142,7 +142,7 @@ impl CleanEnd {
 /// Which of a session's leftovers a rule's targets may have reaped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Leftovers {
+pub(crate) enum Leftovers {
     /// Those whose stdin or stdout is a pipe or socket (stdio MCP servers, also behind a
     /// wrapper that exited): they were connected to the agent.
     #[default]
@@ -151,16 +151,6 @@ pub enum Leftovers {
     All,
     /// None: leftovers are only reported.
     None,
-}
-
-impl Leftovers {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Connected => "connected",
-            Self::All => "all",
-            Self::None => "none",
-        }
-    }
 }
 
 /// The file as written.
@@ -313,7 +303,7 @@ pub struct Rule {
     /// The first step of the kill ladder.
     pub clean_end: CleanEnd,
     /// Which leftovers of its sessions are reaped.
-    pub leftovers: Leftovers,
+    pub(crate) leftovers: Leftovers,
 }
 
 /// When memory is short enough to reap idle targets and leftovers without waiting.
@@ -963,7 +953,8 @@ mod tests {
         // end. Opening is non-blocking, so not even the open waits for a writer.
         let dir = Scratch::new("fifo");
         let fifo = dir.0.join("reaper.toml");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        use rustix::fs::{CWD, FileType, Mode};
+        rustix::fs::mknodat(CWD, &fifo, FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
         for path in [fifo.as_path(), Path::new("/dev/null")] {
             let e = load(path).unwrap_err();
             assert!(

@@ -18,7 +18,7 @@ pub fn one_arena() {
 /// unless asked (`malloc_trim(3)` releases free pages anywhere in the heap, not only at its
 /// top); called after the spikes: parsing the kernel's BTF, and each `/proc` scan, whose
 /// snapshots (10,000 processes: several MB) are freed once the tree has taken what it keeps.
-pub fn give_back() {
+pub(crate) fn give_back() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
     unsafe {

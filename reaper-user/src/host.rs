@@ -31,12 +31,14 @@ pub fn proc_start_ticks(pid: u32) -> Option<u64> {
     Some(proc_process(pid)?.stat().ok()?.starttime)
 }
 
-/// What the detector reads: `/proc` for the targets, the kernel's maps through the probes.
-pub struct LiveHost<'a> {
-    pub probes: &'a mut Probes,
+/// What the detector reads: `/proc` for the targets, the kernel's maps through the probes. It
+/// owns the probes, so its owner hands out `&mut host` (or `&host`) wherever the detector needs
+/// the host, and the probes' own counters are `host.probes`.
+pub(crate) struct LiveHost {
+    pub probes: Probes,
 }
 
-impl detect::Host for LiveHost<'_> {
+impl detect::Host for LiveHost {
     fn tty_nr(&self, pid: u32) -> Option<i32> {
         proc_process(pid)?.stat().ok().map(|s| s.tty_nr)
     }

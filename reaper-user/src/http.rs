@@ -32,16 +32,16 @@ pub struct Health {
 const STALE_NS: u64 = 5_000_000_000;
 
 impl Health {
-    pub fn set_reading(&self, reading: bool) {
+    pub(crate) fn set_reading(&self, reading: bool) {
         self.reading.store(reading, Ordering::Relaxed);
     }
 
-    pub fn beat(&self, now_ns: u64) {
+    pub(crate) fn beat(&self, now_ns: u64) {
         self.heartbeat_ns.store(now_ns, Ordering::Relaxed);
     }
 
     /// Healthy: probes attached and the ring buffer read, the tree task alive.
-    pub fn healthy(&self, now_ns: u64) -> Result<(), &'static str> {
+    pub(crate) fn healthy(&self, now_ns: u64) -> Result<(), &'static str> {
         if !self.reading.load(Ordering::Relaxed) {
             return Err("the ring buffer is not being read");
         }
@@ -66,9 +66,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// A connection must send a complete request head within this time, the first and every later
 /// one: an idle keep-alive connection is closed after it too (hyper starts the timer whenever it
 /// waits for a head: `poll_read_head` in hyper's `proto/h1/conn.rs`).
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// No connection lives longer, however slowly it reads its answers.
-pub const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(60);
+pub(crate) const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(60);
 
 /// The bound, not yet served endpoint.
 pub struct Endpoint {

@@ -186,7 +186,7 @@ impl Drop for Server {
 
 async fn answer(mut stream: UnixStream, pipeline: &PipelineHandle) -> anyhow::Result<()> {
     let peer = stream.peer_cred()?;
-    if peer.uid() != 0 && peer.uid() != nix::unistd::geteuid().as_raw() {
+    if peer.uid() != 0 && peer.uid() != rustix::process::geteuid().as_raw() {
         anyhow::bail!("refused a client with uid {}", peer.uid());
     }
     let mut line = String::new();

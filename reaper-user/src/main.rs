@@ -289,6 +289,26 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Blocks (`how` = `SIG_BLOCK`) or unblocks (`SIG_UNBLOCK`) SIGTERM, SIGINT and SIGHUP in the
+/// calling thread. rustix has no safe signal-mask call (only the unsafe
+/// `runtime::kernel_sigprocmask`, meant for libc-less runtimes), hence libc's.
+fn mask_stop_signals(how: libc::c_int) -> std::io::Result<()> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: `sigemptyset` initialises the set before `sigaddset` and `pthread_sigmask` read
+    // it; the old mask is not asked for (null). All three only touch memory passed to them.
+    let rc = unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(set.as_mut_ptr(), signal);
+        }
+        libc::pthread_sigmask(how, set.as_ptr(), std::ptr::null_mut())
+    };
+    match rc {
+        0 => Ok(()),
+        err => Err(std::io::Error::from_raw_os_error(err)),
+    }
+}
+
 /// `reaper run`. Capabilities and no_new_privs belong to each thread, and a thread starts with
 /// its creator's: so everything that needs privileges (loading and attaching the probes,
 /// binding the metrics port and the local socket) happens first, on the only thread there is;
@@ -316,15 +336,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // SIGTERM, SIGINT and SIGHUP wait (blocked, inherited by every thread) until the runtime
     // has its handlers: a supervisor that stops the daemon as soon as its socket exists must
     // get a clean stop, not a death by the default action.
-    let stop_signals = {
-        use nix::sys::signal::{SigSet, Signal};
-        let mut set = SigSet::empty();
-        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-            set.add(s);
-        }
-        set.thread_block()?;
-        set
-    };
+    mask_stop_signals(libc::SIG_BLOCK)?;
     let probes = Pipeline::attach(&config)?;
     let http = reaper::http::bind(metrics_addr)?;
     let server = ipc::Server::bind(&args.socket)?;
@@ -352,7 +364,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let signals = Signals::register()?;
         // Handlers in place (this is the main thread, where block_on runs): deliver what waited.
-        stop_signals.thread_unblock()?;
+        mask_stop_signals(libc::SIG_UNBLOCK)?;
         let pipeline = Pipeline::start_attached(config, probes).await?;
         let metrics = pipeline.metrics();
         metrics.configured(mode, &rules.iter().map(String::as_str).collect::<Vec<_>>());

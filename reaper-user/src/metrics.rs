@@ -14,9 +14,9 @@ use crate::{config::Mode, detect::Reason, reap::Step};
 
 /// The git revision the binary was built from (`unknown` outside a git checkout), set by
 /// build.rs; `reaper --version` and `reaper_build_info` show it.
-pub const GIT_REVISION: &str = env!("REAPER_GIT_REVISION");
+pub(crate) const GIT_REVISION: &str = env!("REAPER_GIT_REVISION");
 /// The rustc that built the binary, e.g. `1.95.0`.
-pub const RUSTC_VERSION: &str = env!("REAPER_RUSTC_VERSION");
+pub(crate) const RUSTC_VERSION: &str = env!("REAPER_RUSTC_VERSION");
 
 /// Label values of `reaper_mode`.
 fn mode_name(mode: Mode) -> &'static str {
@@ -247,7 +247,7 @@ impl Metrics {
     }
 
     /// Brings the counters read from the probes up to their totals (they only grow).
-    pub fn sync_probe_failures(&self, watch_failures: u64, read_faults: &KindCounts) {
+    pub(crate) fn sync_probe_failures(&self, watch_failures: u64, read_faults: &KindCounts) {
         self.watch_failures
             .inc_by(watch_failures.saturating_sub(self.watch_failures.get()));
         for kind in EventKind::ALL {
@@ -292,15 +292,15 @@ impl Metrics {
     }
 
     /// Counts one decoded event.
-    pub fn event(&self, kind: EventKind) {
+    pub(crate) fn event(&self, kind: EventKind) {
         self.events[kind.index()].inc();
     }
 
-    pub fn events(&self, kind: EventKind) -> u64 {
+    pub(crate) fn events(&self, kind: EventKind) -> u64 {
         self.events[kind.index()].get()
     }
 
-    pub fn events_total(&self) -> u64 {
+    pub(crate) fn events_total(&self) -> u64 {
         self.events.iter().map(IntCounter::get).sum()
     }
 

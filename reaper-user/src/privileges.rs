@@ -21,7 +21,7 @@ use crate::config::{Config, Mode};
 
 /// When the running daemon needs a capability.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum When {
+pub(crate) enum When {
     /// In every mode.
     Always,
     /// Only with `mode = "enforce"`: a dry run never signals.
@@ -29,14 +29,14 @@ pub enum When {
 }
 
 impl When {
-    pub fn applies(self, mode: Mode) -> bool {
+    pub(crate) fn applies(self, mode: Mode) -> bool {
         match self {
             Self::Always => true,
             Self::Enforcing => mode == Mode::Enforce,
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Always => "every mode",
             Self::Enforcing => "mode = \"enforce\" only",
@@ -48,7 +48,7 @@ impl When {
 #[derive(Clone, Copy, Debug)]
 pub struct Kept {
     pub cap: Capability,
-    pub when: When,
+    pub(crate) when: When,
     pub why: &'static str,
 }
 
@@ -73,7 +73,7 @@ pub struct Kept {
 /// with a target and what a leftover is, in a dry run as much as when enforcing, and `reaper
 /// sessions` shows it: so CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE are needed in every mode and
 /// for every activity source, not only for the `/proc/PID/io` fallback.
-pub const KEPT: [Kept; 4] = [
+pub(crate) const KEPT: [Kept; 4] = [
     Kept {
         cap: Capability::CAP_BPF,
         when: When::Always,
@@ -104,7 +104,7 @@ pub fn kept(mode: Mode) -> impl Iterator<Item = &'static Kept> {
 }
 
 /// The capabilities `config` needs while running.
-pub fn needed(config: &Config) -> CapsHashSet {
+pub(crate) fn needed(config: &Config) -> CapsHashSet {
     kept(config.mode).map(|k| k.cap).collect()
 }
 
@@ -234,7 +234,7 @@ fn drop_on_this_thread(keep: &CapsHashSet) -> Result<Dropped, DropError> {
     caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(err("inheritable set"))?;
     caps::set(None, CapSet::Effective, &kept).map_err(err("effective set"))?;
     caps::set(None, CapSet::Permitted, &kept).map_err(err("permitted set"))?;
-    nix::sys::prctl::set_no_new_privs().map_err(|e| DropError {
+    rustix::thread::set_no_new_privs(true).map_err(|e| DropError {
         what: "no_new_privs",
         source: Box::new(e),
     })?;

@@ -40,14 +40,14 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 4] = [
+    pub(crate) const ALL: [Step; 4] = [
         Self::Closed,
         Self::Interrupted,
         Self::Terminated,
         Self::Killed,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Closed => "closed",
             Self::Interrupted => "interrupted",
@@ -78,7 +78,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::WouldKill => "would_kill",
             Self::Ended => "ended",
@@ -152,7 +152,7 @@ pub trait ProcessOps: Send + Sync + 'static {
 }
 
 /// The ladder's first step for a target with this rule and input.
-pub fn first_step(clean_end: CleanEnd, input: &Input) -> Step {
+pub(crate) fn first_step(clean_end: CleanEnd, input: &Input) -> Step {
     match (clean_end, input) {
         (CleanEnd::CloseInput, Input::StreamSocket) => Step::Closed,
         (CleanEnd::CloseInput | CleanEnd::Interrupt, _) => Step::Interrupted,
@@ -163,7 +163,7 @@ pub fn first_step(clean_end: CleanEnd, input: &Input) -> Step {
 /// The configuration in force as far as a reap already decided cares: a reload between the
 /// decision and the first signal may cancel it ([`Policy::cancels`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Bumped by every reload.
     pub generation: u64,
     pub dry_run: bool,
@@ -172,7 +172,7 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn new(generation: u64, config: &crate::config::Config) -> Self {
+    pub(crate) fn new(generation: u64, config: &crate::config::Config) -> Self {
         Self {
             generation,
             dry_run: config.mode == crate::config::Mode::DryRun,
@@ -184,7 +184,7 @@ impl Policy {
     /// since that switched to dry-run, or removed the rule that chose the target (or the
     /// session its leftover belongs to), cancels it. Runaways are no rule's: only dry-run
     /// cancels them.
-    pub fn cancels(&self, decided: u64, d: &Decision) -> Option<String> {
+    pub(crate) fn cancels(&self, decided: u64, d: &Decision) -> Option<String> {
         if self.generation == decided || d.dry_run {
             return None;
         }
@@ -211,7 +211,7 @@ pub async fn execute<O: ProcessOps>(ops: &O, d: &Decision) -> ReapReport {
 /// [`execute`], asking `cancelled` once more just before the first signal (after the pidfds
 /// are opened and the identities verified, which takes a while): `Some(why)` stops it there,
 /// with nothing done ([`Outcome::Cancelled`]).
-pub async fn execute_unless<O: ProcessOps>(
+pub(crate) async fn execute_unless<O: ProcessOps>(
     ops: &O,
     d: &Decision,
     cancelled: impl Fn(&Decision) -> Option<String>,

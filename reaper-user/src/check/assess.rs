@@ -13,7 +13,7 @@ fn has(caps: u64, cap: u32) -> bool {
 }
 
 /// Bytes as a short human string (`16 MiB`, `unlimited`).
-pub fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     if bytes == u64::MAX {
         return "unlimited".to_owned();
     }
@@ -28,7 +28,7 @@ pub fn human_bytes(bytes: u64) -> String {
 }
 
 /// Judges the facts: one row per item, in a fixed order.
-pub fn assess(facts: &Facts) -> CheckReport {
+pub(crate) fn assess(facts: &Facts) -> CheckReport {
     let mut items = Vec::new();
     let version = facts
         .kernel_release

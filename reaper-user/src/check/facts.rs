@@ -15,7 +15,7 @@ use crate::probes::{LAST_WORD_TRACEPOINTS, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPO
 
 /// What the kernel's BTF told us.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BtfFacts {
+pub(crate) enum BtfFacts {
     /// `/sys/kernel/btf/vmlinux` does not exist.
     Absent,
     /// It exists but could not be read or parsed.
@@ -30,7 +30,7 @@ pub enum BtfFacts {
 
 /// The raw facts [`super::assess`] judges. Gathered by [`Facts::gather`], or made up in tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Facts {
+pub(crate) struct Facts {
     pub euid: u32,
     /// Effective capability bits (`CapEff` of `/proc/self/status`), if readable.
     pub cap_eff: Option<u64>,
@@ -47,21 +47,24 @@ pub struct Facts {
 impl Facts {
     /// Reads this process's privileges and the running kernel's features, and tries the kill
     /// path's system calls on a child it forks. Never panics.
-    pub fn gather() -> Self {
-        let uname = nix::sys::utsname::uname().ok();
-        let text = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
+    pub(crate) fn gather() -> Self {
+        let uname = rustix::system::uname();
+        let text = |s: &std::ffi::CStr| s.to_string_lossy().into_owned();
         Self {
             euid: rustix::process::geteuid().as_raw(),
             cap_eff: std::fs::read_to_string("/proc/self/status")
                 .ok()
                 .and_then(|s| parse_cap_eff(&s)),
-            kernel_release: uname.as_ref().map(|u| text(u.release())),
-            machine: uname.as_ref().map(|u| text(u.machine())),
+            kernel_release: Some(text(uname.release())),
+            machine: Some(text(uname.machine())),
             btf: gather_btf(),
             reaping: ReapFacts::gather(),
-            memlock: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
-                .ok()
-                .map(|(soft, hard)| (rlim(soft), rlim(hard))),
+            memlock: {
+                // `None`: unlimited.
+                let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock);
+                let bytes = |limit: Option<u64>| limit.unwrap_or(u64::MAX);
+                Some((bytes(limit.current), bytes(limit.maximum)))
+            },
         }
     }
 }
@@ -92,14 +95,6 @@ impl Call {
         Call::Fails {
             errno: err.raw_os_error().unwrap_or(0),
             error: err.to_string(),
-        }
-    }
-
-    /// The errno it failed with, if it was tried and failed.
-    pub fn errno(&self) -> Option<i32> {
-        match self {
-            Call::Fails { errno, .. } => Some(*errno),
-            _ => None,
         }
     }
 }
@@ -157,9 +152,7 @@ impl ReapFacts {
             Ok(child) => child,
             Err(err) => return untried(format!("fork failed: {err}")),
         };
-        let Some(pid) = rustix::process::Pid::from_raw(child.0.as_raw()) else {
-            return untried("fork returned no pid".to_owned());
-        };
+        let pid = child.0;
         use rustix::process::{PidfdFlags, pidfd_open};
         let (pidfd_open, pidfd) = match pidfd_open(pid, PidfdFlags::NONBLOCK) {
             Ok(fd) => (Call::Works, Ok(fd)),
@@ -234,16 +227,17 @@ fn close_input(pidfd: &OwnedFd, theirs: &UnixStream) -> Call {
 }
 
 /// A forked child that waits to be killed; killed and reaped on drop.
-struct Sleeper(nix::unistd::Pid);
+struct Sleeper(rustix::process::Pid);
 
 impl Sleeper {
-    fn fork() -> nix::Result<Self> {
-        use nix::unistd::{ForkResult, fork, getpid};
-        let parent = getpid().as_raw();
+    /// rustix has no `fork` (only an unsafe runtime-level one), hence libc's.
+    fn fork() -> std::io::Result<Self> {
+        let parent = rustix::process::getpid().as_raw_pid();
         // SAFETY: the child calls only async-signal-safe functions (prctl, getppid, pause,
         // _exit: plain system calls), as a child of a multi-threaded process must.
-        match unsafe { fork() }? {
-            ForkResult::Child => {
+        match unsafe { libc::fork() } {
+            -1 => Err(std::io::Error::last_os_error()),
+            0 => {
                 // SAFETY: plain system calls; the child dies with its parent and never returns.
                 unsafe {
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -255,7 +249,10 @@ impl Sleeper {
                     }
                 }
             }
-            ForkResult::Parent { child } => Ok(Sleeper(child)),
+            // The parent: the child's pid (positive).
+            child => rustix::process::Pid::from_raw(child)
+                .map(Sleeper)
+                .ok_or_else(|| std::io::Error::other(format!("fork returned {child}"))),
         }
     }
 }
@@ -263,16 +260,9 @@ impl Sleeper {
 impl Drop for Sleeper {
     fn drop(&mut self) {
         // Our own unreaped child: its pid cannot have been reused.
-        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(self.0, None);
-    }
-}
-
-fn rlim(value: libc::rlim_t) -> u64 {
-    if value == libc::RLIM_INFINITY {
-        u64::MAX
-    } else {
-        value
+        use rustix::process::{Signal, WaitOptions, kill_process, waitpid};
+        let _ = kill_process(self.0, Signal::KILL);
+        let _ = waitpid(Some(self.0), WaitOptions::empty());
     }
 }
 
@@ -312,7 +302,7 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 /// The `CapEff:` bits of a `/proc/PID/status` text.
-pub fn parse_cap_eff(status: &str) -> Option<u64> {
+pub(crate) fn parse_cap_eff(status: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))

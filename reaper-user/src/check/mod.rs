@@ -7,21 +7,22 @@
 //! problem with a one-line fix. Gathering never panics; whatever cannot be read becomes a row
 //! saying so. Assessing is pure, so every verdict is tested on made-up facts.
 mod assess;
-pub mod facts;
+pub(crate) mod facts;
 
 use std::fmt;
 
-pub use self::{
-    assess::{assess, human_bytes},
-    facts::{BtfFacts, Call, Facts, ReapFacts, parse_cap_eff, parse_kernel_version},
+pub use self::facts::{Call, ReapFacts, parse_kernel_version};
+pub(crate) use self::{
+    assess::assess,
+    facts::{BtfFacts, Facts},
 };
 
 /// Capability numbers (`include/uapi/linux/capability.h`, through the `caps` crate).
 pub const CAP_DAC_READ_SEARCH: u32 = caps::Capability::CAP_DAC_READ_SEARCH as u32;
 pub const CAP_KILL: u32 = caps::Capability::CAP_KILL as u32;
 pub const CAP_SYS_PTRACE: u32 = caps::Capability::CAP_SYS_PTRACE as u32;
-pub const CAP_SYS_ADMIN: u32 = caps::Capability::CAP_SYS_ADMIN as u32;
-pub const CAP_SYS_RESOURCE: u32 = caps::Capability::CAP_SYS_RESOURCE as u32;
+pub(crate) const CAP_SYS_ADMIN: u32 = caps::Capability::CAP_SYS_ADMIN as u32;
+pub(crate) const CAP_SYS_RESOURCE: u32 = caps::Capability::CAP_SYS_RESOURCE as u32;
 pub const CAP_PERFMON: u32 = caps::Capability::CAP_PERFMON as u32;
 pub const CAP_BPF: u32 = caps::Capability::CAP_BPF as u32;
 
@@ -133,7 +134,7 @@ impl CheckReport {
     }
 
     /// Rows with this status.
-    pub fn with_status(&self, status: Status) -> impl Iterator<Item = &CheckItem> {
+    pub(crate) fn with_status(&self, status: Status) -> impl Iterator<Item = &CheckItem> {
         self.items.iter().filter(move |i| i.status == status)
     }
 }
@@ -160,7 +161,7 @@ impl fmt::Display for CheckReport {
 }
 
 /// The rows as an aligned table: ITEM, STATUS, DETAIL, FIX (the last column unpadded).
-pub fn render_table(items: &[CheckItem]) -> String {
+pub(crate) fn render_table(items: &[CheckItem]) -> String {
     const HEADER: [&str; 4] = ["ITEM", "STATUS", "DETAIL", "FIX"];
     let width = |col: usize, cell: fn(&CheckItem) -> &str| {
         items

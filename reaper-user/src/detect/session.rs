@@ -7,7 +7,7 @@ use crate::config::Leftovers;
 
 /// How a process's stdin and stdout are connected, and whether it leads its own session.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Connections {
+pub(crate) struct Connections {
     /// `/proc/PID/fd/0`: `socket:[…]`, `pipe:[…]`, `/dev/null`, a path.
     pub stdin: Option<String>,
     /// `/proc/PID/fd/1`.
@@ -41,9 +41,9 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Self::StdioServer, Self::Tool, Self::Other];
+    pub(crate) const ALL: [Kind; 3] = [Self::StdioServer, Self::Tool, Self::Other];
 
-    pub fn of(c: &Connections) -> Self {
+    pub(crate) fn of(c: &Connections) -> Self {
         if c.session_leader {
             Self::Tool
         } else if Connections::connected(&c.stdin) || Connections::connected(&c.stdout) {
@@ -53,7 +53,7 @@ impl Kind {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::StdioServer => "stdio_server",
             Self::Tool => "tool",
@@ -63,7 +63,7 @@ impl Kind {
 }
 
 /// Whether a leftover of this kind is reaped under a rule's policy, and why (or why not).
-pub fn reapable(policy: Leftovers, kind: Kind) -> Result<(), &'static str> {
+pub(crate) fn reapable(policy: Leftovers, kind: Kind) -> Result<(), &'static str> {
     match (policy, kind) {
         (Leftovers::None, _) => Err("its rule reaps no leftovers (leftovers = \"none\")"),
         (Leftovers::All, _) | (Leftovers::Connected, Kind::StdioServer) => Ok(()),
@@ -76,14 +76,14 @@ pub fn reapable(policy: Leftovers, kind: Kind) -> Result<(), &'static str> {
 
 /// Live descendants of a session, by kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KindCounts {
+pub(crate) struct KindCounts {
     pub stdio_server: usize,
     pub tool: usize,
     pub other: usize,
 }
 
 impl KindCounts {
-    pub fn add(&mut self, kind: Kind) {
+    pub(crate) fn add(&mut self, kind: Kind) {
         match kind {
             Kind::StdioServer => self.stdio_server += 1,
             Kind::Tool => self.tool += 1,
@@ -91,7 +91,7 @@ impl KindCounts {
         }
     }
 
-    pub fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.stdio_server + self.tool + self.other
     }
 }
@@ -110,7 +110,7 @@ pub struct SessionView {
     pub parent_comm: String,
     /// Seconds since its last activity (live) or since it ended.
     pub quiet_secs: f64,
-    pub descendants: KindCounts,
+    pub(crate) descendants: KindCounts,
     /// Descendants still alive after the target ended.
     pub leftovers: usize,
     /// RSS of the target (if alive) and its live descendants.
@@ -134,7 +134,7 @@ pub struct Attribution {
 
 impl Attribution {
     /// A short label for tables: the pod, else the container (12 digits), else the unit.
-    pub fn short(&self) -> String {
+    pub(crate) fn short(&self) -> String {
         match (&self.pod, &self.container, &self.unit) {
             (Some(pod), _, _) => format!("pod {pod}"),
             (None, Some(c), _) => format!("container {}", &c[..12.min(c.len())]),
@@ -145,7 +145,7 @@ impl Attribution {
 
     /// Reads the text of `/proc/PID/cgroup`: the cgroup v2 line (`0::/…`) unless it is the
     /// root, as in a hybrid layout, where the `name=systemd` line says more.
-    pub fn from_cgroup(text: &str) -> Self {
+    pub(crate) fn from_cgroup(text: &str) -> Self {
         let path = text
             .lines()
             .find_map(|l| l.strip_prefix("0::"))
@@ -184,7 +184,7 @@ impl Attribution {
 
 /// One reading of memory pressure.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct Pressure {
+pub(crate) struct Pressure {
     /// PSI `some avg10`, percent.
     pub some_avg10: Option<f64>,
     /// MemAvailable as a share of MemTotal, percent.
@@ -194,7 +194,7 @@ pub struct Pressure {
 impl Pressure {
     /// Parses a PSI file (`/proc/pressure/memory` or a cgroup's `memory.pressure`) and
     /// `/proc/meminfo`; either may be missing.
-    pub fn parse(psi: Option<&str>, meminfo: Option<&str>) -> Self {
+    pub(crate) fn parse(psi: Option<&str>, meminfo: Option<&str>) -> Self {
         let some_avg10 = psi.and_then(|text| {
             let line = text.lines().find(|l| l.starts_with("some "))?;
             line.split_whitespace()
@@ -221,7 +221,7 @@ impl Pressure {
     }
 
     /// Whether this reading says memory is short.
-    pub fn short(&self, mp: &crate::config::MemoryPressure) -> bool {
+    pub(crate) fn short(&self, mp: &crate::config::MemoryPressure) -> bool {
         self.some_avg10.is_some_and(|p| p >= mp.some_avg10)
             || self
                 .available_percent

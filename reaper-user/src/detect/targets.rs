@@ -59,7 +59,7 @@ fn basename(path: &str) -> &str {
 }
 
 /// The name part: `comm` or the executable's basename is one of the rule's names.
-pub fn name_matches(rule: &Rule, p: &Process) -> bool {
+pub(crate) fn name_matches(rule: &Rule, p: &Process) -> bool {
     let exe = basename(&p.exe);
     rule.comm
         .iter()
@@ -67,7 +67,7 @@ pub fn name_matches(rule: &Rule, p: &Process) -> bool {
 }
 
 /// The argv part: one of the flags is present, `--flag=value` or `--flag value`.
-pub fn argv_matches(rule: &Rule, p: &Process) -> bool {
+pub(crate) fn argv_matches(rule: &Rule, p: &Process) -> bool {
     if rule.argv_any.is_empty() {
         return true;
     }

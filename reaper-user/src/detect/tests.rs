@@ -3,7 +3,8 @@ use std::collections::HashMap as Map;
 use super::*;
 use crate::{
     config::{Overrides, parse},
-    events::{Argv, ExitStatus},
+    detect::verdict::{ActivityKind, Verdict},
+    events::{Argv, Event, ExitStatus},
     tree::Snapshot,
 };
 

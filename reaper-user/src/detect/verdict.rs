@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::clock::Nanos;
+pub(crate) use crate::clock::Nanos;
 
 /// What was observed about a target (and its descendants).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -22,7 +22,7 @@ pub struct Evidence {
     pub ppid: u32,
     pub orphaned_since: Option<Nanos>,
     /// A turn in flight: the target waits on a child it started after the model's last word.
-    pub turn: Option<Waiting>,
+    pub(crate) turn: Option<Waiting>,
     /// The kernel could not watch one of its processes (its map was full): its activity is
     /// not fully seen, so it is never taken for idle.
     #[serde(default)]
@@ -31,7 +31,7 @@ pub struct Evidence {
 
 /// The child a turn in flight waits on (a tool, typically).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Waiting {
+pub(crate) struct Waiting {
     pub pid: u32,
     /// When it was forked.
     pub since: Nanos,
@@ -73,7 +73,7 @@ impl Verdict {
     }
 
     /// Whether the target is due to be reaped.
-    pub fn due(&self) -> bool {
+    pub(crate) fn due(&self) -> bool {
         !matches!(self, Self::Active { .. } | Self::TurnInFlight { .. })
     }
 }
@@ -83,7 +83,7 @@ fn nanos(d: Duration) -> Nanos {
 }
 
 /// When the target becomes due if nothing changes (`Nanos::MAX`: not while a turn is in flight).
-pub fn deadline(e: &Evidence, idle_timeout: Duration, orphan_grace: Duration) -> Nanos {
+pub(crate) fn deadline(e: &Evidence, idle_timeout: Duration, orphan_grace: Duration) -> Nanos {
     let idle = if e.turn.is_some() || e.watch_failed {
         Nanos::MAX
     } else {
@@ -97,7 +97,12 @@ pub fn deadline(e: &Evidence, idle_timeout: Duration, orphan_grace: Duration) ->
 
 /// The verdict at `now`. An orphan is reaped after its grace whatever its activity (nobody is
 /// left to read its answer); a turn in flight is never idle.
-pub fn judge(e: &Evidence, now: Nanos, idle_timeout: Duration, orphan_grace: Duration) -> Verdict {
+pub(crate) fn judge(
+    e: &Evidence,
+    now: Nanos,
+    idle_timeout: Duration,
+    orphan_grace: Duration,
+) -> Verdict {
     if let Some(since) = e.orphaned_since
         && now >= since.saturating_add(nanos(orphan_grace))
     {

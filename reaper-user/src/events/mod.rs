@@ -9,10 +9,10 @@ use bytes::Bytes;
 use reaper_common::EventKind;
 use serde::{Deserialize, Serialize};
 
-pub use decode::{DecodeError, decode};
+pub use decode::decode;
 
 /// Clock ticks per second as `/proc/PID/stat` counts start times (`USER_HZ`).
-pub fn ticks_per_second() -> u64 {
+pub(crate) fn ticks_per_second() -> u64 {
     static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| procfs::ticks_per_second().max(1))
 }
@@ -30,7 +30,7 @@ pub struct Identity {
 
 impl Identity {
     /// From a kernel start time in ns since boot.
-    pub fn from_ns(pid: u32, start_ns: u64) -> Self {
+    pub(crate) fn from_ns(pid: u32, start_ns: u64) -> Self {
         Self {
             pid,
             start_ticks: start_ns / (1_000_000_000 / ticks_per_second()),
@@ -53,7 +53,7 @@ impl Argv {
         Self(raw.into())
     }
 
-    pub fn from_args<S: AsRef<str>>(args: &[S]) -> Self {
+    pub(crate) fn from_args<S: AsRef<str>>(args: &[S]) -> Self {
         let mut raw = Vec::new();
         for arg in args {
             raw.extend_from_slice(arg.as_ref().as_bytes());
@@ -80,14 +80,10 @@ impl Argv {
             .collect()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// argv for a log line: the values of flags that carry secrets or whole configurations
     /// (`--mcp-config`, `--system-prompt`, …), and anything that looks like a key or token,
     /// replaced by their length; the whole cut at `max_chars` characters.
-    pub fn redacted(&self, max_chars: usize) -> String {
+    pub(crate) fn redacted(&self, max_chars: usize) -> String {
         let args = self.to_strings();
         let mut out: Vec<String> = Vec::with_capacity(args.len());
         let mut hide_next = false;
@@ -222,7 +218,7 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
 /// `s` in double quotes, escaped as by [`printable`] and with its own double quotes escaped:
 /// one `key="value"` field of a log line or of `reaper events`, whatever `s` holds (spaces,
 /// `key=value` lookalikes, quotes) — a process cannot add a field of its own.
-pub fn quoted(s: &str) -> impl fmt::Display + '_ {
+pub(crate) fn quoted(s: &str) -> impl fmt::Display + '_ {
     struct Quoted<'a>(&'a str);
     impl fmt::Display for Quoted<'_> {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -236,7 +232,7 @@ pub fn quoted(s: &str) -> impl fmt::Display + '_ {
 
 /// `s` bare when it is plain (not empty, no whitespace, quote, backslash or [`hidden`]
 /// character), else [`quoted`]: one argument or name in a column of human output.
-pub fn word(s: &str) -> impl fmt::Display + '_ {
+pub(crate) fn word(s: &str) -> impl fmt::Display + '_ {
     struct Word<'a>(&'a str);
     impl fmt::Display for Word<'_> {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -382,7 +378,7 @@ impl Event {
         }
     }
 
-    pub fn time_ns(&self) -> u64 {
+    pub(crate) fn time_ns(&self) -> u64 {
         match self {
             Self::Fork { time_ns, .. }
             | Self::Exec { time_ns, .. }

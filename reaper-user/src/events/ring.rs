@@ -24,10 +24,10 @@ const MAX_BATCH: usize = 4096;
 const MIN_RECORD_BYTES: usize = 8 + size_of::<reaper_common::ExitEvent>();
 
 /// How often the ring is drained without a wake-up while events flow…
-pub const POLL_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+pub(crate) const POLL_MIN: std::time::Duration = std::time::Duration::from_millis(100);
 /// …backing off (doubling) to this while drains find nothing: the longest an event waits on a
 /// quiet host. A fixed 100 ms timer cost a quiet daemon ≈ 0.17 % of a core (measured).
-pub const POLL_MAX: std::time::Duration = std::time::Duration::from_millis(1600);
+pub(crate) const POLL_MAX: std::time::Duration = std::time::Duration::from_millis(1600);
 
 /// What the source sends downstream, in ring buffer order.
 #[derive(Debug)]

@@ -9,7 +9,7 @@ use btf_rs::{Btf, Struct, Type};
 use reaper_common::{KernelFeatures, KernelOffsets};
 
 /// Where the running kernel's BTF lives.
-pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub(crate) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -139,7 +139,7 @@ pub fn kernel_layout(btf: &Btf) -> Result<KernelLayout, LayoutError> {
 
 /// Number of arguments a BTF tracepoint passes (not counting the leading `void *` context):
 /// `typedef void (*btf_trace_NAME)(void *, ARGS...)`.
-pub fn tracepoint_arity(btf: &Btf, tracepoint: &str) -> Result<usize, LayoutError> {
+pub(crate) fn tracepoint_arity(btf: &Btf, tracepoint: &str) -> Result<usize, LayoutError> {
     let name = format!("btf_trace_{tracepoint}");
     for ty in btf.resolve_types_by_name(&name).unwrap_or_default() {
         let Type::Typedef(td) = ty else { continue };

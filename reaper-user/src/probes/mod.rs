@@ -40,7 +40,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// eighth of it. A 10,000-process storm loses nothing with it (measured); the consumer maps
 /// the data pages twice, so this costs 2 MiB of RSS (4 MiB cost 8), and a smaller ring keeps
 /// the programs' writes in fewer cold pages.
-pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
+pub(crate) const DEFAULT_RING_BYTES: u32 = 1 << 20;
 
 /// Most entries the per-pid maps (`WATCHED`, and `EXIT_CLAIMED` where it is used) get,
 /// whatever `kernel.pid_max` says. Sized to `pid_max` a map cannot fill: its keys are tgids in
@@ -57,7 +57,7 @@ pub const PER_PID_MAX_ENTRIES: u32 = 65536;
 
 /// What the per-pid maps get when `kernel.pid_max` cannot be read: the kernel's default
 /// (`PID_MAX_DEFAULT` <https://github.com/gregkh/linux/blob/v6.1.172/include/linux/threads.h#L28>).
-pub const PID_MAX_DEFAULT: u32 = 32768;
+pub(crate) const PID_MAX_DEFAULT: u32 = 32768;
 
 /// Where the kernel says how high pids go.
 pub const PID_MAX_PATH: &str = "/proc/sys/kernel/pid_max";
@@ -65,7 +65,7 @@ pub const PID_MAX_PATH: &str = "/proc/sys/kernel/pid_max";
 /// Bytes a CPU submits before it wakes the reader: an eighth of the ring shared among the
 /// possible CPUs (`None`: unknown, taken as one), so that all of them together leave at most
 /// about an eighth of the ring unannounced.
-pub fn wakeup_bytes(ring_bytes: u32, possible_cpus: Option<usize>) -> u64 {
+pub(crate) fn wakeup_bytes(ring_bytes: u32, possible_cpus: Option<usize>) -> u64 {
     let cpus = possible_cpus.unwrap_or(1).max(1) as u64;
     (u64::from(ring_bytes) / 8 / cpus).max(1)
 }
@@ -79,7 +79,7 @@ pub fn per_pid_entries(pid_max: Option<u32>) -> u32 {
 
 /// `max_entries` of `ACTIVITY`, one record per watched target: never more than the per-pid
 /// maps hold (every target is in `WATCHED`).
-pub fn activity_entries(per_pid: u32) -> u32 {
+pub(crate) fn activity_entries(per_pid: u32) -> u32 {
     per_pid.min(ACTIVITY_MAX)
 }
 
@@ -290,18 +290,18 @@ impl Probes {
     }
 
     /// Whether socket activity is counted in the kernel (`sock:sock_{send,recv}_length`).
-    pub fn socket_activity(&self) -> bool {
+    pub(crate) fn socket_activity(&self) -> bool {
         self.socket_activity
     }
 
     /// Whether the kernel stamps the target's last network receive (`last_net_recv_ns`): by
     /// the socket programs, or by `tcp:tcp_rcv_space_adjust` in their place.
-    pub fn last_word_in_kernel(&self) -> bool {
+    pub(crate) fn last_word_in_kernel(&self) -> bool {
         self.socket_activity || self.last_word_tracepoint
     }
 
     /// The process names watched from their exec on (the rules' `comm`s): replaces the set.
-    pub fn set_watch_names<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
+    pub(crate) fn set_watch_names<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
         let old: Vec<[u8; COMM_LEN]> = self.watch_names.keys().filter_map(Result::ok).collect();
         for key in old {
             let _ = self.watch_names.remove(&key);
@@ -319,7 +319,7 @@ impl Probes {
 
     /// Forwards the eBPF programs' log lines to `tracing` from now on, if they were attached
     /// before a tokio runtime ran (no-op otherwise).
-    pub fn forward_logs(&mut self) {
+    pub(crate) fn forward_logs(&mut self) {
         self._logs.forward();
     }
 
@@ -401,7 +401,7 @@ impl Probes {
     }
 
     /// Socket bytes of `target` and its descendants so far, and when the last one moved.
-    pub fn sock_activity(&self, target: u32) -> Option<SockActivity> {
+    pub(crate) fn sock_activity(&self, target: u32) -> Option<SockActivity> {
         self.activity
             .get(&target, 0)
             .ok()
@@ -415,7 +415,7 @@ impl Probes {
     }
 
     /// Kernel reads that faulted so far, per event kind (the events were not sent).
-    pub fn read_faults(&self) -> KindCounts {
+    pub(crate) fn read_faults(&self) -> KindCounts {
         per_kind(&self.read_faults)
     }
 
@@ -505,7 +505,7 @@ async fn forward_logs(logger: EbpfLogger<LogTracer>) {
 /// exit program first, a process whose fork or exec is seen has its exit seen too; a fork, exec
 /// or rename missed before its program is attached happened before the scan, which reads its
 /// result from `/proc`.
-pub fn lifecycle_attach_order() -> [&'static str; LIFECYCLE_TRACEPOINTS.len()] {
+pub(crate) fn lifecycle_attach_order() -> [&'static str; LIFECYCLE_TRACEPOINTS.len()] {
     let mut order = LIFECYCLE_TRACEPOINTS;
     order.sort_by_key(|&program| program != "sched_process_exit");
     order
@@ -542,18 +542,18 @@ fn read_pid_max() -> Option<u32> {
 }
 
 /// Ring buffer reserve failures per event kind: events the kernel could not hand over.
-pub type LostCounts = KindCounts;
+pub(crate) type LostCounts = KindCounts;
 
 /// A count per event kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KindCounts([u64; EventKind::ALL.len()]);
 
 impl KindCounts {
-    pub fn get(&self, kind: EventKind) -> u64 {
+    pub(crate) fn get(&self, kind: EventKind) -> u64 {
         self.0[kind.index()]
     }
 
-    pub fn set(&mut self, kind: EventKind, value: u64) {
+    pub(crate) fn set(&mut self, kind: EventKind, value: u64) {
         self.0[kind.index()] = value;
     }
 
@@ -583,22 +583,18 @@ fn take_map<V: aya::Pod>(
 }
 
 fn page_size() -> u32 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .and_then(|size| u32::try_from(size).ok())
-        .unwrap_or(4096)
+    u32::try_from(rustix::param::page_size()).unwrap_or(4096)
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the memory cgroup.
 /// Raising it needs CAP_SYS_RESOURCE, which a hardened service may not have: log, go on.
 fn raise_memlock_limit() {
-    use nix::sys::resource::{Resource, setrlimit};
-    if let Err(err) = setrlimit(
-        Resource::RLIMIT_MEMLOCK,
-        libc::RLIM_INFINITY,
-        libc::RLIM_INFINITY,
-    ) {
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    let unlimited = Rlimit {
+        current: None,
+        maximum: None,
+    };
+    if let Err(err) = setrlimit(Resource::Memlock, unlimited) {
         tracing::debug!(%err, "could not raise RLIMIT_MEMLOCK (not needed on 5.11+)");
     }
 }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::events::{Argv, Event, ExitStatus, Identity};
 
 /// Exited processes remembered (with their exit status) after they leave the live tree.
-pub const EXITED_KEPT: usize = 4096;
+pub(crate) const EXITED_KEPT: usize = 4096;
 
 /// The last [`EXITED_KEPT`] exited processes by identity, oldest dropped first (only `put`
 /// and `peek` are used, so the LRU order is insertion order). Looked up on every fork: a
@@ -132,7 +132,7 @@ impl Corrections {
     }
 
     /// `(label, count)` pairs, for metrics and logs.
-    pub fn by_kind(&self) -> [(&'static str, u64); 6] {
+    pub(crate) fn by_kind(&self) -> [(&'static str, u64); 6] {
         [
             ("added", self.added),
             ("removed", self.removed),
@@ -155,7 +155,7 @@ impl Corrections {
 
 /// What applying one event did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Applied {
+pub(crate) enum Applied {
     /// The tree changed as the event says.
     Changed,
     /// The tree already held this (a fork seen by the start-up scan, a duplicate exit).
@@ -166,7 +166,7 @@ pub enum Applied {
 }
 
 #[derive(Debug, Default)]
-pub struct ProcessTree {
+pub(crate) struct ProcessTree {
     live: HashMap<u32, Process>,
     exited: Exited,
     corrections: Corrections,
@@ -177,12 +177,12 @@ pub struct ProcessTree {
 }
 
 impl ProcessTree {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Builds the tree from a `/proc` scan (start-up).
-    pub fn from_scan(snapshot: Vec<Snapshot>) -> Self {
+    pub(crate) fn from_scan(snapshot: Vec<Snapshot>) -> Self {
         let mut tree = Self::new();
         for s in snapshot {
             tree.live.insert(s.id.pid, s.into());
@@ -192,46 +192,42 @@ impl ProcessTree {
         tree
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.live.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
-    }
-
     /// The live process at `pid`.
-    pub fn get(&self, pid: u32) -> Option<&Process> {
+    pub(crate) fn get(&self, pid: u32) -> Option<&Process> {
         self.live.get(&pid)
     }
 
     /// The live process with exactly this identity.
-    pub fn get_id(&self, id: Identity) -> Option<&Process> {
+    pub(crate) fn get_id(&self, id: Identity) -> Option<&Process> {
         self.live.get(&id.pid).filter(|p| p.id == id)
     }
 
     /// A recently exited process with this identity, with its exit status.
-    pub fn exited(&self, id: Identity) -> Option<&Process> {
+    pub(crate) fn exited(&self, id: Identity) -> Option<&Process> {
         self.exited.0.peek(&id)
     }
 
-    pub fn processes(&self) -> impl Iterator<Item = &Process> {
+    pub(crate) fn processes(&self) -> impl Iterator<Item = &Process> {
         self.live.values()
     }
 
     /// Pids whose name or argv the last reconciles changed (filled placeholders, refreshed
     /// images, added processes): whoever classifies processes should look at them again.
-    pub fn take_renewed(&mut self) -> Vec<u32> {
+    pub(crate) fn take_renewed(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.renewed)
     }
 
     /// Corrections made by reconciles so far.
-    pub fn corrections(&self) -> Corrections {
+    pub(crate) fn corrections(&self) -> Corrections {
         self.corrections
     }
 
     /// Applies one lifecycle event.
-    pub fn apply(&mut self, event: &Event) -> Applied {
+    pub(crate) fn apply(&mut self, event: &Event) -> Applied {
         match event {
             Event::Fork {
                 id,
@@ -430,7 +426,7 @@ impl ProcessTree {
     /// Repairs the tree against a `/proc` scan taken after every event up to `scan_start_ticks`
     /// was applied (removals of dead processes wait for [`ProcessTree::confirm_gone`]). `alive(id)` re-checks one process in `/proc` now: a process the scan saw
     /// may have exited since (and its exit been applied), and must not come back.
-    pub fn reconcile(
+    pub(crate) fn reconcile(
         &mut self,
         snapshot: Vec<Snapshot>,
         scan_start_ticks: u64,
@@ -503,14 +499,14 @@ impl ProcessTree {
     }
 
     /// Whether the last reconcile found dead processes still in the tree.
-    pub fn has_gone_candidates(&self) -> bool {
+    pub(crate) fn has_gone_candidates(&self) -> bool {
         !self.gone_candidates.is_empty()
     }
 
     /// Second half of a reconcile, called once the ring buffer was flushed again: the dead
     /// processes the last reconcile found are removed if they are still here — their exit
     /// event was lost, not merely late. Returns how many, counted as `removed`.
-    pub fn confirm_gone(&mut self) -> u64 {
+    pub(crate) fn confirm_gone(&mut self) -> u64 {
         let mut removed = 0;
         for id in std::mem::take(&mut self.gone_candidates) {
             if self.get_id(id).is_none() {

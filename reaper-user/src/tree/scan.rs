@@ -129,7 +129,7 @@ fn read(p: &ProcProcess) -> Option<Snapshot> {
 /// would hold children × megabytes (measured: 100 such processes took the daemon from 18 MB
 /// to 221 MB of RSS). Reads one byte past the bound to know whether there is more, never the
 /// rest.
-pub fn read_cmdline(pid: i32) -> std::io::Result<(Vec<u8>, bool)> {
+pub(crate) fn read_cmdline(pid: i32) -> std::io::Result<(Vec<u8>, bool)> {
     read_bounded(
         std::fs::File::open(format!("/proc/{pid}/cmdline"))?,
         ARGV_LEN,

@@ -1,4 +1,5 @@
 //! The bench's environment: tools it installs, the build, the scratch copies of what it runs.
+use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -148,6 +149,20 @@ impl Bins {
             agent: copy("fake-agent", &from.join("fake-agent"))?,
             script: copy("execsnoop.bt", &ctx.workspace.join("bench/execsnoop.bt"))?,
         })
+    }
+
+    /// The process storm as arguments for `bench-load rusage` ([`super::procs::measure`]):
+    /// `lifecycle-helper storm N 1`, N processes forked, exec'd and waited for one at a time.
+    pub(super) fn process_storm(&self, n: usize) -> Vec<OsString> {
+        let helper = self.helper.clone().into_os_string();
+        vec![helper, "storm".into(), n.to_string().into(), "1".into()]
+    }
+
+    /// The thread storm as arguments for `bench-load rusage`: `bench-load threads N`, N threads
+    /// created and joined.
+    pub(super) fn thread_storm(&self, n: usize) -> Vec<OsString> {
+        let load = self.load.clone().into_os_string();
+        vec![load, "threads".into(), n.to_string().into()]
     }
 }
 

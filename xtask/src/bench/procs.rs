@@ -1,5 +1,6 @@
 //! Processes the bench starts: waiting for, signalling and stopping them (by pid), and the
 //! helpers that report `key=value` lines.
+use std::ffi::OsString;
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -141,7 +142,7 @@ pub(super) struct Usage {
     pub(super) tracer_cpu: f64,
 }
 
-pub(super) fn measure(bins: &Bins, args: &[&str]) -> anyhow::Result<Usage> {
+pub(super) fn measure(bins: &Bins, args: &[OsString]) -> anyhow::Result<Usage> {
     let mut cmd = Command::new(&bins.load);
     cmd.arg("rusage").args(args);
     let text = output(&mut cmd)?;

@@ -75,9 +75,8 @@ pub(super) fn per_program(
     opts: &Opts,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let helper = bins.helper.to_string_lossy().into_owned();
-    let n = opts.prog_spawns.to_string();
-    let storm = || -> anyhow::Result<()> { measure(bins, &[&helper, "storm", &n, "1"]).map(drop) };
+    let storm =
+        || -> anyhow::Result<()> { measure(bins, &bins.process_storm(opts.prog_spawns)).map(drop) };
     let stats = BpfStats::enable()?;
     let mut reaper: HashMap<String, Tally> = HashMap::new();
     let mut floor: HashMap<String, Tally> = HashMap::new();

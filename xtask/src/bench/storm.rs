@@ -1,5 +1,6 @@
 //! 1. Spawn-storm overhead: no tracer, reaper and its peers, interleaved round by round.
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 
 use anyhow::bail;
 use serde_json::{Value, json};
@@ -79,13 +80,9 @@ pub(super) fn storm_overhead(
     opts: &Opts,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let helper = bins.helper.to_string_lossy().into_owned();
-    let load = bins.load.to_string_lossy().into_owned();
-    let storm_n = opts.storm.to_string();
-    let threads_n = opts.threads.to_string();
     // One untimed run of each first: page cache, binaries, allocator arenas.
-    measure(bins, &[&helper, "storm", &storm_n, "1"])?;
-    measure(bins, &[&load, "threads", &threads_n])?;
+    measure(bins, &bins.process_storm(opts.storm))?;
+    measure(bins, &bins.thread_storm(opts.threads))?;
     // Each peer once, to see whether it runs on this kernel at all; those that do not are
     // reported with the reason and left out of the rounds.
     let mut tracers = vec![Tracer::None, Tracer::Reaper];
@@ -358,17 +355,13 @@ fn run_tracer(
     r: usize,
     foreign: &mut BTreeSet<u32>,
 ) -> anyhow::Result<Round> {
-    let helper = bins.helper.to_string_lossy().into_owned();
-    let load = bins.load.to_string_lossy().into_owned();
-    let storm_n = opts.storm.to_string();
-    let threads_n = opts.threads.to_string();
     let mut started = match tracer {
         Tracer::None => Started::None,
         Tracer::Reaper => Started::Reaper(Daemon::start(bins, scratch, "storm", &["--dry-run"])?),
         Tracer::Peer(p) => Started::Peer(p.start(bins, scratch)?),
     };
     let ours = started.pids();
-    let mut traced = |args: &[&str]| -> anyhow::Result<(Usage, u64)> {
+    let mut traced = |args: &[OsString]| -> anyhow::Result<(Usage, u64)> {
         let events_before = started.caught_up()?;
         foreign.extend(foreign_tracers(&ours));
         let before = cpu_of(&ours)?;
@@ -382,8 +375,8 @@ fn run_tracer(
         .unwrap_or(cpu_since(&cpu_of(&ours)?, &before));
         Ok((usage, events))
     };
-    let (procs, procs_events) = traced(&[&helper, "storm", &storm_n, "1"])?;
-    let (threads, threads_events) = traced(&[&load, "threads", &threads_n])?;
+    let (procs, procs_events) = traced(&bins.process_storm(opts.storm))?;
+    let (threads, threads_events) = traced(&bins.thread_storm(opts.threads))?;
     let daemon_ran = tracer == Tracer::Reaper;
     started.stop()?;
     println!(

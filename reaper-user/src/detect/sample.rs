@@ -1,0 +1,166 @@
+//! Reading a target's activity counters (socket bytes or `/proc/PID/io`, CPU) into its
+//! evidence, and the turn in flight it waits on.
+use std::time::Duration;
+
+use super::{
+    ActivityMeter, Detector, Host, Pending, Target, nanos, secs,
+    verdict::{ActivityKind, Nanos, Waiting},
+};
+use crate::{config::Rule, events::Identity, tree::ProcessTree};
+
+/// What sampling needs besides the target: the rules (a target names its own by index), the
+/// activity meter in use, and the I/O rate that counts as activity on the `/proc/PID/io` meter.
+/// One field of the detector, so `self.sampling.sample(t, …)` borrows it beside a target
+/// borrowed from `self.targets`.
+pub(super) struct Sampling {
+    pub(super) rules: Vec<Rule>,
+    pub(super) meter: ActivityMeter,
+    pub(super) io_bytes_per_second: u64,
+}
+
+/// How often a rule's targets are sampled.
+fn sample_interval(rule: &Rule) -> Duration {
+    (rule.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(10))
+}
+
+impl Detector {
+    /// Samples the targets (and watched runaway candidates) whose sample time has come.
+    pub(crate) fn sample_due(&mut self, tree: &ProcessTree, now: Nanos, host: &impl Host) {
+        for t in self.targets.values_mut() {
+            if matches!(t.pending, Pending::Reaping | Pending::Done) || now < t.next_sample {
+                continue;
+            }
+            self.sampling.sample(t, tree, now, host);
+        }
+        let interval =
+            (self.runaway_for / 8).clamp(Duration::from_millis(250), Duration::from_secs(15));
+        let threshold = self.runaway_cpu;
+        self.runaways.retain(|pid, r| {
+            if r.pending != Pending::None || now < r.next_sample {
+                return true;
+            }
+            // With a terminal it is an interactive CLI in use: never a runaway.
+            if host.tty_nr(*pid) != Some(0) {
+                return false;
+            }
+            let Some(ticks) = host.cpu_ticks(r.id) else {
+                return false;
+            };
+            if let Some((at, before)) = r.cpu {
+                let dt = secs(now.saturating_sub(at));
+                let rate = ticks.saturating_sub(before) as f64
+                    / crate::events::ticks_per_second() as f64
+                    / dt.max(1e-9);
+                if rate >= threshold {
+                    r.burning_since.get_or_insert(at);
+                } else {
+                    r.burning_since = None;
+                }
+            }
+            r.cpu = Some((now, ticks));
+            r.next_sample = now + nanos(interval);
+            true
+        });
+    }
+}
+
+/// Moves a target's last activity forward to `at`, if that is later.
+pub(super) fn bump(t: &mut Target, kind: ActivityKind, at: Nanos) {
+    if at > t.evidence.last_activity {
+        t.evidence.last_activity = at;
+        t.evidence.last_activity_kind = kind;
+        if t.pending == Pending::WouldKillReported {
+            t.pending = Pending::None;
+        }
+    }
+}
+
+/// The child a turn in flight waits on: the first live child of the target forked at or after
+/// the model's last word. None if the target never heard from the network: no model asked for
+/// anything, so nothing it started can be a turn's tool.
+pub(super) fn turn_in_flight(t: &Target, tree: &ProcessTree) -> Option<Waiting> {
+    let last_word = t.last_word?;
+    let target = tree.get_id(t.id)?;
+    target
+        .children
+        .iter()
+        .filter_map(|pid| t.members.get(pid))
+        .filter(|m| m.forked_ns >= last_word)
+        .min_by_key(|m| m.forked_ns)
+        .map(|m| Waiting {
+            pid: m.id.pid,
+            since: m.forked_ns,
+        })
+}
+
+impl Sampling {
+    /// Reads a target's activity counters and moves its last activity forward if they moved.
+    pub(super) fn sample(&self, t: &mut Target, tree: &ProcessTree, now: Nanos, host: &impl Host) {
+        let rule = &self.rules[t.rule];
+        let family: Vec<Identity> = std::iter::once(t.id)
+            .chain(t.members.values().map(|m| m.id))
+            .collect();
+        let interval = sample_interval(rule);
+
+        t.evidence.watch_failed |= host.watch_incomplete(t.id.pid);
+        if self.meter == ActivityMeter::Socket {
+            if let Some(a) = host.sock_activity(t.id.pid) {
+                if a.bytes > t.sock_bytes {
+                    t.sock_bytes = a.bytes;
+                    t.evidence.last_socket_byte = Some(a.last_ns);
+                    bump(t, ActivityKind::Socket, a.last_ns.min(now));
+                }
+                if a.last_net_recv_ns != 0 {
+                    t.last_word = Some(a.last_net_recv_ns);
+                }
+            }
+        } else {
+            // Stamped in the kernel by `tcp:tcp_rcv_space_adjust` where it is attached (in place
+            // of the socket programs): exact, and only the target's own TCP receives.
+            let stamped = host
+                .sock_activity(t.id.pid)
+                .map_or(0, |a| a.last_net_recv_ns);
+            let bytes: u64 = family.iter().filter_map(|id| host.io_bytes(*id)).sum();
+            if let Some((at, before)) = t.io {
+                let dt = secs(now.saturating_sub(at));
+                if dt > 0.0
+                    && bytes.saturating_sub(before) as f64 / dt > self.io_bytes_per_second as f64
+                {
+                    bump(t, ActivityKind::Io, now);
+                    // Sampled: the bytes moved after the previous sample read the counters (`at`),
+                    // so `at` is a lower bound of the last word, and a child forked after the real
+                    // last word was forked after it too (kept: a turn in flight). The counters grow
+                    // when a read returns, after its bytes arrived; a fork in between would need
+                    // another thread of the target forking during that read.
+                    if stamped == 0 {
+                        t.last_word = Some(at);
+                    }
+                }
+            }
+            if stamped != 0 {
+                t.last_word = Some(stamped);
+            }
+            t.io = Some((now, bytes));
+        }
+
+        let ticks: u64 = family.iter().filter_map(|id| host.cpu_ticks(*id)).sum();
+        if let Some((at, before)) = t.cpu {
+            let dt = secs(now.saturating_sub(at));
+            if dt > 0.0 {
+                let rate = ticks.saturating_sub(before) as f64
+                    / crate::events::ticks_per_second() as f64
+                    / dt;
+                t.evidence.cpu_rate = Some(rate);
+                if rate >= rule.cpu_threshold {
+                    bump(t, ActivityKind::Cpu, now);
+                }
+            }
+        }
+        t.cpu = Some((now, ticks));
+        if let Some(p) = tree.get_id(t.id) {
+            t.evidence.ppid = p.ppid;
+        }
+        t.evidence.turn = turn_in_flight(t, tree);
+        t.next_sample = now + nanos(interval);
+    }
+}
