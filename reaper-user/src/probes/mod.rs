@@ -18,7 +18,7 @@ pub mod layout;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
 use std::collections::HashSet;
@@ -75,6 +75,15 @@ pub fn per_pid_entries(pid_max: Option<u32>) -> u32 {
     pid_max
         .unwrap_or(PID_MAX_DEFAULT)
         .clamp(1, PER_PID_MAX_ENTRIES)
+}
+
+/// `max_entries` of the watch filters for this `kernel.pid_max` (`None`: unreadable):
+/// `WATCHED_BY_KERNEL` (a byte per tgid, 8 to an element) and `WATCHED_BY_USER` (a bit per tgid,
+/// 64 to an element), enough for every tgid below `pid_max`. A tgid beyond them (`pid_max`
+/// raised later) is taken as maybe watched, at the cost of a hash lookup.
+pub fn watch_filter_entries(pid_max: Option<u32>) -> (u32, u32) {
+    let pids = pid_max.unwrap_or(PID_MAX_DEFAULT).max(1);
+    (pids.div_ceil(8), pids.div_ceil(64))
 }
 
 /// `max_entries` of `ACTIVITY`, one record per watched target: never more than the per-pid
@@ -162,6 +171,11 @@ pub struct Probes {
     read_faults: PerCpuArray<MapData, u64>,
     watch_failures: PerCpuArray<MapData, u64>,
     watched: HashMap<MapData, u32, u32>,
+    /// `WATCHED_BY_USER`: a bit per tgid this side inserted into `watched`, set before the
+    /// insert, so that the kernel's filtered lookups find it (only this side writes it).
+    watched_by_user: Array<MapData, u64>,
+    /// What `watched_by_user` holds: its only writer keeps the copy, so a change is one write.
+    watched_by_user_bits: Vec<u64>,
     activity: HashMap<MapData, u32, ActivityRecord>,
     watch_names: HashMap<MapData, [u8; COMM_LEN], u32>,
     socket_activity: bool,
@@ -202,6 +216,7 @@ impl Probes {
         let per_pid_entries = options
             .per_pid_entries
             .unwrap_or_else(|| per_pid_entries(pid_max));
+        let (filter_bytes, filter_bits) = watch_filter_entries(pid_max);
         tracing::debug!(?pid_max, per_pid_entries, "sizing the per-pid maps");
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
@@ -209,6 +224,8 @@ impl Probes {
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("EVENTS", bytes)
             .map_max_entries("WATCHED", per_pid_entries)
+            .map_max_entries("WATCHED_BY_KERNEL", filter_bytes)
+            .map_max_entries("WATCHED_BY_USER", filter_bits)
             // Only kernels whose exit tracepoint lacks `group_dead` (before 6.16) use it.
             .map_max_entries(
                 "EXIT_CLAIMED",
@@ -261,6 +278,17 @@ impl Probes {
         let watch_failures = take_counters(&mut ebpf, "WATCH_FAILURES")?;
         let watched = take_map(&mut ebpf, "WATCHED")?;
         let activity = take_map(&mut ebpf, "ACTIVITY")?;
+        let watched_by_user = ebpf
+            .take_map("WATCHED_BY_USER")
+            .ok_or(ProbeError::Missing {
+                what: "map",
+                name: "WATCHED_BY_USER",
+            })?;
+        let watched_by_user =
+            Array::try_from(watched_by_user).map_err(|source| ProbeError::Map {
+                name: "WATCHED_BY_USER",
+                source,
+            })?;
         let watch_names = ebpf.take_map("WATCH_NAMES").ok_or(ProbeError::Missing {
             what: "map",
             name: "WATCH_NAMES",
@@ -280,6 +308,8 @@ impl Probes {
             read_faults,
             watch_failures,
             watched,
+            watched_by_user,
+            watched_by_user_bits: vec![0; filter_bits as usize],
             activity,
             watch_names,
             socket_activity,
@@ -354,6 +384,16 @@ impl Probes {
                 source,
             })
             .and_then(|()| {
+                // The filter first: from the insert on, the exit program must look `pid` up.
+                self.filter_user_watch(pid, true)
+                    .map_err(|source| WatchError {
+                        pid,
+                        target,
+                        map: "WATCHED_BY_USER",
+                        source,
+                    })
+            })
+            .and_then(|()| {
                 self.watched
                     .insert(pid, target, 0)
                     .map_err(|source| WatchError {
@@ -393,11 +433,35 @@ impl Probes {
     /// `pids` (it and descendants).
     pub fn unwatch(&mut self, target: u32, pids: impl IntoIterator<Item = u32>) {
         let _ = self.activity.remove(&target);
-        let _ = self.watched.remove(&target);
-        for pid in pids {
-            let _ = self.watched.remove(&pid);
+        // Each filter bit after its entry is gone; a bit left set only costs the kernel a
+        // lookup.
+        for pid in std::iter::once(target).chain(pids) {
+            let gone = match self.watched.remove(&pid) {
+                Ok(()) => true,
+                Err(err) => is_errno(&err, libc::ENOENT),
+            };
+            if gone {
+                let _ = self.filter_user_watch(pid, false);
+            }
         }
         self.unwatched_targets.remove(&target);
+    }
+
+    /// Sets or clears `pid`'s bit in `WATCHED_BY_USER`. A pid beyond the filter needs none
+    /// (the kernel takes it as maybe watched).
+    fn filter_user_watch(&mut self, pid: u32, watched: bool) -> Result<(), aya::maps::MapError> {
+        let index = pid / 64;
+        let Some(word) = self.watched_by_user_bits.get_mut(index as usize) else {
+            return Ok(());
+        };
+        let bit = 1u64 << (pid % 64);
+        let new = if watched { *word | bit } else { *word & !bit };
+        if new == *word {
+            return Ok(());
+        }
+        self.watched_by_user.set(index, new, 0)?;
+        *word = new;
+        Ok(())
     }
 
     /// Socket bytes of `target` and its descendants so far, and when the last one moved.
