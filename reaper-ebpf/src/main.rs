@@ -27,7 +27,8 @@ use reaper_common::{
     ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE, ARGV_LEN, ActivityRecord, COMM_LEN,
     EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind, ExecEvent,
     ExecHead, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelFeatures,
-    KernelOffsets, RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAMES_MAX,
+    KernelOffsets, RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAME_FILTER_BITS,
+    WATCH_NAMES_MAX, watch_name_bit,
 };
 
 /// Field offsets of the running kernel, written by user space at load time (read-only global).
@@ -147,6 +148,13 @@ static ACTIVITY: HashMap<u32, ActivityRecord> = HashMap::with_max_entries(ACTIVI
 /// 0.1–1.6 s, and a CLI's first turn (its model's answer, the tool it starts) can come sooner.
 #[map]
 static WATCH_NAMES: HashMap<[u8; COMM_LEN], u32> = HashMap::with_max_entries(WATCH_NAMES_MAX, 0);
+
+/// Which names may be in [`WATCH_NAMES`], a bit per [`watch_name_bit`] of the name: every exec
+/// reads it, and only a set bit costs the hash lookup (hashing 16 bytes and reading a bucket,
+/// ~10 % of the exec program's samples when every exec paid it). Written only by user space,
+/// a name's bit before its key goes into WATCH_NAMES; a stale bit costs only the lookup.
+#[map]
+static WATCH_NAME_BITS: Array<u64> = Array::with_max_entries(WATCH_NAME_FILTER_BITS / 64, 0);
 
 /// Kernels before 6.16 do not say which thread's exit ended the group: every thread that
 /// reaches the exit tracepoint after the last `signal->live` decrement reads 0. The first one
@@ -401,6 +409,25 @@ fn mark_watched(tgid: u32, watched: bool) {
     }
 }
 
+/// Whether the NUL-padded `comm` may be one of [`WATCH_NAMES`] ([`WATCH_NAME_BITS`]).
+///
+/// # Safety
+/// `comm` must be readable and 8-byte aligned (a field of a map value at an offset that is a
+/// multiple of 8).
+#[inline(always)]
+unsafe fn maybe_watched_name(comm: *const [u8; COMM_LEN]) -> bool {
+    // SAFETY: the caller's promise; two aligned u64 loads of the 16 bytes.
+    let (lo, hi) = unsafe {
+        let words = comm.cast::<u64>();
+        (*words, *words.add(1))
+    };
+    let bit = watch_name_bit(lo, hi);
+    match WATCH_NAME_BITS.get(bit / 64) {
+        Some(word) => (*word >> (bit % 64)) & 1 != 0,
+        None => true,
+    }
+}
+
 // --- fork -------------------------------------------------------------------------------
 
 /// `trace_sched_process_fork(current, p)` in kernel_clone(), before the child first runs:
@@ -436,7 +463,9 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     // A descendant of a watched process is watched for the same target, from birth. The child
     // first runs (and can exit) only after this program: wake_up_new_task() follows the
-    // tracepoint in kernel_clone(), so its exit sees the byte set here.
+    // tracepoint in kernel_clone() <https://github.com/torvalds/linux/blob/v6.18/kernel/fork.c>
+    // (and in _do_fork() <https://github.com/torvalds/linux/blob/v5.10/kernel/fork.c>), so its
+    // exit sees the byte set here.
     if maybe_watched(parent_tgid as u32)
         // SAFETY: a map lookup; the value is copied out at once.
         && let Some(target) = unsafe { WATCHED.get(parent_tgid as u32) }.copied()
@@ -502,7 +531,9 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // watch-name lookup takes a copy as its key).
     unsafe {
         current_comm(&raw mut (*ev).head.comm);
-        if WATCH_NAMES.get((*ev).head.comm).is_some() {
+        if maybe_watched_name(&raw const (*ev).head.comm)
+            && WATCH_NAMES.get((*ev).head.comm).is_some()
+        {
             // Its own target until user space decides; a descendant of a target stays that.
             mark_watched(tgid, true);
             let _ = WATCHED.insert(tgid, tgid, u64::from(BPF_NOEXIST));
@@ -634,8 +665,10 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
             }
             let _ = WATCHED.remove(tgid as u32);
         }
-        // No program inserts this tgid now: it cannot fork into being while its process is
-        // dying, nor exec. (User space's inserts have their own filter.)
+        // No program inserts this tgid now: a dying process does not exec, and its pid stays
+        // taken until release_task() detaches it (__unhash_process()), so nothing forks into
+        // it: <https://github.com/torvalds/linux/blob/v6.18/kernel/exit.c>. (User space's
+        // inserts have their own filter.)
         mark_watched(tgid as u32, false);
     }
     // What wait(2) reports: wait_task_zombie() in kernel/exit.c.

@@ -27,7 +27,8 @@ use aya_log::EbpfLogger;
 use tracing_log::LogTracer;
 
 use reaper_common::{
-    ACTIVITY_MAX, ActivityRecord, COMM_LEN, EventKind, SockActivity, WATCH_NAMES_MAX,
+    ACTIVITY_MAX, ActivityRecord, COMM_LEN, EventKind, SockActivity, WATCH_NAME_FILTER_BITS,
+    WATCH_NAMES_MAX, watch_name_bit_of,
 };
 pub use reaper_common::{LAST_WORD_TRACEPOINTS, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
 
@@ -178,6 +179,11 @@ pub struct Probes {
     watched_by_user_bits: Vec<u64>,
     activity: HashMap<MapData, u32, ActivityRecord>,
     watch_names: HashMap<MapData, [u8; COMM_LEN], u32>,
+    /// `WATCH_NAME_BITS`, the exec program's filter in front of `watch_names`: a name's bit is
+    /// set before its key is inserted (only this side writes it).
+    watch_name_bits: Array<MapData, u64>,
+    /// What `watch_name_bits` holds.
+    watch_name_bits_copy: [u64; WATCH_NAME_FILTER_BITS as usize / 64],
     socket_activity: bool,
     /// Whether `tcp:tcp_rcv_space_adjust` stamps the last word (socket programs not attached).
     last_word_tracepoint: bool,
@@ -297,6 +303,17 @@ impl Probes {
             name: "WATCH_NAMES",
             source,
         })?;
+        let watch_name_bits = ebpf
+            .take_map("WATCH_NAME_BITS")
+            .ok_or(ProbeError::Missing {
+                what: "map",
+                name: "WATCH_NAME_BITS",
+            })?;
+        let watch_name_bits =
+            Array::try_from(watch_name_bits).map_err(|source| ProbeError::Map {
+                name: "WATCH_NAME_BITS",
+                source,
+            })?;
         drop(btf);
         // Parsing the kernel's BTF (three times: btf-rs for the layout, aya in
         // EbpfLoader::new() and for attaching) took ~25 MB that is free now.
@@ -312,6 +329,8 @@ impl Probes {
             watched_by_user_bits: vec![0; filter_bits as usize],
             activity,
             watch_names,
+            watch_name_bits,
+            watch_name_bits_copy: [0; WATCH_NAME_FILTER_BITS as usize / 64],
             socket_activity,
             last_word_tracepoint,
             unwatched_targets: HashSet::new(),
@@ -336,13 +355,52 @@ impl Probes {
         for key in old {
             let _ = self.watch_names.remove(&key);
         }
-        for name in names.into_iter().take(WATCH_NAMES_MAX as usize) {
-            // The kernel keeps TASK_COMM_LEN - 1 bytes of a name, NUL-padded.
-            let mut key = [0u8; COMM_LEN];
-            let len = name.len().min(COMM_LEN - 1);
-            key[..len].copy_from_slice(&name.as_bytes()[..len]);
+        // The kernel keeps TASK_COMM_LEN - 1 bytes of a name, NUL-padded.
+        let keys: Vec<([u8; COMM_LEN], &str)> = names
+            .into_iter()
+            .take(WATCH_NAMES_MAX as usize)
+            .map(|name| {
+                let mut key = [0u8; COMM_LEN];
+                let len = name.len().min(COMM_LEN - 1);
+                key[..len].copy_from_slice(&name.as_bytes()[..len]);
+                (key, name)
+            })
+            .collect();
+        let mut bits = [0u64; WATCH_NAME_FILTER_BITS as usize / 64];
+        for (key, _) in &keys {
+            let bit = watch_name_bit_of(key);
+            bits[bit as usize / 64] |= 1 << (bit % 64);
+        }
+        // The filter first (the old names are gone from the map already): a name whose bit is
+        // clear is never looked up.
+        self.write_watch_name_bits(bits);
+        for (key, name) in keys {
+            let bit = watch_name_bit_of(&key);
+            if self.watch_name_bits_copy[bit as usize / 64] & (1 << (bit % 64)) == 0 {
+                tracing::warn!(
+                    name,
+                    "could not watch a process name from exec: its filter bit could not be set"
+                );
+                continue;
+            }
             if let Err(err) = self.watch_names.insert(key, 1, 0) {
                 tracing::warn!(name, %err, "could not watch a process name from exec");
+            }
+        }
+    }
+
+    /// Writes the elements of `WATCH_NAME_BITS` that differ from `bits` (a failed one keeps its
+    /// old value, in the copy too).
+    fn write_watch_name_bits(&mut self, bits: [u64; WATCH_NAME_FILTER_BITS as usize / 64]) {
+        for (index, (old, new)) in self.watch_name_bits_copy.iter_mut().zip(bits).enumerate() {
+            if *old == new {
+                continue;
+            }
+            match self.watch_name_bits.set(index as u32, new, 0) {
+                Ok(()) => *old = new,
+                Err(err) => {
+                    tracing::warn!(%err, "could not write the exec program's name filter");
+                }
             }
         }
     }
