@@ -120,6 +120,33 @@ fn exits_of_watched_processes_free_their_entries() {
     probes.unwatch(target, []);
 }
 
+/// A process that execs under a watched name is watched from its exec on: the exec program
+/// looks its comm up in `WATCH_NAMES` when the name filter (bits user space sets) says it may
+/// be there. Seen through the fork program: with room for one entry (the named process), its
+/// child's insert is refused and counted, which happens only if the named process was watched.
+#[test]
+fn a_process_execing_under_a_watched_name_is_watched() {
+    let mut probes = attach(Some(1));
+    // A copy of sh under a name nothing else on the host runs.
+    let dir = std::env::temp_dir().join(format!("reaper-watch-name-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    let named = dir.join("rpr-watch-nm");
+    std::fs::copy("/bin/sh", &named).expect("copy /bin/sh");
+    probes.set_watch_names(["some-other", "rpr-watch-nm"]);
+
+    let status = std::process::Command::new(&named)
+        .args(["-c", "/bin/true; exit 0"])
+        .status()
+        .expect("run the named shell");
+    assert!(status.success());
+    assert_eq!(
+        probes.watch_failures(),
+        1,
+        "the named shell was watched, so its child's insert was tried (and refused)"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn per_pid_maps_are_sized_from_pid_max() {
     let pid_max: u32 = std::fs::read_to_string(reaper::probes::PID_MAX_PATH)
