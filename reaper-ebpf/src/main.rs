@@ -174,6 +174,9 @@ const REPORT_SLOTS: u32 = 2 * EventKind::ALL.len() as u32 + 1;
 #[map]
 static LOGGED_AT: Array<u64> = Array::with_max_entries(REPORT_SLOTS, 0);
 
+/// The tgid of the initial pid namespace's child reaper: init (see [`find_new_reaper`]).
+const ROOT_NS_REAPER_TGID: u32 = 1;
+
 /// How far up the parent chain the subreaper search goes; the kernel walks without a bound,
 /// but a subreaper deeper than this above an exiting process is not seen (it falls back to
 /// the namespace's init).
@@ -732,6 +735,18 @@ fn find_new_reaper(task: *const u8, signal: *const u8) -> Result<u32, i32> {
             }
             reaper = read(reaper, off!(task_real_parent))?;
         }
+    }
+    // In the initial pid namespace (level 0: init_pid_ns, the only one at that level) the
+    // child reaper is the process with pid 1, whose global tgid is 1: copy_process() makes a
+    // thread-group leader whose pid in its namespace is 1 that namespace's child_reaper
+    // (is_child_reaper()), and only a thread of the same group replaces it (find_child_reaper()
+    // in kernel/exit.c, which leaves the tgid as is); init exiting panics the kernel.
+    // <https://github.com/torvalds/linux/blob/v6.18/kernel/fork.c>,
+    // <https://github.com/torvalds/linux/blob/v6.18/kernel/pid.c> (init_pid_ns),
+    // <https://github.com/torvalds/linux/blob/v5.10/kernel/fork.c>. Most exits are there:
+    // this spares them the four helper reads below.
+    if level == 0 {
+        return Ok(ROOT_NS_REAPER_TGID);
     }
     // task_active_pid_ns(): pid->numbers[pid->level].ns, at an offset known only at run time,
     // so read with the helper (and what it reads is untyped: the rest too). The verifier
