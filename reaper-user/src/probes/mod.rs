@@ -284,17 +284,7 @@ impl Probes {
         let watch_failures = take_counters(&mut ebpf, "WATCH_FAILURES")?;
         let watched = take_map(&mut ebpf, "WATCHED")?;
         let activity = take_map(&mut ebpf, "ACTIVITY")?;
-        let watched_by_user = ebpf
-            .take_map("WATCHED_BY_USER")
-            .ok_or(ProbeError::Missing {
-                what: "map",
-                name: "WATCHED_BY_USER",
-            })?;
-        let watched_by_user =
-            Array::try_from(watched_by_user).map_err(|source| ProbeError::Map {
-                name: "WATCHED_BY_USER",
-                source,
-            })?;
+        let watched_by_user = take_array(&mut ebpf, "WATCHED_BY_USER")?;
         let watch_names = ebpf.take_map("WATCH_NAMES").ok_or(ProbeError::Missing {
             what: "map",
             name: "WATCH_NAMES",
@@ -303,17 +293,7 @@ impl Probes {
             name: "WATCH_NAMES",
             source,
         })?;
-        let watch_name_bits = ebpf
-            .take_map("WATCH_NAME_BITS")
-            .ok_or(ProbeError::Missing {
-                what: "map",
-                name: "WATCH_NAME_BITS",
-            })?;
-        let watch_name_bits =
-            Array::try_from(watch_name_bits).map_err(|source| ProbeError::Map {
-                name: "WATCH_NAME_BITS",
-                source,
-            })?;
+        let watch_name_bits = take_array(&mut ebpf, "WATCH_NAME_BITS")?;
         drop(btf);
         // Parsing the kernel's BTF (three times: btf-rs for the layout, aya in
         // EbpfLoader::new() and for attaching) took ~25 MB that is free now.
@@ -692,6 +672,13 @@ fn take_counters(
         .take_map(name)
         .ok_or(ProbeError::Missing { what: "map", name })?;
     PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}
+
+fn take_array(ebpf: &mut Ebpf, name: &'static str) -> Result<Array<MapData, u64>, ProbeError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbeError::Missing { what: "map", name })?;
+    Array::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
 fn take_map<V: aya::Pod>(
