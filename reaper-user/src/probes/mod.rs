@@ -735,6 +735,16 @@ mod tests {
         assert_eq!(activity_entries(PER_PID_MAX_ENTRIES), ACTIVITY_MAX);
     }
 
+    #[test]
+    fn the_watch_filters_cover_every_pid_below_pid_max() {
+        // The highest pid, pid_max - 1, has its byte and its bit.
+        assert_eq!(watch_filter_entries(Some(32768)), (4096, 512));
+        assert_eq!(watch_filter_entries(Some(32769)), (4097, 513));
+        assert_eq!(watch_filter_entries(Some(4_194_304)), (524_288, 65536));
+        assert_eq!(watch_filter_entries(None), (4096, 512));
+        assert_eq!(watch_filter_entries(Some(0)), (1, 1));
+    }
+
     /// The start-up, modelled without a kernel: the lifecycle programs attach one after
     /// another in `order`, processes fork, exec and exit before, between and after the
     /// attaches (every combination), the scan runs once all are attached, and the tree is built
