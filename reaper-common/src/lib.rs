@@ -203,6 +203,8 @@ const _: () = assert!(size_of::<Header>() == 24);
 const _: () = assert!(size_of::<ForkEvent>() == 56);
 const _: () = assert!(size_of::<ExecHead>() == 48 + COMM_LEN);
 const _: () = assert!(core::mem::offset_of!(ExecEvent, data) == size_of::<ExecHead>());
+// The exec program loads the comm as two u64 (`watch_name_bit`).
+const _: () = assert!(core::mem::offset_of!(ExecHead, comm) % 8 == 0);
 const _: () = assert!(size_of::<ExecEvent>() == size_of::<ExecHead>() + FILENAME_LEN + ARGV_LEN);
 const _: () = assert!(size_of::<ExitEvent>() == 32);
 const _: () = assert!(size_of::<RenameEvent>() == 40);
@@ -285,6 +287,29 @@ pub const WATCH_MAX: u32 = 16384;
 
 /// Most process names watched from their exec on (the rules' `comm` names).
 pub const WATCH_NAMES_MAX: u32 = 64;
+
+/// Bits of `WATCH_NAME_BITS`, the exec program's filter in front of its `WATCH_NAMES` lookup:
+/// a name's bit is [`watch_name_bit`] of its key. 1024 bits (16 `u64` elements) keep a false
+/// "maybe" rare with [`WATCH_NAMES_MAX`] names.
+pub const WATCH_NAME_FILTER_BITS: u32 = 1024;
+
+/// The bit of a `comm` (NUL-padded, as the kernel keeps it and `WATCH_NAMES` keys it) in the
+/// exec program's name filter, from its two 8-byte halves read in native byte order (the eBPF
+/// side loads them as two `u64`): a multiplicative hash.
+pub const fn watch_name_bit(lo: u64, hi: u64) -> u32 {
+    let word = lo ^ hi.rotate_left(29);
+    (word.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - WATCH_NAME_FILTER_BITS.trailing_zeros()))
+        as u32
+}
+
+/// [`watch_name_bit`] of a whole `comm` key, for user space.
+pub fn watch_name_bit_of(comm: &[u8; COMM_LEN]) -> u32 {
+    let (lo, hi) = comm.split_at(8);
+    let half = |b: &[u8]| u64::from_ne_bytes(b.try_into().unwrap_or([0; 8]));
+    watch_name_bit(half(lo), half(hi))
+}
+
+const _: () = assert!(WATCH_NAME_FILTER_BITS.is_power_of_two() && WATCH_NAME_FILTER_BITS >= 64);
 
 /// `max_entries` of `ACTIVITY` (one record per target) as compiled; resized likewise.
 pub const ACTIVITY_MAX: u32 = 4096;

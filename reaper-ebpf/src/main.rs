@@ -27,7 +27,8 @@ use reaper_common::{
     ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE, ARGV_LEN, ActivityRecord, COMM_LEN,
     EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind, ExecEvent,
     ExecHead, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelFeatures,
-    KernelOffsets, RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAMES_MAX,
+    KernelOffsets, RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAME_FILTER_BITS,
+    WATCH_NAMES_MAX, watch_name_bit,
 };
 
 /// Field offsets of the running kernel, written by user space at load time (read-only global).
@@ -109,6 +110,30 @@ static READ_FAULTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(KIND_SLOTS,
 #[map]
 static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(WATCH_MAX, 0);
 
+/// Which tgids may be in [`WATCHED`], for the programs that run for every process (fork, exit,
+/// the socket programs) and mostly find nothing there: a hash lookup of a tgid that is not in
+/// the map still hashes it and reads its bucket, a cold cache line on nearly every exit, while
+/// this is a dense array (one byte per tgid, eight to an element) whose recent tgids share warm
+/// lines, and an array lookup the verifier inlines (array_map_gen_lookup(), since 4.14:
+/// <https://github.com/torvalds/linux/blob/v5.10/kernel/bpf/arraymap.c>).
+///
+/// A zero byte means "not in WATCHED"; a set byte means "maybe" (today's lookup follows). Only
+/// the programs write it, byte by byte (a byte store leaves its neighbours alone, so no update
+/// is lost without the atomic OR that needs 5.12 <https://github.com/torvalds/linux/commit/981f94c3e921>):
+/// the fork and exec programs set a tgid's byte before they insert it into WATCHED, and the
+/// exit program clears it when the process is gone. User space inserts through
+/// [`WATCHED_BY_USER`] instead, so no read-modify-write of its ever races theirs. Sized by user
+/// space at load time from `kernel.pid_max`; a tgid beyond it is always "maybe".
+#[map]
+static WATCHED_BY_KERNEL: Array<u64> = Array::with_max_entries(WATCH_MAX / 8, 0);
+
+/// Tgids user space inserted into [`WATCHED`] (one bit per tgid, 64 to an element), set before
+/// the insert. Written only by user space (one thread), so its read-modify-writes of an element
+/// cannot lose a bit; cleared when user space unwatches the tgid. Sized like
+/// [`WATCHED_BY_KERNEL`].
+#[map]
+static WATCHED_BY_USER: Array<u64> = Array::with_max_entries(WATCH_MAX / 64, 0);
+
 /// Descendants of watched processes that WATCHED refused (full), per CPU.
 #[map]
 static WATCH_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -123,6 +148,13 @@ static ACTIVITY: HashMap<u32, ActivityRecord> = HashMap::with_max_entries(ACTIVI
 /// 0.1–1.6 s, and a CLI's first turn (its model's answer, the tool it starts) can come sooner.
 #[map]
 static WATCH_NAMES: HashMap<[u8; COMM_LEN], u32> = HashMap::with_max_entries(WATCH_NAMES_MAX, 0);
+
+/// Which names may be in [`WATCH_NAMES`], a bit per [`watch_name_bit`] of the name: every exec
+/// reads it, and only a set bit costs the hash lookup (hashing 16 bytes and reading a bucket,
+/// ~10 % of the exec program's samples when every exec paid it). Written only by user space,
+/// a name's bit before its key goes into WATCH_NAMES; a stale bit costs only the lookup.
+#[map]
+static WATCH_NAME_BITS: Array<u64> = Array::with_max_entries(WATCH_NAME_FILTER_BITS / 64, 0);
 
 /// Kernels before 6.16 do not say which thread's exit ended the group: every thread that
 /// reaches the exit tracepoint after the last `signal->live` decrement reads 0. The first one
@@ -141,6 +173,9 @@ const REPORT_SLOTS: u32 = 2 * EventKind::ALL.len() as u32 + 1;
 /// Shared by all CPUs: a race between two CPUs costs at most one extra line.
 #[map]
 static LOGGED_AT: Array<u64> = Array::with_max_entries(REPORT_SLOTS, 0);
+
+/// The tgid of the initial pid namespace's child reaper: init (see [`find_new_reaper`]).
+const ROOT_NS_REAPER_TGID: u32 = 1;
 
 /// How far up the parent chain the subreaper search goes; the kernel walks without a bound,
 /// but a subreaper deeper than this above an exiting process is not seen (it falls back to
@@ -343,6 +378,59 @@ fn bit(o_word: u32, o_bit: u32, base: *const u8) -> Result<bool, i32> {
     Ok((word >> (o_bit & 31)) & 1 == 1)
 }
 
+/// Whether `tgid` may be in [`WATCHED`]: false only if no insert into it ever set its filter
+/// ([`WATCHED_BY_KERNEL`], [`WATCHED_BY_USER`]) or the exit program cleared it since.
+#[inline(always)]
+fn maybe_watched(tgid: u32) -> bool {
+    let Some(word) = WATCHED_BY_KERNEL.get_ptr(tgid / 8) else {
+        return true;
+    };
+    // SAFETY: a byte of an 8-byte array map value.
+    let byte = unsafe { core::ptr::read_volatile(word.cast::<u8>().add((tgid % 8) as usize)) };
+    if byte != 0 {
+        return true;
+    }
+    match WATCHED_BY_USER.get_ptr(tgid / 64) {
+        // SAFETY: a pointer into an array map value.
+        Some(bits) => (unsafe { core::ptr::read_volatile(bits) } >> (tgid % 64)) & 1 != 0,
+        None => true,
+    }
+}
+
+/// Sets (`true`) or clears `tgid`'s byte in [`WATCHED_BY_KERNEL`]. Set it before inserting
+/// `tgid` into WATCHED; clear it only where no program can insert it concurrently.
+#[inline(always)]
+fn mark_watched(tgid: u32, watched: bool) {
+    if let Some(word) = WATCHED_BY_KERNEL.get_ptr_mut(tgid / 8) {
+        // SAFETY: a byte of an 8-byte array map value; a single-byte store.
+        unsafe {
+            core::ptr::write_volatile(
+                word.cast::<u8>().add((tgid % 8) as usize),
+                u8::from(watched),
+            )
+        }
+    }
+}
+
+/// Whether the NUL-padded `comm` may be one of [`WATCH_NAMES`] ([`WATCH_NAME_BITS`]).
+///
+/// # Safety
+/// `comm` must be readable and 8-byte aligned (a field of a map value at an offset that is a
+/// multiple of 8).
+#[inline(always)]
+unsafe fn maybe_watched_name(comm: *const [u8; COMM_LEN]) -> bool {
+    // SAFETY: the caller's promise; two aligned u64 loads of the 16 bytes.
+    let (lo, hi) = unsafe {
+        let words = comm.cast::<u64>();
+        (*words, *words.add(1))
+    };
+    let bit = watch_name_bit(lo, hi);
+    match WATCH_NAME_BITS.get(bit / 64) {
+        Some(word) => (*word >> (bit % 64)) & 1 != 0,
+        None => true,
+    }
+}
+
 // --- fork -------------------------------------------------------------------------------
 
 /// `trace_sched_process_fork(current, p)` in kernel_clone(), before the child first runs:
@@ -376,12 +464,19 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     if feature!(exit_has_group_dead) == 0 {
         let _ = EXIT_CLAIMED.remove(tgid as u32);
     }
-    // A descendant of a watched process is watched for the same target, from birth.
-    // SAFETY: a map lookup; the value is copied out at once.
-    if let Some(target) = unsafe { WATCHED.get(parent_tgid as u32) }.copied()
-        && WATCHED.insert(tgid as u32, target, 0).is_err()
+    // A descendant of a watched process is watched for the same target, from birth. The child
+    // first runs (and can exit) only after this program: wake_up_new_task() follows the
+    // tracepoint in kernel_clone() <https://github.com/torvalds/linux/blob/v6.18/kernel/fork.c>
+    // (and in _do_fork() <https://github.com/torvalds/linux/blob/v5.10/kernel/fork.c>), so its
+    // exit sees the byte set here.
+    if maybe_watched(parent_tgid as u32)
+        // SAFETY: a map lookup; the value is copied out at once.
+        && let Some(target) = unsafe { WATCHED.get(parent_tgid as u32) }.copied()
     {
-        watch_refused(ctx, tgid as u32, target);
+        mark_watched(tgid as u32, true);
+        if WATCHED.insert(tgid as u32, target, 0).is_err() {
+            watch_refused(ctx, tgid as u32, target);
+        }
     }
 
     let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
@@ -439,8 +534,11 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // watch-name lookup takes a copy as its key).
     unsafe {
         current_comm(&raw mut (*ev).head.comm);
-        if WATCH_NAMES.get((*ev).head.comm).is_some() {
+        if maybe_watched_name(&raw const (*ev).head.comm)
+            && WATCH_NAMES.get((*ev).head.comm).is_some()
+        {
             // Its own target until user space decides; a descendant of a target stays that.
+            mark_watched(tgid, true);
             let _ = WATCHED.insert(tgid, tgid, u64::from(BPF_NOEXIST));
         }
     }
@@ -559,15 +657,22 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
         // Another thread of this process already reported its exit.
         return Ok(());
     }
-    // One lookup for every process; only a watched one pays for the deletes (each takes its
-    // bucket's lock).
-    // SAFETY: a map lookup; the value is copied out at once.
-    if let Some(target) = unsafe { WATCHED.get(tgid as u32) }.copied() {
-        if target == tgid as u32 {
-            // A target (or a process watched by its name): its activity goes with it.
-            let _ = ACTIVITY.remove(tgid as u32);
+    // A filter read for every process, a lookup only for one that may be watched; only a
+    // watched one pays for the deletes (each takes its bucket's lock).
+    if maybe_watched(tgid as u32) {
+        // SAFETY: a map lookup; the value is copied out at once.
+        if let Some(target) = unsafe { WATCHED.get(tgid as u32) }.copied() {
+            if target == tgid as u32 {
+                // A target (or a process watched by its name): its activity goes with it.
+                let _ = ACTIVITY.remove(tgid as u32);
+            }
+            let _ = WATCHED.remove(tgid as u32);
         }
-        let _ = WATCHED.remove(tgid as u32);
+        // No program inserts this tgid now: a dying process does not exec, and its pid stays
+        // taken until release_task() detaches it (__unhash_process()), so nothing forks into
+        // it: <https://github.com/torvalds/linux/blob/v6.18/kernel/exit.c>. (User space's
+        // inserts have their own filter.)
+        mark_watched(tgid as u32, false);
     }
     // What wait(2) reports: wait_task_zombie() in kernel/exit.c.
     let signal_flags: u32 = load(signal, off!(signal_flags));
@@ -630,6 +735,18 @@ fn find_new_reaper(task: *const u8, signal: *const u8) -> Result<u32, i32> {
             }
             reaper = read(reaper, off!(task_real_parent))?;
         }
+    }
+    // In the initial pid namespace (level 0: init_pid_ns, the only one at that level) the
+    // child reaper is the process with pid 1, whose global tgid is 1: copy_process() makes a
+    // thread-group leader whose pid in its namespace is 1 that namespace's child_reaper
+    // (is_child_reaper()), and only a thread of the same group replaces it (find_child_reaper()
+    // in kernel/exit.c, which leaves the tgid as is); init exiting panics the kernel.
+    // <https://github.com/torvalds/linux/blob/v6.18/kernel/fork.c>,
+    // <https://github.com/torvalds/linux/blob/v6.18/kernel/pid.c> (init_pid_ns),
+    // <https://github.com/torvalds/linux/blob/v5.10/kernel/fork.c>. Most exits are there:
+    // this spares them the four helper reads below.
+    if level == 0 {
+        return Ok(ROOT_NS_REAPER_TGID);
     }
     // task_active_pid_ns(): pid->numbers[pid->level].ns, at an offset known only at run time,
     // so read with the helper (and what it reads is untyped: the rest too). The verifier
@@ -730,6 +847,9 @@ fn sock_io(ctx: &BtfTracePointContext, recv: bool) {
         return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !maybe_watched(tgid) {
+        return;
+    }
     // SAFETY: a map lookup; the value is copied out at once.
     let Some(target) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return;
@@ -790,6 +910,9 @@ fn sock_io(ctx: &BtfTracePointContext, recv: bool) {
 #[btf_tracepoint(function = "tcp_rcv_space_adjust")]
 pub fn tcp_rcv_space_adjust(ctx: BtfTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !maybe_watched(tgid) {
+        return 0;
+    }
     // SAFETY: a map lookup; the value is copied out at once.
     let Some(target) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return 0;

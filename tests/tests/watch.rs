@@ -63,6 +63,90 @@ fn a_full_watch_map_is_counted_and_flags_the_target() {
     assert_eq!(probes.watch_failures(), 5, "the count only grows");
 }
 
+/// Exits free their `WATCHED` entries. The exit program looks a tgid up only when its filter
+/// says it may be watched (a byte per tgid set by the fork program, a bit per tgid set by user
+/// space): with room for two entries (the target and one more), every process after the first
+/// would be refused if a filter hid one exit from the map.
+#[test]
+fn exits_of_watched_processes_free_their_entries() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::process::{Command, Stdio};
+
+    let mut probes = attach(Some(2));
+    let mut shell = Command::new("sh")
+        .args([
+            "-c",
+            "read go; for i in 1 2 3 4 5 6 7 8; do /bin/true; done; echo done; read end; exit 0",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn sh");
+    let target = shell.id();
+    probes.watch(target, target).expect("room for the target");
+
+    // Children of a watched process, inserted by the fork program, one at a time.
+    let mut stdin = shell.stdin.take().expect("piped stdin");
+    writeln!(stdin, "go").expect("cue the shell");
+    let mut line = String::new();
+    BufReader::new(shell.stdout.take().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("the shell's report");
+    assert_eq!(line.trim(), "done");
+    assert_eq!(
+        probes.watch_failures(),
+        0,
+        "each child's exit freed its entry before the next fork"
+    );
+
+    // Processes user space watched: the exit program removes them on exit (before wait(2)
+    // returns), so each watch finds room.
+    for round in 0..4 {
+        let mut cat = Command::new("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn cat");
+        probes
+            .watch(cat.id(), target)
+            .unwrap_or_else(|err| panic!("round {round}: the last exit freed its entry: {err}"));
+        drop(cat.stdin.take());
+        assert!(cat.wait().expect("wait for cat").success());
+    }
+    assert_eq!(probes.watch_failures(), 0);
+
+    drop(stdin);
+    assert!(shell.wait().expect("wait for sh").success());
+    probes.unwatch(target, []);
+}
+
+/// A process that execs under a watched name is watched from its exec on: the exec program
+/// looks its comm up in `WATCH_NAMES` when the name filter (bits user space sets) says it may
+/// be there. Seen through the fork program: with room for one entry (the named process), its
+/// child's insert is refused and counted, which happens only if the named process was watched.
+#[test]
+fn a_process_execing_under_a_watched_name_is_watched() {
+    let mut probes = attach(Some(1));
+    // A copy of sh under a name nothing else on the host runs.
+    let dir = std::env::temp_dir().join(format!("reaper-watch-name-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    let named = dir.join("rpr-watch-nm");
+    std::fs::copy("/bin/sh", &named).expect("copy /bin/sh");
+    probes.set_watch_names(["some-other", "rpr-watch-nm"]);
+
+    let status = std::process::Command::new(&named)
+        .args(["-c", "/bin/true; exit 0"])
+        .status()
+        .expect("run the named shell");
+    assert!(status.success());
+    assert_eq!(
+        probes.watch_failures(),
+        1,
+        "the named shell was watched, so its child's insert was tried (and refused)"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn per_pid_maps_are_sized_from_pid_max() {
     let pid_max: u32 = std::fs::read_to_string(reaper::probes::PID_MAX_PATH)

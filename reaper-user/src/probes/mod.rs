@@ -18,7 +18,7 @@ pub mod layout;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
 use std::collections::HashSet;
@@ -27,7 +27,8 @@ use aya_log::EbpfLogger;
 use tracing_log::LogTracer;
 
 use reaper_common::{
-    ACTIVITY_MAX, ActivityRecord, COMM_LEN, EventKind, SockActivity, WATCH_NAMES_MAX,
+    ACTIVITY_MAX, ActivityRecord, COMM_LEN, EventKind, SockActivity, WATCH_NAME_FILTER_BITS,
+    WATCH_NAMES_MAX, watch_name_bit_of,
 };
 pub use reaper_common::{LAST_WORD_TRACEPOINTS, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
 
@@ -75,6 +76,15 @@ pub fn per_pid_entries(pid_max: Option<u32>) -> u32 {
     pid_max
         .unwrap_or(PID_MAX_DEFAULT)
         .clamp(1, PER_PID_MAX_ENTRIES)
+}
+
+/// `max_entries` of the watch filters for this `kernel.pid_max` (`None`: unreadable):
+/// `WATCHED_BY_KERNEL` (a byte per tgid, 8 to an element) and `WATCHED_BY_USER` (a bit per tgid,
+/// 64 to an element), enough for every tgid below `pid_max`. A tgid beyond them (`pid_max`
+/// raised later) is taken as maybe watched, at the cost of a hash lookup.
+pub fn watch_filter_entries(pid_max: Option<u32>) -> (u32, u32) {
+    let pids = pid_max.unwrap_or(PID_MAX_DEFAULT).max(1);
+    (pids.div_ceil(8), pids.div_ceil(64))
 }
 
 /// `max_entries` of `ACTIVITY`, one record per watched target: never more than the per-pid
@@ -162,8 +172,18 @@ pub struct Probes {
     read_faults: PerCpuArray<MapData, u64>,
     watch_failures: PerCpuArray<MapData, u64>,
     watched: HashMap<MapData, u32, u32>,
+    /// `WATCHED_BY_USER`: a bit per tgid this side inserted into `watched`, set before the
+    /// insert, so that the kernel's filtered lookups find it (only this side writes it).
+    watched_by_user: Array<MapData, u64>,
+    /// What `watched_by_user` holds: its only writer keeps the copy, so a change is one write.
+    watched_by_user_bits: Vec<u64>,
     activity: HashMap<MapData, u32, ActivityRecord>,
     watch_names: HashMap<MapData, [u8; COMM_LEN], u32>,
+    /// `WATCH_NAME_BITS`, the exec program's filter in front of `watch_names`: a name's bit is
+    /// set before its key is inserted (only this side writes it).
+    watch_name_bits: Array<MapData, u64>,
+    /// What `watch_name_bits` holds.
+    watch_name_bits_copy: [u64; WATCH_NAME_FILTER_BITS as usize / 64],
     socket_activity: bool,
     /// Whether `tcp:tcp_rcv_space_adjust` stamps the last word (socket programs not attached).
     last_word_tracepoint: bool,
@@ -202,6 +222,7 @@ impl Probes {
         let per_pid_entries = options
             .per_pid_entries
             .unwrap_or_else(|| per_pid_entries(pid_max));
+        let (filter_bytes, filter_bits) = watch_filter_entries(pid_max);
         tracing::debug!(?pid_max, per_pid_entries, "sizing the per-pid maps");
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
@@ -209,6 +230,8 @@ impl Probes {
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("EVENTS", bytes)
             .map_max_entries("WATCHED", per_pid_entries)
+            .map_max_entries("WATCHED_BY_KERNEL", filter_bytes)
+            .map_max_entries("WATCHED_BY_USER", filter_bits)
             // Only kernels whose exit tracepoint lacks `group_dead` (before 6.16) use it.
             .map_max_entries(
                 "EXIT_CLAIMED",
@@ -261,6 +284,7 @@ impl Probes {
         let watch_failures = take_counters(&mut ebpf, "WATCH_FAILURES")?;
         let watched = take_map(&mut ebpf, "WATCHED")?;
         let activity = take_map(&mut ebpf, "ACTIVITY")?;
+        let watched_by_user = take_array(&mut ebpf, "WATCHED_BY_USER")?;
         let watch_names = ebpf.take_map("WATCH_NAMES").ok_or(ProbeError::Missing {
             what: "map",
             name: "WATCH_NAMES",
@@ -269,6 +293,7 @@ impl Probes {
             name: "WATCH_NAMES",
             source,
         })?;
+        let watch_name_bits = take_array(&mut ebpf, "WATCH_NAME_BITS")?;
         drop(btf);
         // Parsing the kernel's BTF (three times: btf-rs for the layout, aya in
         // EbpfLoader::new() and for attaching) took ~25 MB that is free now.
@@ -280,8 +305,12 @@ impl Probes {
             read_faults,
             watch_failures,
             watched,
+            watched_by_user,
+            watched_by_user_bits: vec![0; filter_bits as usize],
             activity,
             watch_names,
+            watch_name_bits,
+            watch_name_bits_copy: [0; WATCH_NAME_FILTER_BITS as usize / 64],
             socket_activity,
             last_word_tracepoint,
             unwatched_targets: HashSet::new(),
@@ -306,13 +335,52 @@ impl Probes {
         for key in old {
             let _ = self.watch_names.remove(&key);
         }
-        for name in names.into_iter().take(WATCH_NAMES_MAX as usize) {
-            // The kernel keeps TASK_COMM_LEN - 1 bytes of a name, NUL-padded.
-            let mut key = [0u8; COMM_LEN];
-            let len = name.len().min(COMM_LEN - 1);
-            key[..len].copy_from_slice(&name.as_bytes()[..len]);
+        // The kernel keeps TASK_COMM_LEN - 1 bytes of a name, NUL-padded.
+        let keys: Vec<([u8; COMM_LEN], &str)> = names
+            .into_iter()
+            .take(WATCH_NAMES_MAX as usize)
+            .map(|name| {
+                let mut key = [0u8; COMM_LEN];
+                let len = name.len().min(COMM_LEN - 1);
+                key[..len].copy_from_slice(&name.as_bytes()[..len]);
+                (key, name)
+            })
+            .collect();
+        let mut bits = [0u64; WATCH_NAME_FILTER_BITS as usize / 64];
+        for (key, _) in &keys {
+            let bit = watch_name_bit_of(key);
+            bits[bit as usize / 64] |= 1 << (bit % 64);
+        }
+        // The filter first (the old names are gone from the map already): a name whose bit is
+        // clear is never looked up.
+        self.write_watch_name_bits(bits);
+        for (key, name) in keys {
+            let bit = watch_name_bit_of(&key);
+            if self.watch_name_bits_copy[bit as usize / 64] & (1 << (bit % 64)) == 0 {
+                tracing::warn!(
+                    name,
+                    "could not watch a process name from exec: its filter bit could not be set"
+                );
+                continue;
+            }
             if let Err(err) = self.watch_names.insert(key, 1, 0) {
                 tracing::warn!(name, %err, "could not watch a process name from exec");
+            }
+        }
+    }
+
+    /// Writes the elements of `WATCH_NAME_BITS` that differ from `bits` (a failed one keeps its
+    /// old value, in the copy too).
+    fn write_watch_name_bits(&mut self, bits: [u64; WATCH_NAME_FILTER_BITS as usize / 64]) {
+        for (index, (old, new)) in self.watch_name_bits_copy.iter_mut().zip(bits).enumerate() {
+            if *old == new {
+                continue;
+            }
+            match self.watch_name_bits.set(index as u32, new, 0) {
+                Ok(()) => *old = new,
+                Err(err) => {
+                    tracing::warn!(%err, "could not write the exec program's name filter");
+                }
             }
         }
     }
@@ -354,6 +422,16 @@ impl Probes {
                 source,
             })
             .and_then(|()| {
+                // The filter first: from the insert on, the exit program must look `pid` up.
+                self.filter_user_watch(pid, true)
+                    .map_err(|source| WatchError {
+                        pid,
+                        target,
+                        map: "WATCHED_BY_USER",
+                        source,
+                    })
+            })
+            .and_then(|()| {
                 self.watched
                     .insert(pid, target, 0)
                     .map_err(|source| WatchError {
@@ -393,11 +471,35 @@ impl Probes {
     /// `pids` (it and descendants).
     pub fn unwatch(&mut self, target: u32, pids: impl IntoIterator<Item = u32>) {
         let _ = self.activity.remove(&target);
-        let _ = self.watched.remove(&target);
-        for pid in pids {
-            let _ = self.watched.remove(&pid);
+        // Each filter bit after its entry is gone; a bit left set only costs the kernel a
+        // lookup.
+        for pid in std::iter::once(target).chain(pids) {
+            let gone = match self.watched.remove(&pid) {
+                Ok(()) => true,
+                Err(err) => is_errno(&err, libc::ENOENT),
+            };
+            if gone {
+                let _ = self.filter_user_watch(pid, false);
+            }
         }
         self.unwatched_targets.remove(&target);
+    }
+
+    /// Sets or clears `pid`'s bit in `WATCHED_BY_USER`. A pid beyond the filter needs none
+    /// (the kernel takes it as maybe watched).
+    fn filter_user_watch(&mut self, pid: u32, watched: bool) -> Result<(), aya::maps::MapError> {
+        let index = pid / 64;
+        let Some(word) = self.watched_by_user_bits.get_mut(index as usize) else {
+            return Ok(());
+        };
+        let bit = 1u64 << (pid % 64);
+        let new = if watched { *word | bit } else { *word & !bit };
+        if new == *word {
+            return Ok(());
+        }
+        self.watched_by_user.set(index, new, 0)?;
+        *word = new;
+        Ok(())
     }
 
     /// Socket bytes of `target` and its descendants so far, and when the last one moved.
@@ -572,6 +674,13 @@ fn take_counters(
     PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
+fn take_array(ebpf: &mut Ebpf, name: &'static str) -> Result<Array<MapData, u64>, ProbeError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ProbeError::Missing { what: "map", name })?;
+    Array::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}
+
 fn take_map<V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -620,6 +729,16 @@ mod tests {
         assert_eq!(per_pid_entries(Some(0)), 1);
         assert_eq!(activity_entries(4), 4);
         assert_eq!(activity_entries(PER_PID_MAX_ENTRIES), ACTIVITY_MAX);
+    }
+
+    #[test]
+    fn the_watch_filters_cover_every_pid_below_pid_max() {
+        // The highest pid, pid_max - 1, has its byte and its bit.
+        assert_eq!(watch_filter_entries(Some(32768)), (4096, 512));
+        assert_eq!(watch_filter_entries(Some(32769)), (4097, 513));
+        assert_eq!(watch_filter_entries(Some(4_194_304)), (524_288, 65536));
+        assert_eq!(watch_filter_entries(None), (4096, 512));
+        assert_eq!(watch_filter_entries(Some(0)), (1, 1));
     }
 
     /// The start-up, modelled without a kernel: the lifecycle programs attach one after
