@@ -330,7 +330,7 @@ impl Probes {
     }
 
     /// The process names watched from their exec on (the rules' `comm`s): replaces the set.
-    pub(crate) fn set_watch_names<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
+    pub fn set_watch_names<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
         let old: Vec<[u8; COMM_LEN]> = self.watch_names.keys().filter_map(Result::ok).collect();
         for key in old {
             let _ = self.watch_names.remove(&key);
