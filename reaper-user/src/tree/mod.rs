@@ -24,15 +24,21 @@ pub const EXITED_KEPT: usize = 4096;
 /// and `peek` are used, so the LRU order is insertion order). Looked up on every fork: a
 /// linear search of the 4,096 was most of the daemon's CPU in a spawn storm.
 #[derive(Debug)]
-struct Exited(lru::LruCache<Identity, Process>);
+struct Exited(lru::LruCache<Identity, Process, Hasher>);
 
 impl Default for Exited {
     fn default() -> Self {
-        Self(lru::LruCache::new(
+        Self(lru::LruCache::with_hasher(
             NonZeroUsize::new(EXITED_KEPT).expect("non-zero"),
+            Hasher::default(),
         ))
     }
 }
+
+/// The tree's maps are looked up several times per event, by pid or identity: with std's
+/// SipHash, hashing was 3-4 % of the daemon's samples in a spawn storm (`perf record`).
+/// foldhash is seeded per process too, and the keys are pids, which the kernel hands out.
+type Hasher = foldhash::fast::RandomState;
 
 /// One process as the tree knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,7 +173,7 @@ pub enum Applied {
 
 #[derive(Debug, Default)]
 pub struct ProcessTree {
-    live: HashMap<u32, Process>,
+    live: HashMap<u32, Process, Hasher>,
     exited: Exited,
     corrections: Corrections,
     /// Pids whose name or argv a reconcile changed (see [`ProcessTree::take_renewed`]).
