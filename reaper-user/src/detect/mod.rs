@@ -1789,6 +1789,15 @@ fn descendants(tree: &ProcessTree, pid: u32) -> Vec<&Process> {
     out
 }
 
+/// How many ticks more than a process used the difference of two of its `/proc/PID/stat`
+/// CPU readings (utime + stime) can show: each of the two fields is printed truncated to whole
+/// ticks (`nsec_to_clock_t()` in do_task_stat(),
+/// <https://github.com/torvalds/linux/blob/v6.18/fs/proc/array.c>), while their sum is the
+/// exact run time (cputime_adjust() scales them to `sum_exec_runtime`,
+/// <https://github.com/torvalds/linux/blob/v6.18/kernel/sched/cputime.c>), so a reading is up
+/// to two ticks short of it, and a later one may be exact.
+const CPU_READING_SLACK_TICKS: u64 = 2;
+
 /// Reads a target's activity counters and moves its last activity forward if they moved.
 fn sample(
     t: &mut Target,
@@ -1847,10 +1856,16 @@ fn sample(
     if let Some((at, before)) = t.cpu {
         let dt = secs(now.saturating_sub(at));
         if dt > 0.0 {
-            let rate =
-                ticks.saturating_sub(before) as f64 / crate::events::ticks_per_second() as f64 / dt;
-            t.evidence.cpu_rate = Some(rate);
-            if rate >= rule.cpu_threshold {
+            let used = ticks.saturating_sub(before);
+            let per_second = crate::events::ticks_per_second() as f64;
+            t.evidence.cpu_rate = Some(used as f64 / per_second / dt);
+            // Activity only if the CPU time surely used is above the threshold: the readings'
+            // rounding alone must not count. Over a short interval it would: with a 3 s idle
+            // timeout (750 ms samples) one tick is 1.3 % of a core, and a leaked CLI's idle hum
+            // of 1-2 ticks per sample read as 2.7 % often enough that it was never idle for
+            // four samples in a row on a busy host (the real-CLI e2e leak tests).
+            let surely = used.saturating_sub(CPU_READING_SLACK_TICKS);
+            if surely as f64 / per_second / dt >= rule.cpu_threshold {
                 bump(t, ActivityKind::Cpu, now);
             }
         }
