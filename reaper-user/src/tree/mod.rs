@@ -35,6 +35,7 @@ struct Exited {
 }
 
 impl Exited {
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.ring.len()
     }
