@@ -333,11 +333,12 @@ impl Pipeline {
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         let ring_bytes = settings.ring_bytes as usize;
         health.set_reading(true);
+        let batches = ring::Batches::default();
         let reader = tokio::spawn({
-            let metrics = metrics.clone();
             let health = health.clone();
+            let batches = batches.clone();
             async move {
-                if let Err(err) = ring::run(ring, ring_bytes, events_tx, flush_rx, metrics).await {
+                if let Err(err) = ring::run(ring, ring_bytes, events_tx, flush_rx, batches).await {
                     tracing::error!(%err, "ring buffer reader failed");
                 }
                 health.set_reading(false);
@@ -351,11 +352,12 @@ impl Pipeline {
         let mut duplicates = 0;
         while let Ok(msg) = events_rx.try_recv() {
             if let RingMsg::Events(batch) = msg {
-                for event in &batch {
-                    if tree.apply(event) == crate::tree::Applied::AlreadyKnown {
+                for event in batch.events(&metrics) {
+                    if tree.apply(&event) == crate::tree::Applied::AlreadyKnown {
                         duplicates += 1;
                     }
                 }
+                batches.give_back(batch);
             }
         }
         let mut host = LiveHost { probes };
@@ -385,6 +387,7 @@ impl Pipeline {
         let policy = tokio::sync::watch::Sender::new(reap::Policy::new(0, settings));
         let owner = TreeOwner {
             applied: applied.clone(),
+            batches,
             detector,
             reap_stats: ReapStats::default(),
             tree,
@@ -486,6 +489,8 @@ struct TreeOwner {
     detector: Detector,
     reap_stats: ReapStats,
     applied: broadcast::Sender<Event>,
+    /// Where applied batches go back to the ring reader.
+    batches: ring::Batches,
     /// The probes, behind the detector's view of the host (`/proc` and the kernel's maps).
     host: LiveHost,
     metrics: Arc<Metrics>,
@@ -581,13 +586,14 @@ impl TreeOwner {
                 msg = events.recv() => match msg {
                     Some(RingMsg::Events(batch)) => {
                         let tapped = self.applied.receiver_count() > 0;
-                        for event in batch {
+                        for event in batch.events(&self.metrics) {
                             self.tree.apply(&event);
                             self.detector.on_event(&self.tree, &event, &mut self.host);
                             if tapped {
                                 let _ = self.applied.send(event);
                             }
                         }
+                        self.batches.give_back(batch);
                         self.metrics.processes.set(self.tree.len() as i64);
                     }
                     Some(RingMsg::Flushed(token)) => {

@@ -477,7 +477,13 @@ async fn stream_events(json: bool) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let (_flush_tx, flush_rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = std::sync::Arc::new(reaper::metrics::Metrics::new());
-    let reader = tokio::spawn(events::ring::run(ring, ring_bytes, tx, flush_rx, metrics));
+    let reader = tokio::spawn(events::ring::run(
+        ring,
+        ring_bytes,
+        tx,
+        flush_rx,
+        Default::default(),
+    ));
     eprintln!("following fork/exec/exit/rename; Ctrl-C to stop");
     // Registered once: a signal arriving while a batch is printed is not lost.
     use tokio::signal::unix::{SignalKind, signal};
@@ -488,7 +494,7 @@ async fn stream_events(json: bool) -> anyhow::Result<()> {
         tokio::select! {
             msg = rx.recv() => {
                 let Some(RingMsg::Events(batch)) = msg else { break };
-                for event in batch {
+                for event in batch.events(&metrics) {
                     use std::io::Write as _;
                     let written = if json {
                         writeln!(stdout, "{}", render::json(&event, false)?)

@@ -226,6 +226,26 @@ impl CpuTrace {
         }
         last
     }
+
+    /// Ticks used in each `CPU_WINDOW` since the trace started, for a failure's message.
+    fn windows(&self) -> String {
+        let samples = self.samples.lock().unwrap();
+        let Some(&(mut start, mut before)) = samples.first() else {
+            return "no samples".to_owned();
+        };
+        let mut out = Vec::new();
+        for &(at, ticks) in samples.iter() {
+            if at.duration_since(start) >= CPU_WINDOW {
+                out.push((ticks - before).to_string());
+                (start, before) = (at, ticks);
+            }
+        }
+        format!(
+            "ticks per {CPU_WINDOW:?} ({} per second): {}",
+            ticks_per_second(),
+            out.join(" ")
+        )
+    }
 }
 
 /// utime + stime of `pid`, while it is still the process that started at `start_ticks`.
@@ -900,11 +920,22 @@ fn leaked(case: &Leak) {
         .wait_exit(result + IDLE + DEADLINE)
         .unwrap_or_else(|| {
             panic!(
-                "the leaked CLI {} was not reaped within {:?} of its result\n{}\n{}",
+                "the leaked CLI {} was not reaped within {:?} of its result\n{}\n{}\n\
+                 --- what reaper thinks of it ---\n{}\n--- stats ---\n{}\n--- its children ---\n{}\n\
+                 --- its CPU ---\n{}",
                 cli.pid(),
                 IDLE + DEADLINE,
                 parent.stderr_tail(),
-                diag()
+                diag(),
+                s.daemon
+                    .request(&format!("explain {}", cli.pid()))
+                    .map_or_else(|| "no answer".to_owned(), |v| v.to_string()),
+                s.daemon
+                    .request("stats")
+                    .map_or_else(|| "no answer".to_owned(), |v| v.to_string()),
+                std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", cli.pid()))
+                    .unwrap_or_default(),
+                cpu.windows()
             )
         });
     // Idle: no stdio byte since the result (the CLI's last write, a state message, follows it
@@ -922,7 +953,7 @@ fn leaked(case: &Leak) {
     eprintln!(
         "e2e: {:?}/{} {} leaked CLI {}: gone {:.3} s after it became idle ({:.3} s after its \
          result, CPU quiet from {:.3} s after it; idle timeout {:?}); reaper's kill delay after \
-         the deadline {kill_delay:.3} s; kills by step {:?}",
+         the deadline {kill_delay:.3} s; kills by step {:?}; its CPU in {}",
         case.runtime,
         case.mode,
         case.exe.comm(),
@@ -931,7 +962,8 @@ fn leaked(case: &Leak) {
         gone.duration_since(result).as_secs_f64(),
         idle_since.duration_since(result).as_secs_f64(),
         IDLE,
-        kills_by_step(&page)
+        kills_by_step(&page),
+        cpu.windows()
     );
     // What the parent saw.
     match case.then {

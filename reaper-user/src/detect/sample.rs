@@ -93,6 +93,16 @@ pub(super) fn turn_in_flight(t: &Target, tree: &ProcessTree) -> Option<Waiting> 
         })
 }
 
+/// How many ticks more than a process used the difference of two of its `/proc/PID/stat`
+/// CPU readings (utime + stime) can show: each of the two fields is printed truncated to whole
+/// ticks (`nsec_to_clock_t()` in do_task_stat(),
+/// <https://github.com/torvalds/linux/blob/v6.18/fs/proc/array.c>), while their sum is the
+/// exact run time (cputime_adjust() scales them to `sum_exec_runtime`,
+/// <https://github.com/torvalds/linux/blob/v6.18/kernel/sched/cputime.c>), so a reading is up
+/// to two ticks short of it, and a later one may be exact. A sample sums the readings of the
+/// target and its members: the slack is this much per reading.
+const CPU_READING_SLACK_TICKS: u64 = 2;
+
 impl Sampling {
     /// Reads a target's activity counters and moves its last activity forward if they moved.
     pub(super) fn sample(&self, t: &mut Target, tree: &ProcessTree, now: Nanos, host: &impl Host) {
@@ -143,15 +153,22 @@ impl Sampling {
             t.io = Some((now, bytes));
         }
 
-        let ticks: u64 = family.iter().filter_map(|id| host.cpu_ticks(*id)).sum();
+        let readings: Vec<u64> = family.iter().filter_map(|id| host.cpu_ticks(*id)).collect();
+        let ticks: u64 = readings.iter().sum();
         if let Some((at, before)) = t.cpu {
             let dt = secs(now.saturating_sub(at));
             if dt > 0.0 {
-                let rate = ticks.saturating_sub(before) as f64
-                    / crate::events::ticks_per_second() as f64
-                    / dt;
-                t.evidence.cpu_rate = Some(rate);
-                if rate >= rule.cpu_threshold {
+                let used = ticks.saturating_sub(before);
+                let per_second = crate::events::ticks_per_second() as f64;
+                t.evidence.cpu_rate = Some(used as f64 / per_second / dt);
+                // Activity only if the CPU time surely used is above the threshold: the readings'
+                // rounding alone must not count. Over a short interval it would: with a 3 s idle
+                // timeout (750 ms samples) one tick is 1.3 % of a core, and a leaked CLI's idle
+                // hum of 1-2 ticks per sample read as 2.7 % often enough that it was never idle
+                // for four samples in a row on a busy host (the real-CLI e2e leak tests).
+                let slack = CPU_READING_SLACK_TICKS * readings.len() as u64;
+                let surely = used.saturating_sub(slack);
+                if surely as f64 / per_second / dt >= rule.cpu_threshold {
                     bump(t, ActivityKind::Cpu, now);
                 }
             }

@@ -278,6 +278,45 @@ fn cpu_above_the_threshold_is_activity_and_below_is_not() {
     );
 }
 
+/// A target under a 3 s idle timeout (sampled every 750 ms, where one tick is 1.3 % of a core)
+/// that uses `per_mille` of a core from 2 s on; when it is ordered reaped, if it is before 30 s.
+fn reaped_at_with_short_samples(per_mille: u64) -> Option<Nanos> {
+    let mut c = config("");
+    c.rules[0].idle_timeout = Duration::from_secs(3);
+    let mut w = World {
+        tree: world(),
+        det: Detector::new(&c, ActivityMeter::Socket),
+        host: FakeHost::default(),
+    };
+    w.spawn(20, 10, SDK, S);
+    let hz = crate::events::ticks_per_second();
+    let mut t = S;
+    while t < 30 * S {
+        t += S / 4;
+        // What /proc shows: the CPU time used so far, truncated to whole ticks.
+        let used = (t.saturating_sub(2 * S) * hz * per_mille / 1000) / S;
+        w.host.cpu.insert(20, 50 * hz + used);
+        if !w.tick(t).is_empty() {
+            return Some(t);
+        }
+    }
+    None
+}
+
+#[test]
+fn the_rounding_of_cpu_readings_is_not_activity() {
+    // A leaked CLI's idle hum of 1.8 % of a core reads as 1 or 2 ticks per 750 ms sample:
+    // 1.3 % or 2.7 %. Two ticks alone are not surely above the 2 % threshold.
+    let reaped = reaped_at_with_short_samples(18).expect("the humming target is reaped");
+    assert!(
+        (4 * S..=5 * S).contains(&reaped),
+        "reaped at {:.2} s, not 3 s after it was adopted at 1 s",
+        secs(reaped)
+    );
+    // 8 % (6 ticks per sample): surely above the threshold, never idle.
+    assert_eq!(reaped_at_with_short_samples(80), None);
+}
+
 #[test]
 fn a_busy_descendant_keeps_its_target_alive() {
     let mut w = World::new("");

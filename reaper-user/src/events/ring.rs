@@ -1,4 +1,4 @@
-//! Ring buffer → decoded event batches on a channel.
+//! Ring buffer → batches of raw records on a channel, decoded where they are applied.
 //!
 //! The ring buffer's fd is polled with tokio's `AsyncFd`, and drained on a timer. Wake-ups are
 //! batched: by default the kernel wakes a reader whenever it has caught up (bpf_ringbuf_commit()
@@ -8,8 +8,8 @@
 //! of the ring since it last woke the reader (then `BPF_RB_FORCE_WAKEUP`), and this reader also
 //! drains on a timer ([`POLL_MIN`] while events
 //! flow, backing off to [`POLL_MAX`] when quiet). Each drain forwards everything there is as one
-//! `Vec`.
-use std::sync::Arc;
+//! `Vec`, taken from [`Batches`]: the consumer hands emptied ones back.
+use std::sync::{Arc, Mutex};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -29,17 +29,99 @@ pub(crate) const POLL_MIN: std::time::Duration = std::time::Duration::from_milli
 /// quiet host. A fixed 100 ms timer cost a quiet daemon ≈ 0.17 % of a core (measured).
 pub(crate) const POLL_MAX: std::time::Duration = std::time::Duration::from_millis(1600);
 
+/// Records read off the ring in one drain, as the kernel wrote them: decoded by whoever applies
+/// them ([`Batch::events`]), one at a time.
+///
+/// Decoding here, on the reader's thread, was the daemon's largest cost: `perf record
+/// --call-graph dwarf` on the daemon over 12 × 5,000 spawns put 17 % of its samples in growing
+/// each drain's fresh `Vec<Event>` and 20 % in `_int_malloc` under `decode` — the reader thread
+/// allocated every event's strings and the tree's thread freed them, so glibc's per-thread
+/// caches never served one (the daemon runs one malloc arena, see `main.rs`). Now the reader
+/// only copies bytes into a reused buffer, and each event is decoded, applied and dropped on
+/// one thread.
+#[derive(Debug, Default)]
+pub struct Batch {
+    bytes: Vec<u8>,
+    /// Where each record ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn push(&mut self, record: &[u8]) {
+        self.bytes.extend_from_slice(record);
+        self.ends.push(self.bytes.len());
+    }
+
+    /// The records, decoded one by one and counted in `metrics`; an undecodable record is
+    /// counted, logged and skipped.
+    pub fn events<'a>(&'a self, metrics: &'a Metrics) -> impl Iterator<Item = Event> + 'a {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .filter_map(move |(start, end)| match decode(&self.bytes[start..end]) {
+                Ok(event) => {
+                    metrics.event(event.kind());
+                    Some(event)
+                }
+                Err(err) => {
+                    metrics.decode_errors.inc();
+                    tracing::warn!(%err, "dropped an undecodable ring buffer record");
+                    None
+                }
+            })
+    }
+}
+
+/// Applied batches, handed back to the reader so a storm reuses a few buffers.
+#[derive(Clone, Debug, Default)]
+pub struct Batches(Arc<Mutex<Vec<Batch>>>);
+
+impl Batches {
+    /// Buffers kept: one being filled while the other is applied; at most [`MAX_BATCH`]
+    /// records each, and that only after a storm filled them.
+    const KEPT: usize = 2;
+
+    fn take(&self) -> Batch {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Hands an applied batch back (emptied here) for a later drain.
+    pub fn give_back(&self, mut batch: Batch) {
+        batch.bytes.clear();
+        batch.ends.clear();
+        let mut kept = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.len() < Self::KEPT {
+            kept.push(batch);
+        }
+    }
+}
+
 /// What the source sends downstream, in ring buffer order.
 #[derive(Debug)]
 pub enum RingMsg {
-    Events(Vec<Event>),
+    Events(Batch),
     /// Everything committed to the ring buffer before the flush request with this token was
     /// sent has been forwarded.
     Flushed(u64),
 }
 
 /// Reads `ring` (`ring_bytes` long) until `tx` is closed. Flush requests (tokens) arrive on
-/// `flush`.
+/// `flush`. Batches are taken from `batches`; whoever applies them may hand them back.
 ///
 /// One drain reads at most a ring's worth of records (`ring_bytes` / the smallest record), then
 /// goes back to the loop: a storm that keeps the ring full cannot hold a flush off, and once a
@@ -50,7 +132,7 @@ pub async fn run(
     ring_bytes: usize,
     tx: mpsc::Sender<RingMsg>,
     mut flush: mpsc::UnboundedReceiver<u64>,
-    metrics: Arc<Metrics>,
+    batches: Batches,
 ) -> std::io::Result<()> {
     let limit = (ring_bytes / MIN_RECORD_BYTES).max(MAX_BATCH);
     // SAFETY: the RingBuf owns its map fd and keeps it open and unchanged for as long as the
@@ -60,14 +142,14 @@ pub async fn run(
     loop {
         tokio::select! {
             () = tokio::time::sleep(delay) => {
-                let Some(drained) = drain(fd.get_mut(), &tx, &metrics, limit).await else {
+                let Some(drained) = drain(fd.get_mut(), &tx, &batches, limit).await else {
                     return Ok(());
                 };
                 delay = if drained > 0 { POLL_MIN } else { (delay * 2).min(POLL_MAX) };
             }
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                let Some(drained) = drain(guard.get_inner_mut(), &tx, &metrics, limit).await else {
+                let Some(drained) = drain(guard.get_inner_mut(), &tx, &batches, limit).await else {
                     return Ok(());
                 };
                 // Still readable if the drain stopped at its limit: the loop comes back at once.
@@ -78,7 +160,7 @@ pub async fn run(
             }
             token = flush.recv() => {
                 let Some(token) = token else { return Ok(()) };
-                if drain(fd.get_mut(), &tx, &metrics, limit).await.is_none()
+                if drain(fd.get_mut(), &tx, &batches, limit).await.is_none()
                     || tx.send(RingMsg::Flushed(token)).await.is_err()
                 {
                     return Ok(());
@@ -93,28 +175,21 @@ pub async fn run(
 async fn drain(
     ring: &mut RingBuf<MapData>,
     tx: &mpsc::Sender<RingMsg>,
-    metrics: &Metrics,
+    batches: &Batches,
     limit: usize,
 ) -> Option<usize> {
     let mut forwarded = 0;
     loop {
-        let mut batch = Vec::new();
+        let mut batch = batches.take();
         while batch.len() < MAX_BATCH && forwarded + batch.len() < limit {
             let Some(item) = ring.next() else { break };
-            match decode(&item) {
-                Ok(event) => {
-                    metrics.event(event.kind());
-                    batch.push(event);
-                }
-                Err(err) => {
-                    metrics.decode_errors.inc();
-                    tracing::warn!(%err, "dropped an undecodable ring buffer record");
-                }
-            }
+            batch.push(&item);
         }
         let full = batch.len() == MAX_BATCH && forwarded + batch.len() < limit;
         forwarded += batch.len();
-        if !batch.is_empty() && tx.send(RingMsg::Events(batch)).await.is_err() {
+        if batch.is_empty() {
+            batches.give_back(batch);
+        } else if tx.send(RingMsg::Events(batch)).await.is_err() {
             return None;
         }
         if !full {

@@ -8,10 +8,7 @@
 //! dropped. Nothing here is an error.
 pub mod scan;
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    num::NonZeroUsize,
-};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,19 +17,58 @@ use crate::events::{Argv, Event, ExitStatus, Identity};
 /// Exited processes remembered (with their exit status) after they leave the live tree.
 pub(crate) const EXITED_KEPT: usize = 4096;
 
-/// The last [`EXITED_KEPT`] exited processes by identity, oldest dropped first (only `put`
-/// and `peek` are used, so the LRU order is insertion order). Looked up on every fork: a
-/// linear search of the 4,096 was most of the daemon's CPU in a spawn storm.
-#[derive(Debug)]
-struct Exited(lru::LruCache<Identity, Process>);
+/// The last [`EXITED_KEPT`] exited processes by identity, oldest dropped first: the processes
+/// in a ring in the order they exited, and an index from identity to place. Looked up on every
+/// fork and exit: a linear search of the 4,096 was most of the daemon's CPU in a spawn storm.
+///
+/// Not an LRU cache: `lru::LruCache::put` was 30 % of the daemon's samples in a spawn storm
+/// (`perf record --call-graph dwarf`, 12 × 5,000 spawns), most of it chasing the cold evicted
+/// node and its neighbours in the linked list and comparing keys through node pointers. Here
+/// the oldest is the ring's front, and the index holds identities inline.
+#[derive(Debug, Default)]
+struct Exited {
+    ring: VecDeque<Process>,
+    /// Identity → sequence number: the entry is `ring[seq - dropped]`.
+    index: HashMap<Identity, u64, Hasher>,
+    /// How many entries left the ring's front so far.
+    dropped: u64,
+}
 
-impl Default for Exited {
-    fn default() -> Self {
-        Self(lru::LruCache::new(
-            NonZeroUsize::new(EXITED_KEPT).expect("non-zero"),
-        ))
+impl Exited {
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    fn get(&self, id: &Identity) -> Option<&Process> {
+        let seq = *self.index.get(id)?;
+        self.ring.get(usize::try_from(seq - self.dropped).ok()?)
+    }
+
+    /// Remembers `p`, dropping the oldest entry once [`EXITED_KEPT`] are held. An identity
+    /// remembered again (an exit applied twice, after an exec brought it back) keeps its place
+    /// and takes the newer entry.
+    fn put(&mut self, p: Process) {
+        if let Some(&seq) = self.index.get(&p.id) {
+            self.ring[usize::try_from(seq - self.dropped).expect("within the ring")] = p;
+            return;
+        }
+        if self.ring.len() == EXITED_KEPT
+            && let Some(oldest) = self.ring.pop_front()
+        {
+            self.index.remove(&oldest.id);
+            self.dropped += 1;
+        }
+        self.index
+            .insert(p.id, self.dropped + self.ring.len() as u64);
+        self.ring.push_back(p);
     }
 }
+
+/// The tree's maps are looked up several times per event, by pid or identity: with std's
+/// SipHash, hashing was 3-4 % of the daemon's samples in a spawn storm (`perf record`).
+/// foldhash is seeded per process too, and the keys are pids, which the kernel hands out.
+type Hasher = foldhash::fast::RandomState;
 
 /// One process as the tree knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,7 +203,7 @@ pub(crate) enum Applied {
 
 #[derive(Debug, Default)]
 pub(crate) struct ProcessTree {
-    live: HashMap<u32, Process>,
+    live: HashMap<u32, Process, Hasher>,
     exited: Exited,
     corrections: Corrections,
     /// Pids whose name or argv a reconcile changed (see [`ProcessTree::take_renewed`]).
@@ -208,7 +244,7 @@ impl ProcessTree {
 
     /// A recently exited process with this identity, with its exit status.
     pub(crate) fn exited(&self, id: Identity) -> Option<&Process> {
-        self.exited.0.peek(&id)
+        self.exited.get(&id)
     }
 
     pub(crate) fn processes(&self) -> impl Iterator<Item = &Process> {
@@ -378,7 +414,7 @@ impl ProcessTree {
     }
 
     fn remember_exited(&mut self, p: Process) {
-        self.exited.0.put(p.id, p);
+        self.exited.put(p);
     }
 
     fn link(&mut self, ppid: u32, pid: u32) {

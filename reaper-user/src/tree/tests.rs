@@ -317,13 +317,35 @@ fn exited_memory_is_bounded() {
         tree.apply(&fork(who, id(100, 50)));
         tree.apply(&exit(who, 0, 1));
     }
-    assert_eq!(tree.exited.0.len(), EXITED_KEPT);
+    assert_eq!(tree.exited.len(), EXITED_KEPT);
     // The oldest went first; the newest are still there with their status.
     assert!(tree.exited(id(1000, 100)).is_none());
     let last = id(1000 + EXITED_KEPT as u32 + 9, 100 + EXITED_KEPT as u64 + 9);
     assert_eq!(tree.exited(last).unwrap().exit.unwrap().code(), Some(0));
     assert_eq!(tree.len(), 2);
     assert!(tree.get(100).unwrap().children.is_empty());
+}
+
+#[test]
+fn an_exit_remembered_twice_is_one_entry_with_the_newer_status() {
+    let mut tree = base();
+    let who = id(700, 70);
+    tree.apply(&fork(who, id(100, 50)));
+    tree.apply(&exit(who, 1 << 8, 1));
+    // A late exec brings it back (events out of order), and it exits again.
+    tree.apply(&exec(who, 100, &["/bin/true"]));
+    tree.apply(&exit(who, 2 << 8, 1));
+    assert_eq!(tree.exited.len(), 1);
+    assert_eq!(tree.exited(who).unwrap().exit.unwrap().code(), Some(2));
+    assert_eq!(tree.exited(who).unwrap().exe, "/bin/true");
+    // It still leaves in its turn: the oldest first.
+    for i in 0..EXITED_KEPT as u32 {
+        let other = id(1000 + i, 100 + u64::from(i));
+        tree.apply(&fork(other, id(100, 50)));
+        tree.apply(&exit(other, 0, 1));
+    }
+    assert!(tree.exited(who).is_none());
+    assert_eq!(tree.exited.len(), EXITED_KEPT);
 }
 
 #[test]
