@@ -99,8 +99,10 @@ pub(super) fn turn_in_flight(t: &Target, tree: &ProcessTree) -> Option<Waiting> 
 /// <https://github.com/torvalds/linux/blob/v6.18/fs/proc/array.c>), while their sum is the
 /// exact run time (cputime_adjust() scales them to `sum_exec_runtime`,
 /// <https://github.com/torvalds/linux/blob/v6.18/kernel/sched/cputime.c>), so a reading is up
-/// to two ticks short of it, and a later one may be exact. A sample sums the readings of the
-/// target and its members: the slack is this much per reading.
+/// to two ticks short of it, and a later one may be exact. Taken once per sample, not per
+/// process read: a family's summed readings can be off by two ticks each, but subtracting that
+/// for every member would let a working family read as idle (5 % of a core for 25 processes at
+/// 10 s samples); left over, the other members' rounding can only read as activity, which spares.
 const CPU_READING_SLACK_TICKS: u64 = 2;
 
 impl Sampling {
@@ -153,8 +155,7 @@ impl Sampling {
             t.io = Some((now, bytes));
         }
 
-        let readings: Vec<u64> = family.iter().filter_map(|id| host.cpu_ticks(*id)).collect();
-        let ticks: u64 = readings.iter().sum();
+        let ticks: u64 = family.iter().filter_map(|id| host.cpu_ticks(*id)).sum();
         if let Some((at, before)) = t.cpu {
             let dt = secs(now.saturating_sub(at));
             if dt > 0.0 {
@@ -166,8 +167,7 @@ impl Sampling {
                 // timeout (750 ms samples) one tick is 1.3 % of a core, and a leaked CLI's idle
                 // hum of 1-2 ticks per sample read as 2.7 % often enough that it was never idle
                 // for four samples in a row on a busy host (the real-CLI e2e leak tests).
-                let slack = CPU_READING_SLACK_TICKS * readings.len() as u64;
-                let surely = used.saturating_sub(slack);
+                let surely = used.saturating_sub(CPU_READING_SLACK_TICKS);
                 if surely as f64 / per_second / dt >= rule.cpu_threshold {
                     bump(t, ActivityKind::Cpu, now);
                 }

@@ -318,6 +318,32 @@ fn the_rounding_of_cpu_readings_is_not_activity() {
 }
 
 #[test]
+fn a_family_busy_together_is_not_idle_though_each_member_hums() {
+    // A target with nine tools (the default 15 min timeout: 10 s samples), each using 0.3 % of
+    // a core: 3 % together, above the 2 % threshold. The rounding slack is taken once per
+    // sample: taken per process read it would eat 20 of the family's 30 ticks and call it idle.
+    let mut w = World::new("");
+    w.spawn(20, 10, SDK, S);
+    for pid in 30..39 {
+        w.spawn(pid, 20, &["/usr/bin/python3", "tool.py"], S);
+    }
+    let hz = crate::events::ticks_per_second();
+    let mut t = S;
+    while t < 40 * 60 * S {
+        t += S;
+        for pid in (20..21).chain(30..39) {
+            // Each reading truncated to whole ticks, as /proc shows it.
+            w.host.cpu.insert(pid, (t - S) * hz * 3 / 1000 / S);
+        }
+        assert!(
+            w.tick(t).is_empty(),
+            "a family using 3 % of a core was judged idle at {:.0} s",
+            secs(t)
+        );
+    }
+}
+
+#[test]
 fn a_busy_descendant_keeps_its_target_alive() {
     let mut w = World::new("");
     w.spawn(20, 10, SDK, S);

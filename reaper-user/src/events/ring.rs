@@ -7,8 +7,9 @@
 //! programs submit with `BPF_RB_NO_WAKEUP` until their CPU has submitted its share of an eighth
 //! of the ring since it last woke the reader (then `BPF_RB_FORCE_WAKEUP`), and this reader also
 //! drains on a timer ([`POLL_MIN`] while events
-//! flow, backing off to [`POLL_MAX`] when quiet). Each drain forwards everything there is as one
-//! `Vec`, taken from [`Batches`]: the consumer hands emptied ones back.
+//! flow, backing off to [`POLL_MAX`] when quiet). Each drain forwards everything there is as
+//! one or more batches of raw records (at most [`MAX_BATCH`] each), taken from [`Batches`]: the
+//! consumer decodes and applies them, then hands the emptied ones back.
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{MapData, RingBuf};
