@@ -98,9 +98,15 @@ impl Batches {
             .unwrap_or_default()
     }
 
-    /// Hands an applied batch back (emptied here) for a later drain.
+    /// Record bytes a kept buffer keeps room for: a storm of long command lines (4,096 records
+    /// of several KiB) must not leave tens of MB held for good.
+    const KEPT_BYTES: usize = 256 << 10;
+
+    /// Hands an applied batch back (emptied here, and shrunk if a storm grew it) for a later
+    /// drain.
     pub fn give_back(&self, mut batch: Batch) {
         batch.bytes.clear();
+        batch.bytes.shrink_to(Self::KEPT_BYTES);
         batch.ends.clear();
         let mut kept = self
             .0
@@ -196,5 +202,29 @@ async fn drain(
         if !full {
             return Some(forwarded);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_grown_by_a_storm_is_shrunk_when_handed_back() {
+        let batches = Batches::default();
+        let mut batch = batches.take();
+        let record = [0u8; 4096];
+        for _ in 0..MAX_BATCH {
+            batch.push(&record);
+        }
+        assert!(batch.bytes.capacity() >= MAX_BATCH * record.len());
+        batches.give_back(batch);
+        let again = batches.take();
+        assert!(again.is_empty());
+        assert!(
+            again.bytes.capacity() <= Batches::KEPT_BYTES,
+            "kept {} bytes of room",
+            again.bytes.capacity()
+        );
     }
 }
