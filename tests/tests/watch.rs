@@ -147,7 +147,10 @@ fn an_exited_member_loses_its_filter_bit() {
     assert!(cat.wait().expect("wait for cat").success());
     // The exit program removed the entry before wait(2) returned.
     probes.exited(pid);
-    assert!(!probes.user_filter(pid), "cleared once WATCHED no longer holds it");
+    assert!(
+        !probes.user_filter(pid),
+        "cleared once WATCHED no longer holds it"
+    );
     probes.unwatch(target, []);
 }
 

@@ -357,7 +357,10 @@ mod tests {
         assert_eq!(meminfo_interval(Some(4.0), 10.0), Duration::ZERO);
         assert_eq!(meminfo_interval(Some(f64::NAN), 10.0), Duration::ZERO);
         // 3 points above: 1.5 s at 2 points a second; 20 points: 10 s.
-        assert_eq!(meminfo_interval(Some(13.0), 10.0), Duration::from_millis(1500));
+        assert_eq!(
+            meminfo_interval(Some(13.0), 10.0),
+            Duration::from_millis(1500)
+        );
         assert_eq!(meminfo_interval(Some(30.0), 10.0), Duration::from_secs(10));
         // Never longer than 16 s.
         assert_eq!(meminfo_interval(Some(92.0), 10.0), Duration::from_secs(16));
