@@ -34,7 +34,7 @@ use crate::{
     config::{ActivitySource, Config},
     detect::{
         ActivityMeter, Decision, Detector, Explanation, Reason, Settled, TargetView,
-        session::{Pressure, SessionView},
+        session::{self, Pressure, SessionView},
     },
     events::{
         Event, Identity,
@@ -53,7 +53,8 @@ use crate::{
 pub struct PipelineConfig {
     /// Rules, timeouts, mode.
     pub config: Config,
-    /// How often the kernel's loss counters are read.
+    /// How often the periodic duties run, in one wake-up: the health beat, the exported
+    /// gauges, the kernel's loss counters and the memory pressure check.
     pub loss_check_interval: Duration,
 }
 
@@ -61,7 +62,11 @@ impl PipelineConfig {
     pub fn new(config: Config) -> Self {
         Self {
             config,
-            loss_check_interval: Duration::from_secs(1),
+            // A wake-up costs a quiet daemon more than the work it does; the kernel refreshes
+            // the PSI averages the pressure check reads every 2 s anyway (PSI_FREQ in
+            // <https://github.com/torvalds/linux/blob/v6.18/kernel/sched/psi.c>), and a health
+            // beat this often stays well inside `/healthz`'s 5 s.
+            loss_check_interval: Duration::from_secs(2),
         }
     }
 }
@@ -403,6 +408,7 @@ impl Pipeline {
             queued_queries: Vec::new(),
             last_lost: 0,
             pressure_reaping: false,
+            next_meminfo_ns: 0,
             scanning: false,
             policy,
         };
@@ -508,6 +514,9 @@ struct TreeOwner {
     last_lost: u64,
     /// A decision made because memory was short is out: wait for it before the next.
     pressure_reaping: bool,
+    /// When the pressure check reads `/proc/meminfo` again (monotonic ns): sooner the closer
+    /// MemAvailable was to its threshold ([`session::meminfo_interval`]).
+    next_meminfo_ns: u64,
     /// A `/proc` scan runs: timer and loss scans wait for it (one at a time, however fast
     /// losses come).
     scanning: bool,
@@ -616,7 +625,7 @@ impl TreeOwner {
                     let now = clock::mono_ns();
                     self.health.beat(now);
                     self.export_targets(now);
-                    if !self.check_memory() {
+                    if !self.check_memory(now) {
                         return;
                     }
                     self.metrics.sync_probe_failures(self.host.probes.watch_failures(), &self.host.probes.read_faults());
@@ -882,6 +891,8 @@ impl TreeOwner {
         }
         self.detector
             .reconfigure(&config, &self.tree, clock::mono_ns(), &mut self.host);
+        // The memory threshold may have moved.
+        self.next_meminfo_ns = 0;
         tracing::info!(
             origin = %config.origin,
             mode = ?config.mode,
@@ -898,14 +909,22 @@ impl TreeOwner {
 
     /// Reads the memory pressure source; when memory is short, asks for one reap (after a
     /// flush). False if the ring reader is gone.
-    fn check_memory(&mut self) -> bool {
+    fn check_memory(&mut self, now: u64) -> bool {
         let mp = self.detector.memory_pressure();
         if !mp.enabled || self.pressure_reaping {
             return true;
         }
         let psi = std::fs::read_to_string(&mp.file).ok();
-        let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+        // Unread while far from its threshold: it cannot have crossed it since the last read.
+        let due = now >= self.next_meminfo_ns;
+        let meminfo = due
+            .then(|| std::fs::read_to_string("/proc/meminfo").ok())
+            .flatten();
         let reading = Pressure::parse(psi.as_deref(), meminfo.as_deref());
+        if due {
+            let wait = session::meminfo_interval(reading.available_percent, mp.available_percent);
+            self.next_meminfo_ns = now.saturating_add(wait.as_nanos() as u64);
+        }
         if !reading.short(mp) {
             return true;
         }

@@ -74,6 +74,10 @@ impl detect::Host for LiveHost {
         self.probes.unwatch(target, pids.iter().copied());
     }
 
+    fn member_exited(&mut self, pid: u32) {
+        self.probes.exited(pid);
+    }
+
     fn watch_names(&mut self, names: &[&str]) {
         self.probes.set_watch_names(names.iter().copied());
     }

@@ -120,6 +120,40 @@ fn exits_of_watched_processes_free_their_entries() {
     probes.unwatch(target, []);
 }
 
+/// A watched member's exit clears the bit user space set for it in `WATCHED_BY_USER` (the exit
+/// program removed its `WATCHED` entry but cannot clear that bit): a stale bit would cost the
+/// kernel a hash lookup for every later process with that pid. A pid `WATCHED` still holds
+/// keeps its bit.
+#[test]
+fn an_exited_member_loses_its_filter_bit() {
+    use std::process::{Command, Stdio};
+
+    let mut probes = attach(None);
+    let target = std::process::id();
+    let mut cat = Command::new("cat")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn cat");
+    let pid = cat.id();
+    probes.watch(pid, target).expect("room for cat");
+    assert!(probes.user_filter(pid), "set before the insert");
+
+    // Still in WATCHED (alive): the bit stays.
+    probes.exited(pid);
+    assert!(probes.user_filter(pid), "WATCHED still holds it");
+
+    drop(cat.stdin.take());
+    assert!(cat.wait().expect("wait for cat").success());
+    // The exit program removed the entry before wait(2) returned.
+    probes.exited(pid);
+    assert!(
+        !probes.user_filter(pid),
+        "cleared once WATCHED no longer holds it"
+    );
+    probes.unwatch(target, []);
+}
+
 /// A process that execs under a watched name is watched from its exec on: the exec program
 /// looks its comm up in `WATCH_NAMES` when the name filter (bits user space sets) says it may
 /// be there. Seen through the fork program: with room for one entry (the named process), its

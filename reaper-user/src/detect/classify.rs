@@ -104,6 +104,7 @@ impl Detector {
                         e.members.remove(&id.pid);
                     }
                 } else if let Some(target) = self.member_of.remove(&id.pid) {
+                    host.member_exited(id.pid);
                     if let Some(t) = self.targets.get_mut(&target) {
                         t.members.remove(&id.pid);
                         t.evidence.turn = turn_in_flight(t, tree);

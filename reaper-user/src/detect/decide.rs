@@ -300,21 +300,39 @@ impl Detector {
         // Parents before their children: a parent always starts first.
         descendants.sort_by_key(|v| (v.id.start_ticks, v.id.pid));
         Decision {
-            target: Victim::of(p),
             descendants,
             other_uid: other_uid.len(),
             rule: rule.name.clone(),
-            reason,
             clean_end: rule.clean_end,
-            eof_grace: self.eof_grace,
-            grace: self.grace,
             idle_secs: secs(now.saturating_sub(t.evidence.last_activity)),
             deadline_ns,
+            ..self.decision_on(p, parent_comm(tree, p), host, reason)
+        }
+    }
+
+    /// A decision to end live process `p` for `reason`, with what every decision says of its
+    /// process (parent, command line, cgroup) and of the daemon (mode, graces). The rest is the
+    /// caller's to fill in; left as is, it ends `p` alone, SIGTERM first.
+    fn decision_on(
+        &self,
+        p: &Process,
+        parent_comm: String,
+        host: &impl Host,
+        reason: Reason,
+    ) -> Decision {
+        Decision {
+            target: Victim::of(p),
+            descendants: Vec::new(),
+            other_uid: 0,
+            rule: String::new(),
+            reason,
+            clean_end: CleanEnd::None,
+            eof_grace: self.eof_grace,
+            grace: self.grace,
+            idle_secs: 0.0,
+            deadline_ns: 0,
             ppid: p.ppid,
-            parent_comm: tree
-                .get(p.ppid)
-                .map(|pp| pp.comm.clone())
-                .unwrap_or_default(),
+            parent_comm,
             argv: p.argv.redacted(ARGV_SHOWN),
             dry_run: self.mode == Mode::DryRun,
             kind: None,
@@ -340,31 +358,17 @@ impl Detector {
         now: Nanos,
     ) -> Decision {
         Decision {
-            target: Victim::of(p),
-            descendants: Vec::new(),
-            other_uid: 0,
             rule: e.rule.clone(),
-            reason,
-            clean_end: CleanEnd::None,
-            eof_grace: self.eof_grace,
-            grace: self.grace,
             idle_secs: secs(now.saturating_sub(e.at)),
             deadline_ns,
-            ppid: p.ppid,
-            parent_comm: tree_comm(p.ppid, e),
-            argv: p.argv.redacted(ARGV_SHOWN),
-            dry_run: self.mode == Mode::DryRun,
             kind: Some(kind),
-            attribution: host
-                .cgroup(p.id.pid)
-                .map(|c| Attribution::from_cgroup(&c))
-                .unwrap_or_default(),
             note: format!(
                 "leftover of session {} ({}), which ended {:.0}s ago",
                 e.target,
                 crate::events::quoted(&e.comm),
                 secs(now.saturating_sub(e.at))
             ),
+            ..self.decision_on(p, tree_comm(p.ppid, e), host, reason)
         }
     }
 
@@ -467,33 +471,16 @@ impl Detector {
             descendants.sort_by_key(|v| (v.id.start_ticks, v.id.pid));
             let since = r.burning_since.unwrap_or(now);
             let decision = Decision {
-                target: Victim::of(p),
                 descendants,
-                other_uid: 0,
                 rule: "runaway".into(),
-                reason: Reason::Runaway,
                 clean_end: CleanEnd::Interrupt,
-                eof_grace: self.eof_grace,
-                grace: self.grace,
-                idle_secs: 0.0,
                 deadline_ns: since.saturating_add(nanos(self.runaway_for)),
-                ppid: p.ppid,
-                parent_comm: tree
-                    .get(p.ppid)
-                    .map(|pp| pp.comm.clone())
-                    .unwrap_or_default(),
-                argv: p.argv.redacted(ARGV_SHOWN),
-                dry_run: self.mode == Mode::DryRun,
-                kind: None,
-                attribution: host
-                    .cgroup(pid)
-                    .map(|c| Attribution::from_cgroup(&c))
-                    .unwrap_or_default(),
                 note: format!(
                     "lost its terminal, re-parented, above {:.0}% of a core for {:.0}s",
                     self.runaway_cpu * 100.0,
                     secs(now.saturating_sub(since))
                 ),
+                ..self.decision_on(p, parent_comm(tree, p), host, Reason::Runaway)
             };
             if !take_slot(&mut self.rate, now, &decision) {
                 return;
@@ -641,6 +628,13 @@ fn take_slot(rate: &mut RateLimit, now: Nanos, d: &Decision) -> bool {
 }
 
 /// The comm of a leftover's parent: its agent's, if the parent is the session's parent.
+/// The comm of `p`'s parent, if the tree has it.
+fn parent_comm(tree: &ProcessTree, p: &Process) -> String {
+    tree.get(p.ppid)
+        .map(|pp| pp.comm.clone())
+        .unwrap_or_default()
+}
+
 fn tree_comm(ppid: u32, e: &Ended) -> String {
     if ppid == e.target.pid {
         e.comm.clone()

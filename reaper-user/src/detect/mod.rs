@@ -72,6 +72,9 @@ pub(crate) trait Host {
     /// map is full): then the target's activity is not fully seen.
     fn watch(&mut self, pid: u32, target: u32) -> bool;
     fn unwatch(&mut self, target: u32, pids: &[u32]);
+    /// A watched member of a live target exited (the kernel already forgot it): drops what
+    /// user space keeps for it in the kernel.
+    fn member_exited(&mut self, pid: u32);
     /// Whether the kernel could not watch some process of `target`'s family (its map was full
     /// when one was forked): its activity is not fully seen.
     fn watch_incomplete(&self, target: u32) -> bool;

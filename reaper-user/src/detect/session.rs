@@ -182,6 +182,34 @@ impl Attribution {
     }
 }
 
+/// The fastest fall of MemAvailable, in percent of MemTotal a second, that the pressure check
+/// is meant to act on before it crosses the threshold. What it is for fills memory over minutes
+/// to hours: a leaked agent CLI holds 170–370 MB and they pile up one per query (public
+/// reports: 35 in 24 h, 121 in 6 h). Falling faster than this (160 MB/s on an 8 GB host, an
+/// agent CLI every one or two seconds, sustained) is a burst that only the kernel's OOM killer
+/// answers in time; a read every second would not either, and PSI, read at every check, rises
+/// under it.
+const MEM_FALL_PERCENT_PER_SEC: f64 = 2.0;
+/// The longest `/proc/meminfo` goes unread, however much memory is available.
+const MEMINFO_MAX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(16);
+
+/// How long `/proc/meminfo` may go unread after a reading with MemAvailable at `available`
+/// percent of MemTotal (`None`: unknown), with the threshold at `threshold` percent: falling
+/// at most [`MEM_FALL_PERCENT_PER_SEC`], it cannot cross the threshold sooner, so a read after
+/// this long notices a crossing no later than a read at every check would (give or take one
+/// check), and once close to the threshold it is read at every check. The read is worth
+/// sparing: every read computes and formats all fifty-odd fields (meminfo_proc_show(),
+/// <https://github.com/torvalds/linux/blob/v6.18/fs/proc/meminfo.c>), and `perf` put it at
+/// 14 % of an idle daemon's samples when read every second.
+pub(crate) fn meminfo_interval(available: Option<f64>, threshold: f64) -> std::time::Duration {
+    let headroom = available.map_or(0.0, |a| a - threshold);
+    if headroom.is_nan() || headroom <= 0.0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::from_secs_f64(headroom / MEM_FALL_PERCENT_PER_SEC)
+        .min(MEMINFO_MAX_INTERVAL)
+}
+
 /// One reading of memory pressure.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub(crate) struct Pressure {
@@ -318,5 +346,29 @@ mod tests {
         assert!(!p.short(&mp));
         assert_eq!(Pressure::parse(Some("garbage"), None), Pressure::default());
         assert!(!Pressure::default().short(&mp));
+    }
+
+    #[test]
+    fn meminfo_is_read_less_often_the_further_memory_is_from_the_threshold() {
+        use std::time::Duration;
+        // Unknown, at or below the threshold: at every check.
+        assert_eq!(meminfo_interval(None, 10.0), Duration::ZERO);
+        assert_eq!(meminfo_interval(Some(10.0), 10.0), Duration::ZERO);
+        assert_eq!(meminfo_interval(Some(4.0), 10.0), Duration::ZERO);
+        assert_eq!(meminfo_interval(Some(f64::NAN), 10.0), Duration::ZERO);
+        // 3 points above: 1.5 s at 2 points a second; 20 points: 10 s.
+        assert_eq!(
+            meminfo_interval(Some(13.0), 10.0),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(meminfo_interval(Some(30.0), 10.0), Duration::from_secs(10));
+        // Never longer than 16 s.
+        assert_eq!(meminfo_interval(Some(92.0), 10.0), Duration::from_secs(16));
+        // Whatever the headroom, memory falling at the bound is still above the threshold
+        // when it is read again.
+        for available in [10.5, 12.0, 25.0, 41.0, 60.0, 99.0] {
+            let wait = meminfo_interval(Some(available), 10.0).as_secs_f64();
+            assert!(available - wait * MEM_FALL_PERCENT_PER_SEC >= 10.0 - 1e-9);
+        }
     }
 }

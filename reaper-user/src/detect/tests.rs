@@ -53,6 +53,10 @@ impl Host for FakeHost {
             self.watched.remove(p);
         }
     }
+    fn member_exited(&mut self, pid: u32) {
+        // The exit program removes it; user space only clears its filter bit.
+        self.watched.remove(&pid);
+    }
     fn cgroup(&self, _pid: u32) -> Option<String> {
         Some("0::/system.slice/agent.service\n".into())
     }

@@ -7,7 +7,7 @@
 //! programs submit with `BPF_RB_NO_WAKEUP` until their CPU has submitted its share of an eighth
 //! of the ring since it last woke the reader (then `BPF_RB_FORCE_WAKEUP`), and this reader also
 //! drains on a timer ([`POLL_MIN`] while events
-//! flow, backing off to [`POLL_MAX`] when quiet). Each drain forwards everything there is as
+//! flow, backing off to [`POLL_MAX`] when quiet or when they only trickle in). Each drain forwards everything there is as
 //! one or more batches of raw records (at most [`MAX_BATCH`] each), taken from [`Batches`]: the
 //! consumer decodes and applies them, then hands the emptied ones back.
 use std::sync::{Arc, Mutex};
@@ -29,6 +29,25 @@ pub(crate) const POLL_MIN: std::time::Duration = std::time::Duration::from_milli
 /// …backing off (doubling) to this while drains find nothing: the longest an event waits on a
 /// quiet host. A fixed 100 ms timer cost a quiet daemon ≈ 0.17 % of a core (measured).
 pub(crate) const POLL_MAX: std::time::Duration = std::time::Duration::from_millis(1600);
+
+/// The records a timed drain aims to find. Each timed drain sets the next one's delay to what
+/// would have found this many at the rate just seen (at most doubling it, within [`POLL_MIN`]
+/// and [`POLL_MAX`]): a storm is drained every [`POLL_MIN`], while a host's sporadic events (a
+/// build's, a cron job's) no longer pull a quiet daemon back to ten wake-ups a second for each
+/// one of them.
+const DRAIN_TARGET: usize = 64;
+
+/// The delay before the next timed drain, after one that waited `delay` and found `drained`
+/// records.
+fn next_delay(delay: std::time::Duration, drained: usize) -> std::time::Duration {
+    let longest = (delay * 2).min(POLL_MAX);
+    if drained == 0 {
+        return longest;
+    }
+    delay
+        .mul_f64(DRAIN_TARGET as f64 / drained as f64)
+        .clamp(POLL_MIN, longest.max(POLL_MIN))
+}
 
 /// Records read off the ring in one drain, as the kernel wrote them: decoded by whoever applies
 /// them ([`Batch::events`]), one at a time.
@@ -152,7 +171,7 @@ pub async fn run(
                 let Some(drained) = drain(fd.get_mut(), &tx, &batches, limit).await else {
                     return Ok(());
                 };
-                delay = if drained > 0 { POLL_MIN } else { (delay * 2).min(POLL_MAX) };
+                delay = next_delay(delay, drained);
             }
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
@@ -208,6 +227,25 @@ async fn drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drains_come_often_in_a_storm_and_seldom_for_a_trickle() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        // Nothing found: back off, doubling, to the longest.
+        assert_eq!(next_delay(POLL_MIN, 0), ms(200));
+        assert_eq!(next_delay(POLL_MAX, 0), POLL_MAX);
+        // A storm: back to the shortest at once.
+        assert_eq!(next_delay(POLL_MAX, 10_000), POLL_MIN);
+        assert_eq!(next_delay(POLL_MIN, 500), POLL_MIN);
+        // A few events a second: the delay keeps growing (doubling at most) to the longest.
+        assert_eq!(next_delay(ms(400), 3), ms(800));
+        assert_eq!(next_delay(ms(800), 5), POLL_MAX);
+        assert_eq!(next_delay(POLL_MAX, 16), POLL_MAX);
+        // 100 events a second: a drain finds about DRAIN_TARGET of them.
+        assert_eq!(next_delay(POLL_MAX, 160), ms(640));
+        assert_eq!(next_delay(ms(640), 64), ms(640));
+    }
 
     #[test]
     fn a_buffer_grown_by_a_storm_is_shrunk_when_handed_back() {

@@ -485,6 +485,32 @@ impl Probes {
         self.unwatched_targets.remove(&target);
     }
 
+    /// `pid`, watched for some target, exited. The exit program removed it from `WATCHED` but
+    /// cannot clear its bit in `WATCHED_BY_USER` (only this side writes that array); clears it
+    /// here so the kernel's programs skip the lookup for whoever gets the pid next. Kept where
+    /// `WATCHED` holds the pid again (reused meanwhile, e.g. forked into a watched family and
+    /// inserted by the kernel): a set bit is only ever a lookup, a clear one must be true.
+    pub fn exited(&mut self, pid: u32) {
+        let set = self
+            .watched_by_user_bits
+            .get((pid / 64) as usize)
+            .is_some_and(|word| (word >> (pid % 64)) & 1 != 0);
+        if !set {
+            return;
+        }
+        if let Err(aya::maps::MapError::KeyNotFound) = self.watched.get(&pid, 0) {
+            let _ = self.filter_user_watch(pid, false);
+        }
+    }
+
+    /// Whether `pid`'s bit in `WATCHED_BY_USER` is set, as the kernel reads it (a pid beyond
+    /// the filter: true, the kernel takes it as maybe watched).
+    pub fn user_filter(&self, pid: u32) -> bool {
+        self.watched_by_user
+            .get(&(pid / 64), 0)
+            .map_or(true, |word| (word >> (pid % 64)) & 1 != 0)
+    }
+
     /// Sets or clears `pid`'s bit in `WATCHED_BY_USER`. A pid beyond the filter needs none
     /// (the kernel takes it as maybe watched).
     fn filter_user_watch(&mut self, pid: u32, watched: bool) -> Result<(), aya::maps::MapError> {
