@@ -6,10 +6,10 @@
 //! reader is every record — measured: ≈ 1.25 context switches per event in a fork storm. So the
 //! programs submit with `BPF_RB_NO_WAKEUP` until their CPU has submitted its share of an eighth
 //! of the ring since it last woke the reader (then `BPF_RB_FORCE_WAKEUP`), and this reader also
-//! drains on a timer ([`POLL_MIN`] while events
-//! flow, backing off to [`POLL_MAX`] when quiet or when they only trickle in). Each drain forwards everything there is as
-//! one or more batches of raw records (at most [`MAX_BATCH`] each), taken from [`Batches`]: the
-//! consumer decodes and applies them, then hands the emptied ones back.
+//! drains on a timer ([`POLL_MIN`] while events flow, backing off to [`POLL_MAX`] when quiet or
+//! when they only trickle in). Each drain forwards everything there is as one or more batches
+//! of raw records (at most [`MAX_BATCH`] each), taken from [`Batches`]: the consumer decodes and
+//! applies them, then hands the emptied ones back.
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{MapData, RingBuf};
