@@ -270,7 +270,17 @@ impl ProcessTree {
     }
 
     /// Applies one lifecycle event.
+    #[cfg(test)]
     pub(crate) fn apply(&mut self, event: &Event) -> Applied {
+        self.apply_taking(&mut event.clone())
+    }
+
+    /// Applies one lifecycle event like [`ProcessTree::apply`], moving its strings (comm, file,
+    /// argv) into the tree rather than copying them: `event` keeps its kind, identities and
+    /// times, and the strings the tree kept are left empty in it. Copying them was an
+    /// allocation per fork (the comm) and per exec (argv's shared buffer) on the daemon's
+    /// hottest path.
+    pub(crate) fn apply_taking(&mut self, event: &mut Event) -> Applied {
         match event {
             Event::Fork {
                 id,
@@ -291,9 +301,9 @@ impl ProcessTree {
             } => {
                 let p = self.entry_for(*id, *parent_pid);
                 p.uid = *uid;
-                p.comm.clone_from(comm);
-                p.exe.clone_from(filename);
-                p.argv = argv.clone();
+                p.comm = std::mem::take(comm);
+                p.exe = std::mem::take(filename);
+                p.argv = std::mem::take(argv);
                 p.argv_truncated = *argv_truncated;
                 p.placeholder = false;
                 p.inherited_image = false;
@@ -311,7 +321,7 @@ impl ProcessTree {
             } => self.exit(*id, *status, *reaper_pid),
             Event::Rename { id, comm, .. } => match self.live.get_mut(&id.pid) {
                 Some(p) if p.id == *id => {
-                    p.comm.clone_from(comm);
+                    p.comm = std::mem::take(comm);
                     Applied::Changed
                 }
                 _ => Applied::Unknown,
@@ -319,7 +329,7 @@ impl ProcessTree {
         }
     }
 
-    fn fork(&mut self, id: Identity, parent: Identity, uid: u32, comm: &str) -> Applied {
+    fn fork(&mut self, id: Identity, parent: Identity, uid: u32, comm: &mut String) -> Applied {
         if self.get_id(id).is_some() {
             return Applied::AlreadyKnown;
         }
@@ -335,7 +345,7 @@ impl ProcessTree {
             id,
             ppid: parent.pid,
             uid,
-            comm: comm.to_owned(),
+            comm: std::mem::take(comm),
             exe: parent_entry.exe.clone(),
             argv: parent_entry.argv.clone(),
             argv_truncated: parent_entry.argv_truncated,
