@@ -42,7 +42,8 @@ impl Exited {
 
     fn get(&self, id: &Identity) -> Option<&Process> {
         let seq = *self.index.get(id)?;
-        self.ring.get(usize::try_from(seq.checked_sub(self.dropped)?).ok()?)
+        self.ring
+            .get(usize::try_from(seq.checked_sub(self.dropped)?).ok()?)
     }
 
     /// Remembers `p`, dropping the oldest entry once [`EXITED_KEPT`] are held. An identity
@@ -55,7 +56,11 @@ impl Exited {
     /// the ring was a cold hash-table probe per exit, 9 % of the daemon's samples in a spawn
     /// storm (`perf record --call-graph dwarf`, 3 × 4 × 5,000 spawns).
     fn put(&mut self, p: Process) {
-        if let Some(at) = self.index.get(&p.id).and_then(|seq| seq.checked_sub(self.dropped)) {
+        if let Some(at) = self
+            .index
+            .get(&p.id)
+            .and_then(|seq| seq.checked_sub(self.dropped))
+        {
             self.ring[usize::try_from(at).expect("within the ring")] = p;
             return;
         }

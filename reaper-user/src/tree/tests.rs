@@ -345,7 +345,10 @@ fn dropped_exits_leave_the_index_in_sweeps_and_can_be_remembered_again() {
     tree.apply(&exit(first, 3 << 8, 1));
     assert_eq!(tree.exited(first).unwrap().exit.unwrap().code(), Some(3));
     assert_eq!(tree.exited.len(), EXITED_KEPT);
-    let newest = id(1000 + EXITED_KEPT as u32 - 1, 100 + EXITED_KEPT as u64 - 1 + 400_000);
+    let newest = id(
+        1000 + EXITED_KEPT as u32 - 1,
+        100 + EXITED_KEPT as u64 - 1 + 400_000,
+    );
     assert!(tree.exited(newest).is_some());
 }
 
