@@ -357,8 +357,8 @@ impl Pipeline {
         let mut duplicates = 0;
         while let Ok(msg) = events_rx.try_recv() {
             if let RingMsg::Events(batch) = msg {
-                for event in batch.events(&metrics) {
-                    if tree.apply(&event) == crate::tree::Applied::AlreadyKnown {
+                for mut event in batch.events(&metrics) {
+                    if tree.apply_taking(&mut event) == crate::tree::Applied::AlreadyKnown {
                         duplicates += 1;
                     }
                 }
@@ -595,10 +595,13 @@ impl TreeOwner {
                 msg = events.recv() => match msg {
                     Some(RingMsg::Events(batch)) => {
                         let tapped = self.applied.receiver_count() > 0;
-                        for event in batch.events(&self.metrics) {
-                            self.tree.apply(&event);
+                        for mut event in batch.events(&self.metrics) {
+                            let whole = tapped.then(|| event.clone());
+                            // The tree takes the event's strings; the detector reads only its
+                            // kind, identities and times.
+                            self.tree.apply_taking(&mut event);
                             self.detector.on_event(&self.tree, &event, &mut self.host);
-                            if tapped {
+                            if let Some(event) = whole {
                                 let _ = self.applied.send(event);
                             }
                         }

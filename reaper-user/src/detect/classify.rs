@@ -56,7 +56,8 @@ impl Detector {
         }
     }
 
-    /// Updates after the tree applied `event`.
+    /// Updates after the tree applied `event`. Reads only its kind, identities and times: the
+    /// tree has taken its strings ([`ProcessTree::apply_taking`]).
     pub(crate) fn on_event(&mut self, tree: &ProcessTree, event: &Event, host: &mut impl Host) {
         match event {
             Event::Fork {

@@ -68,9 +68,17 @@ fn record<T: Copy>(kind: EventKind, bytes: &[u8]) -> Result<T, DecodeError> {
 }
 
 /// A NUL-terminated (or full) byte array as a string, invalid UTF-8 replaced.
+///
+/// Valid UTF-8 (nearly every comm and path) is checked by `str::from_utf8`, whose ASCII fast
+/// path reads a word at a time; `from_utf8_lossy`'s chunk iterator, run on every field of every
+/// record, was 2.6 % of the daemon's samples in a spawn storm.
 fn c_str(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    let bytes = &bytes[..end];
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
 }
 
 fn bounded(field: &'static str, len: u32, max: usize) -> Result<usize, DecodeError> {
@@ -252,6 +260,15 @@ mod tests {
         assert_eq!(argv.to_strings(), ["/bin/true", "-x", "\u{fffd}"]);
         assert!(argv_truncated);
         assert!(!filename_truncated);
+    }
+
+    #[test]
+    fn fixed_strings_end_at_their_nul_and_keep_invalid_utf8_visible() {
+        assert_eq!(c_str(b"true\0\0\0"), "true");
+        assert_eq!(c_str(b"fifteen-bytes!!"), "fifteen-bytes!!");
+        assert_eq!(c_str(b"a\xffb\0\xfe"), "a\u{fffd}b");
+        assert_eq!(c_str("日本\0".as_bytes()), "日本");
+        assert_eq!(c_str(b""), "");
     }
 
     #[test]

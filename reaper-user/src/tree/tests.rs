@@ -327,6 +327,32 @@ fn exited_memory_is_bounded() {
 }
 
 #[test]
+fn dropped_exits_leave_the_index_in_sweeps_and_can_be_remembered_again() {
+    let mut tree = base();
+    let first = id(1000, 100);
+    for round in 0..5u64 {
+        for i in 0..EXITED_KEPT as u32 {
+            let who = id(1000 + i, 100 + u64::from(i) + round * 100_000);
+            tree.apply(&fork(who, id(100, 50)));
+            tree.apply(&exit(who, 0, 1));
+            assert!(tree.exited.index.len() <= 2 * EXITED_KEPT);
+        }
+    }
+    assert_eq!(tree.exited.len(), EXITED_KEPT);
+    assert!(tree.exited(first).is_none(), "dropped four rounds ago");
+    // Long dropped, its identity may still be in the index: remembered again, it is found,
+    // with what it is now.
+    tree.apply(&exit(first, 3 << 8, 1));
+    assert_eq!(tree.exited(first).unwrap().exit.unwrap().code(), Some(3));
+    assert_eq!(tree.exited.len(), EXITED_KEPT);
+    let newest = id(
+        1000 + EXITED_KEPT as u32 - 1,
+        100 + EXITED_KEPT as u64 - 1 + 400_000,
+    );
+    assert!(tree.exited(newest).is_some());
+}
+
+#[test]
 fn an_exit_remembered_twice_is_one_entry_with_the_newer_status() {
     let mut tree = base();
     let who = id(700, 70);
