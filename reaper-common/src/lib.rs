@@ -34,6 +34,11 @@ pub const LIFECYCLE_TRACEPOINTS: [&str; 4] = [
     "task_rename",
 ];
 
+/// The bench's second floor on `sched_process_exec` (reaper-ebpf/src/floor.rs): an exec record
+/// with the path and argv reaper's carries. `bench-load floor content` attaches it alone;
+/// `cargo xtask bench` reads its run time by this name.
+pub const EXEC_CONTENT_FLOOR: &str = "floor_sched_process_exec_content";
+
 /// The socket activity programs, named likewise (kernel 6.3+): attached where the kernel has
 /// both tracepoints; elsewhere target activity comes from `/proc/PID/io`.
 pub const SOCKET_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
