@@ -467,11 +467,17 @@ mod tests {
     #[test]
     fn comm_bytes_after_the_first_nul_are_zeroed() {
         // "true" over an older "bash-longername": strlcpy() left the old tail.
-        assert_eq!(padded(b"true\0longername\0"), *b"true\0\0\0\0\0\0\0\0\0\0\0\0");
+        assert_eq!(
+            padded(b"true\0longername\0"),
+            *b"true\0\0\0\0\0\0\0\0\0\0\0\0"
+        );
         assert_eq!(padded(b"\0abcdefghijklmn\0"), [0; COMM_LEN]);
         assert_eq!(padded(b"abcdefg\0ijklmno\0"), *b"abcdefg\0\0\0\0\0\0\0\0\0");
         // The NUL in the second half; bytes of 0x01 and 0x80 (the trick's constants) kept.
-        assert_eq!(padded(b"\x01\x80\x81cdefghij\0\xffmn\0"), *b"\x01\x80\x81cdefghij\0\0\0\0\0");
+        assert_eq!(
+            padded(b"\x01\x80\x81cdefghij\0\xffmn\0"),
+            *b"\x01\x80\x81cdefghij\0\0\0\0\0"
+        );
         assert_eq!(padded(b"abcdefghijklmno\0"), *b"abcdefghijklmno\0");
         // A torn read without any NUL ends like the helper's copy.
         assert_eq!(padded(b"abcdefghijklmnop"), *b"abcdefghijklmno\0");

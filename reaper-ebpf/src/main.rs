@@ -15,21 +15,20 @@
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
-        generated,
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated,
     },
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
-use reaper_ebpf::{exec_content, load, off};
 use reaper_common::{
     ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE, ActivityRecord, COMM_LEN, EventKind, ExecEvent,
-    ExitEvent, ForkEvent, Header, KIND_SLOTS, KernelFeatures,
-    KernelOffsets, RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAME_FILTER_BITS,
-    WATCH_NAMES_MAX, comm_nul_padded, watch_name_bit,
+    ExitEvent, ForkEvent, Header, KIND_SLOTS, KernelFeatures, KernelOffsets, RenameEvent,
+    SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAME_FILTER_BITS, WATCH_NAMES_MAX,
+    comm_nul_padded, watch_name_bit,
 };
+use reaper_ebpf::{exec_content, load, off};
 
 /// Field offsets of the running kernel, written by user space at load time (read-only global).
 #[unsafe(no_mangle)]

@@ -1,5 +1,5 @@
 //! 6. Per program: reaper's BPF programs against the bench's floor programs, and reaper's
-//! exec program also against the floor that carries its record's content (path and argv).
+//!    exec program also against the floor that carries its record's content (path and argv).
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
