@@ -34,6 +34,11 @@ pub const LIFECYCLE_TRACEPOINTS: [&str; 4] = [
     "task_rename",
 ];
 
+/// The bench's second floor on `sched_process_exec` (reaper-ebpf/src/floor.rs): an exec record
+/// with the path and argv reaper's carries. `bench-load floor content` attaches it alone;
+/// `cargo xtask bench` reads its run time by this name.
+pub const EXEC_CONTENT_FLOOR: &str = "floor_sched_process_exec_content";
+
 /// The socket activity programs, named likewise (kernel 6.3+): attached where the kernel has
 /// both tracepoints; elsewhere target activity comes from `/proc/PID/io`.
 pub const SOCKET_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
@@ -203,8 +208,9 @@ const _: () = assert!(size_of::<Header>() == 24);
 const _: () = assert!(size_of::<ForkEvent>() == 56);
 const _: () = assert!(size_of::<ExecHead>() == 48 + COMM_LEN);
 const _: () = assert!(core::mem::offset_of!(ExecEvent, data) == size_of::<ExecHead>());
-// The exec program loads the comm as two u64 (`watch_name_bit`).
+// The fork and exec programs store the comm as two u64 (and exec hashes them: `watch_name_bit`).
 const _: () = assert!(core::mem::offset_of!(ExecHead, comm) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(ForkEvent, comm) % 8 == 0);
 const _: () = assert!(size_of::<ExecEvent>() == size_of::<ExecHead>() + FILENAME_LEN + ARGV_LEN);
 const _: () = assert!(size_of::<ExitEvent>() == 32);
 const _: () = assert!(size_of::<RenameEvent>() == 40);
@@ -262,9 +268,84 @@ pub struct KernelOffsets {
     /// Byte offset of `socket_lock_t::owned` within `struct sock` (`sk_lock`): non-zero while
     /// a task holds the socket with lock_sock().
     pub sock_owned: u32,
+    /// `task_struct::comm`, [`COMM_LEN`] bytes (its length checked in BTF at load time).
+    pub task_comm: u32,
+    /// `task_struct::cred`: the subjective credentials, what `current_uid()` reads.
+    pub task_cred: u32,
+    /// Byte offset of `cred::uid.val` (a `kuid_t`'s one member) within `struct cred`.
+    pub cred_uid: u32,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 29 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 32 * 4);
+
+impl KernelOffsets {
+    /// All zero, `ready` included: what the eBPF objects are compiled with, before user space
+    /// writes the running kernel's layout over it at load time.
+    pub const UNSET: Self = Self {
+        ready: 0,
+        task_pid: 0,
+        task_tgid: 0,
+        task_real_parent: 0,
+        task_group_leader: 0,
+        task_start_boottime: 0,
+        task_signal: 0,
+        task_exit_code: 0,
+        task_mm: 0,
+        task_thread_pid: 0,
+        signal_live: 0,
+        signal_flags: 0,
+        signal_group_exit_code: 0,
+        signal_is_subreaper_word: 0,
+        signal_is_subreaper_bit: 0,
+        signal_has_subreaper_word: 0,
+        signal_has_subreaper_bit: 0,
+        mm_arg_start: 0,
+        mm_arg_end: 0,
+        binprm_filename: 0,
+        pid_level: 0,
+        pid_numbers: 0,
+        upid_size: 0,
+        upid_ns: 0,
+        pid_ns_child_reaper: 0,
+        task_in_execve_word: 0,
+        task_in_execve_bit: 0,
+        sock_family: 0,
+        sock_owned: 0,
+        task_comm: 0,
+        task_cred: 0,
+        cred_uid: 0,
+    };
+}
+
+/// A `comm` read as two little-endian `u64` halves (the eBPF target is `bpfel`), with every byte after its first NUL
+/// zeroed, as `bpf_get_current_comm()` returns it (strncpy() on 5.10, strscpy_pad() on 6.18:
+/// <https://github.com/torvalds/linux/blob/v5.10/kernel/bpf/helpers.c>,
+/// <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/helpers.c>) and `WATCH_NAMES`
+/// keys it. The task's own array may hold an older, longer name's bytes past the NUL: 5.10's
+/// `__set_task_comm()` copies with strlcpy(), which does not pad
+/// (<https://github.com/torvalds/linux/blob/v5.10/fs/exec.c>). Branch-light for the eBPF side:
+/// the lowest set bit of `(w - 0x01…) & !w & 0x80…` marks the first zero byte of `w` exactly
+/// (a false marker can only sit above a true one, where the borrow ran).
+pub const fn comm_nul_padded(lo: u64, hi: u64) -> (u64, u64) {
+    const fn before_first_nul(w: u64) -> Option<u64> {
+        let zero = w.wrapping_sub(0x0101_0101_0101_0101) & !w & 0x8080_8080_8080_8080;
+        if zero == 0 {
+            return None;
+        }
+        // The lowest marker bit is bit 8k + 7 for the first zero byte k: keep bytes 0..k.
+        let first = zero & zero.wrapping_neg();
+        Some(w & ((first >> 7) - 1))
+    }
+    match before_first_nul(lo) {
+        Some(lo) => (lo, 0),
+        None => match before_first_nul(hi) {
+            Some(hi) => (lo, hi),
+            // No NUL in 16 bytes (the kernel always ends a comm with one: a read torn by a
+            // rename in flight): the last byte becomes it, as the helper's copy does.
+            None => (lo, hi & (u64::MAX >> 8)),
+        },
+    }
+}
 
 /// What the running kernel's tracepoints and structs offer beyond a layout, found in its BTF
 /// at load time and handed to the programs as a read-only global beside [`KernelOffsets`].
@@ -367,4 +448,49 @@ mod pod {
     unsafe impl aya::Pod for super::KernelFeatures {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Header {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `comm_nul_padded` of 16 raw bytes, as the eBPF side loads them.
+    fn padded(raw: &[u8; COMM_LEN]) -> [u8; COMM_LEN] {
+        let half = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
+        let (lo, hi) = comm_nul_padded(half(&raw[..8]), half(&raw[8..]));
+        let mut out = [0; COMM_LEN];
+        out[..8].copy_from_slice(&lo.to_le_bytes());
+        out[8..].copy_from_slice(&hi.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn comm_bytes_after_the_first_nul_are_zeroed() {
+        // "true" over an older "bash-longername": strlcpy() left the old tail.
+        assert_eq!(
+            padded(b"true\0longername\0"),
+            *b"true\0\0\0\0\0\0\0\0\0\0\0\0"
+        );
+        assert_eq!(padded(b"\0abcdefghijklmn\0"), [0; COMM_LEN]);
+        assert_eq!(padded(b"abcdefg\0ijklmno\0"), *b"abcdefg\0\0\0\0\0\0\0\0\0");
+        // The NUL in the second half; bytes of 0x01 and 0x80 (the trick's constants) kept.
+        assert_eq!(
+            padded(b"\x01\x80\x81cdefghij\0\xffmn\0"),
+            *b"\x01\x80\x81cdefghij\0\0\0\0\0"
+        );
+        assert_eq!(padded(b"abcdefghijklmno\0"), *b"abcdefghijklmno\0");
+        // A torn read without any NUL ends like the helper's copy.
+        assert_eq!(padded(b"abcdefghijklmnop"), *b"abcdefghijklmno\0");
+    }
+
+    #[test]
+    fn every_single_nul_position_keeps_exactly_the_bytes_before_it() {
+        for at in 0..COMM_LEN {
+            let mut raw = [0xa5u8; COMM_LEN];
+            raw[at] = 0;
+            let mut want = [0u8; COMM_LEN];
+            want[..at].fill(0xa5);
+            assert_eq!(padded(&raw), want, "NUL at {at}");
+        }
+    }
 }

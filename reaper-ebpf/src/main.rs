@@ -15,8 +15,7 @@
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes, generated,
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated,
     },
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -24,46 +23,16 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use reaper_common::{
-    ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE, ARGV_LEN, ActivityRecord, COMM_LEN,
-    EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, EventKind, ExecEvent,
-    ExecHead, ExitEvent, FILENAME_LEN, ForkEvent, Header, KIND_SLOTS, KernelFeatures,
-    KernelOffsets, RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAME_FILTER_BITS,
-    WATCH_NAMES_MAX, watch_name_bit,
+    ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE, ActivityRecord, COMM_LEN, EventKind, ExecEvent,
+    ExitEvent, ForkEvent, Header, KIND_SLOTS, KernelFeatures, KernelOffsets, RenameEvent,
+    SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAME_FILTER_BITS, WATCH_NAMES_MAX,
+    comm_nul_padded, watch_name_bit,
 };
+use reaper_ebpf::{exec_content, load, off};
 
 /// Field offsets of the running kernel, written by user space at load time (read-only global).
 #[unsafe(no_mangle)]
-static OFFSETS: KernelOffsets = KernelOffsets {
-    ready: 0,
-    task_pid: 0,
-    task_tgid: 0,
-    task_real_parent: 0,
-    task_group_leader: 0,
-    task_start_boottime: 0,
-    task_signal: 0,
-    task_exit_code: 0,
-    task_mm: 0,
-    task_thread_pid: 0,
-    signal_live: 0,
-    signal_flags: 0,
-    signal_group_exit_code: 0,
-    signal_is_subreaper_word: 0,
-    signal_is_subreaper_bit: 0,
-    signal_has_subreaper_word: 0,
-    signal_has_subreaper_bit: 0,
-    mm_arg_start: 0,
-    mm_arg_end: 0,
-    binprm_filename: 0,
-    pid_level: 0,
-    pid_numbers: 0,
-    upid_size: 0,
-    upid_ns: 0,
-    pid_ns_child_reaper: 0,
-    task_in_execve_word: 0,
-    task_in_execve_bit: 0,
-    sock_family: 0,
-    sock_owned: 0,
-};
+static OFFSETS: KernelOffsets = KernelOffsets::UNSET;
 
 /// What the running kernel offers, written by user space at load time (read-only global).
 #[unsafe(no_mangle)]
@@ -182,41 +151,13 @@ const ROOT_NS_REAPER_TGID: u32 = 1;
 /// the namespace's init).
 const MAX_ANCESTORS: usize = 24;
 
-/// One field of [`OFFSETS`], read alone where it is used (not the whole struct copied to the
-/// stack first). The volatile read stops the compiler from folding the all-zero initializer
-/// into the code, since user space rewrites it before loading. The map is read-only for the
-/// programs and frozen before they load, so the verifier knows the value as a constant
-/// (`bpf_map_direct_read()` in check_mem_access():
-/// <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/verifier.c>) and the direct
-/// loads through typed pointers below ([`load`]) see a constant field offset.
-macro_rules! off {
-    ($field:ident) => {
-        // SAFETY: a plain global of u32 fields, read by address.
-        unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) }
-    };
-}
-
-/// One field of [`FEATURES`], read like [`off!`]; the verifier knows it as a constant too, so
+/// One field of [`FEATURES`], read like [`off!`] reads [`OFFSETS`]; the verifier knows it as a constant too, so
 /// the branch a kernel does not take is dead code.
 macro_rules! feature {
     ($field:ident) => {
         // SAFETY: as for `off!`.
         unsafe { core::ptr::read_volatile(&raw const FEATURES.$field) }
     };
-}
-
-/// Loads a `T` at `base + off` straight from kernel memory: no helper call. `base` must be a
-/// pointer whose BTF type the verifier knows (a BTF tracepoint's `struct` argument, or a
-/// pointer member loaded from one this way) and `off` a field of that type at a constant
-/// offset: the verifier checks the access against the kernel's BTF (check_ptr_to_btf_access()
-/// → btf_struct_access()) and marks it `BPF_PROBE_MEM`, so the JIT emits a plain load that
-/// yields 0 instead of faulting (ex_handler_bpf()): <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/verifier.c>,
-/// <https://github.com/torvalds/linux/blob/v6.18/arch/x86/net/bpf_jit_comp.c>. A loaded
-/// struct pointer is typed again, so chains (`task->real_parent->tgid`) stay direct.
-#[inline(always)]
-fn load<T>(base: *const u8, off: u32) -> T {
-    // SAFETY: see above; the kernel makes a faulting load read 0.
-    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize).cast::<T>()) }
 }
 
 /// Reads a `T` at `base + off` with `bpf_probe_read_kernel`, for what [`load`] cannot reach:
@@ -273,18 +214,61 @@ fn wakeup_flags(bytes: u64) -> u64 {
     }
 }
 
-/// The current task's comm into `buf` (`bpf_get_current_comm` writes the whole buffer:
-/// the name NUL-padded, or zeros).
+/// `task->comm` as two little-endian `u64` halves, NUL-padded ([`comm_nul_padded`]), loaded
+/// byte by byte: what `bpf_get_current_comm()` copies for `current`, without the helper call.
+/// Byte loads, because the verifier checks a load from a `char[]` member against one element
+/// ("access beyond the end of member" for a wider one: btf_struct_walk() in
+/// <https://github.com/torvalds/linux/blob/v5.10/kernel/bpf/btf.c>,
+/// <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/btf.c>). Like the helper, it does
+/// not take the task lock: a rename in flight may be read half done.
+#[inline(always)]
+fn task_comm(task: *const u8) -> (u64, u64) {
+    let at = off!(task_comm);
+    let half = |from: u32| -> u64 {
+        let mut word = 0u64;
+        let mut i = 0;
+        while i < 8 {
+            word |= u64::from(load::<u8>(task, at + from + i)) << (8 * i);
+            i += 1;
+        }
+        word
+    };
+    comm_nul_padded(half(0), half(8))
+}
+
+/// Stores a comm's halves ([`task_comm`]) into a record's `comm`.
 ///
 /// # Safety
-/// `buf` must be writable for [`COMM_LEN`] bytes.
+/// `dst` must be writable for [`COMM_LEN`] bytes and 8-byte aligned.
 #[inline(always)]
-unsafe fn current_comm(buf: *mut [u8; COMM_LEN]) {
-    // SAFETY: the caller's promise; the helper writes at most COMM_LEN bytes.
+unsafe fn store_comm(dst: *mut [u8; COMM_LEN], (lo, hi): (u64, u64)) {
+    // SAFETY: the caller's promise; two aligned u64 stores.
     unsafe {
-        generated::bpf_get_current_comm(buf.cast(), COMM_LEN as u32);
+        let words = dst.cast::<u64>();
+        *words = lo;
+        *words.add(1) = hi;
     }
 }
+
+/// The task's real uid as the initial user namespace sees it: what
+/// `bpf_get_current_uid_gid()` returns for `current` (its low half), without the helper call.
+/// The helper reads `current_cred()->uid` (`task->cred`, the subjective credentials) through
+/// from_kuid(&init_user_ns, …), the identity: init_user_ns maps every id to itself
+/// (<https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/helpers.c>,
+/// <https://github.com/torvalds/linux/blob/v6.18/kernel/user.c>). `task->cred` is `__rcu`:
+/// these programs run under rcu_read_lock(), and the verifier has the pointer checked for
+/// NULL before it is loaded through (a live task always has one).
+#[inline(always)]
+fn task_uid(task: *const u8) -> Result<u32, i32> {
+    let cred: *const u8 = load(task, off!(task_cred));
+    if cred.is_null() {
+        return Err(EFAULT);
+    }
+    Ok(load(cred, off!(cred_uid)))
+}
+
+/// `-EFAULT`, as a helper that could not read would return.
+const EFAULT: i32 = -14;
 
 #[inline(always)]
 fn count(counters: &PerCpuArray<u64>, slot: u32) {
@@ -412,18 +396,10 @@ fn mark_watched(tgid: u32, watched: bool) {
     }
 }
 
-/// Whether the NUL-padded `comm` may be one of [`WATCH_NAMES`] ([`WATCH_NAME_BITS`]).
-///
-/// # Safety
-/// `comm` must be readable and 8-byte aligned (a field of a map value at an offset that is a
-/// multiple of 8).
+/// Whether the NUL-padded comm (its halves, [`task_comm`]) may be one of [`WATCH_NAMES`]
+/// ([`WATCH_NAME_BITS`]).
 #[inline(always)]
-unsafe fn maybe_watched_name(comm: *const [u8; COMM_LEN]) -> bool {
-    // SAFETY: the caller's promise; two aligned u64 loads of the 16 bytes.
-    let (lo, hi) = unsafe {
-        let words = comm.cast::<u64>();
-        (*words, *words.add(1))
-    };
+fn maybe_watched_name((lo, hi): (u64, u64)) -> bool {
     let bit = watch_name_bit(lo, hi);
     match WATCH_NAME_BITS.get(bit / 64) {
         Some(word) => (*word >> (bit % 64)) & 1 != 0,
@@ -458,8 +434,11 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let parent: *const u8 = load(child, off!(task_real_parent));
     let parent_tgid: i32 = load(parent, off!(task_tgid));
     let parent_start = process_start(parent);
-    // The child copies the forking thread's credentials (and comm, below).
-    let uid = bpf_get_current_uid_gid() as u32;
+    // The child copies the forking thread's credentials and comm: that thread is `current`,
+    // the tracepoint's first argument.
+    let forking: *const u8 = ctx.arg(0);
+    let uid = task_uid(forking)?;
+    let comm = task_comm(forking);
 
     if feature!(exit_has_group_dead) == 0 {
         let _ = EXIT_CLAIMED.remove(tgid as u32);
@@ -490,9 +469,7 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         (*ev).parent_tgid = parent_tgid as u32;
         (*ev).uid = uid;
         (*ev).parent_start_time_ns = parent_start;
-        // The forking thread's comm, written straight into the record (NUL-padded, zeroed if
-        // there were no current task).
-        current_comm(&raw mut (*ev).comm);
+        store_comm(&raw mut (*ev).comm, comm);
     }
     entry.submit(wakeup_flags(size_of::<ForkEvent>() as u64));
     Ok(())
@@ -518,94 +495,46 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let task: *const u8 = ctx.arg(0);
     let bprm: *const u8 = ctx.arg(2);
     let tgid: u32 = load(task, off!(task_tgid));
-    let start = process_start(task);
+    // The exec'ing thread leads its group by now: de_thread() made it the leader, with the old
+    // leader's start time, before the tracepoint (begin_new_exec() → de_thread():
+    // <https://github.com/torvalds/linux/blob/v5.10/fs/exec.c>,
+    // <https://github.com/torvalds/linux/blob/v6.18/fs/exec.c>), so its own start time is the
+    // process's: no `group_leader` load.
+    let start: u64 = load(task, off!(task_start_boottime));
     let parent: *const u8 = load(task, off!(task_real_parent));
     let parent_tgid: i32 = load(parent, off!(task_tgid));
     let filename: *const u8 = load(bprm, off!(binprm_filename));
     let mm: *const u8 = load(task, off!(task_mm));
     let arg_start: u64 = load(mm, off!(mm_arg_start));
     let arg_end: u64 = load(mm, off!(mm_arg_end));
-    let uid = bpf_get_current_uid_gid() as u32;
+    let uid = task_uid(task)?;
+    let comm = task_comm(task);
 
     let Some(ev) = EXEC_SCRATCH.get_ptr_mut(0) else {
         return Ok(());
     };
-    // SAFETY: `ev` points at this CPU's scratch record; the comm goes straight into it (the
-    // watch-name lookup takes a copy as its key).
+    // SAFETY: `ev` points at this CPU's scratch record; the comm goes into it (the watch-name
+    // lookup takes a copy as its key).
     unsafe {
-        current_comm(&raw mut (*ev).head.comm);
-        if maybe_watched_name(&raw const (*ev).head.comm)
-            && WATCH_NAMES.get((*ev).head.comm).is_some()
-        {
+        store_comm(&raw mut (*ev).head.comm, comm);
+        if maybe_watched_name(comm) && WATCH_NAMES.get((*ev).head.comm).is_some() {
             // Its own target until user space decides; a descendant of a target stays that.
             mark_watched(tgid, true);
             let _ = WATCHED.insert(tgid, tgid, u64::from(BPF_NOEXIST));
         }
     }
-    let mut flags = 0u32;
-
-    // The path first, then argv right after its last byte: the record carries only the bytes
-    // present (≈ 80 bytes for `/bin/true`), not the arrays' full sizes.
-    // SAFETY: `ev` points at this CPU's scratch record of size_of::<ExecEvent>().
-    let filename_len = unsafe {
-        let path =
-            core::slice::from_raw_parts_mut((&raw mut (*ev).data).cast::<u8>(), FILENAME_LEN);
-        match bpf_probe_read_kernel_str_bytes(filename, path) {
-            // The mask keeps the length provably below FILENAME_LEN for the verifier (the
-            // helper returns at most FILENAME_LEN - 1 bytes before the NUL).
-            Ok(bytes) => (bytes.len() as u32) & (FILENAME_LEN as u32 - 1),
-            Err(_) => 0,
-        }
-    };
-    // The helper keeps room for the NUL: a full buffer means the path may have been longer.
-    if filename_len as usize >= FILENAME_LEN - 1 {
-        flags |= EXEC_FILENAME_TRUNCATED;
-    }
-
-    let total = arg_end.saturating_sub(arg_start);
-    let argv_len = if total >= ARGV_LEN as u64 {
-        if total > ARGV_LEN as u64 {
-            flags |= EXEC_ARGV_TRUNCATED;
-        }
-        ARGV_LEN as u32
-    } else {
-        // The mask keeps the length provably below ARGV_LEN for the verifier.
-        (total as u32) & (ARGV_LEN as u32 - 1)
-    };
-    // SAFETY: reads at most ARGV_LEN bytes of user memory into the record's data array, at
-    // most FILENAME_LEN - 1 bytes in: within its FILENAME_LEN + ARGV_LEN bytes.
-    let rc = unsafe {
-        generated::bpf_probe_read_user(
-            (&raw mut (*ev).data)
-                .cast::<u8>()
-                .add(filename_len as usize)
-                .cast(),
-            argv_len,
-            arg_start as *const core::ffi::c_void,
-        )
-    };
-    let argv_len = if rc == 0 {
-        argv_len
-    } else {
-        flags |= EXEC_ARGV_UNREADABLE;
-        0
-    };
-
+    // The path, then argv right after its last byte (the same code as the bench's floor with
+    // the record's content).
+    // SAFETY: `ev` points at this CPU's scratch record.
+    let size = unsafe { exec_content(ev, filename, arg_start, arg_end) };
     // SAFETY: as above; plain stores into the scratch record.
     unsafe {
         let head = &raw mut (*ev).head;
         (*head).header = header(EventKind::Exec, tgid, start);
         (*head).parent_tgid = parent_tgid as u32;
         (*head).uid = uid;
-        (*head).flags = flags;
-        (*head).filename_len = filename_len;
-        (*head).argv_len = argv_len;
-        (*head)._pad = 0;
     }
-    // Only the used part goes into the ring: ~100 bytes for a typical exec, not 4.4 KiB.
-    let size = size_of::<ExecHead>() + filename_len as usize + argv_len as usize;
-    // SAFETY: `size` ≤ size_of::<ExecEvent>() (filename_len < FILENAME_LEN, argv_len ≤
-    // ARGV_LEN): a prefix of the record.
+    // SAFETY: `size` is a prefix of the record (exec_content()).
     let used = unsafe { core::slice::from_raw_parts(ev.cast::<u8>(), size) };
     if EVENTS
         .output::<[u8]>(used, wakeup_flags(size as u64))

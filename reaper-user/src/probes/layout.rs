@@ -6,7 +6,7 @@
 //! versions and configurations (and under `CONFIG_RANDSTRUCT`). Members nested in anonymous
 //! structs and unions (as `mm_struct`'s are) are found by walking into them.
 use btf_rs::{Btf, Struct, Type};
-use reaper_common::{KernelFeatures, KernelOffsets};
+use reaper_common::{COMM_LEN, KernelFeatures, KernelOffsets};
 
 /// Where the running kernel's BTF lives.
 pub(crate) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -25,6 +25,8 @@ pub enum LayoutError {
     NoField { strukt: String, field: String },
     #[error("kernel BTF: {what} is not byte-aligned (bit offset {bits})")]
     Unaligned { what: String, bits: u32 },
+    #[error("kernel BTF: {what} is not {want}")]
+    Shape { what: String, want: String },
     #[error("kernel BTF has no tracepoint prototype {name}")]
     NoTracepoint { name: String },
     #[error("kernel BTF is malformed")]
@@ -70,6 +72,10 @@ pub fn kernel_layout(btf: &Btf) -> Result<KernelLayout, LayoutError> {
     let pid_ns = find_struct(btf, "pid_namespace")?;
     let sock = find_struct(btf, "sock")?;
     let sock_common = find_struct(btf, "sock_common")?;
+    let cred = find_struct(btf, "cred")?;
+    // `kuid_t` is a typedef of an anonymous struct: found through `cred::uid`.
+    let kuid = member_struct(btf, &cred, "cred", "uid")?;
+    comm_array(btf, &task)?;
     // `socket_lock_t` is a typedef of an anonymous struct: found through `sock::sk_lock`.
     let socket_lock = member_struct(btf, &sock, "sock", "sk_lock")?;
 
@@ -129,12 +135,45 @@ pub fn kernel_layout(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         sock_family: byte(&sock, "sock", "__sk_common")?
             + byte(&sock_common, "sock_common", "skc_family")?,
         sock_owned: byte(&sock, "sock", "sk_lock")? + byte(&socket_lock, "socket_lock_t", "owned")?,
+        task_comm: byte(&task, "task_struct", "comm")?,
+        task_cred: byte(&task, "task_struct", "cred")?,
+        cred_uid: byte(&cred, "cred", "uid")? + byte(&kuid, "kuid_t", "val")?,
     };
     let features = KernelFeatures {
         exit_has_group_dead: u32::from(tracepoint_arity(btf, "sched_process_exit")? >= 2),
         has_in_execve: u32::from(in_execve.is_some()),
     };
     Ok(KernelLayout { offsets, features })
+}
+
+/// Checks that `task_struct::comm` is what the programs load byte by byte: an array of
+/// [`COMM_LEN`] one-byte elements (`char comm[TASK_COMM_LEN]`, include/linux/sched.h).
+fn comm_array(btf: &Btf, task: &Struct) -> Result<(), LayoutError> {
+    let shape = || LayoutError::Shape {
+        what: "task_struct.comm".to_owned(),
+        want: format!("char[{COMM_LEN}]"),
+    };
+    for m in &task.members {
+        if btf.resolve_name(m).unwrap_or_default() != "comm" {
+            continue;
+        }
+        let Type::Array(array) = btf.resolve_chained_type(m)? else {
+            return Err(shape());
+        };
+        let byte_elements = match btf.resolve_chained_type(&array)? {
+            Type::Int(int) => int.size() == 1,
+            _ => false,
+        };
+        return if array.len() == COMM_LEN && byte_elements {
+            Ok(())
+        } else {
+            Err(shape())
+        };
+    }
+    Err(LayoutError::NoField {
+        strukt: "task_struct".to_owned(),
+        field: "comm".to_owned(),
+    })
 }
 
 /// Number of arguments a BTF tracepoint passes (not counting the leading `void *` context):
@@ -282,6 +321,9 @@ mod tests {
         assert_eq!(features.has_in_execve, 1);
         // socket_lock_t { spinlock_t slock; int owned; ... }: `owned` follows the lock.
         assert!(o.sock_owned > 0, "sk_lock.owned follows the spinlock");
+        // cred { atomic_long_t usage; kuid_t uid; … }: uid follows the count.
+        assert!(o.cred_uid >= 4, "cred.uid follows the usage count");
+        assert!(o.task_comm > 0 && o.task_cred > 0);
     }
 
     #[test]

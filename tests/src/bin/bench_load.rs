@@ -13,7 +13,10 @@
 //! - `floor`: loads the bench's floor programs (reaper-ebpf/src/floor.rs: a header-sized
 //!   ring-buffer record per event on reaper's four lifecycle tracepoints, nothing else),
 //!   attaches them, prints `ready=1`, drains their ring buffer every few milliseconds until
-//!   stdin closes, then detaches them by exiting.
+//!   stdin closes, then prints `records=` and `bytes=` (what it drained) and detaches them by
+//!   exiting. `floor content`: the same with, on exec, the floor that carries the record's
+//!   path and argv instead (`EXEC_CONTENT_FLOOR`), whose field offsets come from the kernel's
+//!   BTF as reaper's do.
 use std::{
     io::{Read as _, Write as _},
     process::{Command, exit},
@@ -133,19 +136,29 @@ fn park(n: usize) {
     }
 }
 
-/// `bench-load floor`: see the module doc.
-fn floor() {
+/// `bench-load floor [content]`: see the module doc.
+fn floor(content: bool) {
     use aya::{maps::RingBuf, programs::BtfTracePoint};
-    use reaper_common::LIFECYCLE_TRACEPOINTS;
+    use reaper_common::{EXEC_CONTENT_FLOOR, LIFECYCLE_TRACEPOINTS};
     let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
         eprintln!("bench-load floor: {what}: {e}");
         exit(1)
     };
-    let mut ebpf = aya::Ebpf::load(reaper::BENCH_FLOOR_OBJECT)
+    let layout = reaper::probes::layout::vmlinux()
+        .and_then(|btf| reaper::probes::layout::kernel_layout(&btf))
+        .unwrap_or_else(|e| fail("the kernel's layout", &e));
+    let mut ebpf = aya::EbpfLoader::new()
+        .override_global("OFFSETS", &layout.offsets, true)
+        .load(reaper::BENCH_FLOOR_OBJECT)
         .unwrap_or_else(|e| fail("loading the floor object", &e));
     let btf = aya::Btf::from_sys_fs().unwrap_or_else(|e| fail("reading the kernel's BTF", &e));
-    for tracepoint in LIFECYCLE_TRACEPOINTS {
-        let name = format!("floor_{tracepoint}");
+    // With `content`, exec's floor is the one carrying the record's path and argv; the other
+    // tracepoints keep theirs, so the ring is used between execs as reaper's is.
+    let programs = LIFECYCLE_TRACEPOINTS.iter().map(|&tp| match tp {
+        "sched_process_exec" if content => (EXEC_CONTENT_FLOOR.to_owned(), tp),
+        _ => (format!("floor_{tp}"), tp),
+    });
+    for (name, tracepoint) in programs {
         let prog: &mut BtfTracePoint = ebpf
             .program_mut(&name)
             .unwrap_or_else(|| fail("no program", &name))
@@ -169,14 +182,16 @@ fn floor() {
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     say("ready", 1);
-    let mut records = 0u64;
+    let (mut records, mut bytes) = (0u64, 0u64);
     while !closed.load(std::sync::atomic::Ordering::Relaxed) {
-        while ring.next().is_some() {
+        while let Some(record) = ring.next() {
             records += 1;
+            bytes += record.len() as u64;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     say("records", records);
+    say("bytes", bytes);
 }
 
 fn main() {
@@ -190,9 +205,13 @@ fn main() {
         Some("rusage") => rusage(&args[1..]),
         Some("threads") => threads(count(1)),
         Some("park") => park(count(1)),
-        Some("floor") => floor(),
+        Some("floor") => match args.get(1).map(String::as_str) {
+            None => floor(false),
+            Some("content") => floor(true),
+            Some(other) => usage(&format!("unknown floor {other:?} (floor [content])")),
+        },
         other => usage(&format!(
-            "unknown mode {other:?} (rusage | threads N | park N | floor)"
+            "unknown mode {other:?} (rusage | threads N | park N | floor [content])"
         )),
     }
 }

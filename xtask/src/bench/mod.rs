@@ -21,8 +21,9 @@
 //! 5. **Start-up.** `reaper run` exec → first `reaper stats` answer, with the host as it is and
 //!    with 10,000 extra processes.
 //! 6. **Per program.** Each of reaper's lifecycle programs against the bench's floor program on
-//!    the same tracepoint (reaper-ebpf/src/floor.rs), attached in turn, never together: the
-//!    kernel's `run_time_ns / run_cnt` ([`progs`]).
+//!    the same tracepoint (reaper-ebpf/src/floor.rs), and exec's also against a floor carrying
+//!    its record's path and argv, attached in turn, never together: the kernel's
+//!    `run_time_ns / run_cnt` ([`progs`]).
 //!
 //! Benchmarks are not tests: no number fails the verb; a benchmark that cannot run does. Every
 //! daemon runs with `--dry-run` and the built-in rule, except the reap-latency one, whose rule can

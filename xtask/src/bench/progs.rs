@@ -1,10 +1,11 @@
-//! 6. Per program: reaper's BPF programs against the bench's floor programs.
+//! 6. Per program: reaper's BPF programs against the bench's floor programs, and reaper's
+//!    exec program also against the floor that carries its record's content (path and argv).
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use reaper_common::LIFECYCLE_TRACEPOINTS;
+use reaper_common::{EXEC_CONTENT_FLOOR, LIFECYCLE_TRACEPOINTS};
 use serde_json::{Value, json};
 
 use super::daemon::Daemon;
@@ -65,9 +66,11 @@ fn tally(into: &mut HashMap<String, Tally>, before: &[BpfProgram], after: &[BpfP
     }
 }
 
-/// Rounds of `prog_spawns` × fork+exec+wait `/bin/true`, alternately with reaper's programs
-/// attached (a `--dry-run` daemon) and with the floor's (`bench-load floor`), never both; the
-/// kernel's `run_time_ns / run_cnt` per program (`kernel.bpf_stats_enabled`, on for this
+/// Rounds of `prog_spawns` × fork+exec+wait `/bin/true`, in turn with reaper's programs
+/// attached (a `--dry-run` daemon), with the floor's (`bench-load floor`) and with the floor's
+/// whose exec program carries the record's content (`bench-load floor content`), never two
+/// sets at once;
+/// the kernel's `run_time_ns / run_cnt` per program (`kernel.bpf_stats_enabled`, on for this
 /// benchmark only), read from the fdinfo of the programs each holder has open.
 pub(super) fn per_program(
     bins: &Bins,
@@ -77,9 +80,24 @@ pub(super) fn per_program(
 ) -> anyhow::Result<()> {
     let storm =
         || -> anyhow::Result<()> { measure(bins, &bins.process_storm(opts.prog_spawns)).map(drop) };
+    // One turn of `bench-load floor ARGS…`: attach, storm, count, detach.
+    let floor_turn = |args: &[&str], into: &mut HashMap<String, Tally>| -> anyhow::Result<()> {
+        let mut cmd = Command::new(&bins.load);
+        cmd.arg("floor").args(args);
+        let mut f = Helper::spawn(cmd, "bench-load floor")?;
+        f.read_value("ready", READY_DEADLINE)?;
+        let pid = f.pid();
+        let before = bpf_programs(pid)?;
+        storm()?;
+        tally(into, &before, &bpf_programs(pid)?);
+        f.finish(Duration::from_secs(30));
+        Ok(())
+    };
     let stats = BpfStats::enable()?;
     let mut reaper: HashMap<String, Tally> = HashMap::new();
     let mut floor: HashMap<String, Tally> = HashMap::new();
+    // The floor again, with exec's record carrying the path and argv (only that program is read).
+    let mut content_floor: HashMap<String, Tally> = HashMap::new();
     for round in 0..opts.prog_rounds {
         let mut d = Daemon::start(bins, scratch, "programs", &["--dry-run"])?;
         let before = d.programs()?;
@@ -88,17 +106,11 @@ pub(super) fn per_program(
         tally(&mut reaper, &before, &d.programs()?);
         d.stop()?;
 
-        let mut cmd = Command::new(&bins.load);
-        cmd.arg("floor");
-        let mut f = Helper::spawn(cmd, "bench-load floor")?;
-        f.read_value("ready", READY_DEADLINE)?;
-        let pid = f.pid();
-        let before = bpf_programs(pid)?;
-        storm()?;
-        tally(&mut floor, &before, &bpf_programs(pid)?);
-        f.finish(Duration::from_secs(30));
+        floor_turn(&[], &mut floor)?;
+        floor_turn(&["content"], &mut content_floor)?;
         println!(
-            "xtask: bench: program round {}: reaper and floor, {} spawns each",
+            "xtask: bench: program round {}: reaper, floor and exec's content floor, {} spawns \
+             each",
             round + 1,
             opts.prog_spawns
         );
@@ -122,15 +134,36 @@ pub(super) fn per_program(
             );
         }
         let ratio = ours.per_run() / low.per_run();
+        // What bounds exec: the floor that carries the record's content, where there is one.
+        let content = (tracepoint == "sched_process_exec")
+            .then(|| {
+                content_floor
+                    .get(EXEC_CONTENT_FLOOR)
+                    .copied()
+                    .unwrap_or_default()
+            })
+            .filter(|c| c.runs > 0);
         let targeted = tracepoint != "task_rename";
+        let mut result = format!(
+            "reaper {:.0} ns, floor {:.0} ns: {ratio:.1}×",
+            ours.per_run(),
+            low.per_run()
+        );
+        if let Some(c) = content {
+            result += &format!(
+                "; floor with the record's content (path + argv) {:.0} ns: {:.1}×",
+                c.per_run(),
+                ours.per_run() / c.per_run()
+            );
+        }
+        let runs = match content {
+            Some(c) => format!("{}, {} and {} runs", ours.runs, low.runs, c.runs),
+            None => format!("{} and {} runs", ours.runs, low.runs),
+        };
         report.row(Row {
             bench,
             metric: format!("`{tracepoint}`, ns per run"),
-            result: format!(
-                "reaper {:.0} ns, floor {:.0} ns: {ratio:.1}×",
-                ours.per_run(),
-                low.per_run()
-            ),
+            result,
             target: if targeted {
                 "≤ 2× the floor".to_owned()
             } else {
@@ -139,30 +172,32 @@ pub(super) fn per_program(
             met: targeted.then_some(ratio <= 2.0),
             notes: if i == 0 {
                 format!(
-                    "{} round(s) of {} × fork+exec+wait `/bin/true`, reaper's programs and the \
+                    "{} round(s) of {} × fork+exec+wait `/bin/true`, reaper's programs, the \
                      floor's (reaper-ebpf/src/floor.rs: reserve and submit a {}-byte header, \
-                     nothing else) attached in turn, `run_time_ns / run_cnt` with \
-                     kernel.bpf_stats_enabled on for this benchmark only; {} and {} runs (the \
-                     rest of the host's count too)",
+                     nothing else) and the floor's again with an exec program that copies the \
+                     path and argv into the record as reaper's does (the same code) and outputs \
+                     it, attached in turn; \
+                     `run_time_ns / run_cnt` with kernel.bpf_stats_enabled on for this \
+                     benchmark only; {runs} (the rest of the host's count too)",
                     opts.prog_rounds,
                     opts.prog_spawns,
                     size_of::<reaper_common::Header>(),
-                    ours.runs,
-                    low.runs
                 )
             } else {
-                format!("{} and {} runs", ours.runs, low.runs)
+                runs
             },
         });
-        raw.insert(
-            tracepoint.to_owned(),
-            json!({
-                "reaper_runs": ours.runs,
-                "reaper_run_time_ns": ours.ns,
-                "floor_runs": low.runs,
-                "floor_run_time_ns": low.ns,
-            }),
-        );
+        let mut counts = json!({
+            "reaper_runs": ours.runs,
+            "reaper_run_time_ns": ours.ns,
+            "floor_runs": low.runs,
+            "floor_run_time_ns": low.ns,
+        });
+        if let Some(c) = content {
+            counts["content_floor_runs"] = json!(c.runs);
+            counts["content_floor_run_time_ns"] = json!(c.ns);
+        }
+        raw.insert(tracepoint.to_owned(), counts);
     }
     report.raw("per_program", Value::Object(raw));
     Ok(())
