@@ -247,12 +247,37 @@ fn strings(v: &Value, out: &mut Vec<String>) {
 #[test]
 fn forged_comm_and_argv_are_escaped_in_logs_tree_explain_and_events() {
     let dirs = [TempDir::new("forge-text"), TempDir::new("forge-json")];
-    let quick = ["--dry-run", "--idle-timeout", "2s"];
-    let text_daemon = Daemon::start(&dirs[0], "daemon", quick, metrics_addr());
+    // The built-in rule, without its rate limit: other idle `claude` processes on a shared
+    // host (other runs' doubles) must not use up the would-reap decisions before this test's
+    // double is judged. Dry run: nothing is signalled either way.
+    let unlimited = reaper::config::DEFAULT_TOML.replace(
+        "max_kills_per_minute = 10 ",
+        "max_kills_per_minute = 100000 ",
+    );
+    assert_ne!(
+        unlimited,
+        reaper::config::DEFAULT_TOML,
+        "the built-in default sets max_kills_per_minute"
+    );
+    let configs = dirs
+        .each_ref()
+        .map(|d| d.write("reaper.toml", &unlimited).into_os_string());
+    let quick = |config| {
+        [
+            std::ffi::OsStr::new("--dry-run"),
+            "--idle-timeout".as_ref(),
+            "2s".as_ref(),
+            "--config".as_ref(),
+            config,
+        ]
+    };
+    let text_daemon = Daemon::start(&dirs[0], "daemon", quick(&configs[0]), metrics_addr());
     let json_daemon = Daemon::start(
         &dirs[1],
         "daemon",
-        ["--log-format", "json"].iter().chain(&quick),
+        ["--log-format".as_ref(), "json".as_ref()]
+            .into_iter()
+            .chain(quick(&configs[1])),
         metrics_addr(),
     );
     // `reaper events`, following from before the processes start.
