@@ -68,6 +68,17 @@ const ARG_BYTES: usize = 120 * 1024;
 const PEAK_RSS_BOUND: u64 = 80 << 20;
 const RUNNING_RSS_BOUND: u64 = 48 << 20;
 
+/// The built-in configuration with `from` (a setting as it is written there) replaced by `to`.
+fn builtin_with(from: &str, to: &str) -> String {
+    let text = reaper::config::DEFAULT_TOML.replace(from, to);
+    assert_ne!(
+        text,
+        reaper::config::DEFAULT_TOML,
+        "the built-in default has no {from:?}"
+    );
+    text
+}
+
 #[test]
 fn megabytes_of_argv_in_many_processes_keep_the_daemon_small() {
     let args: Vec<String> = (0..8)
@@ -93,14 +104,9 @@ fn megabytes_of_argv_in_many_processes_keep_the_daemon_small() {
 
     // Started after them: the start-up scan reads them all, then reconciles rescan every second.
     let dir = TempDir::new("argv");
-    let every_second = reaper::config::DEFAULT_TOML.replace(
+    let every_second = builtin_with(
         "reconcile_interval = \"60s\"",
         "reconcile_interval = \"1s\"",
-    );
-    assert_ne!(
-        every_second,
-        reaper::config::DEFAULT_TOML,
-        "the built-in default sets reconcile_interval"
     );
     let config = dir.write("reaper.toml", &every_second);
     let daemon = Daemon::start(
@@ -250,14 +256,9 @@ fn forged_comm_and_argv_are_escaped_in_logs_tree_explain_and_events() {
     // The built-in rule, without its rate limit: other idle `claude` processes on a shared
     // host (other runs' doubles) must not use up the would-reap decisions before this test's
     // double is judged. Dry run: nothing is signalled either way.
-    let unlimited = reaper::config::DEFAULT_TOML.replace(
+    let unlimited = builtin_with(
         "max_kills_per_minute = 10 ",
         "max_kills_per_minute = 100000 ",
-    );
-    assert_ne!(
-        unlimited,
-        reaper::config::DEFAULT_TOML,
-        "the built-in default sets max_kills_per_minute"
     );
     let configs = dirs
         .each_ref()

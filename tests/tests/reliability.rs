@@ -60,6 +60,24 @@ async fn stats(h: &Harness) -> PipelineStats {
     h.handle.stats().await.expect("pipeline alive")
 }
 
+/// Polls the pipeline's stats until `done` holds, failing with `what` (given the last stats)
+/// after [`DEADLINE`].
+async fn wait_stats(
+    h: &Harness,
+    done: impl Fn(&PipelineStats) -> bool,
+    what: impl Fn(&PipelineStats) -> String,
+) -> PipelineStats {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let s = stats(h).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{}", what(&s));
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// A blocking read from a helper (with the helper's own deadline), off the async workers.
 fn read_blocking(helper: &mut Helper, key: &str) -> String {
     tokio::task::block_in_place(|| helper.read(key))
@@ -176,21 +194,17 @@ async fn lost_events_are_counted_repaired_and_never_kill_the_wrong_process() {
     let took = storm_done.elapsed();
 
     // Losses are counted per kind (read at every periodic tick; a reconcile starts right after).
-    let lost = {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let s = stats(&h).await;
-            if s.lost_total > before.lost_total {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
+    let lost = wait_stats(
+        &h,
+        |s| s.lost_total > before.lost_total,
+        |s| {
+            format!(
                 "no kernel losses with a {RING}-byte ring after the storm ({storm_report}): {:?}",
                 s.lost
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    };
+            )
+        },
+    )
+    .await;
     let by_kind = lost.lost.clone();
     assert!(
         by_kind.iter().any(|(_, n)| *n > 0),
@@ -198,22 +212,17 @@ async fn lost_events_are_counted_repaired_and_never_kill_the_wrong_process() {
     );
 
     // The reconcile the losses started has run (a /proc scan: it takes its time).
-    let after = {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let s = stats(&h).await;
-            if s.reconciles > before.reconciles {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
+    let after = wait_stats(
+        &h,
+        |s| s.reconciles > before.reconciles,
+        |s| {
+            format!(
                 "no reconcile ran after the losses ({} → {})",
-                before.reconciles,
-                s.reconciles
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    };
+                before.reconciles, s.reconciles
+            )
+        },
+    )
+    .await;
     let corrections = after.corrections.total() - before.corrections.total();
     eprintln!(
         "lost events: ring {RING} B, storm {storm_report}; lost {by_kind:?} (total {}), \
