@@ -98,11 +98,15 @@ async fn children(h: &Harness, parents: &[u32], comm: &str, except: &[u32]) -> V
 struct Adopted(Vec<u32>);
 impl Drop for Adopted {
     fn drop(&mut self) {
-        for pid in &self.0 {
-            // SAFETY: kill and waitpid on processes our test started (re-parented to us).
+        for &pid in &self.0 {
+            // Signalled only while it is our unreaped child, so its pid cannot have been
+            // reused: one that `collect_zombies` (or this check) collected is left alone.
+            // SAFETY: waitpid and kill on processes our test started (re-parented to us).
             unsafe {
-                libc::kill(*pid as i32, libc::SIGKILL);
-                libc::waitpid(*pid as i32, std::ptr::null_mut(), 0);
+                if libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) == 0 {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                    libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+                }
             }
         }
     }
@@ -288,15 +292,15 @@ async fn a_cli_that_lost_its_parent_and_burns_cpu_is_reaped_and_a_plain_orphan_i
         took >= Duration::from_secs(3),
         "not before runaway_for: {took:?}"
     );
-    let s = stats(&h).await;
-    assert!(
+    // The kill is counted when the reap task reports, a moment after the exit event.
+    reaper_tests::scenarios::stats_until(&h, "one runaway kill counted", |s| {
         s.reaps
             .kills
             .iter()
-            .any(|((_, r, _), n)| r == "runaway" && *n == 1),
-        "{:?}",
-        s.reaps
-    );
+            .any(|((_, r, _), n)| r == "runaway" && *n == 1)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(alive(sleeper), "a plain orphan is never touched");
     let e = h.handle.explain(sleeper).await.unwrap();
     assert!(e.target.is_none() && e.session.is_none(), "{e:?}");
