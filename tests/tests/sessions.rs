@@ -14,7 +14,9 @@ use reaper::{
     config::{Overrides, parse},
     events::{Event, ExitStatus},
 };
-use reaper_tests::{DEADLINE, Harness, Helper, alive, helper_path, proc_stat};
+use reaper_tests::{
+    DEADLINE, Harness, Helper, alive, helper_path, proc_stat, scenarios::reaping::kills_for,
+};
 
 const GRACE: Duration = Duration::from_secs(2);
 
@@ -258,14 +260,7 @@ async fn what_a_cli_leaves_behind_is_reaped_when_connected_and_left_alone_when_d
         "{first:?}"
     );
     let s = stats(&h).await;
-    let leftover_kills: u64 = s
-        .reaps
-        .kills
-        .iter()
-        .filter(|((_, r, _), _)| r == "leftover")
-        .map(|(_, n)| n)
-        .sum();
-    assert_eq!(leftover_kills, 2, "{:?}", s.reaps);
+    assert_eq!(kills_for(&s, "leftover"), 2, "{:?}", s.reaps);
     assert!(alive(agent_pid));
     a.finish();
     b.finish();
