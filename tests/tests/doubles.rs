@@ -249,10 +249,16 @@ impl Drop for TempDir {
 struct Strays(Vec<(u32, u64)>);
 
 impl Strays {
+    /// For a process that is alive now (so the pid is still the one the test was told of).
     fn add(&mut self, pid: u32) {
         if let Some(s) = stat(pid) {
             self.0.push((pid, s.start_ticks));
         }
+    }
+
+    /// For a process whose start time its parent reported before it could be reaped.
+    fn record(&mut self, pid: u32, start_ticks: u64) {
+        self.0.push((pid, start_ticks));
     }
 
     fn start_ticks(&self, pid: u32) -> u64 {
@@ -388,14 +394,25 @@ impl Agent {
         self.claudes = self.values("claude").into_iter().map(parse).collect();
         self.tools = self.values("tool").into_iter().map(parse).collect();
         self.holder = self.values("holder").into_iter().map(parse).next();
-        let all: Vec<u32> = self
-            .claudes
-            .iter()
-            .chain(&self.tools)
-            .chain(&self.holder)
-            .copied()
+        // The claudes' start times come from the agent: after `ready=1` it may close and reap
+        // them (`--close-after-result`) before this reads /proc.
+        let started: HashMap<u32, u64> = self
+            .values("started")
+            .into_iter()
+            .map(|v| {
+                let (pid, ticks) = v.split_once(':').expect("started=<pid>:<ticks>");
+                (parse(pid.to_owned()), ticks.parse().expect("start ticks"))
+            })
             .collect();
-        for pid in all {
+        for &c in &self.claudes {
+            let ticks = *started
+                .get(&c)
+                .unwrap_or_else(|| panic!("no started= for {c}"));
+            self.strays.record(c, ticks);
+        }
+        // The holder lives until the test closes the agent's stdin, tools until their claude
+        // ends (no test gives tools to a `--close-after-result` agent): alive now.
+        for pid in self.tools.clone().into_iter().chain(self.holder) {
             self.strays.add(pid);
         }
         assert!(!self.claudes.is_empty(), "no claude reported");

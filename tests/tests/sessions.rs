@@ -14,7 +14,9 @@ use reaper::{
     config::{Overrides, parse},
     events::{Event, ExitStatus},
 };
-use reaper_tests::{DEADLINE, Harness, Helper, alive, helper_path};
+use reaper_tests::{
+    DEADLINE, Harness, Helper, alive, helper_path, proc_stat, scenarios::reaping::kills_for,
+};
 
 const GRACE: Duration = Duration::from_secs(2);
 
@@ -94,15 +96,39 @@ async fn children(h: &Harness, parents: &[u32], comm: &str, except: &[u32]) -> V
     }
 }
 
-/// Ends (SIGKILL) and collects processes this test started that were re-parented to it.
-struct Adopted(Vec<u32>);
+/// Ends (SIGKILL) and collects processes this test started that were re-parented to it (or
+/// are about to be), each known by its pid and start time.
+struct Adopted(Vec<(u32, Option<u64>)>);
+
+impl Adopted {
+    /// `pids` are alive now.
+    fn new(pids: &[u32]) -> Self {
+        Self(
+            pids.iter()
+                .map(|&pid| (pid, proc_stat(pid).map(|s| s.start_ticks)))
+                .collect(),
+        )
+    }
+}
+
 impl Drop for Adopted {
     fn drop(&mut self) {
-        for pid in &self.0 {
-            // SAFETY: kill and waitpid on processes our test started (re-parented to us).
-            unsafe {
-                libc::kill(*pid as i32, libc::SIGKILL);
-                libc::waitpid(*pid as i32, std::ptr::null_mut(), 0);
+        for &(pid, start) in &self.0 {
+            let pid = pid as i32;
+            // SAFETY: waitpid on our own (adopted) child; -1 if it is not ours.
+            if unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) } == pid {
+                continue; // it had exited: collected now
+            }
+            // Still the process recorded (`collect_zombies` may have freed its pid for reuse).
+            let same = proc_stat(pid as u32)
+                .is_some_and(|s| Some(s.start_ticks) == start && s.state != 'Z');
+            if same {
+                // SAFETY: kill and waitpid on a process our test started; the wait returns at
+                // once if another parent (its own, not yet dead) has it.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
             }
         }
     }
@@ -163,7 +189,7 @@ async fn what_a_cli_leaves_behind_is_reaped_when_connected_and_left_alone_when_d
     let wrapper = b.read_pid("mcp");
     // Its wrapper may be gone already (closed at once): then it is re-parented to us.
     let wrapped = children(&h, &[wrapper, std::process::id()], "mcp-server", &servers).await[0];
-    let _adopted = Adopted(vec![dev, foreign, stay, wrapped]);
+    let _adopted = Adopted::new(&[dev, foreign, stay, wrapped]);
 
     // Both daemons closed their CLIs (the SDK's close()); what the CLIs leave behind is judged
     // after the grace.
@@ -234,14 +260,7 @@ async fn what_a_cli_leaves_behind_is_reaped_when_connected_and_left_alone_when_d
         "{first:?}"
     );
     let s = stats(&h).await;
-    let leftover_kills: u64 = s
-        .reaps
-        .kills
-        .iter()
-        .filter(|((_, r, _), _)| r == "leftover")
-        .map(|(_, n)| n)
-        .sum();
-    assert_eq!(leftover_kills, 2, "{:?}", s.reaps);
+    assert_eq!(kills_for(&s, "leftover"), 2, "{:?}", s.reaps);
     assert!(alive(agent_pid));
     a.finish();
     b.finish();
@@ -274,7 +293,7 @@ async fn a_cli_that_lost_its_parent_and_burns_cpu_is_reaped_and_a_plain_orphan_i
         .map(|l| l.parse().unwrap())
         .collect();
     let (cli, sleeper) = (pids[0], pids[1]);
-    let _adopted = Adopted(vec![cli, sleeper]);
+    let _adopted = Adopted::new(&[cli, sleeper]);
     let started = Instant::now();
     let (status, _) = exits(&mut h, &[cli]).await[&cli];
     let took = started.elapsed();
@@ -288,15 +307,15 @@ async fn a_cli_that_lost_its_parent_and_burns_cpu_is_reaped_and_a_plain_orphan_i
         took >= Duration::from_secs(3),
         "not before runaway_for: {took:?}"
     );
-    let s = stats(&h).await;
-    assert!(
+    // The kill is counted when the reap task reports, a moment after the exit event.
+    reaper_tests::scenarios::stats_until(&h, "one runaway kill counted", |s| {
         s.reaps
             .kills
             .iter()
-            .any(|((_, r, _), n)| r == "runaway" && *n == 1),
-        "{:?}",
-        s.reaps
-    );
+            .any(|((_, r, _), n)| r == "runaway" && *n == 1)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(alive(sleeper), "a plain orphan is never touched");
     let e = h.handle.explain(sleeper).await.unwrap();
     assert!(e.target.is_none() && e.session.is_none(), "{e:?}");

@@ -3,7 +3,10 @@
 //! environment, sends the `initialize` control request and one user message, reads until the
 //! `result`, then — per mode — leaks the child, keeps chatting, or closes it (the fix).
 //!
-//! Prints `key=value` lines (flushed): `agent=<pid>`, `model=<pid>:<model from its init line>`
+//! Prints `key=value` lines (flushed): `agent=<pid>`, `started=<pid>:<start ticks>` per child as
+//! it is spawned (read while the child is unreaped, so the pair names that child however late the
+//! reader looks: a closed child can be reaped, and its pid reused, before the reader sees
+//! `ready=1`), `model=<pid>:<model from its init line>`
 //! per child, then per child `claude=<pid>` (after its
 //! result) and `tool=<pid>` (if the result named one), `mcp=<pid>` (its MCP servers), `holder=<pid>` with `--orphanable`, then
 //! `ready=1`. Whenever a child is reaped: `exit=<pid>:code:<n>` or `exit=<pid>:signal:<n>`.
@@ -177,6 +180,12 @@ impl Session {
                 .unwrap_or_else(|e| panic!("spawn {}: {e}", o.claude.display()))
         };
         let pid = child.id();
+        // Nothing waits for the child before the waiter thread below: its /proc entry is still
+        // this process (a zombie at worst).
+        let start_ticks = reaper_tests::proc_stat(pid)
+            .unwrap_or_else(|| panic!("the unreaped child {pid} is not in /proc"))
+            .start_ticks;
+        say("started", format!("{pid}:{start_ticks}"));
         // The child's stderr, prefixed, to ours.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr_agent).lines() {

@@ -25,10 +25,20 @@ pub fn config(extra: &str) -> String {
 
 /// Targets ended by `step`, all rules and reasons.
 pub fn kills_by(s: &PipelineStats, step: &str) -> u64 {
+    kills_where(s, |_, st| st == step)
+}
+
+/// Targets ended for `reason` (`leftover`, `memory_pressure`, …), all rules and steps.
+pub fn kills_for(s: &PipelineStats, reason: &str) -> u64 {
+    kills_where(s, |r, _| r == reason)
+}
+
+/// Targets ended for a (reason, step) that `keep` accepts.
+fn kills_where(s: &PipelineStats, keep: impl Fn(&str, &str) -> bool) -> u64 {
     s.reaps
         .kills
         .iter()
-        .filter(|((_, _, st), _)| st == step)
+        .filter(|((_, reason, step), _)| keep(reason, step))
         .map(|(_, n)| n)
         .sum()
 }
