@@ -79,6 +79,18 @@ impl Detector {
     }
 }
 
+/// The seconds a rate is taken over, for counters last read `since` ago: at least the sample
+/// interval. A sample may come moments after the last one (a decision re-samples a target that
+/// is due; the memory-pressure check samples them all), and over such a sliver the idle hum of
+/// a leaked child reads as a rate: 16 bytes in 60 ms is 266 B/s, above the 256 B/s default,
+/// and a child whose 1 s heartbeat fell in that sliver at each idle deadline was never reaped
+/// (seen in `the_proc_io_fallback_reaps_the_idle_and_spares_the_chatting` under load). So a
+/// window counts as at least the shortest one between scheduled samples (an interval less its
+/// [`sample_slack`]): those read as before, a sliver as that much.
+fn rate_window(since: Nanos, interval: Duration) -> f64 {
+    secs(since.max(nanos(interval) - sample_slack(interval)))
+}
+
 /// Moves a target's last activity forward to `at`, if that is later.
 pub(super) fn bump(t: &mut Target, kind: ActivityKind, at: Nanos) {
     if at > t.evidence.last_activity {
@@ -149,10 +161,8 @@ impl Sampling {
                 .map_or(0, |a| a.last_net_recv_ns);
             let bytes: u64 = family.iter().filter_map(|id| host.io_bytes(*id)).sum();
             if let Some((at, before)) = t.io {
-                let dt = secs(now.saturating_sub(at));
-                if dt > 0.0
-                    && bytes.saturating_sub(before) as f64 / dt > self.io_bytes_per_second as f64
-                {
+                let dt = rate_window(now.saturating_sub(at), interval);
+                if bytes.saturating_sub(before) as f64 / dt > self.io_bytes_per_second as f64 {
                     bump(t, ActivityKind::Io, now);
                     // Sampled: the bytes moved after the previous sample read the counters (`at`),
                     // so `at` is a lower bound of the last word, and a child forked after the real
@@ -172,20 +182,18 @@ impl Sampling {
 
         let ticks: u64 = family.iter().filter_map(|id| host.cpu_ticks(*id)).sum();
         if let Some((at, before)) = t.cpu {
-            let dt = secs(now.saturating_sub(at));
-            if dt > 0.0 {
-                let used = ticks.saturating_sub(before);
-                let per_second = crate::events::ticks_per_second() as f64;
-                t.evidence.cpu_rate = Some(used as f64 / per_second / dt);
-                // Activity only if the CPU time surely used is above the threshold: the readings'
-                // rounding alone must not count. Over a short interval it would: with a 3 s idle
-                // timeout (750 ms samples) one tick is 1.3 % of a core, and a leaked CLI's idle
-                // hum of 1-2 ticks per sample read as 2.7 % often enough that it was never idle
-                // for four samples in a row on a busy host (the real-CLI e2e leak tests).
-                let surely = used.saturating_sub(CPU_READING_SLACK_TICKS);
-                if surely as f64 / per_second / dt >= rule.cpu_threshold {
-                    bump(t, ActivityKind::Cpu, now);
-                }
+            let dt = rate_window(now.saturating_sub(at), interval);
+            let used = ticks.saturating_sub(before);
+            let per_second = crate::events::ticks_per_second() as f64;
+            t.evidence.cpu_rate = Some(used as f64 / per_second / dt);
+            // Activity only if the CPU time surely used is above the threshold: the readings'
+            // rounding alone must not count. Over a short interval it would: with a 3 s idle
+            // timeout (750 ms samples) one tick is 1.3 % of a core, and a leaked CLI's idle
+            // hum of 1-2 ticks per sample read as 2.7 % often enough that it was never idle
+            // for four samples in a row on a busy host (the real-CLI e2e leak tests).
+            let surely = used.saturating_sub(CPU_READING_SLACK_TICKS);
+            if surely as f64 / per_second / dt >= rule.cpu_threshold {
+                bump(t, ActivityKind::Cpu, now);
             }
         }
         t.cpu = Some((now, ticks));

@@ -1174,6 +1174,36 @@ fn proc_io_with_tool(stamp: Nanos) -> (Option<Nanos>, Vec<&'static str>) {
     (None, states)
 }
 
+/// A sample moments after the last one (a decision re-samples a due target) must not read a
+/// leaked child's heartbeat as a rate: 16 bytes in 60 ms would be 266 B/s, above the 256 B/s
+/// threshold, and a heartbeat that fell there at each idle deadline kept it alive forever.
+#[test]
+fn under_proc_io_a_sample_moments_after_the_last_reads_a_heartbeat_as_idle_and_a_burst_as_activity()
+{
+    let mut w = World::new("");
+    w.det = Detector::new(&config(""), ActivityMeter::ProcIo);
+    w.spawn(20, 10, SDK, S);
+    let sample = |w: &mut World, now: Nanos, io: u64| {
+        w.host.io.insert(20, io);
+        let t = w.det.targets.get_mut(&20).expect("adopted");
+        w.det.sampling.sample(t, &w.tree, now, &w.host);
+        (t.evidence.last_activity, t.evidence.last_activity_kind)
+    };
+    let (idle_since, _) = sample(&mut w, 2 * S, 0);
+    let heartbeat = 2 * S + 60_000_000;
+    assert_eq!(
+        sample(&mut w, heartbeat, 16).0,
+        idle_since,
+        "a 16-byte heartbeat"
+    );
+    let burst = heartbeat + 60_000_000;
+    assert_eq!(
+        sample(&mut w, burst, 16 + (10 << 10)),
+        (burst, ActivityKind::Io),
+        "10 KiB in 60 ms"
+    );
+}
+
 #[test]
 fn under_proc_io_a_tool_started_before_the_stamped_last_word_does_not_hold_the_turn() {
     // The model answered half a second after the tool started: in the same sample interval,
