@@ -20,7 +20,7 @@ const ENDED_KEPT: usize = 64;
 impl Detector {
     /// Classifies every process (start-up, after a restart). Idle clocks start now: an
     /// adopted process's earlier inactivity cannot be proven.
-    pub(crate) fn adopt_all(&mut self, tree: &ProcessTree, now: Nanos, host: &mut impl Host) {
+    pub(crate) fn adopt_all(&mut self, tree: &mut ProcessTree, now: Nanos, host: &mut impl Host) {
         let pids: Vec<u32> = tree.processes().map(|p| p.id.pid).collect();
         for pid in pids {
             self.classify(tree, pid, now, host);
@@ -31,7 +31,7 @@ impl Detector {
     /// `/proc`), and targets that vanished without an exit event.
     pub(crate) fn classify_new(
         &mut self,
-        tree: &ProcessTree,
+        tree: &mut ProcessTree,
         renewed: &[u32],
         now: Nanos,
         host: &mut impl Host,
@@ -57,8 +57,14 @@ impl Detector {
     }
 
     /// Updates after the tree applied `event`. Reads only its kind, identities and times: the
-    /// tree has taken its strings ([`ProcessTree::apply_taking`]).
-    pub(crate) fn on_event(&mut self, tree: &ProcessTree, event: &Event, host: &mut impl Host) {
+    /// tree has taken its strings ([`ProcessTree::apply_taking`]). The tree is changed only to
+    /// give a new candidate the argv the kernel did not send ([`Detector::classify`]).
+    pub(crate) fn on_event(
+        &mut self,
+        tree: &mut ProcessTree,
+        event: &Event,
+        host: &mut impl Host,
+    ) {
         match event {
             Event::Fork {
                 id,
@@ -230,9 +236,16 @@ impl Detector {
     }
 
     /// (Re)decides whether `pid` is a target.
+    ///
+    /// A process whose argv the kernel did not send (it was no candidate at its exec: see
+    /// `EXEC_ARGV_SKIPPED`) and that a rule's name now matches (renamed to it, new rules, or
+    /// matched by its executable's name alone) gets its argv from `/proc` first, checked to be
+    /// this very process; if it is gone or its pid taken by another, it matches nothing here
+    /// (its exit event, or the new process's, follows). Unknown argv is never matched against
+    /// a rule.
     pub(super) fn classify(
         &mut self,
-        tree: &ProcessTree,
+        tree: &mut ProcessTree,
         pid: u32,
         now: Nanos,
         host: &mut impl Host,
@@ -241,6 +254,21 @@ impl Detector {
         if p.placeholder {
             return;
         }
+        if p.argv.is_unknown()
+            && self
+                .sampling
+                .rules
+                .iter()
+                .any(|rule| targets::name_matches(rule, p))
+        {
+            let id = p.id;
+            let Some((argv, truncated)) = host.cmdline(id) else {
+                return;
+            };
+            tree.fill_argv(id, argv, truncated);
+        }
+        let tree = &*tree;
+        let Some(p) = tree.get(pid) else { return };
         let parent = tree.get(p.ppid);
         let matched = self
             .sampling
