@@ -254,13 +254,13 @@ impl Detector {
         if p.placeholder {
             return;
         }
-        if p.argv.is_unknown()
-            && self
-                .sampling
-                .rules
-                .iter()
-                .any(|rule| targets::name_matches(rule, p))
-        {
+        // Nearly every exec on a host is named by no rule: one pass over the names decides.
+        let named = self
+            .sampling
+            .rules
+            .iter()
+            .any(|rule| targets::name_matches(rule, p));
+        if named && p.argv.is_unknown() {
             let id = p.id;
             let Some((argv, truncated)) = host.cmdline(id) else {
                 return;
@@ -270,16 +270,16 @@ impl Detector {
         let tree = &*tree;
         let Some(p) = tree.get(pid) else { return };
         let parent = tree.get(p.ppid);
-        let matched = self
-            .sampling
-            .rules
-            .iter()
-            // The name first: a mismatch's explanation (`Mismatch::Name`) copies the names, and
-            // nearly every exec on a host is one.
-            .position(|rule| {
-                targets::name_matches(rule, p)
-                    && targets::matches(rule, p, parent, || host.tty_nr(pid)).is_ok()
-            });
+        let matched = named
+            .then(|| {
+                self.sampling.rules.iter().position(|rule| {
+                    // The name first: a mismatch's explanation (`Mismatch::Name`) copies the
+                    // names.
+                    targets::name_matches(rule, p)
+                        && targets::matches(rule, p, parent, || host.tty_nr(pid)).is_ok()
+                })
+            })
+            .flatten();
         let current = self
             .targets
             .get(&pid)
@@ -293,15 +293,7 @@ impl Detector {
             }
             (None, Some(rule)) => self.adopt(tree, p.id, rule, now, host),
             // Watched by its name from its exec on, but not a target after all.
-            (None, None)
-                if self
-                    .sampling
-                    .rules
-                    .iter()
-                    .any(|r| targets::name_matches(r, p)) =>
-            {
-                host.unwatch(pid, &[])
-            }
+            (None, None) if named => host.unwatch(pid, &[]),
             (None, None) => {}
         }
     }

@@ -252,6 +252,29 @@ fn main() {
             wait_stdin();
             let _ = child.wait();
         }
+        // Rename this process to NAME, print its pid, wait for one line on stdin (the test's
+        // cue), then start PROGRAM ARGS… as its child (stdin inherited), print the child's pid
+        // and wait.
+        "rename-spawn-on-cue" => {
+            let name = CString::new(arg(1)).expect("a name without NUL");
+            assert_eq!(
+                // SAFETY: prctl with a NUL-terminated string that outlives the call.
+                unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) },
+                0
+            );
+            say("pid", getpid());
+            let mut cue = String::new();
+            let _ = std::io::stdin().read_line(&mut cue);
+            let mut child = std::process::Command::new(arg(2))
+                .args(&args[3..])
+                .stdin(std::process::Stdio::inherit())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn PROGRAM");
+            say("child", child.id());
+            wait_stdin();
+            let _ = child.wait();
+        }
         // Print its pid, wait for one line on stdin (the test's cue, given once it watches this
         // process), then fork N children that wait for stdin to close; print each, then wait.
         "children-on-cue" => {
