@@ -1214,13 +1214,14 @@ fn bad_config_files_are_refused_clearly() {
 }
 
 /// With a 4 KiB ring, an exec whose argv fills the record's 4 KiB argv buffer (a 4.4 KiB
-/// record) never fits: that exec is lost. (The comm still arrives: exec renames the task, and
+/// record; the helper is named by a rule, so its exec carries argv) never fits: that exec is
+/// lost. (The comm still arrives: exec renames the task, and
 /// the rename record is small.) A reconcile must then bring argv and exe up to date from
 /// `/proc`, or a leaked `claude` whose exec was lost keeps its parent's argv and is never
 /// recognised.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_exec_is_repaired_by_the_reconcile() {
-    let h = start("ring_bytes = 4096").await;
+    let h = start_with_rules("ring_bytes = 4096", &argv_rule(reaper_tests::HELPER)).await;
     let long = format!("after-a-lost-exec-{}", "x".repeat(4200));
     let mut helper = Helper::spawn(&["wait", &long]);
     let pid = helper.read_pid("pid");
