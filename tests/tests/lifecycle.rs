@@ -351,7 +351,9 @@ async fn exec_records_carry_argv_only_for_candidates_and_watched_processes() {
     // No rule's name, not watched: no argv.
     let mut plain = Helper::spawn(&["wait", "plain"]);
     let plain_pid = plain.read_pid("pid");
-    let argv = h.wait_event("the plain helper's exec", exec_argv(plain_pid)).await;
+    let argv = h
+        .wait_event("the plain helper's exec", exec_argv(plain_pid))
+        .await;
     assert!(argv.is_unknown(), "{argv:?}");
     let p = h
         .handle
@@ -385,7 +387,14 @@ async fn exec_records_carry_argv_only_for_candidates_and_watched_processes() {
         .await;
     assert!(argv.is_unknown(), "{argv:?}");
     let started = std::time::Instant::now();
-    while h.handle.explain(renamed_pid).await.unwrap().target.is_none() {
+    while h
+        .handle
+        .explain(renamed_pid)
+        .await
+        .unwrap()
+        .target
+        .is_none()
+    {
         assert!(
             started.elapsed() < DEADLINE,
             "the renamed helper never became a target"

@@ -59,12 +59,7 @@ impl Detector {
     /// Updates after the tree applied `event`. Reads only its kind, identities and times: the
     /// tree has taken its strings ([`ProcessTree::apply_taking`]). The tree is changed only to
     /// give a new candidate the argv the kernel did not send ([`Detector::classify`]).
-    pub(crate) fn on_event(
-        &mut self,
-        tree: &mut ProcessTree,
-        event: &Event,
-        host: &mut impl Host,
-    ) {
+    pub(crate) fn on_event(&mut self, tree: &mut ProcessTree, event: &Event, host: &mut impl Host) {
         match event {
             Event::Fork {
                 id,

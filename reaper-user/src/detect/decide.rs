@@ -335,11 +335,11 @@ impl Detector {
             parent_comm,
             // A leftover that exec'd after its session ended was no longer watched: the
             // kernel sent its exec without argv, so the log line reads it now.
-            argv: match p.argv.is_unknown() {
-                false => p.argv.redacted(ARGV_SHOWN),
-                true => host
-                    .cmdline(p.id)
-                    .map_or_else(String::new, |(argv, _)| argv.redacted(ARGV_SHOWN)),
+            argv: if p.argv.is_unknown() {
+                host.cmdline(p.id)
+                    .map_or_else(String::new, |(argv, _)| argv.redacted(ARGV_SHOWN))
+            } else {
+                p.argv.redacted(ARGV_SHOWN)
             },
             dry_run: self.mode == Mode::DryRun,
             kind: None,

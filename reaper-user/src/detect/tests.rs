@@ -1241,8 +1241,14 @@ fn a_process_renamed_to_a_target_name_gets_its_argv_from_proc_and_is_matched() {
     exec_without_argv(&mut w, 100, 10, "/opt/cli-launcher", S);
     assert!(w.tree.get(100).unwrap().argv.is_unknown());
     assert_eq!(w.det.target_count(), 0);
-    assert_eq!(w.host.cmdline_reads.get(), 0, "no rule's name: /proc is not read");
-    w.host.cmdlines.insert(100, (id(100).start_ticks, Argv::from_args(SDK)));
+    assert_eq!(
+        w.host.cmdline_reads.get(),
+        0,
+        "no rule's name: /proc is not read"
+    );
+    w.host
+        .cmdlines
+        .insert(100, (id(100).start_ticks, Argv::from_args(SDK)));
     w.apply(Event::Rename {
         id: id(100),
         time_ns: 2 * S,
@@ -1250,7 +1256,11 @@ fn a_process_renamed_to_a_target_name_gets_its_argv_from_proc_and_is_matched() {
     });
     let p = w.tree.get(100).unwrap();
     assert_eq!(p.argv, Argv::from_args(SDK), "filled from /proc");
-    assert_eq!(w.det.target_count(), 1, "and then matched by the rule's argv");
+    assert_eq!(
+        w.det.target_count(),
+        1,
+        "and then matched by the rule's argv"
+    );
     assert!(w.det.targets.contains_key(&100));
     assert_eq!(w.host.watched.get(&100), Some(&100));
 }
@@ -1260,7 +1270,9 @@ fn an_argv_from_a_reused_pid_is_not_taken() {
     let mut w = World::new("");
     exec_without_argv(&mut w, 100, 10, "/opt/cli-launcher", S);
     // /proc/100 now belongs to another process (started later) with the SDK's argv.
-    w.host.cmdlines.insert(100, (id(100).start_ticks + 7, Argv::from_args(SDK)));
+    w.host
+        .cmdlines
+        .insert(100, (id(100).start_ticks + 7, Argv::from_args(SDK)));
     w.apply(Event::Rename {
         id: id(100),
         time_ns: 2 * S,
@@ -1286,7 +1298,9 @@ fn a_process_matched_by_its_executable_name_alone_gets_its_argv_first() {
     });
     assert_eq!(w.tree.get(100).unwrap().comm, "node");
     assert_eq!(w.det.target_count(), 0, "gone from /proc: no match");
-    w.host.cmdlines.insert(100, (id(100).start_ticks, Argv::from_args(SDK)));
+    w.host
+        .cmdlines
+        .insert(100, (id(100).start_ticks, Argv::from_args(SDK)));
     w.apply(Event::Rename {
         id: id(100),
         time_ns: 2 * S,

@@ -8,8 +8,8 @@ use std::mem::size_of;
 
 use bytes::Bytes;
 use reaper_common::{
-    ARGV_LEN, EXEC_ARGV_SKIPPED, EXEC_ARGV_TRUNCATED, EXEC_FILENAME_TRUNCATED, EventKind,
-    ExecHead, ExitEvent, FILENAME_LEN, ForkEvent, Header, RenameEvent, UnknownKind,
+    ARGV_LEN, EXEC_ARGV_SKIPPED, EXEC_ARGV_TRUNCATED, EXEC_FILENAME_TRUNCATED, EventKind, ExecHead,
+    ExitEvent, FILENAME_LEN, ForkEvent, Header, RenameEvent, UnknownKind,
 };
 
 use super::{Argv, Event, ExitStatus, Identity};

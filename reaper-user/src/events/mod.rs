@@ -276,9 +276,7 @@ pub(crate) fn word(s: &str) -> impl fmt::Display + '_ {
 /// A list of strings, or `null` when unknown.
 impl Serialize for Argv {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        (!self.is_unknown())
-            .then(|| self.to_strings())
-            .serialize(s)
+        (!self.is_unknown()).then(|| self.to_strings()).serialize(s)
     }
 }
 

@@ -440,7 +440,10 @@ fn an_unknown_argv_is_filled_only_for_its_own_process_and_is_no_sign_of_a_lost_e
     tree.apply(&lean);
     tree.apply(&fork(id(701, 31), id(700, 30)));
     let child = tree.get(701).unwrap();
-    assert!(child.argv.is_unknown() && child.inherited_image, "{child:?}");
+    assert!(
+        child.argv.is_unknown() && child.inherited_image,
+        "{child:?}"
+    );
     // /proc shows the same name and an argv: nothing says the child's exec was lost.
     let mut worker = snap(id(700, 30), 100, "worker");
     worker.argv = Argv::from_args(&["/usr/bin/worker", "--pool"]);
