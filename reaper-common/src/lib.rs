@@ -24,6 +24,11 @@ pub const EXEC_ARGV_TRUNCATED: u32 = 1 << 0;
 pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 1;
 /// `ExecEvent::flags`: argv could not be read from the new process's memory.
 pub const EXEC_ARGV_UNREADABLE: u32 = 1 << 2;
+/// `ExecEvent::flags`: argv was not read, on purpose: the process was neither a candidate by
+/// its name (its comm one of the rules' names, `WATCH_NAMES`) nor watched (`WATCHED`) at its
+/// exec, so nothing in user space looks at its argv. Not the same as an empty argv: user space
+/// reads `/proc/PID/cmdline` if the process becomes a candidate later (a rename, new rules).
+pub const EXEC_ARGV_SKIPPED: u32 = 1 << 3;
 
 /// The lifecycle programs in reaper's eBPF object, each named after the BTF tracepoint
 /// (`tp_btf`) it attaches to. Without any of them reaper cannot follow processes.
@@ -149,7 +154,8 @@ pub struct ForkEvent {
 
 /// The fixed part of an exec record. On the wire an exec record is this, then
 /// [`ExecHead::filename_len`] bytes of the path, then [`ExecHead::argv_len`] bytes of argv (the
-/// eBPF side sends only the used prefix of an [`ExecEvent`]); both sides read and write these
+/// eBPF side sends only the used prefix of an [`ExecEvent`]; `argv_len` is 0 and
+/// [`EXEC_ARGV_SKIPPED`] set where it did not read argv); both sides read and write these
 /// fields by name.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,9 +5,11 @@
 //! ring.
 //!
 //! A second floor on exec, [`floor_sched_process_exec_content`], carries what reaper's exec
-//! record carries beyond a header: the exec'd path and argv, copied by the same code
-//! (`reaper_ebpf::exec_content`) through the same per-CPU scratch record into the ring. The
-//! distance from the first floor to it is what that content costs, whoever sends it.
+//! record carries beyond a header for a candidate (a process named as a rule's `comm`, or a
+//! watched one): the exec'd path and argv, copied by the same code
+//! (`reaper_ebpf::exec_content`) through the same per-CPU scratch record into the ring, for
+//! every exec. The distance from the first floor to it is what that content costs, whoever
+//! sends it. (reaper sends every other exec's path alone: `EXEC_ARGV_SKIPPED`.)
 //!
 //! `cargo xtask bench` attaches these (never together with reaper's programs; the content
 //! floor in a turn of its own, in the exec floor's place beside the other three) and compares the kernel's `run_time_ns / run_cnt` per program

@@ -6,8 +6,8 @@
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel_str_bytes, generated};
 use reaper_common::{
-    ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, ExecEvent,
-    ExecHead, FILENAME_LEN,
+    ARGV_LEN, EXEC_ARGV_SKIPPED, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE,
+    EXEC_FILENAME_TRUNCATED, ExecEvent, ExecHead, FILENAME_LEN,
 };
 
 /// One field of the program's `OFFSETS` global (a `reaper_common::KernelOffsets` each binary
@@ -56,23 +56,8 @@ pub unsafe fn exec_content(
     arg_start: u64,
     arg_end: u64,
 ) -> usize {
-    let mut flags = 0u32;
-    // SAFETY: the caller's promise: `ev` is a whole ExecEvent.
-    let filename_len = unsafe {
-        let path =
-            core::slice::from_raw_parts_mut((&raw mut (*ev).data).cast::<u8>(), FILENAME_LEN);
-        match bpf_probe_read_kernel_str_bytes(filename, path) {
-            // The mask keeps the length provably below FILENAME_LEN for the verifier (the
-            // helper returns at most FILENAME_LEN - 1 bytes before the NUL).
-            Ok(bytes) => (bytes.len() as u32) & (FILENAME_LEN as u32 - 1),
-            Err(_) => 0,
-        }
-    };
-    // The helper keeps room for the NUL: a full buffer means the path may have been longer.
-    if filename_len as usize >= FILENAME_LEN - 1 {
-        flags |= EXEC_FILENAME_TRUNCATED;
-    }
-
+    // SAFETY: the caller's promise.
+    let (mut flags, filename_len) = unsafe { exec_path(ev, filename) };
     let total = arg_end.saturating_sub(arg_start);
     let argv_len = if total >= ARGV_LEN as u64 {
         if total > ARGV_LEN as u64 {
@@ -101,7 +86,58 @@ pub unsafe fn exec_content(
         flags |= EXEC_ARGV_UNREADABLE;
         0
     };
-    // SAFETY: as above; plain stores into the record's head.
+    // SAFETY: the caller's promise.
+    unsafe { exec_head(ev, flags, filename_len, argv_len) }
+}
+
+/// [`exec_content`] without argv: the path alone, flagged [`EXEC_ARGV_SKIPPED`], for an exec
+/// whose argv nobody reads (reaper's program sends argv only for candidates and watched
+/// processes). Returns the record's used size.
+///
+/// # Safety
+/// As for [`exec_content`].
+#[inline(always)]
+pub unsafe fn exec_path_only(ev: *mut ExecEvent, filename: *const u8) -> usize {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let (flags, filename_len) = exec_path(ev, filename);
+        exec_head(ev, flags | EXEC_ARGV_SKIPPED, filename_len, 0)
+    }
+}
+
+/// Copies the path into the front of `ev`'s data: the flags it calls for and its length.
+///
+/// # Safety
+/// As for [`exec_content`].
+#[inline(always)]
+unsafe fn exec_path(ev: *mut ExecEvent, filename: *const u8) -> (u32, u32) {
+    // SAFETY: the caller's promise: `ev` is a whole ExecEvent.
+    let filename_len = unsafe {
+        let path =
+            core::slice::from_raw_parts_mut((&raw mut (*ev).data).cast::<u8>(), FILENAME_LEN);
+        match bpf_probe_read_kernel_str_bytes(filename, path) {
+            // The mask keeps the length provably below FILENAME_LEN for the verifier (the
+            // helper returns at most FILENAME_LEN - 1 bytes before the NUL).
+            Ok(bytes) => (bytes.len() as u32) & (FILENAME_LEN as u32 - 1),
+            Err(_) => 0,
+        }
+    };
+    // The helper keeps room for the NUL: a full buffer means the path may have been longer.
+    let flags = if filename_len as usize >= FILENAME_LEN - 1 {
+        EXEC_FILENAME_TRUNCATED
+    } else {
+        0
+    };
+    (flags, filename_len)
+}
+
+/// Fills in the head's lengths and flags; returns the record's used size.
+///
+/// # Safety
+/// As for [`exec_content`].
+#[inline(always)]
+unsafe fn exec_head(ev: *mut ExecEvent, flags: u32, filename_len: u32, argv_len: u32) -> usize {
+    // SAFETY: the caller's promise; plain stores into the record's head.
     unsafe {
         let head = &raw mut (*ev).head;
         (*head).flags = flags;

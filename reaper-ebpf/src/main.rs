@@ -28,7 +28,7 @@ use reaper_common::{
     SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAME_FILTER_BITS, WATCH_NAMES_MAX,
     comm_nul_padded, watch_name_bit,
 };
-use reaper_ebpf::{exec_content, load, off};
+use reaper_ebpf::{exec_content, exec_path_only, load, off};
 
 /// Field offsets of the running kernel, written by user space at load time (read-only global).
 #[unsafe(no_mangle)]
@@ -504,9 +504,6 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let parent: *const u8 = load(task, off!(task_real_parent));
     let parent_tgid: i32 = load(parent, off!(task_tgid));
     let filename: *const u8 = load(bprm, off!(binprm_filename));
-    let mm: *const u8 = load(task, off!(task_mm));
-    let arg_start: u64 = load(mm, off!(mm_arg_start));
-    let arg_end: u64 = load(mm, off!(mm_arg_end));
     let uid = task_uid(task)?;
     let comm = task_comm(task);
 
@@ -515,18 +512,43 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     };
     // SAFETY: `ev` points at this CPU's scratch record; the comm goes into it (the watch-name
     // lookup takes a copy as its key).
-    unsafe {
+    let by_name = unsafe {
         store_comm(&raw mut (*ev).head.comm, comm);
-        if maybe_watched_name(comm) && WATCH_NAMES.get((*ev).head.comm).is_some() {
-            // Its own target until user space decides; a descendant of a target stays that.
-            mark_watched(tgid, true);
-            let _ = WATCHED.insert(tgid, tgid, u64::from(BPF_NOEXIST));
-        }
+        maybe_watched_name(comm) && WATCH_NAMES.get((*ev).head.comm).is_some()
+    };
+    if by_name {
+        // Its own target until user space decides; a descendant of a target stays that.
+        mark_watched(tgid, true);
+        let _ = WATCHED.insert(tgid, tgid, u64::from(BPF_NOEXIST));
     }
+    // argv only where user space reads it: a candidate by its name (matched against the
+    // rules' argv) or a watched process (a target or its descendant: what a decision logs).
+    // Every other exec sends the path alone (EXEC_ARGV_SKIPPED): the copy was 12 % of this
+    // program's samples (issue 14's profile), and its bytes go through the ring. User space's
+    // other name match, the exec'd file's basename, is the comm at this point:
+    // begin_new_exec() sets it to kbasename(bprm->filename), cut to TASK_COMM_LEN - 1 bytes as
+    // WATCH_NAMES keys are (<https://github.com/torvalds/linux/blob/v5.10/fs/exec.c>); 6.18
+    // takes the file's dentry name instead only for an execveat() of an fd with an empty path,
+    // whose `filename` is "/dev/fd/N" (bprm->comm_from_dentry:
+    // <https://github.com/torvalds/linux/blob/v6.18/fs/exec.c>). A process that becomes a
+    // candidate later (renamed to a rule's name, new rules) has its argv read from /proc by
+    // user space. The filter first, as in the other programs.
+    let wants_argv = by_name
+        || (maybe_watched(tgid)
+            // SAFETY: a map lookup; only whether it is there is used.
+            && unsafe { WATCHED.get(tgid) }.is_some());
     // The path, then argv right after its last byte (the same code as the bench's floor with
     // the record's content).
-    // SAFETY: `ev` points at this CPU's scratch record.
-    let size = unsafe { exec_content(ev, filename, arg_start, arg_end) };
+    let size = if wants_argv {
+        let mm: *const u8 = load(task, off!(task_mm));
+        let arg_start: u64 = load(mm, off!(mm_arg_start));
+        let arg_end: u64 = load(mm, off!(mm_arg_end));
+        // SAFETY: `ev` points at this CPU's scratch record.
+        unsafe { exec_content(ev, filename, arg_start, arg_end) }
+    } else {
+        // SAFETY: as above.
+        unsafe { exec_path_only(ev, filename) }
+    };
     // SAFETY: as above; plain stores into the scratch record.
     unsafe {
         let head = &raw mut (*ev).head;

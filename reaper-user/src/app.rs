@@ -375,7 +375,7 @@ impl Pipeline {
             }])
             .set(1);
         detector.publish_names(&mut host);
-        detector.adopt_all(&tree, clock::mono_ns(), &mut host);
+        detector.adopt_all(&mut tree, clock::mono_ns(), &mut host);
         tracing::info!(
             processes = tree.len(),
             scanned,
@@ -600,7 +600,7 @@ impl TreeOwner {
                             // The tree takes the event's strings; the detector reads only its
                             // kind, identities and times.
                             self.tree.apply_taking(&mut event);
-                            self.detector.on_event(&self.tree, &event, &mut self.host);
+                            self.detector.on_event(&mut self.tree, &event, &mut self.host);
                             if let Some(event) = whole {
                                 let _ = self.applied.send(event);
                             }
@@ -856,7 +856,7 @@ impl TreeOwner {
         self.metrics.processes.set(self.tree.len() as i64);
         let renewed = self.tree.take_renewed();
         self.detector
-            .classify_new(&self.tree, &renewed, clock::mono_ns(), &mut self.host);
+            .classify_new(&mut self.tree, &renewed, clock::mono_ns(), &mut self.host);
         if fixed.total() > 0 {
             tracing::info!(
                 ?fixed,
@@ -893,7 +893,7 @@ impl TreeOwner {
             }
         }
         self.detector
-            .reconfigure(&config, &self.tree, clock::mono_ns(), &mut self.host);
+            .reconfigure(&config, &mut self.tree, clock::mono_ns(), &mut self.host);
         // The memory threshold may have moved.
         self.next_meminfo_ns = 0;
         tracing::info!(

@@ -16,7 +16,7 @@ use rustix::{
 use crate::{
     clock::{self, Nanos},
     detect::{self, Victim, session::Connections},
-    events::Identity,
+    events::{Argv, Identity},
     probes::Probes,
     reap::{self, Input, OpenError},
     tree::scan,
@@ -41,6 +41,21 @@ pub(crate) struct LiveHost {
 impl detect::Host for LiveHost {
     fn tty_nr(&self, pid: u32) -> Option<i32> {
         proc_process(pid)?.stat().ok().map(|s| s.tty_nr)
+    }
+
+    fn cmdline(&self, id: Identity) -> Option<(Argv, bool)> {
+        let p = proc_process(id.pid)?;
+        if p.stat().ok()?.starttime != id.start_ticks {
+            return None;
+        }
+        // Opened through the same `/proc/PID` directory as the stat just read: once that
+        // process is gone, the directory no longer revalidates and a read of its cmdline finds
+        // no task (-ESRCH), so a later holder of the pid is never read
+        // (pid_revalidate(), proc_pid_cmdline_read():
+        // <https://github.com/torvalds/linux/blob/v6.18/fs/proc/base.c>).
+        let file = p.open_relative("cmdline").ok()?;
+        let (argv, truncated) = scan::read_cmdline_from(file).ok()?;
+        Some((Argv::new(argv), truncated))
     }
 
     fn cpu_ticks(&self, id: Identity) -> Option<u64> {

@@ -255,7 +255,11 @@ pub fn render_explanation(e: &Explanation) -> String {
         word(&p.comm),
         p.ppid,
         p.id.start_ticks,
-        p.argv
+        if p.argv.is_unknown() {
+            "(not read: not a candidate at its exec, and gone from /proc)".to_owned()
+        } else {
+            p.argv.to_string()
+        }
     ));
     if let Some(target) = e.descendant_of {
         out.push_str(&format!(

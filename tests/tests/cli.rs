@@ -83,7 +83,15 @@ fn parse_tree(text: &str) -> Vec<Row> {
 #[test]
 fn tree_shows_this_test_and_the_child_it_spawned() {
     let dir = TempDir::new("tree");
-    let daemon = start_daemon(&dir);
+    // The helper named by a rule, so its exec carries its argv (the kernel sends argv only for
+    // candidates by name and watched processes) and the tree shows it.
+    let text = format!(
+        "{}\n{}",
+        reaper::config::DEFAULT_TOML,
+        reaper_tests::argv_rule(reaper_tests::HELPER)
+    );
+    let config = dir.write("reaper.toml", &text);
+    let daemon = start_daemon_with(&dir, &["--config", config.to_str().unwrap()]);
     let me = std::process::id();
     let my_stat = proc_stat(me).expect("/proc/self/stat");
     // A multi-line argument (like a `bash -c` script another process on the host may run)

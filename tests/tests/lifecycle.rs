@@ -13,7 +13,7 @@ use reaper_tests::{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fork_exec_exit_report_exit_codes() {
-    let mut h = Harness::start().await;
+    let mut h = Harness::start_reading_helper_argv().await;
     expect(lifecycle::fork_exec_exit(&mut h).await);
 }
 
@@ -186,7 +186,7 @@ async fn processes_alive_before_start_are_bootstrapped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn argv_past_the_bound_is_truncated_and_flagged() {
-    let h = Harness::start().await;
+    let h = Harness::start_reading_helper_argv().await;
     let long = "x".repeat(ARGV_LEN + 1000);
     let mut helper = Helper::spawn(&["wait", "--", &long]);
     let pid = helper.read_pid("pid");
@@ -284,7 +284,7 @@ async fn a_spawn_storm_loses_nothing_and_the_tree_equals_proc() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_sees_every_event_that_happened_before_it_was_asked() {
-    let h = Harness::start().await;
+    let h = Harness::start_reading_helper_argv().await;
     // No waiting: the reader drains the ring buffer only every 0.1–1.6 s by itself, so an
     // answer without a flush would usually miss a process this young.
     for _ in 0..3 {
@@ -327,4 +327,96 @@ async fn a_start_during_a_spawn_storm_leaves_no_stale_process() {
         0,
         "the start-up left the tree wrong: {fixed:?}"
     );
+}
+
+/// The kernel sends an exec's argv only where user space reads it: for a process exec'd under
+/// a rule's name and for a watched one (a target's descendant). Any other exec carries its
+/// path alone, and the tree holds that argv as unknown, not empty; a process that takes a
+/// rule's name later (a rename) gets its argv from /proc and is matched with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_records_carry_argv_only_for_candidates_and_watched_processes() {
+    // A target by its name alone (no argv or terminal condition); dry run.
+    let mut h = Harness::start_with_rules(
+        "[[rule]]\nname = \"argv-target\"\ncomm = [\"argv-target\"]\n\
+         require_no_tty = false\n",
+    )
+    .await;
+    let exec_argv = |pid: u32| {
+        move |e: &Event| match e {
+            Event::Exec { id, argv, .. } if id.pid == pid => Some(argv.clone()),
+            _ => None,
+        }
+    };
+
+    // No rule's name, not watched: no argv.
+    let mut plain = Helper::spawn(&["wait", "plain"]);
+    let plain_pid = plain.read_pid("pid");
+    let argv = h
+        .wait_event("the plain helper's exec", exec_argv(plain_pid))
+        .await;
+    assert!(argv.is_unknown(), "{argv:?}");
+    let p = h
+        .handle
+        .process(plain_pid)
+        .await
+        .expect("the plain helper in the tree");
+    assert!(p.argv.is_unknown(), "{:?}", p.argv);
+    assert_matches_proc(&p);
+
+    // Exec'd under the rule's name: its argv.
+    let dir = reaper_tests::TempDir::new("argv-target");
+    let link = dir.join("argv-target");
+    std::os::unix::fs::symlink("/bin/cat", &link).unwrap();
+    let mut named = std::process::Command::new(&link)
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn argv-target");
+    let argv = h
+        .wait_event("the named process's exec", exec_argv(named.id()))
+        .await;
+    assert_eq!(argv.to_strings(), [link.to_str().unwrap(), "-"]);
+
+    // Exec'd without argv, then renamed to the rule's name: its argv comes from /proc, and
+    // the rule matches it; its child, exec'd once it is a target, is watched: its argv.
+    let mut renamed = Helper::spawn(&["rename-spawn-on-cue", "argv-target", "/bin/cat", "-"]);
+    let renamed_pid = renamed.read_pid("pid");
+    let argv = h
+        .wait_event("the renamed helper's exec", exec_argv(renamed_pid))
+        .await;
+    assert!(argv.is_unknown(), "{argv:?}");
+    let started = std::time::Instant::now();
+    while h
+        .handle
+        .explain(renamed_pid)
+        .await
+        .unwrap()
+        .target
+        .is_none()
+    {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the renamed helper never became a target"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let p = h.handle.process(renamed_pid).await.unwrap();
+    assert_eq!(p.comm, "argv-target");
+    assert_eq!(
+        p.argv.to_strings()[1..],
+        ["rename-spawn-on-cue", "argv-target", "/bin/cat", "-"]
+    );
+    assert_matches_proc(&p);
+    renamed.send("go");
+    let child = renamed.read_pid("child");
+    let argv = h
+        .wait_event("the target's child's exec", exec_argv(child))
+        .await;
+    assert_eq!(argv.to_strings(), ["/bin/cat", "-"]);
+
+    drop(named.stdin.take());
+    let _ = named.wait();
+    renamed.finish();
+    plain.finish();
 }

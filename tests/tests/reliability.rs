@@ -30,8 +30,8 @@ use reaper::{
 };
 use reaper_common::ARGV_LEN;
 use reaper_tests::{
-    CliOutput, DEADLINE, Daemon, Harness, Helper, POLL, Running, TempDir, alive, free_port,
-    helper_path, proc_cmdline, proc_identities, proc_stat, reaper_cli,
+    CliOutput, DEADLINE, Daemon, Harness, Helper, POLL, Running, TempDir, alive, argv_rule,
+    free_port, helper_path, proc_cmdline, proc_identities, proc_stat, reaper_cli,
 };
 use serde_json::Value;
 
@@ -52,9 +52,18 @@ fn config_text(extra: &str) -> String {
 }
 
 async fn start(extra: &str) -> Harness {
-    let config = parse(&config_text(extra), "test", &Overrides::default()).expect("test config");
+    start_with_rules(extra, "").await
+}
+
+/// [`start`] with `rules` (TOML `[[rule]]` tables) after the test rule.
+async fn start_with_rules(extra: &str, rules: &str) -> Harness {
+    let text = format!("{}\n{rules}", config_text(extra));
+    let config = parse(&text, "test", &Overrides::default()).expect("test config");
     Harness::start_with(PipelineConfig::new(config)).await
 }
+
+/// The name [`argv_rule`] gives the hostile-input tests' `sh` (a link to `/bin/sh`).
+const ARGV_SH: &str = "rl-argv-sh";
 
 async fn stats(h: &Harness) -> PipelineStats {
     h.handle.stats().await.expect("pipeline alive")
@@ -165,9 +174,11 @@ async fn lost_events_are_counted_repaired_and_never_kill_the_wrong_process() {
     let leaked = leak.read_pid("claude");
     chat.read("ready");
     leak.read("ready");
-    let h = start(&format!(
-        "ring_bytes = {RING}\nreconcile_interval = \"2s\"\nidle_timeout = \"5s\""
-    ))
+    // The storm's `/bin/true`s are named by a rule, so their exec records carry their argv.
+    let h = start_with_rules(
+        &format!("ring_bytes = {RING}\nreconcile_interval = \"2s\"\nidle_timeout = \"5s\""),
+        &argv_rule("true"),
+    )
     .await;
     let started = Instant::now();
     wait_target(&h, chatting).await;
@@ -175,8 +186,8 @@ async fn lost_events_are_counted_repaired_and_never_kill_the_wrong_process() {
     let before = stats(&h).await;
 
     // The storm: 3000 fork+exec+exit from 4 threads, each exec with a 3,000-byte argument.
-    // Exec records carry their argv, so each is ≈ 3.3 KiB, and two in flight overflow the
-    // 8 KiB ring.
+    // Exec records of `true` carry their argv (the rule above), so each is ≈ 3.3 KiB, and two
+    // in flight overflow the 8 KiB ring.
     let storm = tokio::task::spawn_blocking(|| {
         Command::new(helper_path())
             .args(["storm", "3000", "4", "3000"])
@@ -891,7 +902,7 @@ fn proc_comm_lossy(pid: u32) -> String {
 /// a dropped process or a reconcile correction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_utf8_argv_and_comm_are_followed() {
-    let h = start("").await;
+    let h = start_with_rules("", &argv_rule(ARGV_SH)).await;
     // A start while processes come and go can leave ended ones for the first reconcile
     // (lifecycle.rs, a_start_during_a_spawn_storm_leaves_no_stale_process): not this test's
     // business. From here on the events alone must keep the tree equal to /proc.
@@ -900,22 +911,34 @@ async fn non_utf8_argv_and_comm_are_followed() {
     let exe = dir.join(OsStr::from_bytes(b"\xffsh\xfe\xc3("));
     std::os::unix::fs::symlink("/bin/sh", &exe).unwrap();
     let args: [&[u8]; 3] = [b"\xff\xfe", b"ok", b"caf\xe9 \xc3\x28 \xed\xa0\x80"];
+    // A name no rule can have (TOML names are UTF-8): the kernel sends its exec's path and
+    // comm, not its argv.
     let sh = spawn_waiting_sh(&exe, &args);
     let pid = sh.child.id();
-    let real = exec_cmdline(pid);
+    let p = h
+        .wait_process(pid, "the non-UTF-8 exec", |p| {
+            p.filter(|p| p.comm.contains('\u{fffd}')).cloned()
+        })
+        .await;
+    assert_eq!(p.comm, proc_comm_lossy(pid), "comm, invalid bytes replaced");
+    assert!(p.argv.is_unknown(), "{:?}", p.argv);
+    // The same argv under a rule's name: the kernel sends it, bytes as they are.
+    let named = dir.join(ARGV_SH);
+    std::os::unix::fs::symlink("/bin/sh", &named).unwrap();
+    let named_sh = spawn_waiting_sh(&named, &args);
+    let named_pid = named_sh.child.id();
+    let real = exec_cmdline(named_pid);
     assert!(
         std::str::from_utf8(&real).is_err(),
         "the test needs invalid UTF-8"
     );
-    let p = h
-        .wait_process(pid, "the non-UTF-8 exec", |p| {
+    let n = h
+        .wait_process(named_pid, "the non-UTF-8 argv", |p| {
             p.filter(|p| p.argv.raw()[..] == real[..]).cloned()
         })
         .await;
-    assert_eq!(p.comm, proc_comm_lossy(pid), "comm, invalid bytes replaced");
-    assert!(p.comm.contains('\u{fffd}'), "{:?}", p.comm);
-    assert!(!p.argv_truncated);
-    assert_eq!(p.argv.iter().nth(3), Some(&b"\xff\xfe"[..]), "{:?}", p.argv);
+    assert!(!n.argv_truncated);
+    assert_eq!(n.argv.iter().nth(3), Some(&b"\xff\xfe"[..]), "{:?}", n.argv);
 
     let name = b"\xc3(r\xffname\x80";
     let (renamed, keep) = fork_renamed(name);
@@ -931,7 +954,11 @@ async fn non_utf8_argv_and_comm_are_followed() {
     // /proc says the same as the events: the tree after a flush (no reconcile) and the /proc
     // scan agree, and a reconcile then finds nothing to correct.
     h.flush().await.unwrap();
-    for (pid, comm) in [(pid, p.comm.clone()), (renamed, want.clone())] {
+    for (pid, comm) in [
+        (pid, p.comm.clone()),
+        (named_pid, n.comm.clone()),
+        (renamed, want.clone()),
+    ] {
         let now = h.handle.process(pid).await.expect("still in the tree");
         assert_eq!(now.comm, comm);
         let scanned = scan::read_pid(pid).expect("the scan reads it");
@@ -963,17 +990,22 @@ async fn non_utf8_argv_and_comm_are_followed() {
     // SAFETY: waiting for the child this test forked, which exits once the pipe closes.
     unsafe { libc::waitpid(renamed as i32, std::ptr::null_mut(), 0) };
     drop(sh);
+    drop(named_sh);
 }
 
 /// A 1 MB argv: the event and the /proc scan carry the same flagged prefix, nothing panics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_megabyte_argv_is_truncated_and_flagged() {
-    let h = start("").await;
+    let h = start_with_rules("", &argv_rule(ARGV_SH)).await;
     // Only what happens from here on counts (as in the non-UTF-8 test).
     h.reconcile().await.unwrap();
     let chunk: Vec<u8> = (0..100_000).map(|i| b'a' + (i % 26) as u8).collect();
     let args: Vec<&[u8]> = (0..10).map(|_| &chunk[..]).collect();
-    let sh = spawn_waiting_sh(Path::new("/bin/sh"), &args);
+    // Under a rule's name: the kernel sends its argv.
+    let dir = TempDir::new("megabyte-argv");
+    let sh_link = dir.join(ARGV_SH);
+    std::os::unix::fs::symlink("/bin/sh", &sh_link).unwrap();
+    let sh = spawn_waiting_sh(&sh_link, &args);
     let pid = sh.child.id();
     let real = exec_cmdline(pid);
     assert!(real.len() > 1_000_000, "{} bytes", real.len());
@@ -1182,13 +1214,14 @@ fn bad_config_files_are_refused_clearly() {
 }
 
 /// With a 4 KiB ring, an exec whose argv fills the record's 4 KiB argv buffer (a 4.4 KiB
-/// record) never fits: that exec is lost. (The comm still arrives: exec renames the task, and
+/// record; the helper is named by a rule, so its exec carries argv) never fits: that exec is
+/// lost. (The comm still arrives: exec renames the task, and
 /// the rename record is small.) A reconcile must then bring argv and exe up to date from
 /// `/proc`, or a leaked `claude` whose exec was lost keeps its parent's argv and is never
 /// recognised.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_exec_is_repaired_by_the_reconcile() {
-    let h = start("ring_bytes = 4096").await;
+    let h = start_with_rules("ring_bytes = 4096", &argv_rule(reaper_tests::HELPER)).await;
     let long = format!("after-a-lost-exec-{}", "x".repeat(4200));
     let mut helper = Helper::spawn(&["wait", &long]);
     let pid = helper.read_pid("pid");

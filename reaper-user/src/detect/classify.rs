@@ -20,7 +20,7 @@ const ENDED_KEPT: usize = 64;
 impl Detector {
     /// Classifies every process (start-up, after a restart). Idle clocks start now: an
     /// adopted process's earlier inactivity cannot be proven.
-    pub(crate) fn adopt_all(&mut self, tree: &ProcessTree, now: Nanos, host: &mut impl Host) {
+    pub(crate) fn adopt_all(&mut self, tree: &mut ProcessTree, now: Nanos, host: &mut impl Host) {
         let pids: Vec<u32> = tree.processes().map(|p| p.id.pid).collect();
         for pid in pids {
             self.classify(tree, pid, now, host);
@@ -31,7 +31,7 @@ impl Detector {
     /// `/proc`), and targets that vanished without an exit event.
     pub(crate) fn classify_new(
         &mut self,
-        tree: &ProcessTree,
+        tree: &mut ProcessTree,
         renewed: &[u32],
         now: Nanos,
         host: &mut impl Host,
@@ -57,8 +57,9 @@ impl Detector {
     }
 
     /// Updates after the tree applied `event`. Reads only its kind, identities and times: the
-    /// tree has taken its strings ([`ProcessTree::apply_taking`]).
-    pub(crate) fn on_event(&mut self, tree: &ProcessTree, event: &Event, host: &mut impl Host) {
+    /// tree has taken its strings ([`ProcessTree::apply_taking`]). The tree is changed only to
+    /// give a new candidate the argv the kernel did not send ([`Detector::classify`]).
+    pub(crate) fn on_event(&mut self, tree: &mut ProcessTree, event: &Event, host: &mut impl Host) {
         match event {
             Event::Fork {
                 id,
@@ -230,9 +231,16 @@ impl Detector {
     }
 
     /// (Re)decides whether `pid` is a target.
+    ///
+    /// A process whose argv the kernel did not send (it was no candidate at its exec: see
+    /// `EXEC_ARGV_SKIPPED`) and that a rule's name now matches (renamed to it, new rules, or
+    /// matched by its executable's name alone) gets its argv from `/proc` first, checked to be
+    /// this very process; if it is gone or its pid taken by another, it matches nothing here
+    /// (its exit event, or the new process's, follows). Unknown argv is never matched against
+    /// a rule.
     pub(super) fn classify(
         &mut self,
-        tree: &ProcessTree,
+        tree: &mut ProcessTree,
         pid: u32,
         now: Nanos,
         host: &mut impl Host,
@@ -241,17 +249,32 @@ impl Detector {
         if p.placeholder {
             return;
         }
-        let parent = tree.get(p.ppid);
-        let matched = self
+        // Nearly every exec on a host is named by no rule: one pass over the names decides.
+        let named = self
             .sampling
             .rules
             .iter()
-            // The name first: a mismatch's explanation (`Mismatch::Name`) copies the names, and
-            // nearly every exec on a host is one.
-            .position(|rule| {
-                targets::name_matches(rule, p)
-                    && targets::matches(rule, p, parent, || host.tty_nr(pid)).is_ok()
-            });
+            .any(|rule| targets::name_matches(rule, p));
+        if named && p.argv.is_unknown() {
+            let id = p.id;
+            let Some((argv, truncated)) = host.cmdline(id) else {
+                return;
+            };
+            tree.fill_argv(id, argv, truncated);
+        }
+        let tree = &*tree;
+        let Some(p) = tree.get(pid) else { return };
+        let parent = tree.get(p.ppid);
+        let matched = named
+            .then(|| {
+                self.sampling.rules.iter().position(|rule| {
+                    // The name first: a mismatch's explanation (`Mismatch::Name`) copies the
+                    // names.
+                    targets::name_matches(rule, p)
+                        && targets::matches(rule, p, parent, || host.tty_nr(pid)).is_ok()
+                })
+            })
+            .flatten();
         let current = self
             .targets
             .get(&pid)
@@ -265,15 +288,7 @@ impl Detector {
             }
             (None, Some(rule)) => self.adopt(tree, p.id, rule, now, host),
             // Watched by its name from its exec on, but not a target after all.
-            (None, None)
-                if self
-                    .sampling
-                    .rules
-                    .iter()
-                    .any(|r| targets::name_matches(r, p)) =>
-            {
-                host.unwatch(pid, &[])
-            }
+            (None, None) if named => host.unwatch(pid, &[]),
             (None, None) => {}
         }
     }

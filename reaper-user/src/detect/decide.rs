@@ -333,7 +333,14 @@ impl Detector {
             deadline_ns: 0,
             ppid: p.ppid,
             parent_comm,
-            argv: p.argv.redacted(ARGV_SHOWN),
+            // A leftover that exec'd after its session ended was no longer watched: the
+            // kernel sent its exec without argv, so the log line reads it now.
+            argv: if p.argv.is_unknown() {
+                host.cmdline(p.id)
+                    .map_or_else(String::new, |(argv, _)| argv.redacted(ARGV_SHOWN))
+            } else {
+                p.argv.redacted(ARGV_SHOWN)
+            },
             dry_run: self.mode == Mode::DryRun,
             kind: None,
             note: String::new(),

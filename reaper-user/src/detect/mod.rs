@@ -54,7 +54,7 @@ use self::{
 };
 use crate::{
     config::{Config, Leftovers, MemoryPressure, Mode},
-    events::Identity,
+    events::{Argv, Identity},
     tree::ProcessTree,
 };
 
@@ -62,6 +62,10 @@ use crate::{
 pub(crate) trait Host {
     /// `tty_nr` from `/proc/PID/stat` (0: no controlling terminal).
     fn tty_nr(&self, pid: u32) -> Option<i32>;
+    /// argv from `/proc/PID/cmdline` (its first `ARGV_LEN` bytes, and whether there was
+    /// more), if `id` is still alive: read from that very process, never from a later holder
+    /// of its pid. For a process whose exec the kernel sent without argv ([`Argv::unknown`]).
+    fn cmdline(&self, id: Identity) -> Option<(Argv, bool)>;
     /// utime + stime in clock ticks, if `id` is still alive.
     fn cpu_ticks(&self, id: Identity) -> Option<u64>;
     /// Bytes read and written (rchar + wchar), if `id` is still alive.
@@ -273,7 +277,7 @@ impl Detector {
     pub(crate) fn reconfigure(
         &mut self,
         config: &Config,
-        tree: &ProcessTree,
+        tree: &mut ProcessTree,
         now: Nanos,
         host: &mut impl Host,
     ) {

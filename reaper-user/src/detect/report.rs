@@ -229,7 +229,15 @@ impl Detector {
         now: Nanos,
         host: &impl Host,
     ) -> Explanation {
-        let process = tree.get(pid).cloned();
+        let mut process = tree.get(pid).cloned();
+        // An argv the kernel did not send is read now, for the rules' argv checks (as
+        // classify() would read it if a rule's name matched).
+        if let Some(p) = process.as_mut().filter(|p| p.argv.is_unknown())
+            && let Some((argv, truncated)) = host.cmdline(p.id)
+        {
+            p.argv = argv;
+            p.argv_truncated = truncated;
+        }
         let mut first_match = None;
         let rules = match &process {
             Some(p) => {

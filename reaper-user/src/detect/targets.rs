@@ -15,6 +15,9 @@ pub enum Mismatch {
     Argv {
         wanted_any: Vec<String>,
     },
+    /// The rule wants argv and the process's was not read: the kernel sent its exec without
+    /// it, and `/proc` no longer had it (the process is gone).
+    ArgvUnknown,
     Tty {
         tty_nr: i32,
     },
@@ -37,6 +40,7 @@ impl std::fmt::Display for Mismatch {
             Self::Argv { wanted_any } => {
                 write!(f, "argv: has none of {}", wanted_any.join(", "))
             }
+            Self::ArgvUnknown => write!(f, "argv: not known (the process is gone)"),
             Self::Tty { tty_nr } => write!(f, "has a controlling terminal (tty_nr {tty_nr})"),
             Self::TtyUnknown => write!(f, "its terminal could not be read"),
             Self::Parent {
@@ -66,7 +70,8 @@ pub(crate) fn name_matches(rule: &Rule, p: &Process) -> bool {
         .any(|c| *c == p.comm || (!exe.is_empty() && c == exe))
 }
 
-/// The argv part: one of the flags is present, `--flag=value` or `--flag value`.
+/// The argv part: one of the flags is present, `--flag=value` or `--flag value`. An unknown
+/// argv has none.
 pub(crate) fn argv_matches(rule: &Rule, p: &Process) -> bool {
     if rule.argv_any.is_empty() {
         return true;
@@ -99,6 +104,9 @@ pub fn matches(
             exe: p.exe.clone(),
             wanted: rule.comm.clone(),
         });
+    }
+    if !rule.argv_any.is_empty() && p.argv.is_unknown() {
+        return Err(Mismatch::ArgvUnknown);
     }
     if !argv_matches(rule, p) {
         return Err(Mismatch::Argv {

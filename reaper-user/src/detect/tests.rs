@@ -5,7 +5,7 @@ use crate::{
     config::{Overrides, parse},
     detect::verdict::{ActivityKind, Verdict},
     events::{Argv, Event, ExitStatus},
-    tree::Snapshot,
+    tree::{Process, Snapshot},
 };
 
 const S: Nanos = 1_000_000_000;
@@ -22,9 +22,20 @@ struct FakeHost {
     conns: Map<u32, session::Connections>,
     rss: Map<u32, u64>,
     names: Vec<String>,
+    /// `/proc/PID/cmdline` by pid, with the start time of the process that has it.
+    cmdlines: Map<u32, (u64, Argv)>,
+    /// How many times a cmdline was read.
+    cmdline_reads: std::cell::Cell<usize>,
 }
 
 impl Host for FakeHost {
+    fn cmdline(&self, id: Identity) -> Option<(Argv, bool)> {
+        self.cmdline_reads.set(self.cmdline_reads.get() + 1);
+        self.cmdlines
+            .get(&id.pid)
+            .filter(|(start, _)| *start == id.start_ticks)
+            .map(|(_, argv)| (argv.clone(), false))
+    }
     fn tty_nr(&self, pid: u32) -> Option<i32> {
         Some(self.tty.get(&pid).copied().unwrap_or(0))
     }
@@ -139,7 +150,7 @@ impl World {
 
     fn apply(&mut self, e: Event) {
         self.tree.apply(&e);
-        self.det.on_event(&self.tree, &e, &mut self.host);
+        self.det.on_event(&mut self.tree, &e, &mut self.host);
     }
 
     fn spawn(&mut self, pid: u32, ppid: u32, argv: &[&str], at: Nanos) {
@@ -595,7 +606,7 @@ fn a_reload_keeps_evidence_and_applies_new_rules() {
     // A longer timeout and enforce mode: the target stays, its last activity (5 s) too.
     let mut longer = config("mode = \"enforce\"");
     longer.rules[0].idle_timeout = Duration::from_secs(20);
-    w.det.reconfigure(&longer, &w.tree, 6 * S, &mut w.host);
+    w.det.reconfigure(&longer, &mut w.tree, 6 * S, &mut w.host);
     assert_eq!(w.det.target_count(), 1);
     assert!(w.tick(24 * S).is_empty());
     let orders = w.tick(25 * S);
@@ -608,7 +619,7 @@ fn a_reload_keeps_evidence_and_applies_new_rules() {
         &Overrides::default(),
     )
     .unwrap();
-    w.det.reconfigure(&other, &w.tree, 26 * S, &mut w.host);
+    w.det.reconfigure(&other, &mut w.tree, 26 * S, &mut w.host);
     assert_eq!(w.det.target_count(), 0);
     assert!(w.host.watched.is_empty());
 }
@@ -734,7 +745,7 @@ fn a_target_found_under_init_at_start_up_is_reaped_only_when_idle() {
         snap(1, 0, "init", &["init"]),
         snap(20, 1, "claude", SDK),
     ]);
-    w.det.adopt_all(&w.tree, S, &mut w.host);
+    w.det.adopt_all(&mut w.tree, S, &mut w.host);
     assert_eq!(w.det.target_count(), 1);
     // Busy with the network every second, for far longer than orphan_grace (3 s).
     for second in 2..30 {
@@ -841,7 +852,7 @@ fn a_reload_keeps_the_kills_of_the_last_minute() {
     }
     assert_eq!(w.tick(11 * S).len(), 3);
     let same = config("");
-    w.det.reconfigure(&same, &w.tree, 12 * S, &mut w.host);
+    w.det.reconfigure(&same, &mut w.tree, 12 * S, &mut w.host);
     assert!(
         w.tick(12 * S).is_empty(),
         "a SIGHUP does not reset the rate limit"
@@ -908,7 +919,7 @@ fn a_reload_without_the_rule_leaves_its_sessions_leftovers_alone() {
         &Overrides::default(),
     )
     .unwrap();
-    w.det.reconfigure(&other, &w.tree, 11 * S, &mut w.host);
+    w.det.reconfigure(&other, &mut w.tree, 11 * S, &mut w.host);
     assert!(
         w.tick(16 * S).is_empty(),
         "its rule is gone: the leftover is only reported"
@@ -1230,4 +1241,122 @@ fn under_proc_io_without_a_stamp_the_last_word_is_the_sample_before_the_bytes() 
     let (reaped, states) = proc_io_with_tool(0);
     assert_eq!(reaped, None);
     assert_eq!(states.last(), Some(&"turn_in_flight"));
+}
+
+/// A process exec'd under a name no rule has: the kernel sends its exec without argv.
+fn exec_without_argv(w: &mut World, pid: u32, ppid: u32, exe: &str, at: Nanos) {
+    w.apply(Event::Fork {
+        id: id(pid),
+        time_ns: at,
+        parent: id(ppid),
+        uid: 0,
+        comm: "node".into(),
+    });
+    w.apply(Event::Exec {
+        id: id(pid),
+        time_ns: at,
+        parent_pid: ppid,
+        uid: 0,
+        comm: exe.rsplit('/').next().unwrap().into(),
+        filename: exe.into(),
+        argv: Argv::unknown(),
+        argv_truncated: false,
+        filename_truncated: false,
+    });
+}
+
+#[test]
+fn a_process_renamed_to_a_target_name_gets_its_argv_from_proc_and_is_matched() {
+    let mut w = World::new("");
+    exec_without_argv(&mut w, 100, 10, "/opt/cli-launcher", S);
+    assert!(w.tree.get(100).unwrap().argv.is_unknown());
+    assert_eq!(w.det.target_count(), 0);
+    assert_eq!(
+        w.host.cmdline_reads.get(),
+        0,
+        "no rule's name: /proc is not read"
+    );
+    w.host
+        .cmdlines
+        .insert(100, (id(100).start_ticks, Argv::from_args(SDK)));
+    w.apply(Event::Rename {
+        id: id(100),
+        time_ns: 2 * S,
+        comm: "claude".into(),
+    });
+    let p = w.tree.get(100).unwrap();
+    assert_eq!(p.argv, Argv::from_args(SDK), "filled from /proc");
+    assert_eq!(
+        w.det.target_count(),
+        1,
+        "and then matched by the rule's argv"
+    );
+    assert!(w.det.targets.contains_key(&100));
+    assert_eq!(w.host.watched.get(&100), Some(&100));
+}
+
+#[test]
+fn an_argv_from_a_reused_pid_is_not_taken() {
+    let mut w = World::new("");
+    exec_without_argv(&mut w, 100, 10, "/opt/cli-launcher", S);
+    // /proc/100 now belongs to another process (started later) with the SDK's argv.
+    w.host
+        .cmdlines
+        .insert(100, (id(100).start_ticks + 7, Argv::from_args(SDK)));
+    w.apply(Event::Rename {
+        id: id(100),
+        time_ns: 2 * S,
+        comm: "claude".into(),
+    });
+    assert_eq!(w.host.cmdline_reads.get(), 1, "it was asked for");
+    assert!(w.tree.get(100).unwrap().argv.is_unknown(), "not filled");
+    assert_eq!(w.det.target_count(), 0, "and not matched");
+    assert!(!w.host.watched.contains_key(&100));
+}
+
+#[test]
+fn a_process_matched_by_its_executable_name_alone_gets_its_argv_first() {
+    // comm "node" (a runtime setting its title, say), executable `claude`: the rule's name
+    // matches by the executable, the kernel did not know it for a candidate.
+    let mut w = World::new("");
+    exec_without_argv(&mut w, 100, 10, "/opt/claude", S);
+    // The exec above set comm to the basename; the process then renamed itself.
+    w.apply(Event::Rename {
+        id: id(100),
+        time_ns: S,
+        comm: "node".into(),
+    });
+    assert_eq!(w.tree.get(100).unwrap().comm, "node");
+    assert_eq!(w.det.target_count(), 0, "gone from /proc: no match");
+    w.host
+        .cmdlines
+        .insert(100, (id(100).start_ticks, Argv::from_args(SDK)));
+    w.apply(Event::Rename {
+        id: id(100),
+        time_ns: 2 * S,
+        comm: "node-main".into(),
+    });
+    assert_eq!(w.tree.get(100).unwrap().argv, Argv::from_args(SDK));
+    assert_eq!(w.det.target_count(), 1);
+}
+
+#[test]
+fn unknown_argv_is_never_a_match_and_explain_says_why() {
+    let rule = &config("").rules[0];
+    let mut p = Process::from(Snapshot {
+        id: id(100),
+        ppid: 10,
+        uid: 0,
+        comm: "claude".into(),
+        exe: "/opt/claude".into(),
+        argv: Argv::unknown(),
+        argv_truncated: false,
+    });
+    assert!(!targets::argv_matches(rule, &p));
+    assert_eq!(
+        targets::matches(rule, &p, None, || Some(0)),
+        Err(targets::Mismatch::ArgvUnknown)
+    );
+    p.argv = Argv::from_args(SDK);
+    assert_eq!(targets::matches(rule, &p, None, || Some(0)), Ok(()));
 }

@@ -8,8 +8,8 @@ use std::mem::size_of;
 
 use bytes::Bytes;
 use reaper_common::{
-    ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_FILENAME_TRUNCATED, EventKind, ExecHead, ExitEvent,
-    FILENAME_LEN, ForkEvent, Header, RenameEvent, UnknownKind,
+    ARGV_LEN, EXEC_ARGV_SKIPPED, EXEC_ARGV_TRUNCATED, EXEC_FILENAME_TRUNCATED, EventKind, ExecHead,
+    ExitEvent, FILENAME_LEN, ForkEvent, Header, RenameEvent, UnknownKind,
 };
 
 use super::{Argv, Event, ExitStatus, Identity};
@@ -133,7 +133,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 uid: head.uid,
                 comm: c_str(&head.comm),
                 filename: c_str(&bytes[filename_at..argv_at]),
-                argv: Argv::new(Bytes::copy_from_slice(&bytes[argv_at..])),
+                // Not read by the kernel (not a candidate at its exec): unknown, not empty.
+                argv: if head.flags & EXEC_ARGV_SKIPPED != 0 {
+                    Argv::unknown()
+                } else {
+                    Argv::new(Bytes::copy_from_slice(&bytes[argv_at..]))
+                },
                 argv_truncated: head.flags & EXEC_ARGV_TRUNCATED != 0,
                 filename_truncated: head.flags & EXEC_FILENAME_TRUNCATED != 0,
             }
@@ -160,7 +165,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 
 #[cfg(test)]
 mod tests {
-    use reaper_common::{COMM_LEN, EXEC_ARGV_TRUNCATED};
+    use reaper_common::{COMM_LEN, EXEC_ARGV_SKIPPED, EXEC_ARGV_TRUNCATED};
 
     use super::*;
 
@@ -345,6 +350,23 @@ mod tests {
         let empty = exec_record(b"", 0, 0);
         assert_eq!(empty.len(), size_of::<ExecHead>() + 9);
         assert!(decode(&empty).is_ok());
+    }
+
+    #[test]
+    fn an_exec_whose_argv_was_skipped_has_unknown_argv_not_an_empty_one() {
+        let skipped = decode(&exec_record(b"", 0, EXEC_ARGV_SKIPPED)).unwrap();
+        let Event::Exec { argv, filename, .. } = &skipped else {
+            panic!("{skipped:?}")
+        };
+        assert!(argv.is_unknown(), "{argv:?}");
+        assert_eq!(filename, "/bin/true");
+        assert!(skipped.to_string().ends_with(" argv=-"), "{skipped}");
+        let empty = decode(&exec_record(b"", 0, 0)).unwrap();
+        let Event::Exec { argv, .. } = &empty else {
+            panic!("{empty:?}")
+        };
+        assert!(!argv.is_unknown());
+        assert!(empty.to_string().ends_with(" argv=\"\""), "{empty}");
     }
 
     #[test]

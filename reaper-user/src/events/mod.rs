@@ -44,13 +44,34 @@ impl fmt::Display for Identity {
     }
 }
 
-/// argv as the kernel keeps it: NUL-separated arguments (like `/proc/PID/cmdline`).
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Argv(Bytes);
+/// argv as the kernel keeps it: NUL-separated arguments (like `/proc/PID/cmdline`), or
+/// unknown: the kernel did not read it at the process's exec ([`Argv::unknown`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Argv(Option<Bytes>);
+
+impl Default for Argv {
+    /// Empty (known to be empty), as a placeholder's.
+    fn default() -> Self {
+        Self(Some(Bytes::new()))
+    }
+}
 
 impl Argv {
     pub fn new(raw: impl Into<Bytes>) -> Self {
-        Self(raw.into())
+        Self(Some(raw.into()))
+    }
+
+    /// Not read: the exec program sends argv only for processes that were candidates by
+    /// their name, or watched, at their exec (`reaper_common::EXEC_ARGV_SKIPPED`). Never a
+    /// match for a rule's `argv_any`, nor a mismatch: whoever needs it reads
+    /// `/proc/PID/cmdline` first.
+    pub fn unknown() -> Self {
+        Self(None)
+    }
+
+    /// Whether this argv was not read ([`Argv::unknown`]).
+    pub fn is_unknown(&self) -> bool {
+        self.0.is_none()
     }
 
     pub(crate) fn from_args<S: AsRef<str>>(args: &[S]) -> Self {
@@ -59,17 +80,18 @@ impl Argv {
             raw.extend_from_slice(arg.as_ref().as_bytes());
             raw.push(0);
         }
-        Self(raw.into())
+        Self(Some(raw.into()))
     }
 
-    /// The raw NUL-separated bytes.
-    pub fn raw(&self) -> &Bytes {
-        &self.0
+    /// The raw NUL-separated bytes (none if unknown).
+    pub fn raw(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or_default()
     }
 
-    /// Each argument as bytes (non-UTF-8 is kept as is).
+    /// Each argument as bytes (non-UTF-8 is kept as is); none if unknown.
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        let raw = self.0.strip_suffix(&[0]).unwrap_or(&self.0);
+        let raw = self.raw();
+        let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
         raw.split(|b| *b == 0).filter(|_| !raw.is_empty())
     }
 
@@ -251,15 +273,17 @@ pub(crate) fn word(s: &str) -> impl fmt::Display + '_ {
     Word(s)
 }
 
+/// A list of strings, or `null` when unknown.
 impl Serialize for Argv {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.to_strings().serialize(s)
+        (!self.is_unknown()).then(|| self.to_strings()).serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for Argv {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(Self::from_args(&Vec::<String>::deserialize(d)?))
+        Ok(Option::<Vec<String>>::deserialize(d)?
+            .map_or_else(Self::unknown, |args| Self::from_args(&args)))
     }
 }
 
@@ -420,12 +444,21 @@ impl fmt::Display for Event {
             } => {
                 write!(
                     f,
-                    "{t:>12.6} exec   pid={} ppid={parent_pid} uid={uid} file={} argv={}{}",
+                    "{t:>12.6} exec   pid={} ppid={parent_pid} uid={uid} file={} argv=",
                     id.pid,
                     quoted(filename),
-                    quoted(&argv.to_string()),
-                    if *argv_truncated { " (truncated)" } else { "" }
-                )
+                )?;
+                // Unknown argv is a bare `-`: no quoted value, so no argv can pass for it.
+                if argv.is_unknown() {
+                    f.write_str("-")
+                } else {
+                    write!(
+                        f,
+                        "{}{}",
+                        quoted(&argv.to_string()),
+                        if *argv_truncated { " (truncated)" } else { "" }
+                    )
+                }
             }
             Self::Exit {
                 id,

@@ -481,6 +481,20 @@ impl ProcessTree {
         }
     }
 
+    /// Gives live process `id`, whose argv the kernel did not read ([`Argv::unknown`]), the
+    /// argv read from `/proc` for it (the caller checked it was read from this very process).
+    /// Returns false, changing nothing, if `id` is not live here or its argv is known.
+    pub(crate) fn fill_argv(&mut self, id: Identity, argv: Argv, argv_truncated: bool) -> bool {
+        match self.live.get_mut(&id.pid) {
+            Some(p) if p.id == id && p.argv.is_unknown() => {
+                p.argv = argv;
+                p.argv_truncated = argv_truncated;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Repairs the tree against a `/proc` scan taken after every event up to `scan_start_ticks`
     /// was applied (removals of dead processes wait for [`ProcessTree::confirm_gone`]). `alive(id)` re-checks one process in `/proc` now: a process the scan saw
     /// may have exited since (and its exit been applied), and must not come back.
@@ -499,8 +513,10 @@ impl ProcessTree {
                 let p = self.live.get_mut(&s.id.pid).expect("just looked up");
                 let ppid = p.ppid;
                 // A fork whose exec was lost shows its parent's image; /proc knows better.
-                // (Only such entries: a process may rewrite its own argv, e.g. setproctitle.)
-                let stale_image = p.inherited_image && (p.argv != s.argv || p.comm != s.comm);
+                // (Only such entries: a process may rewrite its own argv, e.g. setproctitle.
+                // An argv the kernel did not read tells nothing either way.)
+                let stale_image = p.inherited_image
+                    && (p.comm != s.comm || (!p.argv.is_unknown() && p.argv != s.argv));
                 let placeholder = p.placeholder;
                 if placeholder || stale_image {
                     let children = std::mem::take(&mut p.children);

@@ -130,10 +130,12 @@ fn read(p: &ProcProcess) -> Option<Snapshot> {
 /// to 221 MB of RSS). Reads one byte past the bound to know whether there is more, never the
 /// rest.
 pub(crate) fn read_cmdline(pid: i32) -> std::io::Result<(Vec<u8>, bool)> {
-    read_bounded(
-        std::fs::File::open(format!("/proc/{pid}/cmdline"))?,
-        ARGV_LEN,
-    )
+    read_cmdline_from(std::fs::File::open(format!("/proc/{pid}/cmdline"))?)
+}
+
+/// [`read_cmdline`] of a `/proc/PID/cmdline` the caller opened.
+pub(crate) fn read_cmdline_from(file: std::fs::File) -> std::io::Result<(Vec<u8>, bool)> {
+    read_bounded(file, ARGV_LEN)
 }
 
 /// At most `limit` bytes of `r`, and whether it had more.

@@ -428,3 +428,46 @@ fn a_dead_process_whose_exit_arrives_late_is_not_a_correction() {
     assert_eq!(tree.corrections().removed, 0);
     assert!(!tree.has_gone_candidates());
 }
+
+#[test]
+fn an_unknown_argv_is_filled_only_for_its_own_process_and_is_no_sign_of_a_lost_exec() {
+    let mut tree = base();
+    // bash exec'd a worker whose argv the kernel did not read; it forks a child of its own.
+    let mut lean = exec(id(700, 30), 100, &["/usr/bin/worker"]);
+    if let Event::Exec { argv, .. } = &mut lean {
+        *argv = Argv::unknown();
+    }
+    tree.apply(&lean);
+    tree.apply(&fork(id(701, 31), id(700, 30)));
+    let child = tree.get(701).unwrap();
+    assert!(
+        child.argv.is_unknown() && child.inherited_image,
+        "{child:?}"
+    );
+    // /proc shows the same name and an argv: nothing says the child's exec was lost.
+    let mut worker = snap(id(700, 30), 100, "worker");
+    worker.argv = Argv::from_args(&["/usr/bin/worker", "--pool"]);
+    let mut forked = snap(id(701, 31), 700, "sh");
+    forked.argv = worker.argv.clone();
+    let fixed = tree.reconcile(
+        vec![
+            snap(id(1, 1), 0, "init"),
+            snap(id(100, 50), 1, "bash"),
+            worker,
+            forked,
+        ],
+        90,
+        |_| true,
+    );
+    assert_eq!(fixed.total(), 0, "{fixed:?}");
+    // A fill names the process by identity: not a later holder of the pid, not a known argv.
+    let argv = Argv::from_args(&["/usr/bin/worker", "--pool"]);
+    assert!(!tree.fill_argv(id(700, 99), argv.clone(), false));
+    assert!(tree.get(700).unwrap().argv.is_unknown());
+    assert!(tree.fill_argv(id(700, 30), argv.clone(), true));
+    let p = tree.get(700).unwrap();
+    assert_eq!((&p.argv, p.argv_truncated), (&argv, true));
+    assert!(!tree.fill_argv(id(700, 30), Argv::from_args(&["other"]), false));
+    assert_eq!(tree.get(700).unwrap().argv, argv);
+    assert_consistent(&tree);
+}

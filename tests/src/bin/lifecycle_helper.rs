@@ -233,21 +233,31 @@ fn main() {
             wait_stdin();
         }
         // Rename this process to NAME (prctl(PR_SET_NAME): any bytes but NUL, cut at 15), then
-        // start PROGRAM ARGS… as its child (stdin inherited), print both pids and wait.
-        "spawn-as" => {
+        // start PROGRAM ARGS… as its child (stdin inherited), print both pids and wait. With
+        // `rename-spawn-on-cue`, its pid is printed first and the child started only after
+        // one line on stdin (the test's cue).
+        mode @ ("spawn-as" | "rename-spawn-on-cue") => {
             let name = CString::new(arg(1)).expect("a name without NUL");
             assert_eq!(
                 // SAFETY: prctl with a NUL-terminated string that outlives the call.
                 unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) },
                 0
             );
+            let on_cue = mode == "rename-spawn-on-cue";
+            if on_cue {
+                say("pid", getpid());
+                let mut cue = String::new();
+                let _ = std::io::stdin().read_line(&mut cue);
+            }
             let mut child = std::process::Command::new(arg(2))
                 .args(&args[3..])
                 .stdin(std::process::Stdio::inherit())
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("spawn PROGRAM");
-            say("pid", getpid());
+            if !on_cue {
+                say("pid", getpid());
+            }
             say("child", child.id());
             wait_stdin();
             let _ = child.wait();

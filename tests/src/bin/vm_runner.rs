@@ -391,8 +391,13 @@ async fn attach(
     sock: bool,
     audit: Arc<Mutex<Option<Arc<ExitAudit>>>>,
 ) -> anyhow::Result<String> {
-    let config = parse(&reaping::config(""), "vm-test", &Overrides::default())
-        .context("the check's config")?;
+    // The helper named by a rule too, so its execs carry their argv (fork_exec_exit checks it).
+    let text = format!(
+        "{}\n{}",
+        reaping::config(""),
+        reaper_tests::argv_rule(reaper_tests::HELPER)
+    );
+    let config = parse(&text, "vm-test", &Overrides::default()).context("the check's config")?;
     let started = Instant::now();
     let pipeline = match Pipeline::start(PipelineConfig::new(config)).await {
         Ok(p) => p,

@@ -22,7 +22,8 @@ use crate::{DEADLINE, Harness, Helper, helper_path, matches_proc, proc_stat, pro
 pub const RENAMED: &str = "renamed-by-test";
 
 /// A child forks, execs and exits with code 3: one event of each kind, the fork's parent is
-/// this process, the exec carries the argv, and the tree keeps the exit status.
+/// this process, the exec carries the argv (the harness names the helper in a rule:
+/// `argv_rule`), and the tree keeps the exit status.
 pub async fn fork_exec_exit(h: &mut Harness) -> anyhow::Result<String> {
     h.resubscribe();
     let mut child = Command::new(helper_path())
