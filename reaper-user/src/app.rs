@@ -19,7 +19,7 @@
 //! before diffing, it flushes the ring buffer, so every event older than the scan has been
 //! applied. Queries about processes (`tree`, `explain`, targets) flush it too before they are
 //! answered: they see every fork, exec and exit that happened before they were asked, although
-//! the ring is otherwise drained only every 0.1–1.6 s.
+//! the ring is otherwise drained only every 0.4–1.6 s.
 use std::{sync::Arc, time::Duration};
 
 use reaper_common::EventKind;
