@@ -4,10 +4,10 @@
 //! batched: by default the kernel wakes a reader whenever it has caught up (bpf_ringbuf_commit()
 //! in <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/ringbuf.c>), which for a fast
 //! reader is every record — measured: ≈ 1.25 context switches per event in a fork storm. So the
-//! programs submit with `BPF_RB_NO_WAKEUP` until their CPU has submitted its share of an eighth
-//! of the ring since it last woke the reader (then `BPF_RB_FORCE_WAKEUP`), and this reader also
-//! drains on a timer ([`POLL_MIN`] while events flow, backing off to [`POLL_MAX`] when quiet or
-//! when they only trickle in).
+//! programs submit with `BPF_RB_NO_WAKEUP` until their CPU has submitted its share of part of
+//! the ring (`probes::wakeup_bytes`) since it last woke the reader (then `BPF_RB_FORCE_WAKEUP`),
+//! and this reader also drains on a timer ([`POLL_MIN`] while events flow, backing off to
+//! [`POLL_MAX`] when quiet or when they only trickle in).
 //!
 //! Whoever applies the events drains the ring itself ([`Reader::due`], then [`Reader::drain`]):
 //! each record is decoded straight from the ring's mapped pages and applied before the next is
@@ -38,9 +38,9 @@ const MIN_RECORD_BYTES: usize = 8 + size_of::<reaper_common::ExitEvent>();
 /// (daemon threads' run time per event, alternated): 100 ms 0.49–0.55 µs (≈ 200 context
 /// switches), 200 ms 0.42–0.43 µs (≈ 135), 400 ms 0.37–0.41 µs (≈ 85). Nothing waits on the
 /// timer for correctness: queries, decisions and reconciles flush the ring first, and the
-/// kernel wakes the reader whenever an eighth of the ring was written since it last did;
-/// only the applied-event stream lags by up to this much during a storm (by up to
-/// [`POLL_MAX`] on a quiet host).
+/// kernel still wakes the reader as the ring fills (`probes::wakeup_bytes`); only the
+/// applied-event stream lags by up to this much during a storm (by up to [`POLL_MAX`] on a
+/// quiet host).
 pub(crate) const POLL_MIN: Duration = Duration::from_millis(400);
 /// …backing off (doubling) to this while drains find nothing: the longest an event waits on a
 /// quiet host. A fixed 100 ms timer cost a quiet daemon ≈ 0.17 % of a core (measured).
