@@ -1,26 +1,26 @@
 //! Wires the stages together; the one place to read first.
 //!
 //! ```text
-//! probes (BTF tracepoints) ─► ring buffer ─► events::ring ─► tree task ─► queries
-//!                                                  ▲            │  tree + detector
-//!                                   flush marker ──┘            ├─ /proc reconcile
-//!                                                               └─ reap orders ─► reap tasks
+//! probes (BTF tracepoints) ─► ring buffer ─► tree task (events::ring) ─► queries
+//!                                              │  tree + detector
+//!                                              ├─ /proc reconcile
+//!                                              └─ reap orders ─► reap tasks
 //! ```
 //!
-//! The tree task owns the process tree and the detector: every event updates both, in order.
-//! It sleeps until the detector's next deadline; when a target is due it flushes the ring
-//! buffer first, so the detector decides on a tree with every event up to now applied. Each
-//! decision is carried out by a task of its own (the kill ladder in [`crate::reap`]), whose
-//! report comes back to the detector.
+//! The tree task owns the process tree and the detector: it drains the ring buffer itself and
+//! every event updates both, in order. It sleeps until the detector's next deadline; when a
+//! target is due it flushes the ring buffer first, so the detector decides on a tree with every
+//! event up to now applied. Each decision is carried out by a task of its own (the kill ladder
+//! in [`crate::reap`]), whose report comes back to the detector.
 //!
 //! Start-up has no gap: the probes attach first, then `/proc` is scanned, then the events
-//! buffered meanwhile are applied on top of the scan (deduplicated by identity).
+//! held meanwhile are applied on top of the scan (deduplicated by identity).
 //! Reconciliation scans `/proc` on a timer and right after the kernel reports lost events;
-//! before diffing, it asks the ring reader to flush the ring buffer, so every event older than the
-//! scan has been applied. Queries about processes (`tree`, `explain`, targets) flush it too
-//! before they are answered: they see every fork, exec and exit that happened before they
-//! were asked, although the reader otherwise drains the ring only every 0.1–1.6 s.
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+//! before diffing, it flushes the ring buffer, so every event older than the scan has been
+//! applied. Queries about processes (`tree`, `explain`, targets) flush it too before they are
+//! answered: they see every fork, exec and exit that happened before they were asked, although
+//! the ring is otherwise drained only every 0.4–1.6 s.
+use std::{sync::Arc, time::Duration};
 
 use reaper_common::EventKind;
 use serde::Serialize;
@@ -36,10 +36,7 @@ use crate::{
         ActivityMeter, Decision, Detector, Explanation, Reason, Settled, TargetView,
         session::{self, Pressure, SessionView},
     },
-    events::{
-        Event, Identity,
-        ring::{self, RingMsg},
-    },
+    events::{Event, Identity, ring},
     host::{LiveHost, Pidfds},
     http::Health,
     metrics::Metrics,
@@ -330,41 +327,26 @@ impl Pipeline {
         let health = Arc::new(Health::default());
         // Healthy from the start: the tree task beats every second from now on.
         health.beat(clock::mono_ns());
-        // Bounded: if the tree falls behind, the ring reader waits and the kernel counts losses,
-        // rather than memory growing without limit.
-        let (events_tx, mut events_rx) = mpsc::channel(256);
-        // Unbounded, so the tree task never waits on the ring reader (which may itself be waiting
-        // to hand the tree events); only a few tokens are ever outstanding.
-        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         let ring_bytes = settings.ring_bytes as usize;
+        let mut ring = ring::Reader::new(ring, ring_bytes)?;
         health.set_reading(true);
-        let batches = ring::Batches::default();
-        let reader = tokio::spawn({
-            let health = health.clone();
-            let batches = batches.clone();
-            async move {
-                if let Err(err) = ring::run(ring, ring_bytes, events_tx, flush_rx, batches).await {
-                    tracing::error!(%err, "ring buffer reader failed");
-                }
-                health.set_reading(false);
-            }
-        });
 
-        // Events keep arriving in the channel while /proc is scanned.
-        let snapshot = tokio::task::spawn_blocking(scan::scan).await??;
+        // The events committed while /proc is scanned are held, and applied on top of the scan.
+        let (snapshot, held) = ring
+            .hold_while(tokio::task::spawn_blocking(scan::scan))
+            .await;
+        let snapshot = snapshot??;
         let scanned = snapshot.len();
         let mut tree = ProcessTree::from_scan(snapshot);
         let mut duplicates = 0;
-        while let Ok(msg) = events_rx.try_recv() {
-            if let RingMsg::Events(batch) = msg {
-                for mut event in batch.events(&metrics) {
-                    if tree.apply_taking(&mut event) == crate::tree::Applied::AlreadyKnown {
-                        duplicates += 1;
-                    }
-                }
-                batches.give_back(batch);
+        for record in held.records() {
+            if let Some(mut event) = ring::decode_counted(record, &metrics)
+                && tree.apply_taking(&mut event) == crate::tree::Applied::AlreadyKnown
+            {
+                duplicates += 1;
             }
         }
+        drop(held);
         let mut host = LiveHost { probes };
         let mut detector = Detector::new(settings, activity);
         metrics
@@ -392,33 +374,29 @@ impl Pipeline {
         let policy = tokio::sync::watch::Sender::new(reap::Policy::new(0, settings));
         let owner = TreeOwner {
             applied: applied.clone(),
-            batches,
             detector,
             reap_stats: ReapStats::default(),
             tree,
             host,
             metrics: metrics.clone(),
             health: health.clone(),
-            flush: flush_tx,
             config,
             reconciles: 0,
             bootstrap_duplicates: duplicates,
-            flushes: BTreeMap::new(),
-            next_token: 0,
-            queued_queries: Vec::new(),
+            flushes: Vec::new(),
             last_lost: 0,
             pressure_reaping: false,
             next_meminfo_ns: 0,
             scanning: false,
             policy,
         };
-        let tree_task = tokio::spawn(owner.run(events_rx, queries_rx));
+        let tree_task = tokio::spawn(owner.run(ring, queries_rx));
         Ok(Self {
             handle: PipelineHandle {
                 queries: queries_tx,
                 applied,
             },
-            tasks: vec![reader, tree_task],
+            tasks: vec![tree_task],
             metrics,
             health,
         })
@@ -440,8 +418,6 @@ impl Pipeline {
 
     /// Stops following events and detaches the probes.
     pub async fn shutdown(mut self) {
-        // The tree task first, and gone before the ring reader stops: else it may see the event
-        // channel close and log that the tree is no longer followed, at every stop.
         let tasks = std::mem::take(&mut self.tasks);
         for task in tasks.into_iter().rev() {
             task.abort();
@@ -466,13 +442,13 @@ struct ScanResult {
     reply: Option<oneshot::Sender<Corrections>>,
 }
 
-/// What a flush of the ring buffer was asked for: once the ring reader answers with its token,
-/// every event committed before the request has been applied.
+/// What a flush of the ring buffer was asked for: done once every event committed before the
+/// request has been applied.
 enum FlushFor {
     /// Queries that read the tree.
     Queries(Vec<Query>),
     /// A reconcile: diff with its scan once every older event is applied.
-    /// `replies`: whoever asked for this scan, and for the older ones it superseded.
+    /// `replies`: whoever asked for this scan.
     Reconcile {
         snapshot: Vec<Snapshot>,
         scan_start_ticks: u64,
@@ -495,22 +471,16 @@ struct TreeOwner {
     detector: Detector,
     reap_stats: ReapStats,
     applied: broadcast::Sender<Event>,
-    /// Where applied batches go back to the ring reader.
-    batches: ring::Batches,
     /// The probes, behind the detector's view of the host (`/proc` and the kernel's maps).
     host: LiveHost,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    flush: mpsc::UnboundedSender<u64>,
     config: PipelineConfig,
     reconciles: u64,
     bootstrap_duplicates: u64,
-    /// Flushes in flight, by token.
-    flushes: BTreeMap<u64, FlushFor>,
-    next_token: u64,
-    /// Queries that arrived while a flush for queries was in flight: they may ask about
-    /// events newer than that flush, so they wait for the next one.
-    queued_queries: Vec<Query>,
+    /// Flushes asked for since the loop last went round: one drain of the ring serves them all,
+    /// before the loop waits again.
+    flushes: Vec<FlushFor>,
     last_lost: u64,
     /// A decision made because memory was short is out: wait for it before the next.
     pressure_reaping: bool,
@@ -541,23 +511,23 @@ impl Query {
 }
 
 impl TreeOwner {
-    async fn run(
-        mut self,
-        mut events: mpsc::Receiver<RingMsg>,
-        mut queries: mpsc::Receiver<Query>,
-    ) {
+    async fn run(mut self, mut ring: ring::Reader, mut queries: mpsc::Receiver<Query>) {
         let mut reconcile_timer = tokio::time::interval(self.config.config.reconcile_interval);
         reconcile_timer.tick().await; // the first tick is immediate; start-up just scanned
         let mut loss_timer = tokio::time::interval(self.config.loss_check_interval);
         let (scans_tx, mut scans) = mpsc::channel::<ScanResult>(4);
         let (reports_tx, mut reports) = mpsc::channel::<(Decision, ReapReport)>(64);
         loop {
-            // While a decision waits for its flush, the due targets stay due: no timer then.
-            let wake = if self.deciding() {
-                None
-            } else {
-                self.detector.next_wakeup(clock::mono_ns())
-            };
+            // Flushes asked for since the last round: everything committed to the ring buffer
+            // up to now is applied, then each does what it waited for (which may ask for
+            // another: a reconcile's confirmation).
+            while !self.flushes.is_empty() {
+                self.drain(&mut ring, ring::Drain::Flush);
+                for waiter in std::mem::take(&mut self.flushes) {
+                    self.flushed(waiter, &scans_tx, &reports_tx);
+                }
+            }
+            let wake = self.detector.next_wakeup(clock::mono_ns());
             let until_due = async move {
                 match wake {
                     Some(at) => {
@@ -573,8 +543,8 @@ impl TreeOwner {
                 () = until_due => {
                     let now = clock::mono_ns();
                     self.detector.sample_due(&self.tree, now, &self.host);
-                    if self.detector.any_due(now) && !self.request_flush(FlushFor::Decide) {
-                        return;
+                    if self.detector.any_due(now) {
+                        self.request_flush(FlushFor::Decide);
                     }
                 }
                 Some((decision, report)) = reports.recv() => {
@@ -592,30 +562,11 @@ impl TreeOwner {
                     };
                     self.detector.settle(decision.target.id, settled);
                 }
-                msg = events.recv() => match msg {
-                    Some(RingMsg::Events(batch)) => {
-                        let tapped = self.applied.receiver_count() > 0;
-                        for mut event in batch.events(&self.metrics) {
-                            let whole = tapped.then(|| event.clone());
-                            // The tree takes the event's strings; the detector reads only its
-                            // kind, identities and times.
-                            self.tree.apply_taking(&mut event);
-                            self.detector.on_event(&mut self.tree, &event, &mut self.host);
-                            if let Some(event) = whole {
-                                let _ = self.applied.send(event);
-                            }
-                        }
-                        self.batches.give_back(batch);
-                        self.metrics.processes.set(self.tree.len() as i64);
-                    }
-                    Some(RingMsg::Flushed(token)) => {
-                        if let Some(waiter) = self.flushes.remove(&token)
-                            && !self.flushed(waiter, &scans_tx, &reports_tx) {
-                                return;
-                            }
-                    }
-                    None => {
-                        tracing::error!("ring reader stopped; the tree is no longer followed");
+                due = ring.due() => match due {
+                    Ok(how) => self.drain(&mut ring, how),
+                    Err(err) => {
+                        tracing::error!(%err, "polling the ring buffer failed; the tree is no longer followed");
+                        self.health.set_reading(false);
                         return;
                     }
                 },
@@ -628,9 +579,7 @@ impl TreeOwner {
                     let now = clock::mono_ns();
                     self.health.beat(now);
                     self.export_targets(now);
-                    if !self.check_memory(now) {
-                        return;
-                    }
+                    self.check_memory(now);
                     self.metrics.sync_probe_failures(self.host.probes.watch_failures(), &self.host.probes.read_faults());
                     let counts = self.host.probes.lost();
                     for kind in EventKind::ALL {
@@ -645,60 +594,56 @@ impl TreeOwner {
                     }
                 }
                 Some(scan) = scans.recv() => match self.scanned(scan.snapshot) {
-                    Ok(snapshot) => {
-                        // A newer scan supersedes one still waiting for its flush: whoever asked
-                        // for the older one gets this one's corrections (what it would have
-                        // found, and more), not an empty answer.
-                        let stale: Vec<u64> = self
-                            .flushes
-                            .iter()
-                            .filter(|(_, f)| matches!(f, FlushFor::Reconcile { .. }))
-                            .map(|(token, _)| *token)
-                            .collect();
-                        let mut replies: Vec<_> = scan.reply.into_iter().collect();
-                        for token in stale {
-                            if let Some(FlushFor::Reconcile { replies: older, .. }) = self.flushes.remove(&token) {
-                                replies.extend(older);
-                            }
-                        }
-                        let waiter = FlushFor::Reconcile { snapshot, scan_start_ticks: scan.start_ticks, replies };
-                        if !self.request_flush(waiter) {
-                            return;
-                        }
-                    }
+                    Ok(snapshot) => self.request_flush(FlushFor::Reconcile {
+                        snapshot,
+                        scan_start_ticks: scan.start_ticks,
+                        replies: scan.reply.into_iter().collect(),
+                    }),
                     Err(err) => tracing::warn!(%err, "scanning /proc failed; will retry"),
                 },
             }
         }
     }
 
-    /// Asks the ring reader for a flush on behalf of `waiter`. False if the ring reader is gone.
-    fn request_flush(&mut self, waiter: FlushFor) -> bool {
-        self.next_token += 1;
-        self.flushes.insert(self.next_token, waiter);
-        self.flush.send(self.next_token).is_ok()
+    /// Reads the ring buffer (as much as `how` allows), applying each event as it is read.
+    fn drain(&mut self, ring: &mut ring::Reader, how: ring::Drain) {
+        let tapped = self.applied.receiver_count() > 0;
+        let drained = ring.drain(how, |record| {
+            let Some(mut event) = ring::decode_counted(record, &self.metrics) else {
+                return;
+            };
+            let whole = tapped.then(|| event.clone());
+            // The tree takes the event's strings; the detector reads only its kind, identities
+            // and times.
+            self.tree.apply_taking(&mut event);
+            self.detector
+                .on_event(&mut self.tree, &event, &mut self.host);
+            if let Some(event) = whole {
+                let _ = self.applied.send(event);
+            }
+        });
+        if drained > 0 {
+            self.metrics.processes.set(self.tree.len() as i64);
+        }
     }
 
-    fn deciding(&self) -> bool {
-        self.flushes.values().any(|f| matches!(f, FlushFor::Decide))
+    /// Has `waiter` done once every event committed to the ring buffer before now is applied
+    /// (before the tree task's loop waits again).
+    fn request_flush(&mut self, waiter: FlushFor) {
+        self.flushes.push(waiter);
     }
 
-    /// A flush has completed: every event committed before it was requested is applied. False
-    /// if the ring reader is gone.
+    /// A flush has completed: every event committed before it was requested is applied.
     fn flushed(
         &mut self,
         waiter: FlushFor,
         scans: &mpsc::Sender<ScanResult>,
         reports: &mpsc::Sender<(Decision, ReapReport)>,
-    ) -> bool {
+    ) {
         match waiter {
             FlushFor::Queries(queries) => {
                 for query in queries {
                     self.answer(query, scans);
-                }
-                let queued = std::mem::take(&mut self.queued_queries);
-                if !queued.is_empty() {
-                    return self.request_flush(FlushFor::Queries(queued));
                 }
             }
             FlushFor::Decide => {
@@ -733,7 +678,7 @@ impl TreeOwner {
                     self.reconciled(fixed, replies);
                 } else {
                     // Dead processes still in the tree: their exit events may be in the ring yet.
-                    return self.request_flush(FlushFor::Confirm { fixed, replies });
+                    self.request_flush(FlushFor::Confirm { fixed, replies });
                 }
             }
             FlushFor::Confirm { mut fixed, replies } => {
@@ -741,7 +686,6 @@ impl TreeOwner {
                 self.reconciled(fixed, replies);
             }
         }
-        true
     }
 
     /// Answers `query` once every event committed before now has been applied; queries that
@@ -750,21 +694,13 @@ impl TreeOwner {
         if !query.needs_flush() {
             return self.answer(query, scans);
         }
-        if self
-            .flushes
-            .values()
-            .any(|f| matches!(f, FlushFor::Queries(_)))
-        {
-            return self.queued_queries.push(query);
-        }
-        if !self.request_flush(FlushFor::Queries(vec![query])) {
-            // The ring reader is gone: answer from the tree as it is.
-            let token = self.next_token;
-            if let Some(FlushFor::Queries(queries)) = self.flushes.remove(&token) {
-                for query in queries {
-                    self.answer(query, scans);
-                }
-            }
+        // Several queries in one round wait for the same flush.
+        match self.flushes.iter_mut().find_map(|f| match f {
+            FlushFor::Queries(queries) => Some(queries),
+            _ => None,
+        }) {
+            Some(queries) => queries.push(query),
+            None => self.request_flush(FlushFor::Queries(vec![query])),
         }
     }
 
@@ -911,11 +847,11 @@ impl TreeOwner {
     }
 
     /// Reads the memory pressure source; when memory is short, asks for one reap (after a
-    /// flush). False if the ring reader is gone.
-    fn check_memory(&mut self, now: u64) -> bool {
+    /// flush).
+    fn check_memory(&mut self, now: u64) {
         let mp = self.detector.memory_pressure();
         if !mp.enabled || self.pressure_reaping {
-            return true;
+            return;
         }
         let psi = std::fs::read_to_string(&mp.file).ok();
         // Unread while far from its threshold: it cannot have crossed it since the last read.
@@ -929,10 +865,10 @@ impl TreeOwner {
             self.next_meminfo_ns = now.saturating_add(wait.as_nanos() as u64);
         }
         if !reading.short(mp) {
-            return true;
+            return;
         }
         self.pressure_reaping = true;
-        self.request_flush(FlushFor::Pressure(reading))
+        self.request_flush(FlushFor::Pressure(reading));
     }
 
     /// `reaper_targets{rule,state}` from the detector's current verdicts.

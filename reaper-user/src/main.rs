@@ -7,8 +7,7 @@ use reaper::{
     app::{Pipeline, PipelineConfig},
     config::{Config, ConfigError, Overrides},
     detect::{Explanation, TargetView},
-    events::{self, ring::RingMsg},
-    ipc,
+    events, ipc,
     probes::{ProbeOptions, Probes},
     render, service,
     tree::Process,
@@ -474,43 +473,43 @@ async fn stream_events(json: bool) -> anyhow::Result<()> {
     let ring_bytes = options.ring_bytes as usize;
     let mut probes = Probes::attach(options)?;
     let ring = probes.take_ring().expect("ring buffer taken once")?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let (_flush_tx, flush_rx) = tokio::sync::mpsc::unbounded_channel();
-    let metrics = std::sync::Arc::new(reaper::metrics::Metrics::new());
-    let reader = tokio::spawn(events::ring::run(
-        ring,
-        ring_bytes,
-        tx,
-        flush_rx,
-        Default::default(),
-    ));
+    let mut ring = events::ring::Reader::new(ring, ring_bytes)?;
+    let metrics = reaper::metrics::Metrics::new();
     eprintln!("following fork/exec/exit/rename; Ctrl-C to stop");
-    // Registered once: a signal arriving while a batch is printed is not lost.
+    // Registered once: a signal arriving while events are printed is not lost.
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut stdout = std::io::stdout().lock();
     loop {
         tokio::select! {
-            msg = rx.recv() => {
-                let Some(RingMsg::Events(batch)) = msg else { break };
-                for event in batch.events(&metrics) {
+            due = ring.due() => {
+                let how = due?;
+                let mut written = Ok(());
+                ring.drain(how, |record| {
                     use std::io::Write as _;
-                    let written = if json {
-                        writeln!(stdout, "{}", render::json(&event, false)?)
+                    if written.is_err() {
+                        return;
+                    }
+                    let Some(event) = events::ring::decode_counted(record, &metrics) else {
+                        return;
+                    };
+                    written = if json {
+                        render::json(&event, false)
+                            .map_err(std::io::Error::other)
+                            .and_then(|line| writeln!(stdout, "{line}"))
                     } else {
                         writeln!(stdout, "{event}")
                     };
-                    if written.is_err() {
-                        return Ok(()); // stdout closed (e.g. piped into head)
-                    }
+                });
+                if written.is_err() {
+                    return Ok(()); // stdout closed (e.g. piped into head)
                 }
             }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
         }
     }
-    reader.abort();
     let lost = probes.lost();
     if lost.total() > 0 {
         eprintln!("kernel dropped {} events (ring buffer full)", lost.total());

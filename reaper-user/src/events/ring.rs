@@ -1,34 +1,50 @@
-//! Ring buffer → batches of raw records on a channel, decoded where they are applied.
+//! The ring buffer, read where its events are applied.
 //!
 //! The ring buffer's fd is polled with tokio's `AsyncFd`, and drained on a timer. Wake-ups are
 //! batched: by default the kernel wakes a reader whenever it has caught up (bpf_ringbuf_commit()
 //! in <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/ringbuf.c>), which for a fast
 //! reader is every record — measured: ≈ 1.25 context switches per event in a fork storm. So the
-//! programs submit with `BPF_RB_NO_WAKEUP` until their CPU has submitted its share of an eighth
-//! of the ring since it last woke the reader (then `BPF_RB_FORCE_WAKEUP`), and this reader also
-//! drains on a timer ([`POLL_MIN`] while events flow, backing off to [`POLL_MAX`] when quiet or
-//! when they only trickle in). Each drain forwards everything there is as one or more batches
-//! of raw records (at most [`MAX_BATCH`] each), taken from [`Batches`]: the consumer decodes and
-//! applies them, then hands the emptied ones back.
-use std::sync::{Arc, Mutex};
+//! programs submit with `BPF_RB_NO_WAKEUP` until their CPU has submitted its share of part of
+//! the ring (`probes::wakeup_bytes`) since it last woke the reader (then `BPF_RB_FORCE_WAKEUP`),
+//! and this reader also drains on a timer ([`POLL_MIN`] while events flow, backing off to
+//! [`POLL_MAX`] when quiet or when they only trickle in).
+//!
+//! Whoever applies the events drains the ring itself ([`Reader::due`], then [`Reader::drain`]):
+//! each record is decoded straight from the ring's mapped pages and applied before the next is
+//! read. A reader task that copied the records into batches for the tree's task cost a copy of
+//! every record and a second task's wake-up per drain; the ring buffer itself is the queue.
+//! Only while `/proc` is scanned at start-up, before there is a tree to apply them to, are the
+//! records copied out ([`Reader::hold_while`]), so a storm during a long scan cannot fill it.
+use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::{io::unix::AsyncFd, time::Instant};
 
 use super::{Event, decode};
 use crate::metrics::Metrics;
 
-/// Most events forwarded in one message; a storm is split rather than buffered unboundedly.
-const MAX_BATCH: usize = 4096;
+/// Most records a timed or woken drain reads before the caller's loop comes round again (and
+/// then drains again at once): a storm cannot hold off the caller's other work for long.
+const MAX_DRAIN: usize = 4096;
 
 /// The smallest record the ring can hold: its 8-byte header and the smallest event (exit).
 const MIN_RECORD_BYTES: usize = 8 + size_of::<reaper_common::ExitEvent>();
 
 /// How often the ring is drained without a wake-up while events flow…
-pub(crate) const POLL_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+///
+/// Each drain starts cold: the storms that made the events ran on these CPUs meanwhile, so
+/// the tree's maps, the allocator's lists and the runtime's state are out of the cache again,
+/// and that refill, not the events, was most of what a drain cost. Over 4 × `storm 5000 1`
+/// (daemon threads' run time per event, alternated): 100 ms 0.49–0.55 µs (≈ 200 context
+/// switches), 200 ms 0.42–0.43 µs (≈ 135), 400 ms 0.37–0.41 µs (≈ 85). Nothing waits on the
+/// timer for correctness: queries, decisions and reconciles flush the ring first, and the
+/// kernel still wakes the reader as the ring fills (`probes::wakeup_bytes`); only the
+/// applied-event stream lags by up to this much during a storm (by up to [`POLL_MAX`] on a
+/// quiet host).
+pub(crate) const POLL_MIN: Duration = Duration::from_millis(400);
 /// …backing off (doubling) to this while drains find nothing: the longest an event waits on a
 /// quiet host. A fixed 100 ms timer cost a quiet daemon ≈ 0.17 % of a core (measured).
-pub(crate) const POLL_MAX: std::time::Duration = std::time::Duration::from_millis(1600);
+pub(crate) const POLL_MAX: Duration = Duration::from_millis(1600);
 
 /// The records a timed drain aims to find. Each timed drain sets the next one's delay to what
 /// would have found this many at the rate just seen (at most doubling it, within [`POLL_MIN`]
@@ -39,7 +55,7 @@ const DRAIN_TARGET: usize = 64;
 
 /// The delay before the next timed drain, after one that waited `delay` and found `drained`
 /// records.
-fn next_delay(delay: std::time::Duration, drained: usize) -> std::time::Duration {
+fn next_delay(delay: Duration, drained: usize) -> Duration {
     let longest = (delay * 2).min(POLL_MAX);
     if drained == 0 {
         return longest;
@@ -49,24 +65,48 @@ fn next_delay(delay: std::time::Duration, drained: usize) -> std::time::Duration
         .clamp(POLL_MIN, longest.max(POLL_MIN))
 }
 
-/// Records read off the ring in one drain, as the kernel wrote them: decoded by whoever applies
-/// them ([`Batch::events`]), one at a time.
-///
-/// Decoding here, on the reader's thread, was the daemon's largest cost: `perf record
-/// --call-graph dwarf` on the daemon over 12 × 5,000 spawns put 17 % of its samples in growing
-/// each drain's fresh `Vec<Event>` and 20 % in `_int_malloc` under `decode` — the reader thread
-/// allocated every event's strings and the tree's thread freed them, so glibc's per-thread
-/// caches never served one (the daemon runs one malloc arena, see `main.rs`). Now the reader
-/// only copies bytes into a reused buffer, and each event is decoded, applied and dropped on
-/// one thread.
+/// Decodes one record and counts it in `metrics`; an undecodable record is counted, logged and
+/// skipped.
+pub fn decode_counted(record: &[u8], metrics: &Metrics) -> Option<Event> {
+    match decode(record) {
+        Ok(event) => {
+            metrics.event(event.kind());
+            Some(event)
+        }
+        Err(err) => {
+            metrics.decode_errors.inc();
+            tracing::warn!(%err, "dropped an undecodable ring buffer record");
+            None
+        }
+    }
+}
+
+/// Why a drain is due, and so how much it reads and when the next timed one comes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drain {
+    /// The timer ran out.
+    Timer,
+    /// The kernel woke the reader.
+    Woken,
+    /// Everything committed before now must be read: a ring's worth of records at most, so a
+    /// storm that keeps the ring full cannot hold a flush off, and once a ring's worth has been
+    /// read, every record committed before the flush was asked for has been read.
+    Flush,
+}
+
+/// Records copied out of the ring while there was nothing to apply them to yet.
 #[derive(Debug, Default)]
-pub struct Batch {
+pub struct Held {
     bytes: Vec<u8>,
     /// Where each record ends in `bytes`.
     ends: Vec<usize>,
 }
 
-impl Batch {
+impl Held {
+    /// At most this many records are held; past it the ring fills and the kernel counts what it
+    /// drops (the loss check then reconciles), as when the tree falls behind.
+    const MAX: usize = 256 * MAX_DRAIN;
+
     pub fn len(&self) -> usize {
         self.ends.len()
     }
@@ -80,146 +120,103 @@ impl Batch {
         self.ends.push(self.bytes.len());
     }
 
-    /// The records, decoded one by one and counted in `metrics`; an undecodable record is
-    /// counted, logged and skipped.
-    pub fn events<'a>(&'a self, metrics: &'a Metrics) -> impl Iterator<Item = Event> + 'a {
+    /// The records, in ring order.
+    pub fn records(&self) -> impl Iterator<Item = &[u8]> {
         let starts = std::iter::once(0).chain(self.ends.iter().copied());
         starts
             .zip(self.ends.iter().copied())
-            .filter_map(move |(start, end)| match decode(&self.bytes[start..end]) {
-                Ok(event) => {
-                    metrics.event(event.kind());
-                    Some(event)
-                }
-                Err(err) => {
-                    metrics.decode_errors.inc();
-                    tracing::warn!(%err, "dropped an undecodable ring buffer record");
-                    None
-                }
-            })
+            .map(|(start, end)| &self.bytes[start..end])
     }
 }
 
-/// Applied batches, handed back to the reader so a storm reuses a few buffers.
-#[derive(Clone, Debug, Default)]
-pub struct Batches(Arc<Mutex<Vec<Batch>>>);
-
-impl Batches {
-    /// Buffers kept: one being filled while the other is applied; at most [`MAX_BATCH`]
-    /// records each, and that only after a storm filled them.
-    const KEPT: usize = 2;
-
-    fn take(&self) -> Batch {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop()
-            .unwrap_or_default()
-    }
-
-    /// Record bytes a kept buffer keeps room for: a storm of long command lines (4,096 records
-    /// of several KiB) must not leave tens of MB held for good.
-    const KEPT_BYTES: usize = 256 << 10;
-
-    /// Hands an applied batch back (emptied here, and shrunk if a storm grew it) for a later
-    /// drain.
-    pub fn give_back(&self, mut batch: Batch) {
-        batch.bytes.clear();
-        batch.bytes.shrink_to(Self::KEPT_BYTES);
-        batch.ends.clear();
-        let mut kept = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if kept.len() < Self::KEPT {
-            kept.push(batch);
-        }
-    }
+/// The ring buffer and when to drain it next.
+pub struct Reader {
+    fd: AsyncFd<RingBuf<MapData>>,
+    /// A ring's worth of records: what a [`Drain::Flush`] reads at most.
+    ring_records: usize,
+    delay: Duration,
+    /// When the next timed drain is due.
+    next: Instant,
 }
 
-/// What the source sends downstream, in ring buffer order.
-#[derive(Debug)]
-pub enum RingMsg {
-    Events(Batch),
-    /// Everything committed to the ring buffer before the flush request with this token was
-    /// sent has been forwarded.
-    Flushed(u64),
-}
+impl Reader {
+    /// Reads `ring`, `ring_bytes` long.
+    pub fn new(ring: RingBuf<MapData>, ring_bytes: usize) -> std::io::Result<Self> {
+        // SAFETY: the RingBuf owns its map fd and keeps it open and unchanged for as long as the
+        // AsyncFd owns the RingBuf.
+        let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? };
+        Ok(Self {
+            fd,
+            ring_records: (ring_bytes / MIN_RECORD_BYTES).max(MAX_DRAIN),
+            delay: POLL_MIN,
+            next: Instant::now() + POLL_MIN,
+        })
+    }
 
-/// Reads `ring` (`ring_bytes` long) until `tx` is closed. Flush requests (tokens) arrive on
-/// `flush`. Batches are taken from `batches`; whoever applies them may hand them back.
-///
-/// One drain reads at most a ring's worth of records (`ring_bytes` / the smallest record), then
-/// goes back to the loop: a storm that keeps the ring full cannot hold a flush off, and once a
-/// ring's worth has been read after a flush was asked for, every record committed before the
-/// request has been read.
-pub async fn run(
-    ring: RingBuf<MapData>,
-    ring_bytes: usize,
-    tx: mpsc::Sender<RingMsg>,
-    mut flush: mpsc::UnboundedReceiver<u64>,
-    batches: Batches,
-) -> std::io::Result<()> {
-    let limit = (ring_bytes / MIN_RECORD_BYTES).max(MAX_BATCH);
-    // SAFETY: the RingBuf owns its map fd and keeps it open and unchanged for as long as the
-    // AsyncFd owns the RingBuf.
-    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? };
-    let mut delay = POLL_MIN;
-    loop {
+    /// Waits until a drain is due: the timer ran out or the kernel woke the reader. Cancel-safe
+    /// (it can be one branch of a `select!`). An error means the ring can no longer be polled.
+    pub async fn due(&mut self) -> std::io::Result<Drain> {
         tokio::select! {
-            () = tokio::time::sleep(delay) => {
-                let Some(drained) = drain(fd.get_mut(), &tx, &batches, limit).await else {
-                    return Ok(());
-                };
-                delay = next_delay(delay, drained);
-            }
-            guard = fd.readable_mut() => {
-                let mut guard = guard?;
-                let Some(drained) = drain(guard.get_inner_mut(), &tx, &batches, limit).await else {
-                    return Ok(());
-                };
-                // Still readable if the drain stopped at its limit: the loop comes back at once.
-                if drained < limit {
-                    guard.clear_ready();
-                }
-                delay = POLL_MIN;
-            }
-            token = flush.recv() => {
-                let Some(token) = token else { return Ok(()) };
-                if drain(fd.get_mut(), &tx, &batches, limit).await.is_none()
-                    || tx.send(RingMsg::Flushed(token)).await.is_err()
-                {
-                    return Ok(());
-                }
+            () = tokio::time::sleep_until(self.next) => Ok(Drain::Timer),
+            guard = self.fd.readable_mut() => {
+                // Cleared before the drain, not after: a wake-up the kernel sends while the
+                // drain runs sets it again, so none is lost.
+                guard?.clear_ready();
+                Ok(Drain::Woken)
             }
         }
     }
-}
 
-/// Forwards the records in the ring, at most about `limit` of them; returns how many, or `None`
-/// once the receiver is gone.
-async fn drain(
-    ring: &mut RingBuf<MapData>,
-    tx: &mpsc::Sender<RingMsg>,
-    batches: &Batches,
-    limit: usize,
-) -> Option<usize> {
-    let mut forwarded = 0;
-    loop {
-        let mut batch = batches.take();
-        while batch.len() < MAX_BATCH && forwarded + batch.len() < limit {
-            let Some(item) = ring.next() else { break };
-            batch.push(&item);
+    /// Reads the records there are (as many as `how` allows), handing each to `apply` in ring
+    /// order before the next is read; returns how many. Schedules the next timed drain.
+    pub fn drain(&mut self, how: Drain, mut apply: impl FnMut(&[u8])) -> usize {
+        let most = match how {
+            Drain::Flush => self.ring_records,
+            Drain::Timer | Drain::Woken => MAX_DRAIN,
+        };
+        let ring = self.fd.get_mut();
+        let mut drained = 0;
+        while drained < most {
+            let Some(record) = ring.next() else { break };
+            apply(&record);
+            drained += 1;
         }
-        let full = batch.len() == MAX_BATCH && forwarded + batch.len() < limit;
-        forwarded += batch.len();
-        if batch.is_empty() {
-            batches.give_back(batch);
-        } else if tx.send(RingMsg::Events(batch)).await.is_err() {
-            return None;
+        let now = Instant::now();
+        match how {
+            Drain::Flush => {}
+            Drain::Timer => self.delay = next_delay(self.delay, drained),
+            Drain::Woken => self.delay = POLL_MIN,
         }
-        if !full {
-            return Some(forwarded);
+        if how != Drain::Flush {
+            // Stopped at its bound: more is waiting, so the next drain is due at once.
+            self.next = if drained == most {
+                now
+            } else {
+                now + self.delay
+            };
+        }
+        drained
+    }
+
+    /// Copies records out of the ring into [`Held`] until `until` completes (start-up: while
+    /// `/proc` is scanned); returns its output and the records.
+    pub async fn hold_while<T>(&mut self, until: impl Future<Output = T>) -> (T, Held) {
+        let mut held = Held::default();
+        let mut until = std::pin::pin!(until);
+        loop {
+            tokio::select! {
+                out = &mut until => return (out, held),
+                due = self.due(), if held.len() < Held::MAX => match due {
+                    Ok(how) => {
+                        self.drain(how, |record| held.push(record));
+                    }
+                    // Not polled any more: what is in the ring waits for the caller's drains.
+                    Err(err) => {
+                        tracing::warn!(%err, "polling the ring buffer failed during start-up");
+                        return (until.await, held);
+                    }
+                },
+            }
         }
     }
 }
@@ -230,10 +227,9 @@ mod tests {
 
     #[test]
     fn drains_come_often_in_a_storm_and_seldom_for_a_trickle() {
-        use std::time::Duration;
         let ms = Duration::from_millis;
         // Nothing found: back off, doubling, to the longest.
-        assert_eq!(next_delay(POLL_MIN, 0), ms(200));
+        assert_eq!(next_delay(POLL_MIN, 0), POLL_MIN * 2);
         assert_eq!(next_delay(POLL_MAX, 0), POLL_MAX);
         // A storm: back to the shortest at once.
         assert_eq!(next_delay(POLL_MAX, 10_000), POLL_MIN);
@@ -245,24 +241,5 @@ mod tests {
         // 100 events a second: a drain finds about DRAIN_TARGET of them.
         assert_eq!(next_delay(POLL_MAX, 160), ms(640));
         assert_eq!(next_delay(ms(640), 64), ms(640));
-    }
-
-    #[test]
-    fn a_buffer_grown_by_a_storm_is_shrunk_when_handed_back() {
-        let batches = Batches::default();
-        let mut batch = batches.take();
-        let record = [0u8; 4096];
-        for _ in 0..MAX_BATCH {
-            batch.push(&record);
-        }
-        assert!(batch.bytes.capacity() >= MAX_BATCH * record.len());
-        batches.give_back(batch);
-        let again = batches.take();
-        assert!(again.is_empty());
-        assert!(
-            again.bytes.capacity() <= Batches::KEPT_BYTES,
-            "kept {} bytes of room",
-            again.bytes.capacity()
-        );
     }
 }
