@@ -454,23 +454,27 @@ async fn a_turn_waiting_on_a_silent_tool_is_never_reaped_and_its_result_arrives(
     let model = a.read("model");
     let claude: u32 = model.split(':').next().unwrap().parse().unwrap();
     let started = Instant::now();
+    // The fake CLI forks its tool, which then takes its name: a view between the two shows
+    // the turn waiting on a process still called `claude`, so wait for the named tool.
     let in_flight = loop {
         let t = wait_target(&h, claude).await;
-        if let reaper::detect::verdict::Verdict::TurnInFlight { waiting_on, .. } = t.verdict {
-            break (waiting_on, t.waiting_on_comm);
+        if let reaper::detect::verdict::Verdict::TurnInFlight { waiting_on, .. } = t.verdict
+            && t.waiting_on_comm.as_deref() == Some("tool-wait")
+        {
+            break waiting_on;
         }
         assert!(
             started.elapsed() < DEADLINE,
-            "never a turn in flight: {:?}",
-            t.verdict
+            "never a turn in flight on the tool: {:?}, waiting on {:?}",
+            t.verdict,
+            t.waiting_on_comm
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(in_flight.1.as_deref(), Some("tool-wait"), "{in_flight:?}");
     // The result arrives (the agent prints the pid after it), after the tool ended by itself.
     assert_eq!(a.read_pid("claude"), claude);
     let tool = a.read_pid("tool");
-    assert_eq!(tool, in_flight.0);
+    assert_eq!(tool, in_flight);
     assert!(
         started.elapsed() > Duration::from_secs(3 + 1),
         "the turn outlived the idle timeout"
