@@ -42,9 +42,8 @@ static FEATURES: KernelFeatures = KernelFeatures {
 };
 
 /// Wake the reader once a CPU has submitted this many bytes since it last did (set by user
-/// space at load time: an eighth of the ring shared among the possible CPUs, so at most about
-/// an eighth of the ring waits unannounced); below it, records are submitted without a wake-up
-/// and the reader's timer collects them. A fast reader is always "caught up", so the kernel's
+/// space at load time: `probes::wakeup_bytes` says how much and why); below it, records are
+/// submitted without a wake-up and the reader's timer collects them. A fast reader is always "caught up", so the kernel's
 /// default would wake it for every record: one context switch per event in a fork storm.
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 0;
