@@ -372,8 +372,20 @@ const _: () = assert!(size_of::<KernelFeatures>() == 2 * 4);
 /// resizes them at load time from `kernel.pid_max` (see `reaper::probes`).
 pub const WATCH_MAX: u32 = 16384;
 
-/// Most process names watched from their exec on (the rules' `comm` names).
+/// Most process names watched from their exec on (the rules' `comm` names), and the
+/// runtimes whose argv is kept (`WATCH_NAME_ARGV`), together.
 pub const WATCH_NAMES_MAX: u32 = 64;
+
+/// `WATCH_NAMES` value of a rule's name: a process exec'd under it is watched from its exec
+/// on, and its exec record carries argv.
+pub const WATCH_NAME_TARGET: u32 = 1;
+
+/// `WATCH_NAMES` value of a runtime's name (`node`, `bun`, ...): its exec record carries argv,
+/// and it is not watched. Such a runtime may take a rule's name later (Node's
+/// `process.title`, through libuv's uv_set_process_title(), renames the process and writes
+/// the title over its argv memory, so `/proc/PID/cmdline` then holds the title alone): the
+/// argv it was exec'd with is what a rule's `argv_any` must be matched against.
+pub const WATCH_NAME_ARGV: u32 = 2;
 
 /// Bits of `WATCH_NAME_BITS`, the exec program's filter in front of its `WATCH_NAMES` lookup:
 /// a name's bit is [`watch_name_bit`] of its key. 1024 bits (16 `u64` elements) keep a false

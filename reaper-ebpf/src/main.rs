@@ -25,8 +25,8 @@ use aya_log_ebpf::warn;
 use reaper_common::{
     ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE, ActivityRecord, COMM_LEN, EventKind, ExecEvent,
     ExitEvent, ForkEvent, Header, KIND_SLOTS, KernelFeatures, KernelOffsets, RenameEvent,
-    SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAME_FILTER_BITS, WATCH_NAMES_MAX,
-    comm_nul_padded, watch_name_bit,
+    SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAME_FILTER_BITS, WATCH_NAME_TARGET,
+    WATCH_NAMES_MAX, comm_nul_padded, watch_name_bit,
 };
 use reaper_ebpf::{exec_content, exec_path_only, load, off};
 
@@ -111,9 +111,11 @@ static WATCH_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static ACTIVITY: HashMap<u32, ActivityRecord> = HashMap::with_max_entries(ACTIVITY_MAX, 0);
 
-/// The rules' process names (comm, NUL-padded), written by user space. A process that execs
-/// under one of them is watched from its exec on: user space reads the ring only every
-/// 0.1–1.6 s, and a CLI's first turn (its model's answer, the tool it starts) can come sooner.
+/// The rules' process names (comm, NUL-padded) → [`WATCH_NAME_TARGET`], and the runtimes
+/// whose argv is kept → `WATCH_NAME_ARGV`, written by user space. A process that execs under a
+/// rule's name is watched from its exec on: user space reads the ring only every 0.4–1.6 s in
+/// a storm or a trickle, and a CLI's first turn (its model's answer, the tool it starts) can
+/// come sooner. Either kind's exec record carries argv.
 #[map]
 static WATCH_NAMES: HashMap<[u8; COMM_LEN], u32> = HashMap::with_max_entries(WATCH_NAMES_MAX, 0);
 
@@ -511,17 +513,23 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     };
     // SAFETY: `ev` points at this CPU's scratch record; the comm goes into it (the watch-name
     // lookup takes a copy as its key).
-    let by_name = unsafe {
+    let named: u32 = unsafe {
         store_comm(&raw mut (*ev).head.comm, comm);
-        maybe_watched_name(comm) && WATCH_NAMES.get((*ev).head.comm).is_some()
+        if maybe_watched_name(comm) {
+            WATCH_NAMES.get((*ev).head.comm).copied().unwrap_or(0)
+        } else {
+            0
+        }
     };
-    if by_name {
+    if named == WATCH_NAME_TARGET {
         // Its own target until user space decides; a descendant of a target stays that.
         mark_watched(tgid, true);
         let _ = WATCHED.insert(tgid, tgid, u64::from(BPF_NOEXIST));
     }
     // argv only where user space reads it: a candidate by its name (matched against the
-    // rules' argv) or a watched process (a target or its descendant: what a decision logs).
+    // rules' argv), a runtime that may take a rule's name later (WATCH_NAME_ARGV: it may
+    // overwrite its argv when it does), or a watched process (a target or its descendant:
+    // what a decision logs).
     // Every other exec sends the path alone (EXEC_ARGV_SKIPPED): the copy was 12 % of this
     // program's samples (issue 14's profile), and its bytes go through the ring. User space's
     // other name match, the exec'd file's basename, is the comm at this point:
@@ -532,7 +540,7 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // <https://github.com/torvalds/linux/blob/v6.18/fs/exec.c>). A process that becomes a
     // candidate later (renamed to a rule's name, new rules) has its argv read from /proc by
     // user space. The filter first, as in the other programs.
-    let wants_argv = by_name
+    let wants_argv = named != 0
         || (maybe_watched(tgid)
             // SAFETY: a map lookup; only whether it is there is used.
             && unsafe { WATCHED.get(tgid) }.is_some());

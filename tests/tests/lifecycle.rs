@@ -285,7 +285,7 @@ async fn a_spawn_storm_loses_nothing_and_the_tree_equals_proc() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_sees_every_event_that_happened_before_it_was_asked() {
     let h = Harness::start_reading_helper_argv().await;
-    // No waiting: the reader drains the ring buffer only every 0.1–1.6 s by itself, so an
+    // No waiting: the tree task drains the ring buffer only every 0.4–1.6 s by itself, so an
     // answer without a flush would usually miss a process this young.
     for _ in 0..3 {
         let mut helper = Helper::spawn(&["wait"]);
@@ -378,6 +378,22 @@ async fn exec_records_carry_argv_only_for_candidates_and_watched_processes() {
         .await;
     assert_eq!(argv.to_strings(), [link.to_str().unwrap(), "-"]);
 
+    // Exec'd under a runtime's name (one that may take a rule's name later, and write it over
+    // its argv): its argv, and it is no target.
+    let runtime = dir.join("node");
+    std::os::unix::fs::symlink("/bin/cat", &runtime).unwrap();
+    let mut node = std::process::Command::new(&runtime)
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn node");
+    let argv = h
+        .wait_event("the runtime's exec", exec_argv(node.id()))
+        .await;
+    assert_eq!(argv.to_strings(), [runtime.to_str().unwrap(), "-"]);
+    assert!(h.handle.explain(node.id()).await.unwrap().target.is_none());
+
     // Exec'd without argv, then renamed to the rule's name: its argv comes from /proc, and
     // the rule matches it; its child, exec'd once it is a target, is watched: its argv.
     let mut renamed = Helper::spawn(&["rename-spawn-on-cue", "argv-target", "/bin/cat", "-"]);
@@ -417,6 +433,8 @@ async fn exec_records_carry_argv_only_for_candidates_and_watched_processes() {
 
     drop(named.stdin.take());
     let _ = named.wait();
+    drop(node.stdin.take());
+    let _ = node.wait();
     renamed.finish();
     plain.finish();
 }

@@ -27,8 +27,8 @@ use aya_log::EbpfLogger;
 use tracing_log::LogTracer;
 
 use reaper_common::{
-    ACTIVITY_MAX, ActivityRecord, COMM_LEN, EventKind, SockActivity, WATCH_NAME_FILTER_BITS,
-    WATCH_NAMES_MAX, watch_name_bit_of,
+    ACTIVITY_MAX, ActivityRecord, COMM_LEN, EventKind, SockActivity, WATCH_NAME_ARGV,
+    WATCH_NAME_FILTER_BITS, WATCH_NAME_TARGET, WATCH_NAMES_MAX, watch_name_bit_of,
 };
 pub use reaper_common::{LAST_WORD_TRACEPOINTS, LIFECYCLE_TRACEPOINTS, SOCKET_TRACEPOINTS};
 
@@ -59,6 +59,12 @@ pub const PER_PID_MAX_ENTRIES: u32 = 65536;
 /// What the per-pid maps get when `kernel.pid_max` cannot be read: the kernel's default
 /// (`PID_MAX_DEFAULT` <https://github.com/gregkh/linux/blob/v6.1.172/include/linux/threads.h#L28>).
 pub(crate) const PID_MAX_DEFAULT: u32 = 32768;
+
+/// Runtimes whose exec records carry argv though no rule names them (`WATCH_NAME_ARGV`): the
+/// ones an agent CLI or its wrapper runs on, which may take a rule's name after their exec
+/// (Node's `process.title`) and write it over their argv, so `/proc/PID/cmdline` no longer
+/// shows the flags a rule's `argv_any` looks for. Every other exec carries its path alone.
+pub(crate) const ARGV_KEPT_RUNTIMES: [&str; 3] = ["node", "bun", "deno"];
 
 /// Where the kernel says how high pids go.
 pub const PID_MAX_PATH: &str = "/proc/sys/kernel/pid_max";
@@ -335,32 +341,40 @@ impl Probes {
         self.socket_activity || self.last_word_tracepoint
     }
 
-    /// The process names watched from their exec on (the rules' `comm`s): replaces the set.
+    /// The process names watched from their exec on (the rules' `comm`s), and with them
+    /// [`ARGV_KEPT_RUNTIMES`]: replaces the set.
     pub fn set_watch_names<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
         let old: Vec<[u8; COMM_LEN]> = self.watch_names.keys().filter_map(Result::ok).collect();
         for key in old {
             let _ = self.watch_names.remove(&key);
         }
         // The kernel keeps TASK_COMM_LEN - 1 bytes of a name, NUL-padded.
-        let keys: Vec<([u8; COMM_LEN], &str)> = names
+        let key_of = |name: &str| {
+            let mut key = [0u8; COMM_LEN];
+            let len = name.len().min(COMM_LEN - 1);
+            key[..len].copy_from_slice(&name.as_bytes()[..len]);
+            key
+        };
+        let mut keys: Vec<([u8; COMM_LEN], &str, u32)> = names
             .into_iter()
-            .take(WATCH_NAMES_MAX as usize)
-            .map(|name| {
-                let mut key = [0u8; COMM_LEN];
-                let len = name.len().min(COMM_LEN - 1);
-                key[..len].copy_from_slice(&name.as_bytes()[..len]);
-                (key, name)
-            })
+            .map(|name| (key_of(name), name, WATCH_NAME_TARGET))
             .collect();
+        for runtime in ARGV_KEPT_RUNTIMES {
+            let key = key_of(runtime);
+            if !keys.iter().any(|(k, ..)| *k == key) {
+                keys.push((key, runtime, WATCH_NAME_ARGV));
+            }
+        }
+        keys.truncate(WATCH_NAMES_MAX as usize);
         let mut bits = [0u64; WATCH_NAME_FILTER_BITS as usize / 64];
-        for (key, _) in &keys {
+        for (key, ..) in &keys {
             let bit = watch_name_bit_of(key);
             bits[bit as usize / 64] |= 1 << (bit % 64);
         }
         // The filter first (the old names are gone from the map already): a name whose bit is
         // clear is never looked up.
         self.write_watch_name_bits(bits);
-        for (key, name) in keys {
+        for (key, name, kind) in keys {
             let bit = watch_name_bit_of(&key);
             if self.watch_name_bits_copy[bit as usize / 64] & (1 << (bit % 64)) == 0 {
                 tracing::warn!(
@@ -369,7 +383,7 @@ impl Probes {
                 );
                 continue;
             }
-            if let Err(err) = self.watch_names.insert(key, 1, 0) {
+            if let Err(err) = self.watch_names.insert(key, kind, 0) {
                 tracing::warn!(name, %err, "could not watch a process name from exec");
             }
         }
