@@ -102,8 +102,14 @@ fn read(p: &ProcProcess) -> Option<Snapshot> {
         return None;
     }
     let uid = p.uid().ok()?;
-    // Kernel threads have neither cmdline nor exe; both can also vanish mid-read.
-    let (argv, argv_truncated) = read_cmdline(p.pid).unwrap_or_default();
+    // Kernel threads have neither cmdline nor exe; both can also vanish mid-read. Read through
+    // the directory the stat came from, so a later holder of the pid is never read (see
+    // `LiveHost::cmdline`).
+    let (argv, argv_truncated) = p
+        .open_relative("cmdline")
+        .ok()
+        .and_then(|file| read_cmdline_from(file).ok())
+        .unwrap_or_default();
     let exe = p
         .exe()
         .map(|path| path.to_string_lossy().into_owned())
@@ -128,12 +134,8 @@ fn read(p: &ProcProcess) -> Option<Snapshot> {
 /// megabytes of arguments and fork many children that share them; read whole, every scan
 /// would hold children × megabytes (measured: 100 such processes took the daemon from 18 MB
 /// to 221 MB of RSS). Reads one byte past the bound to know whether there is more, never the
-/// rest.
-pub(crate) fn read_cmdline(pid: i32) -> std::io::Result<(Vec<u8>, bool)> {
-    read_cmdline_from(std::fs::File::open(format!("/proc/{pid}/cmdline"))?)
-}
-
-/// [`read_cmdline`] of a `/proc/PID/cmdline` the caller opened.
+/// rest. `file` is a `/proc/PID/cmdline` the caller opened (through the directory whose stat
+/// it read).
 pub(crate) fn read_cmdline_from(file: std::fs::File) -> std::io::Result<(Vec<u8>, bool)> {
     read_bounded(file, ARGV_LEN)
 }
@@ -170,7 +172,8 @@ mod tests {
             (b"sleep\x009\0".to_vec(), false)
         );
         // This process's own, through /proc.
-        let (own, truncated) = read_cmdline(std::process::id() as i32).unwrap();
+        let (own, truncated) =
+            read_cmdline_from(std::fs::File::open("/proc/self/cmdline").unwrap()).unwrap();
         assert!(!own.is_empty() && own.len() <= ARGV_LEN);
         assert_eq!(
             truncated,
