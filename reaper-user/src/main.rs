@@ -485,25 +485,35 @@ async fn stream_events(json: bool) -> anyhow::Result<()> {
         tokio::select! {
             due = ring.due() => {
                 let how = due?;
+                // A failed write is stdout closed (e.g. piped into head): the end, not an
+                // error. A record that cannot be rendered is an error.
                 let mut written = Ok(());
+                let mut unrendered = None;
                 ring.drain(how, |record| {
                     use std::io::Write as _;
-                    if written.is_err() {
+                    if written.is_err() || unrendered.is_some() {
                         return;
                     }
                     let Some(event) = events::ring::decode_counted(record, &metrics) else {
                         return;
                     };
                     written = if json {
-                        render::json(&event, false)
-                            .map_err(std::io::Error::other)
-                            .and_then(|line| writeln!(stdout, "{line}"))
+                        match render::json(&event, false) {
+                            Ok(line) => writeln!(stdout, "{line}"),
+                            Err(err) => {
+                                unrendered = Some(anyhow::Error::from(err));
+                                return;
+                            }
+                        }
                     } else {
                         writeln!(stdout, "{event}")
                     };
                 });
+                if let Some(err) = unrendered {
+                    return Err(err);
+                }
                 if written.is_err() {
-                    return Ok(()); // stdout closed (e.g. piped into head)
+                    return Ok(());
                 }
             }
             _ = interrupt.recv() => break,
