@@ -363,35 +363,31 @@ async fn exec_records_carry_argv_only_for_candidates_and_watched_processes() {
     assert!(p.argv.is_unknown(), "{:?}", p.argv);
     assert_matches_proc(&p);
 
-    // Exec'd under the rule's name: its argv.
+    // `cat -` exec'd through a symlink called `name` (so its comm is `name`), and its exec's
+    // argv.
     let dir = reaper_tests::TempDir::new("argv-target");
-    let link = dir.join("argv-target");
-    std::os::unix::fs::symlink("/bin/cat", &link).unwrap();
-    let mut named = std::process::Command::new(&link)
-        .arg("-")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn argv-target");
-    let argv = h
-        .wait_event("the named process's exec", exec_argv(named.id()))
-        .await;
-    assert_eq!(argv.to_strings(), [link.to_str().unwrap(), "-"]);
+    let cat_as = async |h: &mut Harness, name: &str| {
+        let link = dir.join(name);
+        std::os::unix::fs::symlink("/bin/cat", &link).unwrap();
+        let child = std::process::Command::new(&link)
+            .arg("-")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let argv = h
+            .wait_event(&format!("the exec of {name}"), exec_argv(child.id()))
+            .await;
+        assert_eq!(argv.to_strings(), [link.to_str().unwrap(), "-"], "{name}");
+        child
+    };
+
+    // Exec'd under the rule's name: its argv.
+    let mut named = cat_as(&mut h, "argv-target").await;
 
     // Exec'd under a runtime's name (one that may take a rule's name later, and write it over
     // its argv): its argv, and it is no target.
-    let runtime = dir.join("node");
-    std::os::unix::fs::symlink("/bin/cat", &runtime).unwrap();
-    let mut node = std::process::Command::new(&runtime)
-        .arg("-")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn node");
-    let argv = h
-        .wait_event("the runtime's exec", exec_argv(node.id()))
-        .await;
-    assert_eq!(argv.to_strings(), [runtime.to_str().unwrap(), "-"]);
+    let mut node = cat_as(&mut h, "node").await;
     assert!(h.handle.explain(node.id()).await.unwrap().target.is_none());
 
     // Exec'd without argv, then renamed to the rule's name: its argv comes from /proc, and

@@ -1265,6 +1265,19 @@ fn exec_without_argv(w: &mut World, pid: u32, ppid: u32, exe: &str, at: Nanos) {
     });
 }
 
+/// `/proc/100/cmdline` holds the SDK's argv, for a process started at `start_ticks`; then
+/// pid 100 renames itself to `claude` at 2 s.
+fn renamed_to_claude_with_proc_argv(w: &mut World, start_ticks: u64) {
+    w.host
+        .cmdlines
+        .insert(100, (start_ticks, Argv::from_args(SDK)));
+    w.apply(Event::Rename {
+        id: id(100),
+        time_ns: 2 * S,
+        comm: "claude".into(),
+    });
+}
+
 #[test]
 fn a_process_renamed_to_a_target_name_gets_its_argv_from_proc_and_is_matched() {
     let mut w = World::new("");
@@ -1276,14 +1289,7 @@ fn a_process_renamed_to_a_target_name_gets_its_argv_from_proc_and_is_matched() {
         0,
         "no rule's name: /proc is not read"
     );
-    w.host
-        .cmdlines
-        .insert(100, (id(100).start_ticks, Argv::from_args(SDK)));
-    w.apply(Event::Rename {
-        id: id(100),
-        time_ns: 2 * S,
-        comm: "claude".into(),
-    });
+    renamed_to_claude_with_proc_argv(&mut w, id(100).start_ticks);
     let p = w.tree.get(100).unwrap();
     assert_eq!(p.argv, Argv::from_args(SDK), "filled from /proc");
     assert_eq!(
@@ -1300,14 +1306,7 @@ fn an_argv_from_a_reused_pid_is_not_taken() {
     let mut w = World::new("");
     exec_without_argv(&mut w, 100, 10, "/opt/cli-launcher", S);
     // /proc/100 now belongs to another process (started later) with the SDK's argv.
-    w.host
-        .cmdlines
-        .insert(100, (id(100).start_ticks + 7, Argv::from_args(SDK)));
-    w.apply(Event::Rename {
-        id: id(100),
-        time_ns: 2 * S,
-        comm: "claude".into(),
-    });
+    renamed_to_claude_with_proc_argv(&mut w, id(100).start_ticks + 7);
     assert_eq!(w.host.cmdline_reads.get(), 1, "it was asked for");
     assert!(w.tree.get(100).unwrap().argv.is_unknown(), "not filled");
     assert_eq!(w.det.target_count(), 0, "and not matched");
