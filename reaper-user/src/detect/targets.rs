@@ -16,7 +16,8 @@ pub enum Mismatch {
         wanted_any: Vec<String>,
     },
     /// The rule wants argv and the process's was not read: the kernel sent its exec without
-    /// it, and `/proc` no longer had it (the process is gone).
+    /// it, and its `/proc/PID/cmdline` could not be read (the process is gone, or the read
+    /// failed).
     ArgvUnknown,
     Tty {
         tty_nr: i32,
@@ -40,7 +41,10 @@ impl std::fmt::Display for Mismatch {
             Self::Argv { wanted_any } => {
                 write!(f, "argv: has none of {}", wanted_any.join(", "))
             }
-            Self::ArgvUnknown => write!(f, "argv: not known (the process is gone)"),
+            Self::ArgvUnknown => write!(
+                f,
+                "argv: not known (not sent at its exec, and /proc could not be read)"
+            ),
             Self::Tty { tty_nr } => write!(f, "has a controlling terminal (tty_nr {tty_nr})"),
             Self::TtyUnknown => write!(f, "its terminal could not be read"),
             Self::Parent {

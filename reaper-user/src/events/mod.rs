@@ -63,8 +63,8 @@ impl Argv {
 
     /// Not read: the exec program sends argv only for processes that were candidates by
     /// their name, or watched, at their exec (`reaper_common::EXEC_ARGV_SKIPPED`). Never a
-    /// match for a rule's `argv_any`, nor a mismatch: whoever needs it reads
-    /// `/proc/PID/cmdline` first.
+    /// match for a rule's `argv_any`: whoever needs it reads `/proc/PID/cmdline` first, and
+    /// if that fails the rule does not match (`Mismatch::ArgvUnknown`).
     pub fn unknown() -> Self {
         Self(None)
     }
