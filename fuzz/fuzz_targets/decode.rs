@@ -52,7 +52,11 @@ fn check(bytes: &[u8]) -> bool {
             ..
         } => {
             assert!(comm.chars().count() <= COMM_LEN, "{comm:?}");
-            assert!(filename.chars().count() <= FILENAME_LEN);
+            assert!(
+                filename
+                    .as_ref()
+                    .is_none_or(|f| f.chars().count() <= FILENAME_LEN)
+            );
             assert!(argv.raw().len() <= ARGV_LEN);
             assert_eq!(argv.iter().count(), argv.to_strings().len());
         }

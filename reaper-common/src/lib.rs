@@ -24,11 +24,13 @@ pub const EXEC_ARGV_TRUNCATED: u32 = 1 << 0;
 pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 1;
 /// `ExecEvent::flags`: argv could not be read from the new process's memory.
 pub const EXEC_ARGV_UNREADABLE: u32 = 1 << 2;
-/// `ExecEvent::flags`: argv was not read, on purpose: the process was neither a candidate by
-/// its name (its comm one of the rules' names, `WATCH_NAMES`) nor watched (`WATCHED`) at its
-/// exec, so nothing in user space looks at its argv. Not the same as an empty argv: user space
-/// reads `/proc/PID/cmdline` if the process becomes a candidate later (a rename, new rules).
-pub const EXEC_ARGV_SKIPPED: u32 = 1 << 3;
+/// `ExecEvent::flags`: neither the path nor argv was read, on purpose, and the record is its
+/// [`ExecHead`] alone, without a timestamp: the process was neither a candidate by its name (its comm one of the
+/// rules' names or a runtime's, `WATCH_NAMES`) nor watched (`WATCHED`) at its exec, so nothing
+/// in user space looks at its image. Not the same as an empty path or argv: user space reads
+/// `/proc/PID/exe` and `/proc/PID/cmdline` if the process becomes a candidate later (a rename,
+/// new rules).
+pub const EXEC_IMAGE_UNREAD: u32 = 1 << 3;
 
 /// The lifecycle programs in reaper's eBPF object, each named after the BTF tracepoint
 /// (`tp_btf`) it attaches to. Without any of them reaper cannot follow processes.
@@ -130,7 +132,8 @@ pub struct Header {
     pub kind: u32,
     /// The process id (thread-group id) the event is about.
     pub tgid: u32,
-    /// When the event happened, `CLOCK_BOOTTIME` ns (`bpf_ktime_get_boot_ns`).
+    /// When the event happened, `CLOCK_MONOTONIC` ns (`bpf_ktime_get_ns`); 0 in an exec record
+    /// whose image the kernel did not read ([`EXEC_IMAGE_UNREAD`]): nobody reads its time.
     pub timestamp_ns: u64,
     /// The process's start time: its group leader's `task_struct::start_boottime`, ns since
     /// boot. `/proc/PID/stat` field 22 is this value in clock ticks.
@@ -154,9 +157,9 @@ pub struct ForkEvent {
 
 /// The fixed part of an exec record. On the wire an exec record is this, then
 /// [`ExecHead::filename_len`] bytes of the path, then [`ExecHead::argv_len`] bytes of argv (the
-/// eBPF side sends only the used prefix of an [`ExecEvent`]; `argv_len` is 0 and
-/// [`EXEC_ARGV_SKIPPED`] set where it did not read argv); both sides read and write these
-/// fields by name.
+/// eBPF side sends only the used prefix of an [`ExecEvent`]; both lengths are 0 and
+/// [`EXEC_IMAGE_UNREAD`] set where it read neither); both sides read and write these fields by
+/// name.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExecHead {
@@ -377,10 +380,11 @@ pub const WATCH_MAX: u32 = 16384;
 pub const WATCH_NAMES_MAX: u32 = 64;
 
 /// `WATCH_NAMES` value of a rule's name: a process exec'd under it is watched from its exec
-/// on, and its exec record carries argv.
+/// on, and its exec record carries the path and argv.
 pub const WATCH_NAME_TARGET: u32 = 1;
 
-/// `WATCH_NAMES` value of a runtime's name (`node`, `bun`, ...): its exec record carries argv,
+/// `WATCH_NAMES` value of a runtime's name (`node`, `bun`, ...): its exec record carries the
+/// path and argv,
 /// and it is not watched. Such a runtime may take a rule's name later (Node's
 /// `process.title`, through libuv's uv_set_process_title(), renames the process and writes
 /// the title over its argv memory, so `/proc/PID/cmdline` then holds the title alone): the

@@ -9,7 +9,7 @@
 //! watched one): the exec'd path and argv, copied by the same code
 //! (`reaper_ebpf::exec_content`) through the same per-CPU scratch record into the ring, for
 //! every exec. The distance from the first floor to it is what that content costs, whoever
-//! sends it. (reaper sends every other exec's path alone: `EXEC_ARGV_SKIPPED`.)
+//! sends it. (reaper sends every other exec's head alone: `EXEC_IMAGE_UNREAD`.)
 //!
 //! `cargo xtask bench` attaches these (never together with reaper's programs; the content
 //! floor in a turn of its own, in the exec floor's place beside the other three) and compares the kernel's `run_time_ns / run_cnt` per program

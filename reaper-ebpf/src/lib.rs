@@ -6,8 +6,8 @@
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel_str_bytes, generated};
 use reaper_common::{
-    ARGV_LEN, EXEC_ARGV_SKIPPED, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE,
-    EXEC_FILENAME_TRUNCATED, ExecEvent, ExecHead, FILENAME_LEN,
+    ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_ARGV_UNREADABLE, EXEC_FILENAME_TRUNCATED, ExecEvent,
+    ExecHead, FILENAME_LEN,
 };
 
 /// One field of the program's `OFFSETS` global (a `reaper_common::KernelOffsets` each binary
@@ -88,21 +88,6 @@ pub unsafe fn exec_content(
     };
     // SAFETY: the caller's promise.
     unsafe { exec_head(ev, flags, filename_len, argv_len) }
-}
-
-/// [`exec_content`] without argv: the path alone, flagged [`EXEC_ARGV_SKIPPED`], for an exec
-/// whose argv nobody reads (reaper's program sends argv only for candidates and watched
-/// processes). Returns the record's used size.
-///
-/// # Safety
-/// As for [`exec_content`].
-#[inline(always)]
-pub unsafe fn exec_path_only(ev: *mut ExecEvent, filename: *const u8) -> usize {
-    // SAFETY: the caller's promise.
-    unsafe {
-        let (flags, filename_len) = exec_path(ev, filename);
-        exec_head(ev, flags | EXEC_ARGV_SKIPPED, filename_len, 0)
-    }
 }
 
 /// Copies the path into the front of `ev`'s data: the flags it calls for and its length.

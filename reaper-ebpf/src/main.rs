@@ -23,12 +23,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use reaper_common::{
-    ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE, ActivityRecord, COMM_LEN, EventKind, ExecEvent,
-    ExitEvent, ForkEvent, Header, KIND_SLOTS, KernelFeatures, KernelOffsets, RenameEvent,
-    SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAME_FILTER_BITS, WATCH_NAME_TARGET,
-    WATCH_NAMES_MAX, comm_nul_padded, watch_name_bit,
+    ACTIVITY_MAX, ACTIVITY_WATCH_INCOMPLETE, ActivityRecord, COMM_LEN, EXEC_IMAGE_UNREAD,
+    EventKind, ExecEvent, ExecHead, ExitEvent, ForkEvent, Header, KIND_SLOTS, KernelFeatures,
+    KernelOffsets, RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAME_FILTER_BITS,
+    WATCH_NAME_TARGET, WATCH_NAMES_MAX, comm_nul_padded, watch_name_bit,
 };
-use reaper_ebpf::{exec_content, exec_path_only, load, off};
+use reaper_ebpf::{exec_content, load, off};
 
 /// Field offsets of the running kernel, written by user space at load time (read-only global).
 #[unsafe(no_mangle)]
@@ -48,6 +48,12 @@ static FEATURES: KernelFeatures = KernelFeatures {
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 0;
 
+/// Whether every exec record carries the exec's path and argv, not only a candidate's or a
+/// watched process's (set by user space at load time: `reaper events`, which shows every exec
+/// whole; the daemon leaves it 0).
+#[unsafe(no_mangle)]
+static FULL_EXEC_RECORDS: u32 = 0;
+
 /// Bytes this CPU submitted since it last woke the reader. Counted per CPU, not asked of the
 /// ring (`bpf_ringbuf_query(BPF_RB_AVAIL_DATA)` reads the consumer position, a cache line the
 /// reader writes from another CPU: a miss on most submits).
@@ -58,8 +64,9 @@ static UNANNOUNCED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
-/// Where an exec record is built: it is too big for the 512-byte BPF stack, and only its used
-/// part (fixed fields + argv actually present) is copied into the ring buffer.
+/// Where an exec record with its image is built: it is too big for the 512-byte BPF stack, and
+/// only its used part (fixed fields + the path and argv bytes present) is copied into the ring
+/// buffer.
 #[map]
 static EXEC_SCRATCH: PerCpuArray<ExecEvent> = PerCpuArray::with_max_entries(1, 0);
 
@@ -115,7 +122,7 @@ static ACTIVITY: HashMap<u32, ActivityRecord> = HashMap::with_max_entries(ACTIVI
 /// whose argv is kept → `WATCH_NAME_ARGV`, written by user space. A process that execs under a
 /// rule's name is watched from its exec on: user space reads the ring only every 0.4–1.6 s in
 /// a storm or a trickle, and a CLI's first turn (its model's answer, the tool it starts) can
-/// come sooner. Either kind's exec record carries argv.
+/// come sooner. Either kind's exec record carries the path and argv.
 #[map]
 static WATCH_NAMES: HashMap<[u8; COMM_LEN], u32> = HashMap::with_max_entries(WATCH_NAMES_MAX, 0);
 
@@ -504,65 +511,94 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let start: u64 = load(task, off!(task_start_boottime));
     let parent: *const u8 = load(task, off!(task_real_parent));
     let parent_tgid: i32 = load(parent, off!(task_tgid));
-    let filename: *const u8 = load(bprm, off!(binprm_filename));
     let uid = task_uid(task)?;
     let comm = task_comm(task);
 
-    let Some(ev) = EXEC_SCRATCH.get_ptr_mut(0) else {
-        return Ok(());
-    };
-    // SAFETY: `ev` points at this CPU's scratch record; the comm goes into it (the watch-name
-    // lookup takes a copy as its key).
-    let named: u32 = unsafe {
-        store_comm(&raw mut (*ev).head.comm, comm);
-        if maybe_watched_name(comm) {
-            WATCH_NAMES.get((*ev).head.comm).copied().unwrap_or(0)
-        } else {
-            0
-        }
+    let named: u32 = if maybe_watched_name(comm) {
+        let (lo, hi) = comm;
+        let mut key = [0u8; COMM_LEN];
+        key[..8].copy_from_slice(&lo.to_le_bytes());
+        key[8..].copy_from_slice(&hi.to_le_bytes());
+        // SAFETY: a map lookup; the value is copied out at once.
+        unsafe { WATCH_NAMES.get(key) }.copied().unwrap_or(0)
+    } else {
+        0
     };
     if named == WATCH_NAME_TARGET {
         // Its own target until user space decides; a descendant of a target stays that.
         mark_watched(tgid, true);
         let _ = WATCHED.insert(tgid, tgid, u64::from(BPF_NOEXIST));
     }
-    // argv only where user space reads it: a candidate by its name (matched against the
-    // rules' argv), a runtime that may take a rule's name later (WATCH_NAME_ARGV: it may
-    // overwrite its argv when it does), or a watched process (a target or its descendant:
-    // what a decision logs).
-    // Every other exec sends the path alone (EXEC_ARGV_SKIPPED): the copy was 12 % of this
-    // program's samples (issue 14's profile), and its bytes go through the ring. User space's
-    // other name match, the exec'd file's basename, is the comm at this point:
-    // begin_new_exec() sets it to kbasename(bprm->filename), cut to TASK_COMM_LEN - 1 bytes as
-    // WATCH_NAMES keys are (<https://github.com/torvalds/linux/blob/v5.10/fs/exec.c>); 6.18
-    // takes the file's dentry name instead only for an execveat() of an fd with an empty path,
-    // whose `filename` is "/dev/fd/N" (bprm->comm_from_dentry:
+    // The image (path and argv) only where user space reads it: a candidate by its name
+    // (matched against the rules' argv), a runtime that may take a rule's name later
+    // (WATCH_NAME_ARGV: it may overwrite its argv when it does), a watched process (a target or
+    // its descendant: what a decision logs), or every exec for `reaper events`
+    // (FULL_EXEC_RECORDS). Every other exec sends the head alone (EXEC_IMAGE_UNREAD): the path
+    // read and the copy out of the scratch record were over a third of this program's time
+    // (issue 14). User space's other name match, the exec'd file's basename, is the comm at this
+    // point: begin_new_exec() sets it to kbasename(bprm->filename), cut to TASK_COMM_LEN - 1
+    // bytes as WATCH_NAMES keys are (<https://github.com/torvalds/linux/blob/v5.10/fs/exec.c>);
+    // 6.18 takes the file's dentry name instead only for an execveat() of an fd with an empty
+    // path, whose `filename` is "/dev/fd/N" (bprm->comm_from_dentry:
     // <https://github.com/torvalds/linux/blob/v6.18/fs/exec.c>). A process that becomes a
-    // candidate later (renamed to a rule's name, new rules) has its argv read from /proc by
+    // candidate later (renamed to a rule's name, new rules) has its image read from /proc by
     // user space. The filter first, as in the other programs.
-    let wants_argv = named != 0
+    // SAFETY: a plain global, read volatile so the zero initializer is not folded in.
+    let full = unsafe { core::ptr::read_volatile(&raw const FULL_EXEC_RECORDS) } != 0;
+    let wants_image = full
+        || named != 0
         || (maybe_watched(tgid)
             // SAFETY: a map lookup; only whether it is there is used.
             && unsafe { WATCHED.get(tgid) }.is_some());
-    // The path, then argv right after its last byte (the same code as the bench's floor with
-    // the record's content).
-    let size = if wants_argv {
-        let mm: *const u8 = load(task, off!(task_mm));
-        let arg_start: u64 = load(mm, off!(mm_arg_start));
-        let arg_end: u64 = load(mm, off!(mm_arg_end));
-        // SAFETY: `ev` points at this CPU's scratch record.
-        unsafe { exec_content(ev, filename, arg_start, arg_end) }
-    } else {
-        // SAFETY: as above.
-        unsafe { exec_path_only(ev, filename) }
+    if !wants_image {
+        let Some(mut entry) = EVENTS.reserve::<ExecHead>(0) else {
+            ring_full(ctx, EventKind::Exec);
+            return Ok(());
+        };
+        let head = entry.as_mut_ptr();
+        // SAFETY: `head` points at the reserved record; every field is written before the
+        // submit. No timestamp: nothing in user space reads this exec's time, and the clock
+        // read was a fifth of this record's cost (bpf_ktime_get_ns() reads the clocksource
+        // through an indirect call: ktime_get_mono_fast_ns() →  tk_clock_read():
+        // <https://github.com/torvalds/linux/blob/v6.18/kernel/time/timekeeping.c>).
+        unsafe {
+            (*head).header = Header {
+                kind: EventKind::Exec as u32,
+                tgid,
+                timestamp_ns: 0,
+                start_time_ns: start,
+            };
+            (*head).parent_tgid = parent_tgid as u32;
+            (*head).uid = uid;
+            (*head).flags = EXEC_IMAGE_UNREAD;
+            (*head).filename_len = 0;
+            (*head).argv_len = 0;
+            (*head)._pad = 0;
+            store_comm(&raw mut (*head).comm, comm);
+        }
+        entry.submit(wakeup_flags(size_of::<ExecHead>() as u64));
+        return Ok(());
+    }
+
+    let Some(ev) = EXEC_SCRATCH.get_ptr_mut(0) else {
+        return Ok(());
     };
-    // SAFETY: as above; plain stores into the scratch record.
-    unsafe {
+    let filename: *const u8 = load(bprm, off!(binprm_filename));
+    let mm: *const u8 = load(task, off!(task_mm));
+    let arg_start: u64 = load(mm, off!(mm_arg_start));
+    let arg_end: u64 = load(mm, off!(mm_arg_end));
+    // SAFETY: `ev` points at this CPU's scratch record: the path, then argv right after its
+    // last byte (the same code as the bench's floor with the record's content), then the
+    // head's other fields, plain stores.
+    let size = unsafe {
+        let size = exec_content(ev, filename, arg_start, arg_end);
         let head = &raw mut (*ev).head;
         (*head).header = header(EventKind::Exec, tgid, start);
         (*head).parent_tgid = parent_tgid as u32;
         (*head).uid = uid;
-    }
+        store_comm(&raw mut (*head).comm, comm);
+        size
+    };
     // SAFETY: `size` is a prefix of the record (exec_content()).
     let used = unsafe { core::slice::from_raw_parts(ev.cast::<u8>(), size) };
     if EVENTS

@@ -16,10 +16,10 @@ use rustix::{
 use crate::{
     clock::{self, Nanos},
     detect::{self, Victim, session::Connections},
-    events::{Argv, Identity},
+    events::Identity,
     probes::Probes,
     reap::{self, Input, OpenError},
-    tree::scan,
+    tree::{Image, scan},
 };
 
 fn proc_process(pid: u32) -> Option<ProcProcess> {
@@ -43,19 +43,13 @@ impl detect::Host for LiveHost {
         proc_process(pid)?.stat().ok().map(|s| s.tty_nr)
     }
 
-    fn cmdline(&self, id: Identity) -> Option<(Argv, bool)> {
+    fn image(&self, id: Identity) -> Option<Image> {
         let p = proc_process(id.pid)?;
         if p.stat().ok()?.starttime != id.start_ticks {
             return None;
         }
-        // Opened through the same `/proc/PID` directory as the stat just read: once that
-        // process is gone, the directory no longer revalidates and a read of its cmdline finds
-        // no task (-ESRCH), so a later holder of the pid is never read
-        // (pid_revalidate(), proc_pid_cmdline_read():
-        // <https://github.com/torvalds/linux/blob/v6.18/fs/proc/base.c>).
-        let file = p.open_relative("cmdline").ok()?;
-        let (argv, truncated) = scan::read_cmdline_from(file).ok()?;
-        Some((Argv::new(argv), truncated))
+        // Through the same `/proc/PID` directory as the stat just read (see read_image()).
+        scan::read_image(&p)
     }
 
     fn cpu_ticks(&self, id: Identity) -> Option<u64> {

@@ -469,7 +469,11 @@ fn ready_status(mode: reaper::config::Mode, rules: &[String]) -> String {
 }
 
 async fn stream_events(json: bool) -> anyhow::Result<()> {
-    let options = ProbeOptions::default();
+    // Every exec whole: nothing here decides which processes are candidates.
+    let options = ProbeOptions {
+        full_exec_records: true,
+        ..ProbeOptions::default()
+    };
     let ring_bytes = options.ring_bytes as usize;
     let mut probes = Probes::attach(options)?;
     let ring = probes.take_ring().expect("ring buffer taken once")?;

@@ -343,14 +343,26 @@ fn events_json_streams_an_exit_and_stops_on_sigint() {
     );
     // The helper's own fork and exec came before its exit.
     let about_helper = |kind: &str| {
-        seen.iter().any(|l| {
+        seen.iter().find_map(|l| {
             let e: Value = serde_json::from_str(l).unwrap();
-            e["kind"] == kind && e["id"]["pid"].as_u64() == Some(pid)
+            (e["kind"] == kind && e["id"]["pid"].as_u64() == Some(pid)).then_some(e)
         })
     };
+    let exec = about_helper("exec");
     assert!(
-        about_helper("fork") && about_helper("exec"),
+        about_helper("fork").is_some() && exec.is_some(),
         "fork and exec of {pid} before its exit"
+    );
+    // Whole, though no rule names it (the daemon's records of such an exec are its head
+    // alone): its time, path and argv.
+    let exec = exec.unwrap();
+    let helper_path = helper_path();
+    assert!(exec["time_ns"].as_u64().is_some(), "{exec}");
+    assert_eq!(exec["filename"], helper_path.to_str().unwrap(), "{exec}");
+    assert_eq!(
+        exec["argv"],
+        serde_json::json!([helper_path.to_str().unwrap(), "exit", "5"]),
+        "{exec}"
     );
 
     let status = events.stop(Signal::SIGINT);

@@ -329,12 +329,13 @@ async fn a_start_during_a_spawn_storm_leaves_no_stale_process() {
     );
 }
 
-/// The kernel sends an exec's argv only where user space reads it: for a process exec'd under
-/// a rule's name and for a watched one (a target's descendant). Any other exec carries its
-/// path alone, and the tree holds that argv as unknown, not empty; a process that takes a
-/// rule's name later (a rename) gets its argv from /proc and is matched with it.
+/// The kernel sends an exec's image (path and argv) only where user space reads it: for a
+/// process exec'd under a rule's name and for a watched one (a target's descendant). Any other
+/// exec's record is its head alone, without a time, and the tree holds that image as unknown,
+/// not empty; a process that takes a rule's name later (a rename) gets its image from /proc
+/// and is matched with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exec_records_carry_argv_only_for_candidates_and_watched_processes() {
+async fn exec_records_carry_the_image_only_for_candidates_and_watched_processes() {
     // A target by its name alone (no argv or terminal condition); dry run.
     let mut h = Harness::start_with_rules(
         "[[rule]]\nname = \"argv-target\"\ncomm = [\"argv-target\"]\n\
@@ -348,19 +349,34 @@ async fn exec_records_carry_argv_only_for_candidates_and_watched_processes() {
         }
     };
 
-    // No rule's name, not watched: no argv.
+    // No rule's name, not watched: neither path nor argv, nor a time.
     let mut plain = Helper::spawn(&["wait", "plain"]);
     let plain_pid = plain.read_pid("pid");
-    let argv = h
-        .wait_event("the plain helper's exec", exec_argv(plain_pid))
+    let exec = h
+        .wait_event("the plain helper's exec", |e| match e {
+            Event::Exec { id, .. } if id.pid == plain_pid => Some(e.clone()),
+            _ => None,
+        })
         .await;
-    assert!(argv.is_unknown(), "{argv:?}");
+    let Event::Exec {
+        time_ns,
+        filename,
+        argv,
+        ..
+    } = &exec
+    else {
+        unreachable!()
+    };
+    assert!(
+        argv.is_unknown() && filename.is_none() && time_ns.is_none(),
+        "{exec:?}"
+    );
     let p = h
         .handle
         .process(plain_pid)
         .await
         .expect("the plain helper in the tree");
-    assert!(p.argv.is_unknown(), "{:?}", p.argv);
+    assert!(p.argv.is_unknown() && p.exe.is_empty(), "{p:?}");
     assert_matches_proc(&p);
 
     // `cat -` exec'd through a symlink called `name` (so its comm is `name`), and its exec's
@@ -390,7 +406,7 @@ async fn exec_records_carry_argv_only_for_candidates_and_watched_processes() {
     let mut node = cat_as(&mut h, "node").await;
     assert!(h.handle.explain(node.id()).await.unwrap().target.is_none());
 
-    // Exec'd without argv, then renamed to the rule's name: its argv comes from /proc, and
+    // Exec'd without its image, then renamed to the rule's name: its image comes from /proc, and
     // the rule matches it; its child, exec'd once it is a target, is watched: its argv.
     let mut renamed = Helper::spawn(&["rename-spawn-on-cue", "argv-target", "/bin/cat", "-"]);
     let renamed_pid = renamed.read_pid("pid");
@@ -419,6 +435,8 @@ async fn exec_records_carry_argv_only_for_candidates_and_watched_processes() {
         p.argv.to_strings()[1..],
         ["rename-spawn-on-cue", "argv-target", "/bin/cat", "-"]
     );
+    let exe = std::fs::read_link(format!("/proc/{renamed_pid}/exe")).unwrap();
+    assert_eq!(p.exe, exe.to_str().unwrap(), "its executable, from /proc");
     assert_matches_proc(&p);
     renamed.send("go");
     let child = renamed.read_pid("child");

@@ -58,7 +58,7 @@ impl Detector {
 
     /// Updates after the tree applied `event`. Reads only its kind, identities and times: the
     /// tree has taken its strings ([`ProcessTree::apply_taking`]). The tree is changed only to
-    /// give a new candidate the argv the kernel did not send ([`Detector::classify`]).
+    /// give a new candidate the image the kernel did not send ([`Detector::classify`]).
     pub(crate) fn on_event(&mut self, tree: &mut ProcessTree, event: &Event, host: &mut impl Host) {
         match event {
             Event::Fork {
@@ -86,10 +86,13 @@ impl Detector {
                 }
             }
             Event::Exec { id, time_ns, .. } => {
+                // Unstamped: the kernel did not watch it at its exec (it may be watched since,
+                // or a candidate in a rules change): now is the closest time at hand.
+                let at = time_ns.unwrap_or_else(crate::clock::mono_ns);
                 if let Some(target) = self.member_of.get(&id.pid).copied() {
-                    self.activity(target, *time_ns, ActivityKind::DescendantExec);
+                    self.activity(target, at, ActivityKind::DescendantExec);
                 } else if !self.left_of.contains_key(&id.pid) {
-                    self.classify(tree, id.pid, *time_ns, host);
+                    self.classify(tree, id.pid, at, host);
                 }
             }
             Event::Rename { id, time_ns, .. } => {
@@ -232,12 +235,12 @@ impl Detector {
 
     /// (Re)decides whether `pid` is a target.
     ///
-    /// A process whose argv the kernel did not send (it was no candidate at its exec: see
-    /// `EXEC_ARGV_SKIPPED`) and that a rule's name now matches (renamed to it, new rules, or
-    /// matched by its executable's name alone) gets its argv from `/proc` first, checked to be
-    /// this very process; if it is gone or its pid taken by another, it matches nothing here
-    /// (its exit event, or the new process's, follows). Unknown argv is never matched against
-    /// a rule.
+    /// A process whose image the kernel did not send (it was no candidate at its exec: see
+    /// `EXEC_IMAGE_UNREAD`) and that a rule's name may now match (renamed to it, or new rules:
+    /// [`targets::name_may_match`]) gets its image (exe and argv) from `/proc` first, checked
+    /// to be this very process; if it is gone or its pid taken by another, it matches nothing
+    /// here (its exit event, or the new process's, follows). Unknown argv is never matched
+    /// against a rule.
     pub(super) fn classify(
         &mut self,
         tree: &mut ProcessTree,
@@ -254,13 +257,13 @@ impl Detector {
             .sampling
             .rules
             .iter()
-            .any(|rule| targets::name_matches(rule, p));
+            .any(|rule| targets::name_may_match(rule, p));
         if named && p.argv.is_unknown() {
             let id = p.id;
-            let Some((argv, truncated)) = host.cmdline(id) else {
+            let Some(image) = host.image(id) else {
                 return;
             };
-            tree.fill_argv(id, argv, truncated);
+            tree.fill_image(id, image);
         }
         let tree = &*tree;
         let Some(p) = tree.get(pid) else { return };

@@ -334,10 +334,10 @@ impl Detector {
             ppid: p.ppid,
             parent_comm,
             // A leftover that exec'd after its session ended was no longer watched: the
-            // kernel sent its exec without argv, so the log line reads it now.
+            // kernel sent its exec without its image, so the log line reads argv now.
             argv: if p.argv.is_unknown() {
-                host.cmdline(p.id)
-                    .map_or_else(String::new, |(argv, _)| argv.redacted(ARGV_SHOWN))
+                host.image(p.id)
+                    .map_or_else(String::new, |image| image.argv.redacted(ARGV_SHOWN))
             } else {
                 p.argv.redacted(ARGV_SHOWN)
             },

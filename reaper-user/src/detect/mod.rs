@@ -54,18 +54,19 @@ use self::{
 };
 use crate::{
     config::{Config, Leftovers, MemoryPressure, Mode},
-    events::{Argv, Identity},
-    tree::ProcessTree,
+    events::Identity,
+    tree::{Image, ProcessTree},
 };
 
 /// What the detector needs from the host: `/proc` reads and the kernel's activity maps.
 pub(crate) trait Host {
     /// `tty_nr` from `/proc/PID/stat` (0: no controlling terminal).
     fn tty_nr(&self, pid: u32) -> Option<i32>;
-    /// argv from `/proc/PID/cmdline` (its first `ARGV_LEN` bytes, and whether there was
-    /// more), if `id` is still alive: read from that very process, never from a later holder
-    /// of its pid. For a process whose exec the kernel sent without argv ([`Argv::unknown`]).
-    fn cmdline(&self, id: Identity) -> Option<(Argv, bool)>;
+    /// The image from `/proc/PID/exe` and `/proc/PID/cmdline` (its first `ARGV_LEN` bytes,
+    /// and whether there was more), if `id` is still alive: read from that very process, never
+    /// from a later holder of its pid. For a process whose exec the kernel sent without its
+    /// image ([`Argv::unknown`](crate::events::Argv::unknown)).
+    fn image(&self, id: Identity) -> Option<Image>;
     /// utime + stime in clock ticks, if `id` is still alive.
     fn cpu_ticks(&self, id: Identity) -> Option<u64>;
     /// Bytes read and written (rchar + wchar), if `id` is still alive.

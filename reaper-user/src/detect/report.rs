@@ -230,13 +230,12 @@ impl Detector {
         host: &impl Host,
     ) -> Explanation {
         let mut process = tree.get(pid).cloned();
-        // An argv the kernel did not send is read now, for the rules' argv checks (as
-        // classify() would read it if a rule's name matched).
+        // An image the kernel did not send is read now, for the rules' name and argv checks
+        // (as classify() would read it if a rule's name may match).
         if let Some(p) = process.as_mut().filter(|p| p.argv.is_unknown())
-            && let Some((argv, truncated)) = host.cmdline(p.id)
+            && let Some(image) = host.image(p.id)
         {
-            p.argv = argv;
-            p.argv_truncated = truncated;
+            p.fill_image(image);
         }
         let mut first_match = None;
         let rules = match &process {

@@ -74,6 +74,24 @@ pub(crate) fn name_matches(rule: &Rule, p: &Process) -> bool {
         .any(|c| *c == p.comm || (!exe.is_empty() && c == exe))
 }
 
+/// Whether `rule`'s name part may match `p` once its image is read: it does
+/// ([`name_matches`]), or the kernel did not read its image
+/// ([`Argv::unknown`](crate::events::Argv::unknown), the exe
+/// unknown too) and a name longer than a comm begins with its comm. The kernel sets the comm at
+/// an exec to the exec'd file's basename cut to `TASK_COMM_LEN - 1` bytes; an exec'd name
+/// within that is a match of the comm itself, and a rename since the exec hides the basename
+/// from this test (the exec itself sent the image if a rule had the name then).
+pub(crate) fn name_may_match(rule: &Rule, p: &Process) -> bool {
+    const CUT: usize = reaper_common::COMM_LEN - 1;
+    name_matches(rule, p)
+        || (p.argv.is_unknown()
+            && p.comm.len() == CUT
+            && rule
+                .comm
+                .iter()
+                .any(|c| c.len() > CUT && c.as_bytes().starts_with(p.comm.as_bytes())))
+}
+
 /// The argv part: one of the flags is present, `--flag=value` or `--flag value`. An unknown
 /// argv has none.
 pub(crate) fn argv_matches(rule: &Rule, p: &Process) -> bool {

@@ -5,7 +5,7 @@ use crate::{
     config::{Overrides, parse},
     detect::verdict::{ActivityKind, Verdict},
     events::{Argv, Event, ExitStatus},
-    tree::{Process, Snapshot},
+    tree::{Image, Process, Snapshot},
 };
 
 const S: Nanos = 1_000_000_000;
@@ -22,19 +22,19 @@ struct FakeHost {
     conns: Map<u32, session::Connections>,
     rss: Map<u32, u64>,
     names: Vec<String>,
-    /// `/proc/PID/cmdline` by pid, with the start time of the process that has it.
-    cmdlines: Map<u32, (u64, Argv)>,
-    /// How many times a cmdline was read.
-    cmdline_reads: std::cell::Cell<usize>,
+    /// `/proc/PID/exe` and `cmdline` by pid, with the start time of the process that has them.
+    images: Map<u32, (u64, Image)>,
+    /// How many times an image was read.
+    image_reads: std::cell::Cell<usize>,
 }
 
 impl Host for FakeHost {
-    fn cmdline(&self, id: Identity) -> Option<(Argv, bool)> {
-        self.cmdline_reads.set(self.cmdline_reads.get() + 1);
-        self.cmdlines
+    fn image(&self, id: Identity) -> Option<Image> {
+        self.image_reads.set(self.image_reads.get() + 1);
+        self.images
             .get(&id.pid)
             .filter(|(start, _)| *start == id.start_ticks)
-            .map(|(_, argv)| (argv.clone(), false))
+            .map(|(_, image)| image.clone())
     }
     fn tty_nr(&self, pid: u32) -> Option<i32> {
         Some(self.tty.get(&pid).copied().unwrap_or(0))
@@ -167,11 +167,11 @@ impl World {
         });
         self.apply(Event::Exec {
             id: id(pid),
-            time_ns: at,
+            time_ns: Some(at),
             parent_pid: ppid,
             uid,
             comm: argv[0].rsplit('/').next().unwrap().into(),
-            filename: argv[0].into(),
+            filename: Some(argv[0].into()),
             argv: Argv::from_args(argv),
             argv_truncated: false,
             filename_truncated: false,
@@ -368,11 +368,11 @@ fn a_busy_descendant_keeps_its_target_alive() {
         // The tool (pid 30) execs a compiler every second.
         w.apply(Event::Exec {
             id: id(30),
-            time_ns: second * S,
+            time_ns: Some(second * S),
             parent_pid: 20,
             uid: 0,
             comm: "cc".into(),
-            filename: "/usr/bin/cc".into(),
+            filename: Some("/usr/bin/cc".into()),
             argv: Argv::from_args(&["cc"]),
             argv_truncated: false,
             filename_truncated: false,
@@ -1243,8 +1243,9 @@ fn under_proc_io_without_a_stamp_the_last_word_is_the_sample_before_the_bytes() 
     assert_eq!(states.last(), Some(&"turn_in_flight"));
 }
 
-/// A process exec'd under a name no rule has: the kernel sends its exec without argv.
-fn exec_without_argv(w: &mut World, pid: u32, ppid: u32, exe: &str, at: Nanos) {
+/// A process exec'd under a name no rule has: the kernel sends its exec without its image or
+/// a time (`at` is its fork's).
+fn exec_unread(w: &mut World, pid: u32, ppid: u32, exe: &str, at: Nanos) {
     w.apply(Event::Fork {
         id: id(pid),
         time_ns: at,
@@ -1252,25 +1253,40 @@ fn exec_without_argv(w: &mut World, pid: u32, ppid: u32, exe: &str, at: Nanos) {
         uid: 0,
         comm: "node".into(),
     });
+    let basename = exe.rsplit('/').next().unwrap();
     w.apply(Event::Exec {
         id: id(pid),
-        time_ns: at,
+        time_ns: None,
         parent_pid: ppid,
         uid: 0,
-        comm: exe.rsplit('/').next().unwrap().into(),
-        filename: exe.into(),
+        // As the kernel sets it: the basename, cut to TASK_COMM_LEN - 1 bytes.
+        comm: basename[..basename.len().min(reaper_common::COMM_LEN - 1)].into(),
+        filename: None,
         argv: Argv::unknown(),
         argv_truncated: false,
         filename_truncated: false,
     });
 }
 
-/// `/proc/100/cmdline` holds the SDK's argv, for a process started at `start_ticks`; then
-/// pid 100 renames itself to `claude` at 2 s.
+/// `/proc/100` shows `exe` run with the SDK's argv, for a process started at `start_ticks`.
+fn proc_image(w: &mut World, exe: &str, start_ticks: u64) {
+    w.host.images.insert(
+        100,
+        (
+            start_ticks,
+            Image {
+                exe: exe.into(),
+                argv: Argv::from_args(SDK),
+                argv_truncated: false,
+            },
+        ),
+    );
+}
+
+/// `/proc/100` shows the SDK's argv, for a process started at `start_ticks`; then pid 100
+/// renames itself to `claude` at 2 s.
 fn renamed_to_claude_with_proc_argv(w: &mut World, start_ticks: u64) {
-    w.host
-        .cmdlines
-        .insert(100, (start_ticks, Argv::from_args(SDK)));
+    proc_image(w, "/opt/cli-launcher", start_ticks);
     w.apply(Event::Rename {
         id: id(100),
         time_ns: 2 * S,
@@ -1279,19 +1295,22 @@ fn renamed_to_claude_with_proc_argv(w: &mut World, start_ticks: u64) {
 }
 
 #[test]
-fn a_process_renamed_to_a_target_name_gets_its_argv_from_proc_and_is_matched() {
+fn a_process_renamed_to_a_target_name_gets_its_image_from_proc_and_is_matched() {
     let mut w = World::new("");
-    exec_without_argv(&mut w, 100, 10, "/opt/cli-launcher", S);
-    assert!(w.tree.get(100).unwrap().argv.is_unknown());
+    exec_unread(&mut w, 100, 10, "/opt/cli-launcher", S);
+    let p = w.tree.get(100).unwrap();
+    assert!(p.argv.is_unknown());
+    assert_eq!(p.exe, "", "unknown");
     assert_eq!(w.det.target_count(), 0);
     assert_eq!(
-        w.host.cmdline_reads.get(),
+        w.host.image_reads.get(),
         0,
         "no rule's name: /proc is not read"
     );
     renamed_to_claude_with_proc_argv(&mut w, id(100).start_ticks);
     let p = w.tree.get(100).unwrap();
     assert_eq!(p.argv, Argv::from_args(SDK), "filled from /proc");
+    assert_eq!(p.exe, "/opt/cli-launcher", "filled from /proc");
     assert_eq!(
         w.det.target_count(),
         1,
@@ -1302,41 +1321,57 @@ fn a_process_renamed_to_a_target_name_gets_its_argv_from_proc_and_is_matched() {
 }
 
 #[test]
-fn an_argv_from_a_reused_pid_is_not_taken() {
+fn an_image_from_a_reused_pid_is_not_taken() {
     let mut w = World::new("");
-    exec_without_argv(&mut w, 100, 10, "/opt/cli-launcher", S);
+    exec_unread(&mut w, 100, 10, "/opt/cli-launcher", S);
     // /proc/100 now belongs to another process (started later) with the SDK's argv.
     renamed_to_claude_with_proc_argv(&mut w, id(100).start_ticks + 7);
-    assert_eq!(w.host.cmdline_reads.get(), 1, "it was asked for");
+    assert_eq!(w.host.image_reads.get(), 1, "it was asked for");
     assert!(w.tree.get(100).unwrap().argv.is_unknown(), "not filled");
     assert_eq!(w.det.target_count(), 0, "and not matched");
     assert!(!w.host.watched.contains_key(&100));
 }
 
 #[test]
-fn a_process_matched_by_its_executable_name_alone_gets_its_argv_first() {
-    // comm "node" (a runtime setting its title, say), executable `claude`: the rule's name
-    // matches by the executable, the kernel did not know it for a candidate.
-    let mut w = World::new("");
-    exec_without_argv(&mut w, 100, 10, "/opt/claude", S);
-    // The exec above set comm to the basename; the process then renamed itself.
-    w.apply(Event::Rename {
-        id: id(100),
-        time_ns: S,
-        comm: "node".into(),
-    });
-    assert_eq!(w.tree.get(100).unwrap().comm, "node");
-    assert_eq!(w.det.target_count(), 0, "gone from /proc: no match");
-    w.host
-        .cmdlines
-        .insert(100, (id(100).start_ticks, Argv::from_args(SDK)));
-    w.apply(Event::Rename {
-        id: id(100),
-        time_ns: 2 * S,
-        comm: "node-main".into(),
-    });
-    assert_eq!(w.tree.get(100).unwrap().argv, Argv::from_args(SDK));
-    assert_eq!(w.det.target_count(), 1);
+fn a_rule_name_longer_than_a_comm_is_matched_by_the_executable_read_from_proc() {
+    // The kernel keeps 15 bytes of a name: an exec of `claude-agent-worker` has the comm
+    // `claude-agent-wo`, which is no rule's name until the executable is read. (The kernel sends
+    // the image of an exec under a rule's name, cut as the comm is: the exec here stands for a
+    // process from before the rule, or a WATCH_NAMES update in flight.)
+    let mut w = World::new(
+        "[[rule]]\nname = \"worker\"\ncomm = [\"claude-agent-worker\"]\nrequire_no_tty = false\n",
+    );
+    let image = |exe: &str| Image {
+        exe: exe.into(),
+        argv: Argv::from_args(&[exe]),
+        argv_truncated: false,
+    };
+    // Another executable whose comm is the same 15 bytes: read, and no match.
+    w.host.images.insert(
+        100,
+        (id(100).start_ticks, image("/opt/claude-agent-workers-old")),
+    );
+    exec_unread(&mut w, 100, 10, "/opt/claude-agent-workers-old", S);
+    assert_eq!(
+        w.host.image_reads.get(),
+        1,
+        "the comm is the name's first 15 bytes"
+    );
+    assert_eq!(w.det.target_count(), 0, "another executable: no match");
+    // The rule's executable: matched by it.
+    w.host.images.insert(
+        101,
+        (id(101).start_ticks, image("/opt/claude-agent-worker")),
+    );
+    exec_unread(&mut w, 101, 10, "/opt/claude-agent-worker", S);
+    assert_eq!(w.tree.get(101).unwrap().exe, "/opt/claude-agent-worker");
+    assert!(
+        w.det.targets.contains_key(&101),
+        "matched by its executable"
+    );
+    // A comm no longer than 15 bytes is matched as it is: no read.
+    exec_unread(&mut w, 102, 10, "/usr/bin/python3", S);
+    assert_eq!(w.host.image_reads.get(), 2);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::mem::size_of;
 
 use bytes::Bytes;
 use reaper_common::{
-    ARGV_LEN, EXEC_ARGV_SKIPPED, EXEC_ARGV_TRUNCATED, EXEC_FILENAME_TRUNCATED, EventKind, ExecHead,
+    ARGV_LEN, EXEC_ARGV_TRUNCATED, EXEC_FILENAME_TRUNCATED, EXEC_IMAGE_UNREAD, EventKind, ExecHead,
     ExitEvent, FILENAME_LEN, ForkEvent, Header, RenameEvent, UnknownKind,
 };
 
@@ -126,15 +126,16 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                     expected: argv_at + argv_len,
                 });
             }
+            let unread = head.flags & EXEC_IMAGE_UNREAD != 0;
             Event::Exec {
                 id,
-                time_ns,
+                time_ns: (!unread).then_some(time_ns),
                 parent_pid: head.parent_tgid,
                 uid: head.uid,
                 comm: c_str(&head.comm),
-                filename: c_str(&bytes[filename_at..argv_at]),
                 // Not read by the kernel (not a candidate at its exec): unknown, not empty.
-                argv: if head.flags & EXEC_ARGV_SKIPPED != 0 {
+                filename: (!unread).then(|| c_str(&bytes[filename_at..argv_at])),
+                argv: if unread {
                     Argv::unknown()
                 } else {
                     Argv::new(Bytes::copy_from_slice(&bytes[argv_at..]))
@@ -165,7 +166,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 
 #[cfg(test)]
 mod tests {
-    use reaper_common::{COMM_LEN, EXEC_ARGV_SKIPPED, EXEC_ARGV_TRUNCATED};
+    use reaper_common::{COMM_LEN, EXEC_ARGV_TRUNCATED, EXEC_IMAGE_UNREAD};
 
     use super::*;
 
@@ -260,7 +261,7 @@ mod tests {
         };
         assert_eq!(id.pid, 42);
         assert_eq!(parent_pid, 7);
-        assert_eq!(filename, "/bin/true");
+        assert_eq!(filename.as_deref(), Some("/bin/true"));
         assert_eq!(comm, "true");
         assert_eq!(argv.to_strings(), ["/bin/true", "-x", "\u{fffd}"]);
         assert!(argv_truncated);
@@ -353,20 +354,35 @@ mod tests {
     }
 
     #[test]
-    fn an_exec_whose_argv_was_skipped_has_unknown_argv_not_an_empty_one() {
-        let skipped = decode(&exec_record(b"", 0, EXEC_ARGV_SKIPPED)).unwrap();
-        let Event::Exec { argv, filename, .. } = &skipped else {
-            panic!("{skipped:?}")
+    fn an_exec_whose_image_was_not_read_has_unknown_path_and_argv_not_empty_ones() {
+        let unread = decode(&head_only_exec_record()).unwrap();
+        let Event::Exec { argv, filename, .. } = &unread else {
+            panic!("{unread:?}")
         };
         assert!(argv.is_unknown(), "{argv:?}");
-        assert_eq!(filename, "/bin/true");
-        assert!(skipped.to_string().ends_with(" argv=-"), "{skipped}");
+        assert_eq!(filename, &None);
+        assert_eq!(unread.time_ns(), None, "nor its time");
+        let line = unread.to_string();
+        assert!(line.trim_start().starts_with("- exec "), "{line}");
+        assert!(line.ends_with(" file=- argv=-"), "{line}");
         let empty = decode(&exec_record(b"", 0, 0)).unwrap();
-        let Event::Exec { argv, .. } = &empty else {
+        let Event::Exec { argv, filename, .. } = &empty else {
             panic!("{empty:?}")
         };
         assert!(!argv.is_unknown());
+        assert_eq!(filename.as_deref(), Some("/bin/true"));
+        assert_eq!(empty.time_ns(), Some(5_000_000_000));
         assert!(empty.to_string().ends_with(" argv=\"\""), "{empty}");
+    }
+
+    /// An exec record as the kernel sends it for a process whose image it did not read: the
+    /// head alone.
+    fn head_only_exec_record() -> Vec<u8> {
+        let mut bytes = exec_record(b"", 0, EXEC_IMAGE_UNREAD);
+        bytes.truncate(size_of::<ExecHead>());
+        let at = core::mem::offset_of!(ExecHead, filename_len);
+        bytes[at..at + 4].copy_from_slice(&0u32.to_ne_bytes());
+        bytes
     }
 
     #[test]

@@ -62,7 +62,7 @@ impl Argv {
     }
 
     /// Not read: the exec program sends argv only for processes that were candidates by
-    /// their name, or watched, at their exec (`reaper_common::EXEC_ARGV_SKIPPED`). Never a
+    /// their name, or watched, at their exec (`reaper_common::EXEC_IMAGE_UNREAD`). Never a
     /// match for a rule's `argv_any`: whoever needs it reads `/proc/PID/cmdline` first, and
     /// if that fails the rule does not match (`Mismatch::ArgvUnknown`).
     pub fn unknown() -> Self {
@@ -360,11 +360,15 @@ pub enum Event {
     },
     Exec {
         id: Identity,
-        time_ns: u64,
+        /// `None` where the kernel did not stamp it: an exec whose image it did not read (see
+        /// `filename`), whose time nothing reads.
+        time_ns: Option<u64>,
         parent_pid: u32,
         uid: u32,
         comm: String,
-        filename: String,
+        /// The exec'd path; `None` where the kernel did not read it (as for [`Argv::unknown`]:
+        /// `reaper_common::EXEC_IMAGE_UNREAD`).
+        filename: Option<String>,
         argv: Argv,
         argv_truncated: bool,
         filename_truncated: bool,
@@ -402,12 +406,12 @@ impl Event {
         }
     }
 
-    pub(crate) fn time_ns(&self) -> u64 {
+    pub(crate) fn time_ns(&self) -> Option<u64> {
         match self {
             Self::Fork { time_ns, .. }
-            | Self::Exec { time_ns, .. }
             | Self::Exit { time_ns, .. }
-            | Self::Rename { time_ns, .. } => *time_ns,
+            | Self::Rename { time_ns, .. } => Some(*time_ns),
+            Self::Exec { time_ns, .. } => *time_ns,
         }
     }
 }
@@ -416,7 +420,11 @@ impl Event {
 /// process can neither start a line nor add a `key=value` field of its own.
 impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let t = self.time_ns() as f64 / 1e9;
+        // Seconds, or a `-` in the same width where the kernel did not stamp the event.
+        let t = match self.time_ns() {
+            Some(ns) => format!("{:>12.6}", ns as f64 / 1e9),
+            None => format!("{:>12}", "-"),
+        };
         match self {
             Self::Fork {
                 id,
@@ -427,7 +435,7 @@ impl fmt::Display for Event {
             } => {
                 write!(
                     f,
-                    "{t:>12.6} fork   pid={} ppid={} uid={uid} comm={}",
+                    "{t} fork   pid={} ppid={} uid={uid} comm={}",
                     id.pid,
                     parent.pid,
                     quoted(comm)
@@ -444,10 +452,15 @@ impl fmt::Display for Event {
             } => {
                 write!(
                     f,
-                    "{t:>12.6} exec   pid={} ppid={parent_pid} uid={uid} file={} argv=",
+                    "{t} exec   pid={} ppid={parent_pid} uid={uid} file=",
                     id.pid,
-                    quoted(filename),
                 )?;
+                // Unread, like an unknown argv: a bare `-`.
+                match filename {
+                    Some(path) => write!(f, "{}", quoted(path))?,
+                    None => f.write_str("-")?,
+                }
+                f.write_str(" argv=")?;
                 // Unknown argv is a bare `-`: no quoted value, so no argv can pass for it.
                 if argv.is_unknown() {
                     f.write_str("-")
@@ -468,12 +481,12 @@ impl fmt::Display for Event {
             } => {
                 write!(
                     f,
-                    "{t:>12.6} exit   pid={} {status} children→{reaper_pid}",
+                    "{t} exit   pid={} {status} children→{reaper_pid}",
                     id.pid
                 )
             }
             Self::Rename { id, comm, .. } => {
-                write!(f, "{t:>12.6} rename pid={} comm={}", id.pid, quoted(comm))
+                write!(f, "{t} rename pid={} comm={}", id.pid, quoted(comm))
             }
         }
     }
@@ -609,11 +622,11 @@ mod tests {
                 pid: 7,
                 start_ticks: 1,
             },
-            time_ns: 0,
+            time_ns: Some(0),
             parent_pid: 1,
             uid: 0,
             comm: "sh".into(),
-            filename: "/bin/sh\n  0.000000 exit   pid=1".into(),
+            filename: Some("/bin/sh\n  0.000000 exit   pid=1".into()),
             argv,
             argv_truncated: false,
             filename_truncated: false,

@@ -60,10 +60,11 @@ pub const PER_PID_MAX_ENTRIES: u32 = 65536;
 /// (`PID_MAX_DEFAULT` <https://github.com/gregkh/linux/blob/v6.1.172/include/linux/threads.h#L28>).
 pub(crate) const PID_MAX_DEFAULT: u32 = 32768;
 
-/// Runtimes whose exec records carry argv though no rule names them (`WATCH_NAME_ARGV`): the
-/// ones an agent CLI or its wrapper runs on, which may take a rule's name after their exec
-/// (Node's `process.title`) and write it over their argv, so `/proc/PID/cmdline` no longer
-/// shows the flags a rule's `argv_any` looks for. Every other exec carries its path alone.
+/// Runtimes whose exec records carry the path and argv though no rule names them
+/// (`WATCH_NAME_ARGV`): the ones an agent CLI or its wrapper runs on, which may take a rule's
+/// name after their exec (Node's `process.title`) and write it over their argv, so
+/// `/proc/PID/cmdline` no longer shows the flags a rule's `argv_any` looks for. Every other
+/// exec's record is its head alone (`reaper_common::EXEC_IMAGE_UNREAD`).
 pub(crate) const ARGV_KEPT_RUNTIMES: [&str; 3] = ["node", "bun", "deno"];
 
 /// Where the kernel says how high pids go.
@@ -161,6 +162,10 @@ pub struct ProbeOptions {
     /// `max_entries` of the per-pid maps; `None` (the default) sizes them from
     /// `kernel.pid_max` ([`per_pid_entries`]). Tests set a tiny one to see it fill.
     pub per_pid_entries: Option<u32>,
+    /// Every exec record carries the exec's path and argv (`reaper events`). Off (the
+    /// default), only a candidate's or a watched process's do; any other exec's record is its
+    /// head alone (`reaper_common::EXEC_IMAGE_UNREAD`).
+    pub full_exec_records: bool,
 }
 
 impl Default for ProbeOptions {
@@ -169,6 +174,7 @@ impl Default for ProbeOptions {
             ring_bytes: DEFAULT_RING_BYTES,
             socket_activity: true,
             per_pid_entries: None,
+            full_exec_records: false,
         }
     }
 }
@@ -236,10 +242,12 @@ impl Probes {
             .unwrap_or_else(|| per_pid_entries(pid_max));
         let (filter_bytes, filter_bits) = watch_filter_entries(pid_max);
         tracing::debug!(?pid_max, per_pid_entries, "sizing the per-pid maps");
+        let full_exec_records = u32::from(options.full_exec_records);
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("FEATURES", &features, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
+            .override_global("FULL_EXEC_RECORDS", &full_exec_records, true)
             .map_max_entries("EVENTS", bytes)
             .map_max_entries("WATCHED", per_pid_entries)
             .map_max_entries("WATCHED_BY_KERNEL", filter_bytes)
@@ -861,11 +869,11 @@ mod tests {
                             "sched_process_exec",
                             Event::Exec {
                                 id,
-                                time_ns: t,
+                                time_ns: Some(t),
                                 parent_pid: 1,
                                 uid: 0,
                                 comm: "true".into(),
-                                filename: "/bin/true".into(),
+                                filename: Some("/bin/true".into()),
                                 argv: Argv::from_args(&["/bin/true"]),
                                 argv_truncated: false,
                                 filename_truncated: false,

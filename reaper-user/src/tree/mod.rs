@@ -91,6 +91,9 @@ pub struct Process {
     pub uid: u32,
     pub comm: String,
     /// The program: the path given to execve, or `/proc/PID/exe` for processes found by a scan.
+    /// Empty where unknown: a kernel thread, or an exec whose image the kernel did not read
+    /// (`reaper_common::EXEC_IMAGE_UNREAD`, with [`Argv::unknown`]) until the process is a
+    /// candidate and it is read from `/proc` ([`ProcessTree::fill_image`]).
     pub exe: String,
     pub argv: Argv,
     pub argv_truncated: bool,
@@ -120,6 +123,29 @@ impl Process {
             exit: None,
             placeholder: true,
             inherited_image: false,
+        }
+    }
+}
+
+/// A process's image as `/proc` shows it (`exe`, `cmdline`): what an exec record carries where
+/// the kernel reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Image {
+    pub exe: String,
+    /// At most [`reaper_common::ARGV_LEN`] bytes, as in exec events.
+    pub argv: Argv,
+    /// `/proc/PID/cmdline` was longer and was cut.
+    pub argv_truncated: bool,
+}
+
+impl Process {
+    /// Takes `image`, read from `/proc` for this very process, if the kernel did not read its
+    /// image at its exec ([`Argv::unknown`]); else changes nothing.
+    pub(crate) fn fill_image(&mut self, image: Image) {
+        if self.argv.is_unknown() {
+            self.exe = image.exe;
+            self.argv = image.argv;
+            self.argv_truncated = image.argv_truncated;
         }
     }
 }
@@ -307,7 +333,8 @@ impl ProcessTree {
                 let p = self.entry_for(*id, *parent_pid);
                 p.uid = *uid;
                 p.comm = std::mem::take(comm);
-                p.exe = std::mem::take(filename);
+                // Unread: unknown, as for a kernel thread ("").
+                p.exe = filename.take().unwrap_or_default();
                 p.argv = std::mem::take(argv);
                 p.argv_truncated = *argv_truncated;
                 p.placeholder = false;
@@ -481,14 +508,13 @@ impl ProcessTree {
         }
     }
 
-    /// Gives live process `id`, whose argv the kernel did not read ([`Argv::unknown`]), the
-    /// argv read from `/proc` for it (the caller checked it was read from this very process).
-    /// Returns false, changing nothing, if `id` is not live here or its argv is known.
-    pub(crate) fn fill_argv(&mut self, id: Identity, argv: Argv, argv_truncated: bool) -> bool {
+    /// Gives live process `id`, whose image the kernel did not read ([`Argv::unknown`]), the
+    /// image read from `/proc` for it (the caller checked it was read from this very process).
+    /// Returns false, changing nothing, if `id` is not live here or its image is known.
+    pub(crate) fn fill_image(&mut self, id: Identity, image: Image) -> bool {
         match self.live.get_mut(&id.pid) {
             Some(p) if p.id == id && p.argv.is_unknown() => {
-                p.argv = argv;
-                p.argv_truncated = argv_truncated;
+                p.fill_image(image);
                 true
             }
             _ => false,

@@ -8,7 +8,7 @@
 use procfs::process::{ProcState, Process as ProcProcess};
 use reaper_common::ARGV_LEN;
 
-use super::Snapshot;
+use super::{Image, Snapshot};
 use crate::events::{Argv, Identity};
 
 /// Most threads a scan reads `/proc` with.
@@ -102,18 +102,12 @@ fn read(p: &ProcProcess) -> Option<Snapshot> {
         return None;
     }
     let uid = p.uid().ok()?;
-    // Kernel threads have neither cmdline nor exe; both can also vanish mid-read. Read through
-    // the directory the stat came from, so a later holder of the pid is never read (see
-    // `LiveHost::cmdline`).
-    let (argv, argv_truncated) = p
-        .open_relative("cmdline")
-        .ok()
-        .and_then(|file| read_cmdline_from(file).ok())
-        .unwrap_or_default();
-    let exe = p
-        .exe()
-        .map(|path| path.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    // Kernel threads have neither cmdline nor exe; both can also vanish mid-read.
+    let Image {
+        exe,
+        argv,
+        argv_truncated,
+    } = read_image(p).unwrap_or_default();
     Some(Snapshot {
         id: Identity {
             pid: u32::try_from(stat.pid).ok()?,
@@ -122,6 +116,26 @@ fn read(p: &ProcProcess) -> Option<Snapshot> {
         ppid: u32::try_from(stat.ppid).unwrap_or(0),
         uid,
         comm: stat.comm,
+        exe,
+        argv,
+        argv_truncated,
+    })
+}
+
+/// The image of the process whose `/proc/PID` directory `p` holds: `None` if its cmdline
+/// cannot be read (it is gone), an empty `exe` if that link cannot (a kernel thread). Both are
+/// read through that directory, not by pid: once its process is gone the directory no longer
+/// revalidates and a read finds no task (-ESRCH), so a later holder of the pid is never read
+/// (pid_revalidate(), proc_pid_cmdline_read(), proc_exe_link():
+/// <https://github.com/torvalds/linux/blob/v6.18/fs/proc/base.c>).
+pub(crate) fn read_image(p: &ProcProcess) -> Option<Image> {
+    let file = p.open_relative("cmdline").ok()?;
+    let (argv, argv_truncated) = read_cmdline_from(file).ok()?;
+    let exe = p
+        .exe()
+        .map(|path| path.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Some(Image {
         exe,
         argv: Argv::new(argv),
         argv_truncated,

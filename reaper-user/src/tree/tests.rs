@@ -20,7 +20,7 @@ fn fork(child: Identity, parent: Identity) -> Event {
 fn exec(who: Identity, ppid: u32, args: &[&str]) -> Event {
     Event::Exec {
         id: who,
-        time_ns: 0,
+        time_ns: Some(0),
         parent_pid: ppid,
         uid: 1000,
         comm: args[0]
@@ -30,7 +30,7 @@ fn exec(who: Identity, ppid: u32, args: &[&str]) -> Event {
             .chars()
             .take(15)
             .collect(),
-        filename: args[0].into(),
+        filename: Some(args[0].into()),
         argv: Argv::from_args(args),
         argv_truncated: false,
         filename_truncated: false,
@@ -434,8 +434,9 @@ fn an_unknown_argv_is_filled_only_for_its_own_process_and_is_no_sign_of_a_lost_e
     let mut tree = base();
     // bash exec'd a worker whose argv the kernel did not read; it forks a child of its own.
     let mut lean = exec(id(700, 30), 100, &["/usr/bin/worker"]);
-    if let Event::Exec { argv, .. } = &mut lean {
+    if let Event::Exec { argv, filename, .. } = &mut lean {
         *argv = Argv::unknown();
+        *filename = None;
     }
     tree.apply(&lean);
     tree.apply(&fork(id(701, 31), id(700, 30)));
@@ -460,14 +461,23 @@ fn an_unknown_argv_is_filled_only_for_its_own_process_and_is_no_sign_of_a_lost_e
         |_| true,
     );
     assert_eq!(fixed.total(), 0, "{fixed:?}");
-    // A fill names the process by identity: not a later holder of the pid, not a known argv.
-    let argv = Argv::from_args(&["/usr/bin/worker", "--pool"]);
-    assert!(!tree.fill_argv(id(700, 99), argv.clone(), false));
+    // A fill names the process by identity: not a later holder of the pid, not a known image.
+    let image = |exe: &str, args: &[&str], argv_truncated| Image {
+        exe: exe.into(),
+        argv: Argv::from_args(args),
+        argv_truncated,
+    };
+    let worker = image("/usr/bin/worker", &["/usr/bin/worker", "--pool"], true);
+    assert_eq!(tree.get(700).unwrap().exe, "", "unknown");
+    assert!(!tree.fill_image(id(700, 99), worker.clone()));
     assert!(tree.get(700).unwrap().argv.is_unknown());
-    assert!(tree.fill_argv(id(700, 30), argv.clone(), true));
+    assert!(tree.fill_image(id(700, 30), worker.clone()));
     let p = tree.get(700).unwrap();
-    assert_eq!((&p.argv, p.argv_truncated), (&argv, true));
-    assert!(!tree.fill_argv(id(700, 30), Argv::from_args(&["other"]), false));
-    assert_eq!(tree.get(700).unwrap().argv, argv);
+    assert_eq!(
+        (p.exe.as_str(), &p.argv, p.argv_truncated),
+        (worker.exe.as_str(), &worker.argv, true)
+    );
+    assert!(!tree.fill_image(id(700, 30), image("/bin/other", &["other"], false)));
+    assert_eq!(tree.get(700).unwrap().argv, worker.argv);
     assert_consistent(&tree);
 }

@@ -176,10 +176,11 @@ pub(super) fn per_program(
                      floor's (reaper-ebpf/src/floor.rs: reserve and submit a {}-byte header, \
                      nothing else) and the floor's again with an exec program that copies the \
                      path and argv into the record as reaper's does (the same code) and outputs \
-                     it, attached in turn (reaper's exec record carries argv only for a \
-                     process named as a rule's `comm` or watched (a target or its descendant); the \
-                     storm's `/bin/true` is neither, so reaper sends its path alone while the \
-                     content floor copies argv for every exec); \
+                     it, attached in turn (reaper's exec record carries the path and argv only \
+                     for a process named as a rule's `comm` or watched (a target or its \
+                     descendant); the storm's `/bin/true` is neither, so reaper sends the \
+                     record's head alone, without a time, while the content floor copies the \
+                     path and argv for every exec); \
                      `run_time_ns / run_cnt` with kernel.bpf_stats_enabled on for this \
                      benchmark only; {runs} (the rest of the host's count too)",
                     opts.prog_rounds,
