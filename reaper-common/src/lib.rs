@@ -25,11 +25,11 @@ pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 1;
 /// `ExecEvent::flags`: argv could not be read from the new process's memory.
 pub const EXEC_ARGV_UNREADABLE: u32 = 1 << 2;
 /// `ExecEvent::flags`: neither the path nor argv was read, on purpose, and the record is its
-/// [`ExecHead`] alone, without a timestamp: the process was neither a candidate by its name (its comm one of the
-/// rules' names or a runtime's, `WATCH_NAMES`) nor watched (`WATCHED`) at its exec, so nothing
-/// in user space looks at its image. Not the same as an empty path or argv: user space reads
-/// `/proc/PID/exe` and `/proc/PID/cmdline` if the process becomes a candidate later (a rename,
-/// new rules).
+/// [`ExecHead`] alone, without a timestamp: the process was neither a candidate by its name
+/// (its comm one of the rules' names or a runtime's, `WATCH_NAMES`) nor watched (`WATCHED`) at
+/// its exec, so nothing in user space looks at its image. Not the same as an empty path or
+/// argv: user space reads `/proc/PID/exe` and `/proc/PID/cmdline` if the process becomes a
+/// candidate later (a rename, new rules).
 pub const EXEC_IMAGE_UNREAD: u32 = 1 << 3;
 
 /// The lifecycle programs in reaper's eBPF object, each named after the BTF tracepoint
@@ -384,8 +384,7 @@ pub const WATCH_NAMES_MAX: u32 = 64;
 pub const WATCH_NAME_TARGET: u32 = 1;
 
 /// `WATCH_NAMES` value of a runtime's name (`node`, `bun`, ...): its exec record carries the
-/// path and argv,
-/// and it is not watched. Such a runtime may take a rule's name later (Node's
+/// path and argv, and it is not watched. Such a runtime may take a rule's name later (Node's
 /// `process.title`, through libuv's uv_set_process_title(), renames the process and writes
 /// the title over its argv memory, so `/proc/PID/cmdline` then holds the title alone): the
 /// argv it was exec'd with is what a rule's `argv_any` must be matched against.

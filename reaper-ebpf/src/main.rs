@@ -146,7 +146,7 @@ const LOG_INTERVAL_NS: u64 = 60_000_000_000;
 /// Report slots: a faulted read per event kind, a full ring per event kind, a refused watch.
 const REPORT_SLOTS: u32 = 2 * EventKind::ALL.len() as u32 + 1;
 
-/// When each report slot was last logged (`CLOCK_BOOTTIME` ns, 0: never), for rate limiting.
+/// When each report slot was last logged (`CLOCK_MONOTONIC` ns, 0: never), for rate limiting.
 /// Shared by all CPUs: a race between two CPUs costs at most one extra line.
 #[map]
 static LOGGED_AT: Array<u64> = Array::with_max_entries(REPORT_SLOTS, 0);

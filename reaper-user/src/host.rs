@@ -39,6 +39,10 @@ pub(crate) struct LiveHost {
 }
 
 impl detect::Host for LiveHost {
+    fn now_ns(&self) -> Nanos {
+        clock::mono_ns()
+    }
+
     fn tty_nr(&self, pid: u32) -> Option<i32> {
         proc_process(pid)?.stat().ok().map(|s| s.tty_nr)
     }

@@ -342,9 +342,16 @@ async fn exec_records_carry_the_image_only_for_candidates_and_watched_processes(
          require_no_tty = false\n",
     )
     .await;
+    // An exec's argv, with its path and whether it has a time.
     let exec_argv = |pid: u32| {
         move |e: &Event| match e {
-            Event::Exec { id, argv, .. } if id.pid == pid => Some(argv.clone()),
+            Event::Exec {
+                id,
+                argv,
+                filename,
+                time_ns,
+                ..
+            } if id.pid == pid => Some((argv.clone(), filename.clone(), time_ns.is_some())),
             _ => None,
         }
     };
@@ -391,10 +398,12 @@ async fn exec_records_carry_the_image_only_for_candidates_and_watched_processes(
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let argv = h
+        let (argv, path, stamped) = h
             .wait_event(&format!("the exec of {name}"), exec_argv(child.id()))
             .await;
         assert_eq!(argv.to_strings(), [link.to_str().unwrap(), "-"], "{name}");
+        assert_eq!(path.as_deref(), link.to_str(), "{name}");
+        assert!(stamped, "{name}");
         child
     };
 
@@ -410,10 +419,13 @@ async fn exec_records_carry_the_image_only_for_candidates_and_watched_processes(
     // the rule matches it; its child, exec'd once it is a target, is watched: its argv.
     let mut renamed = Helper::spawn(&["rename-spawn-on-cue", "argv-target", "/bin/cat", "-"]);
     let renamed_pid = renamed.read_pid("pid");
-    let argv = h
+    let (argv, path, stamped) = h
         .wait_event("the renamed helper's exec", exec_argv(renamed_pid))
         .await;
-    assert!(argv.is_unknown(), "{argv:?}");
+    assert!(
+        argv.is_unknown() && path.is_none() && !stamped,
+        "{argv:?} {path:?}"
+    );
     let started = std::time::Instant::now();
     while h
         .handle
@@ -440,10 +452,12 @@ async fn exec_records_carry_the_image_only_for_candidates_and_watched_processes(
     assert_matches_proc(&p);
     renamed.send("go");
     let child = renamed.read_pid("child");
-    let argv = h
+    let (argv, path, stamped) = h
         .wait_event("the target's child's exec", exec_argv(child))
         .await;
     assert_eq!(argv.to_strings(), ["/bin/cat", "-"]);
+    assert_eq!(path.as_deref(), Some("/bin/cat"));
+    assert!(stamped);
 
     drop(named.stdin.take());
     let _ = named.wait();

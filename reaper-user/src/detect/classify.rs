@@ -88,7 +88,7 @@ impl Detector {
             Event::Exec { id, time_ns, .. } => {
                 // Unstamped: the kernel did not watch it at its exec (it may be watched since,
                 // or a candidate in a rules change): now is the closest time at hand.
-                let at = time_ns.unwrap_or_else(crate::clock::mono_ns);
+                let at = time_ns.unwrap_or_else(|| host.now_ns());
                 if let Some(target) = self.member_of.get(&id.pid).copied() {
                     self.activity(target, at, ActivityKind::DescendantExec);
                 } else if !self.left_of.contains_key(&id.pid) {

@@ -60,6 +60,8 @@ use crate::{
 
 /// What the detector needs from the host: `/proc` reads and the kernel's activity maps.
 pub(crate) trait Host {
+    /// `CLOCK_MONOTONIC` now: the time of an event the kernel did not stamp.
+    fn now_ns(&self) -> Nanos;
     /// `tty_nr` from `/proc/PID/stat` (0: no controlling terminal).
     fn tty_nr(&self, pid: u32) -> Option<i32>;
     /// The image from `/proc/PID/exe` and `/proc/PID/cmdline` (its first `ARGV_LEN` bytes,

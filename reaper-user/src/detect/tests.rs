@@ -26,9 +26,14 @@ struct FakeHost {
     images: Map<u32, (u64, Image)>,
     /// How many times an image was read.
     image_reads: std::cell::Cell<usize>,
+    /// What `now_ns` answers.
+    now: Nanos,
 }
 
 impl Host for FakeHost {
+    fn now_ns(&self) -> Nanos {
+        self.now
+    }
     fn image(&self, id: Identity) -> Option<Image> {
         self.image_reads.set(self.image_reads.get() + 1);
         self.images
@@ -1244,8 +1249,9 @@ fn under_proc_io_without_a_stamp_the_last_word_is_the_sample_before_the_bytes() 
 }
 
 /// A process exec'd under a name no rule has: the kernel sends its exec without its image or
-/// a time (`at` is its fork's).
+/// a time; `at` is its fork's, and the daemon's clock when it reads the exec.
 fn exec_unread(w: &mut World, pid: u32, ppid: u32, exe: &str, at: Nanos) {
+    w.host.now = at;
     w.apply(Event::Fork {
         id: id(pid),
         time_ns: at,
@@ -1330,6 +1336,38 @@ fn an_image_from_a_reused_pid_is_not_taken() {
     assert!(w.tree.get(100).unwrap().argv.is_unknown(), "not filled");
     assert_eq!(w.det.target_count(), 0, "and not matched");
     assert!(!w.host.watched.contains_key(&100));
+}
+
+#[test]
+fn a_members_unstamped_exec_is_its_targets_activity_at_the_daemons_clock() {
+    // Forked before the kernel watched it (its target adopted in between), a member's exec
+    // comes without a time: the activity is counted when the daemon reads it.
+    let mut w = World::new("");
+    w.spawn(20, 10, SDK, S);
+    w.apply(Event::Fork {
+        id: id(21),
+        time_ns: 2 * S,
+        parent: id(20),
+        uid: 0,
+        comm: "claude".into(),
+    });
+    w.host.now = 3 * S;
+    w.apply(Event::Exec {
+        id: id(21),
+        time_ns: None,
+        parent_pid: 20,
+        uid: 0,
+        comm: "sh".into(),
+        filename: None,
+        argv: Argv::unknown(),
+        argv_truncated: false,
+        filename_truncated: false,
+    });
+    let t = &w.det.targets[&20].evidence;
+    assert_eq!(
+        (t.last_activity, t.last_activity_kind),
+        (3 * S, ActivityKind::DescendantExec)
+    );
 }
 
 #[test]
