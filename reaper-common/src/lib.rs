@@ -132,7 +132,8 @@ pub struct Header {
     pub kind: u32,
     /// The process id (thread-group id) the event is about.
     pub tgid: u32,
-    /// When the event happened, `CLOCK_MONOTONIC` ns (`bpf_ktime_get_ns`); 0 in an exec record
+    /// When the event happened, `CLOCK_MONOTONIC` ns (`bpf_ktime_get_ns`; a fork's is the
+    /// child's `task_struct::start_time`, the same clock's reading at its creation); 0 in an exec record
     /// whose image the kernel did not read ([`EXEC_IMAGE_UNREAD`]): nobody reads its time.
     pub timestamp_ns: u64,
     /// The process's start time: its group leader's `task_struct::start_boottime`, ns since
@@ -243,6 +244,8 @@ pub struct KernelOffsets {
     pub task_real_parent: u32,
     pub task_group_leader: u32,
     pub task_start_boottime: u32,
+    /// `task_struct::start_time`: `CLOCK_MONOTONIC` ns at the task's creation.
+    pub task_start_time: u32,
     pub task_signal: u32,
     pub task_exit_code: u32,
     pub task_mm: u32,
@@ -250,13 +253,13 @@ pub struct KernelOffsets {
     pub signal_live: u32,
     pub signal_flags: u32,
     pub signal_group_exit_code: u32,
-    /// Byte offset of the 32-bit word holding the `is_child_subreaper` bit field.
-    pub signal_is_subreaper_word: u32,
-    /// Bit index of `is_child_subreaper` within that word.
+    /// Byte offset of the byte holding the `is_child_subreaper` bit field.
+    pub signal_is_subreaper_byte: u32,
+    /// Bit index of `is_child_subreaper` within that byte.
     pub signal_is_subreaper_bit: u32,
-    /// Byte offset of the 32-bit word holding the `has_child_subreaper` bit field.
-    pub signal_has_subreaper_word: u32,
-    /// Bit index of `has_child_subreaper` within that word.
+    /// Byte offset of the byte holding the `has_child_subreaper` bit field.
+    pub signal_has_subreaper_byte: u32,
+    /// Bit index of `has_child_subreaper` within that byte.
     pub signal_has_subreaper_bit: u32,
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
@@ -267,10 +270,10 @@ pub struct KernelOffsets {
     pub upid_size: u32,
     pub upid_ns: u32,
     pub pid_ns_child_reaper: u32,
-    /// Byte offset of the 32-bit word holding `task_struct::in_execve` (meaningful only with
+    /// Byte offset of the byte holding `task_struct::in_execve` (meaningful only with
     /// [`KernelFeatures::has_in_execve`]).
-    pub task_in_execve_word: u32,
-    /// Bit index of `in_execve` within that word.
+    pub task_in_execve_byte: u32,
+    /// Bit index of `in_execve` within that byte.
     pub task_in_execve_bit: u32,
     /// Byte offset of `sock_common::skc_family` within `struct sock` (`__sk_common` first).
     pub sock_family: u32,
@@ -285,7 +288,7 @@ pub struct KernelOffsets {
     pub cred_uid: u32,
 }
 
-const _: () = assert!(size_of::<KernelOffsets>() == 32 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 33 * 4);
 
 impl KernelOffsets {
     /// All zero, `ready` included: what the eBPF objects are compiled with, before user space
@@ -297,6 +300,7 @@ impl KernelOffsets {
         task_real_parent: 0,
         task_group_leader: 0,
         task_start_boottime: 0,
+        task_start_time: 0,
         task_signal: 0,
         task_exit_code: 0,
         task_mm: 0,
@@ -304,9 +308,9 @@ impl KernelOffsets {
         signal_live: 0,
         signal_flags: 0,
         signal_group_exit_code: 0,
-        signal_is_subreaper_word: 0,
+        signal_is_subreaper_byte: 0,
         signal_is_subreaper_bit: 0,
-        signal_has_subreaper_word: 0,
+        signal_has_subreaper_byte: 0,
         signal_has_subreaper_bit: 0,
         mm_arg_start: 0,
         mm_arg_end: 0,
@@ -316,7 +320,7 @@ impl KernelOffsets {
         upid_size: 0,
         upid_ns: 0,
         pid_ns_child_reaper: 0,
-        task_in_execve_word: 0,
+        task_in_execve_byte: 0,
         task_in_execve_bit: 0,
         sock_family: 0,
         sock_owned: 0,

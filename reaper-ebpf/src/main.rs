@@ -168,9 +168,9 @@ macro_rules! feature {
     };
 }
 
-/// Reads a `T` at `base + off` with `bpf_probe_read_kernel`, for what [`load`] cannot reach:
-/// bit fields (read as the u32 that holds them, which BTF does not describe as one member) and
-/// offsets known only at run time.
+/// Reads a `T` at `base + off` with `bpf_probe_read_kernel`, for what [`load`] cannot reach
+/// (offsets known only at run time) or should not (the subreaper walk: see
+/// [`find_new_reaper`]).
 #[inline(always)]
 fn read<T>(base: *const u8, off: u32) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
@@ -186,13 +186,14 @@ fn now_ns() -> u64 {
     unsafe { generated::bpf_ktime_get_ns() }
 }
 
-/// The header every record starts with, stamped now.
+/// The header every record starts with, stamped `at` (`CLOCK_MONOTONIC` ns: [`now_ns`], or a
+/// time the kernel already took).
 #[inline(always)]
-fn header(kind: EventKind, tgid: u32, start_time_ns: u64) -> Header {
+fn header(kind: EventKind, tgid: u32, start_time_ns: u64, at: u64) -> Header {
     Header {
         kind: kind as u32,
         tgid,
-        timestamp_ns: now_ns(),
+        timestamp_ns: at,
         start_time_ns,
     }
 }
@@ -364,10 +365,20 @@ fn process_start(task: *const u8) -> u64 {
     load(leader, off!(task_start_boottime))
 }
 
+/// A one-bit field, read with the helper as the byte that holds it (`base` need not be typed).
 #[inline(always)]
-fn bit(o_word: u32, o_bit: u32, base: *const u8) -> Result<bool, i32> {
-    let word: u32 = read(base, o_word)?;
-    Ok((word >> (o_bit & 31)) & 1 == 1)
+fn bit(o_byte: u32, o_bit: u32, base: *const u8) -> Result<bool, i32> {
+    let byte: u8 = read(base, o_byte)?;
+    Ok((byte >> (o_bit & 7)) & 1 == 1)
+}
+
+/// A one-bit field, loaded directly ([`load`]) as the byte that holds it: `base` must be a
+/// BTF-typed pointer. The verifier accepts a load that covers a bit field's bytes whole
+/// (btf_struct_walk(): <https://github.com/torvalds/linux/blob/v5.10/kernel/bpf/btf.c>,
+/// <https://github.com/torvalds/linux/blob/v6.18/kernel/bpf/btf.c>).
+#[inline(always)]
+fn load_bit(base: *const u8, o_byte: u32, o_bit: u32) -> bool {
+    (load::<u8>(base, o_byte) >> (o_bit & 7)) & 1 == 1
 }
 
 /// Whether `tgid` may be in [`WATCHED`]: false only if no insert into it ever set its filter
@@ -473,7 +484,16 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` points at the reserved record; every field is written before the submit.
     unsafe {
-        (*ev).header = header(EventKind::Fork, tgid as u32, start);
+        // The fork's time is the child's creation: copy_process() stamps `start_time` with
+        // ktime_get_ns(), bpf_ktime_get_ns()'s clock, just before this tracepoint
+        // (<https://github.com/torvalds/linux/blob/v5.10/kernel/fork.c>,
+        // <https://github.com/torvalds/linux/blob/v6.18/kernel/fork.c>): no clock read here.
+        (*ev).header = header(
+            EventKind::Fork,
+            tgid as u32,
+            start,
+            load(child, off!(task_start_time)),
+        );
         (*ev).parent_tgid = parent_tgid as u32;
         (*ev).uid = uid;
         (*ev).parent_start_time_ns = parent_start;
@@ -593,7 +613,7 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let size = unsafe {
         let size = exec_content(ev, filename, arg_start, arg_end);
         let head = &raw mut (*ev).head;
-        (*head).header = header(EventKind::Exec, tgid, start);
+        (*head).header = header(EventKind::Exec, tgid, start, now_ns());
         (*head).parent_tgid = parent_tgid as u32;
         (*head).uid = uid;
         store_comm(&raw mut (*head).comm, comm);
@@ -682,7 +702,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     entry.write(ExitEvent {
-        header: header(EventKind::Exit, tgid as u32, start),
+        header: header(EventKind::Exit, tgid as u32, start, now_ns()),
         exit_status: exit_status as u32,
         reaper_tgid,
     });
@@ -698,11 +718,11 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i32> {
 fn find_new_reaper(task: *const u8, signal: *const u8) -> Result<u32, i32> {
     let thread_pid: *const u8 = load(task, off!(task_thread_pid));
     let level: u32 = load(thread_pid, off!(pid_level));
-    if bit(
-        off!(signal_has_subreaper_word),
-        off!(signal_has_subreaper_bit),
+    if load_bit(
         signal,
-    )? {
+        off!(signal_has_subreaper_byte),
+        off!(signal_has_subreaper_bit),
+    ) {
         // The walk reads with the helper: direct loads here cost the verifier ~150 ms at load
         // time on 6.18 (each typed load is checked against task_struct's BTF, in each of
         // the 24 iterations), for a loop that runs only under a subreaper.
@@ -717,7 +737,7 @@ fn find_new_reaper(task: *const u8, signal: *const u8) -> Result<u32, i32> {
             }
             let reaper_signal: *const u8 = read(reaper, off!(task_signal))?;
             if bit(
-                off!(signal_is_subreaper_word),
+                off!(signal_is_subreaper_byte),
                 off!(signal_is_subreaper_bit),
                 reaper_signal,
             )? {
@@ -786,9 +806,9 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
     if pid != tgid {
         return Ok(());
     }
-    // An unreadable bit counts as "not in exec": better a redundant rename than a lost one.
+    // A faulted load reads 0, "not in exec": better a redundant rename than a lost one.
     if feature!(has_in_execve) != 0
-        && bit(off!(task_in_execve_word), off!(task_in_execve_bit), task).unwrap_or(false)
+        && load_bit(task, off!(task_in_execve_byte), off!(task_in_execve_bit))
     {
         return Ok(());
     }
@@ -804,7 +824,7 @@ fn try_rename(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     entry.write(RenameEvent {
-        header: header(EventKind::Rename, tgid as u32, start),
+        header: header(EventKind::Rename, tgid as u32, start, now_ns()),
         comm,
     });
     entry.submit(wakeup_flags(size_of::<RenameEvent>() as u64));

@@ -33,11 +33,12 @@ pub enum LayoutError {
     Btf(#[from] btf_rs::Error),
 }
 
-/// A member's position: byte offset, and for bit fields the bit index in their 32-bit word.
+/// A member's position: its offset in bits, and its size in bits if it is a bit field (else
+/// 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Position {
     bits: u32,
-    bitfield: bool,
+    bitfield_size: u32,
 }
 
 /// Opens the running kernel's BTF. Mapped where the kernel allows it (btf_sysfs_vmlinux_mmap()
@@ -89,14 +90,22 @@ pub fn kernel_layout(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         }
         Ok(pos.bits / 8)
     };
-    // A bit field is read as the aligned little-endian u32 that holds it.
+    // A one-bit field is read as the byte that holds it: a load through a BTF-typed pointer
+    // may cover a bit field's bytes whole (btf_struct_walk(), since 5.6:
+    // <https://github.com/torvalds/linux/blob/v5.10/kernel/bpf/btf.c>), and a field of one bit
+    // lies in one byte.
     let bitfield = |s: &Struct, name: &str, field: &str| -> Result<(u32, u32), LayoutError> {
         let pos = member(btf, s, name, field)?;
-        debug_assert!(pos.bitfield || pos.bits % 8 == 0);
-        Ok(((pos.bits / 32) * 4, pos.bits % 32))
+        if pos.bitfield_size != 1 {
+            return Err(LayoutError::Shape {
+                what: format!("{name}.{field}"),
+                want: "a one-bit field".to_owned(),
+            });
+        }
+        Ok((pos.bits / 8, pos.bits % 8))
     };
-    let (is_word, is_bit) = bitfield(&signal, "signal_struct", "is_child_subreaper")?;
-    let (has_word, has_bit) = bitfield(&signal, "signal_struct", "has_child_subreaper")?;
+    let (is_byte, is_bit) = bitfield(&signal, "signal_struct", "is_child_subreaper")?;
+    let (has_byte, has_bit) = bitfield(&signal, "signal_struct", "has_child_subreaper")?;
     // Optional: it only lets the rename program skip the rename every exec makes.
     let in_execve = match bitfield(&task, "task_struct", "in_execve") {
         Ok(found) => Some(found),
@@ -111,6 +120,7 @@ pub fn kernel_layout(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         task_real_parent: byte(&task, "task_struct", "real_parent")?,
         task_group_leader: byte(&task, "task_struct", "group_leader")?,
         task_start_boottime: byte(&task, "task_struct", "start_boottime")?,
+        task_start_time: byte(&task, "task_struct", "start_time")?,
         task_signal: byte(&task, "task_struct", "signal")?,
         task_exit_code: byte(&task, "task_struct", "exit_code")?,
         task_mm: byte(&task, "task_struct", "mm")?,
@@ -118,9 +128,9 @@ pub fn kernel_layout(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         signal_live: byte(&signal, "signal_struct", "live")?,
         signal_flags: byte(&signal, "signal_struct", "flags")?,
         signal_group_exit_code: byte(&signal, "signal_struct", "group_exit_code")?,
-        signal_is_subreaper_word: is_word,
+        signal_is_subreaper_byte: is_byte,
         signal_is_subreaper_bit: is_bit,
-        signal_has_subreaper_word: has_word,
+        signal_has_subreaper_byte: has_byte,
         signal_has_subreaper_bit: has_bit,
         mm_arg_start: byte(&mm, "mm_struct", "arg_start")?,
         mm_arg_end: byte(&mm, "mm_struct", "arg_end")?,
@@ -130,7 +140,7 @@ pub fn kernel_layout(btf: &Btf) -> Result<KernelLayout, LayoutError> {
         upid_size: u32::try_from(upid.size()).unwrap_or(u32::MAX),
         upid_ns: byte(&upid, "upid", "ns")?,
         pid_ns_child_reaper: byte(&pid_ns, "pid_namespace", "child_reaper")?,
-        task_in_execve_word: in_execve.map_or(0, |(word, _)| word),
+        task_in_execve_byte: in_execve.map_or(0, |(byte, _)| byte),
         task_in_execve_bit: in_execve.map_or(0, |(_, bit)| bit),
         sock_family: byte(&sock, "sock", "__sk_common")?
             + byte(&sock_common, "sock_common", "skc_family")?,
@@ -251,7 +261,7 @@ fn find_member(
         if name == field {
             return Ok(Some(Position {
                 bits,
-                bitfield: m.bitfield_size().is_some_and(|size| size != 0),
+                bitfield_size: m.bitfield_size().unwrap_or(0),
             }));
         }
         if name.is_empty()
@@ -304,10 +314,11 @@ mod tests {
         assert_eq!(o.task_tgid, o.task_pid + 4);
         assert!(o.mm_arg_end > o.mm_arg_start, "arg_end follows arg_start");
         assert!(o.upid_size >= 12, "struct upid holds an int and a pointer");
-        assert!(o.signal_is_subreaper_bit < 32 && o.signal_has_subreaper_bit < 32);
+        assert!(o.signal_is_subreaper_bit < 8 && o.signal_has_subreaper_bit < 8);
+        assert_ne!(o.task_start_time, o.task_start_boottime);
         assert_ne!(
-            (o.signal_is_subreaper_word, o.signal_is_subreaper_bit),
-            (o.signal_has_subreaper_word, o.signal_has_subreaper_bit)
+            (o.signal_is_subreaper_byte, o.signal_is_subreaper_bit),
+            (o.signal_has_subreaper_byte, o.signal_has_subreaper_bit)
         );
         // in_execve: a one-bit field of task_struct (since 2.6.30; kept on 6.18).
         let found = member(
@@ -317,7 +328,7 @@ mod tests {
             "in_execve",
         )
         .expect("in_execve");
-        assert!(found.bitfield);
+        assert_eq!(found.bitfield_size, 1);
         assert_eq!(features.has_in_execve, 1);
         // socket_lock_t { spinlock_t slock; int owned; ... }: `owned` follows the lock.
         assert!(o.sock_owned > 0, "sk_lock.owned follows the spinlock");
