@@ -127,9 +127,20 @@ impl Harness {
     pub async fn try_wait_event<T>(
         &mut self,
         what: &str,
+        check: impl FnMut(&Event) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        self.try_wait_event_within(DEADLINE, what, check).await
+    }
+
+    /// [`Self::try_wait_event`] with a deadline of its own, for a condition that takes longer
+    /// than [`DEADLINE`] by its nature (say why where it is used).
+    pub async fn try_wait_event_within<T>(
+        &mut self,
+        within: Duration,
+        what: &str,
         mut check: impl FnMut(&Event) -> Option<T>,
     ) -> anyhow::Result<T> {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
                 Ok(Ok(event)) => {
@@ -141,7 +152,7 @@ impl Harness {
                     bail!("the test's event tap lagged by {n} events while waiting for {what}")
                 }
                 Ok(Err(broadcast::error::RecvError::Closed)) => bail!("pipeline stopped"),
-                Err(_) => bail!("timed out after {DEADLINE:?} waiting for {what}"),
+                Err(_) => bail!("timed out after {within:?} waiting for {what}"),
             }
         }
     }

@@ -17,6 +17,13 @@ use reaper::{
 };
 use reaper_tests::{DEADLINE, Harness, Helper, alive, helper_path, scenarios::reaping::kills_for};
 
+/// How long the first reap under pressure may take from the start of the thrashing: the
+/// kernel's `some avg10` must climb past the threshold first, and it moves only every 2 s
+/// (PSI's averaging period, `PSI_FREQ` in
+/// <https://github.com/torvalds/linux/blob/v6.18/kernel/sched/psi.c>) at the rate the disk lets
+/// the thrasher stall. Three times what it took here.
+const PRESSURE_RAMP: Duration = Duration::from_secs(60);
+
 /// Where the cgroup2 hierarchy is mounted.
 fn cgroup2_root() -> PathBuf {
     let mounts = std::fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
@@ -147,15 +154,24 @@ async fn under_real_memory_pressure_idle_targets_go_largest_first_and_an_active_
     thrasher.read_pid("pid");
     let started = Instant::now();
 
-    // Largest first, one at a time: 120, 80, then 40 MiB.
+    // Largest first, one at a time: 120, 80, then 40 MiB. The first waits for the kernel's
+    // avg10 to cross 5 %: it moves every 2 s, averaged over 10 s, so how soon depends on how
+    // fast the disk serves the thrasher (13–18 s here, 17.6 s in a CI run): PRESSURE_RAMP. The
+    // others follow one per 2 s tick.
     let mut order = Vec::new();
     while order.len() < leaked.len() {
+        let within = if order.is_empty() {
+            PRESSURE_RAMP
+        } else {
+            DEADLINE
+        };
         let pid = h
-            .wait_event("the leaked CLIs' exits", |e| match e {
+            .try_wait_event_within(within, "the leaked CLIs' exits", |e| match e {
                 Event::Exit { id, .. } if leaked.contains(&id.pid) => Some(id.pid),
                 _ => None,
             })
-            .await;
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
         order.push(pid);
     }
     let took = started.elapsed();
@@ -176,7 +192,6 @@ async fn under_real_memory_pressure_idle_targets_go_largest_first_and_an_active_
     })
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
-    assert!(took < DEADLINE, "{took:?}");
     drop(thrasher);
     let _ = std::fs::remove_file(&file);
     // Still there once the thrashing is over.
