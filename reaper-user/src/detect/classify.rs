@@ -23,7 +23,7 @@ impl Detector {
     pub(crate) fn adopt_all(&mut self, tree: &mut ProcessTree, now: Nanos, host: &mut impl Host) {
         let pids: Vec<u32> = tree.processes().map(|p| p.id.pid).collect();
         for pid in pids {
-            self.classify(tree, pid, now, host);
+            self.classify(tree, pid, Some(now), host);
         }
     }
 
@@ -42,7 +42,7 @@ impl Detector {
             .filter(|pid| !self.member_of.contains_key(pid))
             .collect();
         for pid in unknown {
-            self.classify(tree, pid, now, host);
+            self.classify(tree, pid, Some(now), host);
         }
         // Targets that vanished without an exit event.
         let gone: Vec<u32> = self
@@ -87,17 +87,18 @@ impl Detector {
             }
             Event::Exec { id, time_ns, .. } => {
                 // Unstamped: the kernel did not watch it at its exec (it may be watched since,
-                // or a candidate in a rules change): now is the closest time at hand.
-                let at = time_ns.unwrap_or_else(|| host.now_ns());
+                // or a candidate in a rules change): now is the closest time at hand, read only
+                // where a time is used.
                 if let Some(target) = self.member_of.get(&id.pid).copied() {
+                    let at = time_ns.unwrap_or_else(|| host.now_ns());
                     self.activity(target, at, ActivityKind::DescendantExec);
                 } else if !self.left_of.contains_key(&id.pid) {
-                    self.classify(tree, id.pid, at, host);
+                    self.classify(tree, id.pid, *time_ns, host);
                 }
             }
             Event::Rename { id, time_ns, .. } => {
                 if !self.member_of.contains_key(&id.pid) {
-                    self.classify(tree, id.pid, *time_ns, host);
+                    self.classify(tree, id.pid, Some(*time_ns), host);
                 }
             }
             Event::Exit { id, time_ns, .. } => {
@@ -240,12 +241,13 @@ impl Detector {
     /// [`targets::name_may_match`]) gets its image (exe and argv) from `/proc` first, checked
     /// to be this very process; if it is gone or its pid taken by another, it matches nothing
     /// here (its exit event, or the new process's, follows). Unknown argv is never matched
-    /// against a rule.
+    /// against a rule. `now` is when (an event without a time: the host's clock, read only if
+    /// the process is adopted).
     pub(super) fn classify(
         &mut self,
         tree: &mut ProcessTree,
         pid: u32,
-        now: Nanos,
+        now: Option<Nanos>,
         host: &mut impl Host,
     ) {
         let Some(p) = tree.get(pid) else { return };
@@ -289,7 +291,10 @@ impl Detector {
                 tracing::info!(pid, comm = %crate::events::quoted(&p.comm), "no longer matches any rule; not a target");
                 self.drop_target(pid, host);
             }
-            (None, Some(rule)) => self.adopt(tree, p.id, rule, now, host),
+            (None, Some(rule)) => {
+                let now = now.unwrap_or_else(|| host.now_ns());
+                self.adopt(tree, p.id, rule, now, host)
+            }
             // Watched by its name from its exec on, but not a target after all.
             (None, None) if named => host.unwatch(pid, &[]),
             (None, None) => {}

@@ -323,7 +323,7 @@ impl Detector {
             .filter(|pid| !self.member_of.contains_key(pid) && !self.left_of.contains_key(pid))
             .collect();
         for pid in pids {
-            self.classify(tree, pid, now, host);
+            self.classify(tree, pid, Some(now), host);
         }
     }
 
