@@ -130,7 +130,7 @@ impl Process {
 /// A process's image as `/proc` shows it (`exe`, `cmdline`): what an exec record carries where
 /// the kernel reads it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Image {
+pub(crate) struct Image {
     pub exe: String,
     /// At most [`reaper_common::ARGV_LEN`] bytes, as in exec events.
     pub argv: Argv,
