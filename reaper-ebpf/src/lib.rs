@@ -56,8 +56,23 @@ pub unsafe fn exec_content(
     arg_start: u64,
     arg_end: u64,
 ) -> usize {
-    // SAFETY: the caller's promise.
-    let (mut flags, filename_len) = unsafe { exec_path(ev, filename) };
+    // SAFETY: the caller's promise: `ev` is a whole ExecEvent.
+    let filename_len = unsafe {
+        let path =
+            core::slice::from_raw_parts_mut((&raw mut (*ev).data).cast::<u8>(), FILENAME_LEN);
+        match bpf_probe_read_kernel_str_bytes(filename, path) {
+            // The mask keeps the length provably below FILENAME_LEN for the verifier (the
+            // helper returns at most FILENAME_LEN - 1 bytes before the NUL).
+            Ok(bytes) => (bytes.len() as u32) & (FILENAME_LEN as u32 - 1),
+            Err(_) => 0,
+        }
+    };
+    // The helper keeps room for the NUL: a full buffer means the path may have been longer.
+    let mut flags = if filename_len as usize >= FILENAME_LEN - 1 {
+        EXEC_FILENAME_TRUNCATED
+    } else {
+        0
+    };
     let total = arg_end.saturating_sub(arg_start);
     let argv_len = if total >= ARGV_LEN as u64 {
         if total > ARGV_LEN as u64 {
@@ -87,44 +102,24 @@ pub unsafe fn exec_content(
         0
     };
     // SAFETY: the caller's promise.
-    unsafe { exec_head(ev, flags, filename_len, argv_len) }
+    unsafe { exec_lengths(&raw mut (*ev).head, flags, filename_len, argv_len) }
 }
 
-/// Copies the path into the front of `ev`'s data: the flags it calls for and its length.
+/// Fills in an exec record head's flags and the lengths of the path and argv that follow it;
+/// returns the record's used size. For every exec record: [`exec_content`]'s, and reaper's
+/// head alone (both lengths 0).
 ///
 /// # Safety
-/// As for [`exec_content`].
+/// `head` must point at a writable [`ExecHead`].
 #[inline(always)]
-unsafe fn exec_path(ev: *mut ExecEvent, filename: *const u8) -> (u32, u32) {
-    // SAFETY: the caller's promise: `ev` is a whole ExecEvent.
-    let filename_len = unsafe {
-        let path =
-            core::slice::from_raw_parts_mut((&raw mut (*ev).data).cast::<u8>(), FILENAME_LEN);
-        match bpf_probe_read_kernel_str_bytes(filename, path) {
-            // The mask keeps the length provably below FILENAME_LEN for the verifier (the
-            // helper returns at most FILENAME_LEN - 1 bytes before the NUL).
-            Ok(bytes) => (bytes.len() as u32) & (FILENAME_LEN as u32 - 1),
-            Err(_) => 0,
-        }
-    };
-    // The helper keeps room for the NUL: a full buffer means the path may have been longer.
-    let flags = if filename_len as usize >= FILENAME_LEN - 1 {
-        EXEC_FILENAME_TRUNCATED
-    } else {
-        0
-    };
-    (flags, filename_len)
-}
-
-/// Fills in the head's lengths and flags; returns the record's used size.
-///
-/// # Safety
-/// As for [`exec_content`].
-#[inline(always)]
-unsafe fn exec_head(ev: *mut ExecEvent, flags: u32, filename_len: u32, argv_len: u32) -> usize {
+pub unsafe fn exec_lengths(
+    head: *mut ExecHead,
+    flags: u32,
+    filename_len: u32,
+    argv_len: u32,
+) -> usize {
     // SAFETY: the caller's promise; plain stores into the record's head.
     unsafe {
-        let head = &raw mut (*ev).head;
         (*head).flags = flags;
         (*head).filename_len = filename_len;
         (*head).argv_len = argv_len;

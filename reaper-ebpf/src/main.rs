@@ -28,7 +28,7 @@ use reaper_common::{
     KernelOffsets, RenameEvent, SIGNAL_GROUP_EXIT, SockActivity, WATCH_MAX, WATCH_NAME_FILTER_BITS,
     WATCH_NAME_TARGET, WATCH_NAMES_MAX, comm_nul_padded, watch_name_bit,
 };
-use reaper_ebpf::{exec_content, load, off};
+use reaper_ebpf::{exec_content, exec_lengths, load, off};
 
 /// Field offsets of the running kernel, written by user space at load time (read-only global).
 #[unsafe(no_mangle)]
@@ -582,19 +582,14 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
         // clocksource through an indirect call, ktime_get_mono_fast_ns() → tk_clock_read():
         // <https://github.com/torvalds/linux/blob/v6.18/kernel/time/timekeeping.c>).
         unsafe {
-            (*head).header = Header {
-                kind: EventKind::Exec as u32,
-                tgid,
-                timestamp_ns: 0,
-                start_time_ns: start,
-            };
-            (*head).parent_tgid = parent_tgid as u32;
-            (*head).uid = uid;
-            (*head).flags = EXEC_IMAGE_UNREAD;
-            (*head).filename_len = 0;
-            (*head).argv_len = 0;
-            (*head)._pad = 0;
-            store_comm(&raw mut (*head).comm, comm);
+            exec_identity(
+                head,
+                header(EventKind::Exec, tgid, start, 0),
+                parent_tgid,
+                uid,
+                comm,
+            );
+            exec_lengths(head, EXEC_IMAGE_UNREAD, 0, 0);
         }
         entry.submit(wakeup_flags(size_of::<ExecHead>() as u64));
         return Ok(());
@@ -612,11 +607,8 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
     // head's other fields, plain stores.
     let size = unsafe {
         let size = exec_content(ev, filename, arg_start, arg_end);
-        let head = &raw mut (*ev).head;
-        (*head).header = header(EventKind::Exec, tgid, start, now_ns());
-        (*head).parent_tgid = parent_tgid as u32;
-        (*head).uid = uid;
-        store_comm(&raw mut (*head).comm, comm);
+        let stamped = header(EventKind::Exec, tgid, start, now_ns());
+        exec_identity(&raw mut (*ev).head, stamped, parent_tgid, uid, comm);
         size
     };
     // SAFETY: `size` is a prefix of the record (exec_content()).
@@ -628,6 +620,28 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), i32> {
         ring_full(ctx, EventKind::Exec);
     }
     Ok(())
+}
+
+/// Fills in what every exec record's head carries besides its flags and lengths
+/// ([`exec_lengths`]): the header, parent, uid and comm.
+///
+/// # Safety
+/// `head` must point at a writable [`ExecHead`].
+#[inline(always)]
+unsafe fn exec_identity(
+    head: *mut ExecHead,
+    header: Header,
+    parent_tgid: i32,
+    uid: u32,
+    comm: (u64, u64),
+) {
+    // SAFETY: the caller's promise; plain stores into the record's head.
+    unsafe {
+        (*head).header = header;
+        (*head).parent_tgid = parent_tgid as u32;
+        (*head).uid = uid;
+        store_comm(&raw mut (*head).comm, comm);
+    }
 }
 
 // --- exit -------------------------------------------------------------------------------
